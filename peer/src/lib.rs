@@ -1,0 +1,1 @@
+//! Device library (filled by the peer issue).

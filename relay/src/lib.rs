@@ -1,0 +1,1 @@
+//! Relay library (filled by the relay core issue).

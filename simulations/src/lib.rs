@@ -1,0 +1,1 @@
+//! Simulator (filled by the simulator issue).
