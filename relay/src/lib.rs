@@ -1,1 +1,14 @@
-//! Relay library (filled by the relay core issue).
+//! `fieldsync-relay`: the authority. It decides, mutation by mutation, what is accepted and
+//! never loses what it acknowledged.
+//!
+//! - [`core`]: the sans-IO relay core (sessions, acceptance, policies, pull, live fan-out).
+//! - [`store`]: the storage trait and its SQLite implementation.
+//! - [`audit`]: the hash-chained audit log and its verification.
+//! - [`admin`]: spaces, users, roles, enrollment tokens, devices.
+//! - [`doc_cache`]: parsed documents kept in memory.
+
+pub mod admin;
+pub mod audit;
+pub mod core;
+pub mod doc_cache;
+pub mod store;

@@ -365,7 +365,9 @@ impl EntityDoc {
         let current = self.fields();
         for (name, value) in patch {
             let field = ty.field(name).ok_or_else(|| DocError::UnknownField(name.clone()))?;
-            if current.get(name) == Some(value) {
+            // Skip only a settled equal value: a field holding concurrent values (an unresolved
+            // merge) is rewritten, so the write supersedes every one of them.
+            if current.get(name) == Some(value) && !self.has_concurrent_values(name) {
                 continue;
             }
             if value.is_null() {
@@ -417,6 +419,11 @@ impl EntityDoc {
             }
         }
         Ok(())
+    }
+
+    /// Whether a root key holds several concurrent values (writes no one has superseded yet).
+    pub fn has_concurrent_values(&self, key: &str) -> bool {
+        self.doc.get_all(ROOT, key).map(|v| v.len() > 1).unwrap_or(false)
     }
 
     /// Replaces a text field's content by editing the existing text object in place (a minimal
@@ -583,6 +590,27 @@ mod tests {
         d.commit(1).unwrap();
         d.write_fields(p, &obj(json!({"name": "Ada"}))).unwrap();
         assert!(d.commit(2).is_none());
+    }
+
+    #[test]
+    fn rewriting_the_shown_value_of_a_concurrently_written_field_supersedes_both() {
+        let schema = Schema::default_schema();
+        let p = schema.entity_type("patient").unwrap();
+        let mut a = EntityDoc::new(device_actor(dev(1)));
+        a.init_type("patient").unwrap();
+        a.write_fields(p, &obj(json!({"name": "Ada"}))).unwrap();
+        a.commit(1).unwrap();
+        let mut b = EntityDoc::load(&a.save(), device_actor(dev(2))).unwrap();
+        a.write_fields(p, &obj(json!({"name": "A"}))).unwrap();
+        let ca = a.commit(2).unwrap();
+        b.write_fields(p, &obj(json!({"name": "B"}))).unwrap();
+        b.commit(2).unwrap();
+        b.apply(vec![ca]).unwrap();
+        assert!(b.has_concurrent_values("name"));
+        let shown = b.fields()["name"].clone();
+        b.write_fields(p, &obj(json!({"name": shown}))).unwrap();
+        assert!(b.commit(3).is_some(), "resolving to the shown value must still write");
+        assert!(!b.has_concurrent_values("name"));
     }
 
     #[test]

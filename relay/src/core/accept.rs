@@ -1,0 +1,671 @@
+//! The acceptance pipeline for one mutation, in the order of SPEC §10 (see ARCHITECTURE.md,
+//! "Relay acceptance"). Everything runs inside the group's open transaction; the caller commits.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::{Change, ChangeHash};
+use fieldsync_schema::document::{RootOps, device_actor, parse_change, relay_actor};
+use fieldsync_schema::signing::verify_mutation;
+use fieldsync_schema::wire::{FeedPayload, MAX_MUTATION_CHANGE_BYTES};
+use fieldsync_schema::{
+    Bytes, ConflictReason, EntityDoc, EntityType, FeedEntry, FieldError, LwwLoss, Mutation, MutationKind, Origin,
+    Outcome, Policy, Role, Rule,
+};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::checks::{kind_errors, ref_errors, signature_errors, state_json, structural_errors};
+use super::lww::{self, LwwInput};
+use super::{ConnId, ConnState, Group, RelayCore};
+use crate::audit::{GENESIS_HASH, record_hash};
+use crate::store::{ArchiveRow, AuditRow, DocumentRow, DocumentUpdate, NewFeedRow, ReceiptRow, Store, StoreError};
+
+/// An applied mutation as it goes out to other devices.
+#[derive(Debug, Clone)]
+pub struct AppliedEntry {
+    pub entry: FeedEntry,
+    pub origin_device: Uuid,
+}
+
+impl AppliedEntry {
+    /// The entry as `device` should see it: its own changes are not sent back.
+    pub fn entry_for(&self, device: Uuid) -> FeedEntry {
+        if device == self.origin_device {
+            FeedEntry {
+                payload: FeedPayload::Own,
+                ..self.entry.clone()
+            }
+        } else {
+            self.entry.clone()
+        }
+    }
+}
+
+/// The facts of the authenticated sender a decision needs.
+struct Sender {
+    device_id: Uuid,
+    user_id: Uuid,
+    public_key: Vec<u8>,
+    spaces: BTreeMap<Uuid, Role>,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> Outcome {
+    Outcome::Invalid {
+        errors: vec![FieldError::new(field, Rule::NotAllowed, message)],
+    }
+}
+
+fn forbidden(reason: impl Into<String>) -> Outcome {
+    Outcome::Forbidden { reason: reason.into() }
+}
+
+fn to_bytes(changes: &[Change]) -> Vec<Bytes> {
+    changes.iter().map(|c| Bytes(c.raw_bytes().to_vec())).collect()
+}
+
+fn cbor<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).map_err(|e| StoreError::Corrupt(format!("encoding: {e}")))?;
+    Ok(out)
+}
+
+impl<S: Store> RelayCore<S> {
+    /// Decides one mutation and, if it is applied, writes it. Returns the outcome to report.
+    pub(super) fn accept(
+        &mut self,
+        conn: ConnId,
+        m: &Mutation,
+        now_ms: u64,
+        group: &mut Group,
+    ) -> Result<Outcome, StoreError> {
+        let Some(ConnState::Ready(s)) = self.conns.get(&conn) else {
+            return Ok(forbidden("not authenticated"));
+        };
+        let sender = Sender {
+            device_id: s.device_id,
+            user_id: s.user_id,
+            public_key: s.public_key.clone(),
+            spaces: s.spaces.clone(),
+        };
+        let span = tracing::debug_span!("mutation", mutation_id = %m.mutation_id, device_id = %m.device_id,
+            user_id = %m.user_id, entity = %m.entity_id, kind = %m.kind);
+        let _enter = span.enter();
+
+        // 1. The envelope must be the authenticated device's own. No receipt is written for a
+        //    failure here: the sender has not proven the mutation is theirs.
+        if m.device_id != sender.device_id || m.user_id != sender.user_id {
+            return Ok(forbidden(
+                "the envelope's device or user does not match the authenticated connection",
+            ));
+        }
+        if m.client_timestamp.device != m.device_id {
+            return Ok(forbidden("the HLC timestamp names another device"));
+        }
+        // 2. Signature.
+        if verify_mutation(&sender.public_key, m).is_err() {
+            return Ok(forbidden(
+                "the mutation signature does not verify with the device's key",
+            ));
+        }
+        // 3. Idempotency.
+        let existing_receipt = self.store.receipt(m.mutation_id)?;
+        if let Some(receipt) = &existing_receipt
+            && !self.faults.ignore_receipts
+        {
+            return self.replay(receipt, m);
+        }
+        let outcome = self.decide(&sender, m, now_ms, group)?;
+        if existing_receipt.is_none() {
+            let stored = match &outcome {
+                // Server changes are recomputed on replay; storing them would duplicate history.
+                Outcome::Conflict {
+                    server_version, reason, ..
+                } => Outcome::Conflict {
+                    server_version: *server_version,
+                    server_changes: Vec::new(),
+                    reason: *reason,
+                    authors: Vec::new(),
+                },
+                other => other.clone(),
+            };
+            self.store.put_receipt(&ReceiptRow {
+                mutation_id: m.mutation_id,
+                device_id: m.device_id,
+                outcome: cbor(&stored)?,
+                created_ms: now_ms,
+            })?;
+        }
+        tracing::debug!(outcome = outcome.name(), "mutation decided");
+        Ok(outcome)
+    }
+
+    fn replay(&mut self, receipt: &ReceiptRow, m: &Mutation) -> Result<Outcome, StoreError> {
+        if receipt.device_id != m.device_id {
+            return Ok(forbidden("this mutation id was already used by another device"));
+        }
+        let stored: Outcome = ciborium::from_reader(receipt.outcome.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("receipt {}: {e}", m.mutation_id)))?;
+        Ok(match stored {
+            Outcome::Applied { .. } => Outcome::AlreadyApplied {
+                original: Box::new(stored),
+            },
+            Outcome::AlreadyApplied { .. } => stored,
+            Outcome::Conflict {
+                server_version, reason, ..
+            } => {
+                // Recompute what the device lacks, from the same base as the first answer.
+                let Some(row) = self.store.document(m.entity_id)? else {
+                    return Ok(Outcome::Conflict {
+                        server_version,
+                        server_changes: Vec::new(),
+                        reason,
+                        authors: Vec::new(),
+                    });
+                };
+                let deps = match m.changes.first().map(|c| parse_change(&c.0)) {
+                    Some(Ok(c)) => c.deps().to_vec(),
+                    _ => Vec::new(),
+                };
+                let mut doc = self.load_doc(&row)?;
+                let conflict = self.conflict(&mut doc, &row, &deps, m.base_version, reason)?;
+                self.docs.put(row.doc_key, row.version, doc);
+                conflict
+            }
+            other => other,
+        })
+    }
+
+    fn decide(&mut self, sender: &Sender, m: &Mutation, now_ms: u64, group: &mut Group) -> Result<Outcome, StoreError> {
+        let schema = self.schema.clone();
+        // 4. Type, membership, role, kind.
+        let Some(ty) = schema.entity_type(&m.entity_type) else {
+            return Ok(Outcome::Invalid {
+                errors: vec![FieldError::new(
+                    "entity_type",
+                    Rule::UnknownField,
+                    format!("unknown entity type `{}`", m.entity_type),
+                )],
+            });
+        };
+        let Some(&role) = sender.spaces.get(&m.space_id) else {
+            return Ok(forbidden("the user is not a member of this space"));
+        };
+        if let Some(e) = kind_errors(ty, m.kind) {
+            return Ok(Outcome::Invalid { errors: vec![e] });
+        }
+        let allowed = if m.kind == MutationKind::Sign {
+            ty.may_sign(role)
+        } else {
+            ty.may_write(role)
+        };
+        if !allowed || (ty.policy == Policy::ServerOwned && !matches!(role, Role::Admin | Role::Service)) {
+            let verb = if m.kind == MutationKind::Sign { "sign" } else { "write" };
+            return Ok(forbidden(format!("role `{role}` may not {verb} `{}`", ty.name)));
+        }
+        let row = self.store.document(m.entity_id)?;
+        if let Some(r) = &row {
+            if r.entity_type != m.entity_type || r.space_id != m.space_id || r.version == 0 {
+                return Ok(forbidden("no such entity in this space"));
+            }
+        } else if m.kind != MutationKind::Create {
+            return Ok(invalid(
+                "entity_id",
+                "no such entity on the relay; it must be created first",
+            ));
+        }
+        // 5. Signed and locked records never change.
+        if let Some(r) = &row {
+            if r.signed {
+                return Ok(Outcome::RejectedImmutable {
+                    reason: format!("{} {} is signed and can no longer change", ty.name, m.entity_id),
+                });
+            }
+            if r.locked {
+                return Ok(Outcome::RejectedLocked {
+                    reason: format!("{} {} is locked and can no longer change", ty.name, m.entity_id),
+                });
+            }
+        }
+        // Changes must be well formed before anything reads them.
+        let changes = match self.parse_changes(m) {
+            Ok(c) => c,
+            Err(outcome) => return Ok(outcome),
+        };
+        let mut doc = match &row {
+            Some(r) => self.load_doc(r)?,
+            None => EntityDoc::new(relay_actor(self.relay_id)),
+        };
+        if let Some(outcome) = missing_dependency(&mut doc, &changes) {
+            self.put_back(&row, doc);
+            return Ok(outcome);
+        }
+        let base_deps: Vec<ChangeHash> = changes.first().map(|c| c.deps().to_vec()).unwrap_or_default();
+        if let Some(r) = &row {
+            // 6. Delete versus edit is a conflict (LWW types decide it by clock instead).
+            if r.deleted && !matches!(m.kind, MutationKind::Resolve | MutationKind::Delete) && ty.policy != Policy::Lww
+            {
+                let c = self.conflict(&mut doc, r, &base_deps, m.base_version, ConflictReason::Deleted)?;
+                self.put_back(&row, doc);
+                return Ok(c);
+            }
+            // 7. Policy gate.
+            let gate = match (ty.policy, m.kind) {
+                (_, MutationKind::Create) => Some(ConflictReason::AlreadyExists),
+                (Policy::Gated, _) | (Policy::Notes, MutationKind::Sign)
+                    if m.base_version != Some(r.version) && !self.faults.skip_version_gate =>
+                {
+                    Some(ConflictReason::StaleBase)
+                }
+                _ => None,
+            };
+            if let Some(reason) = gate {
+                let deps = if reason == ConflictReason::AlreadyExists {
+                    Vec::new()
+                } else {
+                    base_deps
+                };
+                let c = self.conflict(&mut doc, r, &deps, m.base_version, reason)?;
+                self.put_back(&row, doc);
+                return Ok(c);
+            }
+        }
+        if ty.policy == Policy::AppendOnly && !matches!(m.kind, MutationKind::Create | MutationKind::Delete) {
+            self.put_back(&row, doc);
+            return Ok(forbidden(format!(
+                "`{}` is append-only: entries are never edited",
+                ty.name
+            )));
+        }
+        // 8. Structural checks on what the changes touch.
+        let ops = RootOps::of(&changes);
+        let before = doc.fields();
+        let (before_deleted, before_signed) = (doc.is_deleted(), doc.is_signed());
+        let errors = structural_errors(ty, m.kind, &ops, &before);
+        if !errors.is_empty() {
+            self.put_back(&row, doc);
+            return Ok(Outcome::Invalid { errors });
+        }
+        // 9. Apply, settle LWW, validate the merged result. From here on a rejection must drop
+        //    the cached copy: the document in memory already holds the changes.
+        let applied = self.apply_and_validate(sender, ty, m, &row, &mut doc, &changes, &ops, now_ms);
+        let (extra_changes, lww_plan) = match applied {
+            Ok(ok) => ok,
+            Err(ApplyError::Rejected(outcome)) => {
+                if let Some(r) = &row {
+                    self.docs.invalidate(r.doc_key);
+                }
+                return Ok(outcome);
+            }
+            Err(ApplyError::Store(e)) => return Err(e),
+        };
+        // 10. Write everything in the group's transaction.
+        self.write_applied(WriteApplied {
+            m,
+            row: row.as_ref(),
+            doc,
+            changes: &changes,
+            extra_changes,
+            lww_plan,
+            before: &before,
+            before_deleted,
+            before_signed,
+            now_ms,
+            group,
+        })
+    }
+
+    fn put_back(&mut self, row: &Option<DocumentRow>, doc: EntityDoc) {
+        if let Some(r) = row {
+            self.docs.put(r.doc_key, r.version, doc);
+        }
+    }
+
+    fn parse_changes(&self, m: &Mutation) -> Result<Vec<Change>, Outcome> {
+        if m.changes.is_empty() {
+            return Err(invalid("changes", "a mutation must carry at least one change"));
+        }
+        let total: usize = m.changes.iter().map(|c| c.0.len()).sum();
+        if total > MAX_MUTATION_CHANGE_BYTES {
+            return Err(invalid(
+                "changes",
+                format!("{total} bytes of changes exceed the limit of {MAX_MUTATION_CHANGE_BYTES}"),
+            ));
+        }
+        let actor = device_actor(m.device_id);
+        let mut out = Vec::with_capacity(m.changes.len());
+        for (i, bytes) in m.changes.iter().enumerate() {
+            let change = parse_change(&bytes.0).map_err(|e| invalid("changes", format!("change {i}: {e}")))?;
+            if change.actor_id() != &actor {
+                return Err(Outcome::Forbidden {
+                    reason: format!("change {i} was not authored by the sending device"),
+                });
+            }
+            out.push(change);
+        }
+        Ok(out)
+    }
+
+    pub(super) fn load_doc(&mut self, row: &DocumentRow) -> Result<EntityDoc, StoreError> {
+        if let Some(doc) = self.docs.take(row.doc_key, row.version) {
+            return Ok(doc);
+        }
+        let bytes = self.store.document_bytes(row.doc_key)?;
+        EntityDoc::load(&bytes, relay_actor(self.relay_id))
+            .map_err(|e| StoreError::Corrupt(format!("document {}: {e}", row.entity_id)))
+    }
+
+    /// A `Conflict` carrying what the device lacks (everything not in the causal past of the
+    /// heads it built on) and who wrote the versions after its base.
+    fn conflict(
+        &mut self,
+        doc: &mut EntityDoc,
+        row: &DocumentRow,
+        base_deps: &[ChangeHash],
+        base_version: Option<u64>,
+        reason: ConflictReason,
+    ) -> Result<Outcome, StoreError> {
+        let known: Vec<ChangeHash> = base_deps.iter().copied().filter(|h| doc.has_change(h)).collect();
+        let server_changes = to_bytes(&doc.changes_since(&known));
+        let authors = self
+            .store
+            .feed_for_document(row.doc_key, base_version.unwrap_or(0))?
+            .into_iter()
+            .map(|f| Origin {
+                device_id: f.origin_device,
+                user_id: f.origin_user,
+                mutation_id: f.mutation_id,
+                hlc: f.hlc,
+            })
+            .collect();
+        Ok(Outcome::Conflict {
+            server_version: row.version,
+            server_changes,
+            reason,
+            authors,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_and_validate(
+        &mut self,
+        sender: &Sender,
+        ty: &EntityType,
+        m: &Mutation,
+        row: &Option<DocumentRow>,
+        doc: &mut EntityDoc,
+        changes: &[Change],
+        ops: &RootOps,
+        now_ms: u64,
+    ) -> Result<(Vec<Change>, Option<lww::LwwPlan>), ApplyError> {
+        let before = doc.fields();
+        let before_deleted = doc.is_deleted();
+        doc.apply(changes.to_vec())
+            .map_err(|e| ApplyError::Rejected(invalid("changes", format!("cannot apply: {e}"))))?;
+        let mut extra = Vec::new();
+        let mut plan = None;
+        if ty.policy == Policy::Lww {
+            let heads = own_heads(changes);
+            let mine = doc.fields_at(&heads);
+            let p = lww::plan(LwwInput {
+                mutation: m,
+                version: row.as_ref().map_or(0, |r| r.version),
+                stamps_json: row.as_ref().map_or("", |r| r.lww_stamps.as_str()),
+                touched: ops.touched().into_iter().collect(),
+                before: &before,
+                before_deleted,
+                mine: &mine,
+                mine_deleted: doc.is_deleted_at(&heads),
+            })
+            .map_err(ApplyError::Store)?;
+            if let Some(change) = settle(ty, doc, &p.targets, now_ms).map_err(ApplyError::Rejected)? {
+                extra.push(change);
+            }
+            plan = Some(p);
+        }
+        let after = doc.fields();
+        let mut errors = match ty.validate(&after) {
+            Ok(()) => Vec::new(),
+            Err(e) => e.0,
+        };
+        errors.extend(ref_errors(&self.store, ty, m.space_id, &before, &after).map_err(ApplyError::Store)?);
+        match m.kind {
+            MutationKind::Create if doc.entity_type().as_deref() != Some(m.entity_type.as_str()) => {
+                errors.push(FieldError::new(
+                    "_type",
+                    Rule::Required,
+                    "a create must record the entity type",
+                ));
+            }
+            MutationKind::Delete if !doc.is_deleted() && ty.policy != Policy::Lww => {
+                errors.push(FieldError::new(
+                    "_deleted",
+                    Rule::Required,
+                    "a delete must set the tombstone",
+                ));
+            }
+            MutationKind::Lock if !doc.is_locked() => {
+                errors.push(FieldError::new(
+                    "locked",
+                    Rule::Required,
+                    "a lock must set `locked: true`",
+                ));
+            }
+            MutationKind::Sign => {
+                errors.extend(signature_errors(m, &sender.public_key, doc.signature(), &after));
+            }
+            _ => {}
+        }
+        if !errors.is_empty() {
+            return Err(ApplyError::Rejected(Outcome::Invalid { errors }));
+        }
+        Ok((extra, plan))
+    }
+}
+
+enum ApplyError {
+    Rejected(Outcome),
+    Store(StoreError),
+}
+
+/// The heads of a mutation's own changes: those no other change of the mutation depends on.
+fn own_heads(changes: &[Change]) -> Vec<ChangeHash> {
+    let deps: BTreeSet<ChangeHash> = changes.iter().flat_map(|c| c.deps().iter().copied()).collect();
+    changes.iter().map(Change::hash).filter(|h| !deps.contains(h)).collect()
+}
+
+/// Returns `Invalid` if a change depends on something neither the relay nor the mutation has.
+fn missing_dependency(doc: &mut EntityDoc, changes: &[Change]) -> Option<Outcome> {
+    let mut seen: BTreeSet<ChangeHash> = BTreeSet::new();
+    for (i, c) in changes.iter().enumerate() {
+        for dep in c.deps() {
+            if !seen.contains(dep) && !doc.has_change(dep) {
+                return Some(invalid(
+                    "changes",
+                    format!("change {i} depends on {dep}, which the relay does not have; push earlier changes first"),
+                ));
+            }
+        }
+        seen.insert(c.hash());
+    }
+    None
+}
+
+/// Writes, as the relay, whatever makes each contested LWW field hold its winning value.
+fn settle(
+    ty: &EntityType,
+    doc: &mut EntityDoc,
+    targets: &BTreeMap<String, Value>,
+    now_ms: u64,
+) -> Result<Option<Change>, Outcome> {
+    let current = doc.fields();
+    let mut patch = Map::new();
+    for (field, target) in targets {
+        if field == fieldsync_schema::document::META_DELETED {
+            let want = target.as_bool().unwrap_or(false);
+            if doc.is_deleted() != want {
+                doc.set_deleted(want).map_err(|e| invalid("_deleted", e.to_string()))?;
+            }
+        } else if current.get(field).unwrap_or(&Value::Null) != target {
+            patch.insert(field.clone(), target.clone());
+        }
+    }
+    if !patch.is_empty() {
+        doc.write_fields(ty, &patch)
+            .map_err(|e| invalid("changes", e.to_string()))?;
+    }
+    Ok(doc.commit(now_ms))
+}
+
+struct WriteApplied<'a> {
+    m: &'a Mutation,
+    row: Option<&'a DocumentRow>,
+    doc: EntityDoc,
+    changes: &'a [Change],
+    extra_changes: Vec<Change>,
+    lww_plan: Option<lww::LwwPlan>,
+    before: &'a Map<String, Value>,
+    before_deleted: bool,
+    before_signed: bool,
+    now_ms: u64,
+    group: &'a mut Group,
+}
+
+impl<S: Store> RelayCore<S> {
+    fn write_applied(&mut self, w: WriteApplied<'_>) -> Result<Outcome, StoreError> {
+        let WriteApplied {
+            m,
+            row,
+            mut doc,
+            changes,
+            extra_changes,
+            lww_plan,
+            before,
+            before_deleted,
+            before_signed,
+            now_ms,
+            group,
+        } = w;
+        let doc_key = match row {
+            Some(r) => r.doc_key,
+            None => self
+                .store
+                .insert_document(m.entity_id, m.space_id, &m.entity_type, now_ms)?,
+        };
+        let version = row.map_or(0, |r| r.version) + 1;
+        let mut all_changes = to_bytes(changes);
+        all_changes.extend(to_bytes(&extra_changes));
+        let (lost, overridden, stamps) = match lww_plan {
+            Some(p) => (p.lost, p.overridden, p.stamps_json),
+            None => (
+                Vec::new(),
+                Vec::new(),
+                row.map(|r| r.lww_stamps.clone()).unwrap_or_default(),
+            ),
+        };
+        let seq = self.store.append_feed(&NewFeedRow {
+            doc_key,
+            space_id: m.space_id,
+            entity_type: m.entity_type.clone(),
+            entity_id: m.entity_id,
+            version,
+            origin_device: m.device_id,
+            origin_user: m.user_id,
+            mutation_id: m.mutation_id,
+            hlc: m.client_timestamp,
+            changes: cbor(&all_changes)?,
+            lww_losses: cbor(&overridden)?,
+        })?;
+        let after = doc.fields();
+        self.store.update_document(
+            doc_key,
+            &DocumentUpdate {
+                version,
+                deleted: doc.is_deleted(),
+                signed: doc.is_signed(),
+                locked: doc.is_locked(),
+                lww_stamps: stamps,
+            },
+            seq,
+            now_ms,
+        )?;
+        let prev_hash = self
+            .store
+            .last_audit_hash()?
+            .unwrap_or_else(|| GENESIS_HASH.to_string());
+        let mut audit = AuditRow {
+            audit_id: 0,
+            seq,
+            mutation_id: m.mutation_id,
+            actor_id: m.user_id,
+            device_id: m.device_id,
+            space_id: m.space_id,
+            entity_type: m.entity_type.clone(),
+            entity_id: m.entity_id,
+            kind: m.kind.to_string(),
+            version,
+            before_json: if row.is_some() {
+                state_json(before, before_deleted, before_signed)
+            } else {
+                "null".to_string()
+            },
+            after_json: state_json(&after, doc.is_deleted(), doc.is_signed()),
+            client_ts: m.client_timestamp.to_string(),
+            server_ts_ms: now_ms,
+            prev_hash,
+            hash: String::new(),
+        };
+        audit.hash = record_hash(&audit);
+        self.store.append_audit(&audit)?;
+        for loss in lost.iter().chain(&overridden) {
+            self.store.archive(&archive_row(m, loss, version, now_ms))?;
+        }
+        if self.store.changes_since_snapshot(doc_key)? >= self.config.snapshot_every {
+            let bytes = doc.save();
+            self.store.save_snapshot(doc_key, &bytes, seq)?;
+        }
+        self.docs.put(doc_key, version, doc);
+        group.touched_docs.insert(doc_key);
+        group.applied.push(AppliedEntry {
+            entry: FeedEntry {
+                seq,
+                space_id: m.space_id,
+                entity_type: m.entity_type.clone(),
+                entity_id: m.entity_id,
+                version,
+                payload: FeedPayload::Changes(all_changes),
+                origin: Some(Origin {
+                    device_id: m.device_id,
+                    user_id: m.user_id,
+                    mutation_id: m.mutation_id,
+                    hlc: m.client_timestamp,
+                }),
+                lww_losses: overridden,
+            },
+            origin_device: m.device_id,
+        });
+        Ok(Outcome::Applied {
+            version,
+            seq,
+            lww_lost: lost,
+        })
+    }
+}
+
+fn archive_row(m: &Mutation, loss: &LwwLoss, version: u64, now_ms: u64) -> ArchiveRow {
+    ArchiveRow {
+        archive_id: 0,
+        kind: "lww".into(),
+        space_id: m.space_id,
+        entity_type: loss.entity_type.clone(),
+        entity_id: loss.entity_id,
+        field: Some(loss.field.clone()),
+        losing_json: loss.loser_value.to_string(),
+        winning_json: loss.winner_value.to_string(),
+        loser_device: Some(loss.loser_device),
+        loser_mutation: Some(loss.loser_mutation),
+        winner_device: Some(loss.winner_device),
+        winner_mutation: Some(loss.winner_mutation),
+        version,
+        created_ms: now_ms,
+    }
+}

@@ -1,0 +1,230 @@
+//! Checks on a mutation's changes that no JSON diff can make, and on the merged result.
+//!
+//! These guard the reserved keys (`_type`, `_deleted`, `_signature`), keep counters and text
+//! objects mergeable, and make a kind (`Delete`, `Sign`, `Lock`, ...) do only what it says.
+
+use std::collections::BTreeSet;
+
+use automerge::ObjType;
+use fieldsync_schema::document::{META_DELETED, META_SIGNATURE, META_TYPE, NoteSignature, RootOps, content_hash};
+use fieldsync_schema::signing::{self, note_signature_bytes};
+use fieldsync_schema::{EntityType, FieldError, FieldKind, Mutation, MutationKind, Policy, Rule};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::store::{Store, StoreResult};
+
+fn err(field: &str, rule: Rule, message: impl Into<String>) -> FieldError {
+    FieldError::new(field, rule, message)
+}
+
+/// What the changes may touch at the document root, given the kind and the type.
+/// `before` is the document's fields before the mutation (empty for a create).
+pub(crate) fn structural_errors(
+    ty: &EntityType,
+    kind: MutationKind,
+    ops: &RootOps,
+    before: &Map<String, Value>,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let touched = ops.touched();
+    for key in &touched {
+        match key.as_str() {
+            META_TYPE if kind != MutationKind::Create => {
+                errors.push(err(
+                    META_TYPE,
+                    Rule::NotAllowed,
+                    "the entity type is set once, at creation",
+                ));
+            }
+            META_DELETED if !matches!(kind, MutationKind::Delete | MutationKind::Resolve) => {
+                errors.push(err(
+                    META_DELETED,
+                    Rule::NotAllowed,
+                    "only a delete or a resolution sets the tombstone",
+                ));
+            }
+            META_SIGNATURE if kind != MutationKind::Sign => {
+                errors.push(err(
+                    META_SIGNATURE,
+                    Rule::NotAllowed,
+                    "only a sign mutation writes the signature",
+                ));
+            }
+            META_TYPE | META_DELETED | META_SIGNATURE => {}
+            k if k.starts_with('_') => {
+                errors.push(err(k, Rule::NotAllowed, "keys starting with `_` are reserved"));
+            }
+            k if ty.field(k).is_none() => {
+                errors.push(err(
+                    k,
+                    Rule::UnknownField,
+                    format!("`{k}` is not a field of `{}`", ty.name),
+                ));
+            }
+            _ => {}
+        }
+    }
+    for (key, obj) in &ops.makes {
+        let Some(field) = ty.field(key) else { continue };
+        match (&field.kind, obj) {
+            (FieldKind::Text { .. }, ObjType::Text) => {
+                if kind != MutationKind::Create && before.contains_key(key) {
+                    errors.push(err(
+                        key,
+                        Rule::NotAllowed,
+                        "a text field is edited in place; replacing it would drop concurrent edits",
+                    ));
+                }
+            }
+            _ => errors.push(err(
+                key,
+                Rule::Type,
+                format!("`{key}` cannot hold a nested {obj} object"),
+            )),
+        }
+    }
+    for key in ops.increments.keys() {
+        if !matches!(ty.field(key).map(|f| &f.kind), Some(FieldKind::Counter { .. })) {
+            errors.push(err(key, Rule::NotAllowed, "only counter fields can be incremented"));
+        }
+    }
+    for field in ty.counter_fields() {
+        let name = field.name.as_str();
+        let put = ops.puts.contains(name) || ops.deletes.contains(name);
+        let reset = ops.counter_puts.contains(name);
+        if put || (reset && kind != MutationKind::Create) {
+            errors.push(err(name, Rule::NotAllowed, "a counter changes only by increments"));
+        }
+    }
+    let only = |allowed: &[&str]| -> BTreeSet<String> {
+        touched
+            .iter()
+            .filter(|k| !allowed.contains(&k.as_str()))
+            .cloned()
+            .collect()
+    };
+    let extra = match kind {
+        MutationKind::Delete => only(&[META_DELETED]),
+        MutationKind::Sign => only(&[META_SIGNATURE]),
+        MutationKind::Lock => only(&["locked"]),
+        MutationKind::Increment => {
+            let counters: Vec<&str> = ty.counter_fields().map(|f| f.name.as_str()).collect();
+            only(&counters)
+        }
+        _ => BTreeSet::new(),
+    };
+    for key in extra {
+        errors.push(err(
+            &key,
+            Rule::NotAllowed,
+            format!("a {kind} mutation may not change `{key}`"),
+        ));
+    }
+    errors
+}
+
+/// Every `ref` field must name an existing entity of the target type in the same space; a
+/// reference the mutation sets or changes must not point at a deleted entity.
+pub(crate) fn ref_errors(
+    store: &dyn Store,
+    ty: &EntityType,
+    space_id: Uuid,
+    before: &Map<String, Value>,
+    after: &Map<String, Value>,
+) -> StoreResult<Vec<FieldError>> {
+    let mut errors = Vec::new();
+    for (field, target) in ty.ref_fields() {
+        let Some(Value::String(s)) = after.get(&field.name) else {
+            continue;
+        };
+        let Ok(id) = Uuid::parse_str(s) else { continue }; // format errors come from validation
+        let changed = before.get(&field.name) != after.get(&field.name);
+        match store.document(id)? {
+            Some(row) if row.entity_type == target && row.space_id == space_id && row.version > 0 => {
+                if changed && row.deleted {
+                    errors.push(err(&field.name, Rule::Ref, format!("refers to a deleted {target}")));
+                }
+            }
+            _ => errors.push(err(&field.name, Rule::Ref, format!("no {target} {s} in this space"))),
+        }
+    }
+    Ok(errors)
+}
+
+/// A signature must be the sender's, over the content the relay holds, by a key that verifies.
+pub(crate) fn signature_errors(
+    m: &Mutation,
+    public_key: &[u8],
+    signature: Option<NoteSignature>,
+    fields: &Map<String, Value>,
+) -> Vec<FieldError> {
+    let Some(sig) = signature else {
+        return vec![err(
+            META_SIGNATURE,
+            Rule::Format,
+            "the signature is missing or malformed",
+        )];
+    };
+    if sig.signer_device != m.device_id || sig.signer_user != m.user_id {
+        return vec![err(
+            META_SIGNATURE,
+            Rule::NotAllowed,
+            "a note is signed by the user and device sending the signature",
+        )];
+    }
+    let hash = content_hash(fields);
+    if sig.content_hash != hex::encode(hash) {
+        return vec![err(
+            META_SIGNATURE,
+            Rule::NotAllowed,
+            "the signature covers different content than the note holds",
+        )];
+    }
+    let bytes = note_signature_bytes(
+        &m.entity_id,
+        &hash,
+        &sig.signer_user,
+        &sig.signer_device,
+        sig.signed_at_ms,
+    );
+    let valid = hex::decode(&sig.signature)
+        .ok()
+        .is_some_and(|s| signing::verify(public_key, &bytes, &s).is_ok());
+    if valid {
+        Vec::new()
+    } else {
+        vec![err(
+            META_SIGNATURE,
+            Rule::NotAllowed,
+            "the signature does not verify with the signer's key",
+        )]
+    }
+}
+
+/// Kind and type must fit together before anything else is looked at.
+pub(crate) fn kind_errors(ty: &EntityType, kind: MutationKind) -> Option<FieldError> {
+    match kind {
+        MutationKind::Sign if !ty.signable => {
+            Some(err("kind", Rule::NotAllowed, format!("`{}` cannot be signed", ty.name)))
+        }
+        MutationKind::Lock if !ty.lockable => {
+            Some(err("kind", Rule::NotAllowed, format!("`{}` cannot be locked", ty.name)))
+        }
+        MutationKind::Increment if ty.policy != Policy::Counter => Some(err(
+            "kind",
+            Rule::NotAllowed,
+            format!("`{}` has no counters to increment", ty.name),
+        )),
+        _ => None,
+    }
+}
+
+/// The JSON stored as an audit record's before / after state.
+pub(crate) fn state_json(fields: &Map<String, Value>, deleted: bool, signed: bool) -> String {
+    let mut state = Map::new();
+    state.insert("fields".into(), Value::Object(fields.clone()));
+    state.insert("deleted".into(), Value::Bool(deleted));
+    state.insert("signed".into(), Value::Bool(signed));
+    Value::Object(state).to_string()
+}

@@ -1,0 +1,361 @@
+//! Connecting and enrolling (SPEC §4, §7): `Hello` → `Challenge` → `Auth` → `Welcome`, and the
+//! one-shot `Enroll` that registers a device key with a single-use token.
+
+use std::collections::BTreeMap;
+
+use fieldsync_schema::signing::{self, connect_signing_bytes, enroll_signing_bytes, rotate_signing_bytes};
+use fieldsync_schema::wire::{AuthFailure, PROTOCOL_VERSION, SpaceGrant, UserInfo};
+use fieldsync_schema::{Bytes, RelayMessage, SchemaHash, ids};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::{CloseReason, ConnId, ConnState, Group, Output, RelayCore, Session};
+use crate::store::{Store, StoreError};
+
+pub(crate) struct EnrollRequest<'a> {
+    pub protocol_version: u16,
+    pub token: &'a str,
+    pub device_id: Uuid,
+    pub public_key: &'a [u8],
+    pub schema_hash: SchemaHash,
+    pub proof: &'a [u8],
+}
+
+/// Tokens are stored hashed, so reading the database does not let anyone enroll a device.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.trim().as_bytes()).into()
+}
+
+impl<S: Store> RelayCore<S> {
+    fn auth_failed(&mut self, conn: ConnId, reason: AuthFailure, message: String, out: &mut Vec<Output>) {
+        *self.stats.auth_failures.entry(reason.as_str().to_string()).or_insert(0) += 1;
+        tracing::info!(conn, reason = reason.as_str(), %message, "authentication failed");
+        out.push(Output::Send(conn, RelayMessage::AuthFailed { reason, message }));
+        self.close(conn, CloseReason::policy(reason.as_str()), out);
+    }
+
+    fn check_versions(
+        &mut self,
+        conn: ConnId,
+        protocol_version: u16,
+        schema_hash: SchemaHash,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        if protocol_version != PROTOCOL_VERSION {
+            self.auth_failed(
+                conn,
+                AuthFailure::UnsupportedProtocol,
+                format!("this relay speaks protocol {PROTOCOL_VERSION}, the device {protocol_version}"),
+                out,
+            );
+            return false;
+        }
+        if schema_hash != self.schema.hash() {
+            self.auth_failed(
+                conn,
+                AuthFailure::SchemaMismatch,
+                format!(
+                    "the device's schema ({}) differs from the relay's ({}); update the app or the relay",
+                    schema_hash.to_hex(),
+                    self.schema.hash().to_hex()
+                ),
+                out,
+            );
+            return false;
+        }
+        true
+    }
+
+    pub(super) fn on_hello(
+        &mut self,
+        conn: ConnId,
+        protocol_version: u16,
+        device_id: Uuid,
+        schema_hash: SchemaHash,
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), StoreError> {
+        if !matches!(self.conns.get(&conn), Some(ConnState::Fresh)) {
+            self.protocol_close(conn, "hello sent twice", out);
+            return Ok(());
+        }
+        if !self.check_versions(conn, protocol_version, schema_hash, out) {
+            return Ok(());
+        }
+        match self.store.device(device_id)? {
+            None => {
+                self.auth_failed(
+                    conn,
+                    AuthFailure::UnknownDevice,
+                    format!("device {device_id} is not enrolled"),
+                    out,
+                );
+            }
+            Some(d) if d.revoked_ms.is_some() => {
+                self.auth_failed(
+                    conn,
+                    AuthFailure::Revoked,
+                    format!("device {device_id} was revoked"),
+                    out,
+                );
+            }
+            Some(_) => {
+                let nonce = ids::random_bytes(&mut self.rng, 32);
+                self.conns.insert(
+                    conn,
+                    ConnState::Challenged {
+                        device_id,
+                        nonce: nonce.clone(),
+                        issued_ms: now_ms,
+                    },
+                );
+                out.push(Output::Send(
+                    conn,
+                    RelayMessage::Challenge {
+                        relay_id: self.relay_id,
+                        nonce: Bytes(nonce),
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_auth(
+        &mut self,
+        conn: ConnId,
+        signature: &[u8],
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), StoreError> {
+        // Taking the state out makes the nonce single-use whatever happens next.
+        let Some(ConnState::Challenged {
+            device_id,
+            nonce,
+            issued_ms,
+        }) = self.conns.insert(conn, ConnState::Fresh)
+        else {
+            self.protocol_close(conn, "auth without a challenge", out);
+            return Ok(());
+        };
+        if now_ms.saturating_sub(issued_ms) > self.config.nonce_ttl_ms {
+            self.auth_failed(
+                conn,
+                AuthFailure::NonceExpired,
+                "the challenge expired; reconnect".into(),
+                out,
+            );
+            return Ok(());
+        }
+        // Re-read the device: it may have been revoked since the challenge was issued.
+        let Some(device) = self.store.device(device_id)? else {
+            self.auth_failed(
+                conn,
+                AuthFailure::UnknownDevice,
+                format!("device {device_id} is not enrolled"),
+                out,
+            );
+            return Ok(());
+        };
+        if device.revoked_ms.is_some() {
+            self.auth_failed(
+                conn,
+                AuthFailure::Revoked,
+                format!("device {device_id} was revoked"),
+                out,
+            );
+            return Ok(());
+        }
+        let Ok(public_key) = <[u8; 32]>::try_from(device.public_key.as_slice()) else {
+            return Err(StoreError::Corrupt(format!(
+                "device {device_id} has a malformed public key"
+            )));
+        };
+        let message = connect_signing_bytes(PROTOCOL_VERSION, &self.relay_id, &nonce, &device_id, &public_key);
+        if signing::verify(&public_key, &message, signature).is_err() {
+            self.auth_failed(
+                conn,
+                AuthFailure::BadSignature,
+                "the challenge signature does not verify".into(),
+                out,
+            );
+            return Ok(());
+        }
+        let Some(user) = self.store.user(device.user_id)? else {
+            return Err(StoreError::Corrupt(format!(
+                "device {device_id} belongs to a missing user"
+            )));
+        };
+        let memberships = self.store.memberships(user.user_id)?;
+        self.store.touch_device(device_id, now_ms)?;
+        let spaces: BTreeMap<Uuid, fieldsync_schema::Role> = memberships.iter().map(|m| (m.space_id, m.role)).collect();
+        let info = UserInfo {
+            user_id: user.user_id,
+            name: user.name.clone(),
+            spaces: memberships
+                .into_iter()
+                .map(|m| SpaceGrant {
+                    space_id: m.space_id,
+                    name: m.space_name,
+                    role: m.role,
+                })
+                .collect(),
+        };
+        tracing::info!(conn, device_id = %device_id, user_id = %user.user_id, "device authenticated");
+        self.conns.insert(
+            conn,
+            ConnState::Ready(Box::new(Session {
+                device_id,
+                user_id: user.user_id,
+                public_key: public_key.to_vec(),
+                spaces,
+                live_cursor: None,
+                tokens: self.config.rate_burst,
+                tokens_at_ms: now_ms,
+            })),
+        );
+        out.push(Output::Send(
+            conn,
+            RelayMessage::Welcome {
+                relay_id: self.relay_id,
+                user: info,
+                server_time_ms: now_ms,
+                max_batch: self.config.max_batch as u32,
+            },
+        ));
+        Ok(())
+    }
+
+    pub(super) fn on_enroll(
+        &mut self,
+        conn: ConnId,
+        req: EnrollRequest<'_>,
+        now_ms: u64,
+        group: &mut Group,
+        out: &mut Vec<Output>,
+    ) -> Result<(), StoreError> {
+        if !matches!(self.conns.get(&conn), Some(ConnState::Fresh)) {
+            self.protocol_close(conn, "enroll on a connection already in use", out);
+            return Ok(());
+        }
+        if !self.check_versions(conn, req.protocol_version, req.schema_hash, out) {
+            return Ok(());
+        }
+        let hash = token_hash(req.token);
+        let Some(token) = self.store.token(&hash)? else {
+            self.auth_failed(conn, AuthFailure::InvalidToken, "unknown enrollment token".into(), out);
+            return Ok(());
+        };
+        if token.used_ms.is_some() {
+            self.auth_failed(
+                conn,
+                AuthFailure::TokenUsed,
+                "this enrollment token was already used".into(),
+                out,
+            );
+            return Ok(());
+        }
+        if now_ms >= token.expires_ms {
+            self.auth_failed(
+                conn,
+                AuthFailure::TokenExpired,
+                "this enrollment token has expired".into(),
+                out,
+            );
+            return Ok(());
+        }
+        let Ok(public_key) = <[u8; 32]>::try_from(req.public_key) else {
+            self.auth_failed(
+                conn,
+                AuthFailure::BadSignature,
+                "the public key is not 32 bytes".into(),
+                out,
+            );
+            return Ok(());
+        };
+        let message = enroll_signing_bytes(req.token.trim(), &req.device_id, &public_key);
+        if signing::verify(&public_key, &message, req.proof).is_err() {
+            self.auth_failed(
+                conn,
+                AuthFailure::BadSignature,
+                "the enrollment proof does not verify with the presented key".into(),
+                out,
+            );
+            return Ok(());
+        }
+        if self.store.device(req.device_id)?.is_some() {
+            self.auth_failed(
+                conn,
+                AuthFailure::AlreadyEnrolled,
+                format!("device {} is already enrolled", req.device_id),
+                out,
+            );
+            return Ok(());
+        }
+        let Some(user) = self.store.user(token.user_id)? else {
+            return Err(StoreError::Corrupt("enrollment token for a missing user".into()));
+        };
+        self.store
+            .register_device(req.device_id, user.user_id, &public_key, now_ms)?;
+        self.store.use_token(&hash, req.device_id, now_ms)?;
+        let memberships = self.store.memberships(user.user_id)?;
+        self.stats.enrollments += 1;
+        tracing::info!(conn, device_id = %req.device_id, user_id = %user.user_id, "device enrolled");
+        group.replies.push((
+            conn,
+            RelayMessage::Enrolled {
+                relay_id: self.relay_id,
+                user: UserInfo {
+                    user_id: user.user_id,
+                    name: user.name,
+                    spaces: memberships
+                        .into_iter()
+                        .map(|m| SpaceGrant {
+                            space_id: m.space_id,
+                            name: m.space_name,
+                            role: m.role,
+                        })
+                        .collect(),
+                },
+            },
+        ));
+        group.closes.push((conn, CloseReason::normal("enrolled")));
+        Ok(())
+    }
+
+    pub(super) fn on_rotate_key(
+        &mut self,
+        conn: ConnId,
+        new_key: &[u8],
+        signature: &[u8],
+        group: &mut Group,
+        out: &mut Vec<Output>,
+    ) -> Result<(), StoreError> {
+        let Some(ConnState::Ready(session)) = self.conns.get(&conn) else {
+            self.protocol_close(conn, "key rotation before authentication", out);
+            return Ok(());
+        };
+        let (device_id, old_key) = (session.device_id, session.public_key.clone());
+        let (Ok(old), Ok(new)) = (<[u8; 32]>::try_from(old_key.as_slice()), <[u8; 32]>::try_from(new_key)) else {
+            self.protocol_close(conn, "malformed key", out);
+            return Ok(());
+        };
+        let message = rotate_signing_bytes(&device_id, &old, &new);
+        if signing::verify(&old, &message, signature).is_err() {
+            self.auth_failed(
+                conn,
+                AuthFailure::BadSignature,
+                "the old key did not sign the new key".into(),
+                out,
+            );
+            return Ok(());
+        }
+        self.store.set_device_key(device_id, &new)?;
+        if let Some(ConnState::Ready(s)) = self.conns.get_mut(&conn) {
+            s.public_key = new.to_vec();
+        }
+        tracing::info!(conn, device_id = %device_id, "device key rotated");
+        group.replies.push((conn, RelayMessage::KeyRotated));
+        Ok(())
+    }
+}

@@ -1,0 +1,442 @@
+//! A relay on a temporary SQLite file, and minimal devices that build signed mutations the way
+//! the peer does, so the core can be exercised message by message.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fieldsync_relay::admin;
+use fieldsync_relay::core::{ConnId, Output, RelayConfig, RelayCore};
+use fieldsync_relay::store::Store;
+use fieldsync_relay::store::sqlite::SqliteStore;
+use fieldsync_schema::document::device_actor;
+use fieldsync_schema::signing::{connect_signing_bytes, enroll_signing_bytes, note_signature_bytes};
+use fieldsync_schema::wire::{MutationResult, PROTOCOL_VERSION};
+use fieldsync_schema::{
+    Bytes, ClientMessage, DeviceKey, EntityDoc, FeedEntry, FeedPayload, Hlc, HlcClock, Mutation, MutationKind, Outcome,
+    PullCursor, RelayMessage, Role, Schema, document, ids,
+};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+pub const T0: u64 = 1_795_000_000_000;
+
+pub struct TestRelay {
+    pub dir: tempfile::TempDir,
+    pub core: RelayCore<SqliteStore>,
+    pub rng: ChaCha20Rng,
+    pub now: u64,
+    next_conn: ConnId,
+}
+
+pub fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+impl TestRelay {
+    pub fn new() -> Self {
+        Self::with_config(RelayConfig::default())
+    }
+
+    pub fn with_config(config: RelayConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let core = Self::open_core(dir.path().to_path_buf(), 1, config);
+        TestRelay {
+            dir,
+            core,
+            rng: ChaCha20Rng::seed_from_u64(99),
+            now: T0,
+            next_conn: 1,
+        }
+    }
+
+    fn open_core(dir: PathBuf, seed: u64, config: RelayConfig) -> RelayCore<SqliteStore> {
+        let store = SqliteStore::open_dir(&dir, Uuid::from_bytes([0xAA; 16])).unwrap();
+        RelayCore::new(
+            store,
+            Arc::new(Schema::default_schema()),
+            config,
+            Box::new(ChaCha20Rng::seed_from_u64(seed)),
+        )
+    }
+
+    /// Drops the core (all memory) and reopens the same files, like a relay restart.
+    pub fn restart(&mut self) {
+        let dir = self.dir.path().to_path_buf();
+        self.core = Self::open_core(dir, 2, RelayConfig::default());
+    }
+
+    pub fn space(&mut self, name: &str) -> Uuid {
+        admin::add_space(self.core.store_mut(), name, self.now, &mut self.rng)
+            .unwrap()
+            .space_id
+    }
+
+    pub fn user(&mut self, name: &str, space: &str, role: Role) -> Uuid {
+        admin::add_user(self.core.store_mut(), name, space, role, self.now, &mut self.rng)
+            .unwrap()
+            .user_id
+    }
+
+    /// Enrolls a new device for `user` through the protocol and authenticates it.
+    pub fn device(&mut self, user: &str, seed: u64) -> TestDevice {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let key = DeviceKey::generate(&mut rng);
+        let device_id = ids::new_uuid(&mut rng);
+        let (token, _) = admin::create_enrollment_token(
+            self.core.store_mut(),
+            user,
+            admin::DEFAULT_TOKEN_TTL_MS,
+            self.now,
+            &mut self.rng,
+        )
+        .unwrap();
+        let conn = self.connect();
+        let proof = key.sign(&enroll_signing_bytes(&token, &device_id, &key.public_key()));
+        let out = self.send(
+            conn,
+            ClientMessage::Enroll {
+                protocol_version: PROTOCOL_VERSION,
+                token,
+                device_id,
+                public_key: Bytes(key.public_key().to_vec()),
+                schema_hash: Schema::default_schema().hash(),
+                proof: Bytes(proof.to_vec()),
+            },
+        );
+        let user_info = match &out[0] {
+            Output::Send(_, RelayMessage::Enrolled { user, .. }) => user.clone(),
+            other => panic!("enrollment failed: {other:?}"),
+        };
+        self.core.close_connection(conn);
+        let mut dev = TestDevice {
+            key,
+            device_id,
+            user_id: user_info.user_id,
+            space_id: user_info.spaces.first().map(|s| s.space_id).unwrap_or_default(),
+            conn: 0,
+            docs: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            hlc: HlcClock::new(device_id),
+            rng,
+            cursor: PullCursor::default(),
+        };
+        dev.conn = self.login(&dev);
+        dev
+    }
+
+    pub fn connect(&mut self) -> ConnId {
+        let c = self.next_conn;
+        self.next_conn += 1;
+        self.core.open_connection(c);
+        c
+    }
+
+    /// Runs the handshake for an enrolled device; returns the authenticated connection.
+    pub fn login(&mut self, dev: &TestDevice) -> ConnId {
+        let conn = self.connect();
+        let out = self.send(conn, dev.hello());
+        let (relay_id, nonce) = match &out[0] {
+            Output::Send(_, RelayMessage::Challenge { relay_id, nonce }) => (*relay_id, nonce.clone()),
+            other => panic!("expected a challenge, got {other:?}"),
+        };
+        let out = self.send(conn, dev.auth(relay_id, &nonce.0));
+        assert!(
+            matches!(&out[0], Output::Send(_, RelayMessage::Welcome { .. })),
+            "login failed: {out:?}"
+        );
+        conn
+    }
+
+    pub fn send(&mut self, conn: ConnId, msg: ClientMessage) -> Vec<Output> {
+        self.now += 1;
+        self.core.handle(vec![(conn, msg)], self.now)
+    }
+
+    /// Pushes mutations from `dev` as one batch and returns the results.
+    pub fn push(&mut self, dev: &mut TestDevice, mutations: Vec<Mutation>) -> Vec<MutationResult> {
+        let conn = dev.conn;
+        let entities: BTreeMap<Uuid, Uuid> = mutations.iter().map(|m| (m.mutation_id, m.entity_id)).collect();
+        let out = self.send(conn, ClientMessage::Push { batch_id: 1, mutations });
+        let results = out
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Send(c, RelayMessage::PushResult { results, .. }) if c == conn => Some(results),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no push result"));
+        for r in &results {
+            if let Some((version, _)) = r.outcome.applied() {
+                dev.set_version(entities[&r.mutation_id], version);
+            }
+        }
+        results
+    }
+
+    /// Pushes one mutation and returns its outcome.
+    pub fn push_one(&mut self, dev: &mut TestDevice, m: Mutation) -> Outcome {
+        self.push(dev, vec![m]).remove(0).outcome
+    }
+
+    /// Pulls until caught up, applying what arrives; returns every entry received.
+    pub fn pull(&mut self, dev: &mut TestDevice) -> Vec<FeedEntry> {
+        let mut all = Vec::new();
+        loop {
+            let out = self.send(
+                dev.conn,
+                ClientMessage::Pull {
+                    cursor: dev.cursor,
+                    max_entries: 100,
+                },
+            );
+            let (entries, next, caught_up) = out
+                .into_iter()
+                .find_map(|o| match o {
+                    Output::Send(
+                        _,
+                        RelayMessage::Changes {
+                            entries,
+                            next,
+                            caught_up,
+                        },
+                    ) => Some((entries, next, caught_up)),
+                    _ => None,
+                })
+                .expect("a changes page");
+            for e in &entries {
+                dev.apply_entry(e);
+            }
+            all.extend(entries);
+            dev.cursor = next;
+            if caught_up {
+                return all;
+            }
+        }
+    }
+
+    pub fn version_of(&self, entity: Uuid) -> u64 {
+        self.core.store().document(entity).unwrap().map_or(0, |d| d.version)
+    }
+
+    /// The relay's current fields of an entity.
+    pub fn fields_of(&self, entity: Uuid) -> Map<String, Value> {
+        let row = self.core.store().document(entity).unwrap().expect("entity exists");
+        let bytes = self.core.store().document_bytes(row.doc_key).unwrap();
+        EntityDoc::load(&bytes, device_actor(Uuid::nil())).unwrap().fields()
+    }
+
+    /// Makes `dev` drop its local changes to `entity` and take the relay's copy and version.
+    pub fn adopt(&self, dev: &mut TestDevice, entity: Uuid) {
+        let doc = EntityDoc::load(&self.doc_bytes(entity), device_actor(dev.device_id)).unwrap();
+        dev.docs.insert(entity, doc);
+        dev.set_version(entity, self.version_of(entity));
+    }
+
+    pub fn doc_bytes(&self, entity: Uuid) -> Vec<u8> {
+        let row = self.core.store().document(entity).unwrap().expect("entity exists");
+        let mut doc = EntityDoc::load(
+            &self.core.store().document_bytes(row.doc_key).unwrap(),
+            device_actor(Uuid::nil()),
+        )
+        .unwrap();
+        doc.save()
+    }
+}
+
+/// A stand-in for a peer: keeps Automerge documents and builds signed mutations.
+pub struct TestDevice {
+    pub key: DeviceKey,
+    pub device_id: Uuid,
+    pub user_id: Uuid,
+    pub space_id: Uuid,
+    pub conn: ConnId,
+    pub docs: BTreeMap<Uuid, EntityDoc>,
+    /// Relay version each entity was last confirmed at, plus the device's unconfirmed writes.
+    pub versions: BTreeMap<Uuid, u64>,
+    pub hlc: HlcClock,
+    pub rng: ChaCha20Rng,
+    pub cursor: PullCursor,
+}
+
+impl TestDevice {
+    pub fn hello(&self) -> ClientMessage {
+        ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            device_id: self.device_id,
+            schema_hash: Schema::default_schema().hash(),
+        }
+    }
+
+    pub fn auth(&self, relay_id: Uuid, nonce: &[u8]) -> ClientMessage {
+        let sig = self.key.sign(&connect_signing_bytes(
+            PROTOCOL_VERSION,
+            &relay_id,
+            nonce,
+            &self.device_id,
+            &self.key.public_key(),
+        ));
+        ClientMessage::Auth {
+            signature: Bytes(sig.to_vec()),
+        }
+    }
+
+    fn envelope(
+        &mut self,
+        entity_type: &str,
+        entity_id: Uuid,
+        kind: MutationKind,
+        changes: Vec<Bytes>,
+        now: u64,
+    ) -> Mutation {
+        let base_version = if kind == MutationKind::Create {
+            None
+        } else {
+            Some(self.versions.get(&entity_id).copied().unwrap_or(0))
+        };
+        let mut m = Mutation {
+            mutation_id: ids::new_uuid(&mut self.rng),
+            device_id: self.device_id,
+            user_id: self.user_id,
+            space_id: self.space_id,
+            entity_type: entity_type.to_string(),
+            entity_id,
+            kind,
+            client_timestamp: self.hlc.tick(now),
+            base_version,
+            changes,
+            signature: Bytes::default(),
+        };
+        self.key.sign_mutation(&mut m);
+        m
+    }
+
+    /// Edits the local document with `edit` and wraps the resulting change as a mutation.
+    pub fn write(
+        &mut self,
+        entity_type: &str,
+        entity_id: Uuid,
+        kind: MutationKind,
+        now: u64,
+        edit: impl FnOnce(&mut EntityDoc, &fieldsync_schema::EntityType),
+    ) -> Mutation {
+        let schema = Schema::default_schema();
+        let ty = schema.entity_type(entity_type).expect("known type").clone();
+        let actor = device_actor(self.device_id);
+        let doc = self.docs.entry(entity_id).or_insert_with(|| EntityDoc::new(actor));
+        if kind == MutationKind::Create {
+            doc.init_type(entity_type).unwrap();
+        }
+        edit(doc, &ty);
+        let change = doc.commit(now).expect("the edit changed something");
+        self.envelope(
+            entity_type,
+            entity_id,
+            kind,
+            vec![Bytes(change.raw_bytes().to_vec())],
+            now,
+        )
+    }
+
+    pub fn create(&mut self, entity_type: &str, fields: Value, now: u64) -> (Uuid, Mutation) {
+        let id = ids::new_uuid(&mut self.rng);
+        let fields = obj(fields);
+        let m = self.write(entity_type, id, MutationKind::Create, now, |d, ty| {
+            d.write_fields(ty, &fields).unwrap()
+        });
+        (id, m)
+    }
+
+    pub fn update(&mut self, entity_type: &str, id: Uuid, patch: Value, now: u64) -> Mutation {
+        let patch = obj(patch);
+        self.write(entity_type, id, MutationKind::Update, now, |d, ty| {
+            d.write_fields(ty, &patch).unwrap()
+        })
+    }
+
+    pub fn delete(&mut self, entity_type: &str, id: Uuid, now: u64) -> Mutation {
+        self.write(entity_type, id, MutationKind::Delete, now, |d, _| {
+            d.set_deleted(true).unwrap()
+        })
+    }
+
+    pub fn increment(&mut self, entity_type: &str, id: Uuid, field: &str, by: i64, now: u64) -> Mutation {
+        let field = field.to_string();
+        self.write(entity_type, id, MutationKind::Increment, now, |d, _| {
+            d.increment(&field, by).unwrap()
+        })
+    }
+
+    pub fn lock(&mut self, entity_type: &str, id: Uuid, now: u64) -> Mutation {
+        self.write(entity_type, id, MutationKind::Lock, now, |d, ty| {
+            d.write_fields(ty, &obj(serde_json::json!({"locked": true}))).unwrap()
+        })
+    }
+
+    pub fn sign_note(&mut self, id: Uuid, now: u64) -> Mutation {
+        let (user, device, key) = (self.user_id, self.device_id, self.key.clone());
+        self.write("note", id, MutationKind::Sign, now, |d, _| {
+            let hash = document::content_hash(&d.fields());
+            let sig = key.sign(&note_signature_bytes(&id, &hash, &user, &device, now));
+            d.set_signature(&document::NoteSignature {
+                signer_user: user,
+                signer_device: device,
+                signed_at_ms: now,
+                content_hash: hex::encode(hash),
+                signature: hex::encode(sig),
+            })
+            .unwrap()
+        })
+    }
+
+    /// Sets the relay version this device believes an entity is at.
+    pub fn set_version(&mut self, id: Uuid, version: u64) {
+        self.versions.insert(id, version);
+    }
+
+    pub fn apply_entry(&mut self, e: &FeedEntry) {
+        let actor = device_actor(self.device_id);
+        match &e.payload {
+            FeedPayload::Changes(changes) => {
+                let doc = self.docs.entry(e.entity_id).or_insert_with(|| EntityDoc::new(actor));
+                let parsed = changes.iter().map(|c| document::parse_change(&c.0).unwrap()).collect();
+                doc.apply(parsed).unwrap();
+            }
+            FeedPayload::Snapshot(bytes) => {
+                let loaded = EntityDoc::load(&bytes.0, actor.clone()).unwrap();
+                let mut loaded = loaded;
+                match self.docs.get_mut(&e.entity_id) {
+                    Some(doc) => doc.apply(loaded.all_changes()).unwrap(),
+                    None => {
+                        self.docs.insert(e.entity_id, loaded);
+                    }
+                }
+            }
+            FeedPayload::Own => {}
+        }
+        let v = self.versions.entry(e.entity_id).or_insert(0);
+        *v = (*v).max(e.version);
+    }
+
+    pub fn fields(&self, id: Uuid) -> Map<String, Value> {
+        self.docs[&id].fields()
+    }
+}
+
+/// Shorthand: a device's HLC at a chosen wall time, for LWW tests with skewed clocks.
+pub fn hlc_at(dev: &TestDevice, ms: u64) -> Hlc {
+    Hlc {
+        physical_ms: ms,
+        counter: 0,
+        device: dev.device_id,
+    }
+}
+
+pub fn applied_version(o: &Outcome) -> u64 {
+    o.applied().unwrap_or_else(|| panic!("expected applied, got {o:?}")).0
+}

@@ -1,0 +1,195 @@
+//! Receipts across restarts, the audit chain, and a property test over random interleavings.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{T0, TestRelay, applied_version};
+use fieldsync_relay::audit;
+use fieldsync_relay::core::FaultSwitches;
+use fieldsync_relay::store::Store;
+use fieldsync_schema::{Outcome, Role};
+use proptest::prelude::*;
+use serde_json::json;
+
+#[test]
+fn a_replayed_mutation_after_reopening_returns_the_original_outcome() {
+    let mut r = TestRelay::new();
+    r.space("clinic");
+    r.user("dana", "clinic", Role::Clinician);
+    let mut a = r.device("dana", 1);
+    let (p, m) = a.create("patient", json!({"name": "Ada"}), T0);
+    let first = r.push_one(&mut a, m.clone());
+    let u = a.update("patient", p, json!({"mrn": "7"}), T0 + 1);
+    r.push_one(&mut a, u.clone());
+    let audit_before = r.core.store().counts().unwrap().audit;
+
+    r.restart();
+    a.conn = r.login(&a);
+    let again = r.push_one(&mut a, m);
+    assert_eq!(
+        again,
+        Outcome::AlreadyApplied {
+            original: Box::new(first)
+        }
+    );
+    let again = r.push_one(&mut a, u);
+    assert!(matches!(again, Outcome::AlreadyApplied { .. }));
+    assert_eq!(r.version_of(p), 2, "the version does not move");
+    assert_eq!(
+        r.core.store().counts().unwrap().audit,
+        audit_before,
+        "nothing applied twice"
+    );
+}
+
+#[test]
+fn a_replayed_rejection_gets_the_same_answer() {
+    let mut r = TestRelay::new();
+    r.space("clinic");
+    r.user("dana", "clinic", Role::Clinician);
+    let mut a = r.device("dana", 1);
+    let (_, bad) = a.create("patient", json!({"mrn": "no name"}), T0);
+    let first = r.push_one(&mut a, bad.clone());
+    assert!(matches!(first, Outcome::Invalid { .. }));
+    r.restart();
+    a.conn = r.login(&a);
+    assert_eq!(r.push_one(&mut a, bad), first);
+}
+
+#[test]
+fn tampering_with_one_audit_row_is_caught_by_verify() {
+    let mut r = TestRelay::new();
+    r.space("clinic");
+    r.user("dana", "clinic", Role::Clinician);
+    let mut a = r.device("dana", 1);
+    let (p, m) = a.create("patient", json!({"name": "Ada"}), T0);
+    r.push_one(&mut a, m);
+    for i in 0..4 {
+        let u = a.update("patient", p, json!({"mrn": format!("{i}")}), T0 + i);
+        r.push_one(&mut a, u);
+    }
+    let report = audit::verify(r.core.store()).unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.records, 5);
+
+    // The triggers refuse edits in place.
+    let conn = r.core.store().connection();
+    assert!(
+        conn.execute("UPDATE audit SET after_json = '{}' WHERE audit_id = 3", [])
+            .is_err()
+    );
+    assert!(conn.execute("DELETE FROM audit WHERE audit_id = 3", []).is_err());
+
+    // On a copy, with the triggers dropped, a doctored record is named by verify.
+    let copy = r.dir.path().join("copy.db");
+    conn.execute("VACUUM INTO ?1", [copy.to_str().unwrap()]).unwrap();
+    let tampered = rusqlite::Connection::open(&copy).unwrap();
+    tampered
+        .execute_batch(
+            "DROP TRIGGER audit_no_update;
+             UPDATE audit SET after_json = replace(after_json, '\"2\"', '\"20\"') WHERE audit_id = 4;",
+        )
+        .unwrap();
+    drop(tampered);
+    let store = fieldsync_relay::store::sqlite::SqliteStore::open(&copy, uuid::Uuid::nil()).unwrap();
+    let report = audit::verify(&store).unwrap();
+    let bad = report.first_bad.expect("tampering detected");
+    assert_eq!(bad.audit_id, 4, "{bad:?}");
+}
+
+#[test]
+fn the_ack_before_commit_switch_loses_acknowledged_writes() {
+    // The deliberate defect the simulator must catch really does break durability.
+    let mut r = TestRelay::new();
+    r.space("clinic");
+    r.user("dana", "clinic", Role::Clinician);
+    let mut a = r.device("dana", 1);
+    r.core.set_fault_switches(FaultSwitches {
+        ack_before_commit: true,
+        ..FaultSwitches::default()
+    });
+    let (p, m) = a.create("patient", json!({"name": "Ada"}), T0);
+    assert!(r.push_one(&mut a, m).applied().is_some());
+    r.restart();
+    assert_eq!(r.version_of(p), 0);
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Create { dev: usize },
+    Update { dev: usize, entity: usize, stale: bool },
+    Pull { dev: usize },
+    Restart,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (0usize..3).prop_map(|dev| Step::Create { dev }),
+        (0usize..3, 0usize..6, any::<bool>()).prop_map(|(dev, entity, stale)| Step::Update { dev, entity, stale }),
+        (0usize..3).prop_map(|dev| Step::Pull { dev }),
+        Just(Step::Restart),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Random interleavings of devices writing several entities: every `Applied` moves the
+    /// entity's version by exactly one, nothing else moves it, and the audit chain verifies.
+    #[test]
+    fn versions_advance_by_one_per_applied_and_the_chain_verifies(steps in proptest::collection::vec(step(), 1..40)) {
+        let mut r = TestRelay::new();
+        r.space("clinic");
+        r.user("dana", "clinic", Role::Clinician);
+        let mut devs: Vec<_> = (0..3).map(|i| r.device("dana", 10 + i)).collect();
+        let mut entities: Vec<uuid::Uuid> = Vec::new();
+        let mut expected: std::collections::BTreeMap<uuid::Uuid, u64> = Default::default();
+        let mut applied = 0u64;
+        let mut t = T0;
+        for s in steps {
+            t += 1_000;
+            match s {
+                Step::Create { dev } => {
+                    let (id, m) = devs[dev].create("workout", json!({"name": format!("w{t}")}), t);
+                    let o = r.push_one(&mut devs[dev], m);
+                    prop_assert_eq!(applied_version(&o), 1);
+                    entities.push(id);
+                    expected.insert(id, 1);
+                    applied += 1;
+                }
+                Step::Update { dev, entity, stale } => {
+                    if entities.is_empty() { continue; }
+                    let id = entities[entity % entities.len()];
+                    if !devs[dev].docs.contains_key(&id) { continue; }
+                    if stale { devs[dev].set_version(id, 0); }
+                    let m = devs[dev].update("workout", id, json!({"notes": format!("n{t}")}), t);
+                    match r.push_one(&mut devs[dev], m) {
+                        Outcome::Applied { version, .. } => {
+                            let e = expected.get_mut(&id).unwrap();
+                            prop_assert_eq!(version, *e + 1);
+                            *e = version;
+                            applied += 1;
+                        }
+                        Outcome::Conflict { server_version, .. } => {
+                            prop_assert_eq!(server_version, expected[&id]);
+                            // Drop the rejected local change and adopt the relay's state.
+                            r.adopt(&mut devs[dev], id);
+                        }
+                        other => prop_assert!(false, "unexpected {:?}", other),
+                    }
+                }
+                Step::Pull { dev } => { r.pull(&mut devs[dev]); }
+                Step::Restart => {
+                    r.restart();
+                    for d in devs.iter_mut() { d.conn = r.login(d); d.cursor = Default::default(); }
+                }
+            }
+        }
+        for (id, v) in &expected {
+            prop_assert_eq!(r.version_of(*id), *v);
+        }
+        let report = audit::verify(r.core.store()).unwrap();
+        prop_assert!(report.ok(), "{:?}", report);
+        prop_assert_eq!(report.records, applied);
+    }
+}

@@ -1,0 +1,468 @@
+//! Authentication, enrollment, pull, live fan-out and space isolation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{T0, TestRelay};
+use fieldsync_relay::admin;
+use fieldsync_relay::core::Output;
+use fieldsync_relay::store::Store;
+use fieldsync_schema::signing::enroll_signing_bytes;
+use fieldsync_schema::wire::{AuthFailure, PROTOCOL_VERSION};
+use fieldsync_schema::{
+    Bytes, ClientMessage, DeviceKey, FeedPayload, Outcome, PullCursor, RelayMessage, Role, Schema, SchemaHash, ids,
+};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+use serde_json::json;
+
+fn auth_failure(out: &[Output]) -> Option<AuthFailure> {
+    out.iter().find_map(|o| match o {
+        Output::Send(_, RelayMessage::AuthFailed { reason, .. }) => Some(*reason),
+        _ => None,
+    })
+}
+
+fn closed(out: &[Output]) -> bool {
+    out.iter().any(|o| matches!(o, Output::Close(..)))
+}
+
+fn clinic() -> TestRelay {
+    let mut r = TestRelay::new();
+    r.space("clinic");
+    r.user("dana", "clinic", Role::Clinician);
+    r
+}
+
+#[test]
+fn unknown_and_revoked_devices_and_bad_signatures_are_refused() {
+    let mut r = clinic();
+    let dev = r.device("dana", 1);
+    // A device id the relay never enrolled.
+    let mut stranger = r.device("dana", 2);
+    stranger.device_id = uuid::Uuid::from_bytes([9; 16]);
+    let c = r.connect();
+    let out = r.send(c, stranger.hello());
+    assert_eq!(auth_failure(&out), Some(AuthFailure::UnknownDevice));
+    assert!(closed(&out));
+
+    // A wrong signature on the challenge.
+    let c = r.connect();
+    let out = r.send(c, dev.hello());
+    let Output::Send(_, RelayMessage::Challenge { relay_id, .. }) = &out[0] else {
+        panic!("{out:?}")
+    };
+    let out = r.send(c, dev.auth(*relay_id, &[0u8; 32]));
+    assert_eq!(auth_failure(&out), Some(AuthFailure::BadSignature));
+
+    // Revocation closes open sessions at the next tick and refuses new ones.
+    admin::revoke_device(r.core.store_mut(), dev.device_id, r.now).unwrap();
+    let out = r.core.tick(r.now + 500);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Close(c, _) if *c == dev.conn)),
+        "{out:?}"
+    );
+    let c = r.connect();
+    let out = r.send(c, dev.hello());
+    assert_eq!(auth_failure(&out), Some(AuthFailure::Revoked));
+}
+
+#[test]
+fn a_nonce_is_single_use_and_expires() {
+    let mut r = clinic();
+    let dev = r.device("dana", 1);
+    let c = r.connect();
+    let out = r.send(c, dev.hello());
+    let Output::Send(_, RelayMessage::Challenge { relay_id, nonce }) = &out[0] else {
+        panic!("{out:?}")
+    };
+    let auth = dev.auth(*relay_id, &nonce.0);
+    let out = r.send(c, auth.clone());
+    assert!(matches!(out[0], Output::Send(_, RelayMessage::Welcome { .. })));
+    // Replaying the same answer, on this or another connection, gets nowhere.
+    let out = r.send(c, auth.clone());
+    assert!(closed(&out), "{out:?}");
+    let c2 = r.connect();
+    let out = r.send(c2, auth);
+    assert!(closed(&out), "{out:?}");
+
+    // An unanswered challenge expires.
+    let c3 = r.connect();
+    let out = r.send(c3, dev.hello());
+    let Output::Send(_, RelayMessage::Challenge { relay_id, nonce }) = &out[0] else {
+        panic!("{out:?}")
+    };
+    r.now += 60_000;
+    let out = r.send(c3, dev.auth(*relay_id, &nonce.0));
+    assert_eq!(auth_failure(&out), Some(AuthFailure::NonceExpired));
+}
+
+#[test]
+fn schema_and_protocol_mismatches_are_named() {
+    let mut r = clinic();
+    let dev = r.device("dana", 1);
+    let c = r.connect();
+    let out = r.send(
+        c,
+        ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            device_id: dev.device_id,
+            schema_hash: SchemaHash([0; 32]),
+        },
+    );
+    assert_eq!(auth_failure(&out), Some(AuthFailure::SchemaMismatch));
+    let c = r.connect();
+    let out = r.send(
+        c,
+        ClientMessage::Hello {
+            protocol_version: 99,
+            device_id: dev.device_id,
+            schema_hash: Schema::default_schema().hash(),
+        },
+    );
+    assert_eq!(auth_failure(&out), Some(AuthFailure::UnsupportedProtocol));
+}
+
+#[test]
+fn enrollment_tokens_are_single_use_and_expire() {
+    let mut r = clinic();
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let (token, _) = admin::create_enrollment_token(r.core.store_mut(), "dana", 1_000, r.now, &mut r.rng).unwrap();
+    let enroll = |rng: &mut ChaCha20Rng, token: &str| {
+        let key = DeviceKey::generate(rng);
+        let device_id = ids::new_uuid(rng);
+        ClientMessage::Enroll {
+            protocol_version: PROTOCOL_VERSION,
+            token: token.to_string(),
+            device_id,
+            public_key: Bytes(key.public_key().to_vec()),
+            schema_hash: Schema::default_schema().hash(),
+            proof: Bytes(
+                key.sign(&enroll_signing_bytes(token, &device_id, &key.public_key()))
+                    .to_vec(),
+            ),
+        }
+    };
+    let c = r.connect();
+    let out = r.send(c, enroll(&mut rng, &token));
+    assert!(
+        matches!(out[0], Output::Send(_, RelayMessage::Enrolled { .. })),
+        "{out:?}"
+    );
+    let c = r.connect();
+    assert_eq!(
+        auth_failure(&r.send(c, enroll(&mut rng, &token))),
+        Some(AuthFailure::TokenUsed)
+    );
+    let (token2, _) = admin::create_enrollment_token(r.core.store_mut(), "dana", 1_000, r.now, &mut r.rng).unwrap();
+    r.now += 2_000;
+    let c = r.connect();
+    assert_eq!(
+        auth_failure(&r.send(c, enroll(&mut rng, &token2))),
+        Some(AuthFailure::TokenExpired)
+    );
+    let c = r.connect();
+    assert_eq!(
+        auth_failure(&r.send(c, enroll(&mut rng, "fse_nope"))),
+        Some(AuthFailure::InvalidToken)
+    );
+    // A proof by another key than the one presented is refused.
+    let (token3, _) = admin::create_enrollment_token(r.core.store_mut(), "dana", 60_000, r.now, &mut r.rng).unwrap();
+    let mut msg = enroll(&mut rng, &token3);
+    if let ClientMessage::Enroll { public_key, .. } = &mut msg {
+        public_key.0 = DeviceKey::generate(&mut rng).public_key().to_vec();
+    }
+    let c = r.connect();
+    assert_eq!(auth_failure(&r.send(c, msg)), Some(AuthFailure::BadSignature));
+    assert_eq!(
+        r.core.store().devices().unwrap().len(),
+        1,
+        "only the first enrollment registered a device"
+    );
+}
+
+#[test]
+fn messages_before_authentication_close_the_connection() {
+    let mut r = clinic();
+    let c = r.connect();
+    let out = r.send(
+        c,
+        ClientMessage::Pull {
+            cursor: PullCursor::default(),
+            max_entries: 10,
+        },
+    );
+    assert!(closed(&out));
+    let c = r.connect();
+    let out = r.send(
+        c,
+        ClientMessage::Push {
+            batch_id: 1,
+            mutations: vec![],
+        },
+    );
+    assert!(closed(&out));
+}
+
+#[test]
+fn a_fresh_device_gets_compacted_documents_then_the_feed_then_live_entries() {
+    let mut r = clinic();
+    let mut a = r.device("dana", 1);
+    let (p, m) = a.create("patient", json!({"name": "Ada"}), T0);
+    r.push_one(&mut a, m);
+    for i in 0..5 {
+        let u = a.update("patient", p, json!({"mrn": format!("M{i}")}), T0 + i);
+        assert!(r.push_one(&mut a, u).applied().is_some());
+    }
+    let mut b = r.device("dana", 2);
+    let entries = r.pull(&mut b);
+    assert_eq!(entries.len(), 1, "one compacted document, not six changes");
+    assert!(matches!(entries[0].payload, FeedPayload::Snapshot(_)));
+    assert_eq!(entries[0].version, 6);
+    assert_eq!(b.fields(p)["mrn"], json!("M4"));
+
+    // B is caught up: A's next write reaches B live, without polling; A gets no echo.
+    let u = a.update("patient", p, json!({"name": "Ada L."}), T0 + 10);
+    let out = r.send(
+        a.conn,
+        ClientMessage::Push {
+            batch_id: 7,
+            mutations: vec![u],
+        },
+    );
+    let live: Vec<_> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send(c, RelayMessage::Live { entries, .. }) => Some((*c, entries.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(live.len(), 1, "{out:?}");
+    assert_eq!(live[0].0, b.conn);
+    for e in &live[0].1 {
+        b.apply_entry(e);
+    }
+    assert_eq!(b.fields(p)["name"], json!("Ada L."));
+}
+
+#[test]
+fn space_isolation_for_reads_and_writes() {
+    let mut r = clinic();
+    r.space("gym");
+    r.user("gus", "gym", Role::Clinician);
+    let mut a = r.device("dana", 1);
+    let mut g = r.device("gus", 2);
+    let (p, m) = a.create("patient", json!({"name": "Ada"}), T0);
+    r.push_one(&mut a, m);
+    // Gus pulls: nothing of the clinic arrives.
+    assert!(r.pull(&mut g).is_empty());
+    // Gus writes into the clinic's space: refused.
+    let mut m = g.update("patient", p, json!({"name": "Hacked"}), T0);
+    m.space_id = a.space_id;
+    g.key.sign_mutation(&mut m);
+    let o = r.push_one(&mut g, m);
+    assert!(matches!(o, Outcome::Forbidden { .. }), "{o:?}");
+    // Gus edits a clinic entity while claiming his own space: refused too.
+    let m = g.update("patient", p, json!({"name": "Hacked again"}), T0);
+    assert!(matches!(r.push_one(&mut g, m), Outcome::Forbidden { .. }));
+    // Live fan-out skips other spaces.
+    let u = a.update("patient", p, json!({"mrn": "1"}), T0 + 1);
+    let out = r.send(
+        a.conn,
+        ClientMessage::Push {
+            batch_id: 2,
+            mutations: vec![u],
+        },
+    );
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, Output::Send(c, RelayMessage::Live { .. }) if *c == g.conn))
+    );
+    assert_eq!(r.fields_of(p)["name"], json!("Ada"));
+}
+
+#[test]
+fn envelope_and_signature_checks_come_first() {
+    let mut r = clinic();
+    r.user("sam", "clinic", Role::Clinician);
+    let mut a = r.device("dana", 1);
+    let b = r.device("sam", 2);
+    // A forged signature.
+    let (_, mut m) = a.create("patient", json!({"name": "Ada"}), T0);
+    m.signature.0[0] ^= 1;
+    assert!(matches!(r.push_one(&mut a, m), Outcome::Forbidden { .. }));
+    // An envelope naming another device, even correctly signed by that device's key.
+    let (_, mut m) = a.create("patient", json!({"name": "Ada"}), T0);
+    m.device_id = b.device_id;
+    b.key.sign_mutation(&mut m);
+    assert!(matches!(r.push_one(&mut a, m.clone()), Outcome::Forbidden { .. }));
+    // None of these left a receipt: the rightful owner can still send that mutation id.
+    assert!(r.core.store().receipt(m.mutation_id).unwrap().is_none());
+}
+
+#[test]
+fn one_group_commit_serves_several_connections_and_outcomes_follow_the_commit() {
+    let mut r = clinic();
+    let mut a = r.device("dana", 1);
+    let mut b = r.device("dana", 2);
+    let (pa, ma) = a.create("patient", json!({"name": "A"}), T0);
+    let (_, mb) = b.create("patient", json!({"name": "B"}), T0);
+    let commits = r.core.stats().commits;
+    let out = r.core.handle(
+        vec![
+            (
+                a.conn,
+                ClientMessage::Push {
+                    batch_id: 1,
+                    mutations: vec![ma],
+                },
+            ),
+            (
+                b.conn,
+                ClientMessage::Push {
+                    batch_id: 1,
+                    mutations: vec![mb],
+                },
+            ),
+        ],
+        r.now + 1,
+    );
+    assert_eq!(
+        r.core.stats().commits,
+        commits + 1,
+        "one transaction for the whole group"
+    );
+    let applied = out
+        .iter()
+        .filter(|o| matches!(o, Output::Send(_, RelayMessage::PushResult { results, .. }) if results[0].outcome.applied().is_some()))
+        .count();
+    assert_eq!(applied, 2);
+    assert_eq!(r.version_of(pa), 1);
+}
+
+#[test]
+fn a_storage_failure_defers_the_push_and_applies_nothing() {
+    let mut r = clinic();
+    let mut a = r.device("dana", 1);
+    // Another writer holds the database's write lock.
+    r.core
+        .store()
+        .connection()
+        .busy_timeout(std::time::Duration::from_millis(50))
+        .unwrap();
+    let blocker = rusqlite::Connection::open(r.dir.path().join("relay.db")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (p, m) = a.create("patient", json!({"name": "Ada"}), T0);
+    let out = r.send(
+        a.conn,
+        ClientMessage::Push {
+            batch_id: 4,
+            mutations: vec![m.clone()],
+        },
+    );
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Send(_, RelayMessage::PushDeferred { batch_id: 4, .. }))),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, Output::Send(_, RelayMessage::PushResult { .. })))
+    );
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(r.version_of(p), 0);
+    // The retry with the same mutation id succeeds.
+    assert!(r.push_one(&mut a, m).applied().is_some());
+}
+
+#[test]
+fn pulls_come_in_pages_and_resume_from_the_cursor() {
+    let mut r = clinic();
+    let mut a = r.device("dana", 1);
+    let mut ids = Vec::new();
+    for i in 0..250 {
+        let (p, m) = a.create("patient", json!({"name": format!("P{i}")}), T0 + i);
+        ids.push(p);
+        r.push_one(&mut a, m);
+    }
+    let mut b = r.device("dana", 2);
+    let entries = r.pull(&mut b); // the helper asks for 100 per page
+    assert_eq!(entries.len(), 250);
+    for p in &ids {
+        assert!(b.docs.contains_key(p));
+    }
+    // Later writes arrive through the feed from the stored cursor.
+    let u = a.update("patient", ids[0], json!({"mrn": "x"}), T0 + 999);
+    r.push_one(&mut a, u);
+    let b_conn = r.login(&b);
+    b.conn = b_conn;
+    let more = r.pull(&mut b);
+    assert_eq!(more.len(), 1);
+    assert_eq!(b.fields(ids[0])["mrn"], json!("x"));
+}
+
+#[test]
+fn a_device_rotates_its_key_with_the_old_key_signing_the_new() {
+    let mut r = clinic();
+    let mut a = r.device("dana", 1);
+    let new_key = DeviceKey::generate(&mut ChaCha20Rng::seed_from_u64(77));
+    let sig = a.key.sign(&fieldsync_schema::signing::rotate_signing_bytes(
+        &a.device_id,
+        &a.key.public_key(),
+        &new_key.public_key(),
+    ));
+    let out = r.send(
+        a.conn,
+        ClientMessage::RotateKey {
+            new_public_key: Bytes(new_key.public_key().to_vec()),
+            signature: Bytes(sig.to_vec()),
+        },
+    );
+    assert!(matches!(out[0], Output::Send(_, RelayMessage::KeyRotated)), "{out:?}");
+    a.key = new_key;
+    let (_, m) = a.create("patient", json!({"name": "Ada"}), T0);
+    assert!(
+        r.push_one(&mut a, m).applied().is_some(),
+        "mutations verify with the new key"
+    );
+    a.conn = r.login(&a);
+}
+
+#[test]
+fn a_device_over_its_rate_is_told_to_retry_later() {
+    let mut r = TestRelay::with_config(fieldsync_relay::core::RelayConfig {
+        rate_per_sec: 100.0,
+        rate_burst: 300.0,
+        ..Default::default()
+    });
+    r.space("clinic");
+    r.user("dana", "clinic", Role::Clinician);
+    let mut a = r.device("dana", 1);
+    let mut sent = 0;
+    let mut deferred = false;
+    for round in 0..10u64 {
+        let batch: Vec<_> = (0..100)
+            .map(|i| a.create("patient", json!({"name": format!("{round}-{i}")}), T0).1)
+            .collect();
+        sent += batch.len();
+        let out = r.core.handle(
+            vec![(
+                a.conn,
+                ClientMessage::Push {
+                    batch_id: round,
+                    mutations: batch,
+                },
+            )],
+            r.now,
+        );
+        if out
+            .iter()
+            .any(|o| matches!(o, Output::Send(_, RelayMessage::PushDeferred { .. })))
+        {
+            deferred = true;
+            break;
+        }
+    }
+    assert!(deferred, "{sent} mutations in the same millisecond were all accepted");
+    assert!(sent > 300, "deferred within the burst allowance ({sent})");
+}
