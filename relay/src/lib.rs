@@ -6,9 +6,11 @@
 //! - [`audit`]: the hash-chained audit log and its verification.
 //! - [`admin`]: spaces, users, roles, enrollment tokens, devices.
 //! - [`doc_cache`]: parsed documents kept in memory.
+//! - [`server`]: the tokio / axum shell: WebSocket `/v1/sync`, `/healthz`, `/v1/status`.
 
 pub mod admin;
 pub mod audit;
 pub mod core;
 pub mod doc_cache;
+pub mod server;
 pub mod store;

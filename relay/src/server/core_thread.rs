@@ -1,0 +1,158 @@
+//! The thread that owns the relay core. It blocks on its input queue, takes everything that is
+//! waiting (up to [`super::MAX_GROUP`] messages) as one group, lets the core handle and commit
+//! it, and routes the outputs to the connection tasks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use fieldsync_schema::{ClientMessage, RelayMessage, SystemTimeSource, TimeSource};
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc};
+
+use crate::core::{CloseReason, ConnId, CoreStats, Output, RelayCore};
+use crate::store::sqlite::SqliteStore;
+
+use super::MAX_GROUP;
+
+pub(crate) enum CoreInput {
+    Open {
+        conn: ConnId,
+        tx: mpsc::Sender<Outbound>,
+        kill: Arc<Notify>,
+    },
+    Message(ConnId, ClientMessage),
+    Closed(ConnId),
+    Tick,
+    Shutdown,
+}
+
+/// What a connection task is asked to do.
+pub(crate) enum Outbound {
+    Message(Box<RelayMessage>),
+    Close(CloseReason),
+}
+
+/// What `/v1/status` shows; refreshed after every group.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusSnapshot {
+    pub relay_id: uuid::Uuid,
+    pub connections: usize,
+    pub authenticated: usize,
+    pub groups: u64,
+    pub largest_group: usize,
+    pub slow_reader_disconnects: u64,
+    pub stats: CoreStats,
+}
+
+impl StatusSnapshot {
+    pub fn new(relay_id: uuid::Uuid) -> Self {
+        StatusSnapshot {
+            relay_id,
+            connections: 0,
+            authenticated: 0,
+            groups: 0,
+            largest_group: 0,
+            slow_reader_disconnects: 0,
+            stats: CoreStats::default(),
+        }
+    }
+}
+
+struct Route {
+    tx: mpsc::Sender<Outbound>,
+    kill: Arc<Notify>,
+}
+
+pub(crate) fn run(
+    mut core: RelayCore<SqliteStore>,
+    mut rx: mpsc::Receiver<CoreInput>,
+    status: Arc<Mutex<StatusSnapshot>>,
+) {
+    let clock = SystemTimeSource;
+    let mut routes: HashMap<ConnId, Route> = HashMap::new();
+    let mut groups = 0u64;
+    let mut largest = 0usize;
+    let mut slow = 0u64;
+    while let Some(first) = rx.blocking_recv() {
+        let mut inputs = Vec::new();
+        let mut tick = false;
+        let mut shutdown = false;
+        let mut next = Some(first);
+        while let Some(input) = next.take() {
+            match input {
+                CoreInput::Open { conn, tx, kill } => {
+                    core.open_connection(conn);
+                    routes.insert(conn, Route { tx, kill });
+                }
+                CoreInput::Message(conn, msg) => inputs.push((conn, msg)),
+                CoreInput::Closed(conn) => {
+                    core.close_connection(conn);
+                    routes.remove(&conn);
+                }
+                CoreInput::Tick => tick = true,
+                CoreInput::Shutdown => shutdown = true,
+            }
+            if inputs.len() < MAX_GROUP && !shutdown {
+                next = rx.try_recv().ok();
+            }
+        }
+        let now = clock.now_ms();
+        largest = largest.max(inputs.len());
+        let mut outputs = if inputs.is_empty() {
+            Vec::new()
+        } else {
+            core.handle(inputs, now)
+        };
+        if tick {
+            outputs.extend(core.tick(now));
+        }
+        if shutdown {
+            for conn in routes.keys() {
+                outputs.push(Output::Close(
+                    *conn,
+                    CloseReason {
+                        code: 1001,
+                        reason: "relay shutting down".into(),
+                    },
+                ));
+            }
+        }
+        for output in outputs {
+            let (conn, msg) = match output {
+                Output::Send(conn, msg) => (conn, Outbound::Message(Box::new(msg))),
+                Output::Close(conn, reason) => (conn, Outbound::Close(reason)),
+            };
+            let Some(route) = routes.get(&conn) else { continue };
+            match route.tx.try_send(msg) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // A device that does not read its messages is cut off rather than buffered
+                    // without limit; it reconnects and pulls from its cursor.
+                    tracing::warn!(conn, "send queue full: disconnecting a slow reader");
+                    route.kill.notify_one();
+                    core.close_connection(conn);
+                    routes.remove(&conn);
+                    slow += 1;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    core.close_connection(conn);
+                    routes.remove(&conn);
+                }
+            }
+        }
+        groups += 1;
+        if let Ok(mut s) = status.lock() {
+            let (connections, authenticated) = core.connection_counts();
+            s.connections = connections;
+            s.authenticated = authenticated;
+            s.groups = groups;
+            s.largest_group = largest;
+            s.slow_reader_disconnects = slow;
+            s.stats = core.stats().clone();
+        }
+        if shutdown {
+            tracing::info!("relay core stopped");
+            return;
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The relay's network shell: HTTP and WebSocket on one port, around the sans-IO core.
+//!
+//! Layout of the running relay:
+//! - one tokio task per WebSocket connection ([`connection`]) decodes frames and forwards
+//!   messages; it never decides anything;
+//! - one OS thread owns the [`RelayCore`] and its SQLite store ([`core_thread`]). It drains
+//!   every message that arrived while it was busy and hands them to the core as one group, so
+//!   one fsync covers many mutations (group commit) without any timer;
+//! - a ticker asks the core to check revocations every 250 ms (SPEC §4: within a second).
+
+mod connection;
+mod core_thread;
+mod http;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use fieldsync_schema::Schema;
+use rand_core::Rng;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::core::{RelayConfig, RelayCore};
+use crate::store::sqlite::SqliteStore;
+
+pub use core_thread::StatusSnapshot;
+
+/// Frames and messages above this size are refused by the WebSocket layer itself.
+pub const MAX_FRAME_BYTES: usize = fieldsync_schema::wire::MAX_MESSAGE_BYTES;
+/// Messages queued for one connection before it counts as a slow reader and is disconnected.
+pub const SEND_QUEUE: usize = 256;
+/// Messages queued from all connections to the core before connections stop reading.
+pub const CORE_QUEUE: usize = 8192;
+/// Most messages the core takes into one group commit.
+pub const MAX_GROUP: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot open the relay store in {dir}: {source}")]
+    Store {
+        dir: String,
+        source: crate::store::StoreError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the relay core stopped unexpectedly")]
+    CoreStopped,
+}
+
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub schema: Arc<Schema>,
+    pub config: RelayConfig,
+}
+
+/// Shared between the HTTP handlers, the connection tasks and the core thread.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub core_tx: mpsc::Sender<core_thread::CoreInput>,
+    pub status: Arc<Mutex<StatusSnapshot>>,
+    pub next_conn: Arc<AtomicU64>,
+}
+
+impl Shared {
+    pub fn new_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A bound, not yet running relay. Binding first lets callers (tests, `serve`) learn the real
+/// address when they asked for port 0.
+pub struct Server {
+    listener: TcpListener,
+    addr: SocketAddr,
+    core: RelayCore<SqliteStore>,
+}
+
+impl Server {
+    /// Opens (creating if needed) the data directory and its database, and binds the port.
+    pub async fn bind(
+        opts: ServeOptions,
+        rng: Box<dyn Rng + Send>,
+        new_relay_id: uuid::Uuid,
+    ) -> Result<Self, ServerError> {
+        let store = SqliteStore::open_dir(&opts.data_dir, new_relay_id).map_err(|source| ServerError::Store {
+            dir: opts.data_dir.display().to_string(),
+            source,
+        })?;
+        let core = RelayCore::new(store, opts.schema, opts.config, rng);
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: opts.listen,
+                source,
+            })?;
+        let addr = listener.local_addr()?;
+        Ok(Server { listener, addr, core })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn relay_id(&self) -> uuid::Uuid {
+        self.core.relay_id()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets the core finish the group it
+    /// is committing, closes every connection with a reason, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+        let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
+        let status = Arc::new(Mutex::new(StatusSnapshot::new(self.core.relay_id())));
+        let core_status = status.clone();
+        let core = self.core;
+        let core_thread = std::thread::Builder::new()
+            .name("relay-core".into())
+            .spawn(move || core_thread::run(core, core_rx, core_status))?;
+
+        let ticker_tx = core_tx.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                every.tick().await;
+                if ticker_tx.send(core_thread::CoreInput::Tick).await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        let shared = Shared {
+            core_tx: core_tx.clone(),
+            status,
+            next_conn: Arc::new(AtomicU64::new(1)),
+        };
+        let app = Router::new()
+            .route("/v1/sync", get(connection::upgrade))
+            .route("/healthz", get(http::healthz))
+            .route("/v1/status", get(http::status))
+            .with_state(shared);
+
+        tracing::info!(addr = %self.addr, "relay listening");
+        let stop_tx = core_tx.clone();
+        drop(core_tx);
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                tracing::info!("shutting down: no new connections, closing open ones");
+                let _ = stop_tx.send(core_thread::CoreInput::Shutdown).await;
+            })
+            .await?;
+        tokio::task::spawn_blocking(move || core_thread.join())
+            .await
+            .map_err(|_| ServerError::CoreStopped)?
+            .map_err(|_| ServerError::CoreStopped)?;
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+}
