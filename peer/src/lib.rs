@@ -23,3 +23,8 @@ pub use entity::{Entity, FieldFilter, SyncState};
 pub use error::{PeerError, Result};
 pub use outbox::{OutboxItem, OutboxState};
 pub use write::WriteReceipt;
+
+#[cfg(test)]
+mod testutil;
+#[cfg(test)]
+mod write_tests;
