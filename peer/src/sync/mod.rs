@@ -460,3 +460,6 @@ impl SyncMachine {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests;
