@@ -537,3 +537,10 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn device_and_machine_can_move_to_a_network_task() {
+    fn is_send<T: Send>() {}
+    is_send::<crate::Device>();
+    is_send::<crate::sync::SyncMachine>();
+}

@@ -1,4 +1,5 @@
 //! The `fieldsync-peer` binary on real directories, one process per command.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -451,7 +451,7 @@ impl SyncMachine {
         let idle = self.caught_up
             && self.batch.is_none()
             && self.pull_sent_at.is_none()
-            && (dev.pending_count()? == 0 || dev.status()?.blocked.is_some());
+            && (dev.pending_count()? == 0 || dev.is_halted()?);
         if idle && !self.was_idle {
             dev.record_sync_complete(now_ms)?;
         }

@@ -33,6 +33,11 @@ impl Device {
         outbox::next_due(&self.conn)
     }
 
+    /// Whether a blocked item halts the outbox.
+    pub(crate) fn is_halted(&self) -> Result<bool> {
+        Ok(outbox::first_blocked(&self.conn)?.is_some())
+    }
+
     pub(crate) fn pending_count(&self) -> Result<u64> {
         let n: i64 = self
             .conn
