@@ -448,3 +448,44 @@ fn unexpected_messages_are_errors_not_panics() {
         Err(SyncError::Relay { .. })
     ));
 }
+
+#[test]
+fn lww_values_lost_on_arrival_are_listed_on_this_device() {
+    let mut f = enrolled(16);
+    let s = f.dev.put("settings", None, obj(json!({"units": "lb"}))).unwrap();
+    let mut m = SyncMachine::default();
+    let (batch, ids) = push_of(&connect(&mut m, &mut f, 10));
+    let stamp = |ms, device| Hlc {
+        physical_ms: ms,
+        counter: 0,
+        device,
+    };
+    let loss = LwwLoss {
+        entity_type: "settings".into(),
+        entity_id: s.entity_id,
+        field: "units".into(),
+        loser_device: f.dev.device_id(),
+        loser_mutation: ids[0],
+        loser_hlc: stamp(T0, f.dev.device_id()),
+        loser_value: json!("lb"),
+        winner_device: OTHER,
+        winner_mutation: Uuid::from_bytes([2; 16]),
+        winner_hlc: stamp(T0 + 1, OTHER),
+        winner_value: json!("kg"),
+    };
+    let result = MutationResult {
+        mutation_id: ids[0],
+        outcome: Outcome::AlreadyApplied {
+            original: Box::new(Outcome::Applied {
+                version: 4,
+                seq: 9,
+                lww_lost: vec![loss.clone()],
+            }),
+        },
+    };
+    f.dev.on_push_for_test(&mut m, batch, vec![result]);
+    assert_eq!(f.dev.lww_losses().unwrap(), vec![loss]);
+    let e = f.dev.get(s.entity_id).unwrap().unwrap();
+    assert_eq!((e.relay_version, e.sync_state), (4, SyncState::Synced));
+    assert_eq!(f.dev.outbox_item(ids[0]).unwrap().unwrap().applied_version, Some(4));
+}

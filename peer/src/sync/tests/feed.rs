@@ -175,4 +175,3 @@ fn a_snapshot_merges_without_losing_unsent_local_changes_and_lww_losses_are_list
     assert_eq!((e.relay_version, e.sync_state), (3, SyncState::Pending));
     assert_eq!(f.dev.lww_losses().unwrap().len(), 1);
 }
-
