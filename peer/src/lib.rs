@@ -1,1 +1,30 @@
-//! Device library (filled by the peer issue).
+//! `fieldsync-peer`: the device library.
+//!
+//! - [`Device`] (`device`, `write`, `backup`): one device's SQLite store — Automerge documents,
+//!   the signed outbox, identity and enrollment. Every write is local and durable at once.
+//! - [`sync::SyncMachine`]: the device half of the sync protocol, sans-IO: relay messages and
+//!   the current time in, client messages out. The network shell and the simulator drive it.
+//!
+//! Nothing here reads the clock or draws randomness of its own: both are injected at
+//! [`Device::open`].
+
+pub mod backup;
+pub mod db;
+pub mod device;
+pub mod entity;
+pub mod error;
+pub mod outbox;
+mod rules;
+pub mod sync;
+pub mod write;
+
+pub use device::{BlockedOn, Device, DeviceRng, EnrolledAs, Enrollment, RetryReport, Status, SyncStatus};
+pub use entity::{Entity, FieldFilter, SyncState};
+pub use error::{PeerError, Result};
+pub use outbox::{OutboxItem, OutboxState};
+pub use write::WriteReceipt;
+
+#[cfg(test)]
+mod testutil;
+#[cfg(test)]
+mod write_tests;

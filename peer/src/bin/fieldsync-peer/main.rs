@@ -1,0 +1,320 @@
+//! `fieldsync-peer --data DIR <command>`: the device CLI.
+//!
+//! The only place that constructs the production clock and an OS-seeded RNG; everything else
+//! takes them injected.
+
+mod output;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use fieldsync_peer::{Device, DeviceRng, FieldFilter};
+use fieldsync_schema::{Schema, SystemTimeSource, TimeSource};
+use rand_core::SeedableRng;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fieldsync-peer",
+    version,
+    about = "An offline-first fieldsync device: local store, signed outbox"
+)]
+struct Cli {
+    /// The device's data directory (holds device.db).
+    #[arg(long, value_name = "DIR", global = true)]
+    data: Option<PathBuf>,
+    /// Validate against this schema file instead of the built-in default.
+    #[arg(long, value_name = "FILE", global = true)]
+    schema: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Creates the device (identity and key) if it does not exist yet.
+    Init {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Creates or updates an entity from a JSON object of fields; prints the id.
+    Put {
+        entity_type: String,
+        id: Option<Uuid>,
+        /// The fields to write, e.g. '{"name": "Ada"}' (null removes an optional field).
+        #[arg(long = "json", value_name = "JSON")]
+        fields: String,
+        /// The space for a new entity (default: the user's default space).
+        #[arg(long)]
+        space: Option<Uuid>,
+    },
+    /// Shows one entity.
+    Get {
+        entity_type: String,
+        id: Uuid,
+        /// Writes the entity's Automerge document (standard binary format) to FILE.
+        #[arg(long, value_name = "FILE")]
+        save: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists the entities of a type, optionally filtered: --where field=value (repeatable).
+    List {
+        entity_type: String,
+        #[arg(long = "where", value_name = "FIELD=VALUE")]
+        filters: Vec<String>,
+        /// Include deleted (tombstoned) entities.
+        #[arg(long)]
+        deleted: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deletes (tombstones) an entity.
+    Delete {
+        entity_type: String,
+        id: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replaces a note's text (edited in place, so concurrent edits merge).
+    NoteEdit {
+        id: Uuid,
+        #[arg(long)]
+        text: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Signs a note as the enrolled user; it is read-only from then on.
+    Sign {
+        id: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Locks a lockable record (e.g. an intake form); it is read-only from then on.
+    Lock {
+        entity_type: String,
+        id: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Adds N to a counter field.
+    #[command(allow_negative_numbers = true)]
+    Incr {
+        entity_type: String,
+        id: Uuid,
+        field: String,
+        by: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Device id, enrollment, unsynced count, last sync, state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The outbox: unsynced items in order, with state, attempts and errors.
+    Queue {
+        /// Include items the relay already confirmed.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Makes backing-off items due now (blocked items stay blocked until resolved).
+    Retry {
+        mutation_id: Option<Uuid>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes a complete backup of the device to FILE.
+    Export {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restores a backup into a data dir that holds no device yet.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wipes the device; refused while anything is unsynced unless exported first or --force.
+    SignOut {
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Test and benchmark helper: N patient creates in a row, one line per committed write.
+    #[command(hide = true)]
+    Burst {
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn production_rng() -> Result<DeviceRng> {
+    let rng = rand_chacha::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
+        .map_err(|e| anyhow!("cannot seed the random number generator from the OS: {e}"))?;
+    Ok(Box::new(rng))
+}
+
+fn clock() -> Arc<dyn TimeSource> {
+    Arc::new(SystemTimeSource)
+}
+
+fn load_schema(path: Option<&Path>) -> Result<Arc<Schema>> {
+    Ok(Arc::new(Schema::load(path)?))
+}
+
+fn open_existing(dir: &Path, schema: Arc<Schema>) -> Result<Device> {
+    if !Device::exists(dir) {
+        bail!(
+            "no device in {}; run `fieldsync-peer --data {} init` first (or `import` a backup)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(Device::open_with_schema(dir, clock(), production_rng()?, schema)?)
+}
+
+fn parse_fields(json: &str) -> Result<Map<String, Value>> {
+    match serde_json::from_str::<Value>(json).context("--json is not valid JSON")? {
+        Value::Object(m) => Ok(m),
+        other => bail!("--json must be a JSON object of fields, got {other}"),
+    }
+}
+
+fn parse_filter(s: &str) -> Result<FieldFilter> {
+    let (field, value) = s
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--where expects FIELD=VALUE, got `{s}`"))?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+    Ok(FieldFilter {
+        field: field.trim().to_string(),
+        value,
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dir = cli
+        .data
+        .clone()
+        .ok_or_else(|| anyhow!("--data DIR is required (the device's data directory)"))?;
+    let schema = load_schema(cli.schema.as_deref())?;
+    match cli.command {
+        Command::Init { json } => {
+            let existed = Device::exists(&dir);
+            let dev = Device::open_with_schema(&dir, clock(), production_rng()?, schema)?;
+            output::init(&dev, existed, json)
+        }
+        Command::Put {
+            entity_type,
+            id,
+            fields,
+            space,
+        } => {
+            let mut dev = open_existing(&dir, schema)?;
+            let r = dev.put_in_space(space, &entity_type, id, parse_fields(&fields)?)?;
+            println!("{}", r.entity_id);
+            Ok(())
+        }
+        Command::Get {
+            entity_type,
+            id,
+            save,
+            json,
+        } => {
+            let dev = open_existing(&dir, schema)?;
+            let e = dev.get_typed(&entity_type, id)?;
+            if let Some(file) = save {
+                let bytes = dev.document_bytes(id)?;
+                std::fs::write(&file, bytes).with_context(|| format!("writing {}", file.display()))?;
+            }
+            output::entity(&e, json)
+        }
+        Command::List {
+            entity_type,
+            filters,
+            deleted,
+            json,
+        } => {
+            let dev = open_existing(&dir, schema)?;
+            let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>>>()?;
+            output::list(&dev.list(&entity_type, &filters, deleted)?, json)
+        }
+        Command::Delete { entity_type, id, json } => {
+            let mut dev = open_existing(&dir, schema)?;
+            output::receipt(&dev.delete(&entity_type, id)?, "deleted", json)
+        }
+        Command::NoteEdit { id, text, json } => {
+            let mut dev = open_existing(&dir, schema)?;
+            output::receipt(&dev.edit_note(id, &text)?, "edited", json)
+        }
+        Command::Sign { id, json } => {
+            let mut dev = open_existing(&dir, schema)?;
+            output::receipt(&dev.sign_note(id)?, "signed", json)
+        }
+        Command::Lock { entity_type, id, json } => {
+            let mut dev = open_existing(&dir, schema)?;
+            output::receipt(&dev.lock(&entity_type, id)?, "locked", json)
+        }
+        Command::Incr {
+            entity_type,
+            id,
+            field,
+            by,
+            json,
+        } => {
+            let mut dev = open_existing(&dir, schema)?;
+            output::receipt(&dev.increment(&entity_type, id, &field, by)?, "incremented", json)
+        }
+        Command::Status { json } => output::status(&open_existing(&dir, schema)?.status()?, json),
+        Command::Queue { all, json } => output::queue(&open_existing(&dir, schema)?.queue(all)?, json),
+        Command::Retry { mutation_id, json } => {
+            let mut dev = open_existing(&dir, schema)?;
+            output::retry(&dev.retry(mutation_id)?, json)
+        }
+        Command::Export { file, json } => {
+            let mut dev = open_existing(&dir, schema)?;
+            output::export(&dev.export(&file)?, json)
+        }
+        Command::Import { file, json } => {
+            let dev = Device::import(&dir, &file, clock(), production_rng()?, schema)?;
+            output::import(&dev, json)
+        }
+        Command::SignOut { force, json } => {
+            let dev = open_existing(&dir, schema)?;
+            output::sign_out(&dev.sign_out(force)?, json)
+        }
+        Command::Burst { count } => {
+            let mut dev = open_existing(&dir, schema)?;
+            let stdout = std::io::stdout();
+            for i in 0..count {
+                let mut fields = Map::new();
+                fields.insert("name".into(), Value::String(format!("burst {i}")));
+                let r = dev.put("patient", None, fields)?;
+                let mut out = stdout.lock();
+                writeln!(out, "committed {}", r.entity_id)?;
+                out.flush()?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! What the CLI prints: a short human form, or JSON on stdout with `--json`.
+
+use anyhow::Result;
+use fieldsync_peer::backup::{ExportReport, SignOutReport};
+use fieldsync_peer::{Device, Entity, OutboxItem, RetryReport, Status, WriteReceipt};
+use fieldsync_schema::time_fmt::render_ms;
+use serde::Serialize;
+use serde_json::json;
+
+fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn when(ms: Option<u64>) -> String {
+    ms.map_or_else(|| "never".to_string(), render_ms)
+}
+
+pub fn init(dev: &Device, existed: bool, json: bool) -> Result<()> {
+    if json {
+        return print_json(&json!({
+            "device_id": dev.device_id(),
+            "public_key": hex::encode(dev.public_key()),
+            "created": !existed,
+        }));
+    }
+    let verb = if existed { "already initialised" } else { "initialised" };
+    println!("device {} {verb} in {}", dev.device_id(), dev.dir().display());
+    Ok(())
+}
+
+pub fn entity(e: &Entity, json: bool) -> Result<()> {
+    if json {
+        return print_json(e);
+    }
+    println!("{} {}", e.entity_type, e.entity_id);
+    println!("  space:         {}", e.space_id);
+    println!("  sync state:    {}", e.sync_state);
+    println!("  relay version: {}", e.relay_version);
+    let mut flags = Vec::new();
+    if e.deleted {
+        flags.push("deleted");
+    }
+    if e.signed {
+        flags.push("signed");
+    }
+    if e.locked {
+        flags.push("locked");
+    }
+    if !flags.is_empty() {
+        println!("  flags:         {}", flags.join(", "));
+    }
+    if let Some(sig) = &e.signature {
+        println!(
+            "  signed by:     user {} on device {} at {}",
+            sig.signer_user,
+            sig.signer_device,
+            render_ms(sig.signed_at_ms)
+        );
+    }
+    for (k, v) in &e.fields {
+        println!("  {k}: {v}");
+    }
+    Ok(())
+}
+
+pub fn list(items: &[Entity], json: bool) -> Result<()> {
+    if json {
+        return print_json(items);
+    }
+    for e in items {
+        let deleted = if e.deleted { " deleted" } else { "" };
+        println!(
+            "{}  {}{deleted}  {}",
+            e.entity_id,
+            e.sync_state,
+            serde_json::Value::Object(e.fields.clone())
+        );
+    }
+    Ok(())
+}
+
+pub fn receipt(r: &WriteReceipt, verb: &str, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    match r.mutation_id {
+        Some(m) => println!("{verb} {} {} (outbox item {m})", r.entity_type, r.entity_id),
+        None => println!("{} {} unchanged", r.entity_type, r.entity_id),
+    }
+    Ok(())
+}
+
+pub fn status(s: &Status, json: bool) -> Result<()> {
+    if json {
+        return print_json(s);
+    }
+    println!("device:    {}", s.device_id);
+    match &s.enrolled {
+        Some(e) => println!("enrolled:  user {} ({}) at {}", e.user_name, e.user_id, e.relay_url),
+        None => println!("enrolled:  not enrolled"),
+    }
+    println!("state:     {}", s.state.as_str());
+    if let Some(b) = &s.blocked {
+        println!("blocked:   {} {} — {}", b.entity_type, b.entity_id, b.reason);
+    }
+    if let Some(a) = &s.auth_failure {
+        println!("auth:      {a}");
+    }
+    println!("unsynced:  {}", s.unsynced);
+    println!("oldest:    {}", when(s.oldest_pending_ms));
+    println!("last sync: {}", when(s.last_sync_ms));
+    println!("entities:  {}", s.entities);
+    Ok(())
+}
+
+pub fn queue(items: &[OutboxItem], json: bool) -> Result<()> {
+    if json {
+        return print_json(items);
+    }
+    if items.is_empty() {
+        println!("outbox is empty: nothing waits for the relay");
+    }
+    for i in items {
+        let next = if i.next_attempt_ms > 0 {
+            format!(" next {}", render_ms(i.next_attempt_ms))
+        } else {
+            String::new()
+        };
+        let err = i.error.as_ref().map(|e| format!(" — {e}")).unwrap_or_default();
+        println!(
+            "{:>6} {} {:<9} {} {} {:<8} attempts {}{next}{err}",
+            i.seq, i.mutation_id, i.kind, i.entity_type, i.entity_id, i.state, i.attempts
+        );
+    }
+    Ok(())
+}
+
+pub fn retry(r: &RetryReport, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    println!("{}", r.message);
+    Ok(())
+}
+
+pub fn export(r: &ExportReport, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    println!(
+        "exported {} entities and {} outbox items to {} ({} bytes)",
+        r.entities,
+        r.outbox_items,
+        r.file.display(),
+        r.bytes
+    );
+    Ok(())
+}
+
+pub fn import(dev: &Device, json: bool) -> Result<()> {
+    let s = dev.status()?;
+    if json {
+        return print_json(&s);
+    }
+    println!(
+        "imported device {} into {}: {} entities, {} unsynced",
+        s.device_id,
+        dev.dir().display(),
+        s.entities,
+        s.unsynced
+    );
+    Ok(())
+}
+
+pub fn sign_out(r: &SignOutReport, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    if r.forced {
+        println!(
+            "signed out device {} (forced: {} unsynced change(s) discarded)",
+            r.device_id, r.unsynced_at_sign_out
+        );
+    } else {
+        println!("signed out device {}; local data wiped", r.device_id);
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! The device database: connection settings, tables, and the `meta` key-value helpers.
+//!
+//! One SQLite file per device. WAL with `synchronous=FULL` because a write the app was told is
+//! committed must survive power loss, not only a process kill (`NORMAL` may drop the last
+//! transactions on power loss). The layout is versioned with `PRAGMA user_version` so a later
+//! build can migrate an older file instead of misreading it.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{PeerError, Result};
+
+pub const DB_FILE: &str = "device.db";
+pub const SCHEMA_VERSION: i64 = 1;
+/// Tables an importable backup must contain.
+pub const REQUIRED_TABLES: [&str; 5] = ["meta", "entities", "outbox", "conflicts", "lww_losses"];
+
+const DDL: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS entities (
+    entity_id     TEXT PRIMARY KEY,
+    entity_type   TEXT NOT NULL,
+    space_id      TEXT NOT NULL,
+    doc           BLOB NOT NULL,
+    fields        TEXT NOT NULL,
+    heads         TEXT NOT NULL,
+    relay_version INTEGER NOT NULL DEFAULT 0,
+    sync_state    TEXT NOT NULL CHECK (sync_state IN ('synced', 'pending', 'conflict', 'rejected')),
+    deleted       INTEGER NOT NULL DEFAULT 0,
+    signed        INTEGER NOT NULL DEFAULT 0,
+    locked        INTEGER NOT NULL DEFAULT 0,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS entities_by_type ON entities (entity_type, entity_id);
+CREATE INDEX IF NOT EXISTS entities_by_space ON entities (space_id);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    mutation_id     TEXT NOT NULL UNIQUE,
+    entity_id       TEXT NOT NULL REFERENCES entities (entity_id),
+    entity_type     TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    envelope        BLOB NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'applied', 'blocked', 'superseded')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+    created_at_ms   INTEGER NOT NULL,
+    last_attempt_ms INTEGER,
+    outcome         TEXT,
+    error           TEXT,
+    applied_version INTEGER
+) STRICT;
+CREATE INDEX IF NOT EXISTS outbox_by_state ON outbox (state, seq);
+CREATE INDEX IF NOT EXISTS outbox_by_entity ON outbox (entity_id, state);
+
+CREATE TABLE IF NOT EXISTS conflicts (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    entity_id      TEXT NOT NULL REFERENCES entities (entity_id),
+    mutation_id    TEXT NOT NULL,
+    server_version INTEGER NOT NULL,
+    outcome        TEXT NOT NULL,
+    recorded_at_ms INTEGER NOT NULL,
+    resolved       INTEGER NOT NULL DEFAULT 0
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS lww_losses (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    entity_id      TEXT NOT NULL,
+    field          TEXT NOT NULL,
+    loser_mutation TEXT NOT NULL,
+    loss           TEXT NOT NULL,
+    recorded_at_ms INTEGER NOT NULL,
+    UNIQUE (entity_id, field, loser_mutation)
+) STRICT;
+"#;
+
+/// Opens (creating if needed) the database file with the settings every connection needs.
+pub fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    configure(&conn)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(PeerError::Corrupt(format!(
+            "{} was written by a newer fieldsync (layout {version}, this build knows {SCHEMA_VERSION})",
+            path.display()
+        )));
+    }
+    conn.execute_batch(DDL)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    Ok(conn)
+}
+
+pub fn configure(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(PeerError::Corrupt(format!(
+            "could not switch to WAL (journal mode is {mode})"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// `PRAGMA integrity_check` plus the tables this build expects; `Err` says what is wrong.
+pub fn check_integrity(conn: &Connection) -> Result<(), String> {
+    let rows: Vec<String> = conn
+        .prepare("PRAGMA integrity_check")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .map_err(|e| format!("not a readable SQLite database: {e}"))?;
+    if rows != ["ok"] {
+        return Err(format!("integrity check failed: {}", rows.join("; ")));
+    }
+    for table in REQUIRED_TABLES {
+        let n: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )
+            .map_err(|e| e.to_string())?;
+        if n != 1 {
+            return Err(format!("not a fieldsync device backup: table `{table}` is missing"));
+        }
+    }
+    Ok(())
+}
+
+pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+pub fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+pub fn meta_delete(conn: &Connection, key: &str) -> Result<()> {
+    conn.execute("DELETE FROM meta WHERE key = ?1", [key])?;
+    Ok(())
+}
+
+pub fn meta_get_json<T: DeserializeOwned>(conn: &Connection, key: &str) -> Result<Option<T>> {
+    match meta_get(conn, key)? {
+        None => Ok(None),
+        Some(s) => serde_json::from_str(&s)
+            .map(Some)
+            .map_err(|e| PeerError::Corrupt(format!("meta `{key}`: {e}"))),
+    }
+}
+
+pub fn meta_set_json<T: Serialize>(conn: &Connection, key: &str, value: &T) -> Result<()> {
+    let s = serde_json::to_string(value).map_err(|e| PeerError::Corrupt(format!("meta `{key}`: {e}")))?;
+    meta_set(conn, key, &s)
+}
+
+pub fn meta_get_u64(conn: &Connection, key: &str) -> Result<Option<u64>> {
+    match meta_get(conn, key)? {
+        None => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| PeerError::Corrupt(format!("meta `{key}` is not a number: {s}"))),
+    }
+}
+
+/// Meta keys, in one place so that no two modules pick the same name for different things.
+pub mod keys {
+    pub const DEVICE_ID: &str = "device_id";
+    pub const SECRET_KEY: &str = "device_secret_key";
+    pub const CREATED_AT: &str = "created_at_ms";
+    pub const ENROLLMENT: &str = "enrollment";
+    pub const HLC: &str = "hlc_last";
+    pub const CURSOR: &str = "pull_cursor";
+    pub const LAST_SYNC: &str = "last_sync_ms";
+    pub const AUTH_FAILED: &str = "auth_failed";
+    pub const WRITE_COUNTER: &str = "write_counter";
+    pub const EXPORTED_AT: &str = "exported_at_ms";
+    pub const EXPORTED_WRITE_COUNTER: &str = "exported_write_counter";
+    pub const SCHEMA_HASH: &str = "schema_hash";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_sets_wal_full_and_foreign_keys_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let conn = open(&path).unwrap();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        let fk: i64 = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+        assert_eq!((mode.as_str(), sync, fk), ("wal", 2, 1));
+        meta_set(&conn, "k", "v1").unwrap();
+        meta_set(&conn, "k", "v2").unwrap();
+        drop(conn);
+        let conn = open(&path).unwrap();
+        assert_eq!(meta_get(&conn, "k").unwrap().as_deref(), Some("v2"));
+        assert!(check_integrity(&conn).is_ok());
+    }
+
+    #[test]
+    fn a_file_from_a_newer_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let conn = open(&path).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        drop(conn);
+        let err = open(&path).unwrap_err().to_string();
+        assert!(err.contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn integrity_check_names_a_missing_table() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE meta (key TEXT)").unwrap();
+        let err = check_integrity(&conn).unwrap_err();
+        assert!(err.contains("entities"), "{err}");
+    }
+}

@@ -1,0 +1,473 @@
+//! `Device`: one device's store, identity and enrollment.
+//!
+//! A device works before it is enrolled and without any network: its identity (a UUID and an
+//! ed25519 key) is created from the injected RNG on first open and kept in the database, and
+//! every timestamp comes from the injected clock, so a simulation seed reproduces a device bit
+//! for bit. Writes live in `write.rs`, sync bookkeeping in `sync/store.rs`, backups in
+//! `backup.rs`; this file holds what they share.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fieldsync_schema::document::device_actor;
+use fieldsync_schema::wire::UserInfo;
+use fieldsync_schema::{DeviceKey, HlcClock, Role, Schema, TimeSource, ids};
+use rusqlite::{Connection, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::db::{self, keys};
+use crate::entity::{self, Entity, FieldFilter};
+use crate::error::{PeerError, Result, io_err};
+use crate::outbox::{self, OutboxItem, OutboxState};
+
+/// The injected randomness: device id, keys, mutation ids and jitter all come from it.
+/// Production passes an OS-seeded ChaCha; tests and the simulator a seeded one.
+pub type DeviceRng = Box<dyn rand_core::CryptoRng + Send>;
+
+/// What the device knows about its enrollment (the store half of the enrollment handshake).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub relay_url: String,
+    pub relay_id: Uuid,
+    pub user: UserInfo,
+    /// Where writes go unless the caller names another of the user's spaces.
+    pub default_space: Uuid,
+    pub enrolled_at_ms: u64,
+}
+
+impl Enrollment {
+    pub fn role_in(&self, space: Uuid) -> Option<Role> {
+        self.user.spaces.iter().find(|s| s.space_id == space).map(|s| s.role)
+    }
+}
+
+/// The connection as the sync machine last reported it (not persisted: a fresh process is
+/// offline until a machine says otherwise).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Link {
+    pub online: bool,
+    pub caught_up: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncStatus {
+    Synced,
+    Syncing,
+    Offline,
+    Blocked,
+    AuthFailed,
+}
+
+impl SyncStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncStatus::Synced => "synced",
+            SyncStatus::Syncing => "syncing",
+            SyncStatus::Offline => "offline",
+            SyncStatus::Blocked => "blocked",
+            SyncStatus::AuthFailed => "auth_failed",
+        }
+    }
+}
+
+/// The first blocked outbox item: what halts the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BlockedOn {
+    pub mutation_id: Uuid,
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EnrolledAs {
+    pub user_id: Uuid,
+    pub user_name: String,
+    pub relay_url: String,
+    pub relay_id: Uuid,
+    pub default_space: Uuid,
+}
+
+/// Always available, offline too (SPEC §8).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    pub device_id: Uuid,
+    /// `None`: not enrolled.
+    pub enrolled: Option<EnrolledAs>,
+    pub state: SyncStatus,
+    /// Outbox items the relay has not confirmed (pending + blocked).
+    pub unsynced: u64,
+    pub oldest_pending_ms: Option<u64>,
+    pub last_sync_ms: Option<u64>,
+    pub blocked: Option<BlockedOn>,
+    pub auth_failure: Option<String>,
+    pub entities: u64,
+    pub exported_at_ms: Option<u64>,
+}
+
+/// What `retry` did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetryReport {
+    pub made_due: usize,
+    pub still_blocked: usize,
+    pub message: String,
+}
+
+pub struct Device {
+    pub(crate) conn: Connection,
+    pub(crate) dir: PathBuf,
+    pub(crate) schema: Arc<Schema>,
+    pub(crate) time: Arc<dyn TimeSource>,
+    pub(crate) rng: DeviceRng,
+    pub(crate) device_id: Uuid,
+    pub(crate) key: DeviceKey,
+    pub(crate) hlc: HlcClock,
+    pub(crate) enrollment: Option<Enrollment>,
+    pub(crate) link: Link,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("dir", &self.dir)
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// Opens the device in `dir` with the default schema, creating it on first use.
+    pub fn open(dir: &Path, time: Arc<dyn TimeSource>, rng: DeviceRng) -> Result<Device> {
+        Device::open_with_schema(dir, time, rng, Arc::new(Schema::default_schema()))
+    }
+
+    /// Opens with another schema (the CLI's `--schema FILE`). Reads only the `meta` table: no
+    /// document is loaded, whatever the number of entities.
+    pub fn open_with_schema(
+        dir: &Path,
+        time: Arc<dyn TimeSource>,
+        mut rng: DeviceRng,
+        schema: Arc<Schema>,
+    ) -> Result<Device> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let mut conn = db::open(&dir.join(db::DB_FILE))?;
+        let now = time.now_ms();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (device_id, key) = match (
+            db::meta_get(&tx, keys::DEVICE_ID)?,
+            db::meta_get(&tx, keys::SECRET_KEY)?,
+        ) {
+            (Some(id), Some(secret)) => {
+                let id = entity::parse_uuid(&id)?;
+                let bytes: [u8; 32] = hex::decode(&secret)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| PeerError::Corrupt("the stored device key is malformed".into()))?;
+                (id, DeviceKey::from_secret(&bytes))
+            }
+            (None, None) => {
+                let id = ids::new_uuid(&mut rng);
+                let key = DeviceKey::generate(&mut rng);
+                db::meta_set(&tx, keys::DEVICE_ID, &id.to_string())?;
+                db::meta_set(&tx, keys::SECRET_KEY, &hex::encode(key.secret_bytes()))?;
+                db::meta_set(&tx, keys::CREATED_AT, &now.to_string())?;
+                (id, key)
+            }
+            _ => return Err(PeerError::Corrupt("device identity is half written".into())),
+        };
+        db::meta_set(&tx, keys::SCHEMA_HASH, &schema.hash().to_hex())?;
+        let hlc = HlcClock::resume(device_id, db::meta_get_json(&tx, keys::HLC)?);
+        let enrollment = db::meta_get_json(&tx, keys::ENROLLMENT)?;
+        tx.commit()?;
+        Ok(Device {
+            conn,
+            dir: dir.to_path_buf(),
+            schema,
+            time,
+            rng,
+            device_id,
+            key,
+            hlc,
+            enrollment,
+            link: Link::default(),
+        })
+    }
+
+    /// Whether `dir` already holds a device (import refuses such a dir).
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(db::DB_FILE).exists()
+    }
+
+    pub fn device_id(&self) -> Uuid {
+        self.device_id
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.public_key()
+    }
+
+    pub fn key(&self) -> &DeviceKey {
+        &self.key
+    }
+
+    pub fn schema(&self) -> &Arc<Schema> {
+        &self.schema
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn enrollment(&self) -> Option<&Enrollment> {
+        self.enrollment.as_ref()
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.time.now_ms()
+    }
+
+    /// Read-only access for checks and tools (tests, the simulator's invariant checks).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(crate) fn actor(&self) -> automerge::ActorId {
+        device_actor(self.device_id)
+    }
+
+    pub(crate) fn user_id(&self) -> Uuid {
+        self.enrollment.as_ref().map_or(Uuid::nil(), |e| e.user.user_id)
+    }
+
+    /// A uniformly random `u64` from the injected RNG (jitter).
+    pub fn random_u64(&mut self) -> u64 {
+        self.rng.next_u64()
+    }
+
+    /// Records enrollment and adopts everything written before it: never-sent envelopes and
+    /// entities of the nil space move to `default_space` under the user, re-signed with their
+    /// mutation ids unchanged (they were never sent, so no relay has seen the old ones).
+    pub fn enroll_complete(
+        &mut self,
+        relay_url: &str,
+        relay_id: Uuid,
+        user: UserInfo,
+        default_space: Uuid,
+    ) -> Result<()> {
+        if !user.spaces.iter().any(|s| s.space_id == default_space) {
+            return Err(PeerError::NotAllowed(format!(
+                "user {} is not a member of the default space {default_space}",
+                user.name
+            )));
+        }
+        if let Some(e) = &self.enrollment
+            && e.user.user_id != user.user_id
+        {
+            return Err(PeerError::NotAllowed(format!(
+                "this device is enrolled as {} ({}); sign out before enrolling another user",
+                e.user.name, e.user.user_id
+            )));
+        }
+        let enrollment = Enrollment {
+            relay_url: relay_url.to_string(),
+            relay_id,
+            user,
+            default_space,
+            enrolled_at_ms: self.time.now_ms(),
+        };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        db::meta_set_json(&tx, keys::ENROLLMENT, &enrollment)?;
+        db::meta_delete(&tx, keys::AUTH_FAILED)?;
+        for (seq, mut m) in outbox::unsent(&tx)? {
+            let mut changed = false;
+            if m.user_id.is_nil() {
+                m.user_id = enrollment.user.user_id;
+                changed = true;
+            }
+            if m.space_id.is_nil() {
+                m.space_id = default_space;
+                changed = true;
+            }
+            if changed {
+                self.key.sign_mutation(&mut m);
+                outbox::replace_envelope(&tx, seq, &m)?;
+            }
+        }
+        tx.execute(
+            "UPDATE entities SET space_id = ?1 WHERE space_id = ?2",
+            [default_space.to_string(), Uuid::nil().to_string()],
+        )?;
+        tx.commit()?;
+        self.enrollment = Some(enrollment);
+        Ok(())
+    }
+
+    /// Replaces the user's details (name, spaces, roles) as the relay reported them.
+    pub(crate) fn refresh_user(&mut self, user: UserInfo) -> Result<()> {
+        if let Some(e) = &mut self.enrollment {
+            e.user = user;
+            db::meta_set_json(&self.conn, keys::ENROLLMENT, e)?;
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: Uuid) -> Result<Option<Entity>> {
+        let Some(mut e) = entity::get(&self.conn, id)? else {
+            return Ok(None);
+        };
+        if e.signed
+            && let Some(loaded) = entity::load(&self.conn, id, self.actor())?
+        {
+            e.signature = loaded.doc.signature();
+        }
+        Ok(Some(e))
+    }
+
+    /// Like `get`, but the entity must exist and be of `entity_type`.
+    pub fn get_typed(&self, entity_type: &str, id: Uuid) -> Result<Entity> {
+        let e = self.get(id)?.ok_or_else(|| PeerError::NotFound {
+            entity_type: Some(entity_type.to_string()),
+            id,
+        })?;
+        if e.entity_type != entity_type {
+            return Err(PeerError::WrongType {
+                id,
+                expected: entity_type.to_string(),
+                actual: e.entity_type,
+            });
+        }
+        Ok(e)
+    }
+
+    /// The entity's Automerge document in the standard binary format.
+    pub fn document_bytes(&self, id: Uuid) -> Result<Vec<u8>> {
+        let mut loaded =
+            entity::load(&self.conn, id, self.actor())?.ok_or(PeerError::NotFound { entity_type: None, id })?;
+        Ok(loaded.doc.save())
+    }
+
+    /// Live (non-deleted unless asked) entities of a type matching every filter.
+    pub fn list(&self, entity_type: &str, filters: &[FieldFilter], include_deleted: bool) -> Result<Vec<Entity>> {
+        let ty = self
+            .schema
+            .entity_type(entity_type)
+            .ok_or_else(|| PeerError::UnknownType(entity_type.to_string()))?;
+        for f in filters {
+            if ty.field(&f.field).is_none() {
+                return Err(PeerError::NotAllowed(format!(
+                    "cannot filter on `{}`: not a field of `{entity_type}`",
+                    f.field
+                )));
+            }
+        }
+        entity::list(&self.conn, entity_type, filters, include_deleted)
+    }
+
+    /// The outbox in order; `include_applied` adds confirmed items.
+    pub fn queue(&self, include_applied: bool) -> Result<Vec<OutboxItem>> {
+        outbox::list(&self.conn, include_applied)
+    }
+
+    pub fn outbox_item(&self, mutation_id: Uuid) -> Result<Option<OutboxItem>> {
+        outbox::get(&self.conn, mutation_id)
+    }
+
+    /// The stored, signed envelope of an outbox item.
+    pub fn envelope(&self, mutation_id: Uuid) -> Result<Option<fieldsync_schema::Mutation>> {
+        outbox::envelope(&self.conn, mutation_id)
+    }
+
+    /// Makes backing-off items due now (one, or all). Blocked items stay blocked: only a
+    /// resolution clears them, and the report says so.
+    pub fn retry(&mut self, mutation_id: Option<Uuid>) -> Result<RetryReport> {
+        let blocked: Vec<OutboxItem> = outbox::list(&self.conn, false)?
+            .into_iter()
+            .filter(|i| i.state == OutboxState::Blocked)
+            .collect();
+        if let Some(id) = mutation_id {
+            let item = outbox::get(&self.conn, id)?.ok_or(PeerError::NoSuchMutation(id))?;
+            match item.state {
+                OutboxState::Blocked => {
+                    return Ok(RetryReport {
+                        made_due: 0,
+                        still_blocked: blocked.len(),
+                        message: format!(
+                            "{id} stays blocked ({}): a blocked change is cleared only by resolving it",
+                            item.error.unwrap_or_default()
+                        ),
+                    });
+                }
+                OutboxState::Applied | OutboxState::Superseded => {
+                    return Ok(RetryReport {
+                        made_due: 0,
+                        still_blocked: blocked.len(),
+                        message: format!("{id} is already {}; nothing to retry", item.state),
+                    });
+                }
+                OutboxState::Pending => {}
+            }
+        }
+        let made_due = outbox::make_due(&self.conn, mutation_id)?;
+        let mut message = format!("{made_due} item(s) will be sent at the next sync");
+        if let Some(b) = blocked.first() {
+            message.push_str(&format!(
+                "; the outbox is halted by {} ({} {}): {} — it stays blocked until resolved",
+                b.mutation_id,
+                b.entity_type,
+                b.entity_id,
+                b.error.clone().unwrap_or_default()
+            ));
+        }
+        Ok(RetryReport {
+            made_due,
+            still_blocked: blocked.len(),
+            message,
+        })
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        let (unsynced, oldest) = outbox::unsynced(&self.conn)?;
+        let blocked = outbox::first_blocked(&self.conn)?.map(|b| BlockedOn {
+            mutation_id: b.mutation_id,
+            entity_type: b.entity_type,
+            entity_id: b.entity_id,
+            reason: b.error.unwrap_or_default(),
+        });
+        let auth_failure = db::meta_get(&self.conn, keys::AUTH_FAILED)?;
+        let state = if auth_failure.is_some() {
+            SyncStatus::AuthFailed
+        } else if blocked.is_some() {
+            SyncStatus::Blocked
+        } else if self.link.online {
+            if unsynced > 0 || !self.link.caught_up {
+                SyncStatus::Syncing
+            } else {
+                SyncStatus::Synced
+            }
+        } else if unsynced > 0 {
+            SyncStatus::Offline
+        } else {
+            SyncStatus::Synced
+        };
+        Ok(Status {
+            device_id: self.device_id,
+            enrolled: self.enrollment.as_ref().map(|e| EnrolledAs {
+                user_id: e.user.user_id,
+                user_name: e.user.name.clone(),
+                relay_url: e.relay_url.clone(),
+                relay_id: e.relay_id,
+                default_space: e.default_space,
+            }),
+            state,
+            unsynced,
+            oldest_pending_ms: oldest,
+            last_sync_ms: db::meta_get_u64(&self.conn, keys::LAST_SYNC)?,
+            blocked,
+            auth_failure,
+            entities: entity::count(&self.conn)?,
+            exported_at_ms: db::meta_get_u64(&self.conn, keys::EXPORTED_AT)?,
+        })
+    }
+}

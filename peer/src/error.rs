@@ -1,0 +1,58 @@
+//! The library's error type. Every variant carries enough for a person to act on it: which
+//! entity, which field, which rule; the CLI prints `Display` as is.
+
+use fieldsync_schema::ValidationErrors;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("i/o error on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("schema: {0}")]
+    Schema(#[from] fieldsync_schema::SchemaError),
+    #[error("unknown entity type `{0}`")]
+    UnknownType(String),
+    #[error("no entity {id}{}", .entity_type.as_ref().map(|t| format!(" of type `{t}`")).unwrap_or_default())]
+    NotFound { entity_type: Option<String>, id: Uuid },
+    #[error("entity {id} is a `{actual}`, not a `{expected}`")]
+    WrongType { id: Uuid, expected: String, actual: String },
+    #[error("{entity_type} {id} already exists")]
+    AlreadyExists { entity_type: String, id: Uuid },
+    /// Every field error of the write at once; nothing was written.
+    #[error("{entity_type} not saved, {errors}")]
+    Invalid {
+        entity_type: String,
+        errors: ValidationErrors,
+    },
+    /// A write the entity's state or policy forbids locally (signed, locked, deleted,
+    /// append-only, server-owned, role); nothing was written.
+    #[error("{entity_type} {id} refused: {reason}")]
+    Refused {
+        entity_type: String,
+        id: Uuid,
+        reason: String,
+    },
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
+    #[error("the stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("document: {0}")]
+    Doc(#[from] fieldsync_schema::document::DocError),
+    #[error("no outbox item with mutation id {0}")]
+    NoSuchMutation(Uuid),
+    #[error("{0}")]
+    Backup(String),
+    #[error("sign-out refused: {0}")]
+    SignOutRefused(String),
+}
+
+pub type Result<T, E = PeerError> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(path: &std::path::Path, source: std::io::Error) -> PeerError {
+    PeerError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}

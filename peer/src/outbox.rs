@@ -1,0 +1,369 @@
+//! The outbox: every local write as a signed mutation envelope, strictly ordered by `seq`.
+//!
+//! Items are never deleted: they move from `pending` to `applied` (confirmed by the relay) or
+//! `blocked` (a blocking outcome, kept with its reason until a resolution), and `superseded`
+//! is reserved for resolutions. "Unsynced" is `pending` + `blocked`. Envelopes are stored as
+//! CBOR, exactly as they will be sent, so the signature covers what is on disk.
+
+use std::fmt;
+use std::str::FromStr;
+
+use fieldsync_schema::{Mutation, MutationKind, Outcome};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::entity::{i64_of, parse_uuid};
+use crate::error::{PeerError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxState {
+    /// Waiting to be sent, or backing off after a retryable failure.
+    Pending,
+    /// Confirmed by the relay.
+    Applied,
+    /// Refused with a blocking outcome; halts the outbox until a resolution.
+    Blocked,
+    /// Replaced by a resolution (reserved for the conflict-resolution work).
+    Superseded,
+}
+
+impl OutboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxState::Pending => "pending",
+            OutboxState::Applied => "applied",
+            OutboxState::Blocked => "blocked",
+            OutboxState::Superseded => "superseded",
+        }
+    }
+}
+
+impl fmt::Display for OutboxState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for OutboxState {
+    type Err = PeerError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pending" => Ok(OutboxState::Pending),
+            "applied" => Ok(OutboxState::Applied),
+            "blocked" => Ok(OutboxState::Blocked),
+            "superseded" => Ok(OutboxState::Superseded),
+            other => Err(PeerError::Corrupt(format!("unknown outbox state `{other}`"))),
+        }
+    }
+}
+
+/// One outbox item as the user sees it in `queue`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutboxItem {
+    pub seq: u64,
+    pub mutation_id: Uuid,
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    pub kind: MutationKind,
+    pub state: OutboxState,
+    pub attempts: u32,
+    /// When a backing-off item is due again (0: now).
+    pub next_attempt_ms: u64,
+    pub created_at_ms: u64,
+    pub last_attempt_ms: Option<u64>,
+    /// The relay's outcome, for applied and blocked items.
+    pub outcome: Option<Outcome>,
+    /// A human description of why the item is blocked or was retried.
+    pub error: Option<String>,
+    pub applied_version: Option<u64>,
+}
+
+pub(crate) fn encode(m: &Mutation) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(256);
+    ciborium::into_writer(m, &mut out).map_err(|e| PeerError::Corrupt(format!("encoding an envelope: {e}")))?;
+    Ok(out)
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<Mutation> {
+    ciborium::from_reader(bytes).map_err(|e| PeerError::Corrupt(format!("stored envelope: {e}")))
+}
+
+fn kind_of(s: &str) -> Result<MutationKind> {
+    MutationKind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| PeerError::Corrupt(format!("unknown mutation kind `{s}`")))
+}
+
+const COLUMNS: &str = "seq, mutation_id, entity_type, entity_id, kind, state, attempts, next_attempt_ms, \
+                       created_at_ms, last_attempt_ms, outcome, error, applied_version";
+
+type RawItem = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
+fn raw(r: &Row<'_>) -> rusqlite::Result<RawItem> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+        r.get(12)?,
+    ))
+}
+
+fn to_item(r: RawItem) -> Result<OutboxItem> {
+    let u = |i: i64| u64::try_from(i).unwrap_or(0);
+    let outcome = match r.10 {
+        None => None,
+        Some(s) => Some(serde_json::from_str(&s).map_err(|e| PeerError::Corrupt(format!("stored outcome: {e}")))?),
+    };
+    Ok(OutboxItem {
+        seq: u(r.0),
+        mutation_id: parse_uuid(&r.1)?,
+        entity_type: r.2,
+        entity_id: parse_uuid(&r.3)?,
+        kind: kind_of(&r.4)?,
+        state: r.5.parse()?,
+        attempts: u32::try_from(r.6).unwrap_or(u32::MAX),
+        next_attempt_ms: u(r.7),
+        created_at_ms: u(r.8),
+        last_attempt_ms: r.9.map(u),
+        outcome,
+        error: r.11,
+        applied_version: r.12.map(u),
+    })
+}
+
+fn outcome_json(o: &Outcome) -> Result<String> {
+    serde_json::to_string(o).map_err(|e| PeerError::Corrupt(format!("encoding an outcome: {e}")))
+}
+
+pub(crate) fn append(conn: &Connection, m: &Mutation, now_ms: u64) -> Result<u64> {
+    conn.execute(
+        "INSERT INTO outbox (mutation_id, entity_id, entity_type, kind, envelope, state, created_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
+        params![
+            m.mutation_id.to_string(),
+            m.entity_id.to_string(),
+            m.entity_type,
+            m.kind.as_str(),
+            encode(m)?,
+            i64_of(now_ms)
+        ],
+    )?;
+    Ok(u64::try_from(conn.last_insert_rowid()).unwrap_or(0))
+}
+
+/// The newest item, if it was never sent: the only one a new write may be combined into.
+pub(crate) fn last_unsent(conn: &Connection) -> Result<Option<(u64, Mutation)>> {
+    let row: Option<(i64, String, i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, state, attempts, envelope FROM outbox ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    match row {
+        Some((seq, state, 0, env)) if state == "pending" => Ok(Some((u64::try_from(seq).unwrap_or(0), decode(&env)?))),
+        _ => Ok(None),
+    }
+}
+
+pub(crate) fn replace_envelope(conn: &Connection, seq: u64, m: &Mutation) -> Result<()> {
+    conn.execute(
+        "UPDATE outbox SET envelope = ?2 WHERE seq = ?1",
+        params![i64_of(seq), encode(m)?],
+    )?;
+    Ok(())
+}
+
+/// This device's not-yet-confirmed items for an entity (they count towards `base_version`).
+pub(crate) fn unconfirmed_for(conn: &Connection, entity_id: Uuid) -> Result<u64> {
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM outbox WHERE entity_id = ?1 AND state IN ('pending', 'blocked')",
+        [entity_id.to_string()],
+        |r| r.get(0),
+    )?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+pub(crate) fn list(conn: &Connection, include_applied: bool) -> Result<Vec<OutboxItem>> {
+    let filter = if include_applied {
+        ""
+    } else {
+        "WHERE state IN ('pending', 'blocked')"
+    };
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM outbox {filter} ORDER BY seq"))?;
+    let rows = stmt.query_map([], raw)?;
+    let mut out = Vec::new();
+    for r in rows {
+        out.push(to_item(r?)?);
+    }
+    Ok(out)
+}
+
+pub(crate) fn get(conn: &Connection, mutation_id: Uuid) -> Result<Option<OutboxItem>> {
+    let r = conn
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM outbox WHERE mutation_id = ?1"),
+            [mutation_id.to_string()],
+            raw,
+        )
+        .optional()?;
+    r.map(to_item).transpose()
+}
+
+pub(crate) fn envelope(conn: &Connection, mutation_id: Uuid) -> Result<Option<Mutation>> {
+    let env: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT envelope FROM outbox WHERE mutation_id = ?1",
+            [mutation_id.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    env.map(|e| decode(&e)).transpose()
+}
+
+/// (unsynced count, oldest unsynced item's creation time).
+pub(crate) fn unsynced(conn: &Connection) -> Result<(u64, Option<u64>)> {
+    let (n, oldest): (i64, Option<i64>) = conn.query_row(
+        "SELECT COUNT(*), MIN(created_at_ms) FROM outbox WHERE state IN ('pending', 'blocked')",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok((
+        u64::try_from(n).unwrap_or(0),
+        oldest.map(|o| u64::try_from(o).unwrap_or(0)),
+    ))
+}
+
+pub(crate) fn first_blocked(conn: &Connection) -> Result<Option<OutboxItem>> {
+    let r = conn
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM outbox WHERE state = 'blocked' ORDER BY seq LIMIT 1"),
+            [],
+            raw,
+        )
+        .optional()?;
+    r.map(to_item).transpose()
+}
+
+/// What may be sent now, oldest first: nothing while any item is blocked (the outbox is
+/// halted), and never past an item that is still backing off (order is strict).
+pub(crate) fn pushable(conn: &Connection, now_ms: u64, limit: usize) -> Result<Vec<Mutation>> {
+    if first_blocked(conn)?.is_some() {
+        return Ok(Vec::new());
+    }
+    let mut stmt =
+        conn.prepare("SELECT next_attempt_ms, envelope FROM outbox WHERE state = 'pending' ORDER BY seq LIMIT ?1")?;
+    let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (next, env) = r?;
+        if u64::try_from(next).unwrap_or(0) > now_ms {
+            break;
+        }
+        out.push(decode(&env)?);
+    }
+    Ok(out)
+}
+
+/// When the oldest pending item is due, if the outbox is not halted.
+pub(crate) fn next_due(conn: &Connection) -> Result<Option<u64>> {
+    if first_blocked(conn)?.is_some() {
+        return Ok(None);
+    }
+    let next: Option<i64> = conn
+        .query_row(
+            "SELECT next_attempt_ms FROM outbox WHERE state = 'pending' ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(next.map(|n| u64::try_from(n).unwrap_or(0)))
+}
+
+pub(crate) fn mark_sent(conn: &Connection, mutation_id: Uuid, now_ms: u64) -> Result<()> {
+    conn.execute(
+        "UPDATE outbox SET attempts = attempts + 1, last_attempt_ms = ?2 WHERE mutation_id = ?1",
+        params![mutation_id.to_string(), i64_of(now_ms)],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn mark_applied(conn: &Connection, mutation_id: Uuid, outcome: &Outcome, version: u64) -> Result<()> {
+    conn.execute(
+        "UPDATE outbox SET state = 'applied', outcome = ?2, error = NULL, applied_version = ?3 WHERE mutation_id = ?1",
+        params![mutation_id.to_string(), outcome_json(outcome)?, i64_of(version)],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn mark_blocked(conn: &Connection, mutation_id: Uuid, outcome: &Outcome) -> Result<()> {
+    conn.execute(
+        "UPDATE outbox SET state = 'blocked', outcome = ?2, error = ?3 WHERE mutation_id = ?1",
+        params![mutation_id.to_string(), outcome_json(outcome)?, outcome.describe()],
+    )?;
+    Ok(())
+}
+
+/// A retryable failure: stays pending, due again at `next_ms`.
+pub(crate) fn schedule_retry(conn: &Connection, mutation_id: Uuid, next_ms: u64, error: &str) -> Result<()> {
+    conn.execute(
+        "UPDATE outbox SET next_attempt_ms = ?2, error = ?3 WHERE mutation_id = ?1 AND state = 'pending'",
+        params![mutation_id.to_string(), i64_of(next_ms), error],
+    )?;
+    Ok(())
+}
+
+/// Makes backing-off items due now; returns how many changed.
+pub(crate) fn make_due(conn: &Connection, mutation_id: Option<Uuid>) -> Result<usize> {
+    Ok(match mutation_id {
+        Some(id) => conn.execute(
+            "UPDATE outbox SET next_attempt_ms = 0 WHERE mutation_id = ?1 AND state = 'pending'",
+            [id.to_string()],
+        )?,
+        None => conn.execute(
+            "UPDATE outbox SET next_attempt_ms = 0 WHERE state = 'pending' AND next_attempt_ms > 0",
+            [],
+        )?,
+    })
+}
+
+/// Never-sent envelopes, oldest first (enrollment adopts them into the user's space).
+pub(crate) fn unsent(conn: &Connection) -> Result<Vec<(u64, Mutation)>> {
+    let mut stmt =
+        conn.prepare("SELECT seq, envelope FROM outbox WHERE state = 'pending' AND attempts = 0 ORDER BY seq")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (seq, env) = r?;
+        out.push((u64::try_from(seq).unwrap_or(0), decode(&env)?));
+    }
+    Ok(out)
+}

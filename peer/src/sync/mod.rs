@@ -1,0 +1,465 @@
+//! The device half of the sync protocol (SPEC §7), sans-IO.
+//!
+//! [`SyncMachine`] takes relay messages and the current time, updates the [`Device`], and
+//! returns the client messages to send. It never reads a clock, sleeps or opens a socket: the
+//! async shell (and the simulator) deliver messages, call [`SyncMachine::on_tick`] at
+//! [`SyncMachine::next_wakeup`], and connect when [`SyncMachine::should_connect`] says so.
+//!
+//! Order is strict: one push batch in flight, oldest first, halted by the first blocked item.
+//! A disconnect leaves the in-flight batch pending, so it is resent under the same mutation ids.
+
+mod backoff;
+mod store;
+
+use fieldsync_schema::signing::connect_signing_bytes;
+use fieldsync_schema::wire::{AuthFailure, ErrorCode, MAX_BATCH, PROTOCOL_VERSION};
+use fieldsync_schema::{Bytes, ClientMessage, RelayMessage};
+use serde::Serialize;
+use uuid::Uuid;
+
+pub use backoff::Backoff;
+pub use store::PushTally;
+
+use crate::device::Device;
+use crate::error::PeerError;
+
+/// Knobs of the machine; the defaults suit production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// Between reconnect attempts.
+    pub reconnect: Backoff,
+    /// Before resending a batch the relay deferred.
+    pub retry: Backoff,
+    /// Entries per pull page.
+    pub pull_page: u32,
+    /// How long a push or pull may go unanswered before the connection is given up.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            reconnect: Backoff::default(),
+            retry: Backoff::default(),
+            pull_page: 500,
+            request_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Disconnected,
+    AwaitingChallenge,
+    AwaitingWelcome,
+    Ready,
+    /// The relay refused this device; no reconnecting until the user acts (re-enroll).
+    AuthFailed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Disconnected => "disconnected",
+            Phase::AwaitingChallenge => "awaiting_challenge",
+            Phase::AwaitingWelcome => "awaiting_welcome",
+            Phase::Ready => "ready",
+            Phase::AuthFailed => "auth_failed",
+        }
+    }
+}
+
+/// What the machine has done so far, for status lines, tests and the simulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SyncSummary {
+    pub phase: Phase,
+    /// Mutations sent (a resend counts again).
+    pub pushed: u64,
+    pub applied: u64,
+    pub conflicts: u64,
+    pub rejected: u64,
+    /// Feed entries received (pull pages and live).
+    pub pulled: u64,
+    pub batch_in_flight: bool,
+    pub caught_up: bool,
+    /// Caught up, nothing in flight, nothing left to push now: a one-shot sync may stop.
+    pub idle: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("unexpected `{got}` from the relay while {phase}")]
+    Unexpected { got: &'static str, phase: &'static str },
+    #[error("the relay reported an error ({code:?}): {message}")]
+    Relay { code: ErrorCode, message: String },
+    #[error("the relay challenged as {got}, but this device is enrolled with relay {expected}")]
+    WrongRelay { expected: Uuid, got: Uuid },
+    #[error("push result for batch {got}, but batch {expected:?} is in flight")]
+    WrongBatch { expected: Option<u64>, got: u64 },
+    #[error("timed out waiting for the relay")]
+    Timeout,
+    #[error("authentication failed ({reason}): {message}")]
+    AuthFailed { reason: &'static str, message: String },
+    #[error(transparent)]
+    Store(#[from] PeerError),
+}
+
+#[derive(Debug, Clone)]
+struct Batch {
+    id: u64,
+    mutations: Vec<Uuid>,
+    sent_at: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SyncMachine {
+    config: SyncConfig,
+    phase: Phase,
+    max_batch: usize,
+    next_batch_id: u64,
+    batch: Option<Batch>,
+    pull_sent_at: Option<u64>,
+    caught_up: bool,
+    reconnect_failures: u32,
+    reconnect_at: Option<u64>,
+    /// When the oldest backing-off item becomes due (cached after each pump).
+    outbox_due_at: Option<u64>,
+    was_idle: bool,
+    pushed: u64,
+    applied: u64,
+    conflicts: u64,
+    rejected: u64,
+    pulled: u64,
+}
+
+impl Default for SyncMachine {
+    fn default() -> Self {
+        SyncMachine::new(SyncConfig::default())
+    }
+}
+
+type Out = Result<Vec<ClientMessage>, SyncError>;
+
+impl SyncMachine {
+    pub fn new(config: SyncConfig) -> Self {
+        SyncMachine {
+            config,
+            phase: Phase::Disconnected,
+            max_batch: MAX_BATCH,
+            next_batch_id: 1,
+            batch: None,
+            pull_sent_at: None,
+            caught_up: false,
+            reconnect_failures: 0,
+            reconnect_at: None,
+            outbox_due_at: None,
+            was_idle: false,
+            pushed: 0,
+            applied: 0,
+            conflicts: 0,
+            rejected: 0,
+            pulled: 0,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn summary(&self) -> SyncSummary {
+        SyncSummary {
+            phase: self.phase,
+            pushed: self.pushed,
+            applied: self.applied,
+            conflicts: self.conflicts,
+            rejected: self.rejected,
+            pulled: self.pulled,
+            batch_in_flight: self.batch.is_some(),
+            caught_up: self.caught_up,
+            idle: self.was_idle,
+        }
+    }
+
+    /// Whether the shell should open a connection now.
+    pub fn should_connect(&self, now_ms: u64) -> bool {
+        self.phase == Phase::Disconnected && self.reconnect_at.is_none_or(|t| now_ms >= t)
+    }
+
+    /// The next time `on_tick` has something to do (reconnect, a timeout, a due retry).
+    pub fn next_wakeup(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Disconnected => self.reconnect_at,
+            Phase::AuthFailed => None,
+            Phase::AwaitingChallenge | Phase::AwaitingWelcome => None,
+            Phase::Ready => {
+                let timeout = self.config.request_timeout_ms;
+                [
+                    self.batch.as_ref().map(|b| b.sent_at.saturating_add(timeout)),
+                    self.pull_sent_at.map(|t| t.saturating_add(timeout)),
+                    self.outbox_due_at.filter(|_| self.batch.is_none()),
+                ]
+                .into_iter()
+                .flatten()
+                .min()
+            }
+        }
+    }
+
+    /// A transport connection is open: start the handshake.
+    pub fn on_connected(&mut self, dev: &mut Device, _now_ms: u64) -> Vec<ClientMessage> {
+        self.phase = Phase::AwaitingChallenge;
+        self.batch = None;
+        self.pull_sent_at = None;
+        self.caught_up = false;
+        self.was_idle = false;
+        dev.set_link(true, false);
+        vec![ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            device_id: dev.device_id(),
+            schema_hash: dev.schema().hash(),
+        }]
+    }
+
+    /// The connection is gone. The in-flight batch stays pending with the same ids; the next
+    /// connection attempt waits a jittered, growing delay.
+    pub fn on_disconnected(&mut self, dev: &mut Device, now_ms: u64) {
+        self.batch = None;
+        self.pull_sent_at = None;
+        self.caught_up = false;
+        self.was_idle = false;
+        dev.set_link(false, false);
+        if self.phase == Phase::AuthFailed {
+            return;
+        }
+        self.phase = Phase::Disconnected;
+        let delay = self.config.reconnect.delay(self.reconnect_failures, dev.random_u64());
+        self.reconnect_failures = self.reconnect_failures.saturating_add(1);
+        self.reconnect_at = Some(now_ms.saturating_add(delay));
+    }
+
+    /// The delay `on_disconnected` chose, if the machine is waiting to reconnect.
+    pub fn reconnect_at(&self) -> Option<u64> {
+        self.reconnect_at
+    }
+
+    /// Allows connecting again after an authentication failure (e.g. after re-enrollment).
+    pub fn clear_auth_failure(&mut self, dev: &mut Device) -> Result<(), SyncError> {
+        dev.set_auth_failed(None)?;
+        if self.phase == Phase::AuthFailed {
+            self.phase = Phase::Disconnected;
+            self.reconnect_at = None;
+        }
+        Ok(())
+    }
+
+    /// A local write happened: push it if connected.
+    pub fn notify_local_write(&mut self, dev: &mut Device, now_ms: u64) -> Out {
+        self.pump(dev, now_ms)
+    }
+
+    /// Time passed: detect unanswered requests, send items whose backoff ended.
+    pub fn on_tick(&mut self, dev: &mut Device, now_ms: u64) -> Out {
+        if self.phase != Phase::Ready {
+            return Ok(Vec::new());
+        }
+        let timeout = self.config.request_timeout_ms;
+        let late = |t: u64| now_ms >= t.saturating_add(timeout);
+        if self.batch.as_ref().is_some_and(|b| late(b.sent_at)) || self.pull_sent_at.is_some_and(late) {
+            return Err(SyncError::Timeout);
+        }
+        self.pump(dev, now_ms)
+    }
+
+    pub fn on_message(&mut self, dev: &mut Device, msg: RelayMessage, now_ms: u64) -> Out {
+        let unexpected = |phase: Phase, got: &RelayMessage| SyncError::Unexpected {
+            got: got.name(),
+            phase: phase.as_str(),
+        };
+        match (self.phase, msg) {
+            (Phase::AwaitingChallenge, RelayMessage::Challenge { relay_id, nonce }) => {
+                if let Some(e) = dev.enrollment()
+                    && e.relay_id != relay_id
+                {
+                    return Err(SyncError::WrongRelay {
+                        expected: e.relay_id,
+                        got: relay_id,
+                    });
+                }
+                let bytes = connect_signing_bytes(
+                    PROTOCOL_VERSION,
+                    &relay_id,
+                    &nonce.0,
+                    &dev.device_id(),
+                    &dev.public_key(),
+                );
+                self.phase = Phase::AwaitingWelcome;
+                Ok(vec![ClientMessage::Auth {
+                    signature: Bytes(dev.key().sign(&bytes).to_vec()),
+                }])
+            }
+            (
+                Phase::AwaitingWelcome,
+                RelayMessage::Welcome {
+                    user,
+                    server_time_ms,
+                    max_batch,
+                    ..
+                },
+            ) => {
+                self.phase = Phase::Ready;
+                self.max_batch = usize::try_from(max_batch).unwrap_or(MAX_BATCH).clamp(1, MAX_BATCH);
+                self.reconnect_failures = 0;
+                self.reconnect_at = None;
+                dev.set_auth_failed(None)?;
+                dev.refresh_user(user)?;
+                dev.observe_relay_time(server_time_ms, now_ms)?;
+                self.pump(dev, now_ms)
+            }
+            (Phase::AwaitingChallenge | Phase::AwaitingWelcome, RelayMessage::AuthFailed { reason, message }) => {
+                let text = format!("{}: {message}", reason.as_str());
+                if reason == AuthFailure::NonceExpired {
+                    // A slow handshake, not a verdict on the device: reconnect as usual.
+                    return Err(SyncError::AuthFailed {
+                        reason: reason.as_str(),
+                        message,
+                    });
+                }
+                self.phase = Phase::AuthFailed;
+                dev.set_auth_failed(Some(&text))?;
+                dev.set_link(false, false);
+                Err(SyncError::AuthFailed {
+                    reason: reason.as_str(),
+                    message,
+                })
+            }
+            (Phase::Ready, RelayMessage::PushResult { batch_id, results }) => {
+                let batch = self.take_batch(batch_id)?;
+                let tally = dev.apply_push_results(&batch.mutations, &results, now_ms)?;
+                self.applied += tally.applied;
+                self.conflicts += tally.conflicts;
+                self.rejected += tally.rejected;
+                self.pump(dev, now_ms)
+            }
+            (
+                Phase::Ready,
+                RelayMessage::PushDeferred {
+                    batch_id,
+                    retry_after_ms,
+                    reason,
+                },
+            ) => {
+                let batch = self.take_batch(batch_id)?;
+                let attempts = batch
+                    .mutations
+                    .first()
+                    .and_then(|id| dev.outbox_item(*id).ok().flatten())
+                    .map_or(1, |i| i.attempts);
+                let delay = self
+                    .config
+                    .retry
+                    .delay(attempts.saturating_sub(1), dev.random_u64())
+                    .max(retry_after_ms);
+                dev.defer_batch(
+                    &batch.mutations,
+                    now_ms.saturating_add(delay),
+                    &format!("deferred: {reason}"),
+                )?;
+                self.pump(dev, now_ms)
+            }
+            (
+                Phase::Ready,
+                RelayMessage::Changes {
+                    entries,
+                    next,
+                    caught_up,
+                },
+            ) => {
+                if self.pull_sent_at.take().is_none() {
+                    return Err(SyncError::Unexpected {
+                        got: "changes",
+                        phase: "no pull was in flight",
+                    });
+                }
+                dev.apply_feed(&entries, next, now_ms)?;
+                self.pulled += entries.len() as u64;
+                self.caught_up = caught_up;
+                self.pump(dev, now_ms)
+            }
+            (Phase::Ready, RelayMessage::Live { entries, cursor }) => {
+                dev.apply_feed(&entries, cursor, now_ms)?;
+                self.pulled += entries.len() as u64;
+                self.pump(dev, now_ms)
+            }
+            (_, RelayMessage::Pong { .. }) => Ok(Vec::new()),
+            (_, RelayMessage::Error { code, message }) => Err(SyncError::Relay { code, message }),
+            (phase, other) => Err(unexpected(phase, &other)),
+        }
+    }
+
+    fn take_batch(&mut self, batch_id: u64) -> Result<Batch, SyncError> {
+        match self.batch.take() {
+            Some(b) if b.id == batch_id => Ok(b),
+            other => {
+                let expected = other.as_ref().map(|b| b.id);
+                self.batch = other;
+                Err(SyncError::WrongBatch {
+                    expected,
+                    got: batch_id,
+                })
+            }
+        }
+    }
+
+    /// Sends the next batch, or a pull when there is nothing to push; records a completed sync.
+    fn pump(&mut self, dev: &mut Device, now_ms: u64) -> Out {
+        let mut out = Vec::new();
+        if self.phase != Phase::Ready {
+            return Ok(out);
+        }
+        if self.batch.is_none() {
+            let mutations = dev.pushable(now_ms, self.max_batch)?;
+            if !mutations.is_empty() {
+                let ids: Vec<Uuid> = mutations.iter().map(|m| m.mutation_id).collect();
+                dev.mark_sent(&ids, now_ms)?;
+                let id = self.next_batch_id;
+                self.next_batch_id += 1;
+                self.pushed += ids.len() as u64;
+                self.batch = Some(Batch {
+                    id,
+                    mutations: ids,
+                    sent_at: now_ms,
+                });
+                out.push(ClientMessage::Push {
+                    batch_id: id,
+                    mutations,
+                });
+            }
+        }
+        if self.batch.is_none() && self.pull_sent_at.is_none() && !self.caught_up {
+            self.pull_sent_at = Some(now_ms);
+            out.push(ClientMessage::Pull {
+                cursor: dev.cursor()?,
+                max_entries: self.config.pull_page,
+            });
+        }
+        self.outbox_due_at = if self.batch.is_none() {
+            dev.next_due()?.filter(|t| *t > now_ms)
+        } else {
+            None
+        };
+        let idle = self.caught_up
+            && self.batch.is_none()
+            && self.pull_sent_at.is_none()
+            && (dev.pending_count()? == 0 || dev.is_halted()?);
+        if idle && !self.was_idle {
+            dev.record_sync_complete(now_ms)?;
+        }
+        self.was_idle = idle;
+        dev.set_link(true, self.caught_up);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;

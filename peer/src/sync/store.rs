@@ -1,0 +1,303 @@
+//! The store half of sync: what the machine's decisions do to the device database. Each
+//! relay answer is applied in one transaction, so a crash leaves either all of a page (and its
+//! cursor) or none of it.
+
+use fieldsync_schema::document::parse_change;
+use fieldsync_schema::wire::{FeedEntry, FeedPayload, MutationResult, PullCursor};
+use fieldsync_schema::{Disposition, EntityDoc, Hlc, LwwLoss, Mutation, Outcome};
+use rusqlite::{Transaction, TransactionBehavior, params};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::db::{self, keys};
+use crate::device::Device;
+use crate::entity::{self, EntityMeta, SyncState, i64_of};
+use crate::error::{PeerError, Result};
+use crate::outbox;
+
+/// What one `PushResult` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PushTally {
+    pub applied: u64,
+    pub conflicts: u64,
+    pub rejected: u64,
+    pub not_attempted: u64,
+}
+
+impl Device {
+    pub(crate) fn pushable(&self, now_ms: u64, limit: usize) -> Result<Vec<Mutation>> {
+        outbox::pushable(&self.conn, now_ms, limit)
+    }
+
+    pub(crate) fn next_due(&self) -> Result<Option<u64>> {
+        outbox::next_due(&self.conn)
+    }
+
+    /// Whether a blocked item halts the outbox.
+    pub(crate) fn is_halted(&self) -> Result<bool> {
+        Ok(outbox::first_blocked(&self.conn)?.is_some())
+    }
+
+    pub(crate) fn pending_count(&self) -> Result<u64> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM outbox WHERE state = 'pending'", [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    pub(crate) fn mark_sent(&mut self, ids: &[Uuid], now_ms: u64) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for id in ids {
+            outbox::mark_sent(&tx, *id, now_ms)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Applies a batch's answers by mutation id. Items of the batch without an answer stay
+    /// pending (sent again under the same id).
+    pub(crate) fn apply_push_results(
+        &mut self,
+        batch: &[Uuid],
+        results: &[MutationResult],
+        now_ms: u64,
+    ) -> Result<PushTally> {
+        let actor = self.actor();
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut tally = PushTally::default();
+        for r in results {
+            if !batch.contains(&r.mutation_id) {
+                return Err(PeerError::Corrupt(format!(
+                    "the relay answered for mutation {}, which is not in the batch",
+                    r.mutation_id
+                )));
+            }
+            let item = outbox::get(&tx, r.mutation_id)?.ok_or(PeerError::NoSuchMutation(r.mutation_id))?;
+            match r.outcome.disposition() {
+                Disposition::Done => {
+                    let (version, _) = r.outcome.applied().unwrap_or((0, 0));
+                    outbox::mark_applied(&tx, r.mutation_id, &r.outcome, version)?;
+                    tx.execute(
+                        "UPDATE entities SET relay_version = MAX(relay_version, ?2) WHERE entity_id = ?1",
+                        params![item.entity_id.to_string(), i64_of(version)],
+                    )?;
+                    let losses = match &r.outcome {
+                        Outcome::Applied { lww_lost, .. } => lww_lost.as_slice(),
+                        Outcome::AlreadyApplied { original } => match original.as_ref() {
+                            Outcome::Applied { lww_lost, .. } => lww_lost.as_slice(),
+                            _ => &[],
+                        },
+                        _ => &[],
+                    };
+                    for loss in losses {
+                        record_loss(&tx, loss, now_ms)?;
+                    }
+                    settle_entity(&tx, item.entity_id)?;
+                    tally.applied += 1;
+                }
+                Disposition::Blocking => {
+                    outbox::mark_blocked(&tx, r.mutation_id, &r.outcome)?;
+                    if let Outcome::Conflict {
+                        server_version,
+                        server_changes,
+                        ..
+                    } = &r.outcome
+                    {
+                        if let Some(mut loaded) = entity::load(&tx, item.entity_id, actor.clone())? {
+                            let changes = server_changes
+                                .iter()
+                                .map(|c| parse_change(&c.0))
+                                .collect::<Result<Vec<_>, _>>()?;
+                            loaded.doc.apply(changes)?;
+                            loaded.meta.relay_version = loaded.meta.relay_version.max(*server_version);
+                            loaded.meta.sync_state = SyncState::Conflict;
+                            entity::store(&tx, &loaded.meta, &mut loaded.doc, now_ms)?;
+                        }
+                        tx.execute(
+                            "INSERT INTO conflicts (entity_id, mutation_id, server_version, outcome, recorded_at_ms)
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
+                            params![
+                                item.entity_id.to_string(),
+                                r.mutation_id.to_string(),
+                                i64_of(*server_version),
+                                serde_json::to_string(&r.outcome).map_err(|e| PeerError::Corrupt(e.to_string()))?,
+                                i64_of(now_ms)
+                            ],
+                        )?;
+                        tally.conflicts += 1;
+                    } else {
+                        entity::set_sync_state(&tx, item.entity_id, SyncState::Rejected)?;
+                        tally.rejected += 1;
+                    }
+                }
+                Disposition::Retry => {
+                    outbox::schedule_retry(&tx, r.mutation_id, 0, &r.outcome.describe())?;
+                    tally.not_attempted += 1;
+                }
+            }
+        }
+
+        tx.commit()?;
+        Ok(tally)
+    }
+
+    /// A batch the relay did not process: every item stays pending, due again at `next_ms`.
+    pub(crate) fn defer_batch(&mut self, batch: &[Uuid], next_ms: u64, reason: &str) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for id in batch {
+            outbox::schedule_retry(&tx, *id, next_ms, reason)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn cursor(&self) -> Result<PullCursor> {
+        Ok(db::meta_get_json(&self.conn, keys::CURSOR)?.unwrap_or_default())
+    }
+
+    /// Applies a page of feed entries and moves the cursor, in one transaction.
+    pub(crate) fn apply_feed(&mut self, entries: &[FeedEntry], cursor: PullCursor, now_ms: u64) -> Result<()> {
+        let actor = self.actor();
+        let device_id = self.device_id;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for e in entries {
+            apply_entry(&tx, e, actor.clone(), device_id, now_ms)?;
+            if let Some(origin) = &e.origin {
+                self.hlc.observe(&origin.hlc, now_ms);
+            }
+        }
+        db::meta_set_json(&tx, keys::CURSOR, &cursor)?;
+        db::meta_set_json(&tx, keys::HLC, &self.hlc.last())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Folds the relay's clock into the HLC (so local stamps follow what the relay has seen).
+    pub(crate) fn observe_relay_time(&mut self, server_time_ms: u64, now_ms: u64) -> Result<()> {
+        let remote = Hlc {
+            physical_ms: server_time_ms,
+            counter: 0,
+            device: Uuid::nil(),
+        };
+        self.hlc.observe(&remote, now_ms);
+        db::meta_set_json(&self.conn, keys::HLC, &self.hlc.last())
+    }
+
+    pub(crate) fn set_auth_failed(&mut self, reason: Option<&str>) -> Result<()> {
+        match reason {
+            Some(r) => db::meta_set(&self.conn, keys::AUTH_FAILED, r),
+            None => db::meta_delete(&self.conn, keys::AUTH_FAILED),
+        }
+    }
+
+    pub(crate) fn record_sync_complete(&mut self, now_ms: u64) -> Result<()> {
+        db::meta_set(&self.conn, keys::LAST_SYNC, &now_ms.to_string())
+    }
+
+    pub(crate) fn set_link(&mut self, online: bool, caught_up: bool) {
+        self.link.online = online;
+        self.link.caught_up = caught_up;
+    }
+
+    /// LWW values this device lost, newest first (SPEC §9: listed on the losing device).
+    pub fn lww_losses(&self) -> Result<Vec<LwwLoss>> {
+        let mut stmt = self.conn.prepare("SELECT loss FROM lww_losses ORDER BY id DESC")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(serde_json::from_str(&r?).map_err(|e| PeerError::Corrupt(format!("stored LWW loss: {e}")))?);
+        }
+        Ok(out)
+    }
+}
+
+/// An entity whose outbox items are all confirmed is synced (a conflict or rejection stays
+/// until resolved).
+fn settle_entity(tx: &Transaction<'_>, id: Uuid) -> Result<()> {
+    if outbox::unconfirmed_for(tx, id)? == 0 {
+        tx.execute(
+            "UPDATE entities SET sync_state = 'synced' WHERE entity_id = ?1 AND sync_state = 'pending'",
+            [id.to_string()],
+        )?;
+    }
+    Ok(())
+}
+
+fn record_loss(tx: &Transaction<'_>, loss: &LwwLoss, now_ms: u64) -> Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO lww_losses (entity_id, field, loser_mutation, loss, recorded_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            loss.entity_id.to_string(),
+            loss.field,
+            loss.loser_mutation.to_string(),
+            serde_json::to_string(loss).map_err(|e| PeerError::Corrupt(e.to_string()))?,
+            i64_of(now_ms)
+        ],
+    )?;
+    Ok(())
+}
+
+fn apply_entry(
+    tx: &Transaction<'_>,
+    e: &FeedEntry,
+    actor: automerge::ActorId,
+    device_id: Uuid,
+    now_ms: u64,
+) -> Result<()> {
+    for loss in e.lww_losses.iter().filter(|l| l.loser_device == device_id) {
+        record_loss(tx, loss, now_ms)?;
+    }
+    let existing = entity::load(tx, e.entity_id, actor.clone())?;
+    if let Some(l) = &existing
+        && l.meta.entity_type != e.entity_type
+    {
+        return Err(PeerError::Corrupt(format!(
+            "the relay sent entity {} as a `{}`, but it is a `{}` here",
+            e.entity_id, e.entity_type, l.meta.entity_type
+        )));
+    }
+    let (mut meta, mut doc) = match existing {
+        Some(l) => (l.meta, l.doc),
+        None => {
+            if matches!(e.payload, FeedPayload::Own) {
+                // Our own change for a record this device no longer holds (restored from an
+                // older backup): nothing to merge; a later snapshot or change brings it.
+                return Ok(());
+            }
+            let meta = EntityMeta {
+                entity_id: e.entity_id,
+                entity_type: e.entity_type.clone(),
+                space_id: e.space_id,
+                relay_version: 0,
+                sync_state: SyncState::Synced,
+            };
+            (meta, EntityDoc::new(actor))
+        }
+    };
+    match &e.payload {
+        FeedPayload::Changes(bytes) => {
+            let changes = bytes
+                .iter()
+                .map(|b| parse_change(&b.0))
+                .collect::<Result<Vec<_>, _>>()?;
+            doc.apply(changes)?;
+        }
+        FeedPayload::Snapshot(bytes) => {
+            // Merge, never replace: local changes the relay has not seen yet must survive.
+            doc.automerge()
+                .load_incremental(&bytes.0)
+                .map_err(|err| PeerError::Corrupt(format!("snapshot of {}: {err}", e.entity_id)))?;
+        }
+        FeedPayload::Own => {
+            tx.execute(
+                "UPDATE entities SET relay_version = MAX(relay_version, ?2) WHERE entity_id = ?1",
+                params![e.entity_id.to_string(), i64_of(e.version)],
+            )?;
+            return Ok(());
+        }
+    }
+    meta.relay_version = meta.relay_version.max(e.version);
+    meta.space_id = e.space_id;
+    entity::store(tx, &meta, &mut doc, now_ms)
+}

@@ -1,0 +1,491 @@
+//! SyncMachine tests with hand-built relay messages (no relay needed).
+
+use fieldsync_schema::document::device_actor;
+use fieldsync_schema::envelope::ConflictReason;
+use fieldsync_schema::signing::{self, connect_signing_bytes};
+use fieldsync_schema::wire::{AuthFailure, FeedEntry, FeedPayload, MutationResult, PullCursor};
+use fieldsync_schema::{
+    Bytes, ClientMessage, EntityDoc, Hlc, LwwLoss, Origin, Outcome, RelayMessage, Role, Rule, Schema,
+};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::*;
+use crate::testutil::{Fixture, T0, enroll, obj, relay_id, space, user};
+use crate::{OutboxState, SyncState, SyncStatus};
+
+const OTHER: Uuid = Uuid::from_bytes([0xbb; 16]);
+
+fn enrolled(seed: u64) -> Fixture {
+    let mut f = Fixture::new(seed);
+    enroll(&mut f.dev, Role::Clinician);
+    f
+}
+
+fn welcome(max_batch: u32) -> RelayMessage {
+    RelayMessage::Welcome {
+        relay_id: relay_id(),
+        user: user(Role::Clinician),
+        server_time_ms: T0,
+        max_batch,
+    }
+}
+
+/// Runs the handshake and returns what the machine sends after `Welcome`.
+fn connect(m: &mut SyncMachine, f: &mut Fixture, max_batch: u32) -> Vec<ClientMessage> {
+    let now = f.time.now_ms();
+    let hello = m.on_connected(&mut f.dev, now);
+    assert!(matches!(hello[..], [ClientMessage::Hello { .. }]));
+    let challenge = RelayMessage::Challenge {
+        relay_id: relay_id(),
+        nonce: Bytes(vec![7; 32]),
+    };
+    let auth = m.on_message(&mut f.dev, challenge, now).unwrap();
+    assert!(matches!(auth[..], [ClientMessage::Auth { .. }]));
+    m.on_message(&mut f.dev, welcome(max_batch), now).unwrap()
+}
+
+fn push_of(msgs: &[ClientMessage]) -> (u64, Vec<Uuid>) {
+    match msgs {
+        [ClientMessage::Push { batch_id, mutations }] => (*batch_id, mutations.iter().map(|m| m.mutation_id).collect()),
+        other => panic!("expected one push, got {other:?}"),
+    }
+}
+
+fn applied(id: Uuid, version: u64) -> MutationResult {
+    MutationResult {
+        mutation_id: id,
+        outcome: Outcome::Applied {
+            version,
+            seq: version,
+            lww_lost: vec![],
+        },
+    }
+}
+
+fn patients(f: &mut Fixture, n: usize) -> Vec<Uuid> {
+    (0..n).map(|i| f.patient(&format!("p{i}"))).collect()
+}
+
+fn queue_ids(f: &Fixture) -> Vec<Uuid> {
+    f.dev.queue(true).unwrap().iter().map(|i| i.mutation_id).collect()
+}
+
+use fieldsync_schema::TimeSource;
+
+mod feed;
+
+#[test]
+fn the_handshake_signs_the_challenge_with_the_device_key() {
+    let mut f = enrolled(1);
+    let mut m = SyncMachine::default();
+    let hello = m.on_connected(&mut f.dev, T0);
+    assert_eq!(
+        hello,
+        vec![ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            device_id: f.dev.device_id(),
+            schema_hash: Schema::default_schema().hash(),
+        }]
+    );
+    let nonce = vec![3u8; 32];
+    let out = m
+        .on_message(
+            &mut f.dev,
+            RelayMessage::Challenge {
+                relay_id: relay_id(),
+                nonce: Bytes(nonce.clone()),
+            },
+            T0,
+        )
+        .unwrap();
+    let [ClientMessage::Auth { signature }] = &out[..] else {
+        panic!("{out:?}")
+    };
+    let bytes = connect_signing_bytes(
+        PROTOCOL_VERSION,
+        &relay_id(),
+        &nonce,
+        &f.dev.device_id(),
+        &f.dev.public_key(),
+    );
+    signing::verify(&f.dev.public_key(), &bytes, &signature.0).unwrap();
+    let wrong = connect_signing_bytes(
+        PROTOCOL_VERSION,
+        &relay_id(),
+        &[4; 32],
+        &f.dev.device_id(),
+        &f.dev.public_key(),
+    );
+    assert!(signing::verify(&f.dev.public_key(), &wrong, &signature.0).is_err());
+    // Nothing queued: the first thing after Welcome is a pull from cursor 0.
+    let out = m.on_message(&mut f.dev, welcome(10), T0).unwrap();
+    assert_eq!(
+        out,
+        vec![ClientMessage::Pull {
+            cursor: PullCursor::default(),
+            max_entries: 500
+        }]
+    );
+
+    let mut g = enrolled(2);
+    let mut m = SyncMachine::default();
+    m.on_connected(&mut g.dev, T0);
+    let err = m
+        .on_message(
+            &mut g.dev,
+            RelayMessage::Challenge {
+                relay_id: Uuid::from_bytes([1; 16]),
+                nonce: Bytes(nonce),
+            },
+            T0,
+        )
+        .unwrap_err();
+    assert!(matches!(err, SyncError::WrongRelay { .. }), "{err}");
+}
+
+#[test]
+fn batches_follow_outbox_order_within_max_batch_and_applied_marks_synced() {
+    let mut f = enrolled(3);
+    let ids = patients(&mut f, 5);
+    let queue = queue_ids(&f);
+    let mut m = SyncMachine::default();
+    let mut sent = Vec::new();
+    let mut out = connect(&mut m, &mut f, 2);
+    let mut version = 0;
+    while let [ClientMessage::Push { .. }] = &out[..] {
+        let (batch, muts) = push_of(&out);
+        assert!(muts.len() <= 2);
+        assert!(m.summary().batch_in_flight);
+        sent.extend(muts.clone());
+        let results = muts
+            .iter()
+            .map(|id| {
+                version += 1;
+                applied(*id, 1)
+            })
+            .collect();
+        out = m
+            .on_message(
+                &mut f.dev,
+                RelayMessage::PushResult {
+                    batch_id: batch,
+                    results,
+                },
+                T0,
+            )
+            .unwrap();
+    }
+    assert_eq!(sent, queue);
+    assert!(matches!(out[..], [ClientMessage::Pull { .. }]), "{out:?}");
+    for id in &ids {
+        let e = f.dev.get(*id).unwrap().unwrap();
+        assert_eq!((e.sync_state, e.relay_version), (SyncState::Synced, 1));
+    }
+    assert!(
+        f.dev
+            .queue(true)
+            .unwrap()
+            .iter()
+            .all(|i| i.state == OutboxState::Applied)
+    );
+    assert_eq!(f.dev.status().unwrap().unsynced, 0);
+    assert_eq!(m.summary().applied, 5);
+}
+
+#[test]
+fn a_blocking_outcome_halts_the_outbox_and_not_attempted_stays_pending_with_its_id() {
+    let mut f = enrolled(4);
+    patients(&mut f, 3);
+    let queue = queue_ids(&f);
+    let mut m = SyncMachine::default();
+    let (batch, muts) = push_of(&connect(&mut m, &mut f, 10));
+    assert_eq!(muts, queue);
+    let results = vec![
+        applied(queue[0], 1),
+        MutationResult {
+            mutation_id: queue[1],
+            outcome: Outcome::Invalid {
+                errors: vec![fieldsync_schema::FieldError::new("name", Rule::Required, "is required")],
+            },
+        },
+        MutationResult {
+            mutation_id: queue[2],
+            outcome: Outcome::NotAttempted,
+        },
+    ];
+    let out = m
+        .on_message(
+            &mut f.dev,
+            RelayMessage::PushResult {
+                batch_id: batch,
+                results,
+            },
+            T0,
+        )
+        .unwrap();
+    // Nothing more is pushed; the machine pulls instead.
+    assert!(matches!(out[..], [ClientMessage::Pull { .. }]), "{out:?}");
+    let items = f.dev.queue(true).unwrap();
+    let states: Vec<_> = items.iter().map(|i| i.state).collect();
+    assert_eq!(
+        states,
+        [OutboxState::Applied, OutboxState::Blocked, OutboxState::Pending]
+    );
+    assert_eq!(items[2].mutation_id, queue[2]);
+    let status = f.dev.status().unwrap();
+    assert_eq!(status.state, SyncStatus::Blocked);
+    let blocked = status.blocked.unwrap();
+    assert_eq!(
+        (blocked.mutation_id, blocked.entity_type.as_str()),
+        (queue[1], "patient")
+    );
+    assert!(blocked.reason.contains("name"), "{}", blocked.reason);
+    assert_eq!(
+        f.dev.get(items[1].entity_id).unwrap().unwrap().sync_state,
+        SyncState::Rejected
+    );
+    // A local write while halted is kept but not pushed; retry does not unblock.
+    f.patient("later");
+    assert!(m.notify_local_write(&mut f.dev, T0).unwrap().is_empty());
+    let r = f.dev.retry(Some(queue[1])).unwrap();
+    assert!(r.message.contains("stays blocked"), "{}", r.message);
+    assert_eq!(f.dev.status().unwrap().unsynced, 3);
+}
+
+#[test]
+fn a_conflict_merges_the_relay_changes_and_marks_the_entity() {
+    let mut f = enrolled(5);
+    let p = f.patient("Ada");
+    let mut m = SyncMachine::default();
+    let (b, muts) = push_of(&connect(&mut m, &mut f, 10));
+    f.dev.on_push_for_test(&mut m, b, vec![applied(muts[0], 1)]);
+    // Someone else renamed the patient on the relay (version 2); our edit was based on 1.
+    let mut theirs = EntityDoc::load(&f.dev.document_bytes(p).unwrap(), device_actor(OTHER)).unwrap();
+    let ty = Schema::default_schema();
+    theirs
+        .write_fields(ty.entity_type("patient").unwrap(), &obj(json!({"mrn": "THEIRS"})))
+        .unwrap();
+    let their_change = theirs.commit(T0 + 1).unwrap();
+    let r = f.dev.update("patient", p, obj(json!({"name": "Ada (mine)"}))).unwrap();
+    let out = m.notify_local_write(&mut f.dev, T0).unwrap();
+    let (b, muts) = push_of(&out);
+    assert_eq!(muts, vec![r.mutation_id.unwrap()]);
+    let conflict = Outcome::Conflict {
+        server_version: 2,
+        server_changes: vec![Bytes(their_change.raw_bytes().to_vec())],
+        reason: ConflictReason::StaleBase,
+        authors: vec![],
+    };
+    f.dev.on_push_for_test(
+        &mut m,
+        b,
+        vec![MutationResult {
+            mutation_id: muts[0],
+            outcome: conflict.clone(),
+        }],
+    );
+    let e = f.dev.get(p).unwrap().unwrap();
+    assert_eq!(e.sync_state, SyncState::Conflict);
+    assert_eq!(e.fields["mrn"], json!("THEIRS"));
+    assert_eq!(e.fields["name"], json!("Ada (mine)"));
+    assert_eq!(e.relay_version, 2);
+    let item = f.dev.outbox_item(muts[0]).unwrap().unwrap();
+    assert_eq!((item.state, item.outcome), (OutboxState::Blocked, Some(conflict)));
+    let n: i64 = f
+        .dev
+        .connection()
+        .query_row("SELECT COUNT(*) FROM conflicts", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(m.summary().conflicts, 1);
+}
+
+impl crate::Device {
+    fn on_push_for_test(&mut self, m: &mut SyncMachine, batch_id: u64, results: Vec<MutationResult>) {
+        m.on_message(self, RelayMessage::PushResult { batch_id, results }, T0)
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_disconnect_mid_batch_resends_the_same_ids_after_reconnecting() {
+    let mut f = enrolled(6);
+    patients(&mut f, 3);
+    let mut m = SyncMachine::default();
+    let first = connect(&mut m, &mut f, 10);
+    let (_, ids) = push_of(&first);
+    m.on_disconnected(&mut f.dev, T0);
+    assert_eq!(m.phase(), Phase::Disconnected);
+    assert_eq!(f.dev.status().unwrap().state, SyncStatus::Offline);
+    let at = m.reconnect_at().unwrap();
+    assert!(at <= T0 + 500);
+    assert!(m.should_connect(at) && (at == T0 || !m.should_connect(at - 1)));
+    f.time.set(at);
+    let again = connect(&mut m, &mut f, 10);
+    let (_, ids_again) = push_of(&again);
+    assert_eq!(ids_again, ids);
+    let (ClientMessage::Push { mutations: a, .. }, ClientMessage::Push { mutations: b, .. }) = (&first[0], &again[0])
+    else {
+        unreachable!()
+    };
+    assert_eq!(a, b, "the very same signed envelopes are resent");
+    assert!(f.dev.queue(false).unwrap().iter().all(|i| i.attempts == 2));
+}
+
+#[test]
+fn backoff_grows_is_jittered_and_reproducible_from_the_seed() {
+    fn delays(seed: u64) -> Vec<u64> {
+        let mut f = Fixture::new(seed);
+        let mut m = SyncMachine::default();
+        let mut out = Vec::new();
+        for _ in 0..10 {
+            let now = f.time.now_ms();
+            m.on_connected(&mut f.dev, now);
+            m.on_disconnected(&mut f.dev, now);
+            let at = m.reconnect_at().unwrap();
+            out.push(at - now);
+            f.time.set(at);
+        }
+        out
+    }
+    let a = delays(11);
+    let b = delays(11);
+    let c = delays(12);
+    assert_eq!(a, b, "same seed, same delays");
+    assert_ne!(a, c, "another seed, other delays");
+    let backoff = Backoff::default();
+    for (n, d) in a.iter().enumerate() {
+        assert!(*d <= backoff.ceiling(n as u32), "attempt {n}: {d}");
+    }
+    // Jittered: not simply the ceilings; growing: the later half waits longer in total.
+    assert_ne!(a, (0..10).map(|n| backoff.ceiling(n)).collect::<Vec<_>>());
+    assert!(a[5..].iter().sum::<u64>() > a[..5].iter().sum::<u64>(), "{a:?}");
+}
+
+#[test]
+fn a_deferred_batch_waits_then_goes_again_with_the_same_ids() {
+    let mut f = enrolled(13);
+    patients(&mut f, 2);
+    let mut m = SyncMachine::default();
+    let (batch, ids) = push_of(&connect(&mut m, &mut f, 10));
+    let deferred = RelayMessage::PushDeferred {
+        batch_id: batch,
+        retry_after_ms: 2_000,
+        reason: "overloaded".into(),
+    };
+    let out = m.on_message(&mut f.dev, deferred, T0).unwrap();
+    assert!(matches!(out[..], [ClientMessage::Pull { .. }]), "{out:?}");
+    let due = f.dev.queue(false).unwrap()[0].next_attempt_ms;
+    assert!(due >= T0 + 2_000);
+    assert_eq!(m.next_wakeup(), Some(due).min(Some(T0 + 30_000)));
+    assert!(m.on_tick(&mut f.dev, due - 1).unwrap().is_empty());
+    let (_, again) = push_of(&m.on_tick(&mut f.dev, due).unwrap());
+    assert_eq!(again, ids);
+    // Unanswered for too long: the machine gives up the connection.
+    assert!(matches!(m.on_tick(&mut f.dev, due + 30_000), Err(SyncError::Timeout)));
+}
+
+#[test]
+fn an_auth_failure_blocks_and_is_persisted_in_status() {
+    let mut f = enrolled(14);
+    let mut m = SyncMachine::default();
+    m.on_connected(&mut f.dev, T0);
+    let err = m
+        .on_message(
+            &mut f.dev,
+            RelayMessage::AuthFailed {
+                reason: AuthFailure::Revoked,
+                message: "device revoked".into(),
+            },
+            T0,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("revoked"));
+    m.on_disconnected(&mut f.dev, T0);
+    assert!(!m.should_connect(T0 + 1_000_000));
+    let f = f.reopen(1);
+    let s = f.dev.status().unwrap();
+    assert_eq!(s.state, SyncStatus::AuthFailed);
+    assert!(s.auth_failure.unwrap().contains("revoked"));
+    // Local writes keep working without a valid credential.
+    let mut f = f;
+    f.patient("still works");
+}
+
+#[test]
+fn unexpected_messages_are_errors_not_panics() {
+    let mut f = enrolled(15);
+    let mut m = SyncMachine::default();
+    let stray = RelayMessage::PushResult {
+        batch_id: 1,
+        results: vec![],
+    };
+    assert!(m.on_message(&mut f.dev, stray.clone(), T0).is_err());
+    connect(&mut m, &mut f, 10);
+    assert!(matches!(
+        m.on_message(&mut f.dev, stray, T0),
+        Err(SyncError::WrongBatch { .. })
+    ));
+    assert!(m.on_message(&mut f.dev, welcome(1), T0).is_err());
+    let page = RelayMessage::Changes {
+        entries: vec![],
+        next: PullCursor::default(),
+        caught_up: true,
+    };
+    m.on_message(&mut f.dev, page.clone(), T0).unwrap();
+    assert!(m.on_message(&mut f.dev, page, T0).is_err(), "no pull in flight");
+    assert!(m.on_message(&mut f.dev, RelayMessage::KeyRotated, T0).is_err());
+    assert!(matches!(
+        m.on_message(
+            &mut f.dev,
+            RelayMessage::Error {
+                code: fieldsync_schema::wire::ErrorCode::LimitExceeded,
+                message: "too big".into()
+            },
+            T0
+        ),
+        Err(SyncError::Relay { .. })
+    ));
+}
+
+#[test]
+fn lww_values_lost_on_arrival_are_listed_on_this_device() {
+    let mut f = enrolled(16);
+    let s = f.dev.put("settings", None, obj(json!({"units": "lb"}))).unwrap();
+    let mut m = SyncMachine::default();
+    let (batch, ids) = push_of(&connect(&mut m, &mut f, 10));
+    let stamp = |ms, device| Hlc {
+        physical_ms: ms,
+        counter: 0,
+        device,
+    };
+    let loss = LwwLoss {
+        entity_type: "settings".into(),
+        entity_id: s.entity_id,
+        field: "units".into(),
+        loser_device: f.dev.device_id(),
+        loser_mutation: ids[0],
+        loser_hlc: stamp(T0, f.dev.device_id()),
+        loser_value: json!("lb"),
+        winner_device: OTHER,
+        winner_mutation: Uuid::from_bytes([2; 16]),
+        winner_hlc: stamp(T0 + 1, OTHER),
+        winner_value: json!("kg"),
+    };
+    let result = MutationResult {
+        mutation_id: ids[0],
+        outcome: Outcome::AlreadyApplied {
+            original: Box::new(Outcome::Applied {
+                version: 4,
+                seq: 9,
+                lww_lost: vec![loss.clone()],
+            }),
+        },
+    };
+    f.dev.on_push_for_test(&mut m, batch, vec![result]);
+    assert_eq!(f.dev.lww_losses().unwrap(), vec![loss]);
+    let e = f.dev.get(s.entity_id).unwrap().unwrap();
+    assert_eq!((e.relay_version, e.sync_state), (4, SyncState::Synced));
+    assert_eq!(f.dev.outbox_item(ids[0]).unwrap().unwrap().applied_version, Some(4));
+}

@@ -1,0 +1,177 @@
+//! Pull pages, live entries and snapshots.
+
+use super::*;
+
+fn remote_patient(name: &str) -> (Uuid, Vec<u8>) {
+    let schema = Schema::default_schema();
+    let mut d = EntityDoc::new(device_actor(OTHER));
+    d.init_type("patient").unwrap();
+    d.write_fields(schema.entity_type("patient").unwrap(), &obj(json!({ "name": name })))
+        .unwrap();
+    let id = Uuid::from_bytes([name.len() as u8; 16]);
+    (id, d.commit(T0).unwrap().raw_bytes().to_vec())
+}
+
+fn entry(seq: u64, id: Uuid, payload: FeedPayload, hlc_ms: u64) -> FeedEntry {
+    FeedEntry {
+        seq,
+        space_id: space(),
+        entity_type: "patient".into(),
+        entity_id: id,
+        version: 1,
+        payload,
+        origin: Some(Origin {
+            device_id: OTHER,
+            user_id: Uuid::from_bytes([0x22; 16]),
+            mutation_id: Uuid::from_bytes([seq as u8; 16]),
+            hlc: Hlc {
+                physical_ms: hlc_ms,
+                counter: 0,
+                device: OTHER,
+            },
+        }),
+        lww_losses: vec![],
+    }
+}
+
+#[test]
+fn pulled_pages_apply_atomically_move_the_cursor_and_end_caught_up() {
+    let mut f = enrolled(7);
+    let mut m = SyncMachine::default();
+    let out = connect(&mut m, &mut f, 10);
+    assert!(matches!(out[..], [ClientMessage::Pull { .. }]));
+    let (a, ca) = remote_patient("Ann");
+    let (b, cb) = remote_patient("Bobby");
+    let page = RelayMessage::Changes {
+        entries: vec![
+            entry(1, a, FeedPayload::Changes(vec![Bytes(ca)]), T0),
+            entry(2, b, FeedPayload::Changes(vec![Bytes(cb)]), T0 + 86_400_000),
+        ],
+        next: PullCursor { seq: 2, snapshot: None },
+        caught_up: false,
+    };
+    let out = m.on_message(&mut f.dev, page, T0).unwrap();
+    assert_eq!(
+        out,
+        vec![ClientMessage::Pull {
+            cursor: PullCursor { seq: 2, snapshot: None },
+            max_entries: 500
+        }]
+    );
+    assert_eq!(f.dev.cursor().unwrap().seq, 2);
+    let ann = f.dev.get(a).unwrap().unwrap();
+    assert_eq!(
+        (ann.fields["name"].clone(), ann.sync_state, ann.relay_version),
+        (json!("Ann"), SyncState::Synced, 1)
+    );
+    assert_eq!(ann.space_id, space());
+
+    // A page with one bad entry changes nothing, not even the good entry or the cursor.
+    let (c, cc) = remote_patient("Cecilia");
+    let bad = RelayMessage::Changes {
+        entries: vec![
+            entry(3, c, FeedPayload::Changes(vec![Bytes(cc)]), T0),
+            entry(4, a, FeedPayload::Changes(vec![Bytes(vec![1, 2, 3])]), T0),
+        ],
+        next: PullCursor { seq: 4, snapshot: None },
+        caught_up: true,
+    };
+    assert!(m.on_message(&mut f.dev, bad, T0).is_err());
+    assert!(f.dev.get(c).unwrap().is_none());
+    assert_eq!(f.dev.cursor().unwrap().seq, 2);
+
+    // The HLC observed the remote stamp a day ahead: the next local write sorts after it.
+    let p = f.patient("local");
+    let q = f.dev.queue(false).unwrap();
+    let h = f.dev.envelope(q[0].mutation_id).unwrap().unwrap().client_timestamp;
+    assert!(h.physical_ms >= T0 + 86_400_000, "{h}");
+    assert!(f.dev.get(p).unwrap().is_some());
+}
+
+#[test]
+fn caught_up_with_nothing_in_flight_is_idle_and_records_the_last_sync() {
+    let mut f = enrolled(8);
+    let mut m = SyncMachine::default();
+    connect(&mut m, &mut f, 10);
+    assert_eq!(f.dev.status().unwrap().state, SyncStatus::Syncing);
+    f.time.set(T0 + 5);
+    let done = RelayMessage::Changes {
+        entries: vec![],
+        next: PullCursor { seq: 9, snapshot: None },
+        caught_up: true,
+    };
+    assert!(m.on_message(&mut f.dev, done, T0 + 5).unwrap().is_empty());
+    assert!(m.summary().idle && m.summary().caught_up);
+    let s = f.dev.status().unwrap();
+    assert_eq!((s.state, s.last_sync_ms), (SyncStatus::Synced, Some(T0 + 5)));
+    // Live entries apply the same way and move the cursor.
+    let (a, ca) = remote_patient("Live");
+    let live = RelayMessage::Live {
+        entries: vec![entry(10, a, FeedPayload::Changes(vec![Bytes(ca)]), T0)],
+        cursor: PullCursor {
+            seq: 10,
+            snapshot: None,
+        },
+    };
+    m.on_message(&mut f.dev, live, T0 + 6).unwrap();
+    assert_eq!(f.dev.cursor().unwrap().seq, 10);
+    assert_eq!(m.summary().pulled, 1);
+    // A write while connected is pushed at once.
+    f.patient("now");
+    let out = m.notify_local_write(&mut f.dev, T0 + 7).unwrap();
+    push_of(&out);
+    assert!(!m.summary().idle);
+}
+
+#[test]
+fn a_snapshot_merges_without_losing_unsent_local_changes_and_lww_losses_are_listed() {
+    let mut f = enrolled(9);
+    let p = f.patient("Ada");
+    let base = f.dev.document_bytes(p).unwrap();
+    f.dev.update("patient", p, obj(json!({"mrn": "LOCAL"}))).unwrap();
+    let mut relay = EntityDoc::load(&base, device_actor(OTHER)).unwrap();
+    let schema = Schema::default_schema();
+    relay
+        .write_fields(schema.entity_type("patient").unwrap(), &obj(json!({"phone": "555"})))
+        .unwrap();
+    relay.commit(T0).unwrap();
+    let mut m = SyncMachine::default();
+    let out = connect(&mut m, &mut f, 10);
+    push_of(&out); // the local write is in flight; the snapshot arrives later via live
+    let mut snap = entry(5, p, FeedPayload::Snapshot(Bytes(relay.save())), T0);
+    snap.origin = None;
+    snap.version = 3;
+    snap.lww_losses = vec![LwwLoss {
+        entity_type: "patient".into(),
+        entity_id: p,
+        field: "mrn".into(),
+        loser_device: f.dev.device_id(),
+        loser_mutation: Uuid::from_bytes([1; 16]),
+        loser_hlc: Hlc {
+            physical_ms: T0,
+            counter: 0,
+            device: f.dev.device_id(),
+        },
+        loser_value: json!("LOCAL"),
+        winner_device: OTHER,
+        winner_mutation: Uuid::from_bytes([2; 16]),
+        winner_hlc: Hlc {
+            physical_ms: T0 + 1,
+            counter: 0,
+            device: OTHER,
+        },
+        winner_value: json!("X"),
+    }];
+    let live = RelayMessage::Live {
+        entries: vec![snap],
+        cursor: PullCursor { seq: 5, snapshot: None },
+    };
+    m.on_message(&mut f.dev, live, T0).unwrap();
+    let e = f.dev.get(p).unwrap().unwrap();
+    assert_eq!(
+        (e.fields["mrn"].clone(), e.fields["phone"].clone()),
+        (json!("LOCAL"), json!("555"))
+    );
+    assert_eq!((e.relay_version, e.sync_state), (3, SyncState::Pending));
+    assert_eq!(f.dev.lww_losses().unwrap().len(), 1);
+}

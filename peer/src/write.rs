@@ -1,0 +1,349 @@
+//! Local writes: validate first, then commit document, materialised fields and outbox entry in
+//! one SQLite transaction.
+//!
+//! Every write runs inside one `BEGIN IMMEDIATE` transaction that loads the one document it
+//! needs, so a failed check leaves nothing behind (the transaction is dropped) and a reported
+//! success is on disk (`synchronous=FULL`) before the call returns.
+
+use fieldsync_schema::document::{NoteSignature, content_hash};
+use fieldsync_schema::{EntityDoc, EntityType, FieldKind, Mutation, MutationKind, ids, signing};
+use rusqlite::{Transaction, TransactionBehavior};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::db::{self, keys};
+use crate::device::Device;
+use crate::entity::{self, EntityMeta, SyncState};
+use crate::error::{PeerError, Result};
+use crate::outbox;
+use crate::rules;
+
+/// What a write did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WriteReceipt {
+    pub entity_id: Uuid,
+    pub entity_type: String,
+    pub kind: MutationKind,
+    /// The outbox item carrying the change; `None` when the write changed nothing.
+    pub mutation_id: Option<Uuid>,
+    /// The change was appended to the previous, never-sent item for the same entity.
+    pub combined: bool,
+    /// Hash of the Automerge change this write made.
+    pub change_hash: Option<String>,
+}
+
+/// The operation of one write, after the caller's arguments were parsed.
+pub(crate) enum Op {
+    Put(Map<String, Value>),
+    Delete,
+    Text { field: String, text: String },
+    Sign,
+    Lock,
+    Increment { field: String, by: i64 },
+}
+
+impl Device {
+    /// Creates (`id` absent or unknown) or updates (`id` known) an entity with a JSON patch;
+    /// `null` removes an optional field. Prints nothing, returns the id in the receipt.
+    pub fn put(&mut self, entity_type: &str, id: Option<Uuid>, patch: Map<String, Value>) -> Result<WriteReceipt> {
+        self.put_in_space(None, entity_type, id, patch)
+    }
+
+    /// `put`, naming the space a new entity goes to (one of the user's; the default otherwise).
+    pub fn put_in_space(
+        &mut self,
+        space: Option<Uuid>,
+        entity_type: &str,
+        id: Option<Uuid>,
+        patch: Map<String, Value>,
+    ) -> Result<WriteReceipt> {
+        self.write(entity_type.into(), id, space, Op::Put(patch), true)
+    }
+
+    /// Updates an existing entity (errors if it does not exist).
+    pub fn update(&mut self, entity_type: &str, id: Uuid, patch: Map<String, Value>) -> Result<WriteReceipt> {
+        self.write(entity_type.into(), Some(id), None, Op::Put(patch), false)
+    }
+
+    /// Tombstones an entity: deletes are never physical.
+    pub fn delete(&mut self, entity_type: &str, id: Uuid) -> Result<WriteReceipt> {
+        self.write(entity_type.into(), Some(id), None, Op::Delete, false)
+    }
+
+    /// Edits a text field in place (a minimal splice), so concurrent edits elsewhere survive.
+    pub fn edit_text(&mut self, entity_type: &str, id: Uuid, field: &str, text: &str) -> Result<WriteReceipt> {
+        let op = Op::Text {
+            field: field.to_string(),
+            text: text.to_string(),
+        };
+        self.write(entity_type.into(), Some(id), None, op, false)
+    }
+
+    /// Edits a note's `body`.
+    pub fn edit_note(&mut self, id: Uuid, text: &str) -> Result<WriteReceipt> {
+        self.edit_text("note", id, "body", text)
+    }
+
+    /// Signs a note as the enrolled user; the note is immutable from then on.
+    pub fn sign_note(&mut self, id: Uuid) -> Result<WriteReceipt> {
+        self.write("note".into(), Some(id), None, Op::Sign, false)
+    }
+
+    /// Sets `locked: true` on a lockable record; it is read-only from then on.
+    pub fn lock(&mut self, entity_type: &str, id: Uuid) -> Result<WriteReceipt> {
+        self.write(entity_type.into(), Some(id), None, Op::Lock, false)
+    }
+
+    /// Adds `by` to a counter field.
+    pub fn increment(&mut self, entity_type: &str, id: Uuid, field: &str, by: i64) -> Result<WriteReceipt> {
+        let op = Op::Increment {
+            field: field.to_string(),
+            by,
+        };
+        self.write(entity_type.into(), Some(id), None, op, false)
+    }
+
+    fn write(
+        &mut self,
+        entity_type: String,
+        id: Option<Uuid>,
+        space: Option<Uuid>,
+        op: Op,
+        may_create: bool,
+    ) -> Result<WriteReceipt> {
+        let schema = self.schema.clone();
+        let ty = schema
+            .entity_type(&entity_type)
+            .ok_or_else(|| PeerError::UnknownType(entity_type.clone()))?;
+        let now = self.time.now_ms();
+        let actor = self.actor();
+        let user_id = self.user_id();
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing = match id {
+            Some(id) => entity::load(&tx, id, actor.clone())?,
+            None => None,
+        };
+        let (mut meta, mut doc, kind) = match existing {
+            Some(loaded) => {
+                if loaded.meta.entity_type != entity_type {
+                    return Err(PeerError::WrongType {
+                        id: loaded.meta.entity_id,
+                        expected: entity_type,
+                        actual: loaded.meta.entity_type,
+                    });
+                }
+                let kind = rules::kind_of(&op, false);
+                (loaded.meta, loaded.doc, kind)
+            }
+            None => {
+                let Op::Put(_) = op else {
+                    return Err(not_found(&entity_type, id));
+                };
+                if !may_create {
+                    return Err(not_found(&entity_type, id));
+                }
+                let entity_id = match id {
+                    Some(id) => id,
+                    None => ids::new_uuid(&mut self.rng),
+                };
+                let space_id = rules::space_for_create(self.enrollment.as_ref(), space)?;
+                let meta = EntityMeta {
+                    entity_id,
+                    entity_type: entity_type.clone(),
+                    space_id,
+                    relay_version: 0,
+                    sync_state: SyncState::Pending,
+                };
+                let mut doc = EntityDoc::new(actor);
+                doc.init_type(&entity_type)?;
+                (meta, doc, MutationKind::Create)
+            }
+        };
+        rules::check_allowed(ty, &doc, &meta, kind, self.enrollment.as_ref())?;
+        let mut signer = Signer {
+            rng: &mut self.rng,
+            key: &self.key,
+            hlc: &mut self.hlc,
+            device_id: self.device_id,
+            user_id,
+        };
+        apply_op(&mut signer, &tx, ty, &meta, &mut doc, op, kind, now)?;
+        let Some(change) = doc.commit(now) else {
+            // Nothing changed (every value equal to the current one): nothing to queue.
+            return Ok(WriteReceipt {
+                entity_id: meta.entity_id,
+                entity_type,
+                kind,
+                mutation_id: None,
+                combined: false,
+                change_hash: None,
+            });
+        };
+        let change_hash = change.hash().to_string();
+        if matches!(meta.sync_state, SyncState::Synced | SyncState::Pending) {
+            meta.sync_state = SyncState::Pending;
+        }
+        entity::store(&tx, &meta, &mut doc, now)?;
+        let (mutation_id, combined) = signer.enqueue(&tx, &meta, kind, change.raw_bytes().to_vec(), now)?;
+        let counter = db::meta_get_u64(&tx, keys::WRITE_COUNTER)?.unwrap_or(0) + 1;
+        db::meta_set(&tx, keys::WRITE_COUNTER, &counter.to_string())?;
+        db::meta_set_json(&tx, keys::HLC, &signer.hlc.last())?;
+        tx.commit()?;
+        Ok(WriteReceipt {
+            entity_id: meta.entity_id,
+            entity_type,
+            kind,
+            mutation_id: Some(mutation_id),
+            combined,
+            change_hash: Some(change_hash),
+        })
+    }
+}
+
+/// Validates and performs the operation on the document (not yet committed).
+#[allow(clippy::too_many_arguments)]
+fn apply_op(
+    signer: &mut Signer<'_>,
+    tx: &Transaction<'_>,
+    ty: &EntityType,
+    meta: &EntityMeta,
+    doc: &mut EntityDoc,
+    op: Op,
+    kind: MutationKind,
+    now: u64,
+) -> Result<()> {
+    let current = doc.fields();
+    match op {
+        Op::Put(patch) => {
+            rules::validate_patch(tx, ty, meta, &current, &patch, kind == MutationKind::Create)?;
+            doc.write_fields(ty, &patch)?;
+        }
+        Op::Delete => doc.set_deleted(true)?,
+        Op::Text { field, text } => {
+            match ty.field(&field).map(|f| &f.kind) {
+                Some(FieldKind::Text { .. }) => {}
+                _ => {
+                    return Err(refused(meta, format!("`{field}` is not a text field of `{}`", ty.name)));
+                }
+            }
+            let mut patch = Map::new();
+            patch.insert(field.clone(), Value::String(text.clone()));
+            rules::validate_patch(tx, ty, meta, &current, &patch, false)?;
+            doc.set_text(&field, &text)?;
+        }
+        Op::Lock => {
+            let mut patch = Map::new();
+            patch.insert("locked".into(), Value::Bool(true));
+            rules::validate_patch(tx, ty, meta, &current, &patch, false)?;
+            doc.write_fields(ty, &patch)?;
+        }
+        Op::Increment { field, by } => {
+            match ty.field(&field).map(|f| &f.kind) {
+                Some(FieldKind::Counter { .. }) => {}
+                _ => {
+                    return Err(refused(
+                        meta,
+                        format!("`{field}` is not a counter field of `{}`", ty.name),
+                    ));
+                }
+            }
+            let old = current.get(&field).and_then(Value::as_i64).unwrap_or(0);
+            let mut merged = current.clone();
+            merged.insert(field.clone(), Value::from(old.saturating_add(by)));
+            ty.validate(&merged).map_err(|errors| PeerError::Invalid {
+                entity_type: ty.name.clone(),
+                errors,
+            })?;
+            doc.increment(&field, by)?;
+        }
+        Op::Sign => {
+            let signer_user = signer.user_id;
+            let hash = hex::encode(content_hash(&current));
+            let bytes = signing::note_signature_bytes(
+                &meta.entity_id,
+                &content_hash(&current),
+                &signer_user,
+                &signer.device_id,
+                now,
+            );
+            let sig = NoteSignature {
+                signer_user,
+                signer_device: signer.device_id,
+                signed_at_ms: now,
+                content_hash: hash,
+                signature: hex::encode(signer.key.sign(&bytes)),
+            };
+            doc.set_signature(&sig)?;
+        }
+    }
+    Ok(())
+}
+
+/// The parts of a `Device` a write needs besides its transaction (borrowed apart from it).
+struct Signer<'a> {
+    rng: &'a mut crate::device::DeviceRng,
+    key: &'a fieldsync_schema::DeviceKey,
+    hlc: &'a mut fieldsync_schema::HlcClock,
+    device_id: Uuid,
+    user_id: Uuid,
+}
+
+impl Signer<'_> {
+    /// Appends a signed envelope, or combines the change into the previous never-sent item for
+    /// the same entity when both kinds allow it. Returns (mutation id, combined).
+    fn enqueue(
+        &mut self,
+        tx: &Transaction<'_>,
+        meta: &EntityMeta,
+        kind: MutationKind,
+        change: Vec<u8>,
+        now: u64,
+    ) -> Result<(Uuid, bool)> {
+        if let Some((seq, mut last)) = outbox::last_unsent(tx)?
+            && last.entity_id == meta.entity_id
+            && rules::combinable(last.kind, kind)
+        {
+            last.changes.push(change.into());
+            last.client_timestamp = self.hlc.tick(now);
+            self.key.sign_mutation(&mut last);
+            outbox::replace_envelope(tx, seq, &last)?;
+            return Ok((last.mutation_id, true));
+        }
+        let base_version = match kind {
+            MutationKind::Create => None,
+            _ => Some(meta.relay_version + outbox::unconfirmed_for(tx, meta.entity_id)?),
+        };
+        let mut m = Mutation {
+            mutation_id: ids::new_uuid(&mut self.rng),
+            device_id: self.device_id,
+            user_id: self.user_id,
+            space_id: meta.space_id,
+            entity_type: meta.entity_type.clone(),
+            entity_id: meta.entity_id,
+            kind,
+            client_timestamp: self.hlc.tick(now),
+            base_version,
+            changes: vec![change.into()],
+            signature: Default::default(),
+        };
+        self.key.sign_mutation(&mut m);
+        outbox::append(tx, &m, now)?;
+        Ok((m.mutation_id, false))
+    }
+}
+
+fn not_found(entity_type: &str, id: Option<Uuid>) -> PeerError {
+    PeerError::NotFound {
+        entity_type: Some(entity_type.to_string()),
+        id: id.unwrap_or_default(),
+    }
+}
+
+pub(crate) fn refused(meta: &EntityMeta, reason: String) -> PeerError {
+    PeerError::Refused {
+        entity_type: meta.entity_type.clone(),
+        id: meta.entity_id,
+        reason,
+    }
+}
