@@ -217,6 +217,7 @@ fn lww_keeps_the_max_hlc_even_when_the_older_write_arrives_last() {
     let (s, m) = phone.create("settings", json!({"units": "kg"}), T0);
     r.push_one(&mut phone, m);
     r.pull(&mut tablet);
+    r.pull(&mut phone);
     // The tablet's clock is a day ahead: its edit is the later one by HLC though made "first".
     let newer = tablet.update("settings", s, json!({"units": "lb"}), T0 + 86_400_000);
     let older = phone.update("settings", s, json!({"units": "st"}), T0 + 1_000);
@@ -240,8 +241,16 @@ fn lww_keeps_the_max_hlc_even_when_the_older_write_arrives_last() {
         "{archive:?}"
     );
 
-    // Both devices converge on the winner after pulling.
-    r.pull(&mut phone);
+    // Both devices converge on the winner after pulling; the phone, whose own write lost,
+    // receives the relay's settling change rather than an empty "own" entry.
+    let entries = r.pull(&mut phone);
+    assert!(
+        entries
+            .iter()
+            .any(|e| matches!(e.payload, fieldsync_schema::FeedPayload::Changes(_))
+                && e.origin.is_some_and(|o| o.device_id == phone.device_id)),
+        "{entries:?}"
+    );
     r.pull(&mut tablet);
     assert_eq!(phone.fields(s)["units"], json!("lb"));
     assert_eq!(tablet.fields(s)["units"], json!("lb"));

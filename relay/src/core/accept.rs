@@ -25,6 +25,9 @@ use crate::store::{ArchiveRow, AuditRow, DocumentRow, DocumentUpdate, NewFeedRow
 pub struct AppliedEntry {
     pub entry: FeedEntry,
     pub origin_device: Uuid,
+    /// What the origin device gets: `Own`, or the changes the relay added (LWW settlement),
+    /// which the origin does not have yet.
+    pub origin_payload: FeedPayload,
 }
 
 impl AppliedEntry {
@@ -32,7 +35,7 @@ impl AppliedEntry {
     pub fn entry_for(&self, device: Uuid) -> FeedEntry {
         if device == self.origin_device {
             FeedEntry {
-                payload: FeedPayload::Own,
+                payload: self.origin_payload.clone(),
                 ..self.entry.clone()
             }
         } else {
@@ -553,7 +556,13 @@ impl<S: Store> RelayCore<S> {
         };
         let version = row.map_or(0, |r| r.version) + 1;
         let mut all_changes = to_bytes(changes);
-        all_changes.extend(to_bytes(&extra_changes));
+        let relay_changes = to_bytes(&extra_changes);
+        all_changes.extend(relay_changes.iter().cloned());
+        let origin_payload = if relay_changes.is_empty() {
+            FeedPayload::Own
+        } else {
+            FeedPayload::Changes(relay_changes)
+        };
         let (lost, overridden, stamps) = match lww_plan {
             Some(p) => (p.lost, p.overridden, p.stamps_json),
             None => (
@@ -642,6 +651,7 @@ impl<S: Store> RelayCore<S> {
                 lww_losses: overridden,
             },
             origin_device: m.device_id,
+            origin_payload,
         });
         Ok(Outcome::Applied {
             version,

@@ -1,6 +1,7 @@
 //! Pull: pages of the change feed for the user's spaces only, compacted documents for a device
 //! starting from zero, and the switch to live delivery once a device has caught up.
 
+use fieldsync_schema::document::{device_actor, parse_change};
 use fieldsync_schema::wire::{FeedPayload, SnapshotCursor};
 use fieldsync_schema::{Bytes, FeedEntry, LwwLoss, Origin, PullCursor, RelayMessage};
 
@@ -132,11 +133,21 @@ impl<S: Store> RelayCore<S> {
 
 /// A stored feed row as `device` receives it.
 pub(crate) fn feed_entry(row: FeedRow, device: uuid::Uuid) -> Result<FeedEntry, StoreError> {
+    let changes: Vec<Bytes> = ciborium::from_reader(row.changes.as_slice())
+        .map_err(|e| StoreError::Corrupt(format!("feed row {}: {e}", row.seq)))?;
     let payload = if row.origin_device == device {
-        FeedPayload::Own
+        // The origin has its own changes; it still needs any the relay added (LWW settlement).
+        let own = device_actor(device);
+        let relay_added: Vec<Bytes> = changes
+            .into_iter()
+            .filter(|c| parse_change(&c.0).map(|c| c.actor_id() != &own).unwrap_or(true))
+            .collect();
+        if relay_added.is_empty() {
+            FeedPayload::Own
+        } else {
+            FeedPayload::Changes(relay_added)
+        }
     } else {
-        let changes: Vec<Bytes> = ciborium::from_reader(row.changes.as_slice())
-            .map_err(|e| StoreError::Corrupt(format!("feed row {}: {e}", row.seq)))?;
         FeedPayload::Changes(changes)
     };
     let lww_losses: Vec<LwwLoss> = ciborium::from_reader(row.lww_losses.as_slice())
