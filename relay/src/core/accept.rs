@@ -493,7 +493,8 @@ fn missing_dependency(doc: &mut EntityDoc, changes: &[Change]) -> Option<Outcome
     None
 }
 
-/// Writes, as the relay, whatever makes each contested LWW field hold its winning value.
+/// Writes, as the relay, whatever makes each contested LWW field hold its winning value and
+/// nothing else.
 fn settle(
     ty: &EntityType,
     doc: &mut EntityDoc,
@@ -508,7 +509,9 @@ fn settle(
             if doc.is_deleted() != want {
                 doc.set_deleted(want).map_err(|e| invalid("_deleted", e.to_string()))?;
             }
-        } else if current.get(field).unwrap_or(&Value::Null) != target {
+        } else if current.get(field).unwrap_or(&Value::Null) != target || doc.has_concurrent_values(field) {
+            // Also when Automerge's own tie-break already shows the winner: the relay's decision
+            // is written down, so the document alone says which value stands.
             patch.insert(field.clone(), target.clone());
         }
     }
