@@ -13,6 +13,7 @@ pub mod db;
 pub mod device;
 pub mod entity;
 pub mod error;
+pub mod net;
 pub mod outbox;
 mod rules;
 pub mod sync;

@@ -120,6 +120,8 @@ impl Device {
         let actor = self.actor();
         let user_id = self.user_id();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Another process (a `sync --watch`) may have moved the clock on since this one opened.
+        fold_stored_hlc(&mut self.hlc, &tx)?;
         let existing = match id {
             Some(id) => entity::load(&tx, id, actor.clone())?,
             None => None,
@@ -346,4 +348,15 @@ pub(crate) fn refused(meta: &EntityMeta, reason: String) -> PeerError {
         id: meta.entity_id,
         reason,
     }
+}
+
+/// Folds the HLC stamp persisted in `meta` into this process's clock, so stamps stay monotonic
+/// when several processes (the CLI and a `sync --watch`) use one device directory.
+pub(crate) fn fold_stored_hlc(hlc: &mut fieldsync_schema::HlcClock, tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    if let Some(stored) = db::meta_get_json::<fieldsync_schema::Hlc>(tx, keys::HLC)?
+        && stored > hlc.last()
+    {
+        *hlc = fieldsync_schema::HlcClock::resume(stored.device, Some(stored));
+    }
+    Ok(())
 }

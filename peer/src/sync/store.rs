@@ -160,6 +160,7 @@ impl Device {
         let actor = self.actor();
         let device_id = self.device_id;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        crate::write::fold_stored_hlc(&mut self.hlc, &tx)?;
         for e in entries {
             apply_entry(&tx, e, actor.clone(), device_id, now_ms)?;
             if let Some(origin) = &e.origin {

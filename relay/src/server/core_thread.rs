@@ -156,3 +156,60 @@ pub(crate) fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use fieldsync_schema::Schema;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    use super::*;
+    use crate::core::RelayConfig;
+
+    #[test]
+    fn a_connection_that_does_not_read_is_cut_off_not_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_dir(dir.path(), uuid::Uuid::nil()).unwrap();
+        let core = RelayCore::new(
+            store,
+            Arc::new(Schema::default_schema()),
+            RelayConfig::default(),
+            Box::new(ChaCha20Rng::seed_from_u64(1)),
+        );
+        let (tx, rx) = mpsc::channel(64);
+        let status = Arc::new(Mutex::new(StatusSnapshot::new(uuid::Uuid::nil())));
+        let thread_status = status.clone();
+        let thread = std::thread::spawn(move || run(core, rx, thread_status));
+        // A connection whose queue holds one message and which never reads it.
+        let (conn_tx, _never_read) = mpsc::channel(1);
+        let kill = Arc::new(Notify::new());
+        tx.blocking_send(CoreInput::Open {
+            conn: 7,
+            tx: conn_tx,
+            kill: kill.clone(),
+        })
+        .unwrap();
+        for nonce in 0..3 {
+            tx.blocking_send(CoreInput::Message(7, ClientMessage::Ping { nonce }))
+                .unwrap();
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let killed = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), kill.notified())
+                .await
+                .is_ok()
+        });
+        assert!(killed, "the slow reader was not disconnected");
+        tx.blocking_send(CoreInput::Shutdown).unwrap();
+        thread.join().unwrap();
+        let s = status.lock().unwrap();
+        assert_eq!(s.slow_reader_disconnects, 1);
+        assert_eq!(s.connections, 0, "the core forgot the connection");
+    }
+}

@@ -3,6 +3,7 @@
 //! The only place that constructs the production clock and an OS-seeded RNG; everything else
 //! takes them injected.
 
+mod net_cmd;
 mod output;
 
 use std::io::Write;
@@ -147,6 +148,24 @@ enum Command {
     SignOut {
         #[arg(long)]
         force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Registers this device with a relay, using a single-use token from the relay operator.
+    Enroll {
+        /// The relay's address, e.g. ws://127.0.0.1:7070.
+        #[arg(long)]
+        relay: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Syncs with the relay: pushes every queued change, pulls until caught up, prints a summary.
+    Sync {
+        /// Stay connected: live changes both ways, reconnecting with backoff, until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
         #[arg(long)]
         json: bool,
     },
@@ -303,6 +322,8 @@ fn run(cli: Cli) -> Result<()> {
             let dev = open_existing(&dir, schema)?;
             output::sign_out(&dev.sign_out(force)?, json)
         }
+        Command::Enroll { relay, token, json } => net_cmd::enroll(open_existing(&dir, schema)?, &relay, &token, json),
+        Command::Sync { watch, json } => net_cmd::sync(open_existing(&dir, schema)?, watch, json),
         Command::Burst { count } => {
             let mut dev = open_existing(&dir, schema)?;
             let stdout = std::io::stdout();

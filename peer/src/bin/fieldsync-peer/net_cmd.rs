@@ -1,0 +1,135 @@
+//! `enroll` and `sync [--watch]`: the commands that talk to a relay.
+
+use anyhow::{Context, Result};
+use fieldsync_peer::Device;
+use fieldsync_peer::net::{self, NetError, SyncOptions, WatchEvent};
+use fieldsync_peer::sync::{SyncMachine, SyncSummary};
+use serde_json::json;
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub fn enroll(mut dev: Device, relay: &str, token: &str, json: bool) -> Result<()> {
+    let e = runtime()?.block_on(net::enroll(&mut dev, relay, token))?;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "device_id": dev.device_id(),
+                "relay": e.relay_url,
+                "relay_id": e.relay_id,
+                "user": e.user.name,
+                "user_id": e.user.user_id,
+                "default_space": e.default_space,
+                "spaces": e.user.spaces,
+            })
+        );
+    } else {
+        let spaces: Vec<String> = e
+            .user
+            .spaces
+            .iter()
+            .map(|s| format!("{} ({})", s.name, s.role))
+            .collect();
+        println!(
+            "enrolled device {} as {} at {} (spaces: {})",
+            dev.device_id(),
+            e.user.name,
+            e.relay_url,
+            spaces.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn print_summary(dev: &Device, s: &SyncSummary, json: bool) -> Result<()> {
+    let status = dev.status()?;
+    if json {
+        println!("{}", json!({ "summary": s, "status": status }));
+        return Ok(());
+    }
+    println!(
+        "pushed {}, applied {}, conflicts {}, rejected {}, pulled {}; status: {}, {} unsynced",
+        s.pushed,
+        s.applied,
+        s.conflicts,
+        s.rejected,
+        s.pulled,
+        status.state.as_str(),
+        status.unsynced
+    );
+    if let Some(b) = &status.blocked {
+        println!("blocked on {} {}: {}", b.entity_type, b.entity_id, b.reason);
+    }
+    Ok(())
+}
+
+pub fn sync(mut dev: Device, watch: bool, json: bool) -> Result<()> {
+    let mut machine = SyncMachine::default();
+    let opts = SyncOptions {
+        progress: !json,
+        ..SyncOptions::default()
+    };
+    let rt = runtime()?;
+    if !watch {
+        return match rt.block_on(net::sync_once(&mut dev, &mut machine, &opts)) {
+            Ok(summary) => print_summary(&dev, &summary, json),
+            Err(e) => {
+                let unsynced = dev.status().map(|s| s.unsynced).unwrap_or(0);
+                let hint = if e.is_retryable() {
+                    format!("; {unsynced} change(s) stay queued and go out on the next sync")
+                } else {
+                    String::new()
+                };
+                Err(anyhow::Error::new(e).context(format!("sync failed{hint}")))
+            }
+        };
+    }
+    let result = rt.block_on(net::watch(
+        &mut dev,
+        &mut machine,
+        &opts,
+        stop_signal(),
+        |event| match event {
+            WatchEvent::Connected => eprintln!("connected"),
+            WatchEvent::Disconnected { reason, retry_in_ms } => {
+                eprintln!(
+                    "disconnected: {reason}; reconnecting in {:.1}s",
+                    retry_in_ms as f64 / 1000.0
+                )
+            }
+            WatchEvent::Summary(_) => {}
+        },
+    ));
+    match result {
+        Ok(()) => print_summary(&dev, &machine.summary(), json),
+        Err(NetError::Store(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,221 @@
+//! One sync round (`sync`) and a long-lived connection (`sync --watch`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use fieldsync_schema::ClientMessage;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{NetError, Socket, close, connect, receive, send, send_all};
+use crate::device::Device;
+use crate::sync::{Phase, SyncMachine, SyncSummary};
+
+/// Items moving in one round above which a progress bar is worth showing (a week offline).
+const PROGRESS_THRESHOLD: u64 = 1000;
+
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// Draw a progress bar on stderr when thousands of items move (hidden when not a terminal).
+    pub progress: bool,
+    /// How often the machine gets a tick (picks up writes made by other processes, timeouts).
+    pub tick_every: Duration,
+    /// Keep-alive ping interval on an otherwise quiet connection.
+    pub ping_every: Duration,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            progress: true,
+            tick_every: Duration::from_secs(1),
+            ping_every: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What `watch` reports as it goes.
+#[derive(Debug, Clone)]
+pub enum WatchEvent {
+    Connected,
+    Disconnected { reason: String, retry_in_ms: u64 },
+    Summary(SyncSummary),
+}
+
+/// One round: connect, push everything, pull until caught up, close. The summary says what
+/// moved; an error leaves everything queued for the next attempt (same mutation ids).
+pub async fn sync_once(
+    dev: &mut Device,
+    machine: &mut SyncMachine,
+    opts: &SyncOptions,
+) -> Result<SyncSummary, NetError> {
+    let url = dev.enrollment().ok_or(NetError::NotEnrolled)?.relay_url.clone();
+    let mut socket = match connect(&url).await {
+        Ok(s) => s,
+        Err(e) => {
+            machine.on_disconnected(dev, dev.now_ms());
+            return Err(e);
+        }
+    };
+    let mut never = std::pin::pin!(std::future::pending::<()>());
+    let result = session(dev, machine, &mut socket, opts, true, &mut never).await;
+    if result.is_ok() {
+        close(&mut socket).await;
+    }
+    machine.on_disconnected(dev, dev.now_ms());
+    result
+}
+
+/// Stays connected until `stop` resolves: live changes both ways, reconnecting with
+/// exponential backoff and jitter. Returns early only when the relay refuses the device.
+pub async fn watch<F: Future<Output = ()>>(
+    dev: &mut Device,
+    machine: &mut SyncMachine,
+    opts: &SyncOptions,
+    stop: F,
+    mut on_event: impl FnMut(WatchEvent),
+) -> Result<(), NetError> {
+    let url = dev.enrollment().ok_or(NetError::NotEnrolled)?.relay_url.clone();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let now = dev.now_ms();
+        if machine.phase() == Phase::AuthFailed {
+            let reason = dev.status()?.auth_failure.unwrap_or_else(|| "refused".into());
+            return Err(NetError::Closed(format!("authentication failed: {reason}")));
+        }
+        if !machine.should_connect(now) {
+            let wait = machine.reconnect_at().map_or(1000, |t| t.saturating_sub(now));
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => continue,
+                _ = &mut stop => return Ok(()),
+            }
+        }
+        let outcome = tokio::select! {
+            c = connect(&url) => c,
+            _ = &mut stop => return Ok(()),
+        };
+        let result = match outcome {
+            Ok(mut socket) => {
+                on_event(WatchEvent::Connected);
+                let r = session(dev, machine, &mut socket, opts, false, &mut stop).await;
+                if r.is_ok() {
+                    close(&mut socket).await;
+                }
+                r
+            }
+            Err(e) => Err(e),
+        };
+        machine.on_disconnected(dev, dev.now_ms());
+        match result {
+            Ok(summary) => {
+                on_event(WatchEvent::Summary(summary));
+                return Ok(());
+            }
+            Err(NetError::Store(e)) => return Err(NetError::Store(e)),
+            Err(e) => {
+                let retry_in_ms = machine.reconnect_at().map_or(0, |t| t.saturating_sub(dev.now_ms()));
+                on_event(WatchEvent::Disconnected {
+                    reason: e.to_string(),
+                    retry_in_ms,
+                });
+            }
+        }
+    }
+}
+
+/// Drives the machine over one connection. With `until_idle`, returns once the round is done;
+/// otherwise runs until `stop` resolves or the connection fails.
+async fn session<F: Future<Output = ()>>(
+    dev: &mut Device,
+    machine: &mut SyncMachine,
+    socket: &mut Socket,
+    opts: &SyncOptions,
+    until_idle: bool,
+    stop: &mut Pin<&mut F>,
+) -> Result<SyncSummary, NetError> {
+    let start = machine.summary();
+    let mut bar = Progress::new(dev, opts)?;
+    send_all(socket, machine.on_connected(dev, dev.now_ms())).await?;
+    let mut last_traffic = tokio::time::Instant::now();
+    loop {
+        let summary = machine.summary();
+        bar.update(&start, &summary);
+        if until_idle && summary.idle {
+            bar.finish();
+            return Ok(summary);
+        }
+        let now = dev.now_ms();
+        let until_wakeup = machine
+            .next_wakeup()
+            .map_or(u64::MAX, |t| t.saturating_sub(now))
+            .min(opts.tick_every.as_millis() as u64);
+        tokio::select! {
+            msg = receive(socket) => {
+                let msg = msg?;
+                last_traffic = tokio::time::Instant::now();
+                let out = machine.on_message(dev, msg, dev.now_ms())?;
+                send_all(socket, out).await?;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(until_wakeup)) => {
+                let out = machine.on_tick(dev, dev.now_ms())?;
+                if !out.is_empty() {
+                    last_traffic = tokio::time::Instant::now();
+                }
+                send_all(socket, out).await?;
+                if last_traffic.elapsed() >= opts.ping_every && machine.phase() == Phase::Ready {
+                    send(socket, &ClientMessage::Ping { nonce: dev.now_ms() }).await?;
+                    last_traffic = tokio::time::Instant::now();
+                }
+            }
+            _ = stop.as_mut() => {
+                bar.finish();
+                return Ok(machine.summary());
+            }
+        }
+    }
+}
+
+/// A progress bar that appears only when a round moves thousands of items.
+struct Progress {
+    enabled: bool,
+    queued: u64,
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    fn new(dev: &Device, opts: &SyncOptions) -> Result<Self, NetError> {
+        let queued = dev.status()?.unsynced;
+        Ok(Progress {
+            enabled: opts.progress,
+            queued,
+            bar: None,
+        })
+    }
+
+    fn update(&mut self, start: &SyncSummary, now: &SyncSummary) {
+        if !self.enabled {
+            return;
+        }
+        let done = now.applied + now.conflicts + now.rejected - (start.applied + start.conflicts + start.rejected);
+        let pulled = now.pulled - start.pulled;
+        if self.bar.is_none() && (self.queued >= PROGRESS_THRESHOLD || pulled >= PROGRESS_THRESHOLD) {
+            let bar = ProgressBar::new(self.queued.max(1));
+            if let Ok(style) =
+                ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} pushed · {msg} ({elapsed})")
+            {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            self.bar = Some(bar);
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(done.min(self.queued.max(1)));
+            bar.set_message(format!("{pulled} pulled"));
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Enrollment: present a single-use token and this device's public key; become a device of
+//! the token's user.
+
+use fieldsync_schema::signing::enroll_signing_bytes;
+use fieldsync_schema::wire::PROTOCOL_VERSION;
+use fieldsync_schema::{Bytes, ClientMessage, RelayMessage};
+
+use super::{NetError, close, connect, receive, send};
+use crate::device::{Device, Enrollment};
+
+/// Registers this device with the relay and records the enrollment (adopting any data written
+/// before it into the user's first space). Returns the enrollment.
+pub async fn enroll(dev: &mut Device, relay_url: &str, token: &str) -> Result<Enrollment, NetError> {
+    super::endpoint(relay_url)?;
+    let token = token.trim();
+    let public_key = dev.public_key();
+    let proof = dev
+        .key()
+        .sign(&enroll_signing_bytes(token, &dev.device_id(), &public_key));
+    let mut socket = connect(relay_url).await?;
+    send(
+        &mut socket,
+        &ClientMessage::Enroll {
+            protocol_version: PROTOCOL_VERSION,
+            token: token.to_string(),
+            device_id: dev.device_id(),
+            public_key: Bytes(public_key.to_vec()),
+            schema_hash: dev.schema().hash(),
+            proof: Bytes(proof.to_vec()),
+        },
+    )
+    .await?;
+    let reply = receive(&mut socket).await;
+    close(&mut socket).await;
+    match reply? {
+        RelayMessage::Enrolled { relay_id, user } => {
+            let Some(default_space) = user.spaces.first().map(|s| s.space_id) else {
+                return Err(NetError::EnrollRefused {
+                    reason: "no_space",
+                    message: format!(
+                        "user {} belongs to no space yet; ask the relay operator to add them",
+                        user.name
+                    ),
+                });
+            };
+            dev.enroll_complete(relay_url.trim(), relay_id, user, default_space)?;
+            dev.enrollment().cloned().ok_or(NetError::NotEnrolled)
+        }
+        RelayMessage::AuthFailed { reason, message } => Err(NetError::EnrollRefused {
+            reason: reason.as_str(),
+            message,
+        }),
+        RelayMessage::Error { message, .. } => Err(NetError::EnrollRefused {
+            reason: "error",
+            message,
+        }),
+        other => Err(NetError::ConnectionLost(format!(
+            "unexpected `{}` during enrollment",
+            other.name()
+        ))),
+    }
+}
