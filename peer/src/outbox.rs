@@ -285,7 +285,7 @@ pub(crate) fn pushable(conn: &Connection, now_ms: u64, limit: usize) -> Result<V
     let mut out = Vec::new();
     for r in rows {
         let (next, env) = r?;
-        if u64::try_from(next).unwrap_or(0) > now_ms {
+        if !crate::sync::due(u64::try_from(next).unwrap_or(0), now_ms) {
             break;
         }
         out.push(decode(&env)?);

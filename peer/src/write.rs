@@ -171,6 +171,9 @@ impl Device {
             user_id,
         };
         apply_op(&mut signer, &tx, ty, &meta, &mut doc, op, kind, now)?;
+        if kind == MutationKind::Create {
+            doc.init_counters(ty)?;
+        }
         let Some(change) = doc.commit(now) else {
             // Nothing changed (every value equal to the current one): nothing to queue.
             return Ok(WriteReceipt {

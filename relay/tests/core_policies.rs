@@ -207,6 +207,25 @@ fn concurrent_counter_increments_sum_and_overwrites_are_refused() {
     let o = r.push_one(&mut a, reset);
     assert!(errors(&o).iter().any(|e| e.field == "legs_sets"), "{o:?}");
     assert_eq!(r.fields_of(v)["legs_sets"], json!(21));
+    // Counters are created with the entity: a create that leaves one out is refused, since two
+    // devices creating it later would make two counters and lose one's increments.
+    let partial = a.write(
+        "volume",
+        uuid::Uuid::from_bytes([8; 16]),
+        MutationKind::Create,
+        T0,
+        |d, ty| {
+            d.write_fields(ty, &obj(json!({"week": "2026-11-23", "legs_sets": 0})))
+                .unwrap()
+        },
+    );
+    let o = r.push_one(&mut a, partial);
+    assert!(
+        errors(&o)
+            .iter()
+            .any(|e| e.field == "core_sets" && e.rule == Rule::Required),
+        "{o:?}"
+    );
 }
 
 #[test]
@@ -285,6 +304,35 @@ fn lww_a_later_concurrent_winner_archives_the_earlier_value_and_tells_its_device
             .any(|l| l.loser_device == phone.device_id && l.loser_value == json!("st")),
         "{losses:?}"
     );
+}
+
+#[test]
+fn lww_records_created_on_two_devices_offline_are_settled_by_the_clock() {
+    let mut r = clinic();
+    let mut phone = r.device("pat", 1);
+    let mut tablet = r.device("pat", 2);
+    let id = uuid::Uuid::from_bytes([5; 16]);
+    let on_phone = phone.write("settings", id, MutationKind::Create, T0 + 1_000, |d, ty| {
+        d.write_fields(ty, &obj(json!({"units": "kg", "notifications": true})))
+            .unwrap()
+    });
+    let on_tablet = tablet.write("settings", id, MutationKind::Create, T0 + 2_000, |d, ty| {
+        d.write_fields(ty, &obj(json!({"units": "lb"}))).unwrap()
+    });
+    assert_eq!(applied_version(&r.push_one(&mut phone, on_phone)), 1);
+    assert_eq!(
+        applied_version(&r.push_one(&mut tablet, on_tablet)),
+        2,
+        "no conflict prompt for LWW"
+    );
+    assert_eq!(r.fields_of(id)["units"], json!("lb"), "the later clock wins");
+    assert_eq!(
+        r.fields_of(id)["notifications"],
+        json!(true),
+        "fields only one side wrote stay"
+    );
+    let archive = r.core.store().archive_rows(10).unwrap();
+    assert!(archive.iter().any(|a| a.losing_json == "\"kg\""), "{archive:?}");
 }
 
 #[test]

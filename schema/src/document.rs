@@ -52,6 +52,8 @@ pub enum DocError {
     UnknownField(String),
     #[error("counter `{0}` changes only by increments")]
     CounterSet(String),
+    #[error("counter `{0}` does not exist; counters are created with the entity")]
+    CounterMissing(String),
     #[error("field `{field}` of type {kind} cannot hold {got}")]
     WrongType {
         field: String,
@@ -441,14 +443,28 @@ impl EntityDoc {
         Ok(())
     }
 
-    /// Adds `by` to a counter field, creating it at zero first if the document has none yet.
+    /// Creates every counter field of the type that the document does not hold yet, at zero.
+    ///
+    /// Counters must exist from the entity's creation on: if two devices each created a missing
+    /// counter, the merge would keep one counter object and silently drop the increments made
+    /// to the other. So a create initialises them all, and increments never create one.
+    pub fn init_counters(&mut self, ty: &EntityType) -> Result<(), DocError> {
+        for field in ty.counter_fields() {
+            if self.doc.get(ROOT, field.name.as_str())?.is_none() {
+                self.doc.put(ROOT, field.name.as_str(), ScalarValue::counter(0))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `by` to a counter field; the counter must exist (see [`EntityDoc::init_counters`]).
     pub fn increment(&mut self, field: &str, by: i64) -> Result<(), DocError> {
         let exists = matches!(
             self.doc.get(ROOT, field)?,
             Some((AmValue::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Counter(_))
         );
         if !exists {
-            self.doc.put(ROOT, field, ScalarValue::counter(0))?;
+            return Err(DocError::CounterMissing(field.to_string()));
         }
         self.doc.increment(ROOT, field, by)?;
         Ok(())
@@ -560,9 +576,11 @@ mod tests {
         assert_eq!(b.fields()["legs_sets"], json!(7));
         let err = a.write_fields(vol, &obj(json!({"legs_sets": 0}))).unwrap_err();
         assert!(matches!(err, DocError::CounterSet(_)));
-        // A counter that does not exist yet is created by its first increment.
-        a.increment("core_sets", 2).unwrap();
-        assert_eq!(a.fields()["core_sets"], json!(2));
+        // Increments never create a counter: two devices would create two counter objects.
+        assert!(matches!(a.increment("core_sets", 2), Err(DocError::CounterMissing(_))));
+        a.init_counters(vol).unwrap();
+        assert_eq!(a.fields()["core_sets"], json!(0));
+        assert_eq!(a.fields()["legs_sets"], json!(7), "existing counters are left alone");
     }
 
     #[test]

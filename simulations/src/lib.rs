@@ -1,1 +1,177 @@
-//! Simulator (filled by the simulator issue).
+//! `fieldsync-simulations`: the deterministic multi-device simulator.
+//!
+//! [`run`] builds a world (the production relay core and device cores on real SQLite files, a
+//! simulated network and clock), lets simulated users work through days of clinic and gym
+//! traffic while faults are injected, then heals every fault, lets every queue drain, and checks
+//! the invariants of SPEC §11. The same options give the same trace hash.
+//!
+//! Modules: [`world`] (event loop), [`relay_side`] / [`device_side`] (the cores' shells),
+//! [`scenario`] / [`workload`] / [`users`] (who does what), [`faults`], [`oracle`] and
+//! [`checks`] (invariants), [`trace`], [`report`], [`options`], [`rng`], [`clock`].
+
+pub mod checks;
+pub mod clock;
+pub mod device_side;
+pub mod faults;
+pub mod options;
+pub mod oracle;
+pub mod relay_side;
+pub mod report;
+pub mod rng;
+pub mod scenario;
+pub mod trace;
+pub mod users;
+pub mod workload;
+pub mod world;
+
+use std::path::Path;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use options::{Fault, FaultSet, InjectedBug, SimOptions};
+pub use report::Report;
+
+use crate::trace::Trace;
+use crate::world::{Event, HOUR, SECOND, World};
+
+/// How long after healing everything must have converged (simulated time).
+pub const DRAIN_LIMIT_MS: u64 = 12 * HOUR;
+
+/// A scratch directory for the run's SQLite files: tmpfs when the machine has one (the files
+/// are real SQLite files either way; tmpfs only makes fsync cheap).
+fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(d) = tempfile::Builder::new().prefix("fieldsync-sim-").tempdir_in(shm)
+    {
+        return Ok(d);
+    }
+    Ok(tempfile::Builder::new().prefix("fieldsync-sim-").tempdir()?)
+}
+
+/// Runs one simulation. `trace` writes every event to a file; `progress` draws a bar.
+pub fn run(opts: SimOptions, trace: Option<&Path>, progress: bool) -> anyhow::Result<Report> {
+    anyhow::ensure!(opts.devices >= 1, "at least one device is needed");
+    let started = Instant::now();
+    let dir = scratch_dir()?;
+    let mut w = World::new(opts.clone(), dir.path().to_path_buf(), Trace::new(&opts, trace)?);
+    w.setup()?;
+    w.arm_bugs();
+    let start_ms = w.now();
+    w.schedule_in(SECOND, Event::Workload);
+    w.schedule_in(30 * SECOND, Event::RelayTick);
+    w.schedule_in(2 * HOUR, Event::Checkpoint);
+    w.schedule_faults();
+
+    let bar = progress.then(|| {
+        let b = ProgressBar::new(opts.steps);
+        if let Ok(style) = ProgressStyle::with_template("{spinner} seed {msg} [{bar:30}] {pos}/{len} steps ({elapsed})")
+        {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b.set_message(opts.seed.to_string());
+        b
+    });
+    while w.stats.steps < opts.steps && w.oracle.violations.is_empty() {
+        let Some(ev) = w.next_event(u64::MAX) else { break };
+        w.dispatch(ev)?;
+        if let Some(b) = &bar {
+            b.set_position(w.stats.steps);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+
+    let mut converged = false;
+    if w.oracle.violations.is_empty() {
+        w.heal()?;
+        let deadline = w.now() + DRAIN_LIMIT_MS;
+        let mut since_check = 0u32;
+        while w.oracle.violations.is_empty() {
+            since_check += 1;
+            if since_check >= 50 {
+                since_check = 0;
+                if w.settled() {
+                    converged = true;
+                    break;
+                }
+            }
+            let Some(ev) = w.next_event(deadline) else {
+                converged = w.settled();
+                break;
+            };
+            w.dispatch(ev)?;
+        }
+        if w.oracle.violations.is_empty() {
+            w.final_checks(converged);
+        }
+    }
+
+    let sim_ms = w.now() - start_ms;
+    let wall = started.elapsed().as_secs_f64();
+    let events = w.stats.events;
+    let conflicts = w.oracle.conflicts_prompted;
+    let rejections = w.oracle.rejections;
+    let applied = w.oracle.applied.len() as u64;
+    let violations = w.oracle.violations.clone();
+    let stats = w.stats.clone();
+    let trace_hash = std::mem::replace(&mut w.trace, Trace::new(&opts, None)?).finish()?;
+    Ok(Report {
+        seed: opts.seed,
+        devices: opts.devices,
+        steps: opts.steps,
+        faults: opts.faults.to_string(),
+        bug: opts.bug.map(|b| format!("{b:?}")),
+        simulated_hours: sim_ms as f64 / HOUR as f64,
+        wall_seconds: wall,
+        events_per_second: events as f64 / wall.max(1e-9),
+        mutations_applied: applied,
+        conflicts_prompted: conflicts,
+        rejections,
+        stats,
+        converged,
+        trace_hash,
+        violations,
+    })
+}
+
+impl World {
+    fn dispatch(&mut self, ev: Event) -> anyhow::Result<()> {
+        match ev {
+            Event::Workload => self.workload_step(),
+            Event::DeviceWake(i) => self.on_device_wake(i),
+            Event::ToRelay(conn, bytes) => self.on_to_relay(conn, bytes),
+            Event::ToDevice(conn, bytes) => self.on_to_device(conn, bytes),
+            Event::CloseAtDevice(conn, reason) => self.on_close_at_device(conn, &reason),
+            Event::RelayProcess => self.relay_process(),
+            Event::RelayTick => self.relay_tick(),
+            Event::Fault(f) => self.inject(f),
+            Event::RelayRestart => {
+                if !self.relay.is_up() {
+                    self.relay_boot()?;
+                    // Everything acknowledged before the crash must have survived it.
+                    self.checkpoint();
+                }
+            }
+            Event::DeviceRestart(i) => {
+                if self.devices[i].dev.is_none() {
+                    self.device_boot(i)?;
+                }
+            }
+            Event::NetworkBack(i) => self.on_network_back(i),
+            Event::UserResolves(i) => self.on_user_resolves(i),
+            Event::Checkpoint => {
+                self.checkpoint();
+                self.schedule_in(2 * HOUR, Event::Checkpoint);
+            }
+        }
+        Ok(())
+    }
+
+    /// The relay is up and every device is connected, caught up and has nothing left to do.
+    fn settled(&self) -> bool {
+        self.relay.is_up() && (0..self.devices.len()).all(|i| self.device_settled(i))
+    }
+}

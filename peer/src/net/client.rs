@@ -84,7 +84,7 @@ pub async fn watch<F: Future<Output = ()>>(
             return Err(NetError::Closed(format!("authentication failed: {reason}")));
         }
         if !machine.should_connect(now) {
-            let wait = machine.reconnect_at().map_or(1000, |t| t.saturating_sub(now));
+            let wait = machine.reconnect_in(now).unwrap_or(1000);
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => continue,
                 _ = &mut stop => return Ok(()),
@@ -113,7 +113,7 @@ pub async fn watch<F: Future<Output = ()>>(
             }
             Err(NetError::Store(e)) => return Err(NetError::Store(e)),
             Err(e) => {
-                let retry_in_ms = machine.reconnect_at().map_or(0, |t| t.saturating_sub(dev.now_ms()));
+                let retry_in_ms = machine.reconnect_in(dev.now_ms()).unwrap_or(0);
                 on_event(WatchEvent::Disconnected {
                     reason: e.to_string(),
                     retry_in_ms,

@@ -141,6 +141,16 @@ impl Default for SyncMachine {
 
 type Out = Result<Vec<ClientMessage>, SyncError>;
 
+/// The longest wait the machine ever schedules (backoff caps and relay retry hints stay below
+/// it). A deadline further away than this means the device's clock jumped backwards since the
+/// deadline was set: waiting for the clock to catch up could take days, so it counts as due.
+pub const MAX_PLAUSIBLE_WAIT_MS: u64 = 10 * 60 * 1000;
+
+/// Whether a deadline set in device time has come, allowing for the clock jumping backwards.
+pub fn due(deadline_ms: u64, now_ms: u64) -> bool {
+    now_ms >= deadline_ms || deadline_ms - now_ms > MAX_PLAUSIBLE_WAIT_MS
+}
+
 impl SyncMachine {
     pub fn new(config: SyncConfig) -> Self {
         SyncMachine {
@@ -183,7 +193,7 @@ impl SyncMachine {
 
     /// Whether the shell should open a connection now.
     pub fn should_connect(&self, now_ms: u64) -> bool {
-        self.phase == Phase::Disconnected && self.reconnect_at.is_none_or(|t| now_ms >= t)
+        self.phase == Phase::Disconnected && self.reconnect_at.is_none_or(|t| due(t, now_ms))
     }
 
     /// The next time `on_tick` has something to do (reconnect, a timeout, a due retry).
@@ -241,6 +251,11 @@ impl SyncMachine {
     /// The delay `on_disconnected` chose, if the machine is waiting to reconnect.
     pub fn reconnect_at(&self) -> Option<u64> {
         self.reconnect_at
+    }
+
+    /// `reconnect_at`, as a delay from `now_ms` (zero when due, including after a clock jump).
+    pub fn reconnect_in(&self, now_ms: u64) -> Option<u64> {
+        self.reconnect_at.map(|t| if due(t, now_ms) { 0 } else { t - now_ms })
     }
 
     /// Allows connecting again after an authentication failure (e.g. after re-enrollment).
@@ -444,7 +459,7 @@ impl SyncMachine {
             });
         }
         self.outbox_due_at = if self.batch.is_none() {
-            dev.next_due()?.filter(|t| *t > now_ms)
+            dev.next_due()?.filter(|t| !due(*t, now_ms))
         } else {
             None
         };

@@ -334,6 +334,37 @@ fn a_disconnect_mid_batch_resends_the_same_ids_after_reconnecting() {
 }
 
 #[test]
+fn a_clock_jumping_back_days_does_not_hold_up_reconnecting_or_retrying() {
+    let mut f = enrolled(16);
+    patients(&mut f, 2);
+    let mut m = SyncMachine::default();
+    let first = connect(&mut m, &mut f, 10);
+    let (batch, ids) = push_of(&first);
+    m.on_message(
+        &mut f.dev,
+        RelayMessage::PushDeferred {
+            batch_id: batch,
+            retry_after_ms: 5_000,
+            reason: "busy".into(),
+        },
+        T0,
+    )
+    .unwrap();
+    m.on_disconnected(&mut f.dev, T0);
+    assert!(!m.should_connect(T0), "a fresh backoff is respected");
+    // The device's clock is set back three days: deadlines set before now lie days ahead.
+    let back = T0 - 3 * 24 * 3_600_000;
+    f.time.set(back);
+    assert!(
+        m.should_connect(back),
+        "waiting for the clock to catch up would take days"
+    );
+    assert_eq!(m.reconnect_in(back), Some(0));
+    let again = connect(&mut m, &mut f, 10);
+    assert_eq!(push_of(&again).1, ids, "the deferred batch goes out again at once");
+}
+
+#[test]
 fn backoff_grows_is_jittered_and_reproducible_from_the_seed() {
     fn delays(seed: u64) -> Vec<u64> {
         let mut f = Fixture::new(seed);

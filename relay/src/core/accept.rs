@@ -253,6 +253,9 @@ impl<S: Store> RelayCore<S> {
             }
             // 7. Policy gate.
             let gate = match (ty.policy, m.kind) {
+                // Two devices may create the same LWW record (a user's settings) offline: the
+                // clock settles it like any concurrent write, without a prompt (SPEC §9).
+                (Policy::Lww, MutationKind::Create) => None,
                 (_, MutationKind::Create) => Some(ConflictReason::AlreadyExists),
                 (Policy::Gated, _) | (Policy::Notes, MutationKind::Sign)
                     if m.base_version != Some(r.version) && !self.faults.skip_version_gate =>
@@ -438,6 +441,16 @@ impl<S: Store> RelayCore<S> {
                     Rule::Required,
                     "a create must record the entity type",
                 ));
+            }
+            MutationKind::Create => {
+                // Counters exist from creation on, so every device increments the same ones.
+                for f in ty.counter_fields().filter(|f| !after.contains_key(&f.name)) {
+                    errors.push(FieldError::new(
+                        &f.name,
+                        Rule::Required,
+                        "counters are created with the entity",
+                    ));
+                }
             }
             MutationKind::Delete if !doc.is_deleted() && ty.policy != Policy::Lww => {
                 errors.push(FieldError::new(

@@ -347,7 +347,8 @@ impl TestDevice {
         let id = ids::new_uuid(&mut self.rng);
         let fields = obj(fields);
         let m = self.write(entity_type, id, MutationKind::Create, now, |d, ty| {
-            d.write_fields(ty, &fields).unwrap()
+            d.write_fields(ty, &fields).unwrap();
+            d.init_counters(ty).unwrap();
         });
         (id, m)
     }

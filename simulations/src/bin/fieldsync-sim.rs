@@ -1,0 +1,164 @@
+//! `fieldsync-sim`: run the deterministic simulator for one seed, sweep a range of seeds, or
+//! replay a trace.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use fieldsync_simulations::{FaultSet, InjectedBug, Report, SimOptions, run};
+
+#[derive(Parser)]
+#[command(
+    name = "fieldsync-sim",
+    version,
+    about = "Deterministic multi-device simulation of fieldsync under faults"
+)]
+struct Cli {
+    /// The seed of a single run.
+    #[arg(long, default_value_t = 1, conflicts_with_all = ["seeds", "replay"])]
+    seed: u64,
+    /// Sweep a range of seeds, e.g. 1..50 (end exclusive).
+    #[arg(long)]
+    seeds: Option<String>,
+    /// Number of devices.
+    #[arg(long, default_value_t = 6)]
+    devices: usize,
+    /// User actions before healing and draining.
+    #[arg(long, default_value_t = 300)]
+    steps: u64,
+    /// Faults to inject: all, none, or a list of latency,reset,lost_ack,partition,offline,
+    /// relay_crash,device_crash,skew.
+    #[arg(long, default_value = "all")]
+    faults: FaultSet,
+    /// Turn on a deliberate relay defect (skip_version_gate, ack_before_commit, ignore_receipts)
+    /// to see the simulator catch it.
+    #[arg(long)]
+    bug: Option<InjectedBug>,
+    /// Write every event to FILE (its first line holds the options, for --replay).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Rerun the run recorded in a trace file and compare.
+    #[arg(long)]
+    replay: Option<PathBuf>,
+    /// Print JSON instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
+    let (a, b) = s.split_once("..").context("--seeds expects A..B, e.g. 1..50")?;
+    let (a, b): (u64, u64) = (a.trim().parse()?, b.trim().parse()?);
+    if a >= b {
+        bail!("--seeds {a}..{b} is empty");
+    }
+    Ok(a..b)
+}
+
+fn print(report: &Report, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+        );
+    } else {
+        print!("{}", report.render());
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<bool> {
+    let cli = Cli::parse();
+    let progress = std::io::stderr().is_terminal() && !cli.json;
+    if let Some(path) = &cli.replay {
+        let opts = fieldsync_simulations::trace::read_options(path)?;
+        let replay_trace = path.with_extension("replay");
+        let report = run(opts, Some(&replay_trace), progress)?;
+        print(&report, cli.json);
+        eprintln!("replayed {} (new trace: {})", path.display(), replay_trace.display());
+        return Ok(report.ok());
+    }
+    let base = SimOptions {
+        seed: cli.seed,
+        devices: cli.devices,
+        steps: cli.steps,
+        faults: cli.faults.clone(),
+        bug: cli.bug,
+    };
+    let Some(range) = cli.seeds.as_deref().map(parse_range).transpose()? else {
+        let trace = cli
+            .trace
+            .clone()
+            .or_else(|| Some(std::env::temp_dir().join(format!("fieldsync-sim-{}.trace", cli.seed))));
+        let report = run(base, trace.as_deref(), progress)?;
+        print(&report, cli.json);
+        if !report.ok()
+            && let Some(t) = trace
+        {
+            eprintln!(
+                "seed {} violated {}; replay with: fieldsync-sim --replay {}",
+                report.seed,
+                report.violations[0].invariant,
+                t.display()
+            );
+        }
+        return Ok(report.ok());
+    };
+    let mut failed = Vec::new();
+    let mut totals = (0u64, 0f64, 0f64);
+    for seed in range.clone() {
+        let opts = SimOptions { seed, ..base.clone() };
+        let trace = std::env::temp_dir().join(format!("fieldsync-sim-{seed}.trace"));
+        let report = run(opts, Some(&trace), false)?;
+        totals.0 += report.stats.events;
+        totals.1 += report.simulated_hours;
+        totals.2 += report.wall_seconds;
+        if cli.json {
+            print(&report, true);
+        } else {
+            println!(
+                "seed {seed}: {} — {} events, {:.1} h simulated, {} applied, {} conflicts, trace {}",
+                if report.ok() { "ok" } else { "VIOLATION" },
+                report.stats.events,
+                report.simulated_hours,
+                report.mutations_applied,
+                report.conflicts_prompted,
+                &report.trace_hash[..16]
+            );
+        }
+        if report.ok() {
+            let _ = std::fs::remove_file(&trace);
+        } else {
+            if !cli.json {
+                print!("{}", report.render());
+            }
+            eprintln!("replay with: fieldsync-sim --replay {}", trace.display());
+            failed.push(seed);
+        }
+    }
+    if !cli.json {
+        println!(
+            "sweep {}..{}: {} seeds, {} failed {:?}; {} events, {:.0} simulated hours, {:.0} events/s",
+            range.start,
+            range.end,
+            range.end - range.start,
+            failed.len(),
+            failed,
+            totals.0,
+            totals.1,
+            totals.0 as f64 / totals.2.max(1e-9)
+        );
+    }
+    Ok(failed.is_empty())
+}

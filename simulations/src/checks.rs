@@ -1,0 +1,589 @@
+//! The invariants of SPEC §11, checked against the relay's files and the devices' databases:
+//! at checkpoints during the run (safety) and after healing and draining (liveness too).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::ChangeHash;
+use fieldsync_peer::OutboxState;
+use fieldsync_relay::store::Store;
+use fieldsync_schema::document::{RootOps, device_actor, parse_change};
+use fieldsync_schema::{Bytes, EntityDoc, Hlc, Outcome, Policy};
+use rusqlite::Connection;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::world::World;
+
+/// One relay document as the checks see it.
+pub struct RelayDoc {
+    pub entity_type: String,
+    pub space_id: Uuid,
+    pub version: u64,
+    pub doc: EntityDoc,
+}
+
+fn uuid_of(bytes: Vec<u8>) -> Uuid {
+    Uuid::from_slice(&bytes).unwrap_or_default()
+}
+
+impl World {
+    fn relay_conn(&self) -> Option<&Connection> {
+        self.relay.core().map(|c| c.store().connection())
+    }
+
+    fn fail(&mut self, invariant: &str, detail: String, entity: Option<Uuid>) {
+        let v = self.violation(invariant, detail, entity.map(|e| e.to_string()));
+        self.oracle.violations.push(v);
+    }
+
+    /// Safety checks on the relay's files; cheap enough to run every few simulated hours.
+    pub fn checkpoint(&mut self) {
+        if self.relay.core().is_none() {
+            return;
+        }
+        self.stats.checkpoints += 1;
+        self.check_durability();
+        self.check_feed_and_audit_shape();
+        self.check_sealed();
+    }
+
+    /// Invariant 2: every `Applied` the relay ever answered is in its files, with that answer.
+    fn check_durability(&mut self) {
+        let applied: Vec<(Uuid, (u64, u64))> = self.oracle.applied.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut failures = Vec::new();
+        if let Some(core) = self.relay.core() {
+            for (mid, (version, seq)) in applied {
+                self.stats.invariant_checks += 1;
+                let stored = core.store().receipt(mid).ok().flatten();
+                let outcome: Option<Outcome> = stored.and_then(|r| ciborium::from_reader(r.outcome.as_slice()).ok());
+                match outcome {
+                    Some(o) if o.applied() == Some((version, seq)) => {}
+                    other => failures.push((mid, version, seq, other.map(|o| o.name()))),
+                }
+            }
+        }
+        for (mid, version, seq, found) in failures {
+            self.fail(
+                "durability",
+                format!(
+                    "mutation {mid} was acknowledged as version {version} seq {seq}, the relay's files say {found:?}"
+                ),
+                None,
+            );
+        }
+    }
+
+    /// Invariants 4 and 10: each mutation applied once, versions 1..n without gaps, one audit
+    /// record per applied mutation.
+    fn check_feed_and_audit_shape(&mut self) {
+        let problems = self.feed_and_audit_problems();
+        self.stats.invariant_checks += 3;
+        for (inv, detail, entity) in problems {
+            self.fail(&inv, detail, entity);
+        }
+    }
+
+    fn feed_and_audit_problems(&self) -> Vec<(String, String, Option<Uuid>)> {
+        let mut problems: Vec<(String, String, Option<Uuid>)> = Vec::new();
+        let Some(conn) = self.relay_conn() else { return problems };
+        let dup = conn.query_row(
+            "SELECT mutation_id, COUNT(*) FROM audit GROUP BY mutation_id HAVING COUNT(*) > 1 LIMIT 1",
+            [],
+            |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)),
+        );
+        if let Ok((m, n)) = dup {
+            problems.push((
+                "at_most_once".into(),
+                format!("mutation {} has {n} audit records", uuid_of(m)),
+                None,
+            ));
+        }
+        let shape = conn.prepare(
+            "SELECT d.entity_id, d.version, COUNT(f.seq), MIN(f.version), MAX(f.version)
+             FROM documents d LEFT JOIN feed f ON f.doc_key = d.doc_key GROUP BY d.doc_key",
+        );
+        if let Ok(mut st) = shape {
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                ))
+            });
+            if let Ok(rows) = rows {
+                for (id, version, count, min, max) in rows.flatten() {
+                    let ok = version == count && (count == 0 || (min == Some(1) && max == Some(version)));
+                    if !ok {
+                        problems.push((
+                            "at_most_once".into(),
+                            format!("versions are not 1..={version}: {count} feed rows, min {min:?}, max {max:?}"),
+                            Some(uuid_of(id)),
+                        ));
+                    }
+                }
+            }
+        }
+        let counts: rusqlite::Result<(i64, i64)> = conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM audit), (SELECT COUNT(*) FROM feed)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        );
+        if let Ok((audit, feed)) = counts
+            && audit != feed
+        {
+            problems.push((
+                "audit".into(),
+                format!("{audit} audit records for {feed} applied mutations"),
+                None,
+            ));
+        }
+        problems
+    }
+
+    /// Invariant 7: a signed note or locked form keeps the version it was sealed at.
+    fn check_sealed(&mut self) {
+        let sealed: Vec<(Uuid, u64)> = self.oracle.sealed.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut problems = Vec::new();
+        if let Some(core) = self.relay.core() {
+            for (entity, at) in sealed {
+                self.stats.invariant_checks += 1;
+                match core.store().document(entity) {
+                    Ok(Some(d)) if d.version == at && (d.signed || d.locked) => {}
+                    Ok(Some(d)) => {
+                        problems.push((entity, format!("sealed at version {at}, now version {}", d.version)))
+                    }
+                    _ => problems.push((entity, "sealed record missing".to_string())),
+                }
+            }
+        }
+        for (entity, detail) in problems {
+            self.fail("sealed", detail, Some(entity));
+        }
+    }
+
+    /// Invariant 3 through crashes: every write a device reported as committed is still in its
+    /// outbox (in any state) after the device restarts.
+    pub fn check_outbox_survived(&mut self, i: usize) {
+        let Some(dev) = self.devices[i].dev.as_ref() else {
+            return;
+        };
+        let missing: Vec<(Uuid, Uuid)> = self
+            .oracle
+            .writes
+            .iter()
+            .filter(|w| w.device == i)
+            .filter(|w| !matches!(dev.outbox_item(w.mutation_id), Ok(Some(_))))
+            .map(|w| (w.entity_id, w.mutation_id))
+            .collect();
+        self.stats.invariant_checks += 1;
+        for (entity, mid) in missing {
+            self.fail(
+                "no_silent_loss",
+                format!("dev{i} restarted without its committed write {mid}"),
+                Some(entity),
+            );
+        }
+    }
+
+    /// Every relay document, loaded.
+    pub fn relay_docs(&self) -> BTreeMap<Uuid, RelayDoc> {
+        let mut out = BTreeMap::new();
+        let Some(core) = self.relay.core() else { return out };
+        let Ok(mut st) = core
+            .store()
+            .connection()
+            .prepare("SELECT entity_id FROM documents WHERE version > 0 ORDER BY doc_key")
+        else {
+            return out;
+        };
+        let ids: Vec<Uuid> = st
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .map(|rows| rows.flatten().map(uuid_of).collect())
+            .unwrap_or_default();
+        for id in ids {
+            let Ok(Some(row)) = core.store().document(id) else {
+                continue;
+            };
+            let Ok(bytes) = core.store().document_bytes(row.doc_key) else {
+                continue;
+            };
+            let Ok(doc) = EntityDoc::load(&bytes, device_actor(Uuid::nil())) else {
+                continue;
+            };
+            out.insert(
+                id,
+                RelayDoc {
+                    entity_type: row.entity_type,
+                    space_id: row.space_id,
+                    version: row.version,
+                    doc,
+                },
+            );
+        }
+        out
+    }
+
+    /// After healing and draining: every invariant, including convergence.
+    pub fn final_checks(&mut self, converged: bool) {
+        self.checkpoint();
+        let mut docs = self.relay_docs();
+        if !converged {
+            let unsettled: Vec<usize> = (0..self.devices.len()).filter(|i| !self.device_settled(*i)).collect();
+            let why: Vec<String> = unsettled
+                .iter()
+                .map(|i| {
+                    let st = self.devices[*i].dev.as_ref().and_then(|d| d.status().ok());
+                    match st {
+                        Some(s) => format!(
+                            "dev{i}: {} unsynced, {}",
+                            s.unsynced,
+                            s.blocked
+                                .map(|b| format!("blocked on {} ({})", b.entity_id, b.reason))
+                                .unwrap_or_else(|| s.state.as_str().into())
+                        ),
+                        None => format!("dev{i}: down"),
+                    }
+                })
+                .collect();
+            self.fail(
+                "liveness",
+                format!("no convergence after healing and draining: {}", why.join("; ")),
+                None,
+            );
+        }
+        self.check_audit_chain();
+        self.check_convergence(&docs);
+        self.check_no_silent_loss(&mut docs);
+        self.check_device_order();
+        self.check_counters(&mut docs);
+        self.check_lww(&mut docs);
+    }
+
+    fn check_audit_chain(&mut self) {
+        let Some(core) = self.relay.core() else { return };
+        let report = fieldsync_relay::audit::verify(core.store());
+        let feed = core.store().counts().map(|c| c.feed).unwrap_or(0);
+        let applied = self.oracle.applied.len() as u64;
+        self.stats.invariant_checks += 2;
+        match report {
+            Ok(r) if r.ok() => {}
+            Ok(r) => self.fail("audit", format!("audit chain broken: {:?}", r.first_bad), None),
+            Err(e) => self.fail("audit", format!("audit chain unreadable: {e}"), None),
+        }
+        if feed != applied {
+            self.fail(
+                "at_most_once",
+                format!("{feed} mutations applied, {applied} acknowledged"),
+                None,
+            );
+        }
+    }
+
+    /// Invariants 1 and 11: every device equals the relay on every entity it can see, and holds
+    /// nothing from a space its user is not in.
+    fn check_convergence(&mut self, docs: &BTreeMap<Uuid, RelayDoc>) {
+        let mut problems = Vec::new();
+        for i in 0..self.devices.len() {
+            let Some(dev) = self.devices[i].dev.as_ref() else {
+                continue;
+            };
+            let spaces = &self.oracle.device_spaces[i];
+            for (id, rd) in docs {
+                if !spaces.contains(&rd.space_id) {
+                    if dev.get(*id).ok().flatten().is_some() {
+                        problems.push((
+                            "space_isolation",
+                            format!("dev{i} holds an entity of space {}", rd.space_id),
+                            *id,
+                        ));
+                    }
+                    continue;
+                }
+                self.stats.invariant_checks += 1;
+                match dev.get(*id) {
+                    Ok(Some(e)) => {
+                        let relay_fields = rd.doc.fields();
+                        if e.fields != relay_fields
+                            || e.deleted != rd.doc.is_deleted()
+                            || e.signed != rd.doc.is_signed()
+                        {
+                            problems.push((
+                                "convergence",
+                                format!(
+                                    "dev{i} has {} {:?} (deleted {}), the relay {:?} (deleted {})",
+                                    rd.entity_type,
+                                    Value::Object(e.fields),
+                                    e.deleted,
+                                    Value::Object(relay_fields),
+                                    rd.doc.is_deleted()
+                                ),
+                                *id,
+                            ));
+                        } else if e.relay_version != rd.version {
+                            problems.push((
+                                "convergence",
+                                format!(
+                                    "dev{i} knows relay version {}, the relay is at {}",
+                                    e.relay_version, rd.version
+                                ),
+                                *id,
+                            ));
+                        }
+                    }
+                    _ => problems.push((
+                        "convergence",
+                        format!("dev{i} lacks {} the relay has", rd.entity_type),
+                        *id,
+                    )),
+                }
+            }
+        }
+        for (inv, detail, id) in problems {
+            self.fail(inv, detail, Some(id));
+        }
+    }
+
+    /// Invariant 3: every local write is applied (its change is in the relay's document), still
+    /// queued, or shown to its user as a conflict or rejection.
+    fn check_no_silent_loss(&mut self, docs: &mut BTreeMap<Uuid, RelayDoc>) {
+        let writes = self.oracle.writes.clone();
+        let mut problems = Vec::new();
+        for w in &writes {
+            self.stats.invariant_checks += 1;
+            let Ok(hash) = w.change_hash.parse::<ChangeHash>() else {
+                continue;
+            };
+            if docs.get_mut(&w.entity_id).is_some_and(|d| d.doc.has_change(&hash)) {
+                continue;
+            }
+            let Some(dev) = self.devices[w.device].dev.as_ref() else {
+                continue;
+            };
+            let item = dev.outbox_item(w.mutation_id).ok().flatten();
+            match item.map(|i| i.state) {
+                Some(OutboxState::Pending | OutboxState::Blocked) => {}
+                state => problems.push((
+                    w.entity_id,
+                    format!(
+                        "dev{}'s {} of {} ({}) is neither on the relay nor queued (outbox state {state:?})",
+                        w.device, w.kind, w.entity_type, w.mutation_id
+                    ),
+                )),
+            }
+        }
+        for (id, detail) in problems {
+            self.fail("no_silent_loss", detail, Some(id));
+        }
+    }
+
+    /// Invariant 5: each device's mutations were applied in the order it made them.
+    fn check_device_order(&mut self) {
+        let mut problems = Vec::new();
+        for i in 0..self.devices.len() {
+            let Some(dev) = self.devices[i].dev.as_ref() else {
+                continue;
+            };
+            let Ok(items) = dev.queue(true) else { continue };
+            let mut last: Option<(u64, Uuid)> = None;
+            for item in items.iter().filter(|it| it.state == OutboxState::Applied) {
+                self.stats.invariant_checks += 1;
+                let Some((_, seq)) = self.oracle.applied.get(&item.mutation_id).copied() else {
+                    continue;
+                };
+                if let Some((prev, prev_id)) = last
+                    && seq <= prev
+                {
+                    problems.push(format!(
+                        "dev{i}: {} (seq {seq}) was queued after {prev_id} (seq {prev}) but applied before it",
+                        item.mutation_id
+                    ));
+                }
+                last = Some((seq, item.mutation_id));
+            }
+        }
+        for p in problems {
+            self.fail("order", p, None);
+        }
+    }
+
+    /// Invariant 9: a counter equals its initial value plus every applied increment.
+    fn check_counters(&mut self, docs: &mut BTreeMap<Uuid, RelayDoc>) {
+        let mut expected: BTreeMap<(Uuid, String), i64> = BTreeMap::new();
+        for w in self.oracle.writes.clone() {
+            if w.counter.is_empty() {
+                continue;
+            }
+            let Ok(hash) = w.change_hash.parse::<ChangeHash>() else {
+                continue;
+            };
+            if !docs.get_mut(&w.entity_id).is_some_and(|d| d.doc.has_change(&hash)) {
+                continue;
+            }
+            for (field, by) in &w.counter {
+                *expected.entry((w.entity_id, field.clone())).or_insert(0) += by;
+            }
+        }
+        let mut problems = Vec::new();
+        for ((id, field), want) in expected {
+            self.stats.invariant_checks += 1;
+            let got = docs
+                .get(&id)
+                .and_then(|d| d.doc.fields().get(&field).and_then(Value::as_i64))
+                .unwrap_or(0);
+            if got != want {
+                problems.push((
+                    id,
+                    format!("counter {field} is {got}, applied increments sum to {want}"),
+                ));
+            }
+        }
+        for (id, detail) in problems {
+            self.fail("counters", detail, Some(id));
+        }
+    }
+
+    /// Invariant 8, by a reference model of per-field last-writer-wins: replaying the relay's
+    /// applied LWW mutations in order, the winner of each field is the max (HLC, device) among
+    /// writers that did not build on it, the document holds the winner's value, and every
+    /// loser is in the conflict archive.
+    fn check_lww(&mut self, docs: &mut BTreeMap<Uuid, RelayDoc>) {
+        let (problems, checks) = self.lww_problems(docs);
+        self.stats.invariant_checks += checks;
+        for (id, detail) in problems {
+            self.fail("lww", detail, Some(id));
+        }
+    }
+
+    fn lww_problems(&self, docs: &mut BTreeMap<Uuid, RelayDoc>) -> (Vec<(Uuid, String)>, u64) {
+        let mut checks = 0;
+        let Some(core) = self.relay.core() else {
+            return (Vec::new(), 0);
+        };
+        let conn = core.store().connection();
+        let lww_types: BTreeSet<String> = self
+            .oracle
+            .schema
+            .types()
+            .filter(|t| t.policy == Policy::Lww)
+            .map(|t| t.name.clone())
+            .collect();
+        let Ok(mut st) = conn.prepare(
+            "SELECT entity_id, entity_type, version, origin_device, mutation_id, hlc, changes FROM feed ORDER BY seq",
+        ) else {
+            return (Vec::new(), 0);
+        };
+        type Row = (Uuid, String, u64, Uuid, Uuid, String, Vec<u8>);
+        let rows: Vec<Row> = st
+            .query_map([], |r| {
+                Ok((
+                    uuid_of(r.get(0)?),
+                    r.get(1)?,
+                    r.get::<_, i64>(2)? as u64,
+                    uuid_of(r.get(3)?),
+                    uuid_of(r.get(4)?),
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
+            .map(|rows| rows.flatten().collect())
+            .unwrap_or_default();
+        let archived: BTreeSet<(Uuid, String)> = core
+            .store()
+            .archive_rows(1_000_000)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|a| Some((a.loser_mutation?, a.field?)))
+            .collect();
+        // Entities touched by deletes follow the delete-versus-edit rule; the model skips them.
+        let deleted: BTreeSet<Uuid> = self
+            .oracle
+            .envelopes
+            .values()
+            .filter(|m| m.kind == fieldsync_schema::MutationKind::Delete)
+            .map(|m| m.entity_id)
+            .collect();
+        struct Stamp {
+            hlc: Hlc,
+            mutation: Uuid,
+            version: u64,
+            heads: Vec<ChangeHash>,
+        }
+        let mut stamps: BTreeMap<(Uuid, String), Stamp> = BTreeMap::new();
+        let mut problems = Vec::new();
+        for (entity, ty, version, device, mutation, hlc, changes) in rows {
+            if !lww_types.contains(&ty) || deleted.contains(&entity) {
+                continue;
+            }
+            let Ok(hlc) = hlc.parse::<Hlc>() else { continue };
+            let base = self
+                .oracle
+                .envelopes
+                .get(&mutation)
+                .and_then(|m| m.base_version)
+                .unwrap_or(0);
+            let Ok(all): Result<Vec<Bytes>, _> = ciborium::from_reader(changes.as_slice()) else {
+                continue;
+            };
+            let own: Vec<_> = all
+                .iter()
+                .filter_map(|b| parse_change(&b.0).ok())
+                .filter(|c| c.actor_id() == &device_actor(device))
+                .collect();
+            let dep_set: BTreeSet<ChangeHash> = own.iter().flat_map(|c| c.deps().to_vec()).collect();
+            let heads: Vec<ChangeHash> = own.iter().map(|c| c.hash()).filter(|h| !dep_set.contains(h)).collect();
+            let Some(ty_def) = self.oracle.schema.entity_type(&ty) else {
+                continue;
+            };
+            for field in RootOps::of(&own)
+                .touched()
+                .into_iter()
+                .filter(|f| ty_def.field(f).is_some())
+            {
+                let key = (entity, field.clone());
+                let new = Stamp {
+                    hlc,
+                    mutation,
+                    version,
+                    heads: heads.clone(),
+                };
+                match stamps.get(&key) {
+                    Some(s) if s.version > base => {
+                        // Concurrent: the greater (HLC, device) wins, the other is archived.
+                        if hlc > s.hlc {
+                            if !archived.contains(&(s.mutation, field.clone())) {
+                                problems.push((
+                                    entity,
+                                    format!("overridden value of {field} by {} not archived", s.mutation),
+                                ));
+                            }
+                            stamps.insert(key, new);
+                        } else if !archived.contains(&(mutation, field.clone())) {
+                            problems.push((entity, format!("losing value of {field} by {mutation} not archived")));
+                        }
+                    }
+                    _ => {
+                        stamps.insert(key, new);
+                    }
+                }
+            }
+        }
+        for ((entity, field), stamp) in &stamps {
+            checks += 1;
+            let Some(d) = docs.get_mut(entity) else { continue };
+            let current = d.doc.fields().get(field).cloned();
+            let winner = d.doc.fields_at(&stamp.heads).get(field).cloned();
+            if current != winner {
+                problems.push((
+                    *entity,
+                    format!(
+                        "{field} is {current:?} but the winning write ({}, {}) wrote {winner:?}",
+                        stamp.mutation, stamp.hlc
+                    ),
+                ));
+            }
+        }
+        (problems, checks)
+    }
+}

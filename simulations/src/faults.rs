@@ -1,0 +1,109 @@
+//! Fault injection. Each enabled kind fires at random moments drawn from the fault stream;
+//! every fault heals by itself (connections are re-established, processes restart, networks
+//! come back), and nothing is injected once the run is healing.
+
+use crate::options::Fault;
+use crate::rng::Draw;
+use crate::world::{DAY, Event, HOUR, MINUTE, World};
+
+impl World {
+    /// Schedules the first occurrence of every enabled fault kind.
+    pub fn schedule_faults(&mut self) {
+        let kinds: Vec<Fault> = self.opts.faults.0.iter().copied().collect();
+        for f in kinds {
+            if let Some(gap) = self.fault_gap(f) {
+                self.schedule_in(gap, Event::Fault(f));
+            }
+        }
+    }
+
+    /// Mean time between faults of a kind (drawn uniformly around it).
+    fn fault_gap(&mut self, f: Fault) -> Option<u64> {
+        let (lo, hi) = match f {
+            Fault::Latency | Fault::LostAck => return None, // parameters, not events
+            Fault::Reset => (self.net.reset_every_ms / 2, self.net.reset_every_ms * 3 / 2),
+            Fault::Partition => (30 * MINUTE, 6 * HOUR),
+            Fault::Offline => (DAY, 4 * DAY),
+            Fault::RelayCrash => (2 * HOUR, 18 * HOUR),
+            Fault::DeviceCrash => (HOUR, 12 * HOUR),
+            Fault::Skew => (3 * HOUR, 24 * HOUR),
+        };
+        Some(self.rng.faults.between(lo, hi))
+    }
+
+    pub fn inject(&mut self, f: Fault) {
+        if self.healing {
+            return;
+        }
+        match f {
+            Fault::Reset => {
+                let open: Vec<u64> = self.conns.iter().filter(|(_, c)| c.open).map(|(id, _)| *id).collect();
+                if let Some(&conn) = self.rng.faults.pick(&open) {
+                    self.stats.count_fault(f);
+                    self.reset_conn(conn, "connection reset");
+                }
+            }
+            Fault::Partition | Fault::Offline => {
+                let n = self.devices.len() as u64;
+                let i = self.rng.faults.below(n) as usize;
+                let duration = if f == Fault::Partition {
+                    self.rng.faults.between(MINUTE, 2 * HOUR)
+                } else {
+                    self.rng.faults.between(DAY, 4 * DAY)
+                };
+                self.stats.count_fault(f);
+                let now = self.now();
+                self.trace.record(now, &format!("dev{i} {f} for {duration} ms"));
+                self.take_offline(i, duration);
+            }
+            Fault::RelayCrash => self.relay_crash(),
+            Fault::DeviceCrash => {
+                let alive: Vec<usize> = (0..self.devices.len())
+                    .filter(|i| self.devices[*i].dev.is_some())
+                    .collect();
+                if let Some(&i) = self.rng.faults.pick(&alive) {
+                    self.device_crash(i);
+                }
+            }
+            Fault::Skew => {
+                let i = self.rng.faults.below(self.devices.len() as u64) as usize;
+                // Hours to days either way; a new draw can be far behind the old one (a jump back).
+                let magnitude = self.rng.faults.between(HOUR, 3 * DAY) as i64;
+                let skew = if self.rng.faults.chance(0.5) {
+                    magnitude
+                } else {
+                    -magnitude
+                };
+                self.stats.count_fault(f);
+                let now = self.now();
+                self.trace.record(now, &format!("dev{i} clock skew {skew} ms"));
+                self.devices[i].clock.set_skew(skew);
+                self.reschedule_device(i);
+            }
+            Fault::Latency | Fault::LostAck => {}
+        }
+        if let Some(gap) = self.fault_gap(f) {
+            self.schedule_in(gap, Event::Fault(f));
+        }
+    }
+
+    /// Ends every fault: the relay and all devices up, every network back.
+    pub fn heal(&mut self) -> anyhow::Result<()> {
+        self.healing = true;
+        let now = self.now();
+        self.trace.record(now, "heal");
+        if !self.relay.is_up() {
+            self.relay_boot()?;
+        }
+        for i in 0..self.devices.len() {
+            self.devices[i].net_down_until = 0;
+            if self.devices[i].dev.is_none() {
+                self.device_boot(i)?;
+            } else {
+                self.wake_device(i, now);
+            }
+            self.after_device_activity(i);
+        }
+        Ok(())
+    }
+}

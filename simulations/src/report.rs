@@ -1,0 +1,106 @@
+//! Counters of a run and the one-screen summary.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::options::Fault;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub events: u64,
+    pub steps: u64,
+    pub idle_steps: u64,
+    pub local_writes: u64,
+    pub local_refusals: u64,
+    pub groups: u64,
+    pub faults: BTreeMap<String, u64>,
+    pub resolutions: u64,
+    pub checkpoints: u64,
+    pub invariant_checks: u64,
+}
+
+impl Stats {
+    pub fn count_fault(&mut self, f: Fault) {
+        *self.faults.entry(f.as_str().to_string()).or_insert(0) += 1;
+    }
+}
+
+/// The outcome of one simulated run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub devices: usize,
+    pub steps: u64,
+    pub faults: String,
+    pub bug: Option<String>,
+    pub simulated_hours: f64,
+    pub wall_seconds: f64,
+    pub events_per_second: f64,
+    pub mutations_applied: u64,
+    pub conflicts_prompted: u64,
+    pub rejections: u64,
+    pub stats: Stats,
+    pub converged: bool,
+    pub trace_hash: String,
+    pub violations: Vec<crate::world::Violation>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The one-screen summary.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let verdict = if self.ok() { "OK" } else { "VIOLATION" };
+        s.push_str(&format!(
+            "fieldsync-sim seed {} — {verdict}\n  devices {}, steps {}, faults {}{}\n",
+            self.seed,
+            self.devices,
+            self.steps,
+            self.faults,
+            self.bug
+                .as_ref()
+                .map(|b| format!(", injected bug {b}"))
+                .unwrap_or_default()
+        ));
+        s.push_str(&format!(
+            "  simulated {:.1} h in {:.2} s wall ({} events, {:.0} events/s)\n",
+            self.simulated_hours, self.wall_seconds, self.stats.events, self.events_per_second
+        ));
+        s.push_str(&format!(
+            "  local writes {} (refused locally {}), mutations applied {}, group commits {}\n",
+            self.stats.local_writes, self.stats.local_refusals, self.mutations_applied, self.stats.groups
+        ));
+        s.push_str(&format!(
+            "  conflicts prompted {}, resolved {}, rejections {}\n",
+            self.conflicts_prompted, self.stats.resolutions, self.rejections
+        ));
+        let faults: Vec<String> = self.stats.faults.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        s.push_str(&format!(
+            "  faults injected: {}\n",
+            if faults.is_empty() {
+                "none".into()
+            } else {
+                faults.join(", ")
+            }
+        ));
+        s.push_str(&format!(
+            "  invariant checks {} over {} checkpoints; converged: {}\n  trace hash {}\n",
+            self.stats.invariant_checks, self.stats.checkpoints, self.converged, self.trace_hash
+        ));
+        for v in &self.violations {
+            s.push_str(&format!(
+                "  VIOLATION {} at event {} ({} ms): {}{}\n",
+                v.invariant,
+                v.event,
+                v.at_ms,
+                v.detail,
+                v.entity.as_ref().map(|e| format!(" [entity {e}]")).unwrap_or_default()
+            ));
+        }
+        s
+    }
+}
