@@ -511,6 +511,8 @@ impl World {
             heads: Vec<ChangeHash>,
         }
         let mut stamps: BTreeMap<(Uuid, String), Stamp> = BTreeMap::new();
+        // The largest (HLC, device) among every applied write of each field (SPEC §11.8).
+        let mut max_writer: BTreeMap<(Uuid, String), (Hlc, Uuid)> = BTreeMap::new();
         let mut problems = Vec::new();
         for (entity, ty, version, device, mutation, hlc, changes) in rows {
             if !lww_types.contains(&ty) || deleted.contains(&entity) {
@@ -542,6 +544,10 @@ impl World {
                 .filter(|f| ty_def.field(f).is_some())
             {
                 let key = (entity, field.clone());
+                let top = max_writer.entry(key.clone()).or_insert((hlc, mutation));
+                if hlc > top.0 {
+                    *top = (hlc, mutation);
+                }
                 let new = Stamp {
                     hlc,
                     mutation,
@@ -571,6 +577,14 @@ impl World {
         }
         for ((entity, field), stamp) in &stamps {
             checks += 1;
+            if let Some((top, by)) = max_writer.get(&(*entity, field.clone())) {
+                if *top > stamp.hlc {
+                    problems.push((
+                        *entity,
+                        format!("{field} is held by {} ({}) but {by} wrote it later by the clock ({top})", stamp.mutation, stamp.hlc),
+                    ));
+                }
+            }
             let Some(d) = docs.get_mut(entity) else { continue };
             let current = d.doc.fields().get(field).cloned();
             let winner = d.doc.fields_at(&stamp.heads).get(field).cloned();

@@ -19,6 +19,7 @@ pub mod relay_side;
 pub mod report;
 pub mod rng;
 pub mod scenario;
+pub mod synth;
 pub mod trace;
 pub mod users;
 pub mod workload;
