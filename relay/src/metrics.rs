@@ -212,6 +212,13 @@ pub fn render(status: &StatusSnapshot, metrics: &Metrics) -> String {
     );
     single(
         &mut out,
+        "fieldsync_revoked_disconnects_total",
+        "counter",
+        "Open connections closed because their device was revoked.",
+        status.revoked_disconnects,
+    );
+    single(
+        &mut out,
         "fieldsync_audit_records_total",
         "counter",
         "Audit records written since start.",

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use fieldsync_schema::wire::AuthFailure;
 use fieldsync_schema::{ClientMessage, Outcome, RelayMessage, SystemTimeSource, TimeSource};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
@@ -46,6 +47,8 @@ pub struct StatusSnapshot {
     pub slow_reader_disconnects: u64,
     /// WebSocket connections accepted since start.
     pub connections_opened: u64,
+    /// Open connections closed because their device was revoked.
+    pub revoked_disconnects: u64,
     /// Messages waiting in all per-connection send queues, and in the fullest one.
     pub send_queue_messages: usize,
     pub send_queue_max: usize,
@@ -62,6 +65,7 @@ impl StatusSnapshot {
             largest_group: 0,
             slow_reader_disconnects: 0,
             connections_opened: 0,
+            revoked_disconnects: 0,
             send_queue_messages: 0,
             send_queue_max: 0,
             stats: CoreStats::default(),
@@ -117,6 +121,7 @@ pub(crate) fn run(
     let mut largest = 0usize;
     let mut slow = 0u64;
     let mut opened = 0u64;
+    let mut revoked = 0u64;
     while let Some(first) = rx.blocking_recv() {
         let mut inputs = Vec::new();
         let mut tick = false;
@@ -164,7 +169,23 @@ pub(crate) fn run(
             out
         };
         if tick {
-            outputs.extend(core.tick(now));
+            let ticked = core.tick(now);
+            revoked += ticked
+                .iter()
+                .filter(|o| {
+                    matches!(
+                        o,
+                        Output::Send(
+                            _,
+                            RelayMessage::AuthFailed {
+                                reason: AuthFailure::Revoked,
+                                ..
+                            }
+                        )
+                    )
+                })
+                .count() as u64;
+            outputs.extend(ticked);
         }
         if shutdown {
             for conn in routes.keys() {
@@ -212,6 +233,7 @@ pub(crate) fn run(
             s.largest_group = largest;
             s.slow_reader_disconnects = slow;
             s.connections_opened = opened;
+            s.revoked_disconnects = revoked;
             let depths = routes.values().map(|r| r.tx.max_capacity() - r.tx.capacity());
             let (total, max) = depths.fold((0, 0), |(t, m), d| (t + d, m.max(d)));
             s.send_queue_messages = total;
