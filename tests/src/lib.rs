@@ -3,12 +3,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod proxy;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use fieldsync_peer::{Device, DeviceRng};
@@ -45,46 +46,81 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct Relay {
     pub data: PathBuf,
     pub addr: SocketAddr,
+    /// `ws` or `wss`.
+    pub scheme: String,
+    /// Every line the relay wrote to stderr so far.
+    pub logs: Arc<Mutex<Vec<String>>>,
     child: Option<Child>,
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Relay {
     /// Starts `fieldsync-relay serve` on `port` (0: any free port) and waits until it listens.
     pub fn start(data: &Path, port: u16) -> Relay {
-        let mut child = Command::new(bin("fieldsync-relay"))
-            .args(["serve", "--data"])
+        Relay::start_with(data, port, &[], &[("RUST_LOG", "warn")])
+    }
+
+    /// Like [`Relay::start`] with further `serve` arguments and environment variables.
+    pub fn start_with(data: &Path, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Relay {
+        let mut cmd = Command::new(bin("fieldsync-relay"));
+        cmd.args(["serve", "--data"])
             .arg(data)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("RUST_LOG", "warn")
+            .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the relay");
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the relay");
         let stderr = child.stderr.take().expect("relay stderr");
         let mut lines = BufReader::new(stderr).lines();
         let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (scheme, addr) = loop {
             assert!(Instant::now() < deadline, "the relay did not start");
             let line = lines
                 .next()
-                .unwrap_or_else(|| panic!("the relay exited before listening: {:?}", child.wait()))
+                .unwrap_or_else(|| panic!("the relay exited before listening: {:?}; {:?}", child.wait(), logs))
                 .expect("read relay stderr");
-            if let Some(rest) = line.split("listening on ws://").nth(1) {
-                let addr = rest.split('/').next().expect("address");
-                break addr.parse().expect("socket address");
+            logs.lock().unwrap().push(line.clone());
+            if let Some((_, rest)) = line.split_once("listening on ")
+                && let Some((scheme, after)) = rest.split_once("://")
+                && (scheme == "ws" || scheme == "wss")
+            {
+                let addr = after.split('/').next().expect("address");
+                break (scheme.to_string(), addr.parse().expect("socket address"));
             }
         };
         // Keep draining stderr so the relay never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
         Relay {
             data: data.to_path_buf(),
             addr,
+            scheme,
+            logs,
             child: Some(child),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         }
     }
 
     pub fn url(&self) -> String {
-        format!("ws://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
+    }
+
+    /// Runs `fieldsync-relay ARGS` (any subcommand) to completion.
+    pub fn cli(args: &[&str]) -> Output {
+        Command::new(bin("fieldsync-relay"))
+            .args(args)
+            .output()
+            .expect("run fieldsync-relay")
     }
 
     /// SIGKILL: no shutdown, no flush; only what was committed survives.
@@ -124,7 +160,11 @@ impl Relay {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        *self = Relay::start(&self.data.clone(), port);
+        let extra: Vec<String> = self.extra.clone();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let env = self.env.clone();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        *self = Relay::start_with(&self.data.clone(), port, &extra, &env);
     }
 
     /// Runs `fieldsync-relay admin --data DIR --json ARGS` and parses its JSON output.
@@ -249,4 +289,49 @@ pub fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1; returns the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect for HTTP");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read HTTP response");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (code, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of one sample in a Prometheus text exposition, by its full name with labels
+/// (e.g. `fieldsync_mutations_total{outcome="applied"}`).
+pub fn metric(exposition: &str, sample: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        let rest = l.strip_prefix(sample)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use fieldsync_schema::ClientMessage;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{NetError, Socket, close, connect, receive, send, send_all};
+use super::{NetError, Socket, TlsOptions, close, connect, receive, send, send_all};
 use crate::device::Device;
 use crate::sync::{Phase, SyncMachine, SyncSummary};
 
@@ -22,6 +22,8 @@ pub struct SyncOptions {
     pub tick_every: Duration,
     /// Keep-alive ping interval on an otherwise quiet connection.
     pub ping_every: Duration,
+    /// How to trust a `wss://` relay (system roots unless a CA file is given).
+    pub tls: TlsOptions,
 }
 
 impl Default for SyncOptions {
@@ -30,6 +32,7 @@ impl Default for SyncOptions {
             progress: true,
             tick_every: Duration::from_secs(1),
             ping_every: Duration::from_secs(30),
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -50,7 +53,7 @@ pub async fn sync_once(
     opts: &SyncOptions,
 ) -> Result<SyncSummary, NetError> {
     let url = dev.enrollment().ok_or(NetError::NotEnrolled)?.relay_url.clone();
-    let mut socket = match connect(&url).await {
+    let mut socket = match connect(&url, &opts.tls).await {
         Ok(s) => s,
         Err(e) => {
             machine.on_disconnected(dev, dev.now_ms());
@@ -91,7 +94,7 @@ pub async fn watch<F: Future<Output = ()>>(
             }
         }
         let outcome = tokio::select! {
-            c = connect(&url) => c,
+            c = connect(&url, &opts.tls) => c,
             _ = &mut stop => return Ok(()),
         };
         let result = match outcome {
@@ -112,6 +115,8 @@ pub async fn watch<F: Future<Output = ()>>(
                 return Ok(());
             }
             Err(NetError::Store(e)) => return Err(NetError::Store(e)),
+            // A missing or unreadable CA file does not fix itself by retrying.
+            Err(e @ NetError::Tls(_)) => return Err(e),
             Err(e) => {
                 let retry_in_ms = machine.reconnect_in(dev.now_ms()).unwrap_or(0);
                 on_event(WatchEvent::Disconnected {

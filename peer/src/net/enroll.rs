@@ -5,19 +5,29 @@ use fieldsync_schema::signing::enroll_signing_bytes;
 use fieldsync_schema::wire::PROTOCOL_VERSION;
 use fieldsync_schema::{Bytes, ClientMessage, RelayMessage};
 
-use super::{NetError, close, connect, receive, send};
+use super::{NetError, TlsOptions, close, connect, receive, send};
 use crate::device::{Device, Enrollment};
 
 /// Registers this device with the relay and records the enrollment (adopting any data written
 /// before it into the user's first space). Returns the enrollment.
 pub async fn enroll(dev: &mut Device, relay_url: &str, token: &str) -> Result<Enrollment, NetError> {
+    enroll_with_tls(dev, relay_url, token, &TlsOptions::default()).await
+}
+
+/// [`enroll`] with a custom trust for a `wss://` relay (e.g. a private CA file).
+pub async fn enroll_with_tls(
+    dev: &mut Device,
+    relay_url: &str,
+    token: &str,
+    tls: &TlsOptions,
+) -> Result<Enrollment, NetError> {
     super::endpoint(relay_url)?;
     let token = token.trim();
     let public_key = dev.public_key();
     let proof = dev
         .key()
         .sign(&enroll_signing_bytes(token, &dev.device_id(), &public_key));
-    let mut socket = connect(relay_url).await?;
+    let mut socket = connect(relay_url, tls).await?;
     send(
         &mut socket,
         &ClientMessage::Enroll {

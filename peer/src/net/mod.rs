@@ -6,6 +6,7 @@
 
 mod client;
 mod enroll;
+mod tls;
 
 use std::time::Duration;
 
@@ -18,7 +19,8 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use client::{SyncOptions, WatchEvent, sync_once, watch};
-pub use enroll::enroll;
+pub use enroll::{enroll, enroll_with_tls};
+pub use tls::TlsOptions;
 
 use crate::error::PeerError;
 use crate::sync::SyncError;
@@ -42,6 +44,8 @@ pub enum NetError {
     NotEnrolled,
     #[error("enrollment refused ({reason}): {message}")]
     EnrollRefused { reason: &'static str, message: String },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
     #[error(transparent)]
     Sync(#[from] SyncError),
     #[error(transparent)]
@@ -78,12 +82,13 @@ pub fn endpoint(relay_url: &str) -> Result<String, NetError> {
     }
 }
 
-pub(crate) async fn connect(relay_url: &str) -> Result<Socket, NetError> {
+pub(crate) async fn connect(relay_url: &str, tls: &TlsOptions) -> Result<Socket, NetError> {
     let url = endpoint(relay_url)?;
+    let connector = tls::connector(&url, tls)?;
     let mut config = WebSocketConfig::default();
     config.max_message_size = Some(MAX_MESSAGE_BYTES);
     config.max_frame_size = Some(MAX_MESSAGE_BYTES);
-    let attempt = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false);
+    let attempt = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(config), false, Some(connector));
     match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok((socket, _))) => Ok(socket),
         Ok(Err(e)) => Err(NetError::Unreachable {

@@ -4,12 +4,16 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use fieldsync_schema::{ClientMessage, RelayMessage, SystemTimeSource, TimeSource};
+use fieldsync_schema::wire::AuthFailure;
+use fieldsync_schema::{ClientMessage, Outcome, RelayMessage, SystemTimeSource, TimeSource};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 
 use crate::core::{CloseReason, ConnId, CoreStats, Output, RelayCore};
+use crate::metrics::Metrics;
+use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 
 use super::MAX_GROUP;
@@ -41,6 +45,13 @@ pub struct StatusSnapshot {
     pub groups: u64,
     pub largest_group: usize,
     pub slow_reader_disconnects: u64,
+    /// WebSocket connections accepted since start.
+    pub connections_opened: u64,
+    /// Open connections closed because their device was revoked.
+    pub revoked_disconnects: u64,
+    /// Messages waiting in all per-connection send queues, and in the fullest one.
+    pub send_queue_messages: usize,
+    pub send_queue_max: usize,
     pub stats: CoreStats,
 }
 
@@ -53,6 +64,10 @@ impl StatusSnapshot {
             groups: 0,
             largest_group: 0,
             slow_reader_disconnects: 0,
+            connections_opened: 0,
+            revoked_disconnects: 0,
+            send_queue_messages: 0,
+            send_queue_max: 0,
             stats: CoreStats::default(),
         }
     }
@@ -61,18 +76,52 @@ impl StatusSnapshot {
 struct Route {
     tx: mpsc::Sender<Outbound>,
     kill: Arc<Notify>,
+    /// The authenticated device's user, looked up once for log lines.
+    user: Option<uuid::Uuid>,
+}
+
+/// Logs the outcome of every mutation in a push result with the device, user and mutation
+/// ids: refusals at info (an operator wants to see them), the rest at debug.
+fn log_outcomes(core: &RelayCore<SqliteStore>, route: &mut Route, conn: ConnId, msg: &RelayMessage) {
+    let RelayMessage::PushResult { results, .. } = msg else {
+        return;
+    };
+    let device_id = core.connection_device(conn);
+    if route.user.is_none()
+        && let Some(d) = device_id
+    {
+        route.user = core.store().device(d).ok().flatten().map(|row| row.user_id);
+    }
+    let device = device_id.map(|d| d.to_string()).unwrap_or_default();
+    let user = route.user.map(|u| u.to_string()).unwrap_or_default();
+    for r in results {
+        let outcome = r.outcome.name();
+        match r.outcome {
+            Outcome::Applied { .. } | Outcome::AlreadyApplied { .. } | Outcome::NotAttempted => tracing::debug!(
+                conn, device_id = %device, user_id = %user, mutation_id = %r.mutation_id, outcome,
+                "mutation answered"
+            ),
+            _ => tracing::info!(
+                conn, device_id = %device, user_id = %user, mutation_id = %r.mutation_id, outcome,
+                "mutation refused"
+            ),
+        }
+    }
 }
 
 pub(crate) fn run(
     mut core: RelayCore<SqliteStore>,
     mut rx: mpsc::Receiver<CoreInput>,
     status: Arc<Mutex<StatusSnapshot>>,
+    metrics: Arc<Metrics>,
 ) {
     let clock = SystemTimeSource;
     let mut routes: HashMap<ConnId, Route> = HashMap::new();
     let mut groups = 0u64;
     let mut largest = 0usize;
     let mut slow = 0u64;
+    let mut opened = 0u64;
+    let mut revoked = 0u64;
     while let Some(first) = rx.blocking_recv() {
         let mut inputs = Vec::new();
         let mut tick = false;
@@ -82,7 +131,8 @@ pub(crate) fn run(
             match input {
                 CoreInput::Open { conn, tx, kill } => {
                     core.open_connection(conn);
-                    routes.insert(conn, Route { tx, kill });
+                    opened += 1;
+                    routes.insert(conn, Route { tx, kill, user: None });
                 }
                 CoreInput::Message(conn, msg) => inputs.push((conn, msg)),
                 CoreInput::Closed(conn) => {
@@ -98,13 +148,44 @@ pub(crate) fn run(
         }
         let now = clock.now_ms();
         largest = largest.max(inputs.len());
+        let pushed: usize = inputs
+            .iter()
+            .map(|(_, m)| match m {
+                ClientMessage::Push { mutations, .. } => mutations.len(),
+                _ => 0,
+            })
+            .sum();
         let mut outputs = if inputs.is_empty() {
             Vec::new()
         } else {
-            core.handle(inputs, now)
+            let started = Instant::now();
+            let out = core.handle(inputs, now);
+            record_timings(
+                &metrics,
+                started.elapsed(),
+                core.store_mut().take_commit_times(),
+                pushed,
+            );
+            out
         };
         if tick {
-            outputs.extend(core.tick(now));
+            let ticked = core.tick(now);
+            revoked += ticked
+                .iter()
+                .filter(|o| {
+                    matches!(
+                        o,
+                        Output::Send(
+                            _,
+                            RelayMessage::AuthFailed {
+                                reason: AuthFailure::Revoked,
+                                ..
+                            }
+                        )
+                    )
+                })
+                .count() as u64;
+            outputs.extend(ticked);
         }
         if shutdown {
             for conn in routes.keys() {
@@ -122,7 +203,10 @@ pub(crate) fn run(
                 Output::Send(conn, msg) => (conn, Outbound::Message(Box::new(msg))),
                 Output::Close(conn, reason) => (conn, Outbound::Close(reason)),
             };
-            let Some(route) = routes.get(&conn) else { continue };
+            let Some(route) = routes.get_mut(&conn) else { continue };
+            if let Outbound::Message(m) = &msg {
+                log_outcomes(&core, route, conn, m);
+            }
             match route.tx.try_send(msg) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -148,12 +232,33 @@ pub(crate) fn run(
             s.groups = groups;
             s.largest_group = largest;
             s.slow_reader_disconnects = slow;
+            s.connections_opened = opened;
+            s.revoked_disconnects = revoked;
+            let depths = routes.values().map(|r| r.tx.max_capacity() - r.tx.capacity());
+            let (total, max) = depths.fold((0, 0), |(t, m), d| (t + d, m.max(d)));
+            s.send_queue_messages = total;
+            s.send_queue_max = max;
             s.stats = core.stats().clone();
         }
         if shutdown {
             tracing::info!("relay core stopped");
             return;
         }
+    }
+}
+
+/// Group time, commit time, and the per-mutation acceptance time derived from them.
+fn record_timings(metrics: &Metrics, group: std::time::Duration, commits: Vec<std::time::Duration>, pushed: usize) {
+    let Ok(mut t) = metrics.timings.lock() else { return };
+    t.group.observe(group);
+    let mut committing = std::time::Duration::ZERO;
+    for c in commits {
+        committing += c;
+        t.commit.observe(c);
+    }
+    if pushed > 0 {
+        let per = group.saturating_sub(committing).as_secs_f64() / pushed as f64;
+        t.apply.observe_n(per, pushed as u64);
     }
 }
 
@@ -182,7 +287,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(64);
         let status = Arc::new(Mutex::new(StatusSnapshot::new(uuid::Uuid::nil())));
         let thread_status = status.clone();
-        let thread = std::thread::spawn(move || run(core, rx, thread_status));
+        let thread = std::thread::spawn(move || run(core, rx, thread_status, Arc::new(Metrics::new())));
         // A connection whose queue holds one message and which never reads it.
         let (conn_tx, _never_read) = mpsc::channel(1);
         let kill = Arc::new(Notify::new());

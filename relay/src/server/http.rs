@@ -1,19 +1,45 @@
-//! Plain HTTP endpoints next to the WebSocket: liveness and a JSON status.
+//! Plain HTTP endpoints next to the WebSocket: liveness, Prometheus metrics, a JSON status.
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
+use serde::Serialize;
 
-use super::Shared;
+use super::{Shared, StatusSnapshot};
+use crate::metrics::BackupStats;
+
+#[derive(Serialize)]
+struct Status {
+    #[serde(flatten)]
+    snapshot: StatusSnapshot,
+    backups: BackupStats,
+}
 
 pub(crate) async fn healthz() -> &'static str {
     "ok\n"
 }
 
 pub(crate) async fn status(State(shared): State<Shared>) -> impl IntoResponse {
-    match shared.status.lock() {
-        Ok(s) => Ok(Json(s.clone())),
-        Err(_) => Err((StatusCode::INTERNAL_SERVER_ERROR, "status unavailable")),
-    }
+    let snapshot = match shared.status.lock() {
+        Ok(s) => s.clone(),
+        Err(_) => return Err((StatusCode::INTERNAL_SERVER_ERROR, "status unavailable")),
+    };
+    Ok(Json(Status {
+        snapshot,
+        backups: shared.metrics.backup_stats(),
+    }))
+}
+
+/// Prometheus text exposition format 0.0.4.
+pub(crate) async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
+    let snapshot = match shared.status.lock() {
+        Ok(s) => s.clone(),
+        Err(_) => return Err((StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable")),
+    };
+    let body = crate::metrics::render(&snapshot, &shared.metrics);
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    ))
 }

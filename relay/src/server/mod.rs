@@ -6,11 +6,15 @@
 //! - one OS thread owns the [`RelayCore`] and its SQLite store ([`core_thread`]). It drains
 //!   every message that arrived while it was busy and hands them to the core as one group, so
 //!   one fsync covers many mutations (group commit) without any timer;
-//! - a ticker asks the core to check revocations every 250 ms (SPEC §4: within a second).
+//! - a ticker asks the core to check revocations every 250 ms (SPEC §4: within a second);
+//! - with `--tls-cert/--tls-key` the same router runs behind rustls ([`tls`]);
+//! - with `--backup-dir`, scheduled backups run on a blocking thread ([`scheduled`]).
 
 mod connection;
 mod core_thread;
 mod http;
+mod scheduled;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,8 +30,11 @@ use rand_core::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::backup::LOCK_FILE;
+use crate::config::{BackupSchedule, TlsFiles};
 use crate::core::{RelayConfig, RelayCore};
-use crate::store::sqlite::SqliteStore;
+use crate::metrics::Metrics;
+use crate::store::sqlite::{DB_FILE, SqliteStore};
 
 pub use core_thread::StatusSnapshot;
 
@@ -53,6 +60,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("the relay core stopped unexpectedly")]
     CoreStopped,
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 pub struct ServeOptions {
@@ -60,6 +69,24 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     pub schema: Arc<Schema>,
     pub config: RelayConfig,
+    /// Serve `wss://` / `https://` with this certificate and key.
+    pub tls: Option<TlsFiles>,
+    /// Take verified backups on a schedule, keeping the newest N.
+    pub backup: Option<BackupSchedule>,
+}
+
+impl ServeOptions {
+    /// Plain WebSocket, no scheduled backups, default limits.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr, schema: Arc<Schema>) -> Self {
+        ServeOptions {
+            data_dir,
+            listen,
+            schema,
+            config: RelayConfig::default(),
+            tls: None,
+            backup: None,
+        }
+    }
 }
 
 /// Shared between the HTTP handlers, the connection tasks and the core thread.
@@ -67,6 +94,7 @@ pub struct ServeOptions {
 pub(crate) struct Shared {
     pub core_tx: mpsc::Sender<core_thread::CoreInput>,
     pub status: Arc<Mutex<StatusSnapshot>>,
+    pub metrics: Arc<Metrics>,
     pub next_conn: Arc<AtomicU64>,
 }
 
@@ -82,6 +110,12 @@ pub struct Server {
     listener: TcpListener,
     addr: SocketAddr,
     core: RelayCore<SqliteStore>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    backup: Option<BackupSchedule>,
+    db_path: PathBuf,
+    /// A shared lock on `DIR/relay.lock` for as long as the server lives: `restore` refuses to
+    /// replace the database under a running relay.
+    _lock: std::fs::File,
 }
 
 impl Server {
@@ -95,6 +129,16 @@ impl Server {
             dir: opts.data_dir.display().to_string(),
             source,
         })?;
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(opts.data_dir.join(LOCK_FILE))?;
+        lock.lock_shared()?;
+        let tls = opts.tls.as_ref().map(tls::server_config).transpose()?;
+        if let Some(b) = &opts.backup {
+            std::fs::create_dir_all(&b.dir)?;
+        }
         let core = RelayCore::new(store, opts.schema, opts.config, rng);
         let listener = TcpListener::bind(opts.listen)
             .await
@@ -103,11 +147,24 @@ impl Server {
                 source,
             })?;
         let addr = listener.local_addr()?;
-        Ok(Server { listener, addr, core })
+        Ok(Server {
+            listener,
+            addr,
+            core,
+            tls,
+            backup: opts.backup,
+            db_path: opts.data_dir.join(DB_FILE),
+            _lock: lock,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `wss` behind TLS, else `ws`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "wss" } else { "ws" }
     }
 
     pub fn relay_id(&self) -> uuid::Uuid {
@@ -119,11 +176,16 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
         let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
         let status = Arc::new(Mutex::new(StatusSnapshot::new(self.core.relay_id())));
+        let metrics = Arc::new(Metrics::new());
         let core_status = status.clone();
+        let core_metrics = metrics.clone();
         let core = self.core;
         let core_thread = std::thread::Builder::new()
             .name("relay-core".into())
-            .spawn(move || core_thread::run(core, core_rx, core_status))?;
+            .spawn(move || core_thread::run(core, core_rx, core_status, core_metrics))?;
+        if let Some(schedule) = self.backup.clone() {
+            tokio::spawn(scheduled::run(self.db_path.clone(), schedule, metrics.clone()));
+        }
 
         let ticker_tx = core_tx.clone();
         tokio::spawn(async move {
@@ -139,24 +201,31 @@ impl Server {
         let shared = Shared {
             core_tx: core_tx.clone(),
             status,
+            metrics,
             next_conn: Arc::new(AtomicU64::new(1)),
         };
         let app = Router::new()
             .route("/v1/sync", get(connection::upgrade))
             .route("/healthz", get(http::healthz))
+            .route("/metrics", get(http::metrics))
             .route("/v1/status", get(http::status))
             .with_state(shared);
 
-        tracing::info!(addr = %self.addr, "relay listening");
+        tracing::info!(addr = %self.addr, tls = self.tls.is_some(), "relay listening");
         let stop_tx = core_tx.clone();
         drop(core_tx);
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!("shutting down: no new connections, closing open ones");
-                let _ = stop_tx.send(core_thread::CoreInput::Shutdown).await;
-            })
-            .await?;
+        let graceful = async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections, closing open ones");
+            let _ = stop_tx.send(core_thread::CoreInput::Shutdown).await;
+        };
+        match self.tls {
+            Some(config) => {
+                let listener = tls::TlsListener::new(self.listener, config)?;
+                axum::serve(listener, app).with_graceful_shutdown(graceful).await?;
+            }
+            None => axum::serve(self.listener, app).with_graceful_shutdown(graceful).await?,
+        }
         tokio::task::spawn_blocking(move || core_thread.join())
             .await
             .map_err(|_| ServerError::CoreStopped)?

@@ -3,6 +3,7 @@
 //! failing half way when an admin command writes at the same time.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use fieldsync_schema::{Bytes, Hlc, Role};
 use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter};
@@ -13,12 +14,18 @@ use super::{
     ReceiptRow, SpaceRow, Store, StoreError, StoreResult, TokenRow, UserRow,
 };
 
+mod extra;
+
+pub use extra::Consistency;
+
 const SCHEMA_SQL: &str = include_str!("schema.sql");
 pub const DB_FILE: &str = "relay.db";
 
 pub struct SqliteStore {
     conn: Connection,
     relay_id: Uuid,
+    /// How long each `COMMIT` took since the server last asked (metrics; never read by the core).
+    commit_times: Vec<Duration>,
 }
 
 fn uuid_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Uuid> {
@@ -196,12 +203,21 @@ impl SqliteStore {
         )?;
         let id: Vec<u8> = conn.query_row("SELECT value FROM meta WHERE key = 'relay_id'", [], |r| r.get(0))?;
         let relay_id = Uuid::from_slice(&id).map_err(|e| StoreError::Corrupt(format!("relay id: {e}")))?;
-        Ok(SqliteStore { conn, relay_id })
+        Ok(SqliteStore {
+            conn,
+            relay_id,
+            commit_times: Vec::new(),
+        })
     }
 
     /// The underlying connection, for operations outside the trait (backup, integrity checks).
     pub fn connection(&self) -> &Connection {
         &self.conn
+    }
+
+    /// The durations of the commits since the last call (the server's commit-latency metric).
+    pub fn take_commit_times(&mut self) -> Vec<Duration> {
+        std::mem::take(&mut self.commit_times)
     }
 
     fn changes_blob_concat(blob: &[u8], out: &mut Vec<u8>) -> StoreResult<()> {
@@ -221,7 +237,11 @@ impl Store for SqliteStore {
     }
 
     fn commit(&mut self) -> StoreResult<()> {
+        let started = Instant::now();
         self.conn.execute_batch("COMMIT")?;
+        if self.commit_times.len() < 1024 {
+            self.commit_times.push(started.elapsed());
+        }
         Ok(())
     }
 

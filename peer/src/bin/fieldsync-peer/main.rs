@@ -32,6 +32,8 @@ struct Cli {
     /// Validate against this schema file instead of the built-in default.
     #[arg(long, value_name = "FILE", global = true)]
     schema: Option<PathBuf>,
+    #[command(flatten)]
+    tls: net_cmd::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -237,6 +239,7 @@ fn run(cli: Cli) -> Result<()> {
         .clone()
         .ok_or_else(|| anyhow!("--data DIR is required (the device's data directory)"))?;
     let schema = load_schema(cli.schema.as_deref())?;
+    let tls = cli.tls;
     match cli.command {
         Command::Init { json } => {
             let existed = Device::exists(&dir);
@@ -322,8 +325,10 @@ fn run(cli: Cli) -> Result<()> {
             let dev = open_existing(&dir, schema)?;
             output::sign_out(&dev.sign_out(force)?, json)
         }
-        Command::Enroll { relay, token, json } => net_cmd::enroll(open_existing(&dir, schema)?, &relay, &token, json),
-        Command::Sync { watch, json } => net_cmd::sync(open_existing(&dir, schema)?, watch, json),
+        Command::Enroll { relay, token, json } => {
+            net_cmd::enroll(open_existing(&dir, schema)?, &relay, &token, &tls, json)
+        }
+        Command::Sync { watch, json } => net_cmd::sync(open_existing(&dir, schema)?, watch, &tls, json),
         Command::Burst { count } => {
             let mut dev = open_existing(&dir, schema)?;
             let stdout = std::io::stdout();

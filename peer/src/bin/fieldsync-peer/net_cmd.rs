@@ -1,10 +1,29 @@
 //! `enroll` and `sync [--watch]`: the commands that talk to a relay.
 
+use std::path::PathBuf;
+
 use anyhow::{Context, Result};
+use clap::Args;
 use fieldsync_peer::Device;
-use fieldsync_peer::net::{self, NetError, SyncOptions, WatchEvent};
+use fieldsync_peer::net::{self, NetError, SyncOptions, TlsOptions, WatchEvent};
 use fieldsync_peer::sync::{SyncMachine, SyncSummary};
 use serde_json::json;
+
+/// How the device trusts a `wss://` relay.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// PEM file with the CA certificate(s) to trust for a wss:// relay instead of the system's.
+    #[arg(long, value_name = "FILE", global = true)]
+    ca_file: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn options(&self) -> TlsOptions {
+        TlsOptions {
+            ca_file: self.ca_file.clone(),
+        }
+    }
+}
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -13,8 +32,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-pub fn enroll(mut dev: Device, relay: &str, token: &str, json: bool) -> Result<()> {
-    let e = runtime()?.block_on(net::enroll(&mut dev, relay, token))?;
+pub fn enroll(mut dev: Device, relay: &str, token: &str, tls: &TlsArgs, json: bool) -> Result<()> {
+    let e = runtime()?.block_on(net::enroll_with_tls(&mut dev, relay, token, &tls.options()))?;
     if json {
         println!(
             "{}",
@@ -68,10 +87,11 @@ fn print_summary(dev: &Device, s: &SyncSummary, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn sync(mut dev: Device, watch: bool, json: bool) -> Result<()> {
+pub fn sync(mut dev: Device, watch: bool, tls: &TlsArgs, json: bool) -> Result<()> {
     let mut machine = SyncMachine::default();
     let opts = SyncOptions {
         progress: !json,
+        tls: tls.options(),
         ..SyncOptions::default()
     };
     let rt = runtime()?;

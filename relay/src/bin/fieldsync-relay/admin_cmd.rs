@@ -1,6 +1,8 @@
-//! `fieldsync-relay admin --data DIR ...`: spaces, users and roles, enrollment, devices.
+//! `fieldsync-relay admin --data DIR ...`: spaces, users and roles, enrollment tokens, devices;
+//! the audit, conflict and statistics reports are in `admin_report`.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -11,6 +13,8 @@ use fieldsync_schema::time_fmt::render_ms;
 use fieldsync_schema::{Role, SystemTimeSource, TimeSource, ids};
 use serde_json::json;
 use uuid::Uuid;
+
+use crate::admin_report;
 
 #[derive(Args)]
 pub struct AdminArgs {
@@ -38,9 +42,19 @@ enum AdminCommand {
         #[arg(long, default_value_t = 24)]
         valid_hours: u64,
     },
+    /// Enrollment tokens (stored hashed: listed by id, never by value).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Enrolled devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// The hash-chained audit log.
+    #[command(subcommand)]
+    Audit(admin_report::AuditCommand),
+    /// The conflict archive: every losing version (LWW losers, resolution losers), newest first.
+    Conflicts(admin_report::ConflictArgs),
+    /// Counts of everything in the database.
+    Stats,
 }
 
 #[derive(Subcommand)]
@@ -62,8 +76,30 @@ enum UserCommand {
         #[arg(long)]
         role: String,
     },
+    /// Change the role of a member of a space.
+    Role {
+        name: String,
+        #[arg(long)]
+        space: String,
+        #[arg(long)]
+        role: String,
+    },
+    /// Remove a user from a space (their devices stop seeing it within a second).
+    Remove {
+        name: String,
+        #[arg(long)]
+        space: String,
+    },
     /// List users with their spaces and roles.
     List,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// List enrollment tokens with their user, expiry and state.
+    List,
+    /// Expire an unused token now (by id from `token list`, or the token itself).
+    Expire { token: String },
 }
 
 #[derive(Subcommand)]
@@ -74,7 +110,7 @@ enum DeviceCommand {
     Revoke { device: Uuid },
 }
 
-fn open(data: &std::path::Path) -> anyhow::Result<SqliteStore> {
+pub(crate) fn open(data: &std::path::Path) -> anyhow::Result<SqliteStore> {
     if !data.join(DB_FILE).exists() {
         bail!(
             "no relay database in {} (start the relay once with `fieldsync-relay serve --data {}`, or check the path)",
@@ -86,7 +122,7 @@ fn open(data: &std::path::Path) -> anyhow::Result<SqliteStore> {
     SqliteStore::open_dir(data, ids::new_uuid(&mut rng)).with_context(|| format!("cannot open {}", data.display()))
 }
 
-fn print(json: bool, value: serde_json::Value, text: String) {
+pub(crate) fn print(json: bool, value: serde_json::Value, text: String) {
     if json {
         println!("{value}");
     } else {
@@ -94,7 +130,19 @@ fn print(json: bool, value: serde_json::Value, text: String) {
     }
 }
 
-pub fn run(args: AdminArgs) -> anyhow::Result<()> {
+fn lines_or(lines: Vec<String>, empty: &str) -> String {
+    if lines.is_empty() {
+        empty.to_string()
+    } else {
+        lines.join("\n")
+    }
+}
+
+fn parse_role(role: &str) -> anyhow::Result<Role> {
+    role.parse().map_err(anyhow::Error::msg)
+}
+
+pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
     let mut store = open(&args.data)?;
     let now = SystemTimeSource.now_ms();
     let mut rng = crate::os_rng()?;
@@ -106,15 +154,11 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
         }
         AdminCommand::Space(SpaceCommand::List) => {
             let spaces = store.spaces()?;
-            let text = spaces
-                .iter()
-                .map(|s| format!("{}  {}", s.space_id, s.name))
-                .collect::<Vec<_>>()
-                .join("\n");
-            print(json, json!(spaces), text);
+            let lines = spaces.iter().map(|s| format!("{}  {}", s.space_id, s.name)).collect();
+            print(json, json!(spaces), lines_or(lines, "no spaces"));
         }
         AdminCommand::User(UserCommand::Add { name, space, role }) => {
-            let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+            let role = parse_role(&role)?;
             let u = admin::add_user(&mut store, &name, &space, role, now, &mut rng)?;
             print(
                 json,
@@ -122,23 +166,33 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
                 format!("user {} is {} in {} ({})", u.name, role, space, u.user_id),
             );
         }
+        AdminCommand::User(UserCommand::Role { name, space, role }) => {
+            let role = parse_role(&role)?;
+            let before = admin::change_role(&mut store, &name, &space, role)?;
+            print(
+                json,
+                json!({"name": name, "space": space, "role": role, "previous_role": before}),
+                format!("{name} is now {role} in {space} (was {before})"),
+            );
+        }
+        AdminCommand::User(UserCommand::Remove { name, space }) => {
+            admin::remove_member(&mut store, &name, &space)?;
+            print(
+                json,
+                json!({"name": name, "space": space, "removed": true}),
+                format!("{name} removed from {space}"),
+            );
+        }
         AdminCommand::User(UserCommand::List) => {
             let mut rows = Vec::new();
             let mut lines = Vec::new();
             for u in store.users()? {
                 let m = store.memberships(u.user_id)?;
-                lines.push(format!(
-                    "{}  {}  {}",
-                    u.user_id,
-                    u.name,
-                    m.iter()
-                        .map(|m| format!("{}:{}", m.space_name, m.role))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
+                let roles: Vec<String> = m.iter().map(|m| format!("{}:{}", m.space_name, m.role)).collect();
+                lines.push(format!("{}  {}  {}", u.user_id, u.name, roles.join(", ")));
                 rows.push(json!({"user_id": u.user_id, "name": u.name, "memberships": m}));
             }
-            print(json, json!(rows), lines.join("\n"));
+            print(json, json!(rows), lines_or(lines, "no users"));
         }
         AdminCommand::Enroll { user, valid_hours } => {
             let ttl = valid_hours.saturating_mul(3_600_000);
@@ -149,51 +203,94 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
                 format!("{token}\n(single use, for {user}, valid until {})", render_ms(expires)),
             );
         }
-        AdminCommand::Device(DeviceCommand::List) => {
-            let devices = store.devices()?;
-            let mut rows = Vec::new();
-            let mut lines = Vec::new();
-            for d in &devices {
-                let user = store.user(d.user_id)?.map(|u| u.name).unwrap_or_default();
-                let state = match d.revoked_ms {
-                    Some(t) => format!("revoked {}", render_ms(t)),
-                    None => "active".to_string(),
-                };
-                let seen = d.last_seen_ms.map(render_ms).unwrap_or_else(|| "never".into());
-                lines.push(format!(
-                    "{}  {}  enrolled {}  last seen {}  {}",
-                    d.device_id,
-                    user,
-                    render_ms(d.enrolled_ms),
-                    seen,
-                    state
-                ));
-                rows.push(json!({
-                    "device_id": d.device_id,
-                    "user": user,
-                    "enrolled_at": render_ms(d.enrolled_ms),
-                    "last_seen_at": d.last_seen_ms.map(render_ms),
-                    "revoked_at": d.revoked_ms.map(render_ms),
-                }));
-            }
+        AdminCommand::Token(TokenCommand::List) => token_list(&store, now, json)?,
+        AdminCommand::Token(TokenCommand::Expire { token }) => {
+            let id = admin::expire_token(&mut store, &token, now)?;
             print(
                 json,
-                json!(rows),
-                if lines.is_empty() {
-                    "no devices".into()
-                } else {
-                    lines.join("\n")
-                },
+                json!({"token_id": id, "expired": true}),
+                format!("token {id} expired"),
             );
         }
+        AdminCommand::Device(DeviceCommand::List) => device_list(&store, json)?,
         AdminCommand::Device(DeviceCommand::Revoke { device }) => {
             admin::revoke_device(&mut store, device, now)?;
             print(
                 json,
                 json!({"device_id": device, "revoked": true}),
-                format!("device {device} revoked"),
+                format!("device {device} revoked; its open connections close within a second"),
             );
         }
+        AdminCommand::Audit(cmd) => return admin_report::audit(&store, cmd, json),
+        AdminCommand::Conflicts(args) => admin_report::conflicts(&store, args, json)?,
+        AdminCommand::Stats => admin_report::stats(&store, &args.data, json)?,
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn user_name(store: &SqliteStore, user_id: Uuid) -> anyhow::Result<String> {
+    Ok(store.user(user_id)?.map(|u| u.name).unwrap_or_default())
+}
+
+fn token_list(store: &SqliteStore, now: u64, json: bool) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    let mut lines = Vec::new();
+    for t in store.tokens()? {
+        let id = admin::token_id(&t.token_hash);
+        let user = user_name(store, t.user_id)?;
+        let state = match (t.used_ms, t.expires_ms <= now) {
+            (Some(_), _) => "used",
+            (None, true) => "expired",
+            (None, false) => "active",
+        };
+        lines.push(format!(
+            "{id}  {user}  {state}  created {}  expires {}{}",
+            render_ms(t.created_ms),
+            render_ms(t.expires_ms),
+            t.used_by.map(|d| format!("  used by {d}")).unwrap_or_default()
+        ));
+        rows.push(json!({
+            "token_id": id,
+            "user": user,
+            "user_id": t.user_id,
+            "state": state,
+            "created_at": render_ms(t.created_ms),
+            "expires_at": render_ms(t.expires_ms),
+            "used_at": t.used_ms.map(render_ms),
+            "used_by": t.used_by,
+        }));
+    }
+    print(json, json!(rows), lines_or(lines, "no tokens"));
+    Ok(())
+}
+
+fn device_list(store: &SqliteStore, json: bool) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    let mut lines = Vec::new();
+    for d in store.devices()? {
+        let user = user_name(store, d.user_id)?;
+        let state = match d.revoked_ms {
+            Some(t) => format!("revoked {}", render_ms(t)),
+            None => "active".to_string(),
+        };
+        let seen = d.last_seen_ms.map(render_ms).unwrap_or_else(|| "never".into());
+        lines.push(format!(
+            "{}  {}  enrolled {}  last seen {}  {}",
+            d.device_id,
+            user,
+            render_ms(d.enrolled_ms),
+            seen,
+            state
+        ));
+        rows.push(json!({
+            "device_id": d.device_id,
+            "user": user,
+            "user_id": d.user_id,
+            "enrolled_at": render_ms(d.enrolled_ms),
+            "last_seen_at": d.last_seen_ms.map(render_ms),
+            "revoked_at": d.revoked_ms.map(render_ms),
+        }));
+    }
+    print(json, json!(rows), lines_or(lines, "no devices"));
     Ok(())
 }

@@ -1,0 +1,108 @@
+//! `backup`, `restore-drill` and `restore`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use fieldsync_relay::backup;
+use fieldsync_relay::store::sqlite::DB_FILE;
+use fieldsync_schema::{SystemTimeSource, TimeSource};
+use serde_json::json;
+
+#[derive(Args)]
+pub struct BackupArgs {
+    /// The relay's data directory.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// The backup file to write.
+    #[arg(long, value_name = "FILE")]
+    to: PathBuf,
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Also run a restore drill on the new backup (non-zero exit if it fails).
+    #[arg(long)]
+    verify: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct DrillArgs {
+    /// The backup file to check (never modified).
+    #[arg(long, value_name = "FILE")]
+    from: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// The backup file to restore.
+    #[arg(long, value_name = "FILE")]
+    from: PathBuf,
+    /// The data directory that gets the restored database.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Replace an existing database (it is moved aside, not deleted).
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
+    let db = args.data.join(DB_FILE);
+    let info = backup::backup_database(&db, &args.to, args.force)?;
+    let drill = args.verify.then(|| backup::restore_drill(&args.to));
+    if args.json {
+        println!("{}", json!({ "backup": info, "drill": drill }));
+    } else {
+        println!(
+            "backup written: {} ({} bytes in {} ms)",
+            info.file.display(),
+            info.bytes,
+            info.duration_ms
+        );
+        if let Some(d) = &drill {
+            println!("{}", d.verdict());
+        }
+    }
+    Ok(match drill {
+        Some(d) if !d.ok => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+pub fn drill(args: DrillArgs) -> anyhow::Result<ExitCode> {
+    let report = backup::restore_drill(&args.from);
+    if args.json {
+        println!("{}", json!({ "verdict": report.verdict(), "report": report }));
+    } else {
+        println!("{}", report.verdict());
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let report = backup::restore(&args.from, &args.data, args.force, SystemTimeSource.now_ms())?;
+    if args.json {
+        println!("{}", json!(report));
+    } else {
+        println!("{}", report.drill.verdict());
+        for old in &report.replaced {
+            println!("the previous file was kept as {}", old.display());
+        }
+        println!(
+            "restored {} into {}; start the relay with `fieldsync-relay serve --data {}`",
+            args.from.display(),
+            report.database.display(),
+            args.data.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,126 @@
+//! `fieldsync-relay serve`: flags, the config file, logging, and the server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use fieldsync_relay::config::{ConfigFile, LogFormat};
+use fieldsync_relay::server::{ServeOptions, Server};
+use fieldsync_schema::{Schema, ids};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (flags override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory; created with its database on first start.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7070].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Entity schema (TOML); the built-in default schema when absent.
+    #[arg(long, value_name = "FILE")]
+    schema: Option<PathBuf>,
+    /// PEM certificate chain: serve wss:// and https:// (needs --tls-key).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Take a verified backup into this directory at start and every --backup-every.
+    #[arg(long, value_name = "DIR")]
+    backup_dir: Option<PathBuf>,
+    /// Interval between scheduled backups, e.g. 24h, 6h, 30m [default: 24h].
+    #[arg(long, value_name = "DURATION")]
+    backup_every: Option<String>,
+    /// Scheduled backups to keep; older ones are deleted [default: 14].
+    #[arg(long, value_name = "N")]
+    backup_keep: Option<usize>,
+    /// Log format on stderr: text or json [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Log filter (tracing EnvFilter syntax, e.g. `info,fieldsync_relay=debug`); RUST_LOG wins.
+    #[arg(long, value_name = "FILTER")]
+    log_filter: Option<String>,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let flags = ConfigFile {
+        data: args.data,
+        listen: args.listen,
+        schema: args.schema,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        backup_dir: args.backup_dir,
+        backup_every: args.backup_every,
+        backup_keep: args.backup_keep,
+        log_format: args.log_format,
+        log_filter: args.log_filter,
+    };
+    let config = file.overridden_by(flags).resolve()?;
+    crate::init_logging(config.log_format, config.log_filter.as_deref());
+
+    let schema = Arc::new(Schema::load(config.schema.as_deref())?);
+    let mut rng = crate::os_rng()?;
+    let new_relay_id = ids::new_uuid(&mut rng);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let mut opts = ServeOptions::new(config.data.clone(), config.listen, schema.clone());
+        opts.tls = config.tls.clone();
+        opts.backup = config.backup.clone();
+        let server = Server::bind(opts, Box::new(rng), new_relay_id).await?;
+        eprintln!(
+            "fieldsync relay {} listening on {}://{}/v1/sync (data: {}, schema {}{})",
+            server.relay_id(),
+            server.scheme(),
+            server.local_addr(),
+            config.data.display(),
+            &schema.hash().to_hex()[..12],
+            match &config.backup {
+                Some(b) => format!(
+                    ", backups every {} to {} keeping {}",
+                    humantime::format_duration(b.every),
+                    b.dir.display(),
+                    b.keep
+                ),
+                None => String::new(),
+            }
+        );
+        server.run(shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

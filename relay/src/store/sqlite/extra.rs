@@ -1,0 +1,164 @@
+//! Operator queries on the SQLite store that the relay core never needs: filtered audit pages
+//! for export, the conflict archive by entity or kind, and the consistency checks of a
+//! restore drill. Read-only; outside the [`Store`](crate::store::Store) trait on purpose.
+
+use rusqlite::{params, params_from_iter};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::{AUDIT_COLS, SqliteStore, audit_row, i, opt_uuid_col, u64_col, uuid_col};
+use crate::store::{ArchiveRow, AuditRow, StoreResult};
+
+/// Cross-table checks that must hold in every relay database (SPEC §10, §11 invariants 4, 10).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Consistency {
+    /// Feed rows (applied mutations) without an audit record with the same seq and mutation.
+    pub feed_without_audit: u64,
+    /// Audit records that name no feed row.
+    pub audit_without_feed: u64,
+    /// Applied mutations without a receipt (a retry would be applied twice).
+    pub feed_without_receipt: u64,
+    /// Sum of document versions minus feed rows: each applied mutation adds exactly one of each.
+    pub version_drift: i64,
+}
+
+impl Consistency {
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.feed_without_audit > 0 {
+            p.push(format!(
+                "{} applied mutation(s) without an audit record",
+                self.feed_without_audit
+            ));
+        }
+        if self.audit_without_feed > 0 {
+            p.push(format!(
+                "{} audit record(s) without their feed row",
+                self.audit_without_feed
+            ));
+        }
+        if self.feed_without_receipt > 0 {
+            p.push(format!(
+                "{} applied mutation(s) without a receipt",
+                self.feed_without_receipt
+            ));
+        }
+        if self.version_drift != 0 {
+            p.push(format!(
+                "document versions and feed rows disagree by {}",
+                self.version_drift
+            ));
+        }
+        p
+    }
+}
+
+impl SqliteStore {
+    /// Audit records in chain order with `audit_id > after_id`, optionally only those after
+    /// feed seq `after_seq` and at or after `since_ms` (server time).
+    pub fn audit_page(
+        &self,
+        after_id: u64,
+        after_seq: Option<u64>,
+        since_ms: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<AuditRow>> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {AUDIT_COLS} FROM audit WHERE audit_id > ?1 AND seq > ?2 AND server_ts_ms >= ?3
+             ORDER BY audit_id LIMIT ?4"
+        ))?;
+        let rows = st.query_map(
+            params![
+                i(after_id),
+                i(after_seq.unwrap_or(0)),
+                i(since_ms.unwrap_or(0)),
+                limit as i64
+            ],
+            audit_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The conflict archive, newest first, optionally for one entity and/or one kind
+    /// (`lww`, `resolution`).
+    pub fn archive_query(
+        &self,
+        entity: Option<Uuid>,
+        kind: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<ArchiveRow>> {
+        let mut sql = String::from(
+            "SELECT archive_id, kind, space_id, entity_type, entity_id, field, losing_json, winning_json,
+             loser_device, loser_mutation, winner_device, winner_mutation, version, created_ms
+             FROM conflict_archive WHERE 1 = 1",
+        );
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(e) = entity {
+            sql.push_str(" AND entity_id = ?");
+            args.push(rusqlite::types::Value::Blob(e.as_bytes().to_vec()));
+        }
+        if let Some(k) = kind {
+            sql.push_str(" AND kind = ?");
+            args.push(rusqlite::types::Value::Text(k.to_string()));
+        }
+        sql.push_str(" ORDER BY archive_id DESC LIMIT ?");
+        args.push(rusqlite::types::Value::Integer(limit.min(i64::MAX as usize) as i64));
+        let mut st = self.conn.prepare(&sql)?;
+        let rows = st.query_map(params_from_iter(args), |r| {
+            Ok(ArchiveRow {
+                archive_id: u64_col(r, 0)?,
+                kind: r.get(1)?,
+                space_id: uuid_col(r, 2)?,
+                entity_type: r.get(3)?,
+                entity_id: uuid_col(r, 4)?,
+                field: r.get(5)?,
+                losing_json: r.get(6)?,
+                winning_json: r.get(7)?,
+                loser_device: opt_uuid_col(r, 8)?,
+                loser_mutation: opt_uuid_col(r, 9)?,
+                winner_device: opt_uuid_col(r, 10)?,
+                winner_mutation: opt_uuid_col(r, 11)?,
+                version: u64_col(r, 12)?,
+                created_ms: u64_col(r, 13)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// `PRAGMA integrity_check`: `["ok"]` when the file is sound, else SQLite's findings.
+    pub fn integrity_check(&self) -> StoreResult<Vec<String>> {
+        let mut st = self.conn.prepare("PRAGMA integrity_check")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The cross-table checks of a restore drill.
+    pub fn consistency(&self) -> StoreResult<Consistency> {
+        let count = |sql: &str| -> StoreResult<i64> { Ok(self.conn.query_row(sql, [], |r| r.get(0))?) };
+        Ok(Consistency {
+            feed_without_audit: count(
+                "SELECT COUNT(*) FROM feed f LEFT JOIN audit a ON a.seq = f.seq AND a.mutation_id = f.mutation_id
+                 WHERE a.audit_id IS NULL",
+            )? as u64,
+            audit_without_feed: count(
+                "SELECT COUNT(*) FROM audit a LEFT JOIN feed f ON f.seq = a.seq WHERE f.seq IS NULL",
+            )? as u64,
+            feed_without_receipt: count(
+                "SELECT COUNT(*) FROM feed f LEFT JOIN receipts r ON r.mutation_id = f.mutation_id
+                 WHERE r.mutation_id IS NULL",
+            )? as u64,
+            version_drift: count("SELECT COALESCE(SUM(version), 0) FROM documents")?
+                - count("SELECT COUNT(*) FROM feed")?,
+        })
+    }
+
+    /// Whether a mutation was applied (it has a feed row); for drills and tests.
+    pub fn applied(&self, mutation_id: Uuid) -> StoreResult<bool> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM feed WHERE mutation_id = ?1",
+            params![mutation_id.as_bytes().to_vec()],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+}

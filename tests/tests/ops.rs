@@ -1,0 +1,585 @@
+//! Operating the relay (issue 8): backups under load and restore drills, metrics, admin,
+//! revocation over real sockets, TLS with a test CA, the config file and structured logs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fieldsync_peer::OutboxState;
+use fieldsync_peer::net::{self, SyncOptions, WatchEvent};
+use fieldsync_peer::sync::SyncMachine;
+use fieldsync_relay::store::sqlite::SqliteStore;
+use fieldsync_tests::{Peer, Relay, eventually, http_get, metric, open_device};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+fn quiet() -> SyncOptions {
+    SyncOptions {
+        progress: false,
+        ..SyncOptions::default()
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn a_backup_taken_under_load_restores_with_every_acknowledged_mutation_present() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"), 0);
+    relay.setup("clinic", &[("dana", "clinician")]);
+    let token = relay.token("dana");
+    let url = relay.url();
+    let acked: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (acked, stop, dev_dir) = (acked.clone(), stop.clone(), dir.path().join("dev"));
+        std::thread::spawn(move || {
+            let rt = runtime();
+            let mut dev = open_device(&dev_dir, 11);
+            rt.block_on(net::enroll(&mut dev, &url, &token)).unwrap();
+            let mut machine = SyncMachine::default();
+            let started = Instant::now();
+            let mut i = 0;
+            // Bounded: stops when told, or after a minute whatever happens.
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                for _ in 0..10 {
+                    let mut f = serde_json::Map::new();
+                    f.insert("name".into(), json!(format!("patient {i}")));
+                    dev.put("patient", None, f).unwrap();
+                    i += 1;
+                }
+                rt.block_on(net::sync_once(&mut dev, &mut machine, &quiet())).unwrap();
+                let applied: Vec<Uuid> = dev
+                    .queue(true)
+                    .unwrap()
+                    .into_iter()
+                    .filter(|item| item.state == OutboxState::Applied)
+                    .map(|item| item.mutation_id)
+                    .collect();
+                acked.lock().unwrap().extend(applied);
+            }
+        })
+    };
+    let count = || acked.lock().unwrap().len();
+    assert!(eventually(Duration::from_secs(30), || count() >= 100), "no load");
+
+    // Everything acknowledged before the backup starts must be in it.
+    let before: HashSet<Uuid> = acked.lock().unwrap().clone();
+    let backup = dir.path().join("backups/relay.db");
+    let out = Relay::cli(&["backup", "--data", p(&relay.data), "--to", p(&backup), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(written["backup"]["bytes"].as_u64().unwrap() > 0);
+    // The load went on during and after the backup.
+    assert!(
+        eventually(Duration::from_secs(30), || count() >= before.len() + 50),
+        "the relay stopped acknowledging during the backup"
+    );
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+
+    let drill = Relay::cli(&["restore-drill", "--from", p(&backup)]);
+    let verdict = stdout(&drill);
+    assert!(drill.status.success(), "{verdict}");
+    assert!(verdict.starts_with("restore-drill: OK"), "{verdict}");
+
+    let restored = dir.path().join("restored");
+    let out = Relay::cli(&["restore", "--from", p(&backup), "--data", p(&restored)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let store = SqliteStore::open_dir(&restored, Uuid::nil()).unwrap();
+    let missing: Vec<&Uuid> = before.iter().filter(|m| !store.applied(**m).unwrap()).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged mutations missing from the backup",
+        missing.len(),
+        before.len()
+    );
+    assert!(fieldsync_relay::audit::verify(&store).unwrap().ok());
+    // The restored directory serves.
+    drop(store);
+    let again = Relay::start(&restored, 0);
+    assert_eq!(http_get(again.addr, "/healthz").0, 200);
+}
+
+#[test]
+fn restore_drill_on_a_corrupted_or_doctored_copy_fails_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"), 0);
+    relay.setup("clinic", &[("dana", "clinician")]);
+    let a = Peer::init(&dir.path().join("a"));
+    a.enroll(&relay, "dana");
+    for i in 0..30 {
+        a.put(
+            "patient",
+            &format!(r#"{{"name": "P{i}", "phone": "{}"}}"#, "5".repeat(30)),
+        );
+    }
+    a.ok(&["sync"]);
+    let backup = dir.path().join("good.db");
+    let out = Relay::cli(&["backup", "--data", p(&relay.data), "--to", p(&backup), "--verify"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(stdout(&out).contains("restore-drill: OK"), "{}", stdout(&out));
+
+    // Garbage over pages in the middle of the file.
+    let mut bytes = std::fs::read(&backup).unwrap();
+    assert!(bytes.len() > 5 * 4096, "backup unexpectedly small");
+    let from = bytes.len() / 2;
+    for b in &mut bytes[from..from + 8192] {
+        *b = 0xA5;
+    }
+    let corrupted = dir.path().join("corrupted.db");
+    std::fs::write(&corrupted, &bytes).unwrap();
+    let out = Relay::cli(&["restore-drill", "--from", p(&corrupted)]);
+    assert!(!out.status.success(), "a corrupted backup passed: {}", stdout(&out));
+    assert!(stdout(&out).starts_with("restore-drill: FAILED: "), "{}", stdout(&out));
+    assert_eq!(stdout(&out).lines().count(), 1, "one verdict line");
+
+    // A sound SQLite file whose audit history was edited behind the triggers' back.
+    let doctored = dir.path().join("doctored.db");
+    std::fs::copy(&backup, &doctored).unwrap();
+    let conn = rusqlite::Connection::open(&doctored).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER audit_no_update;
+         UPDATE audit SET after_json = '{\"name\":\"Mallory\"}' WHERE audit_id = 7;",
+    )
+    .unwrap();
+    drop(conn);
+    let out = Relay::cli(&["restore-drill", "--from", p(&doctored), "--json"]);
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let verdict = report["verdict"].as_str().unwrap();
+    assert!(verdict.contains("audit chain broken at record 7"), "{verdict}");
+
+    // `restore` refuses both and leaves the target alone.
+    let target = dir.path().join("target");
+    for bad in [&corrupted, &doctored] {
+        let out = Relay::cli(&["restore", "--from", p(bad), "--data", p(&target)]);
+        assert!(!out.status.success());
+        assert!(!target.join("relay.db").exists());
+    }
+    // And a good backup does not replace a live relay's database.
+    let out = Relay::cli(&["restore", "--from", p(&backup), "--data", p(&relay.data), "--force"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop it"), "{out:?}");
+}
+
+#[test]
+fn metrics_move_as_traffic_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"), 0);
+    relay.setup("clinic", &[("dana", "clinician")]);
+    let scrape = || {
+        let (code, body) = http_get(relay.addr, "/metrics");
+        assert_eq!(code, 200);
+        body
+    };
+    let m0 = scrape();
+    assert_eq!(metric(&m0, "fieldsync_up"), Some(1.0));
+    assert_eq!(metric(&m0, "fieldsync_mutations_applied_total"), Some(0.0));
+    assert_eq!(metric(&m0, "fieldsync_connections"), Some(0.0));
+
+    let a = Peer::init(&dir.path().join("a"));
+    let b = Peer::init(&dir.path().join("b"));
+    a.enroll(&relay, "dana");
+    b.enroll(&relay, "dana");
+    let id = a.put("patient", r#"{"name": "Ada"}"#);
+    for i in 0..4 {
+        a.put("patient", &format!(r#"{{"name": "N{i}"}}"#));
+    }
+    a.ok(&["sync"]);
+    b.ok(&["sync"]);
+    let m1 = scrape();
+    assert_eq!(metric(&m1, "fieldsync_mutations_applied_total"), Some(5.0), "{m1}");
+    assert_eq!(
+        metric(&m1, r#"fieldsync_mutations_total{outcome="applied"}"#),
+        Some(5.0)
+    );
+    assert_eq!(metric(&m1, "fieldsync_audit_records_total"), Some(5.0));
+    assert!(metric(&m1, "fieldsync_commits_total").unwrap() >= 1.0);
+    assert!(metric(&m1, "fieldsync_commit_seconds_count").unwrap() >= 1.0);
+    assert_eq!(metric(&m1, "fieldsync_apply_seconds_count"), Some(5.0));
+    assert!(metric(&m1, "fieldsync_group_seconds_count").unwrap() >= 1.0);
+    assert_eq!(metric(&m1, "fieldsync_enrollments_total"), Some(2.0));
+    assert!(metric(&m1, "fieldsync_connections_opened_total").unwrap() >= 4.0);
+    assert!(metric(&m1, "fieldsync_pull_pages_total").unwrap() >= 2.0);
+    assert!(metric(&m1, "fieldsync_send_queue_messages").is_some());
+
+    // A stale edit of a clinical record is a conflict; an unknown device an auth failure.
+    a.ok(&["put", "patient", &id, "--json", r#"{"phone": "1"}"#]);
+    a.ok(&["sync"]);
+    b.ok(&["put", "patient", &id, "--json", r#"{"phone": "2"}"#]);
+    let _ = b.run(&["sync"]);
+    let stranger = Peer::init(&dir.path().join("stranger"));
+    let _ = stranger.run(&["enroll", "--relay", &relay.url(), "--token", "fse_0000"]);
+    let m2 = scrape();
+    assert_eq!(metric(&m2, "fieldsync_mutations_applied_total"), Some(6.0), "{m2}");
+    assert_eq!(metric(&m2, "fieldsync_conflicts_total"), Some(1.0), "{m2}");
+    assert_eq!(
+        metric(&m2, r#"fieldsync_mutations_total{outcome="conflict"}"#),
+        Some(1.0)
+    );
+    assert!(m2.contains("fieldsync_auth_failures_total{reason="), "{m2}");
+
+    // A watching device is a connection while it is connected.
+    let mut watcher = std::process::Command::new(fieldsync_tests::bin("fieldsync-peer"))
+        .arg("--data")
+        .arg(&a.data)
+        .args(["sync", "--watch"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let connected = eventually(Duration::from_secs(10), || {
+        metric(&scrape(), "fieldsync_connections_authenticated") == Some(1.0)
+    });
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    assert!(connected, "the watching device never showed as a connection");
+    assert!(eventually(Duration::from_secs(10), || {
+        metric(&scrape(), "fieldsync_connections") == Some(0.0)
+    }));
+
+    let (code, status) = http_get(relay.addr, "/v1/status");
+    assert_eq!(code, 200);
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["stats"]["applied"], json!(6));
+    assert_eq!(http_get(relay.addr, "/healthz"), (200, "ok\n".to_string()));
+}
+
+#[test]
+fn a_revoked_device_is_disconnected_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"), 0);
+    relay.setup("clinic", &[("dana", "clinician")]);
+    let token = relay.token("dana");
+    let url = relay.url();
+    let mut dev = open_device(&dir.path().join("dev"), 5);
+    let rt = runtime();
+    rt.block_on(net::enroll(&mut dev, &url, &token)).unwrap();
+    let device_id = dev.device_id();
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
+    let watcher = std::thread::spawn(move || {
+        let rt = runtime();
+        let mut machine = SyncMachine::default();
+        let opts = quiet();
+        let result = rt.block_on(async {
+            let stop = tokio::time::sleep(Duration::from_secs(30));
+            net::watch(&mut dev, &mut machine, &opts, stop, |e| {
+                let label = match e {
+                    WatchEvent::Connected => "connected".to_string(),
+                    WatchEvent::Disconnected { reason, .. } => format!("disconnected: {reason}"),
+                    WatchEvent::Summary(_) => "summary".to_string(),
+                };
+                let _ = tx.send((Instant::now(), label));
+            })
+            .await
+        });
+        let _ = tx.send((Instant::now(), format!("watch ended: {result:?}")));
+    });
+    let (_, first) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(first, "connected");
+    let authenticated = || {
+        let (_, body) = http_get(relay.addr, "/v1/status");
+        serde_json::from_str::<Value>(&body).unwrap()["authenticated"].clone()
+    };
+    assert!(eventually(Duration::from_secs(10), || authenticated() == json!(1)));
+
+    let revoke = relay.admin(&["device", "revoke", &device_id.to_string()]);
+    let revoked_at = Instant::now();
+    assert_eq!(revoke["revoked"], json!(true));
+    let (at, event) = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("still connected after 5 s");
+    let took = at.saturating_duration_since(revoked_at);
+    assert!(event.starts_with("disconnected"), "{event}");
+    assert!(took < Duration::from_secs(1), "disconnected after {took:?}");
+    eprintln!("revoked device disconnected after {took:?} ({event})");
+    // It does not come back: a reconnect (the socket opens) is refused as revoked and the
+    // watch loop ends.
+    let end = loop {
+        let (_, e) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        if e.starts_with("watch ended") {
+            break e;
+        }
+        assert!(e == "connected" || e.starts_with("disconnected"), "{e}");
+    };
+    assert!(end.starts_with("watch ended: Err") && end.contains("revoked"), "{end}");
+    watcher.join().unwrap();
+    assert_eq!(authenticated(), json!(0));
+    let metrics = http_get(relay.addr, "/metrics").1;
+    assert_eq!(
+        metric(&metrics, "fieldsync_revoked_disconnects_total"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(metric(&metrics, r#"fieldsync_auth_failures_total{reason="revoked"}"#).unwrap() >= 1.0);
+}
+
+#[test]
+fn admin_commands_cover_users_tokens_devices_audit_conflicts_and_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"), 0);
+    relay.setup("clinic", &[("dana", "clinician"), ("sam", "assistant")]);
+    relay.admin(&["space", "add", "gym"]);
+    relay.admin(&["user", "add", "sam", "--space", "gym", "--role", "patient"]);
+    let changed = relay.admin(&["user", "role", "sam", "--space", "clinic", "--role", "clinician"]);
+    assert_eq!(changed["previous_role"], json!("assistant"));
+    relay.admin(&["user", "remove", "sam", "--space", "gym"]);
+    let users = relay.admin(&["user", "list"]);
+    let sam = users.as_array().unwrap().iter().find(|u| u["name"] == "sam").unwrap();
+    assert_eq!(sam["memberships"].as_array().unwrap().len(), 1);
+    assert_eq!(sam["memberships"][0]["role"], json!("clinician"));
+
+    // Tokens: listed by id only; an expired token no longer enrolls.
+    let token = relay.token("dana");
+    let tokens = relay.admin(&["token", "list"]);
+    let row = &tokens.as_array().unwrap()[0];
+    assert_eq!(row["state"], json!("active"));
+    assert!(!tokens.to_string().contains(&token), "a token leaked into the listing");
+    let id = row["token_id"].as_str().unwrap().to_string();
+    relay.admin(&["token", "expire", &id]);
+    assert_eq!(relay.admin(&["token", "list"])[0]["state"], json!("expired"));
+    let a = Peer::init(&dir.path().join("a"));
+    let refused = a.fails(&["enroll", "--relay", &relay.url(), "--token", &token]);
+    assert!(refused.contains("expired"), "{refused}");
+
+    // Two devices, an LWW race for the archive.
+    let b = Peer::init(&dir.path().join("b"));
+    a.enroll(&relay, "dana");
+    b.enroll(&relay, "sam");
+    let profile = a.put("profile", r#"{"display_name": "first"}"#);
+    a.ok(&["sync"]);
+    b.ok(&["sync"]);
+    a.ok(&["put", "profile", &profile, "--json", r#"{"bio": "from a"}"#]);
+    b.ok(&["put", "profile", &profile, "--json", r#"{"bio": "from b"}"#]);
+    a.ok(&["sync"]);
+    b.ok(&["sync"]);
+    let conflicts = relay.admin(&["conflicts", "--entity", &profile]);
+    let rows = conflicts.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{conflicts}");
+    assert_eq!(rows[0]["kind"], json!("lww"));
+    assert_eq!(rows[0]["field"], json!("bio"));
+
+    let devices = relay.admin(&["device", "list"]);
+    assert_eq!(devices.as_array().unwrap().len(), 2);
+    assert!(devices[0]["last_seen_at"].is_string(), "{devices}");
+
+    let verify = relay.admin(&["audit", "verify"]);
+    assert_eq!(verify["records"], json!(3));
+    assert_eq!(verify["first_bad"], Value::Null);
+    let export = Relay::cli(&["admin", "--data", p(&relay.data), "audit", "export", "--since", "2"]);
+    assert!(export.status.success());
+    let lines: Vec<Value> = stdout(&export)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "records after seq 2");
+    assert_eq!(lines[0]["seq"], json!(3));
+    assert!(lines[0]["hash"].is_string() && lines[0]["server_ts"].is_string());
+    let all = Relay::cli(&[
+        "admin",
+        "--data",
+        p(&relay.data),
+        "audit",
+        "export",
+        "--since",
+        "2000-01-01",
+    ]);
+    assert_eq!(stdout(&all).lines().count(), 3);
+
+    let stats = relay.admin(&["stats"]);
+    assert_eq!(stats["counts"]["audit"], json!(3));
+    assert_eq!(stats["counts"]["devices"], json!(2));
+    assert_eq!(stats["counts"]["archive"], json!(1));
+    // Text output exists for every command too.
+    let text = Relay::cli(&["admin", "--data", p(&relay.data), "stats"]);
+    assert!(stdout(&text).contains("audit records 3"), "{}", stdout(&text));
+}
+
+#[test]
+fn tls_works_with_the_test_ca_and_fails_with_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = fieldsync_tests::tls::TestCa::new("fieldsync test CA");
+    let other = fieldsync_tests::tls::TestCa::new("someone else's CA");
+    let (cert, key) = ca.issue_server(dir.path());
+    let ca_pem = ca.write_ca(&dir.path().join("ca.pem"));
+    let other_pem = other.write_ca(&dir.path().join("other.pem"));
+    let relay = Relay::start_with(
+        &dir.path().join("relay"),
+        0,
+        &["--tls-cert", p(&cert), "--tls-key", p(&key)],
+        &[("RUST_LOG", "warn")],
+    );
+    assert_eq!(relay.scheme, "wss");
+    relay.setup("clinic", &[("dana", "clinician")]);
+    let url = relay.url();
+    let a = Peer::init(&dir.path().join("a"));
+    let token = relay.token("dana");
+
+    // The wrong CA, and no CA (the system roots do not know the test CA), are refused.
+    let wrong = a.fails(&["--ca-file", p(&other_pem), "enroll", "--relay", &url, "--token", &token]);
+    assert!(wrong.to_lowercase().contains("certificate"), "{wrong}");
+    let none = a.fails(&["enroll", "--relay", &url, "--token", &token]);
+    assert!(none.contains("cannot reach") || none.contains("TLS"), "{none}");
+    // Plain WebSocket to the TLS port gets nowhere either.
+    let plain = a.fails(&["enroll", "--relay", &format!("ws://{}", relay.addr), "--token", &token]);
+    assert!(plain.contains("cannot reach"), "{plain}");
+
+    // The right CA: enrollment, a write and a sync over wss://.
+    a.ok(&["--ca-file", p(&ca_pem), "enroll", "--relay", &url, "--token", &token]);
+    let id = a.put("patient", r#"{"name": "Tls"}"#);
+    a.ok(&["--ca-file", p(&ca_pem), "sync"]);
+    let b = Peer::init(&dir.path().join("b"));
+    b.ok(&[
+        "--ca-file",
+        p(&ca_pem),
+        "enroll",
+        "--relay",
+        &url,
+        "--token",
+        &relay.token("dana"),
+    ]);
+    b.ok(&["--ca-file", p(&ca_pem), "sync"]);
+    assert_eq!(
+        b.get("patient", &id)["fields"]["name"],
+        json!("Tls"),
+        "{}",
+        b.get("patient", &id)
+    );
+    // Without the CA file the synced device cannot reach the relay, and keeps its data.
+    assert!(a.fails(&["sync"]).contains("sync failed"));
+}
+
+#[test]
+fn the_config_file_drives_scheduled_verified_backups_with_retention_and_json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        "data = \"relay\"\nbackup_dir = \"backups\"\nbackup_every = \"1s\"\nbackup_keep = 2\nlog_format = \"json\"\n",
+    )
+    .unwrap();
+    // --data comes from the file; the flag for the listen address overrides nothing there.
+    let mut cmd = std::process::Command::new(fieldsync_tests::bin("fieldsync-relay"));
+    cmd.args(["serve", "--config", p(&config), "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let addr = {
+        let found = eventually(Duration::from_secs(30), || {
+            lines.lock().unwrap().iter().any(|l| l.contains("listening on ws://"))
+        });
+        assert!(found, "relay did not start: {:?}", lines.lock().unwrap());
+        let all = lines.lock().unwrap();
+        let line = all.iter().find(|l| l.contains("listening on ws://")).unwrap();
+        let rest = line.split("ws://").nth(1).unwrap();
+        rest.split('/').next().unwrap().parse::<std::net::SocketAddr>().unwrap()
+    };
+    let backups_ok = || {
+        let (_, body) = http_get(addr, "/v1/status");
+        serde_json::from_str::<Value>(&body).unwrap()["backups"]["ok"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let took_three = eventually(Duration::from_secs(30), || backups_ok() >= 3);
+    let metrics = http_get(addr, "/metrics").1;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(took_three, "scheduled backups did not run: {:?}", lines.lock().unwrap());
+    assert!(metric(&metrics, r#"fieldsync_backups_total{result="ok"}"#).unwrap() >= 3.0);
+    assert!(metric(&metrics, "fieldsync_backup_last_success_timestamp_seconds").is_some());
+    let files = fieldsync_relay::backup::scheduled_backups(&dir.path().join("backups")).unwrap();
+    assert_eq!(files.len(), 2, "retention keeps the newest 2: {files:?}");
+    let drill = Relay::cli(&["restore-drill", "--from", p(&files[1])]);
+    assert!(drill.status.success(), "{}", stdout(&drill));
+    // Every log line is one JSON object; backups are logged with their drill verdict.
+    let logs = lines.lock().unwrap();
+    let json_lines: Vec<Value> = logs
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(json_lines.iter().any(|v| {
+        v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("restore-drill: OK"))
+    }));
+}
+
+#[test]
+fn every_log_line_about_a_mutation_names_its_device_user_and_mutation() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(
+        &dir.path().join("relay"),
+        0,
+        &["--log-format", "json"],
+        &[("RUST_LOG", "fieldsync_relay=debug")],
+    );
+    relay.setup("clinic", &[("dana", "clinician")]);
+    let a = Peer::init(&dir.path().join("a"));
+    let b = Peer::init(&dir.path().join("b"));
+    a.enroll(&relay, "dana");
+    b.enroll(&relay, "dana");
+    let id = a.put("patient", r#"{"name": "Logged"}"#);
+    a.ok(&["sync"]);
+    b.ok(&["sync"]);
+    a.ok(&["put", "patient", &id, "--json", r#"{"phone": "1"}"#]);
+    a.ok(&["sync"]);
+    b.ok(&["put", "patient", &id, "--json", r#"{"phone": "2"}"#]);
+    let _ = b.run(&["sync"]);
+    let about_mutations = || -> Vec<Value> {
+        relay
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|v| v.to_string().contains("mutation"))
+            .collect()
+    };
+    assert!(eventually(Duration::from_secs(5), || {
+        about_mutations()
+            .iter()
+            .any(|v| v["fields"]["message"] == json!("mutation refused"))
+    }));
+    let lines = about_mutations();
+    assert!(lines.len() >= 6, "{lines:?}");
+    for v in &lines {
+        // The ids may sit on the event or on an enclosing span.
+        let mut scopes = vec![v["fields"].clone()];
+        scopes.extend(v["spans"].as_array().cloned().unwrap_or_default());
+        for key in ["device_id", "user_id", "mutation_id"] {
+            let found = scopes
+                .iter()
+                .any(|s| s[key].as_str().is_some_and(|x| Uuid::parse_str(x).is_ok()));
+            assert!(found, "no {key} in {v}");
+        }
+    }
+}
