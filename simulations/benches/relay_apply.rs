@@ -48,7 +48,12 @@ impl Bench {
             rate_per_sec: 1e12,
             ..RelayConfig::default()
         };
-        let mut core = RelayCore::new(store, Arc::new(Schema::default_schema()), config, Box::new(stream(1, "relay")));
+        let mut core = RelayCore::new(
+            store,
+            Arc::new(Schema::default_schema()),
+            config,
+            Box::new(stream(1, "relay")),
+        );
         let mut rng = stream(1, "admin");
         admin::add_space(core.store_mut(), "gym", T0, &mut rng).unwrap();
         admin::add_user(core.store_mut(), "pat", "gym", Role::Patient, T0, &mut rng).unwrap();
@@ -111,8 +116,14 @@ impl Bench {
 }
 
 fn group_sizes() {
-    println!("relay apply + group commit (synchronous=FULL, {}):", std::env::temp_dir().display());
-    println!("  {:>6} {:>12} {:>12} {:>14}", "group", "wall µs/mut", "cpu µs/mut", "mutations/s");
+    println!(
+        "relay apply + group commit (synchronous=FULL, {}):",
+        std::env::temp_dir().display()
+    );
+    println!(
+        "  {:>6} {:>12} {:>12} {:>14}",
+        "group", "wall µs/mut", "cpu µs/mut", "mutations/s"
+    );
     for &(devices, per_device) in &[(1usize, 1usize), (10, 1), (10, 10), (50, 10), (100, 10)] {
         let mut b = Bench::new(devices);
         let rounds = (2000 / (devices * per_device)).clamp(5, 400);
@@ -129,7 +140,8 @@ fn group_sizes() {
                         ids.push(m.entity_id);
                         m
                     } else {
-                        d.update(ids[k], &obj(json!({"notes": format!("round {r}")})), T0 + r as u64).unwrap()
+                        d.update(ids[k], &obj(json!({"notes": format!("round {r}")})), T0 + r as u64)
+                            .unwrap()
                     };
                     batch.push(m);
                 }
@@ -141,7 +153,11 @@ fn group_sizes() {
         let (t, c) = (Instant::now(), cpu_us());
         let mut applied = 0;
         for r in 0..rounds {
-            let pushes = conns.iter().zip(plans.iter_mut()).map(|(c, p)| (*c, std::mem::take(&mut p[r]))).collect();
+            let pushes = conns
+                .iter()
+                .zip(plans.iter_mut())
+                .map(|(c, p)| (*c, std::mem::take(&mut p[r])))
+                .collect();
             applied += b.group(pushes);
         }
         let (wall, cpu) = (t.elapsed().as_secs_f64() * 1e6, (cpu_us() - c) as f64);
@@ -176,7 +192,11 @@ fn history_lengths() {
                 .map(|k| {
                     b.devices[0]
                         .0
-                        .update(id, &obj(json!({"notes": format!("h{}", built + k)})), T0 + (built + k) as u64)
+                        .update(
+                            id,
+                            &obj(json!({"notes": format!("h{}", built + k)})),
+                            T0 + (built + k) as u64,
+                        )
                         .unwrap()
                 })
                 .collect();
@@ -189,7 +209,10 @@ fn history_lengths() {
                 (0..50)
                     .map(|k| {
                         let i = history + g * 50 + k;
-                        b.devices[0].0.update(id, &obj(json!({"notes": format!("m{i}")})), T0 + i as u64).unwrap()
+                        b.devices[0]
+                            .0
+                            .update(id, &obj(json!({"notes": format!("m{i}")})), T0 + i as u64)
+                            .unwrap()
                     })
                     .collect()
             })

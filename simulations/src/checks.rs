@@ -577,13 +577,16 @@ impl World {
         }
         for ((entity, field), stamp) in &stamps {
             checks += 1;
-            if let Some((top, by)) = max_writer.get(&(*entity, field.clone())) {
-                if *top > stamp.hlc {
-                    problems.push((
-                        *entity,
-                        format!("{field} is held by {} ({}) but {by} wrote it later by the clock ({top})", stamp.mutation, stamp.hlc),
-                    ));
-                }
+            if let Some((top, by)) = max_writer.get(&(*entity, field.clone()))
+                && *top > stamp.hlc
+            {
+                problems.push((
+                    *entity,
+                    format!(
+                        "{field} is held by {} ({}) but {by} wrote it later by the clock ({top})",
+                        stamp.mutation, stamp.hlc
+                    ),
+                ));
             }
             let Some(d) = docs.get_mut(entity) else { continue };
             let current = d.doc.fields().get(field).cloned();

@@ -46,7 +46,9 @@ impl SynthDevice {
     }
 
     pub fn enroll_message(&self, token: &str) -> ClientMessage {
-        let proof = self.key.sign(&enroll_signing_bytes(token, &self.device_id, &self.key.public_key()));
+        let proof = self
+            .key
+            .sign(&enroll_signing_bytes(token, &self.device_id, &self.key.public_key()));
         ClientMessage::Enroll {
             protocol_version: PROTOCOL_VERSION,
             token: token.to_string(),
@@ -78,7 +80,14 @@ impl SynthDevice {
         }
     }
 
-    fn envelope(&mut self, entity_type: &str, entity_id: Uuid, kind: MutationKind, change: Vec<u8>, now: u64) -> Mutation {
+    fn envelope(
+        &mut self,
+        entity_type: &str,
+        entity_id: Uuid,
+        kind: MutationKind,
+        change: Vec<u8>,
+        now: u64,
+    ) -> Mutation {
         let base_version = (kind != MutationKind::Create).then(|| self.versions.get(&entity_id).copied().unwrap_or(0));
         *self.versions.entry(entity_id).or_insert(0) += 1;
         let mut m = Mutation {
