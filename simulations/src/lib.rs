@@ -13,6 +13,7 @@ pub mod checks;
 pub mod clock;
 pub mod device_side;
 pub mod faults;
+pub mod load;
 pub mod options;
 pub mod oracle;
 pub mod relay_side;

@@ -13,9 +13,65 @@ use fieldsync_simulations::{FaultSet, InjectedBug, Report, SimOptions, run};
 #[command(
     name = "fieldsync-sim",
     version,
-    about = "Deterministic multi-device simulation of fieldsync under faults"
+    about = "Deterministic multi-device simulation of fieldsync under faults, and its load generator",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    sim: SimArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Load a real relay over WebSockets and print JSON figures.
+    Load(LoadArgs),
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// Concurrent device sessions.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Total mutations (overrides --entities; spread over the devices).
+    #[arg(long)]
+    mutations: Option<u64>,
+    /// Entities each device creates.
+    #[arg(long, default_value_t = 10)]
+    entities: usize,
+    /// Updates of each entity after its create.
+    #[arg(long, default_value_t = 1)]
+    updates: usize,
+    /// gated (workouts), lww (settings) or mixed.
+    #[arg(long, default_value = "gated")]
+    mix: fieldsync_simulations::load::Mix,
+    /// Devices per space: live entries fan out to the others of the space.
+    #[arg(long, default_value_t = 10)]
+    space_size: usize,
+    /// Mutations per push.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Pace the devices to this many mutations per second in total.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Start a relay on a scratch directory (the default unless --relay is given).
+    #[arg(long, conflicts_with = "relay")]
+    spawn: bool,
+    /// Load a running relay at this address (needs --data, its data directory, to enroll).
+    #[arg(long, requires = "data")]
+    relay: Option<String>,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The running relay's process id, for CPU and memory figures.
+    #[arg(long)]
+    pid: Option<u32>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
     /// The seed of a single run.
     #[arg(long, default_value_t = 1, conflicts_with_all = ["seeds", "replay"])]
     seed: u64,
@@ -78,8 +134,41 @@ fn main() -> ExitCode {
     }
 }
 
+fn load(args: LoadArgs) -> anyhow::Result<bool> {
+    use fieldsync_simulations::load::{self, LoadOptions, relay_proc::RelayProc};
+    let (entities, updates) = match args.mutations {
+        Some(m) => {
+            let per_device = m.div_ceil(args.devices.max(1) as u64) as usize;
+            (per_device.div_ceil(1 + args.updates).max(1), args.updates)
+        }
+        None => (args.entities, args.updates),
+    };
+    let relay = match (&args.relay, &args.data) {
+        (Some(url), Some(data)) => RelayProc::existing(url, data, args.pid),
+        _ => RelayProc::spawn()?,
+    };
+    let opts = LoadOptions {
+        devices: args.devices,
+        entities,
+        updates,
+        mix: args.mix,
+        space_size: args.space_size,
+        batch: args.batch,
+        rate: args.rate,
+        seed: args.seed,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let report = load::run(&relay, &opts)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(report.errors.is_empty())
+}
+
 fn real_main() -> anyhow::Result<bool> {
-    let cli = Cli::parse();
+    let parsed = Cli::parse();
+    if let Some(Command::Load(args)) = parsed.command {
+        return load(args);
+    }
+    let cli = parsed.sim;
     let progress = std::io::stderr().is_terminal() && !cli.json;
     if let Some(path) = &cli.replay {
         let opts = fieldsync_simulations::trace::read_options(path)?;
