@@ -23,8 +23,8 @@ pub mod sync;
 pub mod write;
 
 pub use conflict::{
-    Author, ConflictRecord, DiscardReport, FieldConflict, FieldStatus, LwwLossRecord, RejectedEdit, Resolution, Side,
-    UNDO_WINDOW_MS, Version,
+    Author, ConflictRecord, DiscardReport, FieldConflict, FieldStatus, LwwLossRecord, RecordState, RejectedEdit,
+    Resolution, Side, UNDO_WINDOW_MS,
 };
 pub use device::{BlockedOn, Device, DeviceRng, EnrolledAs, Enrollment, RetryReport, Status, SyncStatus};
 pub use entity::{Entity, FieldFilter, SyncState};

@@ -164,7 +164,10 @@ fn the_workout_edited_offline_on_two_devices_prompts_on_the_later_one_and_each_r
     assert_eq!(field(c, "duration_min")["status"], json!("theirs"));
     assert_eq!(field(c, "rpe")["status"], json!("mine"));
     let human = g.tablet.ok(&["conflicts"]);
-    assert!(human.contains("CONTESTED") && human.contains("--keep mine"), "{human}");
+    assert!(
+        human.contains("(stale_base)") && human.contains("CONTESTED") && human.contains("--keep mine"),
+        "{human}"
+    );
 
     // Keep theirs on the first, keep mine on the second, a per-field merge on the third.
     g.tablet.ok(&["resolve", "workout", &workouts[0], "--keep", "theirs"]);

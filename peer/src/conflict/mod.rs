@@ -51,7 +51,7 @@ pub struct Author {
 
 /// A whole version of the record: its fields and whether it is deleted.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Version {
+pub struct RecordState {
     pub fields: Map<String, Value>,
     pub deleted: bool,
 }
@@ -114,9 +114,9 @@ pub struct ConflictRecord {
     pub recorded_at_ms: u64,
     /// Every field either side holds, plus `_deleted` when a side is deleted.
     pub fields: Vec<FieldConflict>,
-    pub base: Version,
-    pub mine: Version,
-    pub theirs: Version,
+    pub base: RecordState,
+    pub mine: RecordState,
+    pub theirs: RecordState,
     /// This device's unconfirmed items for the entity, which a resolution carries.
     pub carried_mutations: Vec<Uuid>,
     /// What the user can do: `keep_mine`, `keep_theirs`, `merged`, or only `discard` (a
@@ -227,7 +227,7 @@ impl Device {
         let mut fields = Vec::new();
         for key in view::all_keys(&[&sides.base.fields, &sides.mine.fields, &sides.theirs.fields]) {
             let counter = matches!(ty.field(&key).map(|f| &f.kind), Some(FieldKind::Counter { .. }));
-            let get = |v: &Version| v.fields.get(&key).cloned().unwrap_or(Value::Null);
+            let get = |v: &RecordState| v.fields.get(&key).cloned().unwrap_or(Value::Null);
             fields.push(field_conflict(
                 &key,
                 get(&sides.base),

@@ -24,7 +24,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::{Version, close_conflict, open_conflict, view};
+use super::{RecordState, close_conflict, open_conflict, view};
 use crate::device::Device;
 use crate::entity::{self, EntityMeta, SyncState};
 use crate::error::{PeerError, Result};
@@ -182,7 +182,7 @@ fn is_counter(ty: &EntityType, key: &str) -> bool {
     matches!(ty.field(key).map(|f| &f.kind), Some(FieldKind::Counter { .. }))
 }
 
-fn target_of(ty: &EntityType, resolution: &Resolution, mine: &Version, theirs: &Version) -> Result<Target> {
+fn target_of(ty: &EntityType, resolution: &Resolution, mine: &RecordState, theirs: &RecordState) -> Result<Target> {
     let (mut fields, mut deleted) = match resolution {
         Resolution::KeepMine => (mine.fields.clone(), mine.deleted),
         Resolution::KeepTheirs | Resolution::Merged(_) => (theirs.fields.clone(), theirs.deleted),

@@ -21,7 +21,7 @@ use rusqlite::Connection;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::{Author, Version};
+use super::{Author, RecordState};
 use crate::error::Result;
 use crate::outbox::{self, QueuedItem};
 
@@ -81,9 +81,9 @@ pub(crate) fn relay_view(
 }
 
 pub(crate) struct Sides {
-    pub base: Version,
-    pub mine: Version,
-    pub theirs: Version,
+    pub base: RecordState,
+    pub mine: RecordState,
+    pub theirs: RecordState,
     /// The relay's document, for a resolution that must start from it.
     pub theirs_doc: EntityDoc,
     /// The relay's changes since the base, oldest first (who wrote "theirs").
@@ -98,9 +98,9 @@ pub(crate) fn three_way(
     actor: automerge::ActorId,
 ) -> Result<Sides> {
     let base = if base_heads.is_empty() {
-        Version::default()
+        RecordState::default()
     } else {
-        Version {
+        RecordState {
             fields: doc.fields_at(base_heads),
             deleted: doc.is_deleted_at(base_heads),
         }
@@ -113,12 +113,12 @@ pub(crate) fn three_way(
             *value = v;
         }
     }
-    let mine = Version {
+    let mine = RecordState {
         fields: mine_fields,
         deleted: preferring(doc, META_DELETED, &mine_heads, me) == Some(Value::Bool(true)),
     };
     let mut theirs_doc = relay_view(doc, &own.hashes, actor)?;
-    let theirs = Version {
+    let theirs = RecordState {
         fields: theirs_doc.fields(),
         deleted: theirs_doc.is_deleted(),
     };

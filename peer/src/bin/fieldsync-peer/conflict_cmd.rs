@@ -47,11 +47,14 @@ fn side(s: &Side, me: Uuid) -> String {
 }
 
 fn print_conflict(c: &ConflictRecord, me: Uuid) {
+    let reason = serde_json::to_value(c.reason)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
     println!(
-        "CONFLICT {} {} ({:?}): your {} {} was built on version {}, the relay is at version {}",
+        "CONFLICT {} {} ({reason}): your {} {} was built on version {}, the relay is at version {}",
         c.entity_type,
         c.entity_id,
-        c.reason,
         c.kind,
         c.mutation_id,
         c.base_version.map_or_else(|| "none".to_string(), |v| v.to_string()),
