@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{PeerError, Result};
 
 pub const DB_FILE: &str = "device.db";
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// Tables an importable backup must contain.
 pub const REQUIRED_TABLES: [&str; 5] = ["meta", "entities", "outbox", "conflicts", "lww_losses"];
 
@@ -56,7 +56,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_attempt_ms INTEGER,
     outcome         TEXT,
     error           TEXT,
-    applied_version INTEGER
+    applied_version INTEGER,
+    position        INTEGER,
+    superseded_by   TEXT
 ) STRICT;
 CREATE INDEX IF NOT EXISTS outbox_by_state ON outbox (state, seq);
 CREATE INDEX IF NOT EXISTS outbox_by_entity ON outbox (entity_id, state);
@@ -68,7 +70,10 @@ CREATE TABLE IF NOT EXISTS conflicts (
     server_version INTEGER NOT NULL,
     outcome        TEXT NOT NULL,
     recorded_at_ms INTEGER NOT NULL,
-    resolved       INTEGER NOT NULL DEFAULT 0
+    resolved       INTEGER NOT NULL DEFAULT 0,
+    resolved_at_ms INTEGER,
+    resolution     TEXT,
+    resolution_mutation TEXT
 ) STRICT;
 
 CREATE TABLE IF NOT EXISTS lww_losses (
@@ -78,13 +83,44 @@ CREATE TABLE IF NOT EXISTS lww_losses (
     loser_mutation TEXT NOT NULL,
     loss           TEXT NOT NULL,
     recorded_at_ms INTEGER NOT NULL,
+    undone_at_ms   INTEGER,
+    undo_mutation  TEXT,
     UNIQUE (entity_id, field, loser_mutation)
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS rejected_edits (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    entity_id      TEXT NOT NULL REFERENCES entities (entity_id),
+    entity_type    TEXT NOT NULL,
+    mutation_id    TEXT NOT NULL,
+    outcome        TEXT NOT NULL,
+    fields         TEXT NOT NULL,
+    deleted        INTEGER NOT NULL,
+    upto_seq       INTEGER NOT NULL,
+    recorded_at_ms INTEGER NOT NULL,
+    resolved_at_ms INTEGER,
+    resolution     TEXT,
+    resolution_mutation TEXT
 ) STRICT;
 "#;
 
-/// Opens (creating if needed) the database file with the settings every connection needs.
+/// Layout 1 → 2 (conflict resolution): where a resolution sits in the outbox and what it
+/// superseded, how conflicts were resolved, which LWW losses were undone. Layout 2 also adds
+/// `rejected_edits`, which the `CREATE TABLE IF NOT EXISTS` of [`DDL`] creates.
+const MIGRATE_1_TO_2: &str = r#"
+ALTER TABLE outbox ADD COLUMN position INTEGER;
+ALTER TABLE outbox ADD COLUMN superseded_by TEXT;
+ALTER TABLE conflicts ADD COLUMN resolved_at_ms INTEGER;
+ALTER TABLE conflicts ADD COLUMN resolution TEXT;
+ALTER TABLE conflicts ADD COLUMN resolution_mutation TEXT;
+ALTER TABLE lww_losses ADD COLUMN undone_at_ms INTEGER;
+ALTER TABLE lww_losses ADD COLUMN undo_mutation TEXT;
+"#;
+
+/// Opens (creating if needed) the database file with the settings every connection needs, and
+/// brings an older layout up to date in one transaction.
 pub fn open(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path)?;
+    let mut conn = Connection::open(path)?;
     configure(&conn)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
@@ -93,8 +129,16 @@ pub fn open(path: &Path) -> Result<Connection> {
             path.display()
         )));
     }
-    conn.execute_batch(DDL)?;
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    if version < SCHEMA_VERSION {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if current == 1 {
+            tx.execute_batch(MIGRATE_1_TO_2)?;
+        }
+        tx.execute_batch(DDL)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+    }
     Ok(conn)
 }
 
@@ -213,6 +257,112 @@ mod tests {
         let conn = open(&path).unwrap();
         assert_eq!(meta_get(&conn, "k").unwrap().as_deref(), Some("v2"));
         assert!(check_integrity(&conn).is_ok());
+    }
+
+    /// The layout of the first release (user_version 1), to prove that files written by it open.
+    const V1_DDL: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS entities (
+    entity_id     TEXT PRIMARY KEY,
+    entity_type   TEXT NOT NULL,
+    space_id      TEXT NOT NULL,
+    doc           BLOB NOT NULL,
+    fields        TEXT NOT NULL,
+    heads         TEXT NOT NULL,
+    relay_version INTEGER NOT NULL DEFAULT 0,
+    sync_state    TEXT NOT NULL CHECK (sync_state IN ('synced', 'pending', 'conflict', 'rejected')),
+    deleted       INTEGER NOT NULL DEFAULT 0,
+    signed        INTEGER NOT NULL DEFAULT 0,
+    locked        INTEGER NOT NULL DEFAULT 0,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS entities_by_type ON entities (entity_type, entity_id);
+CREATE INDEX IF NOT EXISTS entities_by_space ON entities (space_id);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    mutation_id     TEXT NOT NULL UNIQUE,
+    entity_id       TEXT NOT NULL REFERENCES entities (entity_id),
+    entity_type     TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    envelope        BLOB NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'applied', 'blocked', 'superseded')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+    created_at_ms   INTEGER NOT NULL,
+    last_attempt_ms INTEGER,
+    outcome         TEXT,
+    error           TEXT,
+    applied_version INTEGER
+) STRICT;
+CREATE INDEX IF NOT EXISTS outbox_by_state ON outbox (state, seq);
+CREATE INDEX IF NOT EXISTS outbox_by_entity ON outbox (entity_id, state);
+
+CREATE TABLE IF NOT EXISTS conflicts (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    entity_id      TEXT NOT NULL REFERENCES entities (entity_id),
+    mutation_id    TEXT NOT NULL,
+    server_version INTEGER NOT NULL,
+    outcome        TEXT NOT NULL,
+    recorded_at_ms INTEGER NOT NULL,
+    resolved       INTEGER NOT NULL DEFAULT 0
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS lww_losses (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    entity_id      TEXT NOT NULL,
+    field          TEXT NOT NULL,
+    loser_mutation TEXT NOT NULL,
+    loss           TEXT NOT NULL,
+    recorded_at_ms INTEGER NOT NULL,
+    UNIQUE (entity_id, field, loser_mutation)
+) STRICT;
+"#;
+
+    #[test]
+    fn a_layout_1_file_is_migrated_in_place_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(V1_DDL).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO entities VALUES ('e', 'patient', 's', x'00', '{}', '[]', 0, 'pending', 0, 0, 0, 1, 1);
+                 INSERT INTO outbox (mutation_id, entity_id, entity_type, kind, envelope, state, created_at_ms)
+                 VALUES ('m', 'e', 'patient', 'create', x'00', 'pending', 1);
+                 INSERT INTO lww_losses (entity_id, field, loser_mutation, loss, recorded_at_ms)
+                 VALUES ('e', 'units', 'm', '{}', 1);",
+            )
+            .unwrap();
+        }
+        let conn = open(&path).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let (position, superseded_by): (Option<i64>, Option<String>) = conn
+            .query_row(
+                "SELECT position, superseded_by FROM outbox WHERE mutation_id = 'm'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((position, superseded_by), (None, None));
+        let undone: Option<i64> = conn
+            .query_row("SELECT undone_at_ms FROM lww_losses", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(undone, None);
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM rejected_edits", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+        drop(conn);
+        // Opening again is a no-op.
+        open(&path).unwrap();
     }
 
     #[test]

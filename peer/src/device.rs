@@ -72,12 +72,15 @@ impl SyncStatus {
     }
 }
 
-/// The first blocked outbox item: what halts the outbox.
+/// The first blocked outbox item: what halts the outbox until the user resolves it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockedOn {
     pub mutation_id: Uuid,
     pub entity_type: String,
     pub entity_id: Uuid,
+    /// The relay's answer: `conflict`, `rejected_immutable`, `rejected_locked`, `invalid`,
+    /// `forbidden`.
+    pub outcome: String,
     pub reason: String,
 }
 
@@ -433,6 +436,7 @@ impl Device {
             mutation_id: b.mutation_id,
             entity_type: b.entity_type,
             entity_id: b.entity_id,
+            outcome: b.outcome.as_ref().map_or("blocked", |o| o.name()).to_string(),
             reason: b.error.unwrap_or_default(),
         });
         let auth_failure = db::meta_get(&self.conn, keys::AUTH_FAILED)?;

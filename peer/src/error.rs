@@ -46,6 +46,9 @@ pub enum PeerError {
     Backup(String),
     #[error("sign-out refused: {0}")]
     SignOutRefused(String),
+    /// A conflict, rejection or LWW loss cannot be resolved as asked; says what can be done.
+    #[error("{0}")]
+    Resolution(String),
 }
 
 pub type Result<T, E = PeerError> = std::result::Result<T, E>;

@@ -2,6 +2,8 @@
 //!
 //! - [`Device`] (`device`, `write`, `backup`): one device's SQLite store — Automerge documents,
 //!   the signed outbox, identity and enrollment. Every write is local and durable at once.
+//! - [`conflict`]: conflict prompts and their resolution, refused edits (discard, addendum),
+//!   LWW losses and their undo.
 //! - [`sync::SyncMachine`]: the device half of the sync protocol, sans-IO: relay messages and
 //!   the current time in, client messages out. The network shell and the simulator drive it.
 //!
@@ -9,6 +11,7 @@
 //! [`Device::open`].
 
 pub mod backup;
+pub mod conflict;
 pub mod db;
 pub mod device;
 pub mod entity;
@@ -19,6 +22,10 @@ mod rules;
 pub mod sync;
 pub mod write;
 
+pub use conflict::{
+    Author, ConflictRecord, DiscardReport, FieldConflict, FieldStatus, LwwLossRecord, RecordState, RejectedEdit,
+    Resolution, Side, UNDO_WINDOW_MS,
+};
 pub use device::{BlockedOn, Device, DeviceRng, EnrolledAs, Enrollment, RetryReport, Status, SyncStatus};
 pub use entity::{Entity, FieldFilter, SyncState};
 pub use error::{PeerError, Result};

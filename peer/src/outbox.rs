@@ -1,9 +1,15 @@
 //! The outbox: every local write as a signed mutation envelope, strictly ordered by `seq`.
 //!
 //! Items are never deleted: they move from `pending` to `applied` (confirmed by the relay) or
-//! `blocked` (a blocking outcome, kept with its reason until a resolution), and `superseded`
-//! is reserved for resolutions. "Unsynced" is `pending` + `blocked`. Envelopes are stored as
-//! CBOR, exactly as they will be sent, so the signature covers what is on disk.
+//! `blocked` (a blocking outcome, kept with its reason until a resolution), and to
+//! `superseded` when a resolution replaces them (`superseded_by` names the resolution's item;
+//! none when the user discarded them). "Unsynced" is `pending` + `blocked` + items superseded
+//! by a resolution the relay has not confirmed yet: a write leaves the unsynced set only when
+//! the relay has it. Envelopes are stored as CBOR, exactly as they will be sent, so the
+//! signature covers what is on disk.
+//!
+//! Order is by `position` (the `seq` of the item a resolution took the place of) and then
+//! `seq`: a resolution is pushed where the conflicted item stood, before later writes.
 
 use std::fmt;
 use std::str::FromStr;
@@ -25,7 +31,7 @@ pub enum OutboxState {
     Applied,
     /// Refused with a blocking outcome; halts the outbox until a resolution.
     Blocked,
-    /// Replaced by a resolution (reserved for the conflict-resolution work).
+    /// Replaced by a resolution (its changes travel inside it), or discarded by the user.
     Superseded,
 }
 
@@ -78,6 +84,8 @@ pub struct OutboxItem {
     /// A human description of why the item is blocked or was retried.
     pub error: Option<String>,
     pub applied_version: Option<u64>,
+    /// For a superseded item: the resolution that carries its changes (`None`: discarded).
+    pub superseded_by: Option<Uuid>,
 }
 
 pub(crate) fn encode(m: &Mutation) -> Result<Vec<u8>> {
@@ -98,7 +106,15 @@ fn kind_of(s: &str) -> Result<MutationKind> {
 }
 
 const COLUMNS: &str = "seq, mutation_id, entity_type, entity_id, kind, state, attempts, next_attempt_ms, \
-                       created_at_ms, last_attempt_ms, outcome, error, applied_version";
+                       created_at_ms, last_attempt_ms, outcome, error, applied_version, superseded_by";
+
+/// Push order: a resolution stands where the item it replaced stood.
+const ORDER: &str = "ORDER BY COALESCE(position, seq), seq";
+
+/// Items the relay has not confirmed: waiting, blocked, or carried by a resolution that is
+/// itself still waiting or blocked.
+const UNSYNCED: &str = "(state IN ('pending', 'blocked') OR (state = 'superseded' AND superseded_by IN \
+                        (SELECT r.mutation_id FROM outbox r WHERE r.state IN ('pending', 'blocked'))))";
 
 type RawItem = (
     i64,
@@ -114,6 +130,7 @@ type RawItem = (
     Option<String>,
     Option<String>,
     Option<i64>,
+    Option<String>,
 );
 
 fn raw(r: &Row<'_>) -> rusqlite::Result<RawItem> {
@@ -131,6 +148,7 @@ fn raw(r: &Row<'_>) -> rusqlite::Result<RawItem> {
         r.get(10)?,
         r.get(11)?,
         r.get(12)?,
+        r.get(13)?,
     ))
 }
 
@@ -154,6 +172,7 @@ fn to_item(r: RawItem) -> Result<OutboxItem> {
         outcome,
         error: r.11,
         applied_version: r.12.map(u),
+        superseded_by: r.13.as_deref().map(parse_uuid).transpose()?,
     })
 }
 
@@ -210,13 +229,14 @@ pub(crate) fn unconfirmed_for(conn: &Connection, entity_id: Uuid) -> Result<u64>
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
+/// The outbox in push order; without `include_applied`, only the unsynced items.
 pub(crate) fn list(conn: &Connection, include_applied: bool) -> Result<Vec<OutboxItem>> {
     let filter = if include_applied {
-        ""
+        String::new()
     } else {
-        "WHERE state IN ('pending', 'blocked')"
+        format!("WHERE {UNSYNCED}")
     };
-    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM outbox {filter} ORDER BY seq"))?;
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM outbox {filter} {ORDER}"))?;
     let rows = stmt.query_map([], raw)?;
     let mut out = Vec::new();
     for r in rows {
@@ -250,7 +270,7 @@ pub(crate) fn envelope(conn: &Connection, mutation_id: Uuid) -> Result<Option<Mu
 /// (unsynced count, oldest unsynced item's creation time).
 pub(crate) fn unsynced(conn: &Connection) -> Result<(u64, Option<u64>)> {
     let (n, oldest): (i64, Option<i64>) = conn.query_row(
-        "SELECT COUNT(*), MIN(created_at_ms) FROM outbox WHERE state IN ('pending', 'blocked')",
+        &format!("SELECT COUNT(*), MIN(created_at_ms) FROM outbox WHERE {UNSYNCED}"),
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -263,7 +283,7 @@ pub(crate) fn unsynced(conn: &Connection) -> Result<(u64, Option<u64>)> {
 pub(crate) fn first_blocked(conn: &Connection) -> Result<Option<OutboxItem>> {
     let r = conn
         .query_row(
-            &format!("SELECT {COLUMNS} FROM outbox WHERE state = 'blocked' ORDER BY seq LIMIT 1"),
+            &format!("SELECT {COLUMNS} FROM outbox WHERE state = 'blocked' {ORDER} LIMIT 1"),
             [],
             raw,
         )
@@ -277,8 +297,9 @@ pub(crate) fn pushable(conn: &Connection, now_ms: u64, limit: usize) -> Result<V
     if first_blocked(conn)?.is_some() {
         return Ok(Vec::new());
     }
-    let mut stmt =
-        conn.prepare("SELECT next_attempt_ms, envelope FROM outbox WHERE state = 'pending' ORDER BY seq LIMIT ?1")?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT next_attempt_ms, envelope FROM outbox WHERE state = 'pending' {ORDER} LIMIT ?1"
+    ))?;
     let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
         Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
     })?;
@@ -300,7 +321,7 @@ pub(crate) fn next_due(conn: &Connection) -> Result<Option<u64>> {
     }
     let next: Option<i64> = conn
         .query_row(
-            "SELECT next_attempt_ms FROM outbox WHERE state = 'pending' ORDER BY seq LIMIT 1",
+            &format!("SELECT next_attempt_ms FROM outbox WHERE state = 'pending' {ORDER} LIMIT 1"),
             [],
             |r| r.get(0),
         )
@@ -366,4 +387,69 @@ pub(crate) fn unsent(conn: &Connection) -> Result<Vec<(u64, Mutation)>> {
         out.push((u64::try_from(seq).unwrap_or(0), decode(&env)?));
     }
     Ok(out)
+}
+
+/// One item's place and envelope, for the resolution code.
+pub(crate) struct QueuedItem {
+    /// Where it stands in push order (`position`, else `seq`).
+    pub place: u64,
+    pub state: OutboxState,
+    pub envelope: Mutation,
+}
+
+/// This device's unconfirmed (pending or blocked) items for an entity, in push order, up to
+/// `upto_seq` if given: the changes of these the relay has not applied.
+pub(crate) fn unconfirmed_items(conn: &Connection, entity_id: Uuid, upto_seq: Option<u64>) -> Result<Vec<QueuedItem>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT COALESCE(position, seq), state, envelope FROM outbox
+         WHERE entity_id = ?1 AND state IN ('pending', 'blocked') AND seq <= ?2 {ORDER}"
+    ))?;
+    let upto = i64_of(upto_seq.unwrap_or(u64::MAX));
+    let rows = stmt.query_map(params![entity_id.to_string(), upto], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+    })?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (place, state, env) = r?;
+        out.push(QueuedItem {
+            place: u64::try_from(place).unwrap_or(0),
+            state: state.parse()?,
+            envelope: decode(&env)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Appends an item that takes the place `position` in push order (a resolution).
+pub(crate) fn append_at(conn: &Connection, m: &Mutation, now_ms: u64, position: u64) -> Result<u64> {
+    let seq = append(conn, m, now_ms)?;
+    conn.execute(
+        "UPDATE outbox SET position = ?2 WHERE seq = ?1",
+        params![i64_of(seq), i64_of(position)],
+    )?;
+    Ok(seq)
+}
+
+/// Marks items superseded: by the resolution `by`, or discarded (`None`). Items an earlier
+/// resolution among them carried move to `by` as well, so one lookup tells whether the relay
+/// has confirmed them.
+pub(crate) fn supersede(conn: &Connection, ids: &[Uuid], by: Option<Uuid>, note: &str) -> Result<()> {
+    let by = by.map(|u| u.to_string());
+    for id in ids {
+        conn.execute(
+            "UPDATE outbox SET state = 'superseded', superseded_by = ?2, error = ?3 WHERE mutation_id = ?1",
+            params![id.to_string(), by, note],
+        )?;
+        conn.execute(
+            "UPDATE outbox SET superseded_by = ?2 WHERE superseded_by = ?1",
+            params![id.to_string(), by],
+        )?;
+    }
+    Ok(())
+}
+
+/// The highest `seq` so far (0: empty outbox).
+pub(crate) fn max_seq(conn: &Connection) -> Result<u64> {
+    let n: Option<i64> = conn.query_row("SELECT MAX(seq) FROM outbox", [], |r| r.get(0))?;
+    Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
 }

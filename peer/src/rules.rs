@@ -92,6 +92,18 @@ pub(crate) fn check_allowed(
         MutationKind::Lock if !ty.lockable => return refuse(format!("`{}` records cannot be locked", ty.name)),
         _ => {}
     }
+    check_role(ty, meta, kind, enrollment)
+}
+
+/// Refuses writes the user's role in the entity's space forbids (the relay's step 4), or that
+/// need an enrolled user.
+pub(crate) fn check_role(
+    ty: &EntityType,
+    meta: &EntityMeta,
+    kind: MutationKind,
+    enrollment: Option<&Enrollment>,
+) -> Result<()> {
+    let refuse = |reason: String| Err(refused(meta, reason));
     match enrollment {
         None if kind == MutationKind::Sign => {
             refuse("signing needs an enrolled user (the signer); this device is not enrolled".into())

@@ -112,18 +112,85 @@ impl Device {
         op: Op,
         may_create: bool,
     ) -> Result<WriteReceipt> {
-        let schema = self.schema.clone();
-        let ty = schema
-            .entity_type(&entity_type)
-            .ok_or_else(|| PeerError::UnknownType(entity_type.clone()))?;
         let now = self.time.now_ms();
-        let actor = self.actor();
-        let user_id = self.user_id();
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (conn, mut w) = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Another process (a `sync --watch`) may have moved the clock on since this one opened.
-        fold_stored_hlc(&mut self.hlc, &tx)?;
+        w.fold_clock(&tx)?;
+        let receipt = w.write(&tx, &entity_type, id, space, op, may_create, now)?;
+        if receipt.mutation_id.is_none() {
+            // Nothing changed (every value equal to the current one): nothing to commit.
+            return Ok(receipt);
+        }
+        w.finish(&tx)?;
+        tx.commit()?;
+        Ok(receipt)
+    }
+
+    /// The connection, and everything else a write needs borrowed apart from it, so that a
+    /// write can run inside a transaction the caller holds (resolutions, addenda, undo).
+    pub(crate) fn writer(&mut self) -> (&mut rusqlite::Connection, Writer<'_>) {
+        let user_id = self.user_id();
+        let actor = self.actor();
+        (
+            &mut self.conn,
+            Writer {
+                schema: &self.schema,
+                enrollment: self.enrollment.as_ref(),
+                actor,
+                signer: Signer {
+                    rng: &mut self.rng,
+                    key: &self.key,
+                    hlc: &mut self.hlc,
+                    device_id: self.device_id,
+                    user_id,
+                },
+            },
+        )
+    }
+}
+
+/// A write in progress: the parts of a `Device` a write needs besides its transaction.
+pub(crate) struct Writer<'a> {
+    pub schema: &'a fieldsync_schema::Schema,
+    pub enrollment: Option<&'a crate::device::Enrollment>,
+    pub actor: automerge::ActorId,
+    pub signer: Signer<'a>,
+}
+
+impl Writer<'_> {
+    /// Folds the HLC stamp persisted by other processes into this one's clock.
+    pub fn fold_clock(&mut self, tx: &Transaction<'_>) -> Result<()> {
+        fold_stored_hlc(self.signer.hlc, tx)
+    }
+
+    /// Records that a write happened: the write counter (sign-out's "exported since the last
+    /// write?") and the HLC's last stamp.
+    pub fn finish(&mut self, tx: &Transaction<'_>) -> Result<()> {
+        let counter = db::meta_get_u64(tx, keys::WRITE_COUNTER)?.unwrap_or(0) + 1;
+        db::meta_set(tx, keys::WRITE_COUNTER, &counter.to_string())?;
+        db::meta_set_json(tx, keys::HLC, &self.signer.hlc.last())
+    }
+
+    /// One local write inside `tx`: load, check, apply, commit the change, store the document
+    /// and queue (or combine) the mutation. The caller commits `tx` and calls `finish`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write(
+        &mut self,
+        tx: &Transaction<'_>,
+        entity_type: &str,
+        id: Option<Uuid>,
+        space: Option<Uuid>,
+        op: Op,
+        may_create: bool,
+        now: u64,
+    ) -> Result<WriteReceipt> {
+        let schema = self.schema;
+        let ty = schema
+            .entity_type(entity_type)
+            .ok_or_else(|| PeerError::UnknownType(entity_type.to_string()))?;
         let existing = match id {
-            Some(id) => entity::load(&tx, id, actor.clone())?,
+            Some(id) => entity::load(tx, id, self.actor.clone())?,
             None => None,
         };
         let (mut meta, mut doc, kind) = match existing {
@@ -131,7 +198,7 @@ impl Device {
                 if loaded.meta.entity_type != entity_type {
                     return Err(PeerError::WrongType {
                         id: loaded.meta.entity_id,
-                        expected: entity_type,
+                        expected: entity_type.to_string(),
                         actual: loaded.meta.entity_type,
                     });
                 }
@@ -140,45 +207,37 @@ impl Device {
             }
             None => {
                 let Op::Put(_) = op else {
-                    return Err(not_found(&entity_type, id));
+                    return Err(not_found(entity_type, id));
                 };
                 if !may_create {
-                    return Err(not_found(&entity_type, id));
+                    return Err(not_found(entity_type, id));
                 }
                 let entity_id = match id {
                     Some(id) => id,
-                    None => ids::new_uuid(&mut self.rng),
+                    None => ids::new_uuid(&mut self.signer.rng),
                 };
-                let space_id = rules::space_for_create(self.enrollment.as_ref(), space)?;
+                let space_id = rules::space_for_create(self.enrollment, space)?;
                 let meta = EntityMeta {
                     entity_id,
-                    entity_type: entity_type.clone(),
+                    entity_type: entity_type.to_string(),
                     space_id,
                     relay_version: 0,
                     sync_state: SyncState::Pending,
                 };
-                let mut doc = EntityDoc::new(actor);
-                doc.init_type(&entity_type)?;
+                let mut doc = EntityDoc::new(self.actor.clone());
+                doc.init_type(entity_type)?;
                 (meta, doc, MutationKind::Create)
             }
         };
-        rules::check_allowed(ty, &doc, &meta, kind, self.enrollment.as_ref())?;
-        let mut signer = Signer {
-            rng: &mut self.rng,
-            key: &self.key,
-            hlc: &mut self.hlc,
-            device_id: self.device_id,
-            user_id,
-        };
-        apply_op(&mut signer, &tx, ty, &meta, &mut doc, op, kind, now)?;
+        rules::check_allowed(ty, &doc, &meta, kind, self.enrollment)?;
+        apply_op(&mut self.signer, tx, ty, &meta, &mut doc, op, kind, now)?;
         if kind == MutationKind::Create {
             doc.init_counters(ty)?;
         }
         let Some(change) = doc.commit(now) else {
-            // Nothing changed (every value equal to the current one): nothing to queue.
             return Ok(WriteReceipt {
                 entity_id: meta.entity_id,
-                entity_type,
+                entity_type: entity_type.to_string(),
                 kind,
                 mutation_id: None,
                 combined: false,
@@ -189,15 +248,11 @@ impl Device {
         if matches!(meta.sync_state, SyncState::Synced | SyncState::Pending) {
             meta.sync_state = SyncState::Pending;
         }
-        entity::store(&tx, &meta, &mut doc, now)?;
-        let (mutation_id, combined) = signer.enqueue(&tx, &meta, kind, change.raw_bytes().to_vec(), now)?;
-        let counter = db::meta_get_u64(&tx, keys::WRITE_COUNTER)?.unwrap_or(0) + 1;
-        db::meta_set(&tx, keys::WRITE_COUNTER, &counter.to_string())?;
-        db::meta_set_json(&tx, keys::HLC, &signer.hlc.last())?;
-        tx.commit()?;
+        entity::store(tx, &meta, &mut doc, now)?;
+        let (mutation_id, combined) = self.signer.enqueue(tx, &meta, kind, change.raw_bytes().to_vec(), now)?;
         Ok(WriteReceipt {
             entity_id: meta.entity_id,
-            entity_type,
+            entity_type: entity_type.to_string(),
             kind,
             mutation_id: Some(mutation_id),
             combined,
@@ -285,16 +340,42 @@ fn apply_op(
     Ok(())
 }
 
-/// The parts of a `Device` a write needs besides its transaction (borrowed apart from it).
-struct Signer<'a> {
-    rng: &'a mut crate::device::DeviceRng,
-    key: &'a fieldsync_schema::DeviceKey,
-    hlc: &'a mut fieldsync_schema::HlcClock,
-    device_id: Uuid,
-    user_id: Uuid,
+/// What signs and stamps a write: the device key, its HLC and its RNG (for mutation ids).
+pub(crate) struct Signer<'a> {
+    pub rng: &'a mut crate::device::DeviceRng,
+    pub key: &'a fieldsync_schema::DeviceKey,
+    pub hlc: &'a mut fieldsync_schema::HlcClock,
+    pub device_id: Uuid,
+    pub user_id: Uuid,
 }
 
 impl Signer<'_> {
+    /// A new signed mutation for `meta` with a fresh id and HLC stamp.
+    pub fn mutation(
+        &mut self,
+        meta: &EntityMeta,
+        kind: MutationKind,
+        base_version: Option<u64>,
+        changes: Vec<Vec<u8>>,
+        now: u64,
+    ) -> Mutation {
+        let mut m = Mutation {
+            mutation_id: ids::new_uuid(&mut self.rng),
+            device_id: self.device_id,
+            user_id: self.user_id,
+            space_id: meta.space_id,
+            entity_type: meta.entity_type.clone(),
+            entity_id: meta.entity_id,
+            kind,
+            client_timestamp: self.hlc.tick(now),
+            base_version,
+            changes: changes.into_iter().map(Into::into).collect(),
+            signature: Default::default(),
+        };
+        self.key.sign_mutation(&mut m);
+        m
+    }
+
     /// Appends a signed envelope, or combines the change into the previous never-sent item for
     /// the same entity when both kinds allow it. Returns (mutation id, combined).
     fn enqueue(
@@ -319,20 +400,7 @@ impl Signer<'_> {
             MutationKind::Create => None,
             _ => Some(meta.relay_version + outbox::unconfirmed_for(tx, meta.entity_id)?),
         };
-        let mut m = Mutation {
-            mutation_id: ids::new_uuid(&mut self.rng),
-            device_id: self.device_id,
-            user_id: self.user_id,
-            space_id: meta.space_id,
-            entity_type: meta.entity_type.clone(),
-            entity_id: meta.entity_id,
-            kind,
-            client_timestamp: self.hlc.tick(now),
-            base_version,
-            changes: vec![change.into()],
-            signature: Default::default(),
-        };
-        self.key.sign_mutation(&mut m);
+        let m = self.mutation(meta, kind, base_version, vec![change], now);
         outbox::append(tx, &m, now)?;
         Ok((m.mutation_id, false))
     }

@@ -399,3 +399,30 @@ fn a_sigkill_mid_burst_loses_no_committed_write() {
     // And the CLI opens it as usual.
     assert_eq!(json(d.path(), &["status", "--json"])["unsynced"], entities);
 }
+
+#[test]
+fn conflict_commands_report_nothing_to_do_clearly_and_fail_on_stderr() {
+    let d = init();
+    let p = put(d.path(), "patient", r#"{"name": "Ada"}"#);
+    assert_eq!(ok(d.path(), &["conflicts"]), "no conflicts or rejected changes");
+    assert_eq!(
+        json(d.path(), &["conflicts", "--json"]),
+        serde_json::json!({"conflicts": [], "rejections": []})
+    );
+    assert_eq!(
+        json(d.path(), &["conflicts", "--lww", "--json"]),
+        serde_json::json!({"lww_losses": []})
+    );
+    let err = fail(d.path(), &["resolve", "patient", &p, "--keep", "mine"]);
+    assert!(err.contains("no unresolved conflict"), "{err}");
+    let err = fail(d.path(), &["resolve", "patient", &p, "--discard"]);
+    assert!(err.contains("no refused change"), "{err}");
+    let err = fail(d.path(), &["resolve", "patient", &p]);
+    assert!(err.contains("--keep"), "a resolution must say how: {err}");
+    let err = fail(d.path(), &["resolve", "patient", &p, "--keep", "mine", "--discard"]);
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = fail(d.path(), &["resolve", "workout", &p, "--keep", "mine"]);
+    assert!(err.contains("not a `workout`"), "{err}");
+    let err = fail(d.path(), &["undo", "42"]);
+    assert!(err.contains("no LWW loss 42"), "{err}");
+}

@@ -249,6 +249,22 @@ impl EntityDoc {
         self.doc.get_last_local_change()
     }
 
+    /// Commits pending operations as one change, or an empty change when there are none: a
+    /// decision (a conflict resolution) must leave a change on top of everything the document
+    /// holds, even when it changes no value.
+    pub fn commit_always(&mut self, now_ms: u64) -> Result<Change, DocError> {
+        if let Some(change) = self.commit(now_ms) {
+            return Ok(change);
+        }
+        let secs = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+        let hash = self
+            .doc
+            .empty_change(automerge::transaction::CommitOptions::default().with_time(secs));
+        self.doc
+            .get_change_by_hash(&hash)
+            .ok_or_else(|| DocError::Corrupt("the empty change just made is missing".into()))
+    }
+
     /// Discards uncommitted operations (a write that failed validation half way).
     pub fn rollback(&mut self) {
         self.doc.rollback();
@@ -324,6 +340,33 @@ impl EntityDoc {
             self.doc.get_at(ROOT, META_DELETED, heads),
             Ok(Some((AmValue::Scalar(s), _))) if matches!(s.as_ref(), ScalarValue::Boolean(true))
         )
+    }
+
+    /// Every value a root key holds at `heads` — several while concurrent writes are unresolved
+    /// — each with the device whose operation wrote it (`None`: the relay's actor). A text field
+    /// gives its text, attributed to the device that created the text object. A conflict's
+    /// "mine" side picks this device's value out of them; the relay names who lost a field.
+    pub fn values_at(&self, key: &str, heads: &[ChangeHash]) -> Vec<(Value, Option<Uuid>)> {
+        let Ok(values) = self.doc.get_all_at(ROOT, key, heads) else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(values.len());
+        for (value, id) in values {
+            let json = match value {
+                AmValue::Object(ObjType::Text) => match self.doc.text_at(&id, heads) {
+                    Ok(t) => Value::String(t),
+                    Err(_) => continue,
+                },
+                AmValue::Object(_) => continue,
+                AmValue::Scalar(s) => scalar_to_json(s.as_ref()),
+            };
+            let writer = match &id {
+                automerge::ObjId::Id(_, actor, _) => actor_device(actor),
+                automerge::ObjId::Root => None,
+            };
+            out.push((json, writer));
+        }
+        out
     }
 
     fn read_fields(&self, heads: Option<&[ChangeHash]>) -> Map<String, Value> {
@@ -629,6 +672,35 @@ mod tests {
         b.write_fields(p, &obj(json!({"name": shown}))).unwrap();
         assert!(b.commit(3).is_some(), "resolving to the shown value must still write");
         assert!(!b.has_concurrent_values("name"));
+    }
+
+    #[test]
+    fn values_at_names_the_writer_of_each_concurrent_value_and_commit_always_commits() {
+        let schema = Schema::default_schema();
+        let p = schema.entity_type("patient").unwrap();
+        let mut a = EntityDoc::new(device_actor(dev(1)));
+        a.init_type("patient").unwrap();
+        a.write_fields(p, &obj(json!({"name": "Ada"}))).unwrap();
+        a.commit(1).unwrap();
+        let base = a.heads();
+        let mut b = EntityDoc::load(&a.save(), device_actor(dev(2))).unwrap();
+        a.write_fields(p, &obj(json!({"name": "A"}))).unwrap();
+        let ca = a.commit(2_000).unwrap();
+        b.write_fields(p, &obj(json!({"name": "B"}))).unwrap();
+        b.commit(2_000).unwrap();
+        b.apply(vec![ca]).unwrap();
+        let heads = b.heads();
+        let mut values = b.values_at("name", &heads);
+        values.sort_by_key(|(_, d)| *d);
+        assert_eq!(values, vec![(json!("A"), Some(dev(1))), (json!("B"), Some(dev(2)))]);
+        assert_eq!(b.values_at("name", &base), vec![(json!("Ada"), Some(dev(1)))]);
+        assert!(b.values_at("mrn", &heads).is_empty());
+        // Nothing to commit: still a change, on top of both sides.
+        let empty = b.commit_always(3_000).unwrap();
+        assert_eq!(empty.len(), 0);
+        assert_eq!(b.heads(), vec![empty.hash()]);
+        assert_eq!(empty.deps().len(), 2);
+        assert_eq!(empty.timestamp(), 3);
     }
 
     #[test]

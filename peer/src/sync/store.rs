@@ -97,36 +97,11 @@ impl Device {
                 }
                 Disposition::Blocking => {
                     outbox::mark_blocked(&tx, r.mutation_id, &r.outcome)?;
-                    if let Outcome::Conflict {
-                        server_version,
-                        server_changes,
-                        ..
-                    } = &r.outcome
-                    {
-                        if let Some(mut loaded) = entity::load(&tx, item.entity_id, actor.clone())? {
-                            let changes = server_changes
-                                .iter()
-                                .map(|c| parse_change(&c.0))
-                                .collect::<Result<Vec<_>, _>>()?;
-                            loaded.doc.apply(changes)?;
-                            loaded.meta.relay_version = loaded.meta.relay_version.max(*server_version);
-                            loaded.meta.sync_state = SyncState::Conflict;
-                            entity::store(&tx, &loaded.meta, &mut loaded.doc, now_ms)?;
-                        }
-                        tx.execute(
-                            "INSERT INTO conflicts (entity_id, mutation_id, server_version, outcome, recorded_at_ms)
-                             VALUES (?1, ?2, ?3, ?4, ?5)",
-                            params![
-                                item.entity_id.to_string(),
-                                r.mutation_id.to_string(),
-                                i64_of(*server_version),
-                                serde_json::to_string(&r.outcome).map_err(|e| PeerError::Corrupt(e.to_string()))?,
-                                i64_of(now_ms)
-                            ],
-                        )?;
+                    if matches!(r.outcome, Outcome::Conflict { .. }) {
+                        crate::conflict::record_conflict(&tx, &item, &r.outcome, actor.clone(), now_ms)?;
                         tally.conflicts += 1;
                     } else {
-                        entity::set_sync_state(&tx, item.entity_id, SyncState::Rejected)?;
+                        crate::conflict::record_rejection(&tx, &item, &r.outcome, actor.clone(), now_ms)?;
                         tally.rejected += 1;
                     }
                 }

@@ -8,17 +8,18 @@ use fieldsync_schema::document::{RootOps, device_actor, parse_change, relay_acto
 use fieldsync_schema::signing::verify_mutation;
 use fieldsync_schema::wire::{FeedPayload, MAX_MUTATION_CHANGE_BYTES};
 use fieldsync_schema::{
-    Bytes, ConflictReason, EntityDoc, EntityType, FeedEntry, FieldError, LwwLoss, Mutation, MutationKind, Origin,
-    Outcome, Policy, Role, Rule,
+    Bytes, ConflictReason, EntityDoc, EntityType, FeedEntry, FieldError, Mutation, MutationKind, Origin, Outcome,
+    Policy, Role, Rule,
 };
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::archive;
 use super::checks::{kind_errors, ref_errors, signature_errors, state_json, structural_errors};
 use super::lww::{self, LwwInput};
 use super::{ConnId, ConnState, Group, RelayCore};
 use crate::audit::{GENESIS_HASH, record_hash};
-use crate::store::{ArchiveRow, AuditRow, DocumentRow, DocumentUpdate, NewFeedRow, ReceiptRow, Store, StoreError};
+use crate::store::{AuditRow, DocumentRow, DocumentUpdate, NewFeedRow, ReceiptRow, Store, StoreError};
 
 /// An applied mutation as it goes out to other devices.
 #[derive(Debug, Clone)]
@@ -286,6 +287,7 @@ impl<S: Store> RelayCore<S> {
         let ops = RootOps::of(&changes);
         let before = doc.fields();
         let (before_deleted, before_signed) = (doc.is_deleted(), doc.is_signed());
+        let before_heads = doc.heads();
         let errors = structural_errors(ty, m.kind, &ops, &before);
         if !errors.is_empty() {
             self.put_back(&row, doc);
@@ -315,6 +317,7 @@ impl<S: Store> RelayCore<S> {
             before: &before,
             before_deleted,
             before_signed,
+            before_heads: &before_heads,
             now_ms,
             group,
         })
@@ -545,6 +548,7 @@ struct WriteApplied<'a> {
     before: &'a Map<String, Value>,
     before_deleted: bool,
     before_signed: bool,
+    before_heads: &'a [ChangeHash],
     now_ms: u64,
     group: &'a mut Group,
 }
@@ -561,6 +565,7 @@ impl<S: Store> RelayCore<S> {
             before,
             before_deleted,
             before_signed,
+            before_heads,
             now_ms,
             group,
         } = w;
@@ -642,7 +647,20 @@ impl<S: Store> RelayCore<S> {
         audit.hash = record_hash(&audit);
         self.store.append_audit(&audit)?;
         for loss in lost.iter().chain(&overridden) {
-            self.store.archive(&archive_row(m, loss, version, now_ms))?;
+            self.store.archive(&archive::lww_row(m, loss, version, now_ms))?;
+        }
+        if m.kind == MutationKind::Resolve
+            && let Some(ty) = self.schema.entity_type(&m.entity_type)
+            && ty.policy != Policy::Lww
+        {
+            let before = archive::Before {
+                fields: before,
+                deleted: before_deleted,
+                heads: before_heads,
+            };
+            for row in archive::resolution_rows(ty, m, changes, &doc, &before, version, now_ms) {
+                self.store.archive(&row)?;
+            }
         }
         if self.store.changes_since_snapshot(doc_key)? >= self.config.snapshot_every {
             let bytes = doc.save();
@@ -674,24 +692,5 @@ impl<S: Store> RelayCore<S> {
             seq,
             lww_lost: lost,
         })
-    }
-}
-
-fn archive_row(m: &Mutation, loss: &LwwLoss, version: u64, now_ms: u64) -> ArchiveRow {
-    ArchiveRow {
-        archive_id: 0,
-        kind: "lww".into(),
-        space_id: m.space_id,
-        entity_type: loss.entity_type.clone(),
-        entity_id: loss.entity_id,
-        field: Some(loss.field.clone()),
-        losing_json: loss.loser_value.to_string(),
-        winning_json: loss.winner_value.to_string(),
-        loser_device: Some(loss.loser_device),
-        loser_mutation: Some(loss.loser_mutation),
-        winner_device: Some(loss.winner_device),
-        winner_mutation: Some(loss.winner_mutation),
-        version,
-        created_ms: now_ms,
     }
 }

@@ -10,6 +10,7 @@
 //! live fan-out and any pull pages (which must only ever show committed data) released.
 
 mod accept;
+mod archive;
 mod checks;
 mod lww;
 mod pull;

@@ -104,13 +104,22 @@ fn fields(v: Value) -> Map<String, Value> {
 }
 
 /// Builds, signs and encodes every batch of one device (creates first, then rounds of updates).
-fn prepare(device: &mut SynthDevice, opts: &LoadOptions, now: u64, next_batch: &mut u64) -> Vec<(Batch, Vec<Mutation>)> {
+fn prepare(
+    device: &mut SynthDevice,
+    opts: &LoadOptions,
+    now: u64,
+    next_batch: &mut u64,
+) -> Vec<(Batch, Vec<Mutation>)> {
     let mut mutations = Vec::with_capacity(opts.entities * (1 + opts.updates));
     let mut ids = Vec::with_capacity(opts.entities);
     for e in 0..opts.entities {
         let lww = opts.mix == Mix::Lww || (opts.mix == Mix::Mixed && e % 2 == 1);
         let m = if lww {
-            device.create("settings", &fields(json!({"units": "kg", "available_days": "mon"})), now)
+            device.create(
+                "settings",
+                &fields(json!({"units": "kg", "available_days": "mon"})),
+                now,
+            )
         } else {
             device.create("workout", &fields(json!({"name": format!("Workout {e}")})), now)
         };
@@ -163,7 +172,9 @@ pub fn run(relay: &RelayProc, opts: &LoadOptions) -> anyhow::Result<LoadReport> 
     let spaces = opts.devices.div_ceil(opts.space_size.max(1));
     let mut admin_rng = stream(opts.seed, "load/admin");
     let tokens = relay.enrollment_tokens(spaces, opts.devices, now, &mut admin_rng)?;
-    let mut devices: Vec<SynthDevice> = (0..opts.devices).map(|i| SynthDevice::new(opts.seed, i as u64)).collect();
+    let mut devices: Vec<SynthDevice> = (0..opts.devices)
+        .map(|i| SynthDevice::new(opts.seed, i as u64))
+        .collect();
     let say = |s: &str| {
         if opts.progress {
             eprintln!("{s}");
@@ -172,7 +183,11 @@ pub fn run(relay: &RelayProc, opts: &LoadOptions) -> anyhow::Result<LoadReport> 
     say(&format!("enrolling {} devices in {spaces} spaces...", opts.devices));
     rt.block_on(async {
         for chunk in devices.chunks_mut(64).zip(tokens.chunks(64)) {
-            let futs = chunk.0.iter_mut().zip(chunk.1).map(|(d, t)| session::enroll(&relay.url, d, t));
+            let futs = chunk
+                .0
+                .iter_mut()
+                .zip(chunk.1)
+                .map(|(d, t)| session::enroll(&relay.url, d, t));
             for r in futures_util::future::join_all(futs).await {
                 r?;
             }
@@ -226,7 +241,9 @@ pub fn run(relay: &RelayProc, opts: &LoadOptions) -> anyhow::Result<LoadReport> 
     });
     let bar = opts.progress.then(|| {
         let b = ProgressBar::new(total);
-        if let Ok(s) = ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} acknowledged ({per_sec}, {elapsed})") {
+        if let Ok(s) =
+            ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} acknowledged ({per_sec}, {elapsed})")
+        {
             b.set_style(s.progress_chars("=> "));
         }
         b
@@ -258,7 +275,11 @@ pub fn run(relay: &RelayProc, opts: &LoadOptions) -> anyhow::Result<LoadReport> 
     }
     // The timed phase ends when the last device's last push was acknowledged.
     let end_ns = results.iter().map(|r| r.finished_ns).max().unwrap_or(0);
-    let seconds = if end_ns > 0 { end_ns as f64 / 1e9 } else { t0.elapsed().as_secs_f64() };
+    let seconds = if end_ns > 0 {
+        end_ns as f64 / 1e9
+    } else {
+        t0.elapsed().as_secs_f64()
+    };
     let relay_cpu = match (cpu0, relay.cpu_us()) {
         (Some(a), Some(b)) => Some((b - a) as f64),
         _ => None,

@@ -69,7 +69,11 @@ pub async fn enroll(url: &str, device: &mut SynthDevice, token: &str) -> anyhow:
     match recv(&mut ws).await? {
         RelayMessage::Enrolled { user, .. } => {
             device.user_id = user.user_id;
-            device.space_id = user.spaces.first().map(|s| s.space_id).context("user without a space")?;
+            device.space_id = user
+                .spaces
+                .first()
+                .map(|s| s.space_id)
+                .context("user without a space")?;
             Ok(())
         }
         other => bail!("enrollment refused: {other:?}"),
@@ -120,7 +124,12 @@ fn now_ns(shared: &Shared) -> u64 {
 /// Pushes every batch in order (one in flight), optionally paced to one batch per `pace`,
 /// recording ack latency per mutation and fan-out latency of other devices' live entries.
 /// Keeps reading live entries until every session's mutations are acknowledged.
-pub async fn push_all(mut ws: Socket, batches: Vec<Batch>, pace: Option<Duration>, shared: Arc<Shared>) -> SessionResult {
+pub async fn push_all(
+    mut ws: Socket,
+    batches: Vec<Batch>,
+    pace: Option<Duration>,
+    shared: Arc<Shared>,
+) -> SessionResult {
     let mut out = SessionResult::default();
     let mut next_send = tokio::time::Instant::now();
     let mut pending = batches.into_iter();
@@ -169,7 +178,9 @@ pub async fn push_all(mut ws: Socket, batches: Vec<Batch>, pace: Option<Duration
         let t = now_ns(&shared);
         match msg {
             RelayMessage::PushResult { batch_id, results } => {
-                let Some((id, sent, n)) = in_flight.take() else { continue };
+                let Some((id, sent, n)) = in_flight.take() else {
+                    continue;
+                };
                 if id != batch_id {
                     *out.errors.entry("batch_mismatch".into()).or_insert(0) += 1;
                 }

@@ -3,6 +3,7 @@
 //! The only place that constructs the production clock and an OS-seeded RNG; everything else
 //! takes them injected.
 
+mod conflict_cmd;
 mod net_cmd;
 mod output;
 
@@ -171,6 +172,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Unresolved conflicts (three-way, field by field) and changes the relay refused; with
+    /// --lww, the last-writer-wins values this device lost and until when they can be undone.
+    Conflicts {
+        #[arg(long)]
+        lww: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolves the conflict or refused change of one record; the outbox then moves on.
+    #[command(group(clap::ArgGroup::new("how").required(true).args(["keep", "merged", "discard", "addendum"])))]
+    Resolve {
+        entity_type: String,
+        id: Uuid,
+        /// Take every field (and the deletion) from one side.
+        #[arg(long, value_enum)]
+        keep: Option<conflict_cmd::Keep>,
+        /// Per-field merge: the relay's version with these fields replaced, e.g.
+        /// '{"notes": "both"}' (null removes a field, "_deleted": true|false the deletion).
+        #[arg(long = "json", value_name = "MERGED")]
+        merged: Option<String>,
+        /// Drop a refused change for good (or a signature made on an older version).
+        #[arg(long)]
+        discard: bool,
+        /// Turn a refused edit of a signed note into an addendum (a new linked note); prints its id.
+        #[arg(long)]
+        addendum: bool,
+    },
+    /// Re-applies a last-writer-wins value this device lost (within 24 hours; see `conflicts --lww`).
+    Undo {
+        loss_id: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Test and benchmark helper: N patient creates in a row, one line per committed write.
     #[command(hide = true)]
     Burst {
@@ -329,6 +363,26 @@ fn run(cli: Cli) -> Result<()> {
             net_cmd::enroll(open_existing(&dir, schema)?, &relay, &token, &tls, json)
         }
         Command::Sync { watch, json } => net_cmd::sync(open_existing(&dir, schema)?, watch, &tls, json),
+        Command::Conflicts { lww, json } => conflict_cmd::conflicts(&open_existing(&dir, schema)?, lww, json),
+        Command::Resolve {
+            entity_type,
+            id,
+            keep,
+            merged,
+            discard,
+            addendum,
+        } => {
+            let mut dev = open_existing(&dir, schema)?;
+            let action = match (keep, merged) {
+                (Some(k), _) => conflict_cmd::Action::Keep(k),
+                (None, Some(m)) => conflict_cmd::Action::Merged(m),
+                (None, None) if addendum => conflict_cmd::Action::Addendum,
+                (None, None) if discard => conflict_cmd::Action::Discard,
+                (None, None) => bail!("say how to resolve: --keep mine|theirs, --json MERGED, --discard or --addendum"),
+            };
+            conflict_cmd::resolve(&mut dev, &entity_type, id, action)
+        }
+        Command::Undo { loss_id, json } => conflict_cmd::undo(&mut open_existing(&dir, schema)?, loss_id, json),
         Command::Burst { count } => {
             let mut dev = open_existing(&dir, schema)?;
             let stdout = std::io::stdout();

@@ -1,0 +1,323 @@
+//! Conflict prompts (SPEC §9): what the user sees when the relay refused a change, and what
+//! they can do about it.
+//!
+//! - A `Conflict` (a gated record changed on the relay, or was deleted there) becomes a
+//!   [`ConflictRecord`]: a three-way view, field by field, of `base`, `mine` and `theirs` with
+//!   who wrote each side and when ([`Device::conflicts`]). The user resolves it with
+//!   [`Device::resolve`] (keep mine, keep theirs, or a per-field merge): one new change on top of
+//!   both sides, sent as a `Resolve` mutation on the relay's current version (`resolve.rs`).
+//! - Any other blocking answer (signed, locked, invalid, forbidden) becomes a [`RejectedEdit`]:
+//!   the edit's values are kept for its author, the local document returns to the relay's
+//!   state, and the user discards it or turns a signed note's edit into an addendum
+//!   (`reject.rs`).
+//! - LWW losses are listed with an undo window of 24 hours (`lww.rs`).
+//!
+//! The outbox stays halted until the user acts: nothing is resolved or discarded implicitly.
+
+mod lww;
+mod record;
+mod reject;
+mod resolve;
+mod view;
+
+use fieldsync_schema::document::META_DELETED;
+use fieldsync_schema::{ConflictReason, FieldKind, MutationKind, Origin, Outcome};
+use rusqlite::{Connection, params};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+pub use lww::{LwwLossRecord, UNDO_WINDOW_MS};
+pub(crate) use record::{record_conflict, record_rejection};
+pub use reject::{DiscardReport, RejectedEdit};
+pub use resolve::Resolution;
+
+use crate::device::Device;
+use crate::entity::{self, parse_uuid};
+use crate::error::{PeerError, Result};
+use crate::outbox;
+
+/// Who wrote one side of a field, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Author {
+    /// `None`: the relay itself (it writes only LWW settlements).
+    pub device_id: Option<Uuid>,
+    /// Known for this device's writes and for the relay writes the conflict named.
+    pub user_id: Option<Uuid>,
+    pub mutation_id: Option<Uuid>,
+    /// The write's HLC wall time when known, else its change's timestamp (whole seconds).
+    pub at_ms: u64,
+}
+
+/// A whole version of the record: its fields and whether it is deleted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RecordState {
+    pub fields: Map<String, Value>,
+    pub deleted: bool,
+}
+
+/// How the two sides relate for one field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldStatus {
+    /// Neither side changed it.
+    Unchanged,
+    /// Only this device changed it.
+    Mine,
+    /// Only the relay's side changed it.
+    Theirs,
+    /// Both changed it to the same value.
+    Same,
+    /// Both changed it, differently: the user decides.
+    Contested,
+    /// A counter: concurrent increments add up, nothing to choose.
+    Merged,
+}
+
+/// One side's value of a field.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Side {
+    /// `null`: the field is absent on this side.
+    pub value: Value,
+    /// Differs from `base`.
+    pub changed: bool,
+    /// Who changed it (only when `changed`).
+    pub by: Option<Author>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldConflict {
+    /// A schema field, or `_deleted` for the tombstone (delete versus edit).
+    pub field: String,
+    pub status: FieldStatus,
+    pub base: Value,
+    pub mine: Side,
+    pub theirs: Side,
+}
+
+/// An unresolved `Conflict`, as the resolution prompt shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConflictRecord {
+    pub conflict_id: u64,
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    pub space_id: Uuid,
+    pub reason: ConflictReason,
+    /// The outbox item the relay refused, and its kind.
+    pub mutation_id: Uuid,
+    pub kind: MutationKind,
+    /// The relay version the refused write was built on, and the relay's version then.
+    pub base_version: Option<u64>,
+    pub server_version: u64,
+    /// The relay version this device knows now: what a resolution is based on.
+    pub relay_version: u64,
+    pub recorded_at_ms: u64,
+    /// Every field either side holds, plus `_deleted` when a side is deleted.
+    pub fields: Vec<FieldConflict>,
+    pub base: RecordState,
+    pub mine: RecordState,
+    pub theirs: RecordState,
+    /// This device's unconfirmed items for the entity, which a resolution carries.
+    pub carried_mutations: Vec<Uuid>,
+    /// What the user can do: `keep_mine`, `keep_theirs`, `merged`, or only `discard` (a
+    /// signature built on an older version).
+    pub options: Vec<&'static str>,
+}
+
+/// The open (unresolved) conflict of an entity, as stored when the relay answered.
+pub(crate) struct OpenConflict {
+    pub conflict_id: u64,
+    pub entity_id: Uuid,
+    pub mutation_id: Uuid,
+    pub server_version: u64,
+    pub outcome: Outcome,
+    pub recorded_at_ms: u64,
+}
+
+impl OpenConflict {
+    pub fn reason(&self) -> ConflictReason {
+        match &self.outcome {
+            Outcome::Conflict { reason, .. } => *reason,
+            _ => ConflictReason::StaleBase,
+        }
+    }
+
+    pub fn authors(&self) -> &[Origin] {
+        match &self.outcome {
+            Outcome::Conflict { authors, .. } => authors,
+            _ => &[],
+        }
+    }
+}
+
+type ConflictRow = (i64, String, String, i64, String, i64);
+
+fn open_conflict_rows(conn: &Connection, entity: Option<Uuid>) -> Result<Vec<OpenConflict>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, entity_id, mutation_id, server_version, outcome, recorded_at_ms FROM conflicts
+         WHERE resolved = 0 AND (?1 IS NULL OR entity_id = ?1) ORDER BY id",
+    )?;
+    let rows = stmt.query_map(params![entity.map(|e| e.to_string())], |r| {
+        Ok::<ConflictRow, _>((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+    })?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (id, entity_id, mutation_id, server_version, outcome, at) = r?;
+        out.push(OpenConflict {
+            conflict_id: u64::try_from(id).unwrap_or(0),
+            entity_id: parse_uuid(&entity_id)?,
+            mutation_id: parse_uuid(&mutation_id)?,
+            server_version: u64::try_from(server_version).unwrap_or(0),
+            outcome: serde_json::from_str(&outcome)
+                .map_err(|e| PeerError::Corrupt(format!("stored conflict {id}: {e}")))?,
+            recorded_at_ms: u64::try_from(at).unwrap_or(0),
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) fn open_conflict(conn: &Connection, entity_id: Uuid) -> Result<Option<OpenConflict>> {
+    Ok(open_conflict_rows(conn, Some(entity_id))?.pop())
+}
+
+/// Closes a conflict: how it was resolved, and by which outbox item (none when discarded).
+pub(crate) fn close_conflict(
+    conn: &Connection,
+    conflict_id: u64,
+    resolution: &str,
+    by: Option<Uuid>,
+    now_ms: u64,
+) -> Result<()> {
+    conn.execute(
+        "UPDATE conflicts SET resolved = 1, resolved_at_ms = ?2, resolution = ?3, resolution_mutation = ?4 WHERE id = ?1",
+        params![
+            entity::i64_of(conflict_id),
+            entity::i64_of(now_ms),
+            resolution,
+            by.map(|u| u.to_string())
+        ],
+    )?;
+    Ok(())
+}
+
+impl Device {
+    /// Every unresolved conflict, oldest first, as three-way records.
+    pub fn conflicts(&self) -> Result<Vec<ConflictRecord>> {
+        let mut out = Vec::new();
+        for open in open_conflict_rows(&self.conn, None)? {
+            out.push(self.conflict_record(&open)?);
+        }
+        Ok(out)
+    }
+
+    fn conflict_record(&self, open: &OpenConflict) -> Result<ConflictRecord> {
+        let envelope =
+            outbox::envelope(&self.conn, open.mutation_id)?.ok_or(PeerError::NoSuchMutation(open.mutation_id))?;
+        let mut loaded = entity::load(&self.conn, open.entity_id, self.actor())?.ok_or(PeerError::NotFound {
+            entity_type: None,
+            id: open.entity_id,
+        })?;
+        let ty = self
+            .schema
+            .entity_type(&loaded.meta.entity_type)
+            .ok_or_else(|| PeerError::UnknownType(loaded.meta.entity_type.clone()))?;
+        let own = view::own_changes(&self.conn, open.entity_id, None)?;
+        let base_heads = view::base_heads(&envelope)?;
+        let sides = view::three_way(&mut loaded.doc, &base_heads, &own, self.device_id, self.actor())?;
+        let mut fields = Vec::new();
+        for key in view::all_keys(&[&sides.base.fields, &sides.mine.fields, &sides.theirs.fields]) {
+            let counter = matches!(ty.field(&key).map(|f| &f.kind), Some(FieldKind::Counter { .. }));
+            let get = |v: &RecordState| v.fields.get(&key).cloned().unwrap_or(Value::Null);
+            fields.push(field_conflict(
+                &key,
+                get(&sides.base),
+                get(&sides.mine),
+                get(&sides.theirs),
+                counter,
+                &sides,
+                &own,
+                open.authors(),
+            ));
+        }
+        if sides.base.deleted || sides.mine.deleted || sides.theirs.deleted {
+            let b = |d: bool| Value::Bool(d);
+            fields.push(field_conflict(
+                META_DELETED,
+                b(sides.base.deleted),
+                b(sides.mine.deleted),
+                b(sides.theirs.deleted),
+                false,
+                &sides,
+                &own,
+                open.authors(),
+            ));
+        }
+        let options = if envelope.kind == MutationKind::Sign {
+            vec!["discard"]
+        } else {
+            vec!["keep_mine", "keep_theirs", "merged"]
+        };
+        Ok(ConflictRecord {
+            conflict_id: open.conflict_id,
+            entity_type: loaded.meta.entity_type.clone(),
+            entity_id: open.entity_id,
+            space_id: loaded.meta.space_id,
+            reason: open.reason(),
+            mutation_id: open.mutation_id,
+            kind: envelope.kind,
+            base_version: envelope.base_version,
+            server_version: open.server_version,
+            relay_version: loaded.meta.relay_version,
+            recorded_at_ms: open.recorded_at_ms,
+            fields,
+            carried_mutations: own.mutation_ids(),
+            base: sides.base,
+            mine: sides.mine,
+            theirs: sides.theirs,
+            options,
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn field_conflict(
+    key: &str,
+    base: Value,
+    mine: Value,
+    theirs: Value,
+    counter: bool,
+    sides: &view::Sides,
+    own: &view::OwnChanges,
+    authors: &[Origin],
+) -> FieldConflict {
+    let mine_changed = mine != base;
+    let theirs_changed = theirs != base;
+    let status = match (counter, mine_changed, theirs_changed) {
+        (true, _, _) => FieldStatus::Merged,
+        (false, false, false) => FieldStatus::Unchanged,
+        (false, true, false) => FieldStatus::Mine,
+        (false, false, true) => FieldStatus::Theirs,
+        (false, true, true) if mine == theirs => FieldStatus::Same,
+        (false, true, true) => FieldStatus::Contested,
+    };
+    FieldConflict {
+        field: key.to_string(),
+        status,
+        mine: Side {
+            by: mine_changed.then(|| view::mine_author(own, key)).flatten(),
+            value: mine,
+            changed: mine_changed,
+        },
+        theirs: Side {
+            by: theirs_changed
+                .then(|| view::theirs_author(sides, authors, key))
+                .flatten(),
+            value: theirs,
+            changed: theirs_changed,
+        },
+        base,
+    }
+}
+
+#[cfg(test)]
+mod tests;
