@@ -363,7 +363,9 @@ impl World {
             };
             let item = dev.outbox_item(w.mutation_id).ok().flatten();
             match item.map(|i| i.state) {
-                Some(OutboxState::Pending | OutboxState::Blocked) => {}
+                // Still queued, or carried by a resolution (its change travels in the
+                // resolution's mutation), or discarded by the user after seeing the rejection.
+                Some(OutboxState::Pending | OutboxState::Blocked | OutboxState::Superseded) => {}
                 state => problems.push((
                     w.entity_id,
                     format!(

@@ -22,7 +22,7 @@ impl World {
         let (lo, hi) = match f {
             Fault::Latency | Fault::LostAck => return None, // parameters, not events
             Fault::Reset => (self.net.reset_every_ms / 2, self.net.reset_every_ms * 3 / 2),
-            Fault::Partition => (30 * MINUTE, 6 * HOUR),
+            Fault::Partition => (10 * MINUTE, 2 * HOUR),
             Fault::Offline => (DAY, 4 * DAY),
             Fault::RelayCrash => (2 * HOUR, 18 * HOUR),
             Fault::DeviceCrash => (HOUR, 12 * HOUR),
@@ -47,7 +47,7 @@ impl World {
                 let n = self.devices.len() as u64;
                 let i = self.rng.faults.below(n) as usize;
                 let duration = if f == Fault::Partition {
-                    self.rng.faults.between(MINUTE, 2 * HOUR)
+                    self.rng.faults.between(5 * MINUTE, 3 * HOUR)
                 } else {
                     self.rng.faults.between(DAY, 4 * DAY)
                 };

@@ -174,6 +174,6 @@ impl World {
 
     /// The relay is up and every device is connected, caught up and has nothing left to do.
     fn settled(&self) -> bool {
-        self.relay.is_up() && (0..self.devices.len()).all(|i| self.device_settled(i))
+        self.relay.is_up() && self.in_flight == 0 && (0..self.devices.len()).all(|i| self.device_settled(i))
     }
 }

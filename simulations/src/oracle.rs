@@ -129,8 +129,9 @@ impl World {
             );
             self.oracle.violations.push(v);
         }
-        // Invariant 4: versions advance by exactly one (a create is version 1).
-        if m.kind == MutationKind::Create && version != 1 {
+        // Invariant 4: versions advance by exactly one (a create is version 1; only an LWW
+        // record can be created on two devices, the later create then being a concurrent write).
+        if m.kind == MutationKind::Create && version != 1 && policy != Some(Policy::Lww) {
             let v = self.violation(
                 "at_most_once",
                 format!("create applied as version {version}"),

@@ -319,8 +319,13 @@ impl World {
             self.user_acts(i, step);
         }
         if self.stats.steps < self.opts.steps {
-            // Users act every few minutes on average: a few hundred steps span days.
-            let gap = self.rng.workload.between(MINUTE, 40 * MINUTE);
+            // Users act every few minutes on average (a few hundred steps span days), and now
+            // and then several act within seconds of each other (a busy moment at the clinic).
+            let gap = if self.rng.workload.chance(0.3) {
+                self.rng.workload.between(100, 5_000)
+            } else {
+                self.rng.workload.between(MINUTE, 40 * MINUTE)
+            };
             self.schedule_in(gap, Event::Workload);
         }
     }

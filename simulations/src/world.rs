@@ -56,6 +56,16 @@ pub enum Event {
     Checkpoint,
 }
 
+impl Event {
+    /// Events that stand for something still travelling or waiting to be processed.
+    fn is_in_flight(&self) -> bool {
+        matches!(
+            self,
+            Event::ToRelay(..) | Event::ToDevice(..) | Event::CloseAtDevice(..) | Event::RelayProcess
+        )
+    }
+}
+
 #[derive(Debug)]
 struct Scheduled {
     at: u64,
@@ -127,6 +137,9 @@ pub struct World {
     pub healing: bool,
     /// Whether the run's deliberate relay defect (if any) is on; off during setup.
     pub bugs_armed: bool,
+    /// Messages and closes on the wire, and relay work queued: the world is not settled
+    /// while any remain.
+    pub in_flight: u64,
 }
 
 /// A broken invariant: what, where, and when.
@@ -169,6 +182,7 @@ impl World {
             stats: Stats::default(),
             healing: false,
             bugs_armed: false,
+            in_flight: 0,
             queue: BinaryHeap::new(),
             next_seq: 0,
             opts,
@@ -181,6 +195,9 @@ impl World {
     }
 
     pub fn schedule(&mut self, at: u64, event: Event) {
+        if event.is_in_flight() {
+            self.in_flight += 1;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.queue.push(Scheduled {
@@ -202,6 +219,9 @@ impl World {
             return None;
         }
         let s = self.queue.pop()?;
+        if s.event.is_in_flight() {
+            self.in_flight -= 1;
+        }
         self.clock.set(s.at);
         self.stats.events += 1;
         Some(s.event)
