@@ -331,7 +331,10 @@ impl SyncMachine {
                 dev.observe_relay_time(server_time_ms, now_ms)?;
                 self.pump(dev, now_ms)
             }
-            (Phase::AwaitingChallenge | Phase::AwaitingWelcome, RelayMessage::AuthFailed { reason, message }) => {
+            (
+                Phase::AwaitingChallenge | Phase::AwaitingWelcome | Phase::Ready,
+                RelayMessage::AuthFailed { reason, message },
+            ) => {
                 let text = format!("{}: {message}", reason.as_str());
                 if reason == AuthFailure::NonceExpired {
                     // A slow handshake, not a verdict on the device: reconnect as usual.

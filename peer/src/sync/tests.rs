@@ -445,6 +445,32 @@ fn an_auth_failure_blocks_and_is_persisted_in_status() {
 }
 
 #[test]
+fn a_revocation_while_connected_is_an_auth_failure_not_a_protocol_error() {
+    let mut f = enrolled(17);
+    let mut m = SyncMachine::default();
+    connect(&mut m, &mut f, 10);
+    assert_eq!(m.phase(), Phase::Ready);
+    let err = m
+        .on_message(
+            &mut f.dev,
+            RelayMessage::AuthFailed {
+                reason: AuthFailure::Revoked,
+                message: "this device was revoked".into(),
+            },
+            T0,
+        )
+        .unwrap_err();
+    assert!(matches!(err, SyncError::AuthFailed { reason: "revoked", .. }), "{err}");
+    assert_eq!(m.phase(), Phase::AuthFailed);
+    m.on_disconnected(&mut f.dev, T0);
+    assert!(
+        !m.should_connect(T0 + 3_600_000),
+        "a revoked device does not keep reconnecting"
+    );
+    assert_eq!(f.dev.status().unwrap().state, SyncStatus::AuthFailed);
+}
+
+#[test]
 fn unexpected_messages_are_errors_not_panics() {
     let mut f = enrolled(15);
     let mut m = SyncMachine::default();
