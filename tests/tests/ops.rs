@@ -310,15 +310,8 @@ fn a_revoked_device_is_disconnected_within_a_second() {
     assert!(event.starts_with("disconnected"), "{event}");
     assert!(took < Duration::from_secs(1), "disconnected after {took:?}");
     eprintln!("revoked device disconnected after {took:?} ({event})");
-    // It does not come back: a reconnect (the socket opens) is refused as revoked and the
-    // watch loop ends.
-    let end = loop {
-        let (_, e) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        if e.starts_with("watch ended") {
-            break e;
-        }
-        assert!(e == "connected" || e.starts_with("disconnected"), "{e}");
-    };
+    // It does not come back: the relay's `revoked` ends the watch loop without reconnecting.
+    let (_, end) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert!(end.starts_with("watch ended: Err") && end.contains("revoked"), "{end}");
     watcher.join().unwrap();
     assert_eq!(authenticated(), json!(0));
@@ -328,7 +321,6 @@ fn a_revoked_device_is_disconnected_within_a_second() {
         Some(1.0),
         "{metrics}"
     );
-    assert!(metric(&metrics, r#"fieldsync_auth_failures_total{reason="revoked"}"#).unwrap() >= 1.0);
 }
 
 #[test]
