@@ -466,3 +466,100 @@ fn a_device_over_its_rate_is_told_to_retry_later() {
     assert!(deferred, "{sent} mutations in the same millisecond were all accepted");
     assert!(sent > 300, "deferred within the burst allowance ({sent})");
 }
+
+#[test]
+fn signature_checks_made_outside_the_core_count_only_with_the_current_key() {
+    use fieldsync_relay::core::Prechecked;
+    use fieldsync_schema::signing::Verifier;
+    let mut r = clinic();
+    let mut a = r.device("dana", 1);
+    let verifier = Verifier::new(&a.key.public_key()).unwrap();
+    // A forged mutation that an outside check (wrongly) marked valid, but with another key:
+    // the core verifies it itself and refuses it.
+    let (_, mut forged) = a.create("patient", json!({"name": "Forged"}), T0);
+    forged.signature.0[3] ^= 1;
+    let stale = Prechecked {
+        key: [7; 32],
+        valid: vec![true],
+    };
+    let out = r.core.handle_checked(
+        vec![(
+            a.conn,
+            ClientMessage::Push {
+                batch_id: 1,
+                mutations: vec![forged],
+            },
+            Some(stale),
+        )],
+        r.now + 1,
+    );
+    let outcome = |out: &[Output]| {
+        out.iter()
+            .find_map(|o| match o {
+                Output::Send(_, RelayMessage::PushResult { results, .. }) => Some(results[0].outcome.clone()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert!(matches!(outcome(&out), Outcome::Forbidden { .. }));
+    // A correct check with the session's key is used as is (the core does not verify again):
+    // marking a valid mutation invalid makes the core refuse it.
+    let (_, good) = a.create("patient", json!({"name": "Real"}), T0);
+    let mut said_bad = Prechecked::check(&verifier, std::slice::from_ref(&good));
+    assert_eq!(said_bad.valid, vec![true]);
+    said_bad.valid = vec![false];
+    let out = r.core.handle_checked(
+        vec![(
+            a.conn,
+            ClientMessage::Push {
+                batch_id: 2,
+                mutations: vec![good.clone()],
+            },
+            Some(said_bad),
+        )],
+        r.now + 2,
+    );
+    assert!(matches!(outcome(&out), Outcome::Forbidden { .. }));
+    let checked = Prechecked::check(&verifier, std::slice::from_ref(&good));
+    let mut other = good;
+    other.mutation_id = uuid::Uuid::from_bytes([5; 16]);
+    a.key.sign_mutation(&mut other);
+    let out = r.core.handle_checked(
+        vec![(
+            a.conn,
+            ClientMessage::Push {
+                batch_id: 3,
+                mutations: vec![other],
+            },
+            Some(checked),
+        )],
+        r.now + 3,
+    );
+    assert!(outcome(&out).applied().is_some());
+    assert_eq!(r.core.session_key(a.conn), Some(a.key.public_key()));
+}
+
+#[test]
+fn rotating_to_a_key_that_is_not_a_curve_point_is_refused_and_nothing_is_stored() {
+    let mut r = clinic();
+    let a = r.device("dana", 1);
+    // 0x02 followed by zeros does not decompress to a point on the curve.
+    let mut bad = [0u8; 32];
+    bad[0] = 2;
+    bad[31] = 0x80;
+    let sig = a.key.sign(&fieldsync_schema::signing::rotate_signing_bytes(
+        &a.device_id,
+        &a.key.public_key(),
+        &bad,
+    ));
+    let out = r.send(
+        a.conn,
+        ClientMessage::RotateKey {
+            new_public_key: Bytes(bad.to_vec()),
+            signature: Bytes(sig.to_vec()),
+        },
+    );
+    assert!(closed(&out), "{out:?}");
+    let stored = r.core.store().device(a.device_id).unwrap().unwrap().public_key;
+    assert_eq!(stored, a.key.public_key().to_vec());
+}

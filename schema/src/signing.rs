@@ -5,7 +5,7 @@
 //! written with fixed widths or a length prefix, so two different values can never produce the
 //! same bytes; no serializer's choices are involved.
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier as _, VerifyingKey};
 use rand_core::Rng;
 use uuid::Uuid;
 
@@ -184,18 +184,53 @@ impl DeviceKey {
     }
 }
 
+/// A device's public key, parsed once. Parsing decompresses a curve point, which costs about as
+/// much as a verification; a relay checking thousands of mutations per second of the same
+/// device keeps one of these per session instead of parsing the key for every signature.
+#[derive(Clone)]
+pub struct Verifier {
+    key: VerifyingKey,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Verifier({})", hex::encode(self.key.to_bytes()))
+    }
+}
+
+impl Verifier {
+    pub fn new(public_key: &[u8]) -> Result<Self, SignatureError> {
+        let pk: &[u8; 32] = public_key.try_into().map_err(|_| SignatureError::BadKey)?;
+        Ok(Verifier {
+            key: VerifyingKey::from_bytes(pk).map_err(|_| SignatureError::BadKey)?,
+        })
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), SignatureError> {
+        let sig: &[u8; 64] = signature.try_into().map_err(|_| SignatureError::Malformed)?;
+        self.key
+            .verify(message, &Signature::from_bytes(sig))
+            .map_err(|_| SignatureError::Invalid)
+    }
+
+    /// Verifies a mutation's signature over [`mutation_signing_bytes`].
+    pub fn verify_mutation(&self, m: &Mutation) -> Result<(), SignatureError> {
+        self.verify(&mutation_signing_bytes(m), &m.signature.0)
+    }
+}
+
 /// Verifies an ed25519 signature by `public_key` over `message`.
 pub fn verify(public_key: &[u8], message: &[u8], signature: &[u8]) -> Result<(), SignatureError> {
-    let pk: &[u8; 32] = public_key.try_into().map_err(|_| SignatureError::BadKey)?;
-    let key = VerifyingKey::from_bytes(pk).map_err(|_| SignatureError::BadKey)?;
-    let sig: &[u8; 64] = signature.try_into().map_err(|_| SignatureError::Malformed)?;
-    key.verify(message, &Signature::from_bytes(sig))
-        .map_err(|_| SignatureError::Invalid)
+    Verifier::new(public_key)?.verify(message, signature)
 }
 
 /// Verifies a mutation's signature against the device's registered key.
 pub fn verify_mutation(public_key: &[u8], m: &Mutation) -> Result<(), SignatureError> {
-    verify(public_key, &mutation_signing_bytes(m), &m.signature.0)
+    Verifier::new(public_key)?.verify_mutation(m)
 }
 
 #[cfg(test)]
@@ -268,6 +303,12 @@ mod tests {
                 "tampering with {name} went unnoticed"
             );
         }
+        let verifier = Verifier::new(&key.public_key()).unwrap();
+        assert_eq!(verifier.public_key(), key.public_key());
+        verifier.verify_mutation(&m).unwrap();
+        let mut forged = m.clone();
+        forged.base_version = Some(99);
+        assert_eq!(verifier.verify_mutation(&forged), Err(SignatureError::Invalid));
         let other_key = DeviceKey::generate(&mut ChaCha20Rng::seed_from_u64(2));
         assert_eq!(
             verify_mutation(&other_key.public_key(), &m),

@@ -224,6 +224,16 @@ fn apply_entry(
     for loss in e.lww_losses.iter().filter(|l| l.loser_device == device_id) {
         record_loss(tx, loss, now_ms)?;
     }
+    if matches!(e.payload, FeedPayload::Own) {
+        // This device's own change: nothing to merge, only the relay version to learn (a record
+        // this device no longer holds, restored from an older backup, comes with a later
+        // snapshot or change). Loading the document would cost more than everything else here.
+        tx.execute(
+            "UPDATE entities SET relay_version = MAX(relay_version, ?2) WHERE entity_id = ?1",
+            params![e.entity_id.to_string(), i64_of(e.version)],
+        )?;
+        return Ok(());
+    }
     let existing = entity::load(tx, e.entity_id, actor.clone())?;
     if let Some(l) = &existing
         && l.meta.entity_type != e.entity_type
@@ -236,11 +246,6 @@ fn apply_entry(
     let (mut meta, mut doc) = match existing {
         Some(l) => (l.meta, l.doc),
         None => {
-            if matches!(e.payload, FeedPayload::Own) {
-                // Our own change for a record this device no longer holds (restored from an
-                // older backup): nothing to merge; a later snapshot or change brings it.
-                return Ok(());
-            }
             let meta = EntityMeta {
                 entity_id: e.entity_id,
                 entity_type: e.entity_type.clone(),
@@ -251,6 +256,7 @@ fn apply_entry(
             (meta, EntityDoc::new(actor))
         }
     };
+    let heads_before = doc.heads(); // empty for a document this entry creates here
     match &e.payload {
         FeedPayload::Changes(bytes) => {
             let changes = bytes
@@ -265,13 +271,16 @@ fn apply_entry(
                 .load_incremental(&bytes.0)
                 .map_err(|err| PeerError::Corrupt(format!("snapshot of {}: {err}", e.entity_id)))?;
         }
-        FeedPayload::Own => {
-            tx.execute(
-                "UPDATE entities SET relay_version = MAX(relay_version, ?2) WHERE entity_id = ?1",
-                params![e.entity_id.to_string(), i64_of(e.version)],
-            )?;
-            return Ok(());
-        }
+        FeedPayload::Own => return Ok(()), // handled above
+    }
+    if !heads_before.is_empty() && heads_before == doc.heads() && meta.space_id == e.space_id {
+        // Nothing new (a snapshot or change this device already holds, such as its own
+        // records after a pull from scratch): record the version, skip re-saving the document.
+        tx.execute(
+            "UPDATE entities SET relay_version = MAX(relay_version, ?2) WHERE entity_id = ?1",
+            params![e.entity_id.to_string(), i64_of(e.version)],
+        )?;
+        return Ok(());
     }
     meta.relay_version = meta.relay_version.max(e.version);
     meta.space_id = e.space_id;

@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::{Change, ChangeHash};
 use fieldsync_schema::document::{RootOps, device_actor, parse_change, relay_actor};
-use fieldsync_schema::signing::verify_mutation;
 use fieldsync_schema::wire::{FeedPayload, MAX_MUTATION_CHANGE_BYTES};
 use fieldsync_schema::{
     Bytes, ConflictReason, EntityDoc, EntityType, FeedEntry, FieldError, Mutation, MutationKind, Origin, Outcome,
@@ -79,11 +78,18 @@ impl<S: Store> RelayCore<S> {
         &mut self,
         conn: ConnId,
         m: &Mutation,
+        prechecked: Option<([u8; 32], bool)>,
         now_ms: u64,
         group: &mut Group,
     ) -> Result<Outcome, StoreError> {
         let Some(ConnState::Ready(s)) = self.conns.get(&conn) else {
             return Ok(forbidden("not authenticated"));
+        };
+        // A signature checked outside counts only if checked with this session's current key.
+        let key = s.verifier.public_key();
+        let signature_ok = match prechecked {
+            Some((k, ok)) if k == key => ok,
+            _ => s.verifier.verify_mutation(m).is_ok(),
         };
         let sender = Sender {
             device_id: s.device_id,
@@ -106,7 +112,7 @@ impl<S: Store> RelayCore<S> {
             return Ok(forbidden("the HLC timestamp names another device"));
         }
         // 2. Signature.
-        if verify_mutation(&sender.public_key, m).is_err() {
+        if !signature_ok {
             return Ok(forbidden(
                 "the mutation signature does not verify with the device's key",
             ));
@@ -295,8 +301,22 @@ impl<S: Store> RelayCore<S> {
         }
         // 9. Apply, settle LWW, validate the merged result. From here on a rejection must drop
         //    the cached copy: the document in memory already holds the changes.
-        let applied = self.apply_and_validate(sender, ty, m, &row, &mut doc, &changes, &ops, now_ms);
-        let (extra_changes, lww_plan) = match applied {
+        let applied = self.apply_and_validate(
+            sender,
+            ty,
+            m,
+            &row,
+            &mut doc,
+            &changes,
+            &ops,
+            (&before, before_deleted),
+            now_ms,
+        );
+        let Validated {
+            extra_changes,
+            lww_plan,
+            after,
+        } = match applied {
             Ok(ok) => ok,
             Err(ApplyError::Rejected(outcome)) => {
                 if let Some(r) = &row {
@@ -318,6 +338,7 @@ impl<S: Store> RelayCore<S> {
             before_deleted,
             before_signed,
             before_heads: &before_heads,
+            after,
             now_ms,
             group,
         })
@@ -404,10 +425,9 @@ impl<S: Store> RelayCore<S> {
         doc: &mut EntityDoc,
         changes: &[Change],
         ops: &RootOps,
+        (before, before_deleted): (&Map<String, Value>, bool),
         now_ms: u64,
-    ) -> Result<(Vec<Change>, Option<lww::LwwPlan>), ApplyError> {
-        let before = doc.fields();
-        let before_deleted = doc.is_deleted();
+    ) -> Result<Validated, ApplyError> {
         doc.apply(changes.to_vec())
             .map_err(|e| ApplyError::Rejected(invalid("changes", format!("cannot apply: {e}"))))?;
         let mut extra = Vec::new();
@@ -420,7 +440,7 @@ impl<S: Store> RelayCore<S> {
                 version: row.as_ref().map_or(0, |r| r.version),
                 stamps_json: row.as_ref().map_or("", |r| r.lww_stamps.as_str()),
                 touched: ops.touched().into_iter().collect(),
-                before: &before,
+                before,
                 before_deleted,
                 mine: &mine,
                 mine_deleted: doc.is_deleted_at(&heads),
@@ -436,7 +456,7 @@ impl<S: Store> RelayCore<S> {
             Ok(()) => Vec::new(),
             Err(e) => e.0,
         };
-        errors.extend(ref_errors(&self.store, ty, m.space_id, &before, &after).map_err(ApplyError::Store)?);
+        errors.extend(ref_errors(&self.store, ty, m.space_id, before, &after).map_err(ApplyError::Store)?);
         match m.kind {
             MutationKind::Create if doc.entity_type().as_deref() != Some(m.entity_type.as_str()) => {
                 errors.push(FieldError::new(
@@ -477,13 +497,26 @@ impl<S: Store> RelayCore<S> {
         if !errors.is_empty() {
             return Err(ApplyError::Rejected(Outcome::Invalid { errors }));
         }
-        Ok((extra, plan))
+        Ok(Validated {
+            extra_changes: extra,
+            lww_plan: plan,
+            after,
+        })
     }
 }
 
 enum ApplyError {
     Rejected(Outcome),
     Store(StoreError),
+}
+
+/// A mutation applied to the document and found valid, ready to be written.
+struct Validated {
+    /// Changes the relay wrote itself (LWW settlement).
+    extra_changes: Vec<Change>,
+    lww_plan: Option<lww::LwwPlan>,
+    /// The entity's fields after the mutation.
+    after: Map<String, Value>,
 }
 
 /// The heads of a mutation's own changes: those no other change of the mutation depends on.
@@ -549,6 +582,8 @@ struct WriteApplied<'a> {
     before_deleted: bool,
     before_signed: bool,
     before_heads: &'a [ChangeHash],
+    /// The fields after the mutation, as validated.
+    after: Map<String, Value>,
     now_ms: u64,
     group: &'a mut Group,
 }
@@ -566,6 +601,7 @@ impl<S: Store> RelayCore<S> {
             before_deleted,
             before_signed,
             before_heads,
+            after,
             now_ms,
             group,
         } = w;
@@ -605,7 +641,6 @@ impl<S: Store> RelayCore<S> {
             changes: cbor(&all_changes)?,
             lww_losses: cbor(&overridden)?,
         })?;
-        let after = doc.fields();
         self.store.update_document(
             doc_key,
             &DocumentUpdate {
@@ -618,10 +653,11 @@ impl<S: Store> RelayCore<S> {
             seq,
             now_ms,
         )?;
-        let prev_hash = self
-            .store
-            .last_audit_hash()?
-            .unwrap_or_else(|| GENESIS_HASH.to_string());
+        let prev_hash = match group.audit_head.take() {
+            Some(h) => Some(h),
+            None => self.store.last_audit_hash()?,
+        }
+        .unwrap_or_else(|| GENESIS_HASH.to_string());
         let mut audit = AuditRow {
             audit_id: 0,
             seq,
@@ -646,6 +682,8 @@ impl<S: Store> RelayCore<S> {
         };
         audit.hash = record_hash(&audit);
         self.store.append_audit(&audit)?;
+        // The group's transaction holds the write lock: the next record of the group links here.
+        group.audit_head = Some(audit.hash.clone());
         for loss in lost.iter().chain(&overridden) {
             self.store.archive(&archive::lww_row(m, loss, version, now_ms))?;
         }
@@ -662,7 +700,17 @@ impl<S: Store> RelayCore<S> {
                 self.store.archive(&row)?;
             }
         }
-        if self.store.changes_since_snapshot(doc_key)? >= self.config.snapshot_every {
+        let since = match self.since_snapshot.get(&doc_key) {
+            Some(n) => n + 1,
+            None => self.store.changes_since_snapshot(doc_key)?,
+        };
+        if self.since_snapshot.len() > 100_000 {
+            // Only a hint for when to compact: forget it rather than grow without bound.
+            self.since_snapshot.clear();
+        }
+        self.since_snapshot.insert(doc_key, since);
+        if since >= self.config.snapshot_every {
+            self.since_snapshot.insert(doc_key, 0);
             let bytes = doc.save();
             self.store.save_snapshot(doc_key, &bytes, seq)?;
         }

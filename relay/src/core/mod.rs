@@ -160,6 +160,8 @@ pub(crate) struct Session {
     pub device_id: Uuid,
     pub user_id: Uuid,
     pub public_key: Vec<u8>,
+    /// The key, parsed once for the session (parsing costs as much as a verification).
+    pub verifier: fieldsync_schema::signing::Verifier,
     pub spaces: BTreeMap<Uuid, Role>,
     /// Set once the device caught up: live entries after this feed position are pushed.
     pub live_cursor: Option<u64>,
@@ -198,6 +200,9 @@ pub struct RelayCore<S: Store> {
     pub(crate) stats: CoreStats,
     pub(crate) faults: FaultSwitches,
     last_revocation_check_ms: u64,
+    /// Changes applied to each document since its last snapshot (a hint, rebuilt from the
+    /// store when missing), so a mutation need not count them in SQL.
+    pub(crate) since_snapshot: BTreeMap<u64, u64>,
 }
 
 /// Work for after the group's commit.
@@ -213,6 +218,27 @@ struct Group {
     applied: Vec<AppliedEntry>,
     touched_docs: BTreeSet<u64>,
     pulls: Vec<(ConnId, fieldsync_schema::PullCursor, u32)>,
+    /// Signature checks made outside the core for the message being handled.
+    prechecked: Option<Prechecked>,
+    /// The audit chain's last hash, once read in this group's transaction.
+    audit_head: Option<String>,
+}
+
+/// Which of a push's mutations were found correctly signed, and with which key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prechecked {
+    pub key: [u8; 32],
+    pub valid: Vec<bool>,
+}
+
+impl Prechecked {
+    /// Verifies every mutation of a push with `verifier` (off the core's thread).
+    pub fn check(verifier: &fieldsync_schema::signing::Verifier, mutations: &[fieldsync_schema::Mutation]) -> Self {
+        Prechecked {
+            key: verifier.public_key(),
+            valid: mutations.iter().map(|m| verifier.verify_mutation(m).is_ok()).collect(),
+        }
+    }
 }
 
 impl<S: Store> RelayCore<S> {
@@ -230,6 +256,7 @@ impl<S: Store> RelayCore<S> {
             stats: CoreStats::default(),
             faults: FaultSwitches::default(),
             last_revocation_check_ms: 0,
+            since_snapshot: BTreeMap::new(),
         }
     }
 
@@ -264,6 +291,14 @@ impl<S: Store> RelayCore<S> {
         (self.conns.len(), ready)
     }
 
+    /// The public key of an authenticated connection's device (to check signatures elsewhere).
+    pub fn session_key(&self, conn: ConnId) -> Option<[u8; 32]> {
+        match self.conns.get(&conn) {
+            Some(ConnState::Ready(s)) => Some(s.verifier.public_key()),
+            _ => None,
+        }
+    }
+
     /// The device behind an authenticated connection.
     pub fn connection_device(&self, conn: ConnId) -> Option<Uuid> {
         match self.conns.get(&conn) {
@@ -282,12 +317,24 @@ impl<S: Store> RelayCore<S> {
 
     /// Handles a group of messages as one group commit and returns what to send.
     pub fn handle(&mut self, inputs: Vec<(ConnId, ClientMessage)>, now_ms: u64) -> Vec<Output> {
+        self.handle_checked(inputs.into_iter().map(|(c, m)| (c, m, None)).collect(), now_ms)
+    }
+
+    /// [`RelayCore::handle`], with the mutation signatures of some pushes already checked
+    /// elsewhere (the server verifies them on the connection's own task, in parallel with this
+    /// one). A check counts only if it was made with the session's current key.
+    pub fn handle_checked(
+        &mut self,
+        inputs: Vec<(ConnId, ClientMessage, Option<Prechecked>)>,
+        now_ms: u64,
+    ) -> Vec<Output> {
         let mut out = Vec::new();
         let mut group = Group::default();
-        for (conn, msg) in inputs {
+        for (conn, msg, checked) in inputs {
             if matches!(self.conns.get(&conn), None | Some(ConnState::Closing)) {
                 continue;
             }
+            group.prechecked = checked;
             if let Err(e) = self.dispatch(conn, msg, now_ms, &mut group, &mut out) {
                 tracing::error!(error = %e, "store failure while handling a message");
                 self.abort_group(&mut group, &mut out, &e);
@@ -646,11 +693,15 @@ impl<S: Store> RelayCore<S> {
     ) -> Result<Vec<MutationResult>, StoreError> {
         let mut results = Vec::with_capacity(mutations.len());
         let mut halted = false;
-        for m in mutations {
+        let prechecked = group.prechecked.take();
+        for (i, m) in mutations.iter().enumerate() {
             let outcome = if halted {
                 Outcome::NotAttempted
             } else {
-                let outcome = self.accept(conn, m, now_ms, group)?;
+                let signed = prechecked
+                    .as_ref()
+                    .map(|p| (p.key, p.valid.get(i).copied().unwrap_or(false)));
+                let outcome = self.accept(conn, m, signed, now_ms, group)?;
                 if outcome.disposition() == fieldsync_schema::Disposition::Blocking {
                     halted = true;
                 }

@@ -17,6 +17,20 @@ impl<S: Store> RelayCore<S> {
         conn: ConnId,
         cursor: PullCursor,
         max_entries: u32,
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), StoreError> {
+        self.store.begin_read()?;
+        let result = self.pull_page(conn, cursor, max_entries, now_ms, out);
+        let ended = self.store.end_read();
+        result.and(ended)
+    }
+
+    fn pull_page(
+        &mut self,
+        conn: ConnId,
+        cursor: PullCursor,
+        max_entries: u32,
         _now_ms: u64,
         out: &mut Vec<Output>,
     ) -> Result<(), StoreError> {
@@ -100,7 +114,11 @@ impl<S: Store> RelayCore<S> {
         for row in rows {
             size += row.changes.len() + ENTRY_OVERHEAD;
             last_seq = row.seq;
-            entries.push(feed_entry(row, device_id)?);
+            let lww = self
+                .schema
+                .entity_type(&row.entity_type)
+                .is_some_and(|t| t.policy == fieldsync_schema::Policy::Lww);
+            entries.push(feed_entry(row, device_id, lww)?);
             if size >= budget {
                 cut = true;
                 break;
@@ -132,10 +150,17 @@ impl<S: Store> RelayCore<S> {
 }
 
 /// A stored feed row as `device` receives it.
-pub(crate) fn feed_entry(row: FeedRow, device: uuid::Uuid) -> Result<FeedEntry, StoreError> {
-    let changes: Vec<Bytes> = ciborium::from_reader(row.changes.as_slice())
-        .map_err(|e| StoreError::Corrupt(format!("feed row {}: {e}", row.seq)))?;
-    let payload = if row.origin_device == device {
+/// `lww`: whether the entity's type is last-writer-wins, the only policy where the relay adds
+/// changes of its own to a mutation (its settlement), which the origin device still needs.
+pub(crate) fn feed_entry(row: FeedRow, device: uuid::Uuid, lww: bool) -> Result<FeedEntry, StoreError> {
+    let origin_is_device = row.origin_device == device;
+    let changes: Vec<Bytes> = if origin_is_device && !lww {
+        Vec::new()
+    } else {
+        ciborium::from_reader(row.changes.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("feed row {}: {e}", row.seq)))?
+    };
+    let payload = if origin_is_device {
         // The origin has its own changes; it still needs any the relay added (LWW settlement).
         let own = device_actor(device);
         let relay_added: Vec<Bytes> = changes

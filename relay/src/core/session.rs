@@ -208,6 +208,8 @@ impl<S: Store> RelayCore<S> {
                 device_id,
                 user_id: user.user_id,
                 public_key: public_key.to_vec(),
+                verifier: signing::Verifier::new(&public_key)
+                    .map_err(|_| StoreError::Corrupt(format!("device {device_id} has a malformed public key")))?,
                 spaces,
                 live_cursor: None,
                 tokens: self.config.rate_burst,
@@ -340,6 +342,11 @@ impl<S: Store> RelayCore<S> {
             self.protocol_close(conn, "malformed key", out);
             return Ok(());
         };
+        // A key that is not a curve point could never verify anything: refuse it before storing.
+        let Ok(verifier) = signing::Verifier::new(&new) else {
+            self.protocol_close(conn, "the new key is not a valid ed25519 public key", out);
+            return Ok(());
+        };
         let message = rotate_signing_bytes(&device_id, &old, &new);
         if signing::verify(&old, &message, signature).is_err() {
             self.auth_failed(
@@ -353,6 +360,7 @@ impl<S: Store> RelayCore<S> {
         self.store.set_device_key(device_id, &new)?;
         if let Some(ConnState::Ready(s)) = self.conns.get_mut(&conn) {
             s.public_key = new.to_vec();
+            s.verifier = verifier;
         }
         tracing::info!(conn, device_id = %device_id, "device key rotated");
         group.replies.push((conn, RelayMessage::KeyRotated));

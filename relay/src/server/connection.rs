@@ -7,6 +7,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
+use fieldsync_schema::signing::Verifier;
 use fieldsync_schema::wire::ErrorCode;
 use fieldsync_schema::{ClientMessage, RelayMessage};
 use futures_util::{SinkExt, StreamExt};
@@ -14,7 +15,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::core_thread::{CoreInput, Outbound};
 use super::{MAX_FRAME_BYTES, SEND_QUEUE, Shared};
-use crate::core::CloseReason;
+use crate::core::{CloseReason, Prechecked};
 
 /// A connection that says nothing for this long is closed (devices ping while idle).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -54,6 +55,7 @@ async fn serve(socket: WebSocket, shared: Shared) {
         return;
     }
     let (mut sink, mut stream) = socket.split();
+    let mut verifier: Option<Verifier> = None;
     let closing: Option<CloseReason> = loop {
         tokio::select! {
             incoming = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => match incoming {
@@ -61,7 +63,13 @@ async fn serve(socket: WebSocket, shared: Shared) {
                 Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break None,
                 Ok(Some(Ok(Message::Binary(bytes)))) => match ClientMessage::decode(&bytes) {
                     Ok(msg) => {
-                        if shared.core_tx.send(CoreInput::Message(conn, msg)).await.is_err() {
+                        // Signatures are checked here, on this connection's task, so the core's
+                        // single thread does not spend its time on them.
+                        let checked = match (&msg, &verifier) {
+                            (ClientMessage::Push { mutations, .. }, Some(v)) => Some(Prechecked::check(v, mutations)),
+                            _ => None,
+                        };
+                        if shared.core_tx.send(CoreInput::Message(conn, msg, checked)).await.is_err() {
                             break Some(CloseReason::try_later("relay shutting down"));
                         }
                     }
@@ -83,6 +91,7 @@ async fn serve(socket: WebSocket, shared: Shared) {
                         break None;
                     }
                 }
+                Some(Outbound::Key(key)) => verifier = Verifier::new(&key).ok(),
                 Some(Outbound::Close(reason)) => break Some(reason),
                 None => break Some(CloseReason::try_later("relay shutting down")),
             },

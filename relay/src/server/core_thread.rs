@@ -11,7 +11,7 @@ use fieldsync_schema::{ClientMessage, Outcome, RelayMessage, SystemTimeSource, T
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 
-use crate::core::{CloseReason, ConnId, CoreStats, Output, RelayCore};
+use crate::core::{CloseReason, ConnId, CoreStats, Output, Prechecked, RelayCore};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -24,7 +24,8 @@ pub(crate) enum CoreInput {
         tx: mpsc::Sender<Outbound>,
         kill: Arc<Notify>,
     },
-    Message(ConnId, ClientMessage),
+    /// A decoded message, with its push's signatures already checked on the connection task.
+    Message(ConnId, ClientMessage, Option<Prechecked>),
     Closed(ConnId),
     Tick,
     Shutdown,
@@ -33,6 +34,8 @@ pub(crate) enum CoreInput {
 /// What a connection task is asked to do.
 pub(crate) enum Outbound {
     Message(Box<RelayMessage>),
+    /// The session's device key, so the connection task can check signatures itself.
+    Key([u8; 32]),
     Close(CloseReason),
 }
 
@@ -134,7 +137,7 @@ pub(crate) fn run(
                     opened += 1;
                     routes.insert(conn, Route { tx, kill, user: None });
                 }
-                CoreInput::Message(conn, msg) => inputs.push((conn, msg)),
+                CoreInput::Message(conn, msg, checked) => inputs.push((conn, msg, checked)),
                 CoreInput::Closed(conn) => {
                     core.close_connection(conn);
                     routes.remove(&conn);
@@ -150,7 +153,7 @@ pub(crate) fn run(
         largest = largest.max(inputs.len());
         let pushed: usize = inputs
             .iter()
-            .map(|(_, m)| match m {
+            .map(|(_, m, _)| match m {
                 ClientMessage::Push { mutations, .. } => mutations.len(),
                 _ => 0,
             })
@@ -159,7 +162,7 @@ pub(crate) fn run(
             Vec::new()
         } else {
             let started = Instant::now();
-            let out = core.handle(inputs, now);
+            let out = core.handle_checked(inputs, now);
             record_timings(
                 &metrics,
                 started.elapsed(),
@@ -204,6 +207,13 @@ pub(crate) fn run(
                 Output::Close(conn, reason) => (conn, Outbound::Close(reason)),
             };
             let Some(route) = routes.get_mut(&conn) else { continue };
+            // Before a session starts (or its key changes), its task learns the device key.
+            if let Outbound::Message(m) = &msg
+                && matches!(**m, RelayMessage::Welcome { .. } | RelayMessage::KeyRotated)
+                && let Some(key) = core.session_key(conn)
+            {
+                let _ = route.tx.try_send(Outbound::Key(key));
+            }
             if let Outbound::Message(m) = &msg {
                 log_outcomes(&core, route, conn, m);
             }
@@ -298,7 +308,7 @@ mod tests {
         })
         .unwrap();
         for nonce in 0..3 {
-            tx.blocking_send(CoreInput::Message(7, ClientMessage::Ping { nonce }))
+            tx.blocking_send(CoreInput::Message(7, ClientMessage::Ping { nonce }, None))
                 .unwrap();
         }
         let rt = tokio::runtime::Builder::new_current_thread()

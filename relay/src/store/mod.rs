@@ -207,6 +207,10 @@ pub trait Store {
     fn begin(&mut self) -> StoreResult<()>;
     fn commit(&mut self) -> StoreResult<()>;
     fn rollback(&mut self) -> StoreResult<()>;
+    /// A read-only transaction: one consistent view and one lock for a run of reads (a pull
+    /// page reads two rows per document; without it each read locks and unlocks the file).
+    fn begin_read(&mut self) -> StoreResult<()>;
+    fn end_read(&mut self) -> StoreResult<()>;
 
     /// The relay's identity, created on first open.
     fn relay_id(&self) -> Uuid;

@@ -27,6 +27,21 @@ struct Cli {
 enum Command {
     /// Load a real relay over WebSockets and print JSON figures.
     Load(LoadArgs),
+    /// Catch-up benchmarks with the real device library: a device pushing a long offline queue,
+    /// and a new device pulling every entity. Prints JSON.
+    Catchup(CatchupArgs),
+}
+
+#[derive(clap::Args)]
+struct CatchupArgs {
+    /// Writes queued on the returning device.
+    #[arg(long, default_value_t = 10_000)]
+    queued: usize,
+    /// Entities on the relay when the new device pulls.
+    #[arg(long, default_value_t = 50_000)]
+    entities: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -165,8 +180,15 @@ fn load(args: LoadArgs) -> anyhow::Result<bool> {
 
 fn real_main() -> anyhow::Result<bool> {
     let parsed = Cli::parse();
-    if let Some(Command::Load(args)) = parsed.command {
-        return load(args);
+    match parsed.command {
+        Some(Command::Load(args)) => return load(args),
+        Some(Command::Catchup(args)) => {
+            let relay = fieldsync_simulations::load::relay_proc::RelayProc::spawn()?;
+            let report = fieldsync_simulations::load::catchup::run(&relay, args.queued, args.entities, args.seed)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return Ok(true);
+        }
+        None => {}
     }
     let cli = parsed.sim;
     let progress = std::io::stderr().is_terminal() && !cli.json;

@@ -2,6 +2,7 @@
 //! 127.0.0.1 against a real relay process. Every mutation is built and signed before the timed
 //! phase, so the figures are the relay's, not this tool's.
 
+pub mod catchup;
 pub mod relay_proc;
 pub mod session;
 
@@ -252,7 +253,9 @@ pub fn run(relay: &RelayProc, opts: &LoadOptions) -> anyhow::Result<LoadReport> 
     let (cpu0, own0, t0) = (relay.cpu_us(), own_cpu_us(), Instant::now());
     let results: Vec<SessionResult> = rt.block_on(async {
         let mut handles = Vec::with_capacity(sockets.len());
-        for (ws, plan) in sockets.into_iter().zip(plans) {
+        let n = sockets.len().max(1) as u32;
+        for (i, (ws, plan)) in sockets.into_iter().zip(plans).enumerate() {
+            let pace = pace.map(|interval| (interval, interval * i as u32 / n));
             handles.push(tokio::spawn(session::push_all(ws, plan, pace, shared.clone())));
         }
         if let Some(b) = &bar {

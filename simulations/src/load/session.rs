@@ -127,19 +127,20 @@ fn now_ns(shared: &Shared) -> u64 {
 pub async fn push_all(
     mut ws: Socket,
     batches: Vec<Batch>,
-    pace: Option<Duration>,
+    pace: Option<(Duration, Duration)>,
     shared: Arc<Shared>,
 ) -> SessionResult {
     let mut out = SessionResult::default();
-    let mut next_send = tokio::time::Instant::now();
+    // Paced devices start spread over one interval, so the load is steady rather than bursts.
+    let mut next_send = tokio::time::Instant::now() + pace.map_or(Duration::ZERO, |(_, offset)| offset);
     let mut pending = batches.into_iter();
     let mut in_flight: Option<(u64, u64, usize)> = None; // (batch id, sent ns, mutation count)
     let mut done_pushing = false;
     loop {
-        if in_flight.is_none() && !done_pushing {
-            if let Some(pace) = pace {
-                tokio::time::sleep_until(next_send).await;
-                next_send += pace;
+        let due = pace.is_none() || tokio::time::Instant::now() >= next_send;
+        if in_flight.is_none() && !done_pushing && due {
+            if let Some((interval, _)) = pace {
+                next_send += interval;
             }
             match pending.next() {
                 Some(b) => {
@@ -167,7 +168,13 @@ pub async fn push_all(
         if done_pushing && (shared.acked.load(Ordering::Relaxed) >= shared.total || waited_ns > 10_000_000_000) {
             break;
         }
-        let msg = match tokio::time::timeout(Duration::from_millis(200), recv(&mut ws)).await {
+        // Keep reading (live entries of other devices) while waiting for the next paced send.
+        let wait = if in_flight.is_none() && !done_pushing && pace.is_some() {
+            next_send.saturating_duration_since(tokio::time::Instant::now())
+        } else {
+            Duration::from_millis(200)
+        };
+        let msg = match tokio::time::timeout(wait, recv(&mut ws)).await {
             Err(_) => continue,
             Ok(Err(e)) => {
                 *out.errors.entry(format!("connection: {e}")).or_insert(0) += 1;
