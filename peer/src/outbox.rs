@@ -14,6 +14,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use fieldsync_schema::wire::MAX_MESSAGE_BYTES;
 use fieldsync_schema::{Mutation, MutationKind, Outcome};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
@@ -293,6 +294,13 @@ pub(crate) fn first_blocked(conn: &Connection) -> Result<Option<OutboxItem>> {
 
 /// What may be sent now, oldest first: nothing while any item is blocked (the outbox is
 /// halted), and never past an item that is still backing off (order is strict).
+/// A push frame's share for envelopes: the relay refuses frames over `MAX_MESSAGE_BYTES`, and a
+/// refused frame would be retried unchanged forever. The rest covers the `Push` wrapper.
+pub(crate) const PUSH_ENVELOPE_BUDGET: usize = MAX_MESSAGE_BYTES - 64 * 1024;
+
+/// The next batch: due pending items in push order, at most `limit` of them and together within
+/// [`PUSH_ENVELOPE_BUDGET`] (the first item always goes; a write's change is bounded by
+/// `MAX_MUTATION_CHANGE_BYTES`, far below the budget). Nothing while the outbox is halted.
 pub(crate) fn pushable(conn: &Connection, now_ms: u64, limit: usize) -> Result<Vec<Mutation>> {
     if first_blocked(conn)?.is_some() {
         return Ok(Vec::new());
@@ -304,9 +312,14 @@ pub(crate) fn pushable(conn: &Connection, now_ms: u64, limit: usize) -> Result<V
         Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
     })?;
     let mut out = Vec::new();
+    let mut bytes = 0usize;
     for r in rows {
         let (next, env) = r?;
         if !crate::sync::due(u64::try_from(next).unwrap_or(0), now_ms) {
+            break;
+        }
+        bytes += env.len();
+        if bytes > PUSH_ENVELOPE_BUDGET && !out.is_empty() {
             break;
         }
         out.push(decode(&env)?);

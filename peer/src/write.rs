@@ -6,6 +6,7 @@
 //! success is on disk (`synchronous=FULL`) before the call returns.
 
 use fieldsync_schema::document::{NoteSignature, content_hash};
+use fieldsync_schema::wire::MAX_MUTATION_CHANGE_BYTES;
 use fieldsync_schema::{EntityDoc, EntityType, FieldKind, Mutation, MutationKind, ids, signing};
 use rusqlite::{Transaction, TransactionBehavior};
 use serde::Serialize;
@@ -18,6 +19,11 @@ use crate::entity::{self, EntityMeta, SyncState};
 use crate::error::{PeerError, Result};
 use crate::outbox;
 use crate::rules;
+
+/// Writes to one record made offline are combined into one mutation only up to this size, so
+/// a long offline session never grows an envelope the relay would refuse (its limit is
+/// `MAX_MUTATION_CHANGE_BYTES` of changes per mutation).
+pub(crate) const COMBINE_LIMIT_BYTES: usize = MAX_MUTATION_CHANGE_BYTES / 4;
 
 /// What a write did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -386,9 +392,20 @@ impl Signer<'_> {
         change: Vec<u8>,
         now: u64,
     ) -> Result<(Uuid, bool)> {
+        if change.len() > MAX_MUTATION_CHANGE_BYTES {
+            return Err(refused(
+                meta,
+                format!(
+                    "this write is a change of {} bytes, over the relay's limit of {MAX_MUTATION_CHANGE_BYTES} \
+                     bytes per mutation; save it in smaller edits",
+                    change.len()
+                ),
+            ));
+        }
         if let Some((seq, mut last)) = outbox::last_unsent(tx)?
             && last.entity_id == meta.entity_id
             && rules::combinable(last.kind, kind)
+            && last.changes.iter().map(|c| c.0.len()).sum::<usize>() + change.len() <= COMBINE_LIMIT_BYTES
         {
             last.changes.push(change.into());
             last.client_timestamp = self.hlc.tick(now);

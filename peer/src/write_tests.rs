@@ -544,3 +544,76 @@ fn device_and_machine_can_move_to_a_network_task() {
     is_send::<crate::Device>();
     is_send::<crate::sync::SyncMachine>();
 }
+
+/// Text that Automerge cannot shrink: a change carries about one byte per character.
+fn incompressible(len: usize, seed: u64) -> String {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            char::from(b'a' + ((x >> 33) % 26) as u8)
+        })
+        .collect()
+}
+
+#[test]
+fn oversized_writes_are_refused_and_a_long_offline_session_stays_sendable() {
+    use fieldsync_schema::wire::{MAX_MESSAGE_BYTES, MAX_MUTATION_CHANGE_BYTES};
+    use fieldsync_schema::{ClientMessage, Schema};
+    use rand_core::SeedableRng;
+
+    let dir = tempfile::tempdir().unwrap();
+    let time = fieldsync_schema::ManualTime::new(T0);
+    let schema = Schema::from_toml_str(
+        r#"
+        [types.doc]
+        policy = "gated"
+        write = ["admin"]
+        fields.body = { type = "string" }
+        "#,
+    )
+    .unwrap();
+    let mut dev = crate::Device::open_with_schema(
+        dir.path(),
+        std::sync::Arc::new(time.clone()),
+        Box::new(rand_chacha::ChaCha20Rng::seed_from_u64(7)),
+        std::sync::Arc::new(schema),
+    )
+    .unwrap();
+
+    // One write larger than the relay accepts: refused at once, nothing stored.
+    let huge = incompressible(MAX_MUTATION_CHANGE_BYTES + 1, 1);
+    refused(dev.put("doc", None, obj(json!({ "body": huge }))).unwrap_err(), "limit");
+    assert!(dev.list("doc", &[], true).unwrap().is_empty());
+    assert!(dev.queue(false).unwrap().is_empty());
+
+    // Sixty large edits of one record offline: combined only up to the combining limit, and
+    // the first batch fits in one frame even though the queue as a whole does not.
+    let id = dev.put("doc", None, obj(json!({ "body": "draft" }))).unwrap().entity_id;
+    for k in 0..60 {
+        dev.put("doc", Some(id), obj(json!({ "body": incompressible(100_000, k + 2) })))
+            .unwrap();
+    }
+    let items = dev.queue(false).unwrap();
+    assert!(items.len() > 20, "{} items", items.len());
+    let mut total = 0;
+    for item in &items {
+        let env = dev.envelope(item.mutation_id).unwrap().unwrap();
+        let size: usize = env.changes.iter().map(|c| c.0.len()).sum();
+        assert!(size <= crate::write::COMBINE_LIMIT_BYTES, "{size}");
+        total += size;
+    }
+    assert!(
+        total > MAX_MESSAGE_BYTES,
+        "the queue must not fit one frame for this test"
+    );
+    let batch = dev.pushable(T0, fieldsync_schema::wire::MAX_BATCH).unwrap();
+    assert!(!batch.is_empty() && batch.len() < items.len(), "{}", batch.len());
+    assert_eq!(batch[0].mutation_id, items[0].mutation_id);
+    let frame = ClientMessage::Push {
+        batch_id: 1,
+        mutations: batch,
+    }
+    .encode();
+    assert!(frame.len() <= MAX_MESSAGE_BYTES, "{} bytes", frame.len());
+}

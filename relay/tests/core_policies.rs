@@ -276,6 +276,49 @@ fn lww_keeps_the_max_hlc_even_when_the_older_write_arrives_last() {
 }
 
 #[test]
+fn lww_a_second_write_queued_offline_has_not_seen_what_arrived_meanwhile() {
+    let mut r = clinic();
+    let mut phone = r.device("pat", 1);
+    let mut tablet = r.device("pat", 2);
+    let (s, m) = phone.create("settings", json!({"units": "kg"}), T0);
+    r.push_one(&mut phone, m);
+    r.pull(&mut tablet);
+    r.pull(&mut phone);
+    // Offline, the tablet queues two edits; the second's base counts the first (1, then 2).
+    let t1 = tablet.update("settings", s, json!({"units": "st"}), T0 + 1_000);
+    tablet.set_version(s, 2);
+    let t2 = tablet.update("settings", s, json!({"units": "oz"}), T0 + 2_000);
+    // Meanwhile the phone's edit, later by the clock, becomes version 2: the very number the
+    // tablet's second edit names as its base, although the tablet never saw it.
+    let p = phone.update("settings", s, json!({"units": "lb"}), T0 + 60_000);
+    assert_eq!(r.push_one(&mut phone, p.clone()).applied().map(|a| a.0), Some(2));
+    let results = r.push(&mut tablet, vec![t1, t2]);
+    for res in &results {
+        let Outcome::Applied { lww_lost, .. } = &res.outcome else {
+            panic!("expected applied, got {:?}", res.outcome)
+        };
+        assert_eq!(
+            lww_lost.len(),
+            1,
+            "both tablet edits lose to the later phone edit: {lww_lost:?}"
+        );
+        assert_eq!(lww_lost[0].winner_mutation, p.mutation_id);
+    }
+    assert_eq!(r.fields_of(s)["units"], json!("lb"));
+
+    // A write that saw the winner replaces it without a loss, even with an earlier clock (a
+    // device that received the record as a snapshot learns no stamps).
+    r.pull(&mut tablet);
+    let seen = tablet.update("settings", s, json!({"units": "g"}), T0 + 3_000);
+    let o = r.push_one(&mut tablet, seen);
+    let Outcome::Applied { lww_lost, .. } = &o else {
+        panic!("expected applied, got {o:?}")
+    };
+    assert!(lww_lost.is_empty(), "{lww_lost:?}");
+    assert_eq!(r.fields_of(s)["units"], json!("g"));
+}
+
+#[test]
 fn lww_a_later_concurrent_winner_archives_the_earlier_value_and_tells_its_device() {
     let mut r = clinic();
     let mut phone = r.device("pat", 1);

@@ -7,6 +7,7 @@ use common::{T0, TestRelay};
 use fieldsync_relay::admin;
 use fieldsync_relay::core::Output;
 use fieldsync_relay::store::Store;
+use fieldsync_relay::store::sqlite::SqliteStore;
 use fieldsync_schema::signing::enroll_signing_bytes;
 use fieldsync_schema::wire::{AuthFailure, PROTOCOL_VERSION};
 use fieldsync_schema::{
@@ -65,6 +66,34 @@ fn unknown_and_revoked_devices_and_bad_signatures_are_refused() {
     let c = r.connect();
     let out = r.send(c, dev.hello());
     assert_eq!(auth_failure(&out), Some(AuthFailure::Revoked));
+}
+
+#[test]
+fn admin_changes_from_another_process_reach_open_sessions_at_the_next_tick() {
+    let mut r = clinic();
+    r.user("eve", "clinic", Role::Assistant);
+    let mut dana = r.device("dana", 1);
+    let eve = r.device("eve", 2);
+    // The first tick looks at everything; the next one, with nothing written elsewhere, finds
+    // nothing to do.
+    r.core.tick(r.now);
+    assert!(r.core.tick(r.now + 250).is_empty());
+
+    // The admin CLI is another connection to the same file: it revokes Eve's device and takes
+    // Dana out of the clinic, well within the full-refresh period.
+    let mut other = SqliteStore::open_dir(r.dir.path(), uuid::Uuid::nil()).unwrap();
+    admin::revoke_device(&mut other, eve.device_id, r.now + 300).unwrap();
+    admin::remove_member(&mut other, "dana", "clinic").unwrap();
+    drop(other);
+
+    let out = r.core.tick(r.now + 500);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Close(c, _) if *c == eve.conn)),
+        "{out:?}"
+    );
+    // Dana's open session no longer writes into the clinic.
+    let (_, m) = dana.create("patient", json!({"name": "Ada"}), T0);
+    assert!(matches!(r.push_one(&mut dana, m), Outcome::Forbidden { .. }));
 }
 
 #[test]

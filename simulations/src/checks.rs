@@ -537,6 +537,14 @@ impl World {
                 .collect();
             let dep_set: BTreeSet<ChangeHash> = own.iter().flat_map(|c| c.deps().to_vec()).collect();
             let heads: Vec<ChangeHash> = own.iter().map(|c| c.hash()).filter(|h| !dep_set.contains(h)).collect();
+            // What the writer did not have when it wrote: everything not behind its own deps.
+            // (`base_version` alone cannot say: it counts the device's own queued writes.)
+            let own_set: BTreeSet<ChangeHash> = own.iter().map(|c| c.hash()).collect();
+            let writer_deps: Vec<ChangeHash> = dep_set.difference(&own_set).copied().collect();
+            let unseen: BTreeSet<ChangeHash> = docs
+                .get_mut(&entity)
+                .map(|d| d.doc.changes_since(&writer_deps).iter().map(|c| c.hash()).collect())
+                .unwrap_or_default();
             let Some(ty_def) = self.oracle.schema.entity_type(&ty) else {
                 continue;
             };
@@ -557,7 +565,7 @@ impl World {
                     heads: heads.clone(),
                 };
                 match stamps.get(&key) {
-                    Some(s) if s.version > base => {
+                    Some(s) if s.version > base || s.heads.iter().any(|h| unseen.contains(h)) => {
                         // Concurrent: the greater (HLC, device) wins, the other is archived.
                         if hlc > s.hlc {
                             if !archived.contains(&(s.mutation, field.clone())) {

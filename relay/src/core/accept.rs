@@ -18,7 +18,7 @@ use super::checks::{kind_errors, ref_errors, signature_errors, state_json, struc
 use super::lww::{self, LwwInput};
 use super::{ConnId, ConnState, Group, RelayCore};
 use crate::audit::{GENESIS_HASH, record_hash};
-use crate::store::{AuditRow, DocumentRow, DocumentUpdate, NewFeedRow, ReceiptRow, Store, StoreError};
+use crate::store::{AuditRow, DocumentRow, DocumentUpdate, LwwStamp, NewFeedRow, ReceiptRow, Store, StoreError};
 
 /// An applied mutation as it goes out to other devices.
 #[derive(Debug, Clone)]
@@ -435,6 +435,24 @@ impl<S: Store> RelayCore<S> {
         if ty.policy == Policy::Lww {
             let heads = own_heads(changes);
             let mine = doc.fields_at(&heads);
+            let mine_deleted = doc.is_deleted_at(&heads);
+            let writer_deps = writer_deps(changes);
+            let base = m.base_version.unwrap_or(0);
+            // Changes the writer did not have; computed only if a stamp needs it.
+            let mut unseen: Option<BTreeSet<ChangeHash>> = None;
+            let mut saw = |s: &LwwStamp| -> bool {
+                // A write the device knew of has a version within what it built on; beyond
+                // that, it cannot have seen it.
+                if s.version > base {
+                    return false;
+                }
+                match s.change.as_deref().and_then(|h| h.parse::<ChangeHash>().ok()) {
+                    Some(h) => !unseen
+                        .get_or_insert_with(|| doc.changes_since(&writer_deps).iter().map(Change::hash).collect())
+                        .contains(&h),
+                    None => true, // a stamp from before changes were recorded: trust the base
+                }
+            };
             let p = lww::plan(LwwInput {
                 mutation: m,
                 version: row.as_ref().map_or(0, |r| r.version),
@@ -443,7 +461,9 @@ impl<S: Store> RelayCore<S> {
                 before,
                 before_deleted,
                 mine: &mine,
-                mine_deleted: doc.is_deleted_at(&heads),
+                mine_deleted,
+                head: heads.first().map(|h| h.to_string()),
+                saw: &mut saw,
             })
             .map_err(ApplyError::Store)?;
             if let Some(change) = settle(ty, doc, &p.targets, now_ms).map_err(ApplyError::Rejected)? {
@@ -520,6 +540,17 @@ struct Validated {
 }
 
 /// The heads of a mutation's own changes: those no other change of the mutation depends on.
+/// What the writer built on: the dependencies of its changes outside the mutation itself.
+fn writer_deps(changes: &[Change]) -> Vec<ChangeHash> {
+    let own: BTreeSet<ChangeHash> = changes.iter().map(Change::hash).collect();
+    let deps: BTreeSet<ChangeHash> = changes
+        .iter()
+        .flat_map(|c| c.deps().iter().copied())
+        .filter(|h| !own.contains(h))
+        .collect();
+    deps.into_iter().collect()
+}
+
 fn own_heads(changes: &[Change]) -> Vec<ChangeHash> {
     let deps: BTreeSet<ChangeHash> = changes.iter().flat_map(|c| c.deps().iter().copied()).collect();
     changes.iter().map(Change::hash).filter(|h| !deps.contains(h)).collect()

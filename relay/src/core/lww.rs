@@ -2,9 +2,13 @@
 //!
 //! Automerge alone would settle concurrent writes by its own operation order, not by the
 //! writers' clocks; so the relay keeps, per field, the stamp of the write that currently wins
-//! and decides each contested field itself. A write that built on (`base_version` at or after)
-//! the stamp's version saw the winner and simply replaces it. A concurrent write wins only with
-//! a greater (HLC, device); the other side is recorded as a loss. Delete versus edit is decided
+//! and decides each contested field itself. A write whose changes depend on the winner's change
+//! saw the winner and simply replaces it. A concurrent write wins only with a greater (HLC,
+//! device); the other side is recorded as a loss.
+//!
+//! "Saw" is decided by Automerge causality, not by `base_version`: a device's base counts its
+//! own queued writes, so a second write queued offline has a base that may equal the version
+//! another device's write got meanwhile, without having seen it. Delete versus edit is decided
 //! the same way through the `_deleted` key, as the IronFlow requirements ask: the later of the
 //! two stands and the earlier is archived and reported to its device.
 
@@ -40,6 +44,10 @@ pub(crate) struct LwwInput<'a> {
     /// The fields as the writer left them (the document at the mutation's own heads).
     pub mine: &'a Map<String, Value>,
     pub mine_deleted: bool,
+    /// The mutation's last change (hex), recorded in the stamps it wins.
+    pub head: Option<String>,
+    /// Whether the writer had the stamp's write when it wrote.
+    pub saw: &'a mut dyn FnMut(&LwwStamp) -> bool,
 }
 
 fn beats(m: &Mutation, s: &LwwStamp) -> bool {
@@ -56,13 +64,14 @@ pub(crate) fn parse_stamps(json: &str) -> Result<BTreeMap<String, LwwStamp>, Sto
 pub(crate) fn plan(input: LwwInput<'_>) -> Result<LwwPlan, StoreError> {
     let m = input.mutation;
     let mut stamps = parse_stamps(input.stamps_json)?;
-    let base = m.base_version.unwrap_or(0);
     let new_version = input.version + 1;
+    let saw = input.saw;
     let my_stamp = LwwStamp {
         hlc: m.client_timestamp,
         device: m.device_id,
         mutation: m.mutation_id,
         version: new_version,
+        change: input.head.clone(),
     };
     let value_of = |map: &Map<String, Value>, deleted: bool, f: &str| -> Value {
         if f == META_DELETED {
@@ -103,13 +112,13 @@ pub(crate) fn plan(input: LwwInput<'_>) -> Result<LwwPlan, StoreError> {
         let rival = if m.kind == MutationKind::Delete {
             stamps
                 .iter()
-                .filter(|(_, s)| s.version > base)
+                .filter(|(_, s)| !saw(s))
                 .max_by(|a, b| (a.1.hlc, a.1.device).cmp(&(b.1.hlc, b.1.device)))
                 .map(|(f, s)| (f.clone(), s.clone()))
         } else {
             stamps
                 .get(META_DELETED)
-                .filter(|s| s.version > base)
+                .filter(|s| !saw(s))
                 .map(|s| (META_DELETED.to_string(), s.clone()))
         };
         match rival {
@@ -145,7 +154,7 @@ pub(crate) fn plan(input: LwwInput<'_>) -> Result<LwwPlan, StoreError> {
     for f in input.touched.iter().filter(|f| !f.starts_with('_')) {
         let mine = value_of(input.mine, input.mine_deleted, f);
         let before = value_of(input.before, input.before_deleted, f);
-        let existing = stamps.get(f).filter(|s| s.version > base).cloned();
+        let existing = stamps.get(f).filter(|s| !saw(s)).cloned();
         let wins = !lost_the_tombstone && existing.as_ref().is_none_or(|s| beats(m, s));
         if wins {
             if let Some(s) = &existing {

@@ -12,6 +12,7 @@
 mod accept;
 mod archive;
 mod checks;
+mod housekeeping;
 mod lww;
 mod pull;
 mod session;
@@ -199,7 +200,8 @@ pub struct RelayCore<S: Store> {
     pub(crate) rng: Box<dyn Rng + Send>,
     pub(crate) stats: CoreStats,
     pub(crate) faults: FaultSwitches,
-    last_revocation_check_ms: u64,
+    /// What the periodic tick last saw (see `housekeeping`).
+    housekeeping: housekeeping::TickState,
     /// Changes applied to each document since its last snapshot (a hint, rebuilt from the
     /// store when missing), so a mutation need not count them in SQL.
     pub(crate) since_snapshot: BTreeMap<u64, u64>,
@@ -255,7 +257,7 @@ impl<S: Store> RelayCore<S> {
             rng,
             stats: CoreStats::default(),
             faults: FaultSwitches::default(),
-            last_revocation_check_ms: 0,
+            housekeeping: housekeeping::TickState::default(),
             since_snapshot: BTreeMap::new(),
         }
     }
@@ -527,89 +529,6 @@ impl<S: Store> RelayCore<S> {
                         message: "relay storage error while reading changes; try again".into(),
                     },
                 ));
-            }
-        }
-    }
-
-    /// Periodic work: close connections of devices revoked since the last check (SPEC §4: within
-    /// a second), refresh space memberships, expire unanswered challenges.
-    pub fn tick(&mut self, now_ms: u64) -> Vec<Output> {
-        let mut out = Vec::new();
-        let since = self.last_revocation_check_ms.saturating_sub(5_000);
-        self.last_revocation_check_ms = now_ms;
-        match self.store.revoked_since(since) {
-            Ok(revoked) => {
-                let revoked: BTreeSet<Uuid> = revoked.into_iter().map(|(d, _)| d).collect();
-                let victims: Vec<ConnId> = self
-                    .conns
-                    .iter()
-                    .filter_map(|(id, st)| match st {
-                        ConnState::Ready(s) if revoked.contains(&s.device_id) => Some(*id),
-                        ConnState::Challenged { device_id, .. } if revoked.contains(device_id) => Some(*id),
-                        _ => None,
-                    })
-                    .collect();
-                for conn in victims {
-                    out.push(Output::Send(
-                        conn,
-                        RelayMessage::AuthFailed {
-                            reason: fieldsync_schema::wire::AuthFailure::Revoked,
-                            message: "this device was revoked".into(),
-                        },
-                    ));
-                    self.close(conn, CloseReason::policy("device revoked"), &mut out);
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "revocation check failed"),
-        }
-        self.refresh_memberships();
-        let expired: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter_map(|(id, st)| match st {
-                ConnState::Challenged { issued_ms, .. }
-                    if now_ms.saturating_sub(*issued_ms) > self.config.nonce_ttl_ms =>
-                {
-                    Some(*id)
-                }
-                _ => None,
-            })
-            .collect();
-        for conn in expired {
-            out.push(Output::Send(
-                conn,
-                RelayMessage::AuthFailed {
-                    reason: fieldsync_schema::wire::AuthFailure::NonceExpired,
-                    message: "the challenge was not answered in time".into(),
-                },
-            ));
-            self.close(conn, CloseReason::policy("challenge expired"), &mut out);
-        }
-        out
-    }
-
-    /// Memberships change through admin commands in another process; a session must stop
-    /// seeing a space as soon as its user leaves it.
-    fn refresh_memberships(&mut self) {
-        let users: BTreeSet<Uuid> = self
-            .conns
-            .values()
-            .filter_map(|c| match c {
-                ConnState::Ready(s) => Some(s.user_id),
-                _ => None,
-            })
-            .collect();
-        for user in users {
-            let Ok(rows) = self.store.memberships(user) else {
-                continue;
-            };
-            let spaces: BTreeMap<Uuid, Role> = rows.into_iter().map(|m| (m.space_id, m.role)).collect();
-            for c in self.conns.values_mut() {
-                if let ConnState::Ready(s) = c
-                    && s.user_id == user
-                {
-                    s.spaces = spaces.clone();
-                }
             }
         }
     }

@@ -101,6 +101,10 @@ pub struct LwwStamp {
     pub device: Uuid,
     pub mutation: Uuid,
     pub version: u64,
+    /// The winning mutation's last Automerge change (hex): a later write saw this winner
+    /// exactly when its changes depend on it. Absent in stamps written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<String>,
 }
 
 /// The document state to write after a mutation. The Automerge bytes are not here: the changes
@@ -274,6 +278,10 @@ pub trait Store {
 
     /// Devices revoked after `since_ms` (the server closes their connections).
     fn revoked_since(&self, since_ms: u64) -> StoreResult<Vec<(Uuid, u64)>>;
+    /// A number that changes whenever memberships or revocations may have changed: another
+    /// connection (the admin CLI, another process) committed, or this handle wrote them. The
+    /// core's tick re-reads them only when it moves.
+    fn outside_writes_marker(&self) -> StoreResult<u64>;
     /// Counts for stats and restore drills.
     fn counts(&self) -> StoreResult<Counts>;
 }

@@ -26,6 +26,9 @@ pub struct SqliteStore {
     relay_id: Uuid,
     /// How long each `COMMIT` took since the server last asked (metrics; never read by the core).
     commit_times: Vec<Duration>,
+    /// Membership and revocation writes made through this handle: `PRAGMA data_version` only
+    /// sees other connections' commits, and the marker must move for these too.
+    access_writes: u64,
 }
 
 fn uuid_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Uuid> {
@@ -210,6 +213,7 @@ impl SqliteStore {
             conn,
             relay_id,
             commit_times: Vec::new(),
+            access_writes: 0,
         })
     }
 
@@ -368,6 +372,7 @@ impl Store for SqliteStore {
     }
 
     fn set_membership(&mut self, user_id: Uuid, space_id: Uuid, role: Role) -> StoreResult<()> {
+        self.access_writes += 1;
         self.conn.execute(
             "INSERT INTO memberships(user_id, space_id, role) VALUES (?1, ?2, ?3)
              ON CONFLICT(user_id, space_id) DO UPDATE SET role = excluded.role",
@@ -377,6 +382,7 @@ impl Store for SqliteStore {
     }
 
     fn remove_membership(&mut self, user_id: Uuid, space_id: Uuid) -> StoreResult<bool> {
+        self.access_writes += 1;
         let n = self.conn.execute(
             "DELETE FROM memberships WHERE user_id = ?1 AND space_id = ?2",
             params![user_id.as_bytes().to_vec(), space_id.as_bytes().to_vec()],
@@ -482,6 +488,7 @@ impl Store for SqliteStore {
     }
 
     fn revoke_device(&mut self, device_id: Uuid, now_ms: u64) -> StoreResult<bool> {
+        self.access_writes += 1;
         let n = self.conn.execute(
             "UPDATE devices SET revoked_ms = ?2 WHERE device_id = ?1 AND revoked_ms IS NULL",
             params![device_id.as_bytes().to_vec(), i(now_ms)],
@@ -788,6 +795,12 @@ impl Store for SqliteStore {
             .prepare_cached("SELECT device_id, revoked_ms FROM devices WHERE revoked_ms >= ?1 ORDER BY revoked_ms")?;
         let rows = st.query_map(params![i(since_ms)], |r| Ok((uuid_col(r, 0)?, u64_col(r, 1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn outside_writes_marker(&self) -> StoreResult<u64> {
+        // SQLite's data_version moves exactly when another connection commits to the file.
+        let v: i64 = self.conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        Ok((v as u64).wrapping_add(self.access_writes << 32))
     }
 
     fn counts(&self) -> StoreResult<Counts> {

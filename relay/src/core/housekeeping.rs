@@ -1,0 +1,145 @@
+//! The core's periodic tick: revocations and membership changes made by the admin CLI (another
+//! process) reach open sessions, and unanswered challenges expire.
+//!
+//! With a thousand connected devices, re-reading every session's memberships every 250 ms costs
+//! the core thread thousands of queries a second and shows up as latency spikes. Admin changes
+//! are rare, so the tick first asks the store whether anyone else wrote since the last look
+//! ([`Store::outside_writes_marker`]) and only then reads revocations and memberships; a full
+//! refresh every [`FULL_REFRESH_MS`] bounds staleness whatever the store can tell.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fieldsync_schema::wire::AuthFailure;
+use fieldsync_schema::{RelayMessage, Role};
+use uuid::Uuid;
+
+use super::{CloseReason, ConnId, ConnState, Output, RelayCore};
+use crate::store::Store;
+
+/// Memberships and revocations are re-read at least this often even when the store reports no
+/// outside writes.
+pub const FULL_REFRESH_MS: u64 = 10_000;
+
+/// Revocations are looked up from this long before the previous check, so that a revocation
+/// stamped by a clock slightly behind ours is not missed.
+const REVOCATION_CLOCK_SLACK_MS: u64 = 5_000;
+
+#[derive(Debug, Default)]
+pub(crate) struct TickState {
+    last_check_ms: u64,
+    last_marker: Option<u64>,
+}
+
+impl<S: Store> RelayCore<S> {
+    /// Periodic work: close connections of devices revoked since the last check (SPEC §4: within
+    /// a second), refresh space memberships, expire unanswered challenges.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        let marker = match self.store.outside_writes_marker() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::error!(error = %e, "could not ask the store for outside writes");
+                None
+            }
+        };
+        let stale = now_ms.saturating_sub(self.housekeeping.last_check_ms) >= FULL_REFRESH_MS;
+        if marker.is_none() || marker != self.housekeeping.last_marker || stale {
+            self.close_revoked(now_ms, &mut out);
+            self.refresh_memberships();
+            self.housekeeping.last_marker = marker;
+        }
+        self.expire_challenges(now_ms, &mut out);
+        out
+    }
+
+    fn close_revoked(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let since = self
+            .housekeeping
+            .last_check_ms
+            .saturating_sub(REVOCATION_CLOCK_SLACK_MS);
+        let revoked = match self.store.revoked_since(since) {
+            Ok(revoked) => revoked,
+            Err(e) => {
+                // Keep the old check time: the next tick looks again from there.
+                tracing::error!(error = %e, "revocation check failed");
+                return;
+            }
+        };
+        self.housekeeping.last_check_ms = now_ms;
+        let revoked: BTreeSet<Uuid> = revoked.into_iter().map(|(d, _)| d).collect();
+        let victims: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter_map(|(id, st)| match st {
+                ConnState::Ready(s) if revoked.contains(&s.device_id) => Some(*id),
+                ConnState::Challenged { device_id, .. } if revoked.contains(device_id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for conn in victims {
+            out.push(Output::Send(
+                conn,
+                RelayMessage::AuthFailed {
+                    reason: AuthFailure::Revoked,
+                    message: "this device was revoked".into(),
+                },
+            ));
+            self.close(conn, CloseReason::policy("device revoked"), out);
+        }
+    }
+
+    /// Memberships change through admin commands in another process; a session must stop
+    /// seeing a space as soon as its user leaves it.
+    fn refresh_memberships(&mut self) {
+        let users: BTreeSet<Uuid> = self
+            .conns
+            .values()
+            .filter_map(|c| match c {
+                ConnState::Ready(s) => Some(s.user_id),
+                _ => None,
+            })
+            .collect();
+        let mut spaces_of: BTreeMap<Uuid, BTreeMap<Uuid, Role>> = BTreeMap::new();
+        for user in users {
+            match self.store.memberships(user) {
+                Ok(rows) => {
+                    spaces_of.insert(user, rows.into_iter().map(|m| (m.space_id, m.role)).collect());
+                }
+                Err(e) => tracing::error!(error = %e, %user, "membership refresh failed"),
+            }
+        }
+        for c in self.conns.values_mut() {
+            if let ConnState::Ready(s) = c
+                && let Some(spaces) = spaces_of.get(&s.user_id)
+                && *spaces != s.spaces
+            {
+                s.spaces = spaces.clone();
+            }
+        }
+    }
+
+    fn expire_challenges(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let expired: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter_map(|(id, st)| match st {
+                ConnState::Challenged { issued_ms, .. }
+                    if now_ms.saturating_sub(*issued_ms) > self.config.nonce_ttl_ms =>
+                {
+                    Some(*id)
+                }
+                _ => None,
+            })
+            .collect();
+        for conn in expired {
+            out.push(Output::Send(
+                conn,
+                RelayMessage::AuthFailed {
+                    reason: AuthFailure::NonceExpired,
+                    message: "the challenge was not answered in time".into(),
+                },
+            ));
+            self.close(conn, CloseReason::policy("challenge expired"), out);
+        }
+    }
+}
