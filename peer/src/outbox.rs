@@ -292,15 +292,14 @@ pub(crate) fn first_blocked(conn: &Connection) -> Result<Option<OutboxItem>> {
     r.map(to_item).transpose()
 }
 
-/// What may be sent now, oldest first: nothing while any item is blocked (the outbox is
-/// halted), and never past an item that is still backing off (order is strict).
 /// A push frame's share for envelopes: the relay refuses frames over `MAX_MESSAGE_BYTES`, and a
 /// refused frame would be retried unchanged forever. The rest covers the `Push` wrapper.
 pub(crate) const PUSH_ENVELOPE_BUDGET: usize = MAX_MESSAGE_BYTES - 64 * 1024;
 
-/// The next batch: due pending items in push order, at most `limit` of them and together within
-/// [`PUSH_ENVELOPE_BUDGET`] (the first item always goes; a write's change is bounded by
-/// `MAX_MUTATION_CHANGE_BYTES`, far below the budget). Nothing while the outbox is halted.
+/// What may be sent now, oldest first: nothing while any item is blocked (the outbox is
+/// halted), and never past an item that is still backing off (order is strict). At most `limit`
+/// items, together within [`PUSH_ENVELOPE_BUDGET`] (the first item always goes; a write's change
+/// is bounded by `MAX_MUTATION_CHANGE_BYTES`, far below the budget).
 pub(crate) fn pushable(conn: &Connection, now_ms: u64, limit: usize) -> Result<Vec<Mutation>> {
     if first_blocked(conn)?.is_some() {
         return Ok(Vec::new());

@@ -4,7 +4,7 @@
 mod common;
 
 use automerge::transaction::Transactable;
-use common::{T0, TestRelay, applied_version, obj};
+use common::{T0, TestDevice, TestRelay, applied_version, obj};
 use fieldsync_relay::store::Store;
 use fieldsync_schema::{ConflictReason, FieldError, MutationKind, Outcome, Role, Rule, document};
 use serde_json::json;
@@ -18,6 +18,18 @@ fn clinic() -> TestRelay {
     r.user("ava", "clinic", Role::Assistant);
     r.user("svc", "clinic", Role::Service);
     r
+}
+
+/// One patient's phone and tablet, both holding a settings record the phone created.
+fn settings_on_two_devices(fields: serde_json::Value) -> (TestRelay, TestDevice, TestDevice, uuid::Uuid) {
+    let mut r = clinic();
+    let mut phone = r.device("pat", 1);
+    let mut tablet = r.device("pat", 2);
+    let (s, m) = phone.create("settings", fields, T0);
+    r.push_one(&mut phone, m);
+    r.pull(&mut tablet);
+    r.pull(&mut phone);
+    (r, phone, tablet, s)
 }
 
 fn errors(o: &Outcome) -> &[FieldError] {
@@ -230,13 +242,7 @@ fn concurrent_counter_increments_sum_and_overwrites_are_refused() {
 
 #[test]
 fn lww_keeps_the_max_hlc_even_when_the_older_write_arrives_last() {
-    let mut r = clinic();
-    let mut phone = r.device("pat", 1);
-    let mut tablet = r.device("pat", 2);
-    let (s, m) = phone.create("settings", json!({"units": "kg"}), T0);
-    r.push_one(&mut phone, m);
-    r.pull(&mut tablet);
-    r.pull(&mut phone);
+    let (mut r, mut phone, mut tablet, s) = settings_on_two_devices(json!({"units": "kg"}));
     // The tablet's clock is a day ahead: its edit is the later one by HLC though made "first".
     let newer = tablet.update("settings", s, json!({"units": "lb"}), T0 + 86_400_000);
     let older = phone.update("settings", s, json!({"units": "st"}), T0 + 1_000);
@@ -277,13 +283,7 @@ fn lww_keeps_the_max_hlc_even_when_the_older_write_arrives_last() {
 
 #[test]
 fn lww_a_second_write_queued_offline_has_not_seen_what_arrived_meanwhile() {
-    let mut r = clinic();
-    let mut phone = r.device("pat", 1);
-    let mut tablet = r.device("pat", 2);
-    let (s, m) = phone.create("settings", json!({"units": "kg"}), T0);
-    r.push_one(&mut phone, m);
-    r.pull(&mut tablet);
-    r.pull(&mut phone);
+    let (mut r, mut phone, mut tablet, s) = settings_on_two_devices(json!({"units": "kg"}));
     // Offline, the tablet queues two edits; the second's base counts the first (1, then 2).
     let t1 = tablet.update("settings", s, json!({"units": "st"}), T0 + 1_000);
     tablet.set_version(s, 2);
@@ -320,13 +320,7 @@ fn lww_a_second_write_queued_offline_has_not_seen_what_arrived_meanwhile() {
 
 #[test]
 fn lww_a_later_concurrent_winner_archives_the_earlier_value_and_tells_its_device() {
-    let mut r = clinic();
-    let mut phone = r.device("pat", 1);
-    let mut tablet = r.device("pat", 2);
-    let (s, m) = phone.create("settings", json!({"units": "kg", "notifications": true}), T0);
-    r.push_one(&mut phone, m);
-    r.pull(&mut tablet);
-    r.pull(&mut phone);
+    let (mut r, mut phone, mut tablet, s) = settings_on_two_devices(json!({"units": "kg", "notifications": true}));
     let first = phone.update("settings", s, json!({"units": "st"}), T0 + 1_000);
     let second = tablet.update(
         "settings",

@@ -539,7 +539,6 @@ struct Validated {
     after: Map<String, Value>,
 }
 
-/// The heads of a mutation's own changes: those no other change of the mutation depends on.
 /// What the writer built on: the dependencies of its changes outside the mutation itself.
 fn writer_deps(changes: &[Change]) -> Vec<ChangeHash> {
     let own: BTreeSet<ChangeHash> = changes.iter().map(Change::hash).collect();
@@ -551,6 +550,7 @@ fn writer_deps(changes: &[Change]) -> Vec<ChangeHash> {
     deps.into_iter().collect()
 }
 
+/// The heads of a mutation's own changes: those no other change of the mutation depends on.
 fn own_heads(changes: &[Change]) -> Vec<ChangeHash> {
     let deps: BTreeSet<ChangeHash> = changes.iter().flat_map(|c| c.deps().iter().copied()).collect();
     changes.iter().map(Change::hash).filter(|h| !deps.contains(h)).collect()

@@ -77,14 +77,13 @@ impl<S: Store> RelayCore<S> {
             })
             .collect();
         for conn in victims {
-            out.push(Output::Send(
+            self.refuse(
                 conn,
-                RelayMessage::AuthFailed {
-                    reason: AuthFailure::Revoked,
-                    message: "this device was revoked".into(),
-                },
-            ));
-            self.close(conn, CloseReason::policy("device revoked"), out);
+                AuthFailure::Revoked,
+                "this device was revoked",
+                "device revoked",
+                out,
+            );
         }
     }
 
@@ -132,14 +131,25 @@ impl<S: Store> RelayCore<S> {
             })
             .collect();
         for conn in expired {
-            out.push(Output::Send(
+            self.refuse(
                 conn,
-                RelayMessage::AuthFailed {
-                    reason: AuthFailure::NonceExpired,
-                    message: "the challenge was not answered in time".into(),
-                },
-            ));
-            self.close(conn, CloseReason::policy("challenge expired"), out);
+                AuthFailure::NonceExpired,
+                "the challenge was not answered in time",
+                "challenge expired",
+                out,
+            );
         }
+    }
+
+    /// Tells the device why it is refused, then closes its connection.
+    fn refuse(&mut self, conn: ConnId, reason: AuthFailure, message: &str, close: &str, out: &mut Vec<Output>) {
+        out.push(Output::Send(
+            conn,
+            RelayMessage::AuthFailed {
+                reason,
+                message: message.into(),
+            },
+        ));
+        self.close(conn, CloseReason::policy(close), out);
     }
 }

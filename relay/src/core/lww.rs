@@ -4,13 +4,13 @@
 //! writers' clocks; so the relay keeps, per field, the stamp of the write that currently wins
 //! and decides each contested field itself. A write whose changes depend on the winner's change
 //! saw the winner and simply replaces it. A concurrent write wins only with a greater (HLC,
-//! device); the other side is recorded as a loss.
+//! device); the other side is recorded as a loss. Delete versus edit is decided the same way
+//! through the `_deleted` key, as the IronFlow requirements ask: the later of the two stands
+//! and the earlier is archived and reported to its device.
 //!
 //! "Saw" is decided by Automerge causality, not by `base_version`: a device's base counts its
 //! own queued writes, so a second write queued offline has a base that may equal the version
-//! another device's write got meanwhile, without having seen it. Delete versus edit is decided
-//! the same way through the `_deleted` key, as the IronFlow requirements ask: the later of the
-//! two stands and the earlier is archived and reported to its device.
+//! another device's write got meanwhile, without having seen it.
 
 use std::collections::BTreeMap;
 
