@@ -31,6 +31,41 @@ pub struct SqliteStore {
     access_writes: u64,
 }
 
+fn space_row(r: &Row<'_>) -> rusqlite::Result<SpaceRow> {
+    Ok(SpaceRow {
+        space_id: uuid_col(r, 0)?,
+        name: r.get(1)?,
+        created_ms: u64_col(r, 2)?,
+    })
+}
+
+fn user_row(r: &Row<'_>) -> rusqlite::Result<UserRow> {
+    Ok(UserRow {
+        user_id: uuid_col(r, 0)?,
+        name: r.get(1)?,
+        created_ms: u64_col(r, 2)?,
+    })
+}
+
+fn archive_row(r: &Row<'_>) -> rusqlite::Result<ArchiveRow> {
+    Ok(ArchiveRow {
+        archive_id: u64_col(r, 0)?,
+        kind: r.get(1)?,
+        space_id: uuid_col(r, 2)?,
+        entity_type: r.get(3)?,
+        entity_id: uuid_col(r, 4)?,
+        field: r.get(5)?,
+        losing_json: r.get(6)?,
+        winning_json: r.get(7)?,
+        loser_device: opt_uuid_col(r, 8)?,
+        loser_mutation: opt_uuid_col(r, 9)?,
+        winner_device: opt_uuid_col(r, 10)?,
+        winner_mutation: opt_uuid_col(r, 11)?,
+        version: u64_col(r, 12)?,
+        created_ms: u64_col(r, 13)?,
+    })
+}
+
 fn uuid_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Uuid> {
     let bytes: Vec<u8> = row.get(idx)?;
     Uuid::from_slice(&bytes)
@@ -292,13 +327,7 @@ impl Store for SqliteStore {
         Ok(self
             .conn
             .prepare_cached("SELECT space_id, name, created_ms FROM spaces WHERE name = ?1")?
-            .query_row(params![name], |r| {
-                Ok(SpaceRow {
-                    space_id: uuid_col(r, 0)?,
-                    name: r.get(1)?,
-                    created_ms: u64_col(r, 2)?,
-                })
-            })
+            .query_row(params![name], space_row)
             .optional()?)
     }
 
@@ -306,13 +335,7 @@ impl Store for SqliteStore {
         let mut st = self
             .conn
             .prepare_cached("SELECT space_id, name, created_ms FROM spaces ORDER BY name")?;
-        let rows = st.query_map([], |r| {
-            Ok(SpaceRow {
-                space_id: uuid_col(r, 0)?,
-                name: r.get(1)?,
-                created_ms: u64_col(r, 2)?,
-            })
-        })?;
+        let rows = st.query_map([], space_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -333,13 +356,7 @@ impl Store for SqliteStore {
         Ok(self
             .conn
             .prepare_cached("SELECT user_id, name, created_ms FROM users WHERE user_id = ?1")?
-            .query_row(params![user_id.as_bytes().to_vec()], |r| {
-                Ok(UserRow {
-                    user_id: uuid_col(r, 0)?,
-                    name: r.get(1)?,
-                    created_ms: u64_col(r, 2)?,
-                })
-            })
+            .query_row(params![user_id.as_bytes().to_vec()], user_row)
             .optional()?)
     }
 
@@ -347,13 +364,7 @@ impl Store for SqliteStore {
         Ok(self
             .conn
             .prepare_cached("SELECT user_id, name, created_ms FROM users WHERE name = ?1")?
-            .query_row(params![name], |r| {
-                Ok(UserRow {
-                    user_id: uuid_col(r, 0)?,
-                    name: r.get(1)?,
-                    created_ms: u64_col(r, 2)?,
-                })
-            })
+            .query_row(params![name], user_row)
             .optional()?)
     }
 
@@ -361,13 +372,7 @@ impl Store for SqliteStore {
         let mut st = self
             .conn
             .prepare_cached("SELECT user_id, name, created_ms FROM users ORDER BY name")?;
-        let rows = st.query_map([], |r| {
-            Ok(UserRow {
-                user_id: uuid_col(r, 0)?,
-                name: r.get(1)?,
-                created_ms: u64_col(r, 2)?,
-            })
-        })?;
+        let rows = st.query_map([], user_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -768,24 +773,7 @@ impl Store for SqliteStore {
              loser_device, loser_mutation, winner_device, winner_mutation, version, created_ms
              FROM conflict_archive ORDER BY archive_id DESC LIMIT ?1",
         )?;
-        let rows = st.query_map(params![limit as i64], |r| {
-            Ok(ArchiveRow {
-                archive_id: u64_col(r, 0)?,
-                kind: r.get(1)?,
-                space_id: uuid_col(r, 2)?,
-                entity_type: r.get(3)?,
-                entity_id: uuid_col(r, 4)?,
-                field: r.get(5)?,
-                losing_json: r.get(6)?,
-                winning_json: r.get(7)?,
-                loser_device: opt_uuid_col(r, 8)?,
-                loser_mutation: opt_uuid_col(r, 9)?,
-                winner_device: opt_uuid_col(r, 10)?,
-                winner_mutation: opt_uuid_col(r, 11)?,
-                version: u64_col(r, 12)?,
-                created_ms: u64_col(r, 13)?,
-            })
-        })?;
+        let rows = st.query_map(params![limit as i64], archive_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -6,7 +6,7 @@ use rusqlite::{params, params_from_iter};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{AUDIT_COLS, SqliteStore, audit_row, i, opt_uuid_col, u64_col, uuid_col};
+use super::{AUDIT_COLS, SqliteStore, archive_row, audit_row, i};
 use crate::store::{ArchiveRow, AuditRow, StoreResult};
 
 /// Cross-table checks that must hold in every relay database (SPEC §10, §11 invariants 4, 10).
@@ -104,24 +104,7 @@ impl SqliteStore {
         sql.push_str(" ORDER BY archive_id DESC LIMIT ?");
         args.push(rusqlite::types::Value::Integer(limit.min(i64::MAX as usize) as i64));
         let mut st = self.conn.prepare(&sql)?;
-        let rows = st.query_map(params_from_iter(args), |r| {
-            Ok(ArchiveRow {
-                archive_id: u64_col(r, 0)?,
-                kind: r.get(1)?,
-                space_id: uuid_col(r, 2)?,
-                entity_type: r.get(3)?,
-                entity_id: uuid_col(r, 4)?,
-                field: r.get(5)?,
-                losing_json: r.get(6)?,
-                winning_json: r.get(7)?,
-                loser_device: opt_uuid_col(r, 8)?,
-                loser_mutation: opt_uuid_col(r, 9)?,
-                winner_device: opt_uuid_col(r, 10)?,
-                winner_mutation: opt_uuid_col(r, 11)?,
-                version: u64_col(r, 12)?,
-                created_ms: u64_col(r, 13)?,
-            })
-        })?;
+        let rows = st.query_map(params_from_iter(args), archive_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
