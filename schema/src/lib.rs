@@ -9,7 +9,9 @@
 //! - [`hlc`]: the hybrid logical clock used for last-writer-wins.
 //! - [`time_fmt`]: injected time sources and date formats.
 //! - [`ids`]: ids drawn from an injected randomness source.
+//! - [`cli`]: what the command lines share (quiet exit on a closed pipe).
 
+pub mod cli;
 pub mod document;
 pub mod envelope;
 pub mod hlc;

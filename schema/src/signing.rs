@@ -5,7 +5,7 @@
 //! written with fixed widths or a length prefix, so two different values can never produce the
 //! same bytes; no serializer's choices are involved.
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use rand_core::Rng;
 use uuid::Uuid;
 
@@ -22,6 +22,13 @@ pub const NOTE_SIGNATURE_TAG: &[u8] = b"fieldsync/note-signature/v1\0";
 pub enum SignatureError {
     #[error("malformed public key")]
     BadKey,
+    /// A point of small order (the identity among them): signatures "by" it can be forged
+    /// without any private key, so no device may register one.
+    #[error("weak public key (a point of small order)")]
+    WeakKey,
+    /// A point encoded with a y coordinate of p or more: the same key under a second name.
+    #[error("public key is not canonically encoded")]
+    NonCanonicalKey,
     #[error("malformed signature (expected 64 bytes)")]
     Malformed,
     #[error("signature does not verify")]
@@ -199,21 +206,31 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
+    /// Parses a device key strictly: 32 bytes, a point on the curve, canonically encoded, not of
+    /// small order. Every place that accepts a key (enrollment, rotation, a session) goes
+    /// through here, so a weak key can never be registered or used.
     pub fn new(public_key: &[u8]) -> Result<Self, SignatureError> {
         let pk: &[u8; 32] = public_key.try_into().map_err(|_| SignatureError::BadKey)?;
-        Ok(Verifier {
-            key: VerifyingKey::from_bytes(pk).map_err(|_| SignatureError::BadKey)?,
-        })
+        let key = VerifyingKey::from_bytes(pk).map_err(|_| SignatureError::BadKey)?;
+        if key.is_weak() {
+            return Err(SignatureError::WeakKey);
+        }
+        if key.to_edwards().compress().to_bytes() != *pk {
+            return Err(SignatureError::NonCanonicalKey);
+        }
+        Ok(Verifier { key })
     }
 
     pub fn public_key(&self) -> [u8; 32] {
         self.key.to_bytes()
     }
 
+    /// Strict ed25519 verification: besides the equation, R must be canonical and of large
+    /// order and S reduced, so a signature has exactly one accepted form.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), SignatureError> {
         let sig: &[u8; 64] = signature.try_into().map_err(|_| SignatureError::Malformed)?;
         self.key
-            .verify(message, &Signature::from_bytes(sig))
+            .verify_strict(message, &Signature::from_bytes(sig))
             .map_err(|_| SignatureError::Invalid)
     }
 
@@ -221,6 +238,13 @@ impl Verifier {
     pub fn verify_mutation(&self, m: &Mutation) -> Result<(), SignatureError> {
         self.verify(&mutation_signing_bytes(m), &m.signature.0)
     }
+}
+
+/// SHA-256 of a mutation's signing bytes: names exactly the envelope a receipt was written for,
+/// so a repeat of the mutation id with anything changed is told apart from an honest retry.
+pub fn envelope_hash(m: &Mutation) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(mutation_signing_bytes(m)).into()
 }
 
 /// Verifies an ed25519 signature by `public_key` over `message`.
@@ -315,6 +339,70 @@ mod tests {
             Err(SignatureError::Invalid)
         );
         assert_eq!(verify_mutation(&[1, 2, 3], &m), Err(SignatureError::BadKey));
+    }
+
+    /// The identity point as a key, with R = identity and S = 0: a "signature" that a lax
+    /// verifier accepts for every message.
+    #[test]
+    fn small_order_and_non_canonical_keys_are_refused_and_forgeries_fail() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut forged = [0u8; 64];
+        forged[0] = 1;
+        assert_eq!(Verifier::new(&identity).unwrap_err(), SignatureError::WeakKey);
+        assert_eq!(verify(&identity, b"anything", &forged), Err(SignatureError::WeakKey));
+        // y = p + 1: the identity under a second, non-canonical name (also small order).
+        let mut non_canonical = [0xffu8; 32];
+        non_canonical[0] = 0xee;
+        non_canonical[31] = 0x7f;
+        assert!(Verifier::new(&non_canonical).is_err());
+        // An order-8 torsion point.
+        let torsion: [u8; 32] = hex::decode("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        assert_eq!(Verifier::new(&torsion).unwrap_err(), SignatureError::WeakKey);
+        // Not a point at all.
+        let mut off_curve = [0u8; 32];
+        off_curve[0] = 2;
+        assert_eq!(Verifier::new(&off_curve).unwrap_err(), SignatureError::BadKey);
+        // Honest keys pass, and their signatures verify strictly.
+        let key = DeviceKey::generate(&mut ChaCha20Rng::seed_from_u64(11));
+        let v = Verifier::new(&key.public_key()).unwrap();
+        v.verify(b"msg", &key.sign(b"msg")).unwrap();
+    }
+
+    #[test]
+    fn a_signature_with_s_plus_the_group_order_is_refused() {
+        const L: [u8; 32] = [
+            0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde, 0x14, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+        ];
+        let key = DeviceKey::generate(&mut ChaCha20Rng::seed_from_u64(12));
+        let mut sig = key.sign(b"msg");
+        let mut carry = 0u16;
+        for i in 0..32 {
+            let sum = sig[32 + i] as u16 + L[i] as u16 + carry;
+            sig[32 + i] = sum as u8;
+            carry = sum >> 8;
+        }
+        assert_eq!(verify(&key.public_key(), b"msg", &sig), Err(SignatureError::Invalid));
+    }
+
+    #[test]
+    fn the_envelope_hash_changes_with_every_signed_field() {
+        let key = DeviceKey::generate(&mut ChaCha20Rng::seed_from_u64(13));
+        let m = sample(&key);
+        let mut other = m.clone();
+        other.entity_id = Uuid::from_bytes([8; 16]);
+        assert_ne!(envelope_hash(&m), envelope_hash(&other));
+        let mut resigned = m.clone();
+        resigned.signature = Bytes(vec![0; 64]);
+        assert_eq!(
+            envelope_hash(&m),
+            envelope_hash(&resigned),
+            "the signature is not part of it"
+        );
     }
 
     #[test]

@@ -21,6 +21,11 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_BATCH: usize = 256;
 /// Largest change payload of one mutation.
 pub const MAX_MUTATION_CHANGE_BYTES: usize = 1024 * 1024;
+/// Requests of one kind a device may have sent and not yet had answered. A device that pipelines
+/// more is cut off: each answer can be megabytes, and the relay holds what it has not sent.
+pub const MAX_PULLS_IN_FLIGHT: usize = 2;
+pub const MAX_PUSHES_IN_FLIGHT: usize = 2;
+pub const MAX_PINGS_IN_FLIGHT: usize = 8;
 /// CBOR nesting the decoder follows before giving up (our messages nest a handful deep; JSON
 /// values inside LWW losses a little more).
 const MAX_NESTING: usize = 64;
@@ -107,6 +112,9 @@ pub enum AuthFailure {
     TokenExpired,
     TokenUsed,
     AlreadyEnrolled,
+    /// The presented public key is not a strict ed25519 key (small order, or not canonically
+    /// encoded): nobody can be proven to hold its private half.
+    BadKey,
 }
 
 impl AuthFailure {
@@ -122,6 +130,7 @@ impl AuthFailure {
             AuthFailure::TokenExpired => "token_expired",
             AuthFailure::TokenUsed => "token_used",
             AuthFailure::AlreadyEnrolled => "already_enrolled",
+            AuthFailure::BadKey => "bad_key",
         }
     }
 }
@@ -298,7 +307,73 @@ impl ClientMessage {
     }
 }
 
+/// Upper-bound estimate of a JSON value's CBOR size (for memory accounting, not framing).
+fn json_size(v: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match v {
+        Value::Null | Value::Bool(_) => 1,
+        Value::Number(_) => 9,
+        Value::String(s) => s.len() + 9,
+        Value::Array(a) => 9 + a.iter().map(json_size).sum::<usize>(),
+        Value::Object(o) => 9 + o.iter().map(|(k, v)| k.len() + 9 + json_size(v)).sum::<usize>(),
+    }
+}
+
+fn loss_size(l: &LwwLoss) -> usize {
+    512 + l.entity_type.len() + l.field.len() + json_size(&l.loser_value) + json_size(&l.winner_value)
+}
+
+fn bytes_size(b: &[Bytes]) -> usize {
+    b.iter().map(|c| c.0.len() + 9).sum()
+}
+
+fn outcome_size(o: &Outcome) -> usize {
+    64 + match o {
+        Outcome::Applied { lww_lost, .. } => lww_lost.iter().map(loss_size).sum(),
+        Outcome::AlreadyApplied { original } => outcome_size(original),
+        Outcome::Conflict {
+            server_changes,
+            authors,
+            ..
+        } => bytes_size(server_changes) + authors.len() * 128,
+        Outcome::RejectedImmutable { reason } | Outcome::RejectedLocked { reason } | Outcome::Forbidden { reason } => {
+            reason.len()
+        }
+        Outcome::Invalid { errors } => errors.iter().map(|e| 64 + e.field.len() + e.message.len()).sum(),
+        Outcome::NotAttempted => 0,
+    }
+}
+
+/// Upper-bound estimate of an entry's encoded size.
+pub fn entry_size(e: &FeedEntry) -> usize {
+    let payload = match &e.payload {
+        FeedPayload::Changes(c) => bytes_size(c),
+        FeedPayload::Snapshot(b) => b.0.len() + 9,
+        FeedPayload::Own => 0,
+    };
+    320 + e.entity_type.len() + payload + e.lww_losses.iter().map(loss_size).sum::<usize>()
+}
+
 impl RelayMessage {
+    /// A cheap upper-bound estimate of [`RelayMessage::encode`]'s length, so the relay can
+    /// account for what it holds per connection without encoding twice.
+    pub fn size_hint(&self) -> usize {
+        let body = match self {
+            RelayMessage::Welcome { user, .. } | RelayMessage::Enrolled { user, .. } => {
+                user.name.len() + user.spaces.iter().map(|s| 64 + s.name.len()).sum::<usize>()
+            }
+            RelayMessage::AuthFailed { message, .. } | RelayMessage::Error { message, .. } => message.len(),
+            RelayMessage::PushDeferred { reason, .. } => reason.len(),
+            RelayMessage::PushResult { results, .. } => results.iter().map(|r| 24 + outcome_size(&r.outcome)).sum(),
+            RelayMessage::Changes { entries, .. } | RelayMessage::Live { entries, .. } => {
+                entries.iter().map(entry_size).sum()
+            }
+            RelayMessage::Challenge { nonce, .. } => nonce.0.len(),
+            RelayMessage::KeyRotated | RelayMessage::Pong { .. } => 0,
+        };
+        128 + body
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         encode(self)
     }
@@ -553,6 +628,35 @@ mod tests {
             let bytes = m.encode();
             assert_eq!(RelayMessage::decode(&bytes).unwrap(), m, "{}", m.name());
         }
+    }
+
+    #[test]
+    fn the_size_hint_is_an_upper_bound_of_the_encoding() {
+        for m in every_relay_message() {
+            let hint = m.size_hint();
+            let real = m.encode().len();
+            assert!(hint >= real, "{}: hint {hint} < encoded {real}", m.name());
+            assert!(hint <= real * 4 + 512, "{}: hint {hint} far above {real}", m.name());
+        }
+        let big = RelayMessage::Changes {
+            entries: vec![
+                FeedEntry {
+                    seq: 1,
+                    space_id: id(1),
+                    entity_type: "note".into(),
+                    entity_id: id(2),
+                    version: 1,
+                    payload: FeedPayload::Changes(vec![Bytes(vec![7; 100_000]); 3]),
+                    origin: None,
+                    lww_losses: Vec::new(),
+                };
+                10
+            ],
+            next: PullCursor::default(),
+            caught_up: false,
+        };
+        let (hint, real) = (big.size_hint(), big.encode().len());
+        assert!(hint >= real && hint < real + real / 50, "{hint} vs {real}");
     }
 
     #[test]

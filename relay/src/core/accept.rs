@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::{Change, ChangeHash};
 use fieldsync_schema::document::{RootOps, device_actor, parse_change, relay_actor};
+use fieldsync_schema::signing::envelope_hash;
 use fieldsync_schema::wire::{FeedPayload, MAX_MUTATION_CHANGE_BYTES};
 use fieldsync_schema::{
     Bytes, ConflictReason, EntityDoc, EntityType, FeedEntry, FieldError, Mutation, MutationKind, Origin, Outcome,
@@ -18,7 +19,9 @@ use super::checks::{kind_errors, ref_errors, signature_errors, state_json, struc
 use super::lww::{self, LwwInput};
 use super::{ConnId, ConnState, Group, RelayCore};
 use crate::audit::{GENESIS_HASH, record_hash};
-use crate::store::{AuditRow, DocumentRow, DocumentUpdate, LwwStamp, NewFeedRow, ReceiptRow, Store, StoreError};
+use crate::store::{
+    AuditRow, DocumentRow, DocumentUpdate, LwwStamp, NewFeedRow, ReceiptMatch, ReceiptRow, Store, StoreError,
+};
 
 /// An applied mutation as it goes out to other devices.
 #[derive(Debug, Clone)]
@@ -117,12 +120,13 @@ impl<S: Store> RelayCore<S> {
                 "the mutation signature does not verify with the device's key",
             ));
         }
-        // 3. Idempotency.
+        // 3. Idempotency: a receipt answers only the envelope it was written for, and only
+        //    with what the sender may still see.
         let existing_receipt = self.store.receipt(m.mutation_id)?;
         if let Some(receipt) = &existing_receipt
             && !self.faults.ignore_receipts
         {
-            return self.replay(receipt, m);
+            return self.replay(&sender, receipt, m);
         }
         let outcome = self.decide(&sender, m, now_ms, group)?;
         if existing_receipt.is_none() {
@@ -141,6 +145,9 @@ impl<S: Store> RelayCore<S> {
             self.store.put_receipt(&ReceiptRow {
                 mutation_id: m.mutation_id,
                 device_id: m.device_id,
+                entity_id: Some(m.entity_id),
+                space_id: Some(m.space_id),
+                envelope_hash: Some(envelope_hash(m)),
                 outcome: cbor(&stored)?,
                 created_ms: now_ms,
             })?;
@@ -149,29 +156,57 @@ impl<S: Store> RelayCore<S> {
         Ok(outcome)
     }
 
-    fn replay(&mut self, receipt: &ReceiptRow, m: &Mutation) -> Result<Outcome, StoreError> {
+    /// Answers a repeated mutation id from its receipt. Nothing stored is revealed unless the
+    /// repeat is the very envelope the receipt answered and its user may still see the space:
+    /// a different envelope under a known id is refused, and a user who left the space gets
+    /// no document changes and no LWW values.
+    fn replay(&mut self, sender: &Sender, receipt: &ReceiptRow, m: &Mutation) -> Result<Outcome, StoreError> {
         if receipt.device_id != m.device_id {
             return Ok(forbidden("this mutation id was already used by another device"));
         }
+        let binding = receipt.answers(m);
+        if binding == ReceiptMatch::Different {
+            return Ok(forbidden(
+                "this mutation id was already used for a different change; nothing was applied",
+            ));
+        }
+        let member = sender.spaces.contains_key(&m.space_id);
         let stored: Outcome = ciborium::from_reader(receipt.outcome.as_slice())
             .map_err(|e| StoreError::Corrupt(format!("receipt {}: {e}", m.mutation_id)))?;
         Ok(match stored {
-            Outcome::Applied { .. } => Outcome::AlreadyApplied {
-                original: Box::new(stored),
+            Outcome::Applied { version, seq, lww_lost } => Outcome::AlreadyApplied {
+                original: Box::new(Outcome::Applied {
+                    version,
+                    seq,
+                    // Loss records carry the winner's value: only for a current member.
+                    lww_lost: if member && binding == ReceiptMatch::Exact {
+                        lww_lost
+                    } else {
+                        Vec::new()
+                    },
+                }),
             },
             Outcome::AlreadyApplied { .. } => stored,
+            Outcome::Conflict { .. } if !member => forbidden("the user is not a member of this space"),
             Outcome::Conflict {
                 server_version, reason, ..
             } => {
+                let without_data = Outcome::Conflict {
+                    server_version,
+                    server_changes: Vec::new(),
+                    reason,
+                    authors: Vec::new(),
+                };
+                if binding != ReceiptMatch::Exact {
+                    return Ok(without_data);
+                }
                 // Recompute what the device lacks, from the same base as the first answer.
                 let Some(row) = self.store.document(m.entity_id)? else {
-                    return Ok(Outcome::Conflict {
-                        server_version,
-                        server_changes: Vec::new(),
-                        reason,
-                        authors: Vec::new(),
-                    });
+                    return Ok(without_data);
                 };
+                if row.space_id != m.space_id || row.entity_type != m.entity_type {
+                    return Ok(forbidden("no such entity in this space"));
+                }
                 let deps = match m.changes.first().map(|c| parse_change(&c.0)) {
                     Some(Ok(c)) => c.deps().to_vec(),
                     _ => Vec::new(),

@@ -551,37 +551,49 @@ impl<S: Store> RelayCore<S> {
         self.close(conn, CloseReason::protocol(reason), out);
     }
 
-    /// Releases applied entries to every caught-up connection of their space, in seq order.
+    /// Releases applied entries to every caught-up connection of their space, in seq order, in
+    /// messages of at most a pull page's bytes (a large group never becomes one huge frame).
     fn fan_out(&mut self, applied: &[AppliedEntry], out: &mut Vec<Output>) {
         if applied.is_empty() {
             return;
         }
+        let budget = self.config.pull_page_bytes;
         for (conn, state) in self.conns.iter_mut() {
             let ConnState::Ready(s) = state else { continue };
             let Some(mut cursor) = s.live_cursor else { continue };
             let mut entries: Vec<FeedEntry> = Vec::new();
+            let mut size = 0usize;
+            let mut release = |entries: &mut Vec<FeedEntry>, cursor: u64, out: &mut Vec<Output>| {
+                self.stats.live_entries_sent += entries.len() as u64;
+                out.push(Output::Send(
+                    *conn,
+                    RelayMessage::Live {
+                        entries: std::mem::take(entries),
+                        cursor: fieldsync_schema::PullCursor {
+                            seq: cursor,
+                            snapshot: None,
+                        },
+                    },
+                ));
+            };
             for a in applied {
                 if a.entry.seq <= cursor || !s.spaces.contains_key(&a.entry.space_id) {
                     continue;
                 }
-                entries.push(a.entry_for(s.device_id));
+                let entry = a.entry_for(s.device_id);
+                let entry_size = fieldsync_schema::wire::entry_size(&entry);
+                if !entries.is_empty() && size + entry_size > budget {
+                    release(&mut entries, cursor, out);
+                    size = 0;
+                }
+                size += entry_size;
+                entries.push(entry);
                 cursor = a.entry.seq;
             }
-            if entries.is_empty() {
-                continue;
+            if !entries.is_empty() {
+                release(&mut entries, cursor, out);
             }
             s.live_cursor = Some(cursor);
-            self.stats.live_entries_sent += entries.len() as u64;
-            out.push(Output::Send(
-                *conn,
-                RelayMessage::Live {
-                    entries,
-                    cursor: fieldsync_schema::PullCursor {
-                        seq: cursor,
-                        snapshot: None,
-                    },
-                },
-            ));
         }
     }
 

@@ -171,8 +171,18 @@ impl<S: Store> RelayCore<S> {
                 "device {device_id} has a malformed public key"
             )));
         };
+        // A key registered before keys were checked strictly is refused, not trusted.
+        let Ok(verifier) = signing::Verifier::new(&public_key) else {
+            self.auth_failed(
+                conn,
+                AuthFailure::BadKey,
+                format!("device {device_id} is registered with a weak key; enroll it again"),
+                out,
+            );
+            return Ok(());
+        };
         let message = connect_signing_bytes(PROTOCOL_VERSION, &self.relay_id, &nonce, &device_id, &public_key);
-        if signing::verify(&public_key, &message, signature).is_err() {
+        if verifier.verify(&message, signature).is_err() {
             self.auth_failed(
                 conn,
                 AuthFailure::BadSignature,
@@ -208,8 +218,7 @@ impl<S: Store> RelayCore<S> {
                 device_id,
                 user_id: user.user_id,
                 public_key: public_key.to_vec(),
-                verifier: signing::Verifier::new(&public_key)
-                    .map_err(|_| StoreError::Corrupt(format!("device {device_id} has a malformed public key")))?,
+                verifier,
                 spaces,
                 live_cursor: None,
                 tokens: self.config.rate_burst,
@@ -275,8 +284,20 @@ impl<S: Store> RelayCore<S> {
             );
             return Ok(());
         };
+        let verifier = match signing::Verifier::new(&public_key) {
+            Ok(v) => v,
+            Err(e) => {
+                self.auth_failed(
+                    conn,
+                    AuthFailure::BadKey,
+                    format!("the presented public key is refused: {e}"),
+                    out,
+                );
+                return Ok(());
+            }
+        };
         let message = enroll_signing_bytes(req.token.trim(), &req.device_id, &public_key);
-        if signing::verify(&public_key, &message, req.proof).is_err() {
+        if verifier.verify(&message, req.proof).is_err() {
             self.auth_failed(
                 conn,
                 AuthFailure::BadSignature,
@@ -342,10 +363,14 @@ impl<S: Store> RelayCore<S> {
             self.protocol_close(conn, "malformed key", out);
             return Ok(());
         };
-        // A key that is not a curve point could never verify anything: refuse it before storing.
-        let Ok(verifier) = signing::Verifier::new(&new) else {
-            self.protocol_close(conn, "the new key is not a valid ed25519 public key", out);
-            return Ok(());
+        // Only a strict key may replace the old one: a weak key would let anyone sign as this
+        // device from then on.
+        let verifier = match signing::Verifier::new(&new) {
+            Ok(v) => v,
+            Err(e) => {
+                self.auth_failed(conn, AuthFailure::BadKey, format!("the new key is refused: {e}"), out);
+                return Ok(());
+            }
         };
         let message = rotate_signing_bytes(&device_id, &old, &new);
         if signing::verify(&old, &message, signature).is_err() {

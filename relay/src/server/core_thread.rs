@@ -3,29 +3,38 @@
 //! it, and routes the outputs to the connection tasks.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use fieldsync_schema::wire::AuthFailure;
 use fieldsync_schema::{ClientMessage, Outcome, RelayMessage, SystemTimeSource, TimeSource};
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
 
 use crate::core::{CloseReason, ConnId, CoreStats, Output, Prechecked, RelayCore};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 
-use super::MAX_GROUP;
+use super::{MAX_GROUP, SEND_QUEUE_BYTES};
 
 pub(crate) enum CoreInput {
     Open {
         conn: ConnId,
         tx: mpsc::Sender<Outbound>,
         kill: Arc<Notify>,
+        /// Estimated bytes of the messages waiting in this connection's send queue.
+        queued_bytes: Arc<AtomicUsize>,
     },
     /// A decoded message, with its push's signatures already checked on the connection task.
-    Message(ConnId, ClientMessage, Option<Prechecked>),
+    /// `permit` holds the message's share of the inbound budget until the core has handled it.
+    Message {
+        conn: ConnId,
+        msg: ClientMessage,
+        checked: Option<Prechecked>,
+        permit: OwnedSemaphorePermit,
+    },
     Closed(ConnId),
     Tick,
     Shutdown,
@@ -33,7 +42,12 @@ pub(crate) enum CoreInput {
 
 /// What a connection task is asked to do.
 pub(crate) enum Outbound {
-    Message(Box<RelayMessage>),
+    /// `size` is the message's [`RelayMessage::size_hint`], already counted in the
+    /// connection's queued bytes; the task subtracts it once the frame is written.
+    Message {
+        msg: Box<RelayMessage>,
+        size: usize,
+    },
     /// The session's device key, so the connection task can check signatures itself.
     Key([u8; 32]),
     Close(CloseReason),
@@ -79,6 +93,7 @@ impl StatusSnapshot {
 struct Route {
     tx: mpsc::Sender<Outbound>,
     kill: Arc<Notify>,
+    queued_bytes: Arc<AtomicUsize>,
     /// The authenticated device's user, looked up once for log lines.
     user: Option<uuid::Uuid>,
 }
@@ -127,17 +142,40 @@ pub(crate) fn run(
     let mut revoked = 0u64;
     while let Some(first) = rx.blocking_recv() {
         let mut inputs = Vec::new();
+        // Released when this group is handled: what the core no longer holds frees the budget.
+        let mut permits = Vec::new();
         let mut tick = false;
         let mut shutdown = false;
         let mut next = Some(first);
         while let Some(input) = next.take() {
             match input {
-                CoreInput::Open { conn, tx, kill } => {
+                CoreInput::Open {
+                    conn,
+                    tx,
+                    kill,
+                    queued_bytes,
+                } => {
                     core.open_connection(conn);
                     opened += 1;
-                    routes.insert(conn, Route { tx, kill, user: None });
+                    routes.insert(
+                        conn,
+                        Route {
+                            tx,
+                            kill,
+                            queued_bytes,
+                            user: None,
+                        },
+                    );
                 }
-                CoreInput::Message(conn, msg, checked) => inputs.push((conn, msg, checked)),
+                CoreInput::Message {
+                    conn,
+                    msg,
+                    checked,
+                    permit,
+                } => {
+                    inputs.push((conn, msg, checked));
+                    permits.push(permit);
+                }
                 CoreInput::Closed(conn) => {
                     core.close_connection(conn);
                     routes.remove(&conn);
@@ -201,25 +239,52 @@ pub(crate) fn run(
                 ));
             }
         }
+        drop(permits);
         for output in outputs {
             let (conn, msg) = match output {
-                Output::Send(conn, msg) => (conn, Outbound::Message(Box::new(msg))),
+                Output::Send(conn, msg) => {
+                    let size = msg.size_hint();
+                    (
+                        conn,
+                        Outbound::Message {
+                            msg: Box::new(msg),
+                            size,
+                        },
+                    )
+                }
                 Output::Close(conn, reason) => (conn, Outbound::Close(reason)),
             };
             let Some(route) = routes.get_mut(&conn) else { continue };
             // Before a session starts (or its key changes), its task learns the device key.
-            if let Outbound::Message(m) = &msg
+            if let Outbound::Message { msg: m, .. } = &msg
                 && matches!(**m, RelayMessage::Welcome { .. } | RelayMessage::KeyRotated)
                 && let Some(key) = core.session_key(conn)
             {
                 let _ = route.tx.try_send(Outbound::Key(key));
             }
-            if let Outbound::Message(m) = &msg {
+            let mut over_budget = false;
+            if let Outbound::Message { msg: m, size } = &msg {
                 log_outcomes(&core, route, conn, m);
+                // Bytes, not only messages, are bounded: one message can be megabytes.
+                let queued = route.queued_bytes.fetch_add(*size, Ordering::Relaxed) + size;
+                over_budget = queued > SEND_QUEUE_BYTES;
             }
-            match route.tx.try_send(msg) {
+            let sent = if over_budget {
+                if let Outbound::Message { size, .. } = &msg {
+                    route.queued_bytes.fetch_sub(*size, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(msg))
+            } else {
+                route.tx.try_send(msg)
+            };
+            match sent {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(mpsc::error::TrySendError::Full(unsent)) => {
+                    if let Outbound::Message { size, .. } = &unsent
+                        && !over_budget
+                    {
+                        route.queued_bytes.fetch_sub(*size, Ordering::Relaxed);
+                    }
                     // A device that does not read its messages is cut off rather than buffered
                     // without limit; it reconnects and pulls from its cursor.
                     tracing::warn!(conn, "send queue full: disconnecting a slow reader");
@@ -305,11 +370,18 @@ mod tests {
             conn: 7,
             tx: conn_tx,
             kill: kill.clone(),
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
         })
         .unwrap();
+        let budget = Arc::new(tokio::sync::Semaphore::new(1024));
         for nonce in 0..3 {
-            tx.blocking_send(CoreInput::Message(7, ClientMessage::Ping { nonce }, None))
-                .unwrap();
+            tx.blocking_send(CoreInput::Message {
+                conn: 7,
+                msg: ClientMessage::Ping { nonce },
+                checked: None,
+                permit: budget.clone().try_acquire_many_owned(1).unwrap(),
+            })
+            .unwrap();
         }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -42,6 +42,15 @@ pub use core_thread::StatusSnapshot;
 pub const MAX_FRAME_BYTES: usize = fieldsync_schema::wire::MAX_MESSAGE_BYTES;
 /// Messages queued for one connection before it counts as a slow reader and is disconnected.
 pub const SEND_QUEUE: usize = 256;
+/// Estimated bytes queued for one connection before it counts as a slow reader: two full pull
+/// pages and change. With the per-connection request limits
+/// (`fieldsync_schema::wire::MAX_*_IN_FLIGHT`) this bounds what one connection makes the relay
+/// hold (see ARCHITECTURE.md, "Trust boundaries").
+pub const SEND_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// Bytes of received messages waiting for the core, all connections together. When it is
+/// spent, connection tasks stop reading their sockets (TCP pushes back) instead of the relay's
+/// memory growing.
+pub const INBOUND_BUDGET_BYTES: u32 = 256 * 1024 * 1024;
 /// Messages queued from all connections to the core before connections stop reading.
 pub const CORE_QUEUE: usize = 8192;
 /// Most messages the core takes into one group commit.
@@ -93,6 +102,8 @@ impl ServeOptions {
 #[derive(Clone)]
 pub(crate) struct Shared {
     pub core_tx: mpsc::Sender<core_thread::CoreInput>,
+    /// The inbound budget ([`INBOUND_BUDGET_BYTES`]), one permit per byte.
+    pub inbound: Arc<tokio::sync::Semaphore>,
     pub status: Arc<Mutex<StatusSnapshot>>,
     pub metrics: Arc<Metrics>,
     pub next_conn: Arc<AtomicU64>,
@@ -200,6 +211,7 @@ impl Server {
 
         let shared = Shared {
             core_tx: core_tx.clone(),
+            inbound: Arc::new(tokio::sync::Semaphore::new(INBOUND_BUDGET_BYTES as usize)),
             status,
             metrics,
             next_conn: Arc::new(AtomicU64::new(1)),

@@ -153,14 +153,47 @@ pub struct NewFeedRow {
     pub lww_losses: Vec<u8>,
 }
 
-/// The stored answer for a mutation id.
+/// The stored answer for a mutation id, bound to the envelope it answered: a receipt is
+/// replayed only to a repeat of exactly that envelope (SPEC §18).
 #[derive(Debug, Clone)]
 pub struct ReceiptRow {
     pub mutation_id: Uuid,
     pub device_id: Uuid,
+    pub entity_id: Option<Uuid>,
+    pub space_id: Option<Uuid>,
+    /// [`fieldsync_schema::signing::envelope_hash`] of the answered envelope. `None` only for
+    /// receipts written before receipts were bound (see [`ReceiptRow::answers`]).
+    pub envelope_hash: Option<[u8; 32]>,
     /// CBOR `Outcome`.
     pub outcome: Vec<u8>,
     pub created_ms: u64,
+}
+
+/// Whether a stored receipt answers a repeated envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptMatch {
+    /// The very envelope the receipt was written for.
+    Exact,
+    /// A receipt from before receipts were bound, whose entity and space (when known) agree:
+    /// it may be answered, but with nothing read from the stored document.
+    Unbound,
+    /// Anything else: a different envelope reusing the mutation id.
+    Different,
+}
+
+impl ReceiptRow {
+    pub fn answers(&self, m: &fieldsync_schema::Mutation) -> ReceiptMatch {
+        match self.envelope_hash {
+            Some(hash) if hash == fieldsync_schema::signing::envelope_hash(m) => ReceiptMatch::Exact,
+            Some(_) => ReceiptMatch::Different,
+            None if self.entity_id.is_some_and(|e| e != m.entity_id)
+                || self.space_id.is_some_and(|s| s != m.space_id) =>
+            {
+                ReceiptMatch::Different
+            }
+            None => ReceiptMatch::Unbound,
+        }
+    }
 }
 
 /// An audit record as stored (see [`crate::audit`] for the hash chain).

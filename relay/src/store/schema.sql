@@ -82,12 +82,16 @@ CREATE TABLE IF NOT EXISTS feed (
 CREATE INDEX IF NOT EXISTS feed_space ON feed(space_id, seq);
 CREATE INDEX IF NOT EXISTS feed_doc ON feed(doc_key, seq);
 
--- The stored answer for every mutation id the relay decided on (idempotent retries).
+-- The stored answer for every mutation id the relay decided on (idempotent retries), bound to
+-- the envelope it answered: envelope_hash is SHA-256 of the envelope's signing bytes.
 CREATE TABLE IF NOT EXISTS receipts (
-    mutation_id BLOB PRIMARY KEY,
-    device_id   BLOB NOT NULL,
-    outcome     BLOB NOT NULL,
-    created_ms  INTEGER NOT NULL
+    mutation_id   BLOB PRIMARY KEY,
+    device_id     BLOB NOT NULL,
+    outcome       BLOB NOT NULL,
+    created_ms    INTEGER NOT NULL,
+    entity_id     BLOB,
+    space_id      BLOB,
+    envelope_hash BLOB
 ) WITHOUT ROWID;
 
 -- Hash-chained audit log: hash = SHA-256(prev_hash || record). Never updated or deleted.

@@ -15,6 +15,7 @@ use super::{
 };
 
 mod extra;
+mod migrate;
 
 pub use extra::Consistency;
 
@@ -235,6 +236,7 @@ impl SqliteStore {
             "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA cache_size=-65536;",
         )?;
         conn.execute_batch(SCHEMA_SQL)?;
+        migrate::run(&conn)?;
         // Every hot statement stays prepared: rusqlite's default cache (16) is smaller than the
         // store's set of statements, and re-parsing SQL showed up in profiles.
         conn.set_prepared_statement_cache_capacity(256);
@@ -672,13 +674,21 @@ impl Store for SqliteStore {
     fn receipt(&self, mutation_id: Uuid) -> StoreResult<Option<ReceiptRow>> {
         Ok(self
             .conn
-            .prepare_cached("SELECT mutation_id, device_id, outcome, created_ms FROM receipts WHERE mutation_id = ?1")?
+            .prepare_cached(
+                "SELECT mutation_id, device_id, entity_id, space_id, envelope_hash, outcome, created_ms
+                 FROM receipts WHERE mutation_id = ?1",
+            )?
             .query_row(params![mutation_id.as_bytes().to_vec()], |r| {
+                let hash: Option<Vec<u8>> = r.get(4)?;
                 Ok(ReceiptRow {
                     mutation_id: uuid_col(r, 0)?,
                     device_id: uuid_col(r, 1)?,
-                    outcome: r.get(2)?,
-                    created_ms: u64_col(r, 3)?,
+                    entity_id: opt_uuid_col(r, 2)?,
+                    space_id: opt_uuid_col(r, 3)?,
+                    // A hash of the wrong length can match nothing: it is kept as "different".
+                    envelope_hash: hash.map(|h| h.try_into().unwrap_or([0; 32])),
+                    outcome: r.get(5)?,
+                    created_ms: u64_col(r, 6)?,
                 })
             })
             .optional()?)
@@ -687,11 +697,15 @@ impl Store for SqliteStore {
     fn put_receipt(&mut self, r: &ReceiptRow) -> StoreResult<()> {
         self.conn
             .prepare_cached(
-                "INSERT INTO receipts(mutation_id, device_id, outcome, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO receipts(mutation_id, device_id, entity_id, space_id, envelope_hash, outcome, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 r.mutation_id.as_bytes().to_vec(),
                 r.device_id.as_bytes().to_vec(),
+                r.entity_id.map(|u| u.as_bytes().to_vec()),
+                r.space_id.map(|u| u.as_bytes().to_vec()),
+                r.envelope_hash.map(|h| h.to_vec()),
                 r.outcome,
                 i(r.created_ms)
             ])?;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use fieldsync_schema::outln;
 use fieldsync_simulations::{FaultSet, InjectedBug, Report, SimOptions, run};
 
 #[derive(Parser)]
@@ -127,14 +128,15 @@ fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
     Ok(a..b)
 }
 
-fn print(report: &Report, json: bool) {
+fn print(report: &Report, json: bool) -> std::io::Result<()> {
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-        );
+        )
     } else {
-        print!("{}", report.render());
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), "{}", report.render())
     }
 }
 
@@ -142,6 +144,7 @@ fn main() -> ExitCode {
     match real_main() {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
+        Err(e) if fieldsync_schema::cli::is_closed_pipe(e.as_ref()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
@@ -174,7 +177,7 @@ fn load(args: LoadArgs) -> anyhow::Result<bool> {
         progress: std::io::stderr().is_terminal(),
     };
     let report = load::run(&relay, &opts)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    outln!("{}", serde_json::to_string_pretty(&report)?)?;
     Ok(report.errors.is_empty())
 }
 
@@ -185,7 +188,7 @@ fn real_main() -> anyhow::Result<bool> {
         Some(Command::Catchup(args)) => {
             let relay = fieldsync_simulations::load::relay_proc::RelayProc::spawn()?;
             let report = fieldsync_simulations::load::catchup::run(&relay, args.queued, args.entities, args.seed)?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            outln!("{}", serde_json::to_string_pretty(&report)?)?;
             return Ok(true);
         }
         None => {}
@@ -196,7 +199,7 @@ fn real_main() -> anyhow::Result<bool> {
         let opts = fieldsync_simulations::trace::read_options(path)?;
         let replay_trace = path.with_extension("replay");
         let report = run(opts, Some(&replay_trace), progress)?;
-        print(&report, cli.json);
+        print(&report, cli.json)?;
         eprintln!("replayed {} (new trace: {})", path.display(), replay_trace.display());
         return Ok(report.ok());
     }
@@ -213,7 +216,7 @@ fn real_main() -> anyhow::Result<bool> {
             .clone()
             .or_else(|| Some(std::env::temp_dir().join(format!("fieldsync-sim-{}.trace", cli.seed))));
         let report = run(base, trace.as_deref(), progress)?;
-        print(&report, cli.json);
+        print(&report, cli.json)?;
         if !report.ok()
             && let Some(t) = trace
         {
@@ -236,9 +239,9 @@ fn real_main() -> anyhow::Result<bool> {
         totals.1 += report.simulated_hours;
         totals.2 += report.wall_seconds;
         if cli.json {
-            print(&report, true);
+            print(&report, true)?;
         } else {
-            println!(
+            outln!(
                 "seed {seed}: {} — {} events, {:.1} h simulated, {} applied, {} conflicts, trace {}",
                 if report.ok() { "ok" } else { "VIOLATION" },
                 report.stats.events,
@@ -246,20 +249,20 @@ fn real_main() -> anyhow::Result<bool> {
                 report.mutations_applied,
                 report.conflicts_prompted,
                 &report.trace_hash[..16]
-            );
+            )?;
         }
         if report.ok() {
             let _ = std::fs::remove_file(&trace);
         } else {
             if !cli.json {
-                print!("{}", report.render());
+                print(&report, false)?;
             }
             eprintln!("replay with: fieldsync-sim --replay {}", trace.display());
             failed.push(seed);
         }
     }
     if !cli.json {
-        println!(
+        outln!(
             "sweep {}..{}: {} seeds, {} failed {:?}; {} events, {:.0} simulated hours, {:.0} events/s",
             range.start,
             range.end,
@@ -269,7 +272,7 @@ fn real_main() -> anyhow::Result<bool> {
             totals.0,
             totals.1,
             totals.0 as f64 / totals.2.max(1e-9)
-        );
+        )?;
     }
     Ok(failed.is_empty())
 }

@@ -3,6 +3,7 @@
 use anyhow::{Result, bail};
 use clap::ValueEnum;
 use fieldsync_peer::{ConflictRecord, Device, FieldStatus, LwwLossRecord, RejectedEdit, Resolution, Side};
+use fieldsync_schema::outln;
 use fieldsync_schema::time_fmt::render_ms;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -24,7 +25,7 @@ pub enum Action {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
 
@@ -46,12 +47,12 @@ fn side(s: &Side, me: Uuid) -> String {
     format!("{}{who}", s.value)
 }
 
-fn print_conflict(c: &ConflictRecord, me: Uuid) {
+fn print_conflict(c: &ConflictRecord, me: Uuid) -> Result<()> {
     let reason = serde_json::to_value(c.reason)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
-    println!(
+    outln!(
         "CONFLICT {} {} ({reason}): your {} {} was built on version {}, the relay is at version {}",
         c.entity_type,
         c.entity_id,
@@ -59,7 +60,7 @@ fn print_conflict(c: &ConflictRecord, me: Uuid) {
         c.mutation_id,
         c.base_version.map_or_else(|| "none".to_string(), |v| v.to_string()),
         c.relay_version
-    );
+    )?;
     for f in &c.fields {
         let mark = match f.status {
             FieldStatus::Unchanged => continue,
@@ -69,44 +70,51 @@ fn print_conflict(c: &ConflictRecord, me: Uuid) {
             FieldStatus::Same => "same on both",
             FieldStatus::Merged => "merged (counter)",
         };
-        println!("  {} [{mark}]", f.field);
-        println!("    base:   {}", f.base);
-        println!("    mine:   {}", side(&f.mine, me));
-        println!("    theirs: {}", side(&f.theirs, me));
+        outln!("  {} [{mark}]", f.field)?;
+        outln!("    base:   {}", f.base)?;
+        outln!("    mine:   {}", side(&f.mine, me))?;
+        outln!("    theirs: {}", side(&f.theirs, me))?;
     }
     if c.options.contains(&"discard") {
-        println!(
+        outln!(
             "  resolve: fieldsync-peer resolve {} {} --discard",
-            c.entity_type, c.entity_id
-        );
+            c.entity_type,
+            c.entity_id
+        )?;
     } else {
-        println!(
+        outln!(
             "  resolve: fieldsync-peer resolve {} {} --keep mine | --keep theirs | --json '{{\"field\": value, ...}}' \
              (the relay's version with these fields replaced)",
-            c.entity_type, c.entity_id
-        );
+            c.entity_type,
+            c.entity_id
+        )?;
     }
+    Ok(())
 }
 
-fn print_rejection(r: &RejectedEdit) {
-    println!(
+fn print_rejection(r: &RejectedEdit) -> Result<()> {
+    outln!(
         "REJECTED {} {}: {} (item {})",
-        r.entity_type, r.entity_id, r.reason, r.mutation_id
-    );
-    println!("  your version: {}", Value::Object(r.fields.clone()));
+        r.entity_type,
+        r.entity_id,
+        r.reason,
+        r.mutation_id
+    )?;
+    outln!("  your version: {}", Value::Object(r.fields.clone()))?;
     let mut how = vec!["--discard"];
     if r.options.contains(&"addendum") {
         how.insert(0, "--addendum");
     }
-    println!(
+    outln!(
         "  resolve: fieldsync-peer resolve {} {} {}",
         r.entity_type,
         r.entity_id,
         how.join(" | ")
-    );
+    )?;
+    Ok(())
 }
 
-fn print_loss(l: &LwwLossRecord, now: u64) {
+fn print_loss(l: &LwwLossRecord, now: u64) -> Result<()> {
     let undo = match (l.undone_at_ms, now <= l.undo_until_ms) {
         (Some(at), _) => format!("undone at {}", render_ms(at)),
         (None, true) => format!(
@@ -116,7 +124,7 @@ fn print_loss(l: &LwwLossRecord, now: u64) {
         ),
         (None, false) => "undo window over".to_string(),
     };
-    println!(
+    outln!(
         "loss {}: {} {} `{}`: yours {} (at {}) lost to {} by device {} (at {}); {undo}",
         l.loss_id,
         l.loss.entity_type,
@@ -127,7 +135,8 @@ fn print_loss(l: &LwwLossRecord, now: u64) {
         l.loss.winner_value,
         short(Some(l.loss.winner_device)),
         render_ms(l.loss.winner_hlc.physical_ms)
-    );
+    )?;
+    Ok(())
 }
 
 pub fn conflicts(dev: &Device, lww: bool, json: bool) -> Result<()> {
@@ -137,10 +146,10 @@ pub fn conflicts(dev: &Device, lww: bool, json: bool) -> Result<()> {
             return print_json(&json!({ "lww_losses": losses }));
         }
         if losses.is_empty() {
-            println!("no last-writer-wins losses on this device");
+            outln!("no last-writer-wins losses on this device")?;
         }
         for l in &losses {
-            print_loss(l, dev.now_ms());
+            print_loss(l, dev.now_ms())?;
         }
         return Ok(());
     }
@@ -150,13 +159,13 @@ pub fn conflicts(dev: &Device, lww: bool, json: bool) -> Result<()> {
         return print_json(&json!({ "conflicts": conflicts, "rejections": rejections }));
     }
     if conflicts.is_empty() && rejections.is_empty() {
-        println!("no conflicts or rejected changes");
+        outln!("no conflicts or rejected changes")?;
     }
     for c in &conflicts {
-        print_conflict(c, dev.device_id());
+        print_conflict(c, dev.device_id())?;
     }
     for r in &rejections {
-        print_rejection(r);
+        print_rejection(r)?;
     }
     Ok(())
 }
@@ -166,17 +175,17 @@ pub fn resolve(dev: &mut Device, entity_type: &str, id: Uuid, action: Action) ->
     match action {
         Action::Discard => {
             let r = dev.discard_rejection(id)?;
-            println!(
+            outln!(
                 "discarded {} change(s) to {} {}: {}",
                 r.discarded.len(),
                 r.entity_type,
                 r.entity_id,
                 Value::Object(r.values)
-            );
+            )?;
         }
         Action::Addendum => {
             let r = dev.make_addendum(id)?;
-            println!("{}", r.entity_id);
+            outln!("{}", r.entity_id)?;
         }
         Action::Keep(k) => {
             let resolution = match k {
@@ -197,11 +206,12 @@ pub fn resolve(dev: &mut Device, entity_type: &str, id: Uuid, action: Action) ->
 
 fn receipt(r: &fieldsync_peer::WriteReceipt) -> Result<()> {
     match r.mutation_id {
-        Some(m) => println!(
+        Some(m) => outln!(
             "resolved {} {} (outbox item {m}); sync to send it",
-            r.entity_type, r.entity_id
-        ),
-        None => println!("{} {} unchanged", r.entity_type, r.entity_id),
+            r.entity_type,
+            r.entity_id
+        )?,
+        None => outln!("{} {} unchanged", r.entity_type, r.entity_id)?,
     }
     Ok(())
 }
@@ -212,11 +222,12 @@ pub fn undo(dev: &mut Device, loss_id: u64, json: bool) -> Result<()> {
         return print_json(&r);
     }
     match r.mutation_id {
-        Some(m) => println!(
+        Some(m) => outln!(
             "re-applied your value to {} {} (outbox item {m}); sync to send it",
-            r.entity_type, r.entity_id
-        ),
-        None => println!("{} {} already holds your value", r.entity_type, r.entity_id),
+            r.entity_type,
+            r.entity_id
+        )?,
+        None => outln!("{} {} already holds your value", r.entity_type, r.entity_id)?,
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use fieldsync_peer::{Device, DeviceRng, FieldFilter};
+use fieldsync_schema::outln;
 use fieldsync_schema::{Schema, SystemTimeSource, TimeSource};
 use rand_core::SeedableRng;
 use serde_json::{Map, Value};
@@ -217,6 +218,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader (`| grep -q x`) had what it wanted.
+        Err(e) if fieldsync_schema::cli::is_closed_pipe(e.as_ref()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -288,7 +291,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let mut dev = open_existing(&dir, schema)?;
             let r = dev.put_in_space(space, &entity_type, id, parse_fields(&fields)?)?;
-            println!("{}", r.entity_id);
+            outln!("{}", r.entity_id)?;
             Ok(())
         }
         Command::Get {

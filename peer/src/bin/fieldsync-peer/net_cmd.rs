@@ -7,6 +7,7 @@ use clap::Args;
 use fieldsync_peer::Device;
 use fieldsync_peer::net::{self, NetError, SyncOptions, TlsOptions, WatchEvent};
 use fieldsync_peer::sync::{SyncMachine, SyncSummary};
+use fieldsync_schema::outln;
 use serde_json::json;
 
 /// How the device trusts a `wss://` relay.
@@ -35,7 +36,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn enroll(mut dev: Device, relay: &str, token: &str, tls: &TlsArgs, json: bool) -> Result<()> {
     let e = runtime()?.block_on(net::enroll_with_tls(&mut dev, relay, token, &tls.options()))?;
     if json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "device_id": dev.device_id(),
@@ -46,7 +47,7 @@ pub fn enroll(mut dev: Device, relay: &str, token: &str, tls: &TlsArgs, json: bo
                 "default_space": e.default_space,
                 "spaces": e.user.spaces,
             })
-        );
+        )?;
     } else {
         let spaces: Vec<String> = e
             .user
@@ -54,13 +55,13 @@ pub fn enroll(mut dev: Device, relay: &str, token: &str, tls: &TlsArgs, json: bo
             .iter()
             .map(|s| format!("{} ({})", s.name, s.role))
             .collect();
-        println!(
+        outln!(
             "enrolled device {} as {} at {} (spaces: {})",
             dev.device_id(),
             e.user.name,
             e.relay_url,
             spaces.join(", ")
-        );
+        )?;
     }
     Ok(())
 }
@@ -68,10 +69,10 @@ pub fn enroll(mut dev: Device, relay: &str, token: &str, tls: &TlsArgs, json: bo
 fn print_summary(dev: &Device, s: &SyncSummary, json: bool) -> Result<()> {
     let status = dev.status()?;
     if json {
-        println!("{}", json!({ "summary": s, "status": status }));
+        outln!("{}", json!({ "summary": s, "status": status }))?;
         return Ok(());
     }
-    println!(
+    outln!(
         "pushed {}, applied {}, conflicts {}, rejected {}, pulled {}; status: {}, {} unsynced",
         s.pushed,
         s.applied,
@@ -80,9 +81,9 @@ fn print_summary(dev: &Device, s: &SyncSummary, json: bool) -> Result<()> {
         s.pulled,
         status.state.as_str(),
         status.unsynced
-    );
+    )?;
     if let Some(b) = &status.blocked {
-        println!("blocked on {} {}: {}", b.entity_type, b.entity_id, b.reason);
+        outln!("blocked on {} {}: {}", b.entity_type, b.entity_id, b.reason)?;
     }
     Ok(())
 }

@@ -3,12 +3,13 @@
 use anyhow::Result;
 use fieldsync_peer::backup::{ExportReport, SignOutReport};
 use fieldsync_peer::{Device, Entity, OutboxItem, RetryReport, Status, WriteReceipt};
+use fieldsync_schema::outln;
 use fieldsync_schema::time_fmt::render_ms;
 use serde::Serialize;
 use serde_json::json;
 
 fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
 
@@ -25,7 +26,7 @@ pub fn init(dev: &Device, existed: bool, json: bool) -> Result<()> {
         }));
     }
     let verb = if existed { "already initialised" } else { "initialised" };
-    println!("device {} {verb} in {}", dev.device_id(), dev.dir().display());
+    outln!("device {} {verb} in {}", dev.device_id(), dev.dir().display())?;
     Ok(())
 }
 
@@ -33,10 +34,10 @@ pub fn entity(e: &Entity, json: bool) -> Result<()> {
     if json {
         return print_json(e);
     }
-    println!("{} {}", e.entity_type, e.entity_id);
-    println!("  space:         {}", e.space_id);
-    println!("  sync state:    {}", e.sync_state);
-    println!("  relay version: {}", e.relay_version);
+    outln!("{} {}", e.entity_type, e.entity_id)?;
+    outln!("  space:         {}", e.space_id)?;
+    outln!("  sync state:    {}", e.sync_state)?;
+    outln!("  relay version: {}", e.relay_version)?;
     let mut flags = Vec::new();
     if e.deleted {
         flags.push("deleted");
@@ -48,18 +49,18 @@ pub fn entity(e: &Entity, json: bool) -> Result<()> {
         flags.push("locked");
     }
     if !flags.is_empty() {
-        println!("  flags:         {}", flags.join(", "));
+        outln!("  flags:         {}", flags.join(", "))?;
     }
     if let Some(sig) = &e.signature {
-        println!(
+        outln!(
             "  signed by:     user {} on device {} at {}",
             sig.signer_user,
             sig.signer_device,
             render_ms(sig.signed_at_ms)
-        );
+        )?;
     }
     for (k, v) in &e.fields {
-        println!("  {k}: {v}");
+        outln!("  {k}: {v}")?;
     }
     Ok(())
 }
@@ -70,12 +71,12 @@ pub fn list(items: &[Entity], json: bool) -> Result<()> {
     }
     for e in items {
         let deleted = if e.deleted { " deleted" } else { "" };
-        println!(
+        outln!(
             "{}  {}{deleted}  {}",
             e.entity_id,
             e.sync_state,
             serde_json::Value::Object(e.fields.clone())
-        );
+        )?;
     }
     Ok(())
 }
@@ -85,8 +86,8 @@ pub fn receipt(r: &WriteReceipt, verb: &str, json: bool) -> Result<()> {
         return print_json(r);
     }
     match r.mutation_id {
-        Some(m) => println!("{verb} {} {} (outbox item {m})", r.entity_type, r.entity_id),
-        None => println!("{} {} unchanged", r.entity_type, r.entity_id),
+        Some(m) => outln!("{verb} {} {} (outbox item {m})", r.entity_type, r.entity_id)?,
+        None => outln!("{} {} unchanged", r.entity_type, r.entity_id)?,
     }
     Ok(())
 }
@@ -95,22 +96,22 @@ pub fn status(s: &Status, json: bool) -> Result<()> {
     if json {
         return print_json(s);
     }
-    println!("device:    {}", s.device_id);
+    outln!("device:    {}", s.device_id)?;
     match &s.enrolled {
-        Some(e) => println!("enrolled:  user {} ({}) at {}", e.user_name, e.user_id, e.relay_url),
-        None => println!("enrolled:  not enrolled"),
+        Some(e) => outln!("enrolled:  user {} ({}) at {}", e.user_name, e.user_id, e.relay_url)?,
+        None => outln!("enrolled:  not enrolled")?,
     }
-    println!("state:     {}", s.state.as_str());
+    outln!("state:     {}", s.state.as_str())?;
     if let Some(b) = &s.blocked {
-        println!("blocked:   {} {} — {}", b.entity_type, b.entity_id, b.reason);
+        outln!("blocked:   {} {} — {}", b.entity_type, b.entity_id, b.reason)?;
     }
     if let Some(a) = &s.auth_failure {
-        println!("auth:      {a}");
+        outln!("auth:      {a}")?;
     }
-    println!("unsynced:  {}", s.unsynced);
-    println!("oldest:    {}", when(s.oldest_pending_ms));
-    println!("last sync: {}", when(s.last_sync_ms));
-    println!("entities:  {}", s.entities);
+    outln!("unsynced:  {}", s.unsynced)?;
+    outln!("oldest:    {}", when(s.oldest_pending_ms))?;
+    outln!("last sync: {}", when(s.last_sync_ms))?;
+    outln!("entities:  {}", s.entities)?;
     Ok(())
 }
 
@@ -119,7 +120,7 @@ pub fn queue(items: &[OutboxItem], json: bool) -> Result<()> {
         return print_json(items);
     }
     if items.is_empty() {
-        println!("outbox is empty: nothing waits for the relay");
+        outln!("outbox is empty: nothing waits for the relay")?;
     }
     for i in items {
         let next = if i.next_attempt_ms > 0 {
@@ -128,10 +129,16 @@ pub fn queue(items: &[OutboxItem], json: bool) -> Result<()> {
             String::new()
         };
         let err = i.error.as_ref().map(|e| format!(" — {e}")).unwrap_or_default();
-        println!(
+        outln!(
             "{:>6} {} {:<9} {} {} {:<8} attempts {}{next}{err}",
-            i.seq, i.mutation_id, i.kind, i.entity_type, i.entity_id, i.state, i.attempts
-        );
+            i.seq,
+            i.mutation_id,
+            i.kind,
+            i.entity_type,
+            i.entity_id,
+            i.state,
+            i.attempts
+        )?;
     }
     Ok(())
 }
@@ -140,7 +147,7 @@ pub fn retry(r: &RetryReport, json: bool) -> Result<()> {
     if json {
         return print_json(r);
     }
-    println!("{}", r.message);
+    outln!("{}", r.message)?;
     Ok(())
 }
 
@@ -148,13 +155,13 @@ pub fn export(r: &ExportReport, json: bool) -> Result<()> {
     if json {
         return print_json(r);
     }
-    println!(
+    outln!(
         "exported {} entities and {} outbox items to {} ({} bytes)",
         r.entities,
         r.outbox_items,
         r.file.display(),
         r.bytes
-    );
+    )?;
     Ok(())
 }
 
@@ -163,13 +170,13 @@ pub fn import(dev: &Device, json: bool) -> Result<()> {
     if json {
         return print_json(&s);
     }
-    println!(
+    outln!(
         "imported device {} into {}: {} entities, {} unsynced",
         s.device_id,
         dev.dir().display(),
         s.entities,
         s.unsynced
-    );
+    )?;
     Ok(())
 }
 
@@ -178,12 +185,13 @@ pub fn sign_out(r: &SignOutReport, json: bool) -> Result<()> {
         return print_json(r);
     }
     if r.forced {
-        println!(
+        outln!(
             "signed out device {} (forced: {} unsynced change(s) discarded)",
-            r.device_id, r.unsynced_at_sign_out
-        );
+            r.device_id,
+            r.unsynced_at_sign_out
+        )?;
     } else {
-        println!("signed out device {}; local data wiped", r.device_id);
+        outln!("signed out device {}; local data wiped", r.device_id)?;
     }
     Ok(())
 }

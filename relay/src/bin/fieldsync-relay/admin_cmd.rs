@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use fieldsync_relay::admin;
 use fieldsync_relay::store::Store;
 use fieldsync_relay::store::sqlite::{DB_FILE, SqliteStore};
+use fieldsync_schema::outln;
 use fieldsync_schema::time_fmt::render_ms;
 use fieldsync_schema::{Role, SystemTimeSource, TimeSource, ids};
 use serde_json::json;
@@ -122,12 +123,8 @@ pub(crate) fn open(data: &std::path::Path) -> anyhow::Result<SqliteStore> {
     SqliteStore::open_dir(data, ids::new_uuid(&mut rng)).with_context(|| format!("cannot open {}", data.display()))
 }
 
-pub(crate) fn print(json: bool, value: serde_json::Value, text: String) {
-    if json {
-        println!("{value}");
-    } else {
-        println!("{text}");
-    }
+pub(crate) fn print(json: bool, value: serde_json::Value, text: String) -> std::io::Result<()> {
+    if json { outln!("{value}") } else { outln!("{text}") }
 }
 
 fn lines_or(lines: Vec<String>, empty: &str) -> String {
@@ -150,12 +147,12 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         AdminCommand::Space(SpaceCommand::Add { name }) => {
             let s = admin::add_space(&mut store, &name, now, &mut rng)?;
-            print(json, json!(s), format!("space {} created ({})", s.name, s.space_id));
+            print(json, json!(s), format!("space {} created ({})", s.name, s.space_id))?;
         }
         AdminCommand::Space(SpaceCommand::List) => {
             let spaces = store.spaces()?;
             let lines = spaces.iter().map(|s| format!("{}  {}", s.space_id, s.name)).collect();
-            print(json, json!(spaces), lines_or(lines, "no spaces"));
+            print(json, json!(spaces), lines_or(lines, "no spaces"))?;
         }
         AdminCommand::User(UserCommand::Add { name, space, role }) => {
             let role = parse_role(&role)?;
@@ -164,7 +161,7 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
                 json,
                 json!({"user_id": u.user_id, "name": u.name, "space": space, "role": role}),
                 format!("user {} is {} in {} ({})", u.name, role, space, u.user_id),
-            );
+            )?;
         }
         AdminCommand::User(UserCommand::Role { name, space, role }) => {
             let role = parse_role(&role)?;
@@ -173,7 +170,7 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
                 json,
                 json!({"name": name, "space": space, "role": role, "previous_role": before}),
                 format!("{name} is now {role} in {space} (was {before})"),
-            );
+            )?;
         }
         AdminCommand::User(UserCommand::Remove { name, space }) => {
             admin::remove_member(&mut store, &name, &space)?;
@@ -181,7 +178,7 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
                 json,
                 json!({"name": name, "space": space, "removed": true}),
                 format!("{name} removed from {space}"),
-            );
+            )?;
         }
         AdminCommand::User(UserCommand::List) => {
             let mut rows = Vec::new();
@@ -192,7 +189,7 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
                 lines.push(format!("{}  {}  {}", u.user_id, u.name, roles.join(", ")));
                 rows.push(json!({"user_id": u.user_id, "name": u.name, "memberships": m}));
             }
-            print(json, json!(rows), lines_or(lines, "no users"));
+            print(json, json!(rows), lines_or(lines, "no users"))?;
         }
         AdminCommand::Enroll { user, valid_hours } => {
             let ttl = valid_hours.saturating_mul(3_600_000);
@@ -201,7 +198,7 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
                 json,
                 json!({"token": token, "user": user, "expires_at": render_ms(expires)}),
                 format!("{token}\n(single use, for {user}, valid until {})", render_ms(expires)),
-            );
+            )?;
         }
         AdminCommand::Token(TokenCommand::List) => token_list(&store, now, json)?,
         AdminCommand::Token(TokenCommand::Expire { token }) => {
@@ -210,7 +207,7 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
                 json,
                 json!({"token_id": id, "expired": true}),
                 format!("token {id} expired"),
-            );
+            )?;
         }
         AdminCommand::Device(DeviceCommand::List) => device_list(&store, json)?,
         AdminCommand::Device(DeviceCommand::Revoke { device }) => {
@@ -219,7 +216,7 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
                 json,
                 json!({"device_id": device, "revoked": true}),
                 format!("device {device} revoked; its open connections close within a second"),
-            );
+            )?;
         }
         AdminCommand::Audit(cmd) => return admin_report::audit(&store, cmd, json),
         AdminCommand::Conflicts(args) => admin_report::conflicts(&store, args, json)?,
@@ -260,7 +257,7 @@ fn token_list(store: &SqliteStore, now: u64, json: bool) -> anyhow::Result<()> {
             "used_by": t.used_by,
         }));
     }
-    print(json, json!(rows), lines_or(lines, "no tokens"));
+    print(json, json!(rows), lines_or(lines, "no tokens"))?;
     Ok(())
 }
 
@@ -291,6 +288,6 @@ fn device_list(store: &SqliteStore, json: bool) -> anyhow::Result<()> {
             "revoked_at": d.revoked_ms.map(render_ms),
         }));
     }
-    print(json, json!(rows), lines_or(lines, "no devices"));
+    print(json, json!(rows), lines_or(lines, "no devices"))?;
     Ok(())
 }

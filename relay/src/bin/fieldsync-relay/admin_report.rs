@@ -68,7 +68,7 @@ pub fn audit(store: &SqliteStore, cmd: AuditCommand, json: bool) -> anyhow::Resu
                     bad.audit_id, bad.mutation_id, bad.reason
                 ),
             };
-            print(json, json!(report), text);
+            print(json, json!(report), text)?;
             Ok(if report.ok() {
                 ExitCode::SUCCESS
             } else {
@@ -131,7 +131,7 @@ pub fn conflicts(store: &SqliteStore, args: ConflictArgs, json: bool) -> anyhow:
     } else {
         lines.join("\n")
     };
-    print(json, json!(rows), text);
+    print(json, json!(rows), text)?;
     Ok(())
 }
 
@@ -167,6 +167,6 @@ pub fn stats(store: &SqliteStore, data: &Path, json: bool) -> anyhow::Result<()>
             "wal_bytes": wal_bytes,
         }),
         text,
-    );
+    )?;
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use fieldsync_relay::backup;
 use fieldsync_relay::store::sqlite::DB_FILE;
+use fieldsync_schema::outln;
 use fieldsync_schema::{SystemTimeSource, TimeSource};
 use serde_json::json;
 
@@ -56,16 +57,16 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     let info = backup::backup_database(&db, &args.to, args.force)?;
     let drill = args.verify.then(|| backup::restore_drill(&args.to));
     if args.json {
-        println!("{}", json!({ "backup": info, "drill": drill }));
+        outln!("{}", json!({ "backup": info, "drill": drill }))?;
     } else {
-        println!(
+        outln!(
             "backup written: {} ({} bytes in {} ms)",
             info.file.display(),
             info.bytes,
             info.duration_ms
-        );
+        )?;
         if let Some(d) = &drill {
-            println!("{}", d.verdict());
+            outln!("{}", d.verdict())?;
         }
     }
     Ok(match drill {
@@ -77,9 +78,9 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
 pub fn drill(args: DrillArgs) -> anyhow::Result<ExitCode> {
     let report = backup::restore_drill(&args.from);
     if args.json {
-        println!("{}", json!({ "verdict": report.verdict(), "report": report }));
+        outln!("{}", json!({ "verdict": report.verdict(), "report": report }))?;
     } else {
-        println!("{}", report.verdict());
+        outln!("{}", report.verdict())?;
     }
     Ok(if report.ok {
         ExitCode::SUCCESS
@@ -91,18 +92,18 @@ pub fn drill(args: DrillArgs) -> anyhow::Result<ExitCode> {
 pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let report = backup::restore(&args.from, &args.data, args.force, SystemTimeSource.now_ms())?;
     if args.json {
-        println!("{}", json!(report));
+        outln!("{}", json!(report))?;
     } else {
-        println!("{}", report.drill.verdict());
+        outln!("{}", report.drill.verdict())?;
         for old in &report.replaced {
-            println!("the previous file was kept as {}", old.display());
+            outln!("the previous file was kept as {}", old.display())?;
         }
-        println!(
+        outln!(
             "restored {} into {}; start the relay with `fieldsync-relay serve --data {}`",
             args.from.display(),
             report.database.display(),
             args.data.display()
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

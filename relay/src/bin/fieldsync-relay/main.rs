@@ -82,6 +82,8 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader (`| head -1`) had what it wanted.
+        Err(e) if fieldsync_schema::cli::is_closed_pipe(e.as_ref()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
