@@ -3,7 +3,7 @@
 //! discard, and now and then an LWW loss they undo.
 
 use fieldsync_peer::conflict::{FieldStatus, Resolution};
-use fieldsync_peer::{Device, WriteReceipt};
+use fieldsync_peer::{Device, PeerError, WriteReceipt};
 use serde_json::{Map, Value};
 
 use crate::oracle::WriteRecord;
@@ -45,43 +45,70 @@ impl World {
         let mut receipts: Vec<(WriteReceipt, &'static str)> = Vec::new();
         let mut notes = Vec::new();
 
+        let mut refused = Vec::new();
         if let Ok(conflicts) = dev.conflicts() {
             for c in conflicts {
-                let choice = match self.rng.users.below(10) {
-                    _ if c.options == ["discard"] => None,
-                    0..=3 if c.options.contains(&"keep_mine") => Some(Resolution::KeepMine),
-                    4..=7 if c.options.contains(&"keep_theirs") => Some(Resolution::KeepTheirs),
-                    _ if c.options.contains(&"merged") => {
-                        Some(Resolution::Merged(merged_choice(&mut self.rng.users, &c)))
+                let offered = |o: &str| c.options.contains(&o);
+                let choice = if offered("keep_mine") {
+                    match self.rng.users.below(10) {
+                        0..=3 => Choice::Resolve(Resolution::KeepMine),
+                        4..=7 if offered("keep_theirs") => Choice::Resolve(Resolution::KeepTheirs),
+                        _ if offered("merged") => {
+                            Choice::Resolve(Resolution::Merged(merged_choice(&mut self.rng.users, &c)))
+                        }
+                        _ => Choice::Resolve(Resolution::KeepMine),
                     }
-                    _ => Some(Resolution::KeepTheirs),
+                } else if offered("addendum") && self.rng.users.chance(0.6) {
+                    Choice::Addendum
+                } else {
+                    Choice::Discard
                 };
+                let label = choice.name();
                 let result = match choice {
-                    Some(r) => {
+                    Choice::Resolve(r) => {
                         let name = r.name();
                         dev.resolve(c.entity_id, r).map(|w| Some((w, name)))
                     }
-                    None => dev.discard_rejection(c.entity_id).map(|_| None),
+                    Choice::Addendum => dev.make_addendum(c.entity_id).map(|w| Some((w, "addendum"))),
+                    Choice::Discard => dev.discard_rejection(c.entity_id).map(|_| None),
                 };
                 match result {
                     Ok(Some(r)) => receipts.push(r),
                     Ok(None) => notes.push(format!("discarded conflict on {}", c.entity_id)),
-                    Err(e) => notes.push(format!("resolve {} failed: {e}", c.entity_id)),
+                    Err(e) => {
+                        if refuses_an_offered_option(&e) {
+                            refused.push((
+                                c.entity_id,
+                                format!("conflict offered {:?}; {label} refused: {e}", c.options),
+                            ));
+                        }
+                        notes.push(format!("{label} on {} failed: {e}", c.entity_id));
+                    }
                 }
             }
         }
         if let Ok(rejections) = dev.rejections() {
             for r in rejections {
                 let addendum = r.options.contains(&"addendum") && self.rng.users.chance(0.6);
-                if addendum {
-                    match dev.make_addendum(r.entity_id) {
-                        Ok(w) => receipts.push((w, "addendum")),
-                        Err(e) => notes.push(format!("addendum to {} failed: {e}", r.entity_id)),
-                    }
+                let (label, result) = if addendum {
+                    (
+                        "addendum",
+                        dev.make_addendum(r.entity_id).map(|w| Some((w, "addendum"))),
+                    )
                 } else {
-                    match dev.discard_rejection(r.entity_id) {
-                        Ok(_) => notes.push(format!("discarded {} on {}", r.outcome.name(), r.entity_id)),
-                        Err(e) => notes.push(format!("discard on {} failed: {e}", r.entity_id)),
+                    ("discard", dev.discard_rejection(r.entity_id).map(|_| None))
+                };
+                match result {
+                    Ok(Some(w)) => receipts.push(w),
+                    Ok(None) => notes.push(format!("discarded {} on {}", r.outcome.name(), r.entity_id)),
+                    Err(e) => {
+                        if refuses_an_offered_option(&e) {
+                            refused.push((
+                                r.entity_id,
+                                format!("rejection offered {:?}; {label} refused: {e}", r.options),
+                            ));
+                        }
+                        notes.push(format!("{label} on {} failed: {e}", r.entity_id));
                     }
                 }
             }
@@ -92,6 +119,10 @@ impl World {
 
         for note in notes {
             self.trace.record(now, &format!("dev{i} user: {note}"));
+        }
+        for (entity, detail) in refused {
+            let v = self.violation("offered_options", format!("dev{i}: {detail}"), Some(entity.to_string()));
+            self.oracle.violations.push(v);
         }
         for (r, how) in receipts {
             self.stats.resolutions += 1;
@@ -126,6 +157,31 @@ impl World {
         self.after_device_activity(i);
         self.reschedule_device(i);
     }
+}
+
+/// What a simulated user picks from the options a record offers.
+enum Choice {
+    Resolve(Resolution),
+    Addendum,
+    Discard,
+}
+
+impl Choice {
+    fn name(&self) -> &'static str {
+        match self {
+            Choice::Resolve(r) => r.name(),
+            Choice::Addendum => "addendum",
+            Choice::Discard => "discard",
+        }
+    }
+}
+
+/// Whether an error means the product refused an option it offered (SPEC §11: every offered
+/// option is accepted when chosen). A merge the user typed may be invalid, and a kept value
+/// may point at a record deleted meanwhile: those are told field by field and the other
+/// options remain, so they are not refusals; storage errors are faults, not decisions.
+fn refuses_an_offered_option(e: &PeerError) -> bool {
+    !matches!(e, PeerError::Invalid { .. } | PeerError::Db(_) | PeerError::Io { .. })
 }
 
 /// The user takes back one value they lost to another device's later write.

@@ -18,6 +18,7 @@ mod lww;
 mod record;
 mod reject;
 mod resolve;
+mod settlement;
 mod view;
 
 use fieldsync_schema::document::META_DELETED;
@@ -32,10 +33,11 @@ pub(crate) use record::{record_conflict, record_rejection};
 pub use reject::{DiscardReport, RejectedEdit};
 pub use resolve::Resolution;
 
+use settlement::Unsettled;
+
 use crate::device::Device;
 use crate::entity::{self, parse_uuid};
 use crate::error::{PeerError, Result};
-use crate::outbox;
 
 /// Who wrote one side of a field, and when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -119,12 +121,14 @@ pub struct ConflictRecord {
     pub theirs: RecordState,
     /// This device's unconfirmed items for the entity, which a resolution carries.
     pub carried_mutations: Vec<Uuid>,
-    /// What the user can do: `keep_mine`, `keep_theirs`, `merged`, or only `discard` (a
-    /// signature built on an older version).
+    /// What the user can do, every option accepted when chosen: `keep_mine`, `keep_theirs`,
+    /// `merged`; or `discard` alone (a signature built on an older version, a record locked
+    /// on the relay); or `discard` and `addendum` (an edit of a note signed on the relay).
     pub options: Vec<&'static str>,
 }
 
 /// The open (unresolved) conflict of an entity, as stored when the relay answered.
+#[derive(Debug, Clone)]
 pub(crate) struct OpenConflict {
     pub conflict_id: u64,
     pub entity_id: Uuid,
@@ -211,22 +215,11 @@ impl Device {
     }
 
     fn conflict_record(&self, open: &OpenConflict) -> Result<ConflictRecord> {
-        let envelope =
-            outbox::envelope(&self.conn, open.mutation_id)?.ok_or(PeerError::NoSuchMutation(open.mutation_id))?;
-        let mut loaded = entity::load(&self.conn, open.entity_id, self.actor())?.ok_or(PeerError::NotFound {
-            entity_type: None,
-            id: open.entity_id,
-        })?;
-        let ty = self
-            .schema
-            .entity_type(&loaded.meta.entity_type)
-            .ok_or_else(|| PeerError::UnknownType(loaded.meta.entity_type.clone()))?;
-        let own = view::own_changes(&self.conn, open.entity_id, None)?;
-        let base_heads = view::base_heads(&envelope)?;
-        let sides = view::three_way(&mut loaded.doc, &base_heads, &own, self.device_id, self.actor())?;
+        let u = Unsettled::load(&self.conn, &self.schema, open.clone(), self.device_id, self.actor())?;
+        let sides = &u.sides;
         let mut fields = Vec::new();
         for key in view::all_keys(&[&sides.base.fields, &sides.mine.fields, &sides.theirs.fields]) {
-            let counter = matches!(ty.field(&key).map(|f| &f.kind), Some(FieldKind::Counter { .. }));
+            let counter = matches!(u.ty.field(&key).map(|f| &f.kind), Some(FieldKind::Counter { .. }));
             let get = |v: &RecordState| v.fields.get(&key).cloned().unwrap_or(Value::Null);
             fields.push(field_conflict(
                 &key,
@@ -234,8 +227,8 @@ impl Device {
                 get(&sides.mine),
                 get(&sides.theirs),
                 counter,
-                &sides,
-                &own,
+                sides,
+                &u.own,
                 open.authors(),
             ));
         }
@@ -247,34 +240,29 @@ impl Device {
                 b(sides.mine.deleted),
                 b(sides.theirs.deleted),
                 false,
-                &sides,
-                &own,
+                sides,
+                &u.own,
                 open.authors(),
             ));
         }
-        let options = if envelope.kind == MutationKind::Sign {
-            vec!["discard"]
-        } else {
-            vec!["keep_mine", "keep_theirs", "merged"]
-        };
         Ok(ConflictRecord {
             conflict_id: open.conflict_id,
-            entity_type: loaded.meta.entity_type.clone(),
+            entity_type: u.loaded.meta.entity_type.clone(),
             entity_id: open.entity_id,
-            space_id: loaded.meta.space_id,
+            space_id: u.loaded.meta.space_id,
             reason: open.reason(),
             mutation_id: open.mutation_id,
-            kind: envelope.kind,
-            base_version: envelope.base_version,
+            kind: u.envelope.kind,
+            base_version: u.envelope.base_version,
             server_version: open.server_version,
-            relay_version: loaded.meta.relay_version,
+            relay_version: u.loaded.meta.relay_version,
             recorded_at_ms: open.recorded_at_ms,
             fields,
-            carried_mutations: own.mutation_ids(),
-            base: sides.base,
-            mine: sides.mine,
-            theirs: sides.theirs,
-            options,
+            carried_mutations: u.own.mutation_ids(),
+            base: sides.base.clone(),
+            mine: sides.mine.clone(),
+            theirs: sides.theirs.clone(),
+            options: u.settlement.options(),
         })
     }
 }

@@ -11,7 +11,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::{close_conflict, open_conflict, view};
+use super::settlement::{Settlement, Unsettled};
+use super::{close_conflict, view};
 use crate::device::Device;
 use crate::entity::{self, SyncState, i64_of, parse_uuid};
 use crate::error::{PeerError, Result};
@@ -135,6 +136,7 @@ impl Device {
     /// discarded: they are resolved, so that nothing of either side is lost.
     pub fn discard_rejection(&mut self, entity_id: Uuid) -> Result<DiscardReport> {
         let now = self.time.now_ms();
+        let me = self.device_id;
         let actor = self.actor();
         let (conn, mut w) = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -159,7 +161,7 @@ impl Device {
                 values: r.edit.fields,
             }
         } else {
-            discard_stale_signature(&tx, entity_id, w.actor.clone(), now)?
+            discard_unsettleable_conflict(&tx, w.schema, entity_id, me, w.actor.clone(), now)?
         };
         settle(&tx, entity_id)?;
         w.finish(&tx)?;
@@ -169,52 +171,82 @@ impl Device {
 
     /// Turns the refused edit of a signed note into an addendum: a new note with the refused
     /// text as its body, `addendum_to` the signed note, same patient and session. The refused
-    /// items are superseded by the addendum (unsynced until the relay has it).
+    /// items are superseded by the addendum (unsynced until the relay has it). The edit is a
+    /// rejection (the note was signed when it arrived) or a conflict whose note was signed on
+    /// the relay meanwhile.
     pub fn make_addendum(&mut self, note_id: Uuid) -> Result<WriteReceipt> {
         let now = self.time.now_ms();
+        let me = self.device_id;
         let (conn, mut w) = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         w.fold_clock(&tx)?;
-        let Some(r) = open_rejections(&tx, Some(note_id))?.pop() else {
-            return Err(PeerError::Resolution(format!(
-                "{note_id} has no refused edit to turn into an addendum"
-            )));
+        let source = if let Some(r) = open_rejections(&tx, Some(note_id))?.pop() {
+            if !r.edit.options.contains(&"addendum") {
+                return Err(PeerError::Resolution(format!(
+                    "only an edit refused because the note is signed becomes an addendum; this one was: {}",
+                    r.edit.reason
+                )));
+            }
+            AddendumSource {
+                entity_type: r.edit.entity_type,
+                refused: r.edit.fields,
+                items: view::own_changes(&tx, note_id, Some(r.upto_seq))?.mutation_ids(),
+                closes: Closes::Rejection(r.id),
+            }
+        } else {
+            match Unsettled::of_entity(&tx, w.schema, note_id, me, w.actor.clone())? {
+                Some(mut u) if u.settlement == (Settlement::Sealed { addendum: true }) => {
+                    // The refused changes never reach the relay: the note shows the signed text.
+                    let mut doc = view::relay_view(&mut u.loaded.doc, &u.own.hashes, w.actor.clone())?;
+                    entity::store(&tx, &u.loaded.meta, &mut doc, now)?;
+                    AddendumSource {
+                        entity_type: u.loaded.meta.entity_type,
+                        refused: u.sides.mine.fields,
+                        items: u.own.mutation_ids(),
+                        closes: Closes::Conflict(u.open.conflict_id),
+                    }
+                }
+                _ => {
+                    return Err(PeerError::Resolution(format!(
+                        "{note_id} has no refused edit to turn into an addendum"
+                    )));
+                }
+            }
         };
-        if !r.edit.options.contains(&"addendum") {
-            return Err(PeerError::Resolution(format!(
-                "only an edit refused because the note is signed becomes an addendum; this one was: {}",
-                r.edit.reason
-            )));
-        }
         let current = entity::get(&tx, note_id)?.ok_or(PeerError::NotFound {
-            entity_type: Some(r.edit.entity_type.clone()),
+            entity_type: Some(source.entity_type.clone()),
             id: note_id,
         })?;
         let mut fields = Map::new();
         for key in ["patient_id", "session_id"] {
-            if let Some(v) = current.fields.get(key).or_else(|| r.edit.fields.get(key)) {
+            if let Some(v) = current.fields.get(key).or_else(|| source.refused.get(key)) {
                 fields.insert(key.to_string(), v.clone());
             }
         }
         fields.insert("addendum_to".into(), Value::String(note_id.to_string()));
-        fields.insert("body".into(), r.edit.fields.get("body").cloned().unwrap_or(Value::Null));
+        fields.insert(
+            "body".into(),
+            source.refused.get("body").cloned().unwrap_or(Value::Null),
+        );
         let receipt = w.write(
             &tx,
-            &r.edit.entity_type,
+            &source.entity_type,
             None,
             Some(current.space_id),
             Op::Put(fields),
             true,
             now,
         )?;
-        let own = view::own_changes(&tx, note_id, Some(r.upto_seq))?;
         outbox::supersede(
             &tx,
-            &own.mutation_ids(),
+            &source.items,
             receipt.mutation_id,
             "replaced by an addendum (the note is signed)",
         )?;
-        close_rejection(&tx, r.id, "addendum", receipt.mutation_id, now)?;
+        match source.closes {
+            Closes::Rejection(id) => close_rejection(&tx, id, "addendum", receipt.mutation_id, now)?,
+            Closes::Conflict(id) => close_conflict(&tx, id, "addendum", receipt.mutation_id, now)?,
+        }
         settle(&tx, note_id)?;
         w.finish(&tx)?;
         tx.commit()?;
@@ -222,46 +254,56 @@ impl Device {
     }
 }
 
-/// A `Sign` the relay answered with a conflict: the signature covered an older version. It is
-/// taken out of the local document (which returns to the relay's state) so the user can review
-/// the note and sign again.
-fn discard_stale_signature(
+/// What an addendum is made from.
+struct AddendumSource {
+    entity_type: String,
+    /// The note as this device had it with the refused edit.
+    refused: Map<String, Value>,
+    /// The outbox items the addendum replaces.
+    items: Vec<Uuid>,
+    closes: Closes,
+}
+
+enum Closes {
+    Rejection(u64),
+    Conflict(u64),
+}
+
+/// A conflict that no choice of values can settle (see [`Settlement`]): a signature made on an
+/// older version, or a change to a record signed or locked on the relay meanwhile. Every
+/// unconfirmed item of the entity leaves the outbox (they could never be applied), and the
+/// local document returns to the relay's state; the report shows what was dropped.
+fn discard_unsettleable_conflict(
     tx: &Transaction<'_>,
+    schema: &fieldsync_schema::Schema,
     entity_id: Uuid,
+    me: Uuid,
     actor: automerge::ActorId,
     now: u64,
 ) -> Result<DiscardReport> {
-    let open = open_conflict(tx, entity_id)?;
-    let kind = match &open {
-        Some(o) => outbox::get(tx, o.mutation_id)?.map(|i| i.kind),
-        None => None,
+    let Some(mut u) = Unsettled::of_entity(tx, schema, entity_id, me, actor.clone())? else {
+        return Err(PeerError::Resolution(format!(
+            "{entity_id} has no refused change to discard"
+        )));
     };
-    let (Some(open), Some(fieldsync_schema::MutationKind::Sign)) = (open, kind) else {
-        return Err(PeerError::Resolution(if open_conflict(tx, entity_id)?.is_some() {
-            format!(
-                "{entity_id} has a conflict, which is resolved rather than discarded (keep mine, keep theirs \
-                     or merge), so that neither side is lost"
-            )
-        } else {
-            format!("{entity_id} has no refused change to discard")
-        }));
+    if u.settlement == Settlement::ByValues {
+        return Err(PeerError::Resolution(format!(
+            "{entity_id} has a conflict, which is resolved rather than discarded (keep mine, keep theirs \
+             or merge), so that neither side is lost"
+        )));
+    }
+    let values = u.sides.mine.fields.clone();
+    let mut doc = view::relay_view(&mut u.loaded.doc, &u.own.hashes, actor)?;
+    entity::store(tx, &u.loaded.meta, &mut doc, now)?;
+    let ids = u.own.mutation_ids();
+    let why = match u.settlement {
+        Settlement::StaleSignature => "signature discarded: it covered an older version",
+        _ => "discarded by the user: the record is signed or locked on the relay",
     };
-    let Some(mut loaded) = entity::load(tx, entity_id, actor.clone())? else {
-        return Err(PeerError::NotFound {
-            entity_type: None,
-            id: entity_id,
-        });
-    };
-    let own = view::own_changes(tx, entity_id, None)?;
-    let values = loaded.doc.fields();
-    let mut doc = view::relay_view(&mut loaded.doc, &own.hashes, actor)?;
-    entity::store(tx, &loaded.meta, &mut doc, now)?;
-    // A signed note takes no further local writes, so the signature is the only item here.
-    let ids = own.mutation_ids();
-    outbox::supersede(tx, &ids, None, "signature discarded: it covered an older version")?;
-    close_conflict(tx, open.conflict_id, "discarded", None, now)?;
+    outbox::supersede(tx, &ids, None, why)?;
+    close_conflict(tx, u.open.conflict_id, "discarded", None, now)?;
     Ok(DiscardReport {
-        entity_type: loaded.meta.entity_type,
+        entity_type: u.loaded.meta.entity_type,
         entity_id,
         discarded: ids,
         values,

@@ -24,7 +24,8 @@ use rusqlite::{Connection, TransactionBehavior};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::{RecordState, close_conflict, open_conflict, view};
+use super::settlement::{Settlement, Unsettled};
+use super::{RecordState, close_conflict};
 use crate::device::Device;
 use crate::entity::{self, EntityMeta, SyncState};
 use crate::error::{PeerError, Result};
@@ -62,26 +63,41 @@ impl Device {
         let (conn, mut w) = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         w.fold_clock(&tx)?;
-        let Some(open) = open_conflict(&tx, entity_id)? else {
+        let Some(u) = Unsettled::of_entity(&tx, w.schema, entity_id, me, w.actor.clone())? else {
             return Err(no_conflict(&tx, entity_id));
         };
-        let envelope = outbox::envelope(&tx, open.mutation_id)?.ok_or(PeerError::NoSuchMutation(open.mutation_id))?;
-        if envelope.kind == MutationKind::Sign {
-            return Err(PeerError::Resolution(format!(
-                "the signature on {} {entity_id} was made on an older version of the note; it cannot be kept. \
-                 Discard it (`resolve {} {entity_id} --discard`), review the note and sign again",
-                envelope.entity_type, envelope.entity_type
-            )));
+        let Unsettled {
+            open,
+            ty,
+            loaded,
+            own,
+            sides,
+            settlement,
+            ..
+        } = u;
+        let ty = &ty;
+        match settlement {
+            Settlement::ByValues => {}
+            Settlement::StaleSignature => {
+                return Err(PeerError::Resolution(format!(
+                    "the signature on {} {entity_id} was made on an older version of the note; it cannot be kept. \
+                     Discard it (`resolve {} {entity_id} --discard`), review the note and sign again",
+                    ty.name, ty.name
+                )));
+            }
+            Settlement::Sealed { addendum } => {
+                let addendum = if addendum {
+                    " or turn it into an addendum (`--addendum`)"
+                } else {
+                    ""
+                };
+                return Err(PeerError::Resolution(format!(
+                    "{} {entity_id} is signed or locked on the relay and can no longer change; discard this change \
+                     (`resolve {} {entity_id} --discard`){addendum}",
+                    ty.name, ty.name
+                )));
+            }
         }
-        let mut loaded = entity::load(&tx, entity_id, w.actor.clone())?.ok_or(PeerError::NotFound {
-            entity_type: None,
-            id: entity_id,
-        })?;
-        let ty = w
-            .schema
-            .entity_type(&loaded.meta.entity_type)
-            .ok_or_else(|| PeerError::UnknownType(loaded.meta.entity_type.clone()))?;
-        let own = view::own_changes(&tx, entity_id, None)?;
         let Some(place) = own
             .items
             .iter()
@@ -92,15 +108,6 @@ impl Device {
                 "the conflict on {entity_id} has no blocked outbox item"
             )));
         };
-        let base_heads = view::base_heads(&envelope)?;
-        let sides = view::three_way(&mut loaded.doc, &base_heads, &own, me, w.actor.clone())?;
-        if sides.theirs_doc.is_signed() || sides.theirs_doc.is_locked() {
-            return Err(PeerError::Resolution(format!(
-                "{} {entity_id} is signed or locked on the relay and can no longer change; discard this change \
-                 (`resolve {} {entity_id} --discard`)",
-                ty.name, ty.name
-            )));
-        }
         rules::check_role(ty, &loaded.meta, MutationKind::Resolve, w.enrollment)?;
         let target = target_of(ty, &resolution, &sides.mine, &sides.theirs)?;
         validate_target(&tx, ty, &loaded.meta, &sides.theirs.fields, &target)?;

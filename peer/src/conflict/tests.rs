@@ -14,6 +14,7 @@ use crate::testutil::{Fixture, T0, enroll, obj};
 use crate::{OutboxState, SyncState, SyncStatus};
 
 mod rejections;
+mod sealed;
 
 pub(super) const OTHER: Uuid = Uuid::from_bytes([0xbb; 16]);
 pub(super) const OTHER_USER: Uuid = Uuid::from_bytes([0xcc; 16]);

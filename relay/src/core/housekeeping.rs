@@ -32,7 +32,8 @@ pub(crate) struct TickState {
 
 impl<S: Store> RelayCore<S> {
     /// Periodic work: close connections of devices revoked since the last check (SPEC §4: within
-    /// a second), refresh space memberships, expire unanswered challenges.
+    /// a second), refresh space memberships, expire unanswered challenges, and fan out what
+    /// other writers of the store committed.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Output> {
         let mut out = Vec::new();
         let marker = match self.store.outside_writes_marker() {
@@ -49,6 +50,7 @@ impl<S: Store> RelayCore<S> {
             self.housekeeping.last_marker = marker;
         }
         self.expire_challenges(now_ms, &mut out);
+        self.fan_out_outside(&mut out);
         out
     }
 

@@ -12,6 +12,7 @@
 mod accept;
 mod archive;
 mod checks;
+mod fanout;
 mod housekeeping;
 mod lww;
 mod pull;
@@ -21,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use fieldsync_schema::wire::{ErrorCode, MAX_BATCH, MutationResult};
-use fieldsync_schema::{ClientMessage, FeedEntry, Outcome, RelayMessage, Role, Schema};
+use fieldsync_schema::{ClientMessage, Outcome, RelayMessage, Role, Schema};
 use rand_core::Rng;
 use serde::Serialize;
 use uuid::Uuid;
@@ -205,6 +206,8 @@ pub struct RelayCore<S: Store> {
     /// Changes applied to each document since its last snapshot (a hint, rebuilt from the
     /// store when missing), so a mutation need not count them in SQL.
     pub(crate) since_snapshot: BTreeMap<u64, u64>,
+    /// How far the feed has been fanned out (see `fanout`).
+    fanned: fanout::FanOutState,
 }
 
 /// Work for after the group's commit.
@@ -247,6 +250,7 @@ impl<S: Store> RelayCore<S> {
     pub fn new(store: S, schema: Arc<Schema>, config: RelayConfig, rng: Box<dyn Rng + Send>) -> Self {
         let relay_id = store.relay_id();
         let docs = DocCache::new(config.doc_cache_capacity);
+        let fanned = fanout::FanOutState::starting_at(&store);
         RelayCore {
             store,
             schema,
@@ -259,6 +263,7 @@ impl<S: Store> RelayCore<S> {
             faults: FaultSwitches::default(),
             housekeeping: housekeeping::TickState::default(),
             since_snapshot: BTreeMap::new(),
+            fanned,
         }
     }
 
@@ -518,7 +523,7 @@ impl<S: Store> RelayCore<S> {
         for (conn, reason) in group.closes {
             self.close(conn, reason, out);
         }
-        self.fan_out(&group.applied, out);
+        self.fan_out_committed(&group.applied, out);
         for (conn, cursor, max_entries) in group.pulls {
             if let Err(e) = self.on_pull(conn, cursor, max_entries, now_ms, out) {
                 tracing::error!(error = %e, "pull failed");
@@ -549,52 +554,6 @@ impl<S: Store> RelayCore<S> {
             },
         ));
         self.close(conn, CloseReason::protocol(reason), out);
-    }
-
-    /// Releases applied entries to every caught-up connection of their space, in seq order, in
-    /// messages of at most a pull page's bytes (a large group never becomes one huge frame).
-    fn fan_out(&mut self, applied: &[AppliedEntry], out: &mut Vec<Output>) {
-        if applied.is_empty() {
-            return;
-        }
-        let budget = self.config.pull_page_bytes;
-        for (conn, state) in self.conns.iter_mut() {
-            let ConnState::Ready(s) = state else { continue };
-            let Some(mut cursor) = s.live_cursor else { continue };
-            let mut entries: Vec<FeedEntry> = Vec::new();
-            let mut size = 0usize;
-            let mut release = |entries: &mut Vec<FeedEntry>, cursor: u64, out: &mut Vec<Output>| {
-                self.stats.live_entries_sent += entries.len() as u64;
-                out.push(Output::Send(
-                    *conn,
-                    RelayMessage::Live {
-                        entries: std::mem::take(entries),
-                        cursor: fieldsync_schema::PullCursor {
-                            seq: cursor,
-                            snapshot: None,
-                        },
-                    },
-                ));
-            };
-            for a in applied {
-                if a.entry.seq <= cursor || !s.spaces.contains_key(&a.entry.space_id) {
-                    continue;
-                }
-                let entry = a.entry_for(s.device_id);
-                let entry_size = fieldsync_schema::wire::entry_size(&entry);
-                if !entries.is_empty() && size + entry_size > budget {
-                    release(&mut entries, cursor, out);
-                    size = 0;
-                }
-                size += entry_size;
-                entries.push(entry);
-                cursor = a.entry.seq;
-            }
-            if !entries.is_empty() {
-                release(&mut entries, cursor, out);
-            }
-            s.live_cursor = Some(cursor);
-        }
     }
 
     pub(crate) fn count_outcome(&mut self, outcome: &Outcome) {

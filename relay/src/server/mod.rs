@@ -69,6 +69,12 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("the relay core stopped unexpectedly")]
     CoreStopped,
+    #[error(
+        "another relay is already serving {} (it holds {LOCK_FILE}); one relay per data directory — stop the \
+         other one first (several relays need a shared PostgreSQL store)",
+        .0.display()
+    )]
+    AlreadyServed(PathBuf),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
@@ -115,6 +121,25 @@ impl Shared {
     }
 }
 
+/// The exclusive lock on `DIR/relay.lock` a serving relay holds for its whole life. One relay
+/// per SQLite directory: two would each keep their own order and their own live fan-out, and a
+/// device watching one would never hear of the other's writes (its cursor then moves past
+/// them). Admin commands and online backups take no lock and keep working beside it; `restore`
+/// needs the lock and so is refused while a relay serves.
+fn serve_lock(dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
+    let path = dir.join(LOCK_FILE);
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServerError::AlreadyServed(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(ServerError::Io(e)),
+    }
+}
+
 /// A bound, not yet running relay. Binding first lets callers (tests, `serve`) learn the real
 /// address when they asked for port 0.
 pub struct Server {
@@ -124,33 +149,22 @@ pub struct Server {
     tls: Option<Arc<rustls::ServerConfig>>,
     backup: Option<BackupSchedule>,
     db_path: PathBuf,
-    /// A shared lock on `DIR/relay.lock` for as long as the server lives: `restore` refuses to
-    /// replace the database under a running relay.
+    /// The exclusive lock on `DIR/relay.lock` for as long as the server lives ([`serve_lock`]).
     _lock: std::fs::File,
 }
 
 impl Server {
-    /// Opens (creating if needed) the data directory and its database, and binds the port.
+    /// Takes the data directory for this process, binds the port, then opens (creating if
+    /// needed) the database — in that order, so a second relay on the same directory, or a
+    /// port already in use, is refused before anything is created or opened.
     pub async fn bind(
         opts: ServeOptions,
         rng: Box<dyn Rng + Send>,
         new_relay_id: uuid::Uuid,
     ) -> Result<Self, ServerError> {
-        let store = SqliteStore::open_dir(&opts.data_dir, new_relay_id).map_err(|source| ServerError::Store {
-            dir: opts.data_dir.display().to_string(),
-            source,
-        })?;
-        let lock = std::fs::File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(opts.data_dir.join(LOCK_FILE))?;
-        lock.lock_shared()?;
+        std::fs::create_dir_all(&opts.data_dir)?;
+        let lock = serve_lock(&opts.data_dir)?;
         let tls = opts.tls.as_ref().map(tls::server_config).transpose()?;
-        if let Some(b) = &opts.backup {
-            std::fs::create_dir_all(&b.dir)?;
-        }
-        let core = RelayCore::new(store, opts.schema, opts.config, rng);
         let listener = TcpListener::bind(opts.listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -158,6 +172,14 @@ impl Server {
                 source,
             })?;
         let addr = listener.local_addr()?;
+        if let Some(b) = &opts.backup {
+            std::fs::create_dir_all(&b.dir)?;
+        }
+        let store = SqliteStore::open_dir(&opts.data_dir, new_relay_id).map_err(|source| ServerError::Store {
+            dir: opts.data_dir.display().to_string(),
+            source,
+        })?;
+        let core = RelayCore::new(store, opts.schema, opts.config, rng);
         Ok(Server {
             listener,
             addr,

@@ -294,6 +294,9 @@ pub trait Store {
     fn max_seq(&self) -> StoreResult<u64>;
     /// Feed rows after `after_seq` in these spaces, oldest first.
     fn feed_after(&self, spaces: &[Uuid], after_seq: u64, limit: usize) -> StoreResult<Vec<FeedRow>>;
+    /// Feed rows of every space with `after_seq < seq <= upto_seq`, oldest first, at most
+    /// `limit`: what other writers of the store committed, for live fan-out.
+    fn feed_range(&self, after_seq: u64, upto_seq: u64, limit: usize) -> StoreResult<Vec<FeedRow>>;
     /// Feed rows of one document with a version above `version`, oldest first.
     fn feed_for_document(&self, doc_key: u64, after_version: u64) -> StoreResult<Vec<FeedRow>>;
     /// Documents in these spaces with a key above `after_key`, in key order.

@@ -643,6 +643,14 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn feed_range(&self, after_seq: u64, upto_seq: u64, limit: usize) -> StoreResult<Vec<FeedRow>> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {FEED_COLS} FROM feed WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3"
+        ))?;
+        let rows = st.query_map(params![i(after_seq), i(upto_seq), limit as i64], feed_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn feed_for_document(&self, doc_key: u64, after_version: u64) -> StoreResult<Vec<FeedRow>> {
         let mut st = self.conn.prepare_cached(&format!(
             "SELECT {FEED_COLS} FROM feed WHERE doc_key = ?1 AND version > ?2 ORDER BY seq"

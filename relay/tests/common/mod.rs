@@ -66,6 +66,11 @@ impl TestRelay {
         )
     }
 
+    /// A second relay core on the same store file: another relay process sharing the store.
+    pub fn second_core(&self) -> RelayCore<SqliteStore> {
+        Self::open_core(self.dir.path().to_path_buf(), 3, RelayConfig::default())
+    }
+
     /// Drops the core (all memory) and reopens the same files, like a relay restart.
     pub fn restart(&mut self) {
         let dir = self.dir.path().to_path_buf();

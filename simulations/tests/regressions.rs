@@ -1,0 +1,38 @@
+//! Seeds that once broke an invariant, kept as they were found (options included). A seed's run
+//! changes as the code changes, so each also names the fix it guards; the swarm hunt finds new
+//! ones.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use fieldsync_simulations::{FaultSet, SimOptions, run};
+
+fn passes(seed: u64, devices: usize, steps: u64) {
+    let trace = std::env::temp_dir().join(format!("fieldsync-sim-regression-{seed}.trace"));
+    let report = run(
+        SimOptions {
+            seed,
+            devices,
+            steps,
+            faults: FaultSet::all(),
+            bug: None,
+        },
+        Some(&trace),
+        false,
+    )
+    .unwrap();
+    assert!(
+        report.ok() && report.converged,
+        "{}replay: fieldsync-sim --replay {}",
+        report.render(),
+        trace.display()
+    );
+    let _ = std::fs::remove_file(&trace);
+}
+
+/// An intake form locked on the relay while dev0's edit was in conflict: the record offered
+/// keep-mine / keep-theirs / merged, every one refused, and dev0 stayed blocked forever with
+/// 28 unsynced writes. Now a sealed record offers discard (and addendum for a signed note),
+/// and the oracle checks that every offered option is accepted.
+#[test]
+fn seed_2114_a_conflict_on_a_record_locked_meanwhile_ends() {
+    passes(2114, 8, 600);
+}
