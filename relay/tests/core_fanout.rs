@@ -6,19 +6,19 @@
 mod common;
 
 use common::{T0, TestDevice, TestRelay};
-use fieldsync_relay::core::{ConnId, Output, RelayCore};
+use fieldsync_relay::core::{ConnId, Input, Output, RelayCore};
 use fieldsync_relay::store::sqlite::SqliteStore;
 use fieldsync_schema::{ClientMessage, FeedEntry, RelayMessage, Role};
 use serde_json::json;
 
 /// Logs `dev` in on `core` (another relay than the one it enrolled through).
 fn login_on(core: &mut RelayCore<SqliteStore>, conn: ConnId, dev: &TestDevice, now: u64) {
-    core.open_connection(conn);
-    let out = core.handle(vec![(conn, dev.hello())], now);
+    core.handle([Input::Opened(conn)], 0);
+    let out = core.handle([Input::message(conn, dev.hello())], now);
     let Output::Send(_, RelayMessage::Challenge { relay_id, nonce }) = &out[0] else {
         panic!("{out:?}")
     };
-    let out = core.handle(vec![(conn, dev.auth(*relay_id, &nonce.0))], now + 1);
+    let out = core.handle([Input::message(conn, dev.auth(*relay_id, &nonce.0))], now + 1);
     assert!(
         matches!(&out[0], Output::Send(_, RelayMessage::Welcome { .. })),
         "{out:?}"
@@ -37,7 +37,7 @@ fn live_entries(out: &[Output], conn: ConnId) -> Vec<FeedEntry> {
 
 fn push_on(core: &mut RelayCore<SqliteStore>, conn: ConnId, m: fieldsync_schema::Mutation, now: u64) -> Vec<Output> {
     core.handle(
-        vec![(
+        [Input::message(
             conn,
             ClientMessage::Push {
                 batch_id: 1,
@@ -73,7 +73,7 @@ fn rows_another_relay_committed_reach_live_devices_before_this_relays_own_and_no
             .any(|o| matches!(o, Output::Send(50, RelayMessage::PushResult { .. })))
     );
     r.now += 300;
-    let ticked = r.core.tick(r.now);
+    let ticked = r.core.handle([Input::Tick], r.now);
     let seen = live_entries(&ticked, watcher.conn);
     assert_eq!(
         seen.iter().map(|e| (e.seq, e.entity_id)).collect::<Vec<_>>(),
@@ -122,7 +122,7 @@ fn every_live_entry_a_device_gets_with_two_relays_writing_is_a_dense_run_of_the_
             push_on(&mut relay_b, 50, m, now);
             if i % 5 == 0 {
                 r.now = now;
-                r.core.tick(now)
+                r.core.handle([Input::Tick], now)
             } else {
                 Vec::new()
             }
@@ -134,7 +134,7 @@ fn every_live_entry_a_device_gets_with_two_relays_writing_is_a_dense_run_of_the_
     }
     r.now += 1000;
     received.extend(
-        live_entries(&r.core.tick(r.now), watcher.conn)
+        live_entries(&r.core.handle([Input::Tick], r.now), watcher.conn)
             .into_iter()
             .map(|e| e.seq),
     );

@@ -6,7 +6,7 @@ mod common;
 
 use common::{T0, TestDevice, TestRelay};
 use fieldsync_relay::admin;
-use fieldsync_relay::core::Output;
+use fieldsync_relay::core::{Input, Output};
 use fieldsync_relay::store::Store;
 use fieldsync_schema::signing::{enroll_signing_bytes, rotate_signing_bytes};
 use fieldsync_schema::wire::{AuthFailure, PROTOCOL_VERSION};
@@ -196,7 +196,7 @@ fn a_user_removed_from_a_space_cannot_read_it_through_their_own_receipts() {
     // Carla leaves the clinic; her open session learns it at the next tick.
     admin::remove_member(relay.core.store_mut(), "carla", "clinic").unwrap();
     relay.now += 1;
-    relay.core.tick(relay.now);
+    relay.core.handle([Input::Tick], relay.now);
     let outcome = relay.push_one(&mut clinic_dev, stale);
     assert!(
         matches!(&outcome, Outcome::Forbidden { reason } if reason.contains("member")),

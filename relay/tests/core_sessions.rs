@@ -5,7 +5,7 @@ mod common;
 
 use common::{T0, TestRelay};
 use fieldsync_relay::admin;
-use fieldsync_relay::core::Output;
+use fieldsync_relay::core::{Input, Output};
 use fieldsync_relay::store::Store;
 use fieldsync_relay::store::sqlite::SqliteStore;
 use fieldsync_schema::signing::enroll_signing_bytes;
@@ -58,7 +58,7 @@ fn unknown_and_revoked_devices_and_bad_signatures_are_refused() {
 
     // Revocation closes open sessions at the next tick and refuses new ones.
     admin::revoke_device(r.core.store_mut(), dev.device_id, r.now).unwrap();
-    let out = r.core.tick(r.now + 500);
+    let out = r.core.handle([Input::Tick], r.now + 500);
     assert!(
         out.iter().any(|o| matches!(o, Output::Close(c, _) if *c == dev.conn)),
         "{out:?}"
@@ -76,8 +76,8 @@ fn admin_changes_from_another_process_reach_open_sessions_at_the_next_tick() {
     let eve = r.device("eve", 2);
     // The first tick looks at everything; the next one, with nothing written elsewhere, finds
     // nothing to do.
-    r.core.tick(r.now);
-    assert!(r.core.tick(r.now + 250).is_empty());
+    r.core.handle([Input::Tick], r.now);
+    assert!(r.core.handle([Input::Tick], r.now + 250).is_empty());
 
     // The admin CLI is another connection to the same file: it revokes Eve's device and takes
     // Dana out of the clinic, well within the full-refresh period.
@@ -86,7 +86,7 @@ fn admin_changes_from_another_process_reach_open_sessions_at_the_next_tick() {
     admin::remove_member(&mut other, "dana", "clinic").unwrap();
     drop(other);
 
-    let out = r.core.tick(r.now + 500);
+    let out = r.core.handle([Input::Tick], r.now + 500);
     assert!(
         out.iter().any(|o| matches!(o, Output::Close(c, _) if *c == eve.conn)),
         "{out:?}"
@@ -338,15 +338,15 @@ fn one_group_commit_serves_several_connections_and_outcomes_follow_the_commit() 
     let (_, mb) = b.create("patient", json!({"name": "B"}), T0);
     let commits = r.core.stats().commits;
     let out = r.core.handle(
-        vec![
-            (
+        [
+            Input::message(
                 a.conn,
                 ClientMessage::Push {
                     batch_id: 1,
                     mutations: vec![ma],
                 },
             ),
-            (
+            Input::message(
                 b.conn,
                 ClientMessage::Push {
                     batch_id: 1,
@@ -475,7 +475,7 @@ fn a_device_over_its_rate_is_told_to_retry_later() {
             .collect();
         sent += batch.len();
         let out = r.core.handle(
-            vec![(
+            [Input::message(
                 a.conn,
                 ClientMessage::Push {
                     batch_id: round,
@@ -511,15 +511,15 @@ fn signature_checks_made_outside_the_core_count_only_with_the_current_key() {
         key: [7; 32],
         valid: vec![true],
     };
-    let out = r.core.handle_checked(
-        vec![(
-            a.conn,
-            ClientMessage::Push {
+    let out = r.core.handle(
+        [Input::Message {
+            conn: a.conn,
+            msg: ClientMessage::Push {
                 batch_id: 1,
                 mutations: vec![forged],
             },
-            Some(stale),
-        )],
+            prechecked: Some(stale),
+        }],
         r.now + 1,
     );
     let outcome = |out: &[Output]| {
@@ -537,15 +537,15 @@ fn signature_checks_made_outside_the_core_count_only_with_the_current_key() {
     let mut said_bad = Prechecked::check(&verifier, std::slice::from_ref(&good));
     assert_eq!(said_bad.valid, vec![true]);
     said_bad.valid = vec![false];
-    let out = r.core.handle_checked(
-        vec![(
-            a.conn,
-            ClientMessage::Push {
+    let out = r.core.handle(
+        [Input::Message {
+            conn: a.conn,
+            msg: ClientMessage::Push {
                 batch_id: 2,
                 mutations: vec![good.clone()],
             },
-            Some(said_bad),
-        )],
+            prechecked: Some(said_bad),
+        }],
         r.now + 2,
     );
     assert!(matches!(outcome(&out), Outcome::Forbidden { .. }));
@@ -553,15 +553,15 @@ fn signature_checks_made_outside_the_core_count_only_with_the_current_key() {
     let mut other = good;
     other.mutation_id = uuid::Uuid::from_bytes([5; 16]);
     a.key.sign_mutation(&mut other);
-    let out = r.core.handle_checked(
-        vec![(
-            a.conn,
-            ClientMessage::Push {
+    let out = r.core.handle(
+        [Input::Message {
+            conn: a.conn,
+            msg: ClientMessage::Push {
                 batch_id: 3,
                 mutations: vec![other],
             },
-            Some(checked),
-        )],
+            prechecked: Some(checked),
+        }],
         r.now + 3,
     );
     assert!(outcome(&out).applied().is_some());

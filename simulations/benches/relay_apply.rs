@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fieldsync_relay::admin;
-use fieldsync_relay::core::{ConnId, Output, RelayConfig, RelayCore};
+use fieldsync_relay::core::{ConnId, Input, Output, RelayConfig, RelayCore};
 use fieldsync_relay::store::sqlite::SqliteStore;
 use fieldsync_schema::{ClientMessage, Mutation, RelayMessage, Role, Schema};
 use fieldsync_simulations::rng::stream;
@@ -62,20 +62,20 @@ impl Bench {
         for i in 0..devices {
             let mut d = SynthDevice::new(1, i as u64);
             let (token, _) = admin::create_enrollment_token(core.store_mut(), "pat", 3_600_000, T0, &mut rng).unwrap();
-            core.open_connection(conn);
-            let o = core.handle(vec![(conn, d.enroll_message(&token))], T0);
+            core.handle([Input::Opened(conn)], 0);
+            let o = core.handle([Input::message(conn, d.enroll_message(&token))], T0);
             let Some(Output::Send(_, RelayMessage::Enrolled { user, .. })) = o.into_iter().next() else {
                 panic!("enrollment failed")
             };
             d.user_id = user.user_id;
             d.space_id = user.spaces[0].space_id;
             conn += 1;
-            core.open_connection(conn);
-            let o = core.handle(vec![(conn, d.hello())], T0);
+            core.handle([Input::Opened(conn)], 0);
+            let o = core.handle([Input::message(conn, d.hello())], T0);
             let Some(Output::Send(_, RelayMessage::Challenge { relay_id, nonce })) = o.into_iter().next() else {
                 panic!("no challenge")
             };
-            core.handle(vec![(conn, d.auth(relay_id, &nonce.0))], T0);
+            core.handle([Input::message(conn, d.auth(relay_id, &nonce.0))], T0);
             out.push((d, conn));
             conn += 1;
         }
@@ -94,7 +94,7 @@ impl Bench {
             .into_iter()
             .enumerate()
             .map(|(i, (c, mutations))| {
-                (
+                Input::message(
                     c,
                     ClientMessage::Push {
                         batch_id: i as u64,
@@ -102,7 +102,7 @@ impl Bench {
                     },
                 )
             })
-            .collect();
+            .collect::<Vec<_>>();
         let out = self.core.handle(inputs, self.now);
         out.iter()
             .map(|o| match o {

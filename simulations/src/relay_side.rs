@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fieldsync_relay::core::{ConnId, FaultSwitches, Output, RelayConfig, RelayCore};
+use fieldsync_relay::core::{ConnId, FaultSwitches, Input, Output, RelayConfig, RelayCore};
 use fieldsync_relay::store::sqlite::SqliteStore;
 use fieldsync_schema::{ClientMessage, RelayMessage, Schema};
 use uuid::Uuid;
@@ -128,7 +128,7 @@ impl World {
             },
         );
         if let Some(core) = &mut self.relay.core {
-            core.open_connection(id);
+            core.handle([Input::Opened(id)], 0);
         }
         id
     }
@@ -142,7 +142,7 @@ impl World {
         c.open = false;
         let device = c.device;
         if let Some(core) = &mut self.relay.core {
-            core.close_connection(conn);
+            core.handle([Input::Closed(conn)], 0);
         }
         self.relay.inbox.retain(|(c, _)| *c != conn);
         let now = self.now();
@@ -188,14 +188,14 @@ impl World {
         }
         self.stats.groups += 1;
         self.trace.record(now, &format!("relay group of {}", inbox.len()));
-        let outputs = core.handle(inbox, now);
+        let outputs = core.handle(inbox.into_iter().map(|(conn, msg)| Input::message(conn, msg)), now);
         self.route(outputs);
     }
 
     pub fn relay_tick(&mut self) {
         let now = self.now();
         if let Some(core) = &mut self.relay.core {
-            let outputs = core.tick(now);
+            let outputs = core.handle([Input::Tick], now);
             self.route(outputs);
         }
         self.schedule_in(30 * SECOND, Event::RelayTick);
@@ -211,7 +211,7 @@ impl World {
                     {
                         c.open = false;
                         if let Some(core) = &mut self.relay.core {
-                            core.close_connection(conn);
+                            core.handle([Input::Closed(conn)], 0);
                         }
                         let at = self.delivery_time(conn, false);
                         self.schedule(at, Event::CloseAtDevice(conn, reason.reason.clone()));

@@ -2,7 +2,7 @@
 //! whom. Devices enroll through the real protocol (token, proof, `Enrolled`) before the run.
 
 use fieldsync_relay::admin;
-use fieldsync_relay::core::Output;
+use fieldsync_relay::core::{Input, Output};
 use fieldsync_schema::signing::enroll_signing_bytes;
 use fieldsync_schema::wire::PROTOCOL_VERSION;
 use fieldsync_schema::{Bytes, ClientMessage, RelayMessage, Role};
@@ -125,8 +125,8 @@ impl World {
             .core
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("relay not up"))?;
-        let out = core.handle(vec![(conn, msg)], now);
-        core.close_connection(conn);
+        let out = core.handle([Input::message(conn, msg)], now);
+        core.handle([Input::Closed(conn)], 0);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.open = false;
         }

@@ -2,8 +2,8 @@
 //! on temporary directories, talking over 127.0.0.1, plus a TCP proxy that cuts connections.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-pub mod fuzzing;
 pub mod attacker;
+pub mod fuzzing;
 pub mod proxy;
 pub mod tls;
 

@@ -28,14 +28,21 @@ const REVOCATION_CLOCK_SLACK_MS: u64 = 5_000;
 pub(crate) struct TickState {
     last_check_ms: u64,
     last_marker: Option<u64>,
+    last_tick_ms: u64,
+}
+
+impl TickState {
+    pub(super) fn last_tick_ms(&self) -> u64 {
+        self.last_tick_ms
+    }
 }
 
 impl<S: Store> RelayCore<S> {
     /// Periodic work: close connections of devices revoked since the last check (SPEC §4: within
     /// a second), refresh space memberships, expire unanswered challenges, and fan out what
     /// other writers of the store committed.
-    pub fn tick(&mut self, now_ms: u64) -> Vec<Output> {
-        let mut out = Vec::new();
+    pub(super) fn tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        self.housekeeping.last_tick_ms = now_ms;
         let marker = match self.store.outside_writes_marker() {
             Ok(m) => Some(m),
             Err(e) => {
@@ -45,13 +52,12 @@ impl<S: Store> RelayCore<S> {
         };
         let stale = now_ms.saturating_sub(self.housekeeping.last_check_ms) >= FULL_REFRESH_MS;
         if marker.is_none() || marker != self.housekeeping.last_marker || stale {
-            self.close_revoked(now_ms, &mut out);
+            self.close_revoked(now_ms, out);
             self.refresh_memberships();
             self.housekeeping.last_marker = marker;
         }
-        self.expire_challenges(now_ms, &mut out);
-        self.fan_out_outside(&mut out);
-        out
+        self.expire_challenges(now_ms, out);
+        self.fan_out_outside(out);
     }
 
     fn close_revoked(&mut self, now_ms: u64, out: &mut Vec<Output>) {

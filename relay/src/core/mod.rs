@@ -36,6 +36,35 @@ pub use session::token_hash;
 /// Identifies one connection for the lifetime of the process.
 pub type ConnId = u64;
 
+/// Everything the core reacts to. It reads no clock: the time comes with every call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A transport connection opened.
+    Opened(ConnId),
+    /// A decoded message. `prechecked`: the push's signatures, if the shell checked them (the
+    /// server does, on the connection's task); counted only if made with the session's key.
+    Message {
+        conn: ConnId,
+        msg: ClientMessage,
+        prechecked: Option<Prechecked>,
+    },
+    /// The connection is gone, whichever side closed it.
+    Closed(ConnId),
+    /// Time passed: see [`RelayCore::next_wakeup`].
+    Tick,
+}
+
+impl Input {
+    /// A message whose signatures the core checks itself.
+    pub fn message(conn: ConnId, msg: ClientMessage) -> Self {
+        Input::Message {
+            conn,
+            msg,
+            prechecked: None,
+        }
+    }
+}
+
 /// What the shell must do for the core.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
@@ -98,6 +127,9 @@ pub struct RelayConfig {
     /// Sustained mutations per second per connection, and the burst allowed above it.
     pub rate_per_sec: f64,
     pub rate_burst: f64,
+    /// How often, while connections are open, the core wants a tick to look for what other
+    /// processes wrote (revocations within a second, SPEC §4).
+    pub tick_every_ms: u64,
 }
 
 impl Default for RelayConfig {
@@ -111,6 +143,7 @@ impl Default for RelayConfig {
             doc_cache_capacity: 4096,
             rate_per_sec: 5_000.0,
             rate_burst: 20_000.0,
+            tick_every_ms: 250,
         }
     }
 }
@@ -314,27 +347,58 @@ impl<S: Store> RelayCore<S> {
         }
     }
 
-    pub fn open_connection(&mut self, conn: ConnId) {
-        self.conns.insert(conn, ConnState::Fresh);
+    /// The one door: takes what happened since the last call, in order, and returns what the
+    /// shell must do. Connections open and close at once; every message of the call is one
+    /// group commit (its pushes share one transaction, and outcomes, live entries and pull pages
+    /// are released only after the commit); a `Tick` runs after the group. Time comes only
+    /// from `now_ms`.
+    pub fn handle(&mut self, inputs: impl IntoIterator<Item = Input>, now_ms: u64) -> Vec<Output> {
+        let mut messages = Vec::new();
+        let mut tick = false;
+        for input in inputs {
+            match input {
+                Input::Opened(conn) => {
+                    self.conns.insert(conn, ConnState::Fresh);
+                }
+                Input::Closed(conn) => {
+                    self.conns.remove(&conn);
+                }
+                Input::Message { conn, msg, prechecked } => messages.push((conn, msg, prechecked)),
+                Input::Tick => tick = true,
+            }
+        }
+        let mut out = if messages.is_empty() {
+            Vec::new()
+        } else {
+            self.handle_group(messages, now_ms)
+        };
+        if tick {
+            self.tick(now_ms, &mut out);
+        }
+        out
     }
 
-    pub fn close_connection(&mut self, conn: ConnId) {
-        self.conns.remove(&conn);
+    /// When the core next wants a [`Input::Tick`]: while any connection is open, every
+    /// `RelayConfig::tick_every_ms` (revocations and memberships written by other processes,
+    /// other writers' feed rows), and when the earliest unanswered challenge expires. `None`:
+    /// nothing to do until an input arrives.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        if self.conns.is_empty() {
+            return None;
+        }
+        let polling = self
+            .housekeeping
+            .last_tick_ms()
+            .saturating_add(self.config.tick_every_ms);
+        let expiry = self.conns.values().filter_map(|c| match c {
+            ConnState::Challenged { issued_ms, .. } => Some(issued_ms.saturating_add(self.config.nonce_ttl_ms + 1)),
+            _ => None,
+        });
+        expiry.chain(std::iter::once(polling)).min()
     }
 
     /// Handles a group of messages as one group commit and returns what to send.
-    pub fn handle(&mut self, inputs: Vec<(ConnId, ClientMessage)>, now_ms: u64) -> Vec<Output> {
-        self.handle_checked(inputs.into_iter().map(|(c, m)| (c, m, None)).collect(), now_ms)
-    }
-
-    /// [`RelayCore::handle`], with the mutation signatures of some pushes already checked
-    /// elsewhere (the server verifies them on the connection's own task, in parallel with this
-    /// one). A check counts only if it was made with the session's current key.
-    pub fn handle_checked(
-        &mut self,
-        inputs: Vec<(ConnId, ClientMessage, Option<Prechecked>)>,
-        now_ms: u64,
-    ) -> Vec<Output> {
+    fn handle_group(&mut self, inputs: Vec<(ConnId, ClientMessage, Option<Prechecked>)>, now_ms: u64) -> Vec<Output> {
         let mut out = Vec::new();
         let mut group = Group::default();
         for (conn, msg, checked) in inputs {

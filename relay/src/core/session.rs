@@ -276,12 +276,7 @@ impl<S: Store> RelayCore<S> {
             return Ok(());
         }
         let Ok(public_key) = <[u8; 32]>::try_from(req.public_key) else {
-            self.auth_failed(
-                conn,
-                AuthFailure::BadSignature,
-                "the public key is not 32 bytes".into(),
-                out,
-            );
+            self.auth_failed(conn, AuthFailure::BadKey, "the public key is not 32 bytes".into(), out);
             return Ok(());
         };
         let verifier = match signing::Verifier::new(&public_key) {
@@ -386,6 +381,24 @@ impl<S: Store> RelayCore<S> {
         if let Some(ConnState::Ready(s)) = self.conns.get_mut(&conn) {
             s.public_key = new.to_vec();
             s.verifier = verifier;
+        }
+        // The old key is retired everywhere at once: other sessions of this device proved
+        // themselves with it, so they end and must log in again with the new key.
+        let others: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter_map(|(id, st)| match st {
+                ConnState::Ready(s) if s.device_id == device_id && *id != conn => Some(*id),
+                // A pending challenge is answered against the stored key, the new one.
+                _ => None,
+            })
+            .collect();
+        for other in others {
+            self.close(
+                other,
+                CloseReason::policy("the device key was rotated; reconnect with the new key"),
+                out,
+            );
         }
         tracing::info!(conn, device_id = %device_id, "device key rotated");
         group.replies.push((conn, RelayMessage::KeyRotated));

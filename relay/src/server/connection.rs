@@ -12,7 +12,7 @@ use fieldsync_schema::signing::Verifier;
 use fieldsync_schema::wire::{ErrorCode, MAX_PINGS_IN_FLIGHT, MAX_PULLS_IN_FLIGHT, MAX_PUSHES_IN_FLIGHT};
 use fieldsync_schema::{ClientMessage, RelayMessage};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{mpsc, watch};
 
 use super::core_thread::{CoreInput, Outbound};
 use super::{INBOUND_BUDGET_BYTES, MAX_FRAME_BYTES, SEND_QUEUE, Shared};
@@ -32,11 +32,39 @@ pub(crate) async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Shared>) 
         .on_upgrade(move |socket| serve(socket, shared))
 }
 
+/// A frame that cannot be written for this long means the device stopped reading: the socket
+/// is dropped (its queue and the frame go with it) instead of being held for ever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the closing handshake may take before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A WebSocket close reason travels in a control frame: at most 123 bytes after the code.
+const MAX_CLOSE_REASON_BYTES: usize = 123;
+
 fn close_frame(reason: &CloseReason) -> Message {
+    let mut text = reason.reason.as_str();
+    if text.len() > MAX_CLOSE_REASON_BYTES {
+        let mut cut = MAX_CLOSE_REASON_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text = &text[..cut];
+    }
     Message::Close(Some(CloseFrame {
         code: reason.code,
-        reason: reason.reason.clone().into(),
+        reason: text.to_string().into(),
     }))
+}
+
+/// Resolves once the core cut this connection (a slow reader); never if it did not.
+async fn cut(kill: &mut watch::Receiver<bool>) {
+    if kill.wait_for(|cut| *cut).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Why a connection ends without the relay saying so first.
+fn slow_reader() -> CloseReason {
+    CloseReason::policy("send queue full: the device is not reading its messages")
 }
 
 /// Requests this connection forwarded to the core and has not yet seen answered. Counting them
@@ -85,14 +113,15 @@ impl InFlight {
 async fn serve(socket: WebSocket, shared: Shared) {
     let conn = shared.new_conn_id();
     let (tx, mut rx) = mpsc::channel::<Outbound>(SEND_QUEUE);
-    let kill = Arc::new(Notify::new());
+    // Level-triggered: a cut is seen whenever the task next looks, never lost between selects.
+    let (kill_tx, mut kill) = watch::channel(false);
     let queued = Arc::new(AtomicUsize::new(0));
     if shared
         .core_tx
         .send(CoreInput::Open {
             conn,
             tx,
-            kill: kill.clone(),
+            kill: kill_tx,
             queued_bytes: queued.clone(),
         })
         .await
@@ -105,9 +134,13 @@ async fn serve(socket: WebSocket, shared: Shared) {
     let mut in_flight = InFlight::default();
     let closing: Option<CloseReason> = loop {
         tokio::select! {
+            // A cut connection is cut, even when its queue went away at the same moment.
+            biased;
+            _ = cut(&mut kill) => break Some(slow_reader()),
             incoming = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => match incoming {
                 Err(_) => break Some(CloseReason::normal("idle timeout")),
-                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break None,
+                Ok(Some(Err(e))) => break too_large(&e),
+                Ok(None) | Ok(Some(Ok(Message::Close(_)))) => break None,
                 Ok(Some(Ok(Message::Binary(bytes)))) => match ClientMessage::decode(&bytes) {
                     Ok(msg) => {
                         if let Err(reason) = in_flight.admit(&msg) {
@@ -150,26 +183,51 @@ async fn serve(socket: WebSocket, shared: Shared) {
                     in_flight.answered(&msg);
                     let frame = msg.encode();
                     drop(msg);
-                    let sent = sink.send(Message::Binary(frame.into())).await;
+                    // A device that stops reading blocks this write: the cut and a deadline
+                    // must still end the connection, or its queue is pinned for ever.
+                    let written = tokio::select! {
+                        biased;
+                        _ = cut(&mut kill) => Err(slow_reader()),
+                        sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Binary(frame.into()))) => match sent {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(_)) => Err(CloseReason::normal("connection lost")),
+                            Err(_) => Err(slow_reader()),
+                        },
+                    };
                     queued.fetch_sub(size, Ordering::Relaxed);
-                    if sent.is_err() {
-                        break None;
+                    match written {
+                        Ok(()) => {}
+                        // The reason goes out if the device reads again within the close
+                        // timeout; otherwise the socket is dropped with its queue.
+                        Err(reason) if reason.code == 1008 => break Some(reason),
+                        Err(_) => break None,
                     }
                 }
                 Some(Outbound::Key(key)) => verifier = Verifier::new(&key).ok(),
                 Some(Outbound::Close(reason)) => break Some(reason),
                 None => break Some(CloseReason::try_later("relay shutting down")),
             },
-            _ = kill.notified() => {
-                break Some(CloseReason::policy("send queue full: the device is not reading its messages"));
-            }
         }
     };
     if let Some(reason) = closing {
-        let _ = sink.send(close_frame(&reason)).await;
-        let _ = sink.close().await;
+        let goodbye = async {
+            let _ = sink.send(close_frame(&reason)).await;
+            let _ = sink.close().await;
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
     }
     let _ = shared.core_tx.send(CoreInput::Closed(conn)).await;
+}
+
+/// A read error: a frame over the size limit gets a close saying so (1009); anything else is a
+/// broken connection.
+fn too_large(e: &axum::Error) -> Option<CloseReason> {
+    let text = e.to_string();
+    let over_limit = text.contains("too long") || text.contains("too big") || text.contains("Space limit");
+    over_limit.then(|| CloseReason {
+        code: 1009,
+        reason: format!("frame over the {MAX_FRAME_BYTES}-byte limit"),
+    })
 }
 
 #[cfg(test)]

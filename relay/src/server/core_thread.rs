@@ -5,14 +5,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fieldsync_schema::wire::AuthFailure;
 use fieldsync_schema::{ClientMessage, Outcome, RelayMessage, SystemTimeSource, TimeSource};
 use serde::Serialize;
-use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
-use crate::core::{CloseReason, ConnId, CoreStats, Output, Prechecked, RelayCore};
+use crate::core::{CloseReason, ConnId, CoreStats, Input, Output, Prechecked, RelayCore};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -23,7 +23,8 @@ pub(crate) enum CoreInput {
     Open {
         conn: ConnId,
         tx: mpsc::Sender<Outbound>,
-        kill: Arc<Notify>,
+        /// Set to cut the connection (a slow reader).
+        kill: watch::Sender<bool>,
         /// Estimated bytes of the messages waiting in this connection's send queue.
         queued_bytes: Arc<AtomicUsize>,
     },
@@ -36,7 +37,6 @@ pub(crate) enum CoreInput {
         permit: OwnedSemaphorePermit,
     },
     Closed(ConnId),
-    Tick,
     Shutdown,
 }
 
@@ -92,7 +92,7 @@ impl StatusSnapshot {
 
 struct Route {
     tx: mpsc::Sender<Outbound>,
-    kill: Arc<Notify>,
+    kill: watch::Sender<bool>,
     queued_bytes: Arc<AtomicUsize>,
     /// The authenticated device's user, looked up once for log lines.
     user: Option<uuid::Uuid>,
@@ -127,26 +127,91 @@ fn log_outcomes(core: &RelayCore<SqliteStore>, route: &mut Route, conn: ConnId, 
     }
 }
 
+/// What the core thread keeps besides the core: where each connection's messages go, and the
+/// counts `/v1/status` shows.
+struct CoreThread {
+    core: RelayCore<SqliteStore>,
+    routes: HashMap<ConnId, Route>,
+    status: Arc<Mutex<StatusSnapshot>>,
+    metrics: Arc<Metrics>,
+    groups: u64,
+    largest: usize,
+    slow: u64,
+    opened: u64,
+    revoked: u64,
+}
+
+/// One turn's worth of input.
+#[derive(Default)]
+struct Turn {
+    inputs: Vec<Input>,
+    /// Released once the turn is handled: what the core no longer holds frees the budget.
+    permits: Vec<OwnedSemaphorePermit>,
+    messages: usize,
+    pushed: usize,
+    shutdown: bool,
+}
+
 pub(crate) fn run(
-    mut core: RelayCore<SqliteStore>,
+    core: RelayCore<SqliteStore>,
     mut rx: mpsc::Receiver<CoreInput>,
     status: Arc<Mutex<StatusSnapshot>>,
     metrics: Arc<Metrics>,
 ) {
     let clock = SystemTimeSource;
-    let mut routes: HashMap<ConnId, Route> = HashMap::new();
-    let mut groups = 0u64;
-    let mut largest = 0usize;
-    let mut slow = 0u64;
-    let mut opened = 0u64;
-    let mut revoked = 0u64;
-    while let Some(first) = rx.blocking_recv() {
-        let mut inputs = Vec::new();
-        // Released when this group is handled: what the core no longer holds frees the budget.
-        let mut permits = Vec::new();
-        let mut tick = false;
-        let mut shutdown = false;
-        let mut next = Some(first);
+    // Only to wait on the queue with a deadline; the core itself never sees it.
+    let Ok(waiter) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
+        tracing::error!("cannot start the core thread's timer");
+        return;
+    };
+    let mut thread = CoreThread {
+        core,
+        routes: HashMap::new(),
+        status,
+        metrics,
+        groups: 0,
+        largest: 0,
+        slow: 0,
+        opened: 0,
+        revoked: 0,
+    };
+    loop {
+        // Sleep until input arrives or the core's next wakeup, whichever comes first.
+        let first = match thread.core.next_wakeup() {
+            None => match rx.blocking_recv() {
+                Some(input) => Some(input),
+                None => return,
+            },
+            Some(at) => {
+                let wait = Duration::from_millis(at.saturating_sub(clock.now_ms()));
+                match waiter.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                    Ok(Some(input)) => Some(input),
+                    Ok(None) => return,
+                    Err(_) => None,
+                }
+            }
+        };
+        let mut turn = thread.collect(first, &mut rx);
+        let now = clock.now_ms();
+        if thread.core.next_wakeup().is_some_and(|at| now >= at) {
+            turn.inputs.push(Input::Tick);
+        }
+        let outputs = thread.handle(&mut turn, now);
+        drop(std::mem::take(&mut turn.permits));
+        thread.deliver(outputs, turn.shutdown);
+        thread.publish_status();
+        if turn.shutdown {
+            tracing::info!("relay core stopped");
+            return;
+        }
+    }
+}
+
+impl CoreThread {
+    /// Takes `first` and everything else already waiting (up to a group's worth of messages).
+    fn collect(&mut self, first: Option<CoreInput>, rx: &mut mpsc::Receiver<CoreInput>) -> Turn {
+        let mut turn = Turn::default();
+        let mut next = first;
         while let Some(input) = next.take() {
             match input {
                 CoreInput::Open {
@@ -155,9 +220,8 @@ pub(crate) fn run(
                     kill,
                     queued_bytes,
                 } => {
-                    core.open_connection(conn);
-                    opened += 1;
-                    routes.insert(
+                    self.opened += 1;
+                    self.routes.insert(
                         conn,
                         Route {
                             tx,
@@ -166,6 +230,7 @@ pub(crate) fn run(
                             user: None,
                         },
                     );
+                    turn.inputs.push(Input::Opened(conn));
                 }
                 CoreInput::Message {
                     conn,
@@ -173,73 +238,77 @@ pub(crate) fn run(
                     checked,
                     permit,
                 } => {
-                    inputs.push((conn, msg, checked));
-                    permits.push(permit);
+                    if let ClientMessage::Push { mutations, .. } = &msg {
+                        turn.pushed += mutations.len();
+                    }
+                    turn.messages += 1;
+                    turn.inputs.push(Input::Message {
+                        conn,
+                        msg,
+                        prechecked: checked,
+                    });
+                    turn.permits.push(permit);
                 }
                 CoreInput::Closed(conn) => {
-                    core.close_connection(conn);
-                    routes.remove(&conn);
+                    self.routes.remove(&conn);
+                    turn.inputs.push(Input::Closed(conn));
                 }
-                CoreInput::Tick => tick = true,
-                CoreInput::Shutdown => shutdown = true,
+                CoreInput::Shutdown => turn.shutdown = true,
             }
-            if inputs.len() < MAX_GROUP && !shutdown {
+            if turn.messages < MAX_GROUP && !turn.shutdown {
                 next = rx.try_recv().ok();
             }
         }
-        let now = clock.now_ms();
-        largest = largest.max(inputs.len());
-        let pushed: usize = inputs
-            .iter()
-            .map(|(_, m, _)| match m {
-                ClientMessage::Push { mutations, .. } => mutations.len(),
-                _ => 0,
-            })
-            .sum();
-        let mut outputs = if inputs.is_empty() {
-            Vec::new()
-        } else {
-            let started = Instant::now();
-            let out = core.handle_checked(inputs, now);
+        turn
+    }
+
+    /// Hands the turn to the core; times the group when it held messages.
+    fn handle(&mut self, turn: &mut Turn, now: u64) -> Vec<Output> {
+        let started = Instant::now();
+        let outputs = self.core.handle(std::mem::take(&mut turn.inputs), now);
+        if turn.messages > 0 {
+            self.groups += 1;
+            self.largest = self.largest.max(turn.messages);
             record_timings(
-                &metrics,
+                &self.metrics,
                 started.elapsed(),
-                core.store_mut().take_commit_times(),
-                pushed,
+                self.core.store_mut().take_commit_times(),
+                turn.pushed,
             );
-            out
-        };
-        if tick {
-            let ticked = core.tick(now);
-            revoked += ticked
-                .iter()
-                .filter(|o| {
-                    matches!(
-                        o,
-                        Output::Send(
-                            _,
-                            RelayMessage::AuthFailed {
-                                reason: AuthFailure::Revoked,
-                                ..
-                            }
-                        )
-                    )
-                })
-                .count() as u64;
-            outputs.extend(ticked);
         }
+        self.revoked += outputs
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::Send(
+                        _,
+                        RelayMessage::AuthFailed {
+                            reason: AuthFailure::Revoked,
+                            ..
+                        }
+                    )
+                )
+            })
+            .count() as u64;
+        outputs
+    }
+
+    /// Routes the core's outputs to the connection tasks; a connection whose queue is full (in
+    /// messages or bytes) is cut as a slow reader.
+    fn deliver(&mut self, mut outputs: Vec<Output>, shutdown: bool) {
         if shutdown {
-            for conn in routes.keys() {
-                outputs.push(Output::Close(
+            outputs.extend(self.routes.keys().map(|conn| {
+                Output::Close(
                     *conn,
                     CloseReason {
                         code: 1001,
                         reason: "relay shutting down".into(),
                     },
-                ));
-            }
+                )
+            }));
         }
-        drop(permits);
+        let mut gone = Vec::new();
         for output in outputs {
             let (conn, msg) = match output {
                 Output::Send(conn, msg) => {
@@ -254,72 +323,83 @@ pub(crate) fn run(
                 }
                 Output::Close(conn, reason) => (conn, Outbound::Close(reason)),
             };
-            let Some(route) = routes.get_mut(&conn) else { continue };
+            let Some(route) = self.routes.get_mut(&conn) else {
+                continue;
+            };
             // Before a session starts (or its key changes), its task learns the device key.
             if let Outbound::Message { msg: m, .. } = &msg
                 && matches!(**m, RelayMessage::Welcome { .. } | RelayMessage::KeyRotated)
-                && let Some(key) = core.session_key(conn)
+                && let Some(key) = self.core.session_key(conn)
             {
                 let _ = route.tx.try_send(Outbound::Key(key));
             }
-            let mut over_budget = false;
-            if let Outbound::Message { msg: m, size } = &msg {
-                log_outcomes(&core, route, conn, m);
-                // Bytes, not only messages, are bounded: one message can be megabytes.
-                let queued = route.queued_bytes.fetch_add(*size, Ordering::Relaxed) + size;
-                over_budget = queued > SEND_QUEUE_BYTES;
+            if let Outbound::Message { msg: m, .. } = &msg {
+                log_outcomes(&self.core, route, conn, m);
             }
-            let sent = if over_budget {
-                if let Outbound::Message { size, .. } = &msg {
-                    route.queued_bytes.fetch_sub(*size, Ordering::Relaxed);
-                }
-                Err(mpsc::error::TrySendError::Full(msg))
-            } else {
-                route.tx.try_send(msg)
-            };
-            match sent {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(unsent)) => {
-                    if let Outbound::Message { size, .. } = &unsent
-                        && !over_budget
-                    {
-                        route.queued_bytes.fetch_sub(*size, Ordering::Relaxed);
-                    }
+            match enqueue(route, msg) {
+                Ok(()) => continue,
+                Err(Unsent::Full) => {
                     // A device that does not read its messages is cut off rather than buffered
                     // without limit; it reconnects and pulls from its cursor.
                     tracing::warn!(conn, "send queue full: disconnecting a slow reader");
-                    route.kill.notify_one();
-                    core.close_connection(conn);
-                    routes.remove(&conn);
-                    slow += 1;
+                    let _ = route.kill.send(true);
+                    self.slow += 1;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    core.close_connection(conn);
-                    routes.remove(&conn);
-                }
+                Err(Unsent::Closed) => {}
             }
+            // Nothing more goes to this connection, in this turn or later.
+            self.routes.remove(&conn);
+            gone.push(conn);
         }
-        groups += 1;
-        if let Ok(mut s) = status.lock() {
-            let (connections, authenticated) = core.connection_counts();
-            s.connections = connections;
-            s.authenticated = authenticated;
-            s.groups = groups;
-            s.largest_group = largest;
-            s.slow_reader_disconnects = slow;
-            s.connections_opened = opened;
-            s.revoked_disconnects = revoked;
-            let depths = routes.values().map(|r| r.tx.max_capacity() - r.tx.capacity());
-            let (total, max) = depths.fold((0, 0), |(t, m), d| (t + d, m.max(d)));
-            s.send_queue_messages = total;
-            s.send_queue_max = max;
-            s.stats = core.stats().clone();
-        }
-        if shutdown {
-            tracing::info!("relay core stopped");
-            return;
+        if !gone.is_empty() {
+            // The core forgets them now; their tasks report `Closed` later, which is harmless.
+            let _ = self.core.handle(gone.into_iter().map(Input::Closed), 0);
         }
     }
+
+    fn publish_status(&self) {
+        let Ok(mut s) = self.status.lock() else { return };
+        let (connections, authenticated) = self.core.connection_counts();
+        s.connections = connections;
+        s.authenticated = authenticated;
+        s.groups = self.groups;
+        s.largest_group = self.largest;
+        s.slow_reader_disconnects = self.slow;
+        s.connections_opened = self.opened;
+        s.revoked_disconnects = self.revoked;
+        let depths = self.routes.values().map(|r| r.tx.max_capacity() - r.tx.capacity());
+        let (total, max) = depths.fold((0, 0), |(t, m), d| (t + d, m.max(d)));
+        s.send_queue_messages = total;
+        s.send_queue_max = max;
+        s.stats = self.core.stats().clone();
+    }
+}
+
+enum Unsent {
+    Full,
+    Closed,
+}
+
+/// Queues one message for a connection, counting its estimated bytes against
+/// [`SEND_QUEUE_BYTES`]: messages, not only their number, are bounded (one can be megabytes).
+fn enqueue(route: &Route, msg: Outbound) -> Result<(), Unsent> {
+    let size = match &msg {
+        Outbound::Message { size, .. } => *size,
+        _ => 0,
+    };
+    let queued = route.queued_bytes.fetch_add(size, Ordering::Relaxed) + size;
+    let result = if queued > SEND_QUEUE_BYTES {
+        Err(Unsent::Full)
+    } else {
+        route.tx.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Unsent::Full,
+            mpsc::error::TrySendError::Closed(_) => Unsent::Closed,
+        })
+    };
+    if result.is_err() {
+        route.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+    }
+    result
 }
 
 /// Group time, commit time, and the per-mutation acceptance time derived from them.
@@ -365,11 +445,11 @@ mod tests {
         let thread = std::thread::spawn(move || run(core, rx, thread_status, Arc::new(Metrics::new())));
         // A connection whose queue holds one message and which never reads it.
         let (conn_tx, _never_read) = mpsc::channel(1);
-        let kill = Arc::new(Notify::new());
+        let (kill_tx, mut kill) = watch::channel(false);
         tx.blocking_send(CoreInput::Open {
             conn: 7,
             tx: conn_tx,
-            kill: kill.clone(),
+            kill: kill_tx,
             queued_bytes: Arc::new(AtomicUsize::new(0)),
         })
         .unwrap();
@@ -388,9 +468,9 @@ mod tests {
             .build()
             .unwrap();
         let killed = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), kill.notified())
+            tokio::time::timeout(Duration::from_secs(5), kill.wait_for(|cut| *cut))
                 .await
-                .is_ok()
+                .is_ok_and(|r| r.is_ok())
         });
         assert!(killed, "the slow reader was not disconnected");
         tx.blocking_send(CoreInput::Shutdown).unwrap();

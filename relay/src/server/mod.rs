@@ -6,7 +6,8 @@
 //! - one OS thread owns the [`RelayCore`] and its SQLite store ([`core_thread`]). It drains
 //!   every message that arrived while it was busy and hands them to the core as one group, so
 //!   one fsync covers many mutations (group commit) without any timer;
-//! - a ticker asks the core to check revocations every 250 ms (SPEC §4: within a second);
+//! - the core thread also wakes when the core asks to (`RelayCore::next_wakeup`): every 250 ms
+//!   while connections are open, to see revocations within a second (SPEC §4);
 //! - with `--tls-cert/--tls-key` the same router runs behind rustls ([`tls`]);
 //! - with `--backup-dir`, scheduled backups run on a blocking thread ([`scheduled`]).
 
@@ -21,7 +22,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
@@ -219,17 +219,6 @@ impl Server {
         if let Some(schedule) = self.backup.clone() {
             tokio::spawn(scheduled::run(self.db_path.clone(), schedule, metrics.clone()));
         }
-
-        let ticker_tx = core_tx.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                every.tick().await;
-                if ticker_tx.send(core_thread::CoreInput::Tick).await.is_err() {
-                    return;
-                }
-            }
-        });
 
         let shared = Shared {
             core_tx: core_tx.clone(),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use fieldsync_relay::admin;
-use fieldsync_relay::core::{ConnId, Output, RelayConfig, RelayCore};
+use fieldsync_relay::core::{ConnId, Input, Output, RelayConfig, RelayCore};
 use fieldsync_relay::store::Store;
 use fieldsync_relay::store::sqlite::SqliteStore;
 use fieldsync_schema::document::device_actor;
@@ -119,7 +119,7 @@ impl TestRelay {
             Output::Send(_, RelayMessage::Enrolled { user, .. }) => user.clone(),
             other => panic!("enrollment failed: {other:?}"),
         };
-        self.core.close_connection(conn);
+        self.core.handle([Input::Closed(conn)], 0);
         let mut dev = TestDevice {
             key,
             device_id,
@@ -139,7 +139,7 @@ impl TestRelay {
     pub fn connect(&mut self) -> ConnId {
         let c = self.next_conn;
         self.next_conn += 1;
-        self.core.open_connection(c);
+        self.core.handle([Input::Opened(c)], 0);
         c
     }
 
@@ -161,7 +161,7 @@ impl TestRelay {
 
     pub fn send(&mut self, conn: ConnId, msg: ClientMessage) -> Vec<Output> {
         self.now += 1;
-        self.core.handle(vec![(conn, msg)], self.now)
+        self.core.handle([Input::message(conn, msg)], self.now)
     }
 
     /// Pushes mutations from `dev` as one batch and returns the results.
