@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use fieldsync_schema::sqlite_file::FileProblem;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -157,26 +158,10 @@ pub fn configure(conn: &Connection) -> Result<()> {
 
 /// `PRAGMA integrity_check` plus the tables this build expects; `Err` says what is wrong.
 pub fn check_integrity(conn: &Connection) -> Result<(), String> {
-    let rows: Vec<String> = conn
-        .prepare("PRAGMA integrity_check")
-        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-        .map_err(|e| format!("not a readable SQLite database: {e}"))?;
-    if rows != ["ok"] {
-        return Err(format!("integrity check failed: {}", rows.join("; ")));
-    }
-    for table in REQUIRED_TABLES {
-        let n: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                [table],
-                |r| r.get(0),
-            )
-            .map_err(|e| e.to_string())?;
-        if n != 1 {
-            return Err(format!("not a fieldsync device backup: table `{table}` is missing"));
-        }
-    }
-    Ok(())
+    fieldsync_schema::sqlite_file::check(conn, &REQUIRED_TABLES).map_err(|problem| match problem {
+        FileProblem::MissingTable(table) => format!("not a fieldsync device backup: table `{table}` is missing"),
+        other => other.to_string(),
+    })
 }
 
 pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>> {

@@ -53,6 +53,17 @@ pub enum PeerError {
 
 pub type Result<T, E = PeerError> = std::result::Result<T, E>;
 
+impl PeerError {
+    /// A write the rules refuse for this entity (signed, locked, deleted, wrong kind...).
+    pub(crate) fn refused(entity_type: &str, id: Uuid, reason: impl Into<String>) -> Self {
+        PeerError::Refused {
+            entity_type: entity_type.to_string(),
+            id,
+            reason: reason.into(),
+        }
+    }
+}
+
 pub(crate) fn io_err(path: &std::path::Path, source: std::io::Error) -> PeerError {
     PeerError::Io {
         path: path.display().to_string(),

@@ -13,6 +13,7 @@
 pub mod backup;
 pub mod conflict;
 pub mod db;
+pub mod deadline;
 pub mod device;
 pub mod entity;
 pub mod error;

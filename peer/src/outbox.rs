@@ -20,6 +20,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::deadline::Deadline;
 use crate::entity::{i64_of, parse_uuid};
 use crate::error::{PeerError, Result};
 
@@ -314,7 +315,7 @@ pub(crate) fn pushable(conn: &Connection, now_ms: u64, limit: usize) -> Result<V
     let mut bytes = 0usize;
     for r in rows {
         let (next, env) = r?;
-        if !crate::sync::due(u64::try_from(next).unwrap_or(0), now_ms) {
+        if !Deadline::at(u64::try_from(next).unwrap_or(0)).is_due(now_ms) {
             break;
         }
         bytes += env.len();

@@ -13,7 +13,16 @@ use uuid::Uuid;
 use crate::device::Enrollment;
 use crate::entity::{self, EntityMeta};
 use crate::error::{PeerError, Result};
-use crate::write::{Op, refused};
+
+/// The operation of one write, after the caller's arguments were parsed.
+pub(crate) enum Op {
+    Put(Map<String, Value>),
+    Delete,
+    Text { field: String, text: String },
+    Sign,
+    Lock,
+    Increment { field: String, by: i64 },
+}
 
 pub(crate) fn kind_of(op: &Op, create: bool) -> MutationKind {
     match op {
@@ -69,7 +78,7 @@ pub(crate) fn check_allowed(
     kind: MutationKind,
     enrollment: Option<&Enrollment>,
 ) -> Result<()> {
-    let refuse = |reason: String| Err(refused(meta, reason));
+    let refuse = |reason: String| Err(PeerError::refused(&meta.entity_type, meta.entity_id, reason));
     if kind != MutationKind::Create {
         if doc.is_signed() {
             return refuse("it is signed and read-only (write an addendum as a new note)".into());
@@ -103,7 +112,7 @@ pub(crate) fn check_role(
     kind: MutationKind,
     enrollment: Option<&Enrollment>,
 ) -> Result<()> {
-    let refuse = |reason: String| Err(refused(meta, reason));
+    let refuse = |reason: String| Err(PeerError::refused(&meta.entity_type, meta.entity_id, reason));
     match enrollment {
         None if kind == MutationKind::Sign => {
             refuse("signing needs an enrolled user (the signer); this device is not enrolled".into())
@@ -168,25 +177,8 @@ pub(crate) fn validate_patch(
             ));
         }
     }
-    for (field, to) in ty.ref_fields() {
-        let Some(Value::String(target)) = merged.get(&field.name) else {
-            continue;
-        };
-        let changed = is_create
-            || patch
-                .get(&field.name)
-                .is_some_and(|v| current.get(&field.name) != Some(v));
-        let Ok(target_id) = Uuid::parse_str(target) else {
-            continue; // already reported as a format error
-        };
-        if changed && !entity::exists_live(conn, target_id, to, meta.space_id)? {
-            errors.push(FieldError::new(
-                &field.name,
-                Rule::Ref,
-                format!("no `{to}` with id {target_id} in this space on this device (or it is deleted)"),
-            ));
-        }
-    }
+    let sets = |name: &str| is_create || patch.get(name).is_some_and(|v| current.get(name) != Some(v));
+    errors.extend(ref_errors(conn, ty, meta.space_id, &merged, sets)?);
     if errors.is_empty() {
         Ok(())
     } else {
@@ -195,6 +187,35 @@ pub(crate) fn validate_patch(
             errors: ValidationErrors(errors),
         })
     }
+}
+
+/// Every reference in `fields` that `checked` says this write sets must name a live record of
+/// the target type in `space` on this device. References a write leaves alone are not
+/// re-checked, so an old reference to a since-deleted record does not lock its referrer.
+pub(crate) fn ref_errors(
+    conn: &Connection,
+    ty: &EntityType,
+    space: Uuid,
+    fields: &Map<String, Value>,
+    checked: impl Fn(&str) -> bool,
+) -> Result<Vec<FieldError>> {
+    let mut errors = Vec::new();
+    for (field, to) in ty.ref_fields() {
+        let Some(Value::String(target)) = fields.get(&field.name) else {
+            continue;
+        };
+        let Ok(target_id) = Uuid::parse_str(target) else {
+            continue; // reported as a format error by validation
+        };
+        if checked(&field.name) && !entity::exists_live(conn, target_id, to, space)? {
+            errors.push(FieldError::new(
+                &field.name,
+                Rule::Ref,
+                format!("no `{to}` with id {target_id} in this space on this device (or it is deleted)"),
+            ));
+        }
+    }
+    Ok(errors)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::device::Device;
 use crate::entity::{self, EntityMeta, SyncState};
 use crate::error::{PeerError, Result};
 use crate::outbox;
-use crate::rules;
+use crate::rules::{self, Op};
 
 /// Writes to one record made offline are combined into one mutation only up to this size, so
 /// a long offline session never grows an envelope the relay would refuse (its limit is
@@ -37,16 +37,6 @@ pub struct WriteReceipt {
     pub combined: bool,
     /// Hash of the Automerge change this write made.
     pub change_hash: Option<String>,
-}
-
-/// The operation of one write, after the caller's arguments were parsed.
-pub(crate) enum Op {
-    Put(Map<String, Value>),
-    Delete,
-    Text { field: String, text: String },
-    Sign,
-    Lock,
-    Increment { field: String, by: i64 },
 }
 
 impl Device {
@@ -290,7 +280,11 @@ fn apply_op(
             match ty.field(&field).map(|f| &f.kind) {
                 Some(FieldKind::Text { .. }) => {}
                 _ => {
-                    return Err(refused(meta, format!("`{field}` is not a text field of `{}`", ty.name)));
+                    return Err(PeerError::refused(
+                        &meta.entity_type,
+                        meta.entity_id,
+                        format!("`{field}` is not a text field of `{}`", ty.name),
+                    ));
                 }
             }
             let mut patch = Map::new();
@@ -308,8 +302,9 @@ fn apply_op(
             match ty.field(&field).map(|f| &f.kind) {
                 Some(FieldKind::Counter { .. }) => {}
                 _ => {
-                    return Err(refused(
-                        meta,
+                    return Err(PeerError::refused(
+                        &meta.entity_type,
+                        meta.entity_id,
                         format!("`{field}` is not a counter field of `{}`", ty.name),
                     ));
                 }
@@ -393,8 +388,9 @@ impl Signer<'_> {
         now: u64,
     ) -> Result<(Uuid, bool)> {
         if change.len() > MAX_MUTATION_CHANGE_BYTES {
-            return Err(refused(
-                meta,
+            return Err(PeerError::refused(
+                &meta.entity_type,
+                meta.entity_id,
                 format!(
                     "this write is a change of {} bytes, over the relay's limit of {MAX_MUTATION_CHANGE_BYTES} \
                      bytes per mutation; save it in smaller edits",
@@ -427,14 +423,6 @@ fn not_found(entity_type: &str, id: Option<Uuid>) -> PeerError {
     PeerError::NotFound {
         entity_type: Some(entity_type.to_string()),
         id: id.unwrap_or_default(),
-    }
-}
-
-pub(crate) fn refused(meta: &EntityMeta, reason: String) -> PeerError {
-    PeerError::Refused {
-        entity_type: meta.entity_type.clone(),
-        id: meta.entity_id,
-        reason,
     }
 }
 

@@ -18,6 +18,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use fieldsync_schema::sqlite_file::FileProblem;
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
@@ -250,30 +251,17 @@ fn drill_steps(file: &Path, report: &mut DrillReport) -> Result<(), String> {
     {
         let conn = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_WRITE)
             .map_err(|e| format!("cannot open as SQLite: {e}"))?;
-        let mut st = conn
-            .prepare("PRAGMA integrity_check")
-            .map_err(|e| format!("integrity check failed to run: {e}"))?;
-        let findings: Vec<String> = st
-            .query_map([], |r| r.get::<_, String>(0))
-            .and_then(|rows| rows.collect())
-            .map_err(|e| format!("integrity check failed to run: {e}"))?;
-        report.integrity = findings.clone();
-        if findings != ["ok"] {
-            let shown: Vec<&str> = findings.iter().take(3).map(String::as_str).collect();
-            return Err(format!("integrity check: {}", shown.join("; ")));
-        }
         // 2. It is a relay database (opening it as a store would otherwise create the tables).
-        for table in REQUIRED_TABLES {
-            let n: i64 = conn
-                .query_row(
-                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                    [table],
-                    |r| r.get(0),
-                )
-                .map_err(|e| format!("cannot read the schema: {e}"))?;
-            if n == 0 {
+        match fieldsync_schema::sqlite_file::check(&conn, REQUIRED_TABLES) {
+            Ok(()) => report.integrity = vec!["ok".into()],
+            Err(FileProblem::Damaged(findings)) => {
+                report.integrity = findings.clone();
+                return Err(FileProblem::Damaged(findings).to_string());
+            }
+            Err(FileProblem::MissingTable(table)) => {
                 return Err(format!("not a relay database: table `{table}` is missing"));
             }
+            Err(other) => return Err(other.to_string()),
         }
         let id: Vec<u8> = conn
             .query_row("SELECT value FROM meta WHERE key = 'relay_id'", [], |r| r.get(0))

@@ -6,10 +6,9 @@
 //! - [`audit`]: the hash-chained audit log and its verification.
 //! - [`admin`]: spaces, users, roles, enrollment tokens, devices.
 //! - [`doc_cache`]: parsed documents kept in memory.
-//! - [`server`]: the tokio / axum shell: WebSocket `/v1/sync`, `/healthz`, `/metrics`,
-//!   `/v1/status`, optionally behind TLS, with scheduled backups.
+//! - [`server`]: the tokio / axum shell: WebSocket `/v1/sync`, `/healthz`, `/metrics` (its
+//!   Prometheus exposition), `/v1/status`, optionally behind TLS, with scheduled backups.
 //! - [`backup`]: online backups, restore drills, restores, retention.
-//! - [`metrics`]: the Prometheus text exposition.
 //! - [`config`]: the TOML configuration file of `serve`.
 
 pub mod admin;
@@ -18,6 +17,5 @@ pub mod backup;
 pub mod config;
 pub mod core;
 pub mod doc_cache;
-pub mod metrics;
 pub mod server;
 pub mod store;

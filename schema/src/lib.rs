@@ -10,6 +10,8 @@
 //! - [`time_fmt`]: injected time sources and date formats.
 //! - [`ids`]: ids drawn from an injected randomness source.
 //! - [`cli`]: what the command lines share (quiet exit on a closed pipe).
+//! - `sqlite_file` (feature `sqlite`): the integrity check every fieldsync SQLite file passes.
+//! - `testkit` (feature `testkit`): a device built by hand, for tests and the load generator.
 
 pub mod cli;
 pub mod document;
@@ -18,6 +20,10 @@ pub mod hlc;
 pub mod ids;
 pub mod registry;
 pub mod signing;
+#[cfg(feature = "sqlite")]
+pub mod sqlite_file;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod time_fmt;
 pub mod validate;
 pub mod wire;

@@ -189,6 +189,23 @@ impl DeviceKey {
     pub fn sign_mutation(&self, m: &mut Mutation) {
         m.signature = Bytes(self.sign(&mutation_signing_bytes(m)).to_vec());
     }
+
+    /// Answers the relay's connect challenge as `device_id` (SPEC §4): a signature over
+    /// [`connect_signing_bytes`] with this protocol version and this key.
+    pub fn answer_challenge(&self, relay_id: &Uuid, nonce: &[u8], device_id: &Uuid) -> [u8; 64] {
+        self.sign(&connect_signing_bytes(
+            crate::wire::PROTOCOL_VERSION,
+            relay_id,
+            nonce,
+            device_id,
+            &self.public_key(),
+        ))
+    }
+
+    /// Proves to the relay, when enrolling with `token`, that this device holds the key.
+    pub fn enrollment_proof(&self, token: &str, device_id: &Uuid) -> [u8; 64] {
+        self.sign(&enroll_signing_bytes(token, device_id, &self.public_key()))
+    }
 }
 
 /// A device's public key, parsed once. Parsing decompresses a curve point, which costs about as

@@ -288,6 +288,34 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError> {
 }
 
 impl ClientMessage {
+    /// Opens a session for an enrolled device.
+    pub fn hello(device_id: Uuid, schema_hash: SchemaHash) -> Self {
+        ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            device_id,
+            schema_hash,
+        }
+    }
+
+    /// Answers a `Challenge` with `key` (see [`crate::DeviceKey::answer_challenge`]).
+    pub fn auth(key: &crate::DeviceKey, relay_id: &Uuid, nonce: &[u8], device_id: &Uuid) -> Self {
+        ClientMessage::Auth {
+            signature: Bytes(key.answer_challenge(relay_id, nonce, device_id).to_vec()),
+        }
+    }
+
+    /// Registers `key` for `device_id` with an enrollment token, with the proof of holding it.
+    pub fn enroll(key: &crate::DeviceKey, token: &str, device_id: Uuid, schema_hash: SchemaHash) -> Self {
+        ClientMessage::Enroll {
+            protocol_version: PROTOCOL_VERSION,
+            token: token.to_string(),
+            device_id,
+            public_key: Bytes(key.public_key().to_vec()),
+            schema_hash,
+            proof: Bytes(key.enrollment_proof(token, &device_id).to_vec()),
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         encode(self)
     }

@@ -6,6 +6,13 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use fieldsync_schema::TimeSource;
 
+/// 2026-11-23 08:00 UTC: a Monday morning at the clinic.
+pub const EPOCH_MS: u64 = 1_795_420_800_000;
+pub const SECOND: u64 = 1_000;
+pub const MINUTE: u64 = 60 * SECOND;
+pub const HOUR: u64 = 60 * MINUTE;
+pub const DAY: u64 = 24 * HOUR;
+
 /// The world's time, in milliseconds since the Unix epoch.
 #[derive(Debug, Clone)]
 pub struct WorldClock(Arc<AtomicU64>);

@@ -5,14 +5,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use fieldsync_peer::Device;
-use fieldsync_peer::sync::{Phase, SyncMachine};
+use fieldsync_peer::sync::{Phase, SyncInput, SyncMachine};
 use fieldsync_relay::core::ConnId;
 use fieldsync_schema::{ClientMessage, RelayMessage, TimeSource};
 
 use crate::clock::DeviceClock;
+use crate::clock::{HOUR, SECOND};
 use crate::options::Fault;
 use crate::rng::{Draw, stream};
-use crate::world::{Event, HOUR, SECOND, World};
+use crate::world::{Event, World};
 
 pub struct SimDevice {
     pub index: usize,
@@ -110,10 +111,12 @@ impl World {
             if d.net_down_until > now {
                 None // NetworkBack wakes it
             } else {
-                Some(d.device_now() + d.machine.reconnect_in(d.device_now()).unwrap_or(0))
+                d.dev
+                    .as_ref()
+                    .map(|dev| d.device_now() + d.machine.reconnect_in(dev).unwrap_or(0))
             }
         } else {
-            d.machine.next_wakeup()
+            d.machine.next_wakeup().map(|t| t.ms())
         };
         if let Some(device_ms) = next {
             let world_ms = (device_ms as i64 - skew).max(now as i64 + 1) as u64;
@@ -135,15 +138,14 @@ impl World {
             if d.net_down_until > now {
                 return;
             }
-            if d.machine.should_connect(d.device_now()) {
+            if d.dev.as_ref().is_some_and(|dev| d.machine.should_connect(dev)) {
                 self.device_connect(i);
             }
         } else {
-            let dn = d.device_now();
             let (Some(dev), machine) = (d.dev.as_mut(), &mut d.machine) else {
                 return;
             };
-            match machine.on_tick(dev, dn) {
+            match machine.handle(dev, SyncInput::Tick) {
                 Ok(out) => self.device_send(i, out),
                 Err(e) => self.device_drop_conn(i, &format!("tick: {e}")),
             }
@@ -155,9 +157,8 @@ impl World {
         let now = self.now();
         if !self.relay.is_up() {
             let d = &mut self.devices[i];
-            let dn = d.device_now();
             if let Some(dev) = d.dev.as_mut() {
-                d.machine.on_disconnected(dev, dn);
+                let _ = d.machine.handle(dev, SyncInput::Disconnected);
             }
             self.trace.record(now, &format!("dev{i} connect refused"));
             return;
@@ -166,9 +167,8 @@ impl World {
         self.trace.record(now, &format!("dev{i} connect conn{conn}"));
         let d = &mut self.devices[i];
         d.conn = Some(conn);
-        let dn = d.device_now();
         let Some(dev) = d.dev.as_mut() else { return };
-        let out = d.machine.on_connected(dev, dn);
+        let out = d.machine.handle(dev, SyncInput::Connected).unwrap_or_default();
         self.device_send(i, out);
     }
 
@@ -192,9 +192,8 @@ impl World {
             self.reset_conn(conn, why);
         }
         let d = &mut self.devices[i];
-        let dn = d.device_now();
         if let Some(dev) = d.dev.as_mut() {
-            d.machine.on_disconnected(dev, dn);
+            let _ = d.machine.handle(dev, SyncInput::Disconnected);
         }
     }
 
@@ -215,9 +214,8 @@ impl World {
         };
         self.oracle_delivered(i, &msg);
         let d = &mut self.devices[i];
-        let dn = d.device_now();
         let Some(dev) = d.dev.as_mut() else { return };
-        match d.machine.on_message(dev, msg, dn) {
+        match d.machine.handle(dev, SyncInput::Message(msg)) {
             Ok(out) => self.device_send(i, out),
             Err(e) => self.device_drop_conn(i, &format!("{e}")),
         }
@@ -237,9 +235,8 @@ impl World {
             .record(now, &format!("dev{i} sees close of conn{conn}: {reason}"));
         self.devices[i].conn = None;
         let d = &mut self.devices[i];
-        let dn = d.device_now();
         if let Some(dev) = d.dev.as_mut() {
-            d.machine.on_disconnected(dev, dn);
+            let _ = d.machine.handle(dev, SyncInput::Disconnected);
         }
         self.reschedule_device(i);
     }

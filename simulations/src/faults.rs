@@ -2,9 +2,10 @@
 //! every fault heals by itself (connections are re-established, processes restart, networks
 //! come back), and nothing is injected once the run is healing.
 
+use crate::clock::{DAY, HOUR, MINUTE};
 use crate::options::Fault;
 use crate::rng::Draw;
-use crate::world::{DAY, Event, HOUR, MINUTE, World};
+use crate::world::{Event, World};
 
 impl World {
     /// Schedules the first occurrence of every enabled fault kind.

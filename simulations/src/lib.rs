@@ -34,8 +34,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub use options::{Fault, FaultSet, InjectedBug, SimOptions};
 pub use report::Report;
 
+use crate::clock::{HOUR, SECOND};
 use crate::trace::Trace;
-use crate::world::{Event, HOUR, SECOND, World};
+use crate::world::{Event, World};
 
 /// How long after healing everything must have converged (simulated time).
 pub const DRAIN_LIMIT_MS: u64 = 12 * HOUR;

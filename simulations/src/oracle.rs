@@ -7,7 +7,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use fieldsync_schema::{ClientMessage, Mutation, MutationKind, Outcome, Policy, RelayMessage, Schema};
 use uuid::Uuid;
 
-use crate::world::{Violation, World};
+use crate::world::World;
+
+/// A broken invariant: what, where, and when.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Violation {
+    pub invariant: String,
+    pub detail: String,
+    pub entity: Option<String>,
+    pub at_ms: u64,
+    pub event: u64,
+}
 
 /// One write a simulated user made on a device.
 #[derive(Debug, Clone)]
@@ -171,6 +181,18 @@ impl World {
                 );
                 self.oracle.violations.push(v);
             }
+        }
+    }
+}
+
+impl World {
+    pub fn violation(&self, invariant: &str, detail: String, entity: Option<String>) -> Violation {
+        Violation {
+            invariant: invariant.to_string(),
+            detail,
+            entity,
+            at_ms: self.now(),
+            event: self.stats.events,
         }
     }
 }

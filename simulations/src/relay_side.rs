@@ -9,9 +9,10 @@ use fieldsync_relay::store::sqlite::SqliteStore;
 use fieldsync_schema::{ClientMessage, RelayMessage, Schema};
 use uuid::Uuid;
 
+use crate::clock::{MINUTE, SECOND};
 use crate::options::{Fault, InjectedBug};
 use crate::rng::{Draw, stream};
-use crate::world::{Event, MINUTE, SECOND, World};
+use crate::world::{Event, World};
 
 pub struct SimRelay {
     pub dir: PathBuf,
@@ -51,12 +52,13 @@ impl World {
         let mut rng = stream(self.opts.seed, &format!("relay/boot{boot}"));
         let new_id = fieldsync_schema::ids::new_uuid(&mut rng);
         let store = SqliteStore::open_dir(&self.relay.dir, new_id)?;
-        let mut core = RelayCore::new(
-            store,
-            Arc::new(Schema::default_schema()),
-            RelayConfig::default(),
-            Box::new(rng),
-        );
+        // The simulated relay ticks every 30 s (see `relay_tick`): no other process writes its
+        // store, so polling faster would only add events.
+        let config = RelayConfig {
+            tick_every_ms: 30 * SECOND,
+            ..RelayConfig::default()
+        };
+        let mut core = RelayCore::new(store, Arc::new(Schema::default_schema()), config, Box::new(rng));
         core.set_fault_switches(self.fault_switches());
         self.relay.relay_id = core.relay_id();
         self.relay.core = Some(core);

@@ -43,7 +43,7 @@ pub struct Report {
     pub stats: Stats,
     pub converged: bool,
     pub trace_hash: String,
-    pub violations: Vec<crate::world::Violation>,
+    pub violations: Vec<crate::oracle::Violation>,
 }
 
 impl Report {

@@ -3,6 +3,7 @@
 //! discard, and now and then an LWW loss they undo.
 
 use fieldsync_peer::conflict::{FieldStatus, Resolution};
+use fieldsync_peer::sync::SyncInput;
 use fieldsync_peer::{Device, PeerError, WriteReceipt};
 use serde_json::{Map, Value};
 
@@ -146,13 +147,11 @@ impl World {
             }
         }
         let d = &mut self.devices[i];
-        if d.conn.is_some() {
-            let dn = d.device_now();
-            if let Some(dev) = d.dev.as_mut()
-                && let Ok(out) = d.machine.notify_local_write(dev, dn)
-            {
-                self.device_send(i, out);
-            }
+        if d.conn.is_some()
+            && let Some(dev) = d.dev.as_mut()
+            && let Ok(out) = d.machine.handle(dev, SyncInput::LocalWrite)
+        {
+            self.device_send(i, out);
         }
         self.after_device_activity(i);
         self.reschedule_device(i);

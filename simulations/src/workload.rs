@@ -3,17 +3,21 @@
 //! check-ins, workouts and volume on a phone and a tablet; a coach editing the athlete's
 //! workouts; a planning service writing plans. A few records are hot (edited by everyone).
 
+use std::sync::LazyLock;
+
+use fieldsync_peer::sync::SyncInput;
 use fieldsync_peer::{Device, WriteReceipt};
-use fieldsync_schema::{MutationKind, Role};
+use fieldsync_schema::{FieldKind, MutationKind, Role, Schema};
 use rand_chacha::ChaCha20Rng;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::clock::MINUTE;
 use crate::oracle::WriteRecord;
 use crate::rng::Draw;
 use crate::scenario::USERS;
-use crate::world::{Event, MINUTE, World};
+use crate::world::{Event, World};
 
 /// One user action.
 #[derive(Debug, Clone)]
@@ -73,15 +77,29 @@ fn pick_hot(rng: &mut ChaCha20Rng, items: &[Uuid]) -> Option<Uuid> {
     rng.pick(items).copied()
 }
 
-const MUSCLES: [&str; 6] = [
-    "chest_sets",
-    "back_sets",
-    "legs_sets",
-    "shoulders_sets",
-    "arms_sets",
-    "core_sets",
-];
-const STATUSES: [&str; 4] = ["planned", "in_progress", "completed", "cancelled"];
+/// The schema the workload writes against: field names and values come from it, not from a
+/// copy that could drift.
+static SCHEMA: LazyLock<Schema> = LazyLock::new(Schema::default_schema);
+
+/// The counters of a `volume` (muscle groups).
+fn muscles() -> Vec<&'static str> {
+    SCHEMA
+        .entity_type("volume")
+        .map(|t| t.counter_fields().map(|f| f.name.as_str()).collect())
+        .unwrap_or_default()
+}
+
+/// The values of a session's `status`.
+fn statuses() -> Vec<&'static str> {
+    match SCHEMA
+        .entity_type("session")
+        .and_then(|t| t.field("status"))
+        .map(|f| &f.kind)
+    {
+        Some(FieldKind::Enum { values }) => values.iter().map(String::as_str).collect(),
+        _ => Vec::new(),
+    }
+}
 const EXERCISES: [&str; 5] = ["Squat", "Lunge", "Bridge", "Plank", "Row"];
 
 fn date(now_ms: u64) -> String {
@@ -120,7 +138,7 @@ fn clinic_action(rng: &mut ChaCha20Rng, dev: &Device, role: Role, n: u64, now: u
         32..=49 => Action::Put {
             ty: "session",
             id: Some(pick_hot(rng, &sessions)?),
-            fields: json!({"status": rng.pick(&STATUSES)?, "pain_after": rng.below(11)}),
+            fields: json!({"status": rng.pick(&statuses())?, "pain_after": rng.below(11)}),
         },
         50..=57 => Action::Put {
             ty: "note",
@@ -210,7 +228,7 @@ fn gym_action(rng: &mut ChaCha20Rng, dev: &Device, user: &str, role: Role, n: u6
             60..=79 => Action::Incr {
                 ty: "volume",
                 id: *rng.pick(&volumes)?,
-                field: rng.pick(&MUSCLES)?,
+                field: rng.pick(&muscles())?,
                 by: rng.between(1, 4) as i64,
             },
             _ => Action::Put {
@@ -240,7 +258,7 @@ fn gym_action(rng: &mut ChaCha20Rng, dev: &Device, user: &str, role: Role, n: u6
             Some(id) if rng.chance(0.85) => Action::Incr {
                 ty: "volume",
                 id: *id,
-                field: rng.pick(&MUSCLES)?,
+                field: rng.pick(&muscles())?,
                 by: rng.between(1, 5) as i64,
             },
             _ => Action::Put {
@@ -367,13 +385,12 @@ impl World {
                     });
                 }
                 let d = &mut self.devices[i];
-                if d.conn.is_some() {
-                    let dn = d.device_now();
-                    if let Some(dev) = d.dev.as_mut() {
-                        match d.machine.notify_local_write(dev, dn) {
-                            Ok(out) => self.device_send(i, out),
-                            Err(e) => self.trace.record(now, &format!("dev{i} notify failed: {e}")),
-                        }
+                if d.conn.is_some()
+                    && let Some(dev) = d.dev.as_mut()
+                {
+                    match d.machine.handle(dev, SyncInput::LocalWrite) {
+                        Ok(out) => self.device_send(i, out),
+                        Err(e) => self.trace.record(now, &format!("dev{i} notify failed: {e}")),
                     }
                 }
             }

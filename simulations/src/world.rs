@@ -12,6 +12,7 @@ use fieldsync_relay::core::ConnId;
 use rand_chacha::ChaCha20Rng;
 
 use crate::clock::WorldClock;
+use crate::clock::{EPOCH_MS, MINUTE};
 use crate::device_side::SimDevice;
 use crate::options::{Fault, SimOptions};
 use crate::oracle::Oracle;
@@ -19,13 +20,6 @@ use crate::relay_side::SimRelay;
 use crate::report::Stats;
 use crate::rng::stream;
 use crate::trace::Trace;
-
-/// 2026-11-23 08:00 UTC: a Monday morning at the clinic.
-pub const EPOCH_MS: u64 = 1_795_420_800_000;
-pub const SECOND: u64 = 1_000;
-pub const MINUTE: u64 = 60 * SECOND;
-pub const HOUR: u64 = 60 * MINUTE;
-pub const DAY: u64 = 24 * HOUR;
 
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -142,16 +136,6 @@ pub struct World {
     pub in_flight: u64,
 }
 
-/// A broken invariant: what, where, and when.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Violation {
-    pub invariant: String,
-    pub detail: String,
-    pub entity: Option<String>,
-    pub at_ms: u64,
-    pub event: u64,
-}
-
 impl World {
     pub fn new(opts: SimOptions, dir: PathBuf, trace: Trace) -> Self {
         let seed = opts.seed;
@@ -247,15 +231,5 @@ impl World {
         let at = want.max(*slot);
         *slot = at;
         at
-    }
-
-    pub fn violation(&self, invariant: &str, detail: String, entity: Option<String>) -> Violation {
-        Violation {
-            invariant: invariant.to_string(),
-            detail,
-            entity,
-            at_ms: self.now(),
-            event: self.stats.events,
-        }
     }
 }

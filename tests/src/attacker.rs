@@ -10,18 +10,19 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fieldsync_peer::net::{self, SyncOptions};
 use fieldsync_peer::sync::SyncMachine;
-use fieldsync_schema::document::{self, device_actor};
-use fieldsync_schema::signing::{connect_signing_bytes, enroll_signing_bytes, note_signature_bytes};
-use fieldsync_schema::wire::{ErrorCode, MutationResult, PROTOCOL_VERSION, UserInfo};
+use fieldsync_schema::document::device_actor;
+use fieldsync_schema::testkit::{HandDevice, Versions};
+use fieldsync_schema::wire::{ErrorCode, MutationResult, UserInfo};
 use fieldsync_schema::{
-    Bytes, ClientMessage, DeviceKey, EntityDoc, EntityType, FeedEntry, FeedPayload, HlcClock, Mutation, MutationKind,
-    Outcome, PullCursor, RelayMessage, Schema, ids,
+    Bytes, ClientMessage, DeviceKey, EntityDoc, EntityType, FeedEntry, Mutation, MutationKind, Outcome, PullCursor,
+    RelayMessage, Schema, ids,
 };
 use futures_util::{SinkExt, StreamExt};
 use rand_chacha::ChaCha20Rng;
@@ -337,86 +338,66 @@ pub fn schema_hash() -> fieldsync_schema::SchemaHash {
 
 /// The `Enroll` message an honest device sends for `key`, `device_id` and `token`.
 pub fn enroll_message(token: &str, device_id: Uuid, key: &DeviceKey) -> ClientMessage {
-    let proof = key.sign(&enroll_signing_bytes(token, &device_id, &key.public_key()));
-    ClientMessage::Enroll {
-        protocol_version: PROTOCOL_VERSION,
-        token: token.to_string(),
-        device_id,
-        public_key: Bytes(key.public_key().to_vec()),
-        schema_hash: schema_hash(),
-        proof: Bytes(proof.to_vec()),
-    }
+    ClientMessage::enroll(key, token, device_id, schema_hash())
 }
 
 pub fn hello(device_id: Uuid) -> ClientMessage {
-    ClientMessage::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        device_id,
-        schema_hash: schema_hash(),
-    }
+    ClientMessage::hello(device_id, schema_hash())
 }
 
 /// The answer to a challenge, signed by `key` for `device_id` at relay `relay_id`.
 pub fn auth_message(key: &DeviceKey, relay_id: Uuid, nonce: &[u8], device_id: Uuid) -> ClientMessage {
-    let sig = key.sign(&connect_signing_bytes(
-        PROTOCOL_VERSION,
-        &relay_id,
-        nonce,
-        &device_id,
-        &key.public_key(),
-    ));
-    ClientMessage::Auth {
-        signature: Bytes(sig.to_vec()),
+    ClientMessage::auth(key, &relay_id, nonce, &device_id)
+}
+
+/// A device identity speaking raw frames: the hand-built device of `fieldsync_schema::testkit`
+/// (its key, ids and Automerge documents, so it builds correctly signed mutations and can then
+/// tamper with them), its user, and a recording of every frame it received.
+pub struct Dev {
+    pub hand: HandDevice,
+    pub user: UserInfo,
+    pub recorder: Recorder,
+    next_batch: u64,
+}
+
+impl Deref for Dev {
+    type Target = HandDevice;
+    fn deref(&self) -> &HandDevice {
+        &self.hand
     }
 }
 
-/// A device identity speaking raw frames: key, ids, and the Automerge documents it wrote or
-/// received, so it can build correctly signed mutations and then tamper with them.
-pub struct Dev {
-    pub key: DeviceKey,
-    pub device_id: Uuid,
-    pub user: UserInfo,
-    /// The space new mutations name (the first of the user's spaces unless changed).
-    pub space_id: Uuid,
-    pub docs: BTreeMap<Uuid, EntityDoc>,
-    pub versions: BTreeMap<Uuid, u64>,
-    pub hlc: HlcClock,
-    pub rng: ChaCha20Rng,
-    pub recorder: Recorder,
-    next_batch: u64,
+impl DerefMut for Dev {
+    fn deref_mut(&mut self) -> &mut HandDevice {
+        &mut self.hand
+    }
 }
 
 impl Dev {
     /// A fresh key and device id from `seed`.
     pub fn identity(seed: u64) -> (DeviceKey, Uuid, ChaCha20Rng) {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let key = DeviceKey::generate(&mut rng);
-        let device_id = ids::new_uuid(&mut rng);
-        (key, device_id, rng)
+        let rng = ChaCha20Rng::seed_from_u64(seed);
+        let hand = HandDevice::new(rng.clone(), Versions::Recorded);
+        (hand.key.clone(), hand.device_id, hand.rng)
     }
 
     /// Enrolls a new device for `user` with a fresh token, over a raw connection.
     pub async fn enroll(relay: &Relay, user: &str, seed: u64) -> Dev {
-        let (key, device_id, rng) = Self::identity(seed);
+        let mut hand = HandDevice::new(ChaCha20Rng::seed_from_u64(seed), Versions::Recorded);
         let token = relay.token(user);
         let recorder = Recorder::new();
         let mut conn = RawConn::open_recorded(relay, &recorder).await;
-        conn.send(&enroll_message(&token, device_id, &key)).await;
+        conn.send(&hand.enroll(&token)).await;
         let user = match conn.recv().await {
             RelayMessage::Enrolled { user, .. } => user,
             other => panic!("enrollment failed: {other:?}"),
         };
         let (_, end) = conn.until_end().await;
         assert_eq!(end.code(), Some(1000), "{end:?}");
+        hand.adopt_user(&user);
         Dev {
-            key,
-            device_id,
-            space_id: user.spaces.first().map(|s| s.space_id).unwrap_or_default(),
+            hand,
             user,
-            docs: BTreeMap::new(),
-            versions: BTreeMap::new(),
-            hlc: HlcClock::new(device_id),
-            rng,
             recorder,
             next_batch: 1,
         }
@@ -433,15 +414,7 @@ impl Dev {
 
     /// A fresh id from this device's randomness.
     pub fn new_id(&mut self) -> Uuid {
-        ids::new_uuid(&mut self.rng)
-    }
-
-    pub fn hello(&self) -> ClientMessage {
-        hello(self.device_id)
-    }
-
-    pub fn auth(&self, relay_id: Uuid, nonce: &[u8]) -> ClientMessage {
-        auth_message(&self.key, relay_id, nonce, self.device_id)
+        ids::new_uuid(&mut self.hand.rng)
     }
 
     /// Hello, Challenge, Auth, Welcome on a new connection.
@@ -460,7 +433,7 @@ impl Dev {
         conn
     }
 
-    /// A signed envelope around `changes`, in [`Dev::space_id`], based on the known version.
+    /// A signed envelope around `changes`, in [`HandDevice::space_id`], based on the known version.
     pub fn envelope(
         &mut self,
         entity_type: &str,
@@ -468,26 +441,7 @@ impl Dev {
         kind: MutationKind,
         changes: Vec<Bytes>,
     ) -> Mutation {
-        let base_version = if kind == MutationKind::Create {
-            None
-        } else {
-            Some(self.versions.get(&entity_id).copied().unwrap_or(0))
-        };
-        let mut m = Mutation {
-            mutation_id: ids::new_uuid(&mut self.rng),
-            device_id: self.device_id,
-            user_id: self.user.user_id,
-            space_id: self.space_id,
-            entity_type: entity_type.to_string(),
-            entity_id,
-            kind,
-            client_timestamp: self.hlc.tick(now_ms()),
-            base_version,
-            changes,
-            signature: Bytes::default(),
-        };
-        self.key.sign_mutation(&mut m);
-        m
+        self.hand.envelope(entity_type, entity_id, kind, changes, now_ms())
     }
 
     /// Edits the local document of `entity_id` with `edit` and wraps the change as a mutation.
@@ -498,20 +452,16 @@ impl Dev {
         kind: MutationKind,
         edit: impl FnOnce(&mut EntityDoc, &EntityType),
     ) -> Mutation {
-        let schema = Schema::default_schema();
-        let ty = schema.entity_type(entity_type).expect("known type").clone();
-        let actor = device_actor(self.device_id);
-        let doc = self.docs.entry(entity_id).or_insert_with(|| EntityDoc::new(actor));
-        if kind == MutationKind::Create {
-            doc.init_type(entity_type).unwrap();
-        }
-        edit(doc, &ty);
-        let change = doc.commit(now_ms()).expect("the edit changed something");
-        self.envelope(entity_type, entity_id, kind, vec![Bytes(change.raw_bytes().to_vec())])
+        self.hand
+            .write(entity_type, entity_id, kind, now_ms(), |d, ty| {
+                edit(d, ty);
+                Ok(())
+            })
+            .expect("the edit changed something")
     }
 
     pub fn create(&mut self, entity_type: &str, fields: Value) -> (Uuid, Mutation) {
-        let id = ids::new_uuid(&mut self.rng);
+        let id = self.new_id();
         let m = self.create_with_id(entity_type, id, fields);
         (id, m)
     }
@@ -545,37 +495,20 @@ impl Dev {
 
     /// A `Sign` mutation for a note, with a valid signature by this device over its content.
     pub fn sign_note(&mut self, id: Uuid) -> Mutation {
-        self.sign_note_as(id, MutationKind::Sign)
+        self.hand.sign_note(id, now_ms()).expect("a signable note")
     }
 
     /// The note signature write under any `kind` (to try it as an `Update`).
     pub fn sign_note_as(&mut self, id: Uuid, kind: MutationKind) -> Mutation {
-        let (user, device, key) = (self.user.user_id, self.device_id, self.key.clone());
-        let at = now_ms();
-        self.write("note", id, kind, |d, _| {
-            let hash = document::content_hash(&d.fields());
-            let sig = key.sign(&note_signature_bytes(&id, &hash, &user, &device, at));
-            d.set_signature(&document::NoteSignature {
-                signer_user: user,
-                signer_device: device,
-                signed_at_ms: at,
-                content_hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
-                signature: sig.iter().map(|b| format!("{b:02x}")).collect(),
-            })
-            .unwrap()
-        })
+        let mut m = self.sign_note(id);
+        m.kind = kind;
+        self.resign(m)
     }
 
     /// Signs `m` again with this device's key (after a deliberate change).
     pub fn resign(&self, mut m: Mutation) -> Mutation {
         self.key.sign_mutation(&mut m);
         m
-    }
-
-    /// Forgets local edits of `id` that the relay refused, so later writes build on its copy.
-    pub fn forget(&mut self, id: Uuid) {
-        self.docs.remove(&id);
-        self.versions.remove(&id);
     }
 
     /// Pushes a batch and reads its result (skipping live entries that arrive first).
@@ -643,26 +576,7 @@ impl Dev {
     }
 
     pub fn apply_entry(&mut self, e: &FeedEntry) {
-        let actor = device_actor(self.device_id);
-        match &e.payload {
-            FeedPayload::Changes(changes) => {
-                let doc = self.docs.entry(e.entity_id).or_insert_with(|| EntityDoc::new(actor));
-                let parsed = changes.iter().map(|c| document::parse_change(&c.0).unwrap()).collect();
-                doc.apply(parsed).unwrap();
-            }
-            FeedPayload::Snapshot(bytes) => {
-                let mut loaded = EntityDoc::load(&bytes.0, actor).unwrap();
-                match self.docs.get_mut(&e.entity_id) {
-                    Some(doc) => doc.apply(loaded.all_changes()).unwrap(),
-                    None => {
-                        self.docs.insert(e.entity_id, loaded);
-                    }
-                }
-            }
-            FeedPayload::Own => {}
-        }
-        let v = self.versions.entry(e.entity_id).or_insert(0);
-        *v = (*v).max(e.version);
+        self.hand.apply_entry(e).expect("a well-formed entry");
     }
 }
 

@@ -10,15 +10,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use fieldsync_peer::sync::SyncMachine;
+use fieldsync_peer::sync::{SyncInput, SyncMachine};
 use fieldsync_peer::{Device, DeviceRng};
 use fieldsync_relay::admin;
 use fieldsync_relay::core::{ConnId, Input, Output, RelayConfig, RelayCore};
 use fieldsync_relay::store::sqlite::SqliteStore;
-use fieldsync_schema::TimeSource;
 use fieldsync_schema::document::{RootOps, device_actor, parse_change};
-use fieldsync_schema::signing::{Verifier, connect_signing_bytes, enroll_signing_bytes, envelope_hash};
-use fieldsync_schema::wire::{PROTOCOL_VERSION, SpaceGrant, UserInfo};
+use fieldsync_schema::signing::{Verifier, envelope_hash};
+use fieldsync_schema::testkit::{HandDevice, Versions};
+use fieldsync_schema::wire::{SpaceGrant, UserInfo};
 use fieldsync_schema::{
     Bytes, ClientMessage, DeviceKey, EntityDoc, ManualTime, Mutation, Outcome, RelayMessage, Role, Schema, ids,
 };
@@ -80,16 +80,23 @@ pub fn envelope_decoders(data: &[u8]) {
     let _ = Verifier::new(data);
 }
 
+/// The clinic's device: its id is fixed, because the seeds' Automerge changes name it as author.
+const CLINIC_DEVICE: Uuid = Uuid::from_bytes([0x11; 16]);
+
+fn clinic_device() -> HandDevice {
+    let mut d = HandDevice::new(ChaCha20Rng::seed_from_u64(11), Versions::Recorded);
+    d.device_id = CLINIC_DEVICE;
+    d.hlc = fieldsync_schema::HlcClock::new(CLINIC_DEVICE);
+    d
+}
+
 /// An authenticated session on a fresh relay: the clinic's device, and a gym record it must
 /// never see.
 struct RelayUnderTest {
     _dir: tempfile::TempDir,
     core: RelayCore<SqliteStore>,
     conn: ConnId,
-    key: DeviceKey,
-    device_id: Uuid,
-    user_id: Uuid,
-    space_id: Uuid,
+    clinic: HandDevice,
     now: u64,
 }
 
@@ -105,7 +112,7 @@ impl RelayUnderTest {
         );
         let mut rng = ChaCha20Rng::seed_from_u64(2);
         let store = core.store_mut();
-        let clinic = admin::add_space(store, "clinic", T0, &mut rng).expect("space").space_id;
+        admin::add_space(store, "clinic", T0, &mut rng).expect("space");
         admin::add_space(store, "gym", T0, &mut rng).expect("space");
         admin::add_user(store, "dana", "clinic", Role::Clinician, T0, &mut rng).expect("user");
         admin::add_user(store, "gus", "gym", Role::Admin, T0, &mut rng).expect("user");
@@ -113,44 +120,16 @@ impl RelayUnderTest {
             _dir: dir,
             core,
             conn: 1,
-            key: DeviceKey::from_secret(&[1; 32]),
-            device_id: Uuid::from_bytes([0x11; 16]),
-            user_id: Uuid::nil(),
-            space_id: clinic,
+            clinic: clinic_device(),
             now: T0,
         };
         // The gym's record, written through the protocol by the gym's own device.
-        let gym_key = DeviceKey::from_secret(&[2; 32]);
-        let gym_device = Uuid::from_bytes([0x22; 16]);
-        let (gym_user, gym_space) = r.enroll_and_login(100, "gus", &gym_key, gym_device);
-        let mut doc = EntityDoc::new(device_actor(gym_device));
-        let ty = Schema::default_schema()
-            .entity_type("patient")
-            .expect("patient")
-            .clone();
-        doc.init_type("patient").expect("type");
+        let mut gym = HandDevice::new(ChaCha20Rng::seed_from_u64(12), Versions::Recorded);
+        r.enroll_and_login(100, "gus", &mut gym);
         let fields = serde_json::json!({"name": GYM_MARKER});
-        let fields = fields.as_object().expect("object").clone();
-        doc.write_fields(&ty, &fields).expect("fields");
-        let change = doc.commit(T0).expect("a change");
-        let mut m = Mutation {
-            mutation_id: Uuid::from_bytes([0x33; 16]),
-            device_id: gym_device,
-            user_id: gym_user,
-            space_id: gym_space,
-            entity_type: "patient".into(),
-            entity_id: Uuid::from_bytes([0x44; 16]),
-            kind: fieldsync_schema::MutationKind::Create,
-            client_timestamp: fieldsync_schema::Hlc {
-                physical_ms: T0,
-                counter: 0,
-                device: gym_device,
-            },
-            base_version: None,
-            changes: vec![Bytes(change.raw_bytes().to_vec())],
-            signature: Bytes::default(),
-        };
-        gym_key.sign_mutation(&mut m);
+        let (_, m) = gym
+            .create("patient", fields.as_object().expect("object"), T0)
+            .expect("a create");
         r.send(
             100,
             ClientMessage::Push {
@@ -158,9 +137,10 @@ impl RelayUnderTest {
                 mutations: vec![m],
             },
         );
-        let (user, space) = r.enroll_and_login(1, "dana", &r.key.clone(), r.device_id);
-        r.user_id = user;
-        r.space_id = space;
+        // The clinic's device leaves the struct while it logs in (that borrows the relay).
+        let mut clinic = std::mem::replace(&mut r.clinic, gym);
+        r.enroll_and_login(1, "dana", &mut clinic);
+        r.clinic = clinic;
         r
     }
 
@@ -169,7 +149,8 @@ impl RelayUnderTest {
         self.core.handle([Input::message(conn, msg)], self.now)
     }
 
-    fn enroll_and_login(&mut self, conn: ConnId, user: &str, key: &DeviceKey, device_id: Uuid) -> (Uuid, Uuid) {
+    /// Enrolls `device` for `user` and logs it in on `conn`.
+    fn enroll_and_login(&mut self, conn: ConnId, user: &str, device: &mut HandDevice) {
         let mut rng = ChaCha20Rng::seed_from_u64(conn);
         let (token, _) = admin::create_enrollment_token(
             self.core.store_mut(),
@@ -180,47 +161,16 @@ impl RelayUnderTest {
         )
         .expect("token");
         let enroll = conn + 1000;
-        self.core.handle([Input::Opened(enroll)], 0);
-        let proof = key.sign(&enroll_signing_bytes(&token, &device_id, &key.public_key()));
-        self.send(
-            enroll,
-            ClientMessage::Enroll {
-                protocol_version: PROTOCOL_VERSION,
-                token,
-                device_id,
-                public_key: Bytes(key.public_key().to_vec()),
-                schema_hash: Schema::default_schema().hash(),
-                proof: Bytes(proof.to_vec()),
-            },
-        );
-        self.core.handle([Input::Closed(enroll)], 0);
-        self.core.handle([Input::Opened(conn)], 0);
-        let out = self.send(
-            conn,
-            ClientMessage::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                device_id,
-                schema_hash: Schema::default_schema().hash(),
-            },
-        );
+        self.core.handle([Input::Opened(enroll)], self.now);
+        self.send(enroll, device.enroll(&token));
+        self.core.handle([Input::Closed(enroll), Input::Opened(conn)], self.now);
+        let out = self.send(conn, device.hello());
         let Some(Output::Send(_, RelayMessage::Challenge { relay_id, nonce })) = out.first() else {
             panic!("no challenge: {out:?}");
         };
-        let sig = key.sign(&connect_signing_bytes(
-            PROTOCOL_VERSION,
-            relay_id,
-            &nonce.0,
-            &device_id,
-            &key.public_key(),
-        ));
-        let out = self.send(
-            conn,
-            ClientMessage::Auth {
-                signature: Bytes(sig.to_vec()),
-            },
-        );
+        let out = self.send(conn, device.auth(*relay_id, &nonce.0));
         match out.first() {
-            Some(Output::Send(_, RelayMessage::Welcome { user, .. })) => (user.user_id, user.spaces[0].space_id),
+            Some(Output::Send(_, RelayMessage::Welcome { user, .. })) => device.adopt_user(user),
             other => panic!("login failed: {other:?}"),
         }
     }
@@ -228,13 +178,14 @@ impl RelayUnderTest {
     /// Makes a fuzzed mutation the session's own (ids, clock, signature), so inputs reach the
     /// policies instead of stopping at the signature check. A nil space means the session's.
     fn adopt(&self, m: &mut Mutation) {
-        m.device_id = self.device_id;
-        m.user_id = self.user_id;
-        m.client_timestamp.device = self.device_id;
+        let me = &self.clinic;
+        m.device_id = me.device_id;
+        m.user_id = me.user_id;
+        m.client_timestamp.device = me.device_id;
         if m.space_id.is_nil() {
-            m.space_id = self.space_id;
+            m.space_id = me.space_id;
         }
-        self.key.sign_mutation(m);
+        me.key.sign_mutation(m);
     }
 }
 
@@ -301,7 +252,7 @@ pub fn peer_machine(data: &[u8]) {
     let fields = serde_json::json!({"name": "Ada"});
     let _ = dev.put("patient", None, fields.as_object().expect("object").clone());
     let mut machine = SyncMachine::default();
-    let _ = machine.on_connected(&mut dev, time.now_ms());
+    let _ = machine.handle(&mut dev, SyncInput::Connected);
     let handshake = [
         RelayMessage::Challenge {
             relay_id: Uuid::from_bytes([0xAA; 16]),
@@ -316,8 +267,8 @@ pub fn peer_machine(data: &[u8]) {
     ];
     for msg in handshake.into_iter().chain(messages) {
         time.advance(50);
-        let _ = machine.on_message(&mut dev, msg, time.now_ms());
-        let _ = machine.on_tick(&mut dev, time.now_ms());
+        let _ = machine.handle(&mut dev, SyncInput::Message(msg));
+        let _ = machine.handle(&mut dev, SyncInput::Tick);
     }
     dev.status().expect("status stays readable");
 }
@@ -338,7 +289,7 @@ fn peer_user() -> UserInfo {
 /// decoders with, written to `fuzz/corpus/<target>/seed-*` by `fuzz_corpus::write_seeds`.
 pub fn seeds(target: &str) -> Vec<Vec<u8>> {
     let mut rng = ChaCha20Rng::seed_from_u64(9);
-    let dev = Uuid::from_bytes([0x11; 16]);
+    let dev = CLINIC_DEVICE;
     let mut doc = EntityDoc::new(device_actor(dev));
     let schema = Schema::default_schema();
     let ty = schema.entity_type("patient").expect("patient").clone();

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use fieldsync_peer::net::{self, SyncOptions};
-use fieldsync_peer::sync::SyncMachine;
+use fieldsync_peer::sync::{SyncInput, SyncMachine};
 use fieldsync_peer::{Device, OutboxState};
 use fieldsync_relay::store::Store;
 use fieldsync_relay::store::sqlite::SqliteStore;
@@ -199,8 +199,7 @@ fn connections_cut_repeatedly_never_roll_back_a_local_edit_and_retries_reuse_ids
                 _ = cutter => None,
             }
         });
-        let now = dev.now_ms();
-        machine.on_disconnected(&mut dev, now);
+        machine.handle(&mut dev, SyncInput::Disconnected).unwrap();
         assert_eq!(
             dev.get(edited).unwrap().unwrap().fields["mrn"],
             json!(format!("r{rounds}")),

@@ -17,7 +17,8 @@ use crate::device::Device;
 use crate::entity::{self, SyncState, i64_of, parse_uuid};
 use crate::error::{PeerError, Result};
 use crate::outbox;
-use crate::write::{Op, WriteReceipt};
+use crate::rules::Op;
+use crate::write::WriteReceipt;
 
 /// How long after the device learned of a loss it can still be undone.
 pub const UNDO_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;

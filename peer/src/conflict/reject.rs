@@ -17,7 +17,8 @@ use crate::device::Device;
 use crate::entity::{self, SyncState, i64_of, parse_uuid};
 use crate::error::{PeerError, Result};
 use crate::outbox;
-use crate::write::{Op, WriteReceipt};
+use crate::rules::Op;
+use crate::write::WriteReceipt;
 
 /// A change the relay refused, kept for its author.
 #[derive(Debug, Clone, PartialEq, Serialize)]

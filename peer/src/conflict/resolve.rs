@@ -241,22 +241,9 @@ fn validate_target(
     target: &Target,
 ) -> Result<()> {
     let mut errors = ty.validate(&target.fields).err().map(|e| e.0).unwrap_or_default();
-    for (field, to) in ty.ref_fields() {
-        let Some(Value::String(s)) = target.fields.get(&field.name) else {
-            continue;
-        };
-        if theirs.get(&field.name) == target.fields.get(&field.name) {
-            continue;
-        }
-        let Ok(id) = Uuid::parse_str(s) else { continue };
-        if !entity::exists_live(conn, id, to, meta.space_id)? {
-            errors.push(FieldError::new(
-                &field.name,
-                Rule::Ref,
-                format!("no `{to}` with id {id} in this space on this device (or it is deleted)"),
-            ));
-        }
-    }
+    // The relay vouches for its own references; only those the target changes are checked.
+    let changes = |name: &str| theirs.get(name) != target.fields.get(name);
+    errors.extend(rules::ref_errors(conn, ty, meta.space_id, &target.fields, changes)?);
     if errors.is_empty() {
         Ok(())
     } else {

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{NetError, Socket, TlsOptions, close, connect, receive, send, send_all};
 use crate::device::Device;
-use crate::sync::{Phase, SyncMachine, SyncSummary};
+use crate::sync::{Phase, SyncInput, SyncMachine, SyncSummary};
 
 /// Items moving in one round above which a progress bar is worth showing (a week offline).
 const PROGRESS_THRESHOLD: u64 = 1000;
@@ -56,7 +56,7 @@ pub async fn sync_once(
     let mut socket = match connect(&url, &opts.tls).await {
         Ok(s) => s,
         Err(e) => {
-            machine.on_disconnected(dev, dev.now_ms());
+            machine.handle(dev, SyncInput::Disconnected)?;
             return Err(e);
         }
     };
@@ -65,7 +65,7 @@ pub async fn sync_once(
     if result.is_ok() {
         close(&mut socket).await;
     }
-    machine.on_disconnected(dev, dev.now_ms());
+    machine.handle(dev, SyncInput::Disconnected)?;
     result
 }
 
@@ -81,13 +81,12 @@ pub async fn watch<F: Future<Output = ()>>(
     let url = dev.enrollment().ok_or(NetError::NotEnrolled)?.relay_url.clone();
     let mut stop = std::pin::pin!(stop);
     loop {
-        let now = dev.now_ms();
         if machine.phase() == Phase::AuthFailed {
             let reason = dev.status()?.auth_failure.unwrap_or_else(|| "refused".into());
             return Err(NetError::Closed(format!("authentication failed: {reason}")));
         }
-        if !machine.should_connect(now) {
-            let wait = machine.reconnect_in(now).unwrap_or(1000);
+        if !machine.should_connect(dev) {
+            let wait = machine.reconnect_in(dev).unwrap_or(1000);
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => continue,
                 _ = &mut stop => return Ok(()),
@@ -108,7 +107,7 @@ pub async fn watch<F: Future<Output = ()>>(
             }
             Err(e) => Err(e),
         };
-        machine.on_disconnected(dev, dev.now_ms());
+        machine.handle(dev, SyncInput::Disconnected)?;
         match result {
             Ok(summary) => {
                 on_event(WatchEvent::Summary(summary));
@@ -118,7 +117,7 @@ pub async fn watch<F: Future<Output = ()>>(
             // A missing or unreadable CA file does not fix itself by retrying.
             Err(e @ NetError::Tls(_)) => return Err(e),
             Err(e) => {
-                let retry_in_ms = machine.reconnect_in(dev.now_ms()).unwrap_or(0);
+                let retry_in_ms = machine.reconnect_in(dev).unwrap_or(0);
                 on_event(WatchEvent::Disconnected {
                     reason: e.to_string(),
                     retry_in_ms,
@@ -140,7 +139,7 @@ async fn session<F: Future<Output = ()>>(
 ) -> Result<SyncSummary, NetError> {
     let start = machine.summary();
     let mut bar = Progress::new(dev, opts)?;
-    send_all(socket, machine.on_connected(dev, dev.now_ms())).await?;
+    send_all(socket, machine.handle(dev, SyncInput::Connected)?).await?;
     let mut last_traffic = tokio::time::Instant::now();
     loop {
         let summary = machine.summary();
@@ -152,17 +151,17 @@ async fn session<F: Future<Output = ()>>(
         let now = dev.now_ms();
         let until_wakeup = machine
             .next_wakeup()
-            .map_or(u64::MAX, |t| t.saturating_sub(now))
+            .map_or(u64::MAX, |t| t.remaining(now))
             .min(opts.tick_every.as_millis() as u64);
         tokio::select! {
             msg = receive(socket) => {
                 let msg = msg?;
                 last_traffic = tokio::time::Instant::now();
-                let out = machine.on_message(dev, msg, dev.now_ms())?;
+                let out = machine.handle(dev, SyncInput::Message(msg))?;
                 send_all(socket, out).await?;
             }
             _ = tokio::time::sleep(Duration::from_millis(until_wakeup)) => {
-                let out = machine.on_tick(dev, dev.now_ms())?;
+                let out = machine.handle(dev, SyncInput::Tick)?;
                 if !out.is_empty() {
                     last_traffic = tokio::time::Instant::now();
                 }

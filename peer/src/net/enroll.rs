@@ -1,9 +1,7 @@
 //! Enrollment: present a single-use token and this device's public key; become a device of
 //! the token's user.
 
-use fieldsync_schema::signing::enroll_signing_bytes;
-use fieldsync_schema::wire::PROTOCOL_VERSION;
-use fieldsync_schema::{Bytes, ClientMessage, RelayMessage};
+use fieldsync_schema::{ClientMessage, RelayMessage};
 
 use super::{NetError, TlsOptions, close, connect, receive, send};
 use crate::device::{Device, Enrollment};
@@ -23,23 +21,9 @@ pub async fn enroll_with_tls(
 ) -> Result<Enrollment, NetError> {
     super::endpoint(relay_url)?;
     let token = token.trim();
-    let public_key = dev.public_key();
-    let proof = dev
-        .key()
-        .sign(&enroll_signing_bytes(token, &dev.device_id(), &public_key));
     let mut socket = connect(relay_url, tls).await?;
-    send(
-        &mut socket,
-        &ClientMessage::Enroll {
-            protocol_version: PROTOCOL_VERSION,
-            token: token.to_string(),
-            device_id: dev.device_id(),
-            public_key: Bytes(public_key.to_vec()),
-            schema_hash: dev.schema().hash(),
-            proof: Bytes(proof.to_vec()),
-        },
-    )
-    .await?;
+    let request = ClientMessage::enroll(dev.key(), token, dev.device_id(), dev.schema().hash());
+    send(&mut socket, &request).await?;
     let reply = receive(&mut socket).await;
     close(&mut socket).await;
     match reply? {

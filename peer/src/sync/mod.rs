@@ -1,9 +1,10 @@
 //! The device half of the sync protocol (SPEC §7), sans-IO.
 //!
-//! [`SyncMachine`] takes relay messages and the current time, updates the [`Device`], and
-//! returns the client messages to send. It never reads a clock, sleeps or opens a socket: the
-//! async shell (and the simulator) deliver messages, call [`SyncMachine::on_tick`] at
-//! [`SyncMachine::next_wakeup`], and connect when [`SyncMachine::should_connect`] says so.
+//! [`SyncMachine`] has one door, [`SyncMachine::handle`]: an input (connected, disconnected, a
+//! relay message, a tick, a local write) in, the client messages to send out. Time comes from
+//! the device's injected clock, read once per input. It sleeps, spawns and opens sockets never:
+//! the async shell (and the simulator) deliver inputs, tick at [`SyncMachine::next_wakeup`],
+//! and connect when [`SyncMachine::should_connect`] says so.
 //!
 //! Order is strict: one push batch in flight, oldest first, halted by the first blocked item.
 //! A disconnect leaves the in-flight batch pending, so it is resent under the same mutation ids.
@@ -11,15 +12,15 @@
 mod backoff;
 mod store;
 
-use fieldsync_schema::signing::connect_signing_bytes;
-use fieldsync_schema::wire::{AuthFailure, ErrorCode, MAX_BATCH, PROTOCOL_VERSION};
-use fieldsync_schema::{Bytes, ClientMessage, RelayMessage};
+use fieldsync_schema::wire::{AuthFailure, ErrorCode, MAX_BATCH};
+use fieldsync_schema::{ClientMessage, RelayMessage};
 use serde::Serialize;
 use uuid::Uuid;
 
 pub use backoff::Backoff;
 pub use store::PushTally;
 
+use crate::deadline::Deadline;
 use crate::device::Device;
 use crate::error::PeerError;
 
@@ -122,9 +123,9 @@ pub struct SyncMachine {
     pull_sent_at: Option<u64>,
     caught_up: bool,
     reconnect_failures: u32,
-    reconnect_at: Option<u64>,
+    reconnect_at: Option<Deadline>,
     /// When the oldest backing-off item becomes due (cached after each pump).
-    outbox_due_at: Option<u64>,
+    outbox_due_at: Option<Deadline>,
     was_idle: bool,
     pushed: u64,
     applied: u64,
@@ -141,14 +142,21 @@ impl Default for SyncMachine {
 
 type Out = Result<Vec<ClientMessage>, SyncError>;
 
-/// The longest wait the machine ever schedules (backoff caps and relay retry hints stay below
-/// it). A deadline further away than this means the device's clock jumped backwards since the
-/// deadline was set: waiting for the clock to catch up could take days, so it counts as due.
-pub const MAX_PLAUSIBLE_WAIT_MS: u64 = 10 * 60 * 1000;
-
-/// Whether a deadline set in device time has come, allowing for the clock jumping backwards.
-pub fn due(deadline_ms: u64, now_ms: u64) -> bool {
-    now_ms >= deadline_ms || deadline_ms - now_ms > MAX_PLAUSIBLE_WAIT_MS
+/// What the machine reacts to. Time is not among them: the machine reads it from the device's
+/// injected clock ([`Device::now_ms`]), once per input, so there is one time channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SyncInput {
+    /// A transport connection opened: the handshake starts.
+    Connected,
+    /// The connection is gone. The in-flight batch stays pending with the same ids.
+    Disconnected,
+    /// A message from the relay.
+    Message(RelayMessage),
+    /// Time passed (at [`SyncMachine::next_wakeup`] or any other moment): timeouts, retries
+    /// whose backoff ended, writes another process made.
+    Tick,
+    /// A local write happened: push it if connected.
+    LocalWrite,
 }
 
 impl SyncMachine {
@@ -192,12 +200,27 @@ impl SyncMachine {
     }
 
     /// Whether the shell should open a connection now.
-    pub fn should_connect(&self, now_ms: u64) -> bool {
-        self.phase == Phase::Disconnected && self.reconnect_at.is_none_or(|t| due(t, now_ms))
+    pub fn should_connect(&self, dev: &Device) -> bool {
+        self.phase == Phase::Disconnected && self.reconnect_at.is_none_or(|t| t.is_due(dev.now_ms()))
     }
 
-    /// The next time `on_tick` has something to do (reconnect, a timeout, a due retry).
-    pub fn next_wakeup(&self) -> Option<u64> {
+    /// The one door: applies `input` to the machine and the device; returns what to send.
+    pub fn handle(&mut self, dev: &mut Device, input: SyncInput) -> Out {
+        let now_ms = dev.now_ms();
+        match input {
+            SyncInput::Connected => Ok(self.on_connected(dev)),
+            SyncInput::Disconnected => {
+                self.on_disconnected(dev, now_ms);
+                Ok(Vec::new())
+            }
+            SyncInput::Message(msg) => self.on_message(dev, msg, now_ms),
+            SyncInput::Tick => self.on_tick(dev, now_ms),
+            SyncInput::LocalWrite => self.pump(dev, now_ms),
+        }
+    }
+
+    /// When a [`SyncInput::Tick`] next has something to do (reconnect, a timeout, a due retry).
+    pub fn next_wakeup(&self) -> Option<Deadline> {
         match self.phase {
             Phase::Disconnected => self.reconnect_at,
             Phase::AuthFailed => None,
@@ -205,8 +228,8 @@ impl SyncMachine {
             Phase::Ready => {
                 let timeout = self.config.request_timeout_ms;
                 [
-                    self.batch.as_ref().map(|b| b.sent_at.saturating_add(timeout)),
-                    self.pull_sent_at.map(|t| t.saturating_add(timeout)),
+                    self.batch.as_ref().map(|b| Deadline::after(b.sent_at, timeout)),
+                    self.pull_sent_at.map(|t| Deadline::after(t, timeout)),
                     self.outbox_due_at.filter(|_| self.batch.is_none()),
                 ]
                 .into_iter()
@@ -217,23 +240,19 @@ impl SyncMachine {
     }
 
     /// A transport connection is open: start the handshake.
-    pub fn on_connected(&mut self, dev: &mut Device, _now_ms: u64) -> Vec<ClientMessage> {
+    fn on_connected(&mut self, dev: &mut Device) -> Vec<ClientMessage> {
         self.phase = Phase::AwaitingChallenge;
         self.batch = None;
         self.pull_sent_at = None;
         self.caught_up = false;
         self.was_idle = false;
         dev.set_link(true, false);
-        vec![ClientMessage::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            device_id: dev.device_id(),
-            schema_hash: dev.schema().hash(),
-        }]
+        vec![ClientMessage::hello(dev.device_id(), dev.schema().hash())]
     }
 
     /// The connection is gone. The in-flight batch stays pending with the same ids; the next
     /// connection attempt waits a jittered, growing delay.
-    pub fn on_disconnected(&mut self, dev: &mut Device, now_ms: u64) {
+    fn on_disconnected(&mut self, dev: &mut Device, now_ms: u64) {
         self.batch = None;
         self.pull_sent_at = None;
         self.caught_up = false;
@@ -245,17 +264,17 @@ impl SyncMachine {
         self.phase = Phase::Disconnected;
         let delay = self.config.reconnect.delay(self.reconnect_failures, dev.random_u64());
         self.reconnect_failures = self.reconnect_failures.saturating_add(1);
-        self.reconnect_at = Some(now_ms.saturating_add(delay));
+        self.reconnect_at = Some(Deadline::after(now_ms, delay));
     }
 
-    /// The delay `on_disconnected` chose, if the machine is waiting to reconnect.
-    pub fn reconnect_at(&self) -> Option<u64> {
+    /// When the machine will want to reconnect, if it is waiting to.
+    pub fn reconnect_at(&self) -> Option<Deadline> {
         self.reconnect_at
     }
 
-    /// `reconnect_at`, as a delay from `now_ms` (zero when due, including after a clock jump).
-    pub fn reconnect_in(&self, now_ms: u64) -> Option<u64> {
-        self.reconnect_at.map(|t| if due(t, now_ms) { 0 } else { t - now_ms })
+    /// `reconnect_at`, as a delay from the device's now (zero when due, also after a clock jump).
+    pub fn reconnect_in(&self, dev: &Device) -> Option<u64> {
+        self.reconnect_at.map(|t| t.remaining(dev.now_ms()))
     }
 
     /// Allows connecting again after an authentication failure (e.g. after re-enrollment).
@@ -268,13 +287,8 @@ impl SyncMachine {
         Ok(())
     }
 
-    /// A local write happened: push it if connected.
-    pub fn notify_local_write(&mut self, dev: &mut Device, now_ms: u64) -> Out {
-        self.pump(dev, now_ms)
-    }
-
     /// Time passed: detect unanswered requests, send items whose backoff ended.
-    pub fn on_tick(&mut self, dev: &mut Device, now_ms: u64) -> Out {
+    fn on_tick(&mut self, dev: &mut Device, now_ms: u64) -> Out {
         if self.phase != Phase::Ready {
             return Ok(Vec::new());
         }
@@ -286,7 +300,7 @@ impl SyncMachine {
         self.pump(dev, now_ms)
     }
 
-    pub fn on_message(&mut self, dev: &mut Device, msg: RelayMessage, now_ms: u64) -> Out {
+    fn on_message(&mut self, dev: &mut Device, msg: RelayMessage, now_ms: u64) -> Out {
         let unexpected = |phase: Phase, got: &RelayMessage| SyncError::Unexpected {
             got: got.name(),
             phase: phase.as_str(),
@@ -301,17 +315,13 @@ impl SyncMachine {
                         got: relay_id,
                     });
                 }
-                let bytes = connect_signing_bytes(
-                    PROTOCOL_VERSION,
+                self.phase = Phase::AwaitingWelcome;
+                Ok(vec![ClientMessage::auth(
+                    dev.key(),
                     &relay_id,
                     &nonce.0,
                     &dev.device_id(),
-                    &dev.public_key(),
-                );
-                self.phase = Phase::AwaitingWelcome;
-                Ok(vec![ClientMessage::Auth {
-                    signature: Bytes(dev.key().sign(&bytes).to_vec()),
-                }])
+                )])
             }
             (
                 Phase::AwaitingWelcome,
@@ -462,7 +472,7 @@ impl SyncMachine {
             });
         }
         self.outbox_due_at = if self.batch.is_none() {
-            dev.next_due()?.filter(|t| !due(*t, now_ms))
+            dev.next_due()?.map(Deadline::at).filter(|t| !t.is_due(now_ms))
         } else {
             None
         };

@@ -3,7 +3,7 @@
 use fieldsync_schema::document::device_actor;
 use fieldsync_schema::envelope::ConflictReason;
 use fieldsync_schema::signing::{self, connect_signing_bytes};
-use fieldsync_schema::wire::{AuthFailure, FeedEntry, FeedPayload, MutationResult, PullCursor};
+use fieldsync_schema::wire::{AuthFailure, FeedEntry, FeedPayload, MutationResult, PROTOCOL_VERSION, PullCursor};
 use fieldsync_schema::{
     Bytes, ClientMessage, EntityDoc, Hlc, LwwLoss, Origin, Outcome, RelayMessage, Role, Rule, Schema,
 };
@@ -33,16 +33,15 @@ fn welcome(max_batch: u32) -> RelayMessage {
 
 /// Runs the handshake and returns what the machine sends after `Welcome`.
 fn connect(m: &mut SyncMachine, f: &mut Fixture, max_batch: u32) -> Vec<ClientMessage> {
-    let now = f.time.now_ms();
-    let hello = m.on_connected(&mut f.dev, now);
+    let hello = m.handle(&mut f.dev, SyncInput::Connected).unwrap();
     assert!(matches!(hello[..], [ClientMessage::Hello { .. }]));
     let challenge = RelayMessage::Challenge {
         relay_id: relay_id(),
         nonce: Bytes(vec![7; 32]),
     };
-    let auth = m.on_message(&mut f.dev, challenge, now).unwrap();
+    let auth = m.handle(&mut f.dev, SyncInput::Message(challenge)).unwrap();
     assert!(matches!(auth[..], [ClientMessage::Auth { .. }]));
-    m.on_message(&mut f.dev, welcome(max_batch), now).unwrap()
+    m.handle(&mut f.dev, SyncInput::Message(welcome(max_batch))).unwrap()
 }
 
 fn push_of(msgs: &[ClientMessage]) -> (u64, Vec<Uuid>) {
@@ -79,7 +78,7 @@ mod feed;
 fn the_handshake_signs_the_challenge_with_the_device_key() {
     let mut f = enrolled(1);
     let mut m = SyncMachine::default();
-    let hello = m.on_connected(&mut f.dev, T0);
+    let hello = m.handle(&mut f.dev, SyncInput::Connected).unwrap();
     assert_eq!(
         hello,
         vec![ClientMessage::Hello {
@@ -90,13 +89,12 @@ fn the_handshake_signs_the_challenge_with_the_device_key() {
     );
     let nonce = vec![3u8; 32];
     let out = m
-        .on_message(
+        .handle(
             &mut f.dev,
-            RelayMessage::Challenge {
+            SyncInput::Message(RelayMessage::Challenge {
                 relay_id: relay_id(),
                 nonce: Bytes(nonce.clone()),
-            },
-            T0,
+            }),
         )
         .unwrap();
     let [ClientMessage::Auth { signature }] = &out[..] else {
@@ -119,7 +117,7 @@ fn the_handshake_signs_the_challenge_with_the_device_key() {
     );
     assert!(signing::verify(&f.dev.public_key(), &wrong, &signature.0).is_err());
     // Nothing queued: the first thing after Welcome is a pull from cursor 0.
-    let out = m.on_message(&mut f.dev, welcome(10), T0).unwrap();
+    let out = m.handle(&mut f.dev, SyncInput::Message(welcome(10))).unwrap();
     assert_eq!(
         out,
         vec![ClientMessage::Pull {
@@ -130,15 +128,14 @@ fn the_handshake_signs_the_challenge_with_the_device_key() {
 
     let mut g = enrolled(2);
     let mut m = SyncMachine::default();
-    m.on_connected(&mut g.dev, T0);
+    m.handle(&mut g.dev, SyncInput::Connected).unwrap();
     let err = m
-        .on_message(
+        .handle(
             &mut g.dev,
-            RelayMessage::Challenge {
+            SyncInput::Message(RelayMessage::Challenge {
                 relay_id: Uuid::from_bytes([1; 16]),
                 nonce: Bytes(nonce),
-            },
-            T0,
+            }),
         )
         .unwrap_err();
     assert!(matches!(err, SyncError::WrongRelay { .. }), "{err}");
@@ -166,13 +163,12 @@ fn batches_follow_outbox_order_within_max_batch_and_applied_marks_synced() {
             })
             .collect();
         out = m
-            .on_message(
+            .handle(
                 &mut f.dev,
-                RelayMessage::PushResult {
+                SyncInput::Message(RelayMessage::PushResult {
                     batch_id: batch,
                     results,
-                },
-                T0,
+                }),
             )
             .unwrap();
     }
@@ -215,13 +211,12 @@ fn a_blocking_outcome_halts_the_outbox_and_not_attempted_stays_pending_with_its_
         },
     ];
     let out = m
-        .on_message(
+        .handle(
             &mut f.dev,
-            RelayMessage::PushResult {
+            SyncInput::Message(RelayMessage::PushResult {
                 batch_id: batch,
                 results,
-            },
-            T0,
+            }),
         )
         .unwrap();
     // Nothing more is pushed; the machine pulls instead.
@@ -247,7 +242,7 @@ fn a_blocking_outcome_halts_the_outbox_and_not_attempted_stays_pending_with_its_
     );
     // A local write while halted is kept but not pushed; retry does not unblock.
     f.patient("later");
-    assert!(m.notify_local_write(&mut f.dev, T0).unwrap().is_empty());
+    assert!(m.handle(&mut f.dev, SyncInput::LocalWrite).unwrap().is_empty());
     let r = f.dev.retry(Some(queue[1])).unwrap();
     assert!(r.message.contains("stays blocked"), "{}", r.message);
     assert_eq!(f.dev.status().unwrap().unsynced, 3);
@@ -268,7 +263,7 @@ fn a_conflict_merges_the_relay_changes_and_marks_the_entity() {
         .unwrap();
     let their_change = theirs.commit(T0 + 1).unwrap();
     let r = f.dev.update("patient", p, obj(json!({"name": "Ada (mine)"}))).unwrap();
-    let out = m.notify_local_write(&mut f.dev, T0).unwrap();
+    let out = m.handle(&mut f.dev, SyncInput::LocalWrite).unwrap();
     let (b, muts) = push_of(&out);
     assert_eq!(muts, vec![r.mutation_id.unwrap()]);
     let conflict = Outcome::Conflict {
@@ -303,7 +298,7 @@ fn a_conflict_merges_the_relay_changes_and_marks_the_entity() {
 
 impl crate::Device {
     fn on_push_for_test(&mut self, m: &mut SyncMachine, batch_id: u64, results: Vec<MutationResult>) {
-        m.on_message(self, RelayMessage::PushResult { batch_id, results }, T0)
+        m.handle(self, SyncInput::Message(RelayMessage::PushResult { batch_id, results }))
             .unwrap();
     }
 }
@@ -315,13 +310,17 @@ fn a_disconnect_mid_batch_resends_the_same_ids_after_reconnecting() {
     let mut m = SyncMachine::default();
     let first = connect(&mut m, &mut f, 10);
     let (_, ids) = push_of(&first);
-    m.on_disconnected(&mut f.dev, T0);
+    m.handle(&mut f.dev, SyncInput::Disconnected).unwrap();
     assert_eq!(m.phase(), Phase::Disconnected);
     assert_eq!(f.dev.status().unwrap().state, SyncStatus::Offline);
-    let at = m.reconnect_at().unwrap();
+    let at = m.reconnect_at().unwrap().ms();
     assert!(at <= T0 + 500);
-    assert!(m.should_connect(at) && (at == T0 || !m.should_connect(at - 1)));
+    if at > T0 {
+        f.time.set(at - 1);
+        assert!(!m.should_connect(&f.dev));
+    }
     f.time.set(at);
+    assert!(m.should_connect(&f.dev));
     let again = connect(&mut m, &mut f, 10);
     let (_, ids_again) = push_of(&again);
     assert_eq!(ids_again, ids);
@@ -340,26 +339,25 @@ fn a_clock_jumping_back_days_does_not_hold_up_reconnecting_or_retrying() {
     let mut m = SyncMachine::default();
     let first = connect(&mut m, &mut f, 10);
     let (batch, ids) = push_of(&first);
-    m.on_message(
+    m.handle(
         &mut f.dev,
-        RelayMessage::PushDeferred {
+        SyncInput::Message(RelayMessage::PushDeferred {
             batch_id: batch,
             retry_after_ms: 5_000,
             reason: "busy".into(),
-        },
-        T0,
+        }),
     )
     .unwrap();
-    m.on_disconnected(&mut f.dev, T0);
-    assert!(!m.should_connect(T0), "a fresh backoff is respected");
+    m.handle(&mut f.dev, SyncInput::Disconnected).unwrap();
+    assert!(!m.should_connect(&f.dev), "a fresh backoff is respected");
     // The device's clock is set back three days: deadlines set before now lie days ahead.
     let back = T0 - 3 * 24 * 3_600_000;
     f.time.set(back);
     assert!(
-        m.should_connect(back),
+        m.should_connect(&f.dev),
         "waiting for the clock to catch up would take days"
     );
-    assert_eq!(m.reconnect_in(back), Some(0));
+    assert_eq!(m.reconnect_in(&f.dev), Some(0));
     let again = connect(&mut m, &mut f, 10);
     assert_eq!(push_of(&again).1, ids, "the deferred batch goes out again at once");
 }
@@ -372,9 +370,9 @@ fn backoff_grows_is_jittered_and_reproducible_from_the_seed() {
         let mut out = Vec::new();
         for _ in 0..10 {
             let now = f.time.now_ms();
-            m.on_connected(&mut f.dev, now);
-            m.on_disconnected(&mut f.dev, now);
-            let at = m.reconnect_at().unwrap();
+            m.handle(&mut f.dev, SyncInput::Connected).unwrap();
+            m.handle(&mut f.dev, SyncInput::Disconnected).unwrap();
+            let at = m.reconnect_at().unwrap().ms();
             out.push(at - now);
             f.time.set(at);
         }
@@ -405,36 +403,55 @@ fn a_deferred_batch_waits_then_goes_again_with_the_same_ids() {
         retry_after_ms: 2_000,
         reason: "overloaded".into(),
     };
-    let out = m.on_message(&mut f.dev, deferred, T0).unwrap();
+    let out = m.handle(&mut f.dev, SyncInput::Message(deferred)).unwrap();
     assert!(matches!(out[..], [ClientMessage::Pull { .. }]), "{out:?}");
     let due = f.dev.queue(false).unwrap()[0].next_attempt_ms;
     assert!(due >= T0 + 2_000);
-    assert_eq!(m.next_wakeup(), Some(due).min(Some(T0 + 30_000)));
-    assert!(m.on_tick(&mut f.dev, due - 1).unwrap().is_empty());
-    let (_, again) = push_of(&m.on_tick(&mut f.dev, due).unwrap());
+    assert_eq!(m.next_wakeup().map(Deadline::ms), Some(due).min(Some(T0 + 30_000)));
+    assert!(
+        {
+            f.time.set(due - 1);
+            m.handle(&mut f.dev, SyncInput::Tick)
+        }
+        .unwrap()
+        .is_empty()
+    );
+    let (_, again) = push_of(
+        &{
+            f.time.set(due);
+            m.handle(&mut f.dev, SyncInput::Tick)
+        }
+        .unwrap(),
+    );
     assert_eq!(again, ids);
     // Unanswered for too long: the machine gives up the connection.
-    assert!(matches!(m.on_tick(&mut f.dev, due + 30_000), Err(SyncError::Timeout)));
+    assert!(matches!(
+        {
+            f.time.set(due + 30_000);
+            m.handle(&mut f.dev, SyncInput::Tick)
+        },
+        Err(SyncError::Timeout)
+    ));
 }
 
 #[test]
 fn an_auth_failure_blocks_and_is_persisted_in_status() {
     let mut f = enrolled(14);
     let mut m = SyncMachine::default();
-    m.on_connected(&mut f.dev, T0);
+    m.handle(&mut f.dev, SyncInput::Connected).unwrap();
     let err = m
-        .on_message(
+        .handle(
             &mut f.dev,
-            RelayMessage::AuthFailed {
+            SyncInput::Message(RelayMessage::AuthFailed {
                 reason: AuthFailure::Revoked,
                 message: "device revoked".into(),
-            },
-            T0,
+            }),
         )
         .unwrap_err();
     assert!(err.to_string().contains("revoked"));
-    m.on_disconnected(&mut f.dev, T0);
-    assert!(!m.should_connect(T0 + 1_000_000));
+    m.handle(&mut f.dev, SyncInput::Disconnected).unwrap();
+    f.time.set(T0 + 1_000_000);
+    assert!(!m.should_connect(&f.dev));
     let f = f.reopen(1);
     let s = f.dev.status().unwrap();
     assert_eq!(s.state, SyncStatus::AuthFailed);
@@ -451,22 +468,19 @@ fn a_revocation_while_connected_is_an_auth_failure_not_a_protocol_error() {
     connect(&mut m, &mut f, 10);
     assert_eq!(m.phase(), Phase::Ready);
     let err = m
-        .on_message(
+        .handle(
             &mut f.dev,
-            RelayMessage::AuthFailed {
+            SyncInput::Message(RelayMessage::AuthFailed {
                 reason: AuthFailure::Revoked,
                 message: "this device was revoked".into(),
-            },
-            T0,
+            }),
         )
         .unwrap_err();
     assert!(matches!(err, SyncError::AuthFailed { reason: "revoked", .. }), "{err}");
     assert_eq!(m.phase(), Phase::AuthFailed);
-    m.on_disconnected(&mut f.dev, T0);
-    assert!(
-        !m.should_connect(T0 + 3_600_000),
-        "a revoked device does not keep reconnecting"
-    );
+    m.handle(&mut f.dev, SyncInput::Disconnected).unwrap();
+    f.time.set(T0 + 3_600_000);
+    assert!(!m.should_connect(&f.dev), "a revoked device does not keep reconnecting");
     assert_eq!(f.dev.status().unwrap().state, SyncStatus::AuthFailed);
 }
 
@@ -478,29 +492,34 @@ fn unexpected_messages_are_errors_not_panics() {
         batch_id: 1,
         results: vec![],
     };
-    assert!(m.on_message(&mut f.dev, stray.clone(), T0).is_err());
+    assert!(m.handle(&mut f.dev, SyncInput::Message(stray.clone())).is_err());
     connect(&mut m, &mut f, 10);
     assert!(matches!(
-        m.on_message(&mut f.dev, stray, T0),
+        m.handle(&mut f.dev, SyncInput::Message(stray)),
         Err(SyncError::WrongBatch { .. })
     ));
-    assert!(m.on_message(&mut f.dev, welcome(1), T0).is_err());
+    assert!(m.handle(&mut f.dev, SyncInput::Message(welcome(1))).is_err());
     let page = RelayMessage::Changes {
         entries: vec![],
         next: PullCursor::default(),
         caught_up: true,
     };
-    m.on_message(&mut f.dev, page.clone(), T0).unwrap();
-    assert!(m.on_message(&mut f.dev, page, T0).is_err(), "no pull in flight");
-    assert!(m.on_message(&mut f.dev, RelayMessage::KeyRotated, T0).is_err());
+    m.handle(&mut f.dev, SyncInput::Message(page.clone())).unwrap();
+    assert!(
+        m.handle(&mut f.dev, SyncInput::Message(page)).is_err(),
+        "no pull in flight"
+    );
+    assert!(
+        m.handle(&mut f.dev, SyncInput::Message(RelayMessage::KeyRotated))
+            .is_err()
+    );
     assert!(matches!(
-        m.on_message(
+        m.handle(
             &mut f.dev,
-            RelayMessage::Error {
+            SyncInput::Message(RelayMessage::Error {
                 code: fieldsync_schema::wire::ErrorCode::LimitExceeded,
                 message: "too big".into()
-            },
-            T0
+            })
         ),
         Err(SyncError::Relay { .. })
     ));

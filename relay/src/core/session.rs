@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::{CloseReason, ConnId, ConnState, Group, Output, RelayCore, Session};
-use crate::store::{Store, StoreError};
+use crate::store::{MembershipRow, Store, StoreError, UserRow};
 
 pub(crate) struct EnrollRequest<'a> {
     pub protocol_version: u16,
@@ -19,6 +19,22 @@ pub(crate) struct EnrollRequest<'a> {
     pub public_key: &'a [u8],
     pub schema_hash: SchemaHash,
     pub proof: &'a [u8],
+}
+
+/// What a device is told about its user: name and the spaces it may see, with its roles.
+fn user_info(user: &UserRow, memberships: Vec<MembershipRow>) -> UserInfo {
+    UserInfo {
+        user_id: user.user_id,
+        name: user.name.clone(),
+        spaces: memberships
+            .into_iter()
+            .map(|m| SpaceGrant {
+                space_id: m.space_id,
+                name: m.space_name,
+                role: m.role,
+            })
+            .collect(),
+    }
 }
 
 /// Tokens are stored hashed, so reading the database does not let anyone enroll a device.
@@ -199,18 +215,7 @@ impl<S: Store> RelayCore<S> {
         let memberships = self.store.memberships(user.user_id)?;
         self.store.touch_device(device_id, now_ms)?;
         let spaces: BTreeMap<Uuid, fieldsync_schema::Role> = memberships.iter().map(|m| (m.space_id, m.role)).collect();
-        let info = UserInfo {
-            user_id: user.user_id,
-            name: user.name.clone(),
-            spaces: memberships
-                .into_iter()
-                .map(|m| SpaceGrant {
-                    space_id: m.space_id,
-                    name: m.space_name,
-                    role: m.role,
-                })
-                .collect(),
-        };
+        let info = user_info(&user, memberships);
         tracing::info!(conn, device_id = %device_id, user_id = %user.user_id, "device authenticated");
         self.conns.insert(
             conn,
@@ -323,18 +328,7 @@ impl<S: Store> RelayCore<S> {
             conn,
             RelayMessage::Enrolled {
                 relay_id: self.relay_id,
-                user: UserInfo {
-                    user_id: user.user_id,
-                    name: user.name,
-                    spaces: memberships
-                        .into_iter()
-                        .map(|m| SpaceGrant {
-                            space_id: m.space_id,
-                            name: m.space_name,
-                            role: m.role,
-                        })
-                        .collect(),
-                },
+                user: user_info(&user, memberships),
             },
         ));
         group.closes.push((conn, CloseReason::normal("enrolled")));

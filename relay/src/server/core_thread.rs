@@ -12,8 +12,8 @@ use fieldsync_schema::{ClientMessage, Outcome, RelayMessage, SystemTimeSource, T
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
+use super::metrics::Metrics;
 use crate::core::{CloseReason, ConnId, CoreStats, Input, Output, Prechecked, RelayCore};
-use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 

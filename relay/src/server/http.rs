@@ -6,8 +6,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Serialize;
 
+use super::metrics::BackupStats;
 use super::{Shared, StatusSnapshot};
-use crate::metrics::BackupStats;
 
 #[derive(Serialize)]
 struct Status {
@@ -37,7 +37,7 @@ pub(crate) async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
         Ok(s) => s.clone(),
         Err(_) => return Err((StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable")),
     };
-    let body = crate::metrics::render(&snapshot, &shared.metrics);
+    let body = super::metrics::render(&snapshot, &shared.metrics);
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,

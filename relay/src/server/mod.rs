@@ -14,6 +14,7 @@
 mod connection;
 mod core_thread;
 mod http;
+mod metrics;
 mod scheduled;
 pub mod tls;
 
@@ -33,8 +34,8 @@ use tokio::sync::mpsc;
 use crate::backup::LOCK_FILE;
 use crate::config::{BackupSchedule, TlsFiles};
 use crate::core::{RelayConfig, RelayCore};
-use crate::metrics::Metrics;
 use crate::store::sqlite::{DB_FILE, SqliteStore};
+use metrics::Metrics;
 
 pub use core_thread::StatusSnapshot;
 

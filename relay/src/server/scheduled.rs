@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use fieldsync_schema::{SystemTimeSource, TimeSource};
 
+use super::metrics::Metrics;
 use crate::backup::{self, BackupError, ScheduledBackup};
 use crate::config::BackupSchedule;
-use crate::metrics::Metrics;
 
 pub(crate) async fn run(db: PathBuf, schedule: BackupSchedule, metrics: Arc<Metrics>) {
     tracing::info!(

@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
+use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -11,11 +12,10 @@ use fieldsync_relay::core::{ConnId, Input, Output, RelayConfig, RelayCore};
 use fieldsync_relay::store::Store;
 use fieldsync_relay::store::sqlite::SqliteStore;
 use fieldsync_schema::document::device_actor;
-use fieldsync_schema::signing::{connect_signing_bytes, enroll_signing_bytes, note_signature_bytes};
-use fieldsync_schema::wire::{MutationResult, PROTOCOL_VERSION};
+use fieldsync_schema::testkit::{HandDevice, Versions};
+use fieldsync_schema::wire::MutationResult;
 use fieldsync_schema::{
-    Bytes, ClientMessage, DeviceKey, EntityDoc, FeedEntry, FeedPayload, Hlc, HlcClock, Mutation, MutationKind, Outcome,
-    PullCursor, RelayMessage, Role, Schema, document, ids,
+    ClientMessage, EntityDoc, FeedEntry, Hlc, Mutation, MutationKind, Outcome, PullCursor, RelayMessage, Role, Schema,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -91,9 +91,7 @@ impl TestRelay {
 
     /// Enrolls a new device for `user` through the protocol and authenticates it.
     pub fn device(&mut self, user: &str, seed: u64) -> TestDevice {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let key = DeviceKey::generate(&mut rng);
-        let device_id = ids::new_uuid(&mut rng);
+        let mut hand = HandDevice::new(ChaCha20Rng::seed_from_u64(seed), Versions::Recorded);
         let (token, _) = admin::create_enrollment_token(
             self.core.store_mut(),
             user,
@@ -103,33 +101,16 @@ impl TestRelay {
         )
         .unwrap();
         let conn = self.connect();
-        let proof = key.sign(&enroll_signing_bytes(&token, &device_id, &key.public_key()));
-        let out = self.send(
-            conn,
-            ClientMessage::Enroll {
-                protocol_version: PROTOCOL_VERSION,
-                token,
-                device_id,
-                public_key: Bytes(key.public_key().to_vec()),
-                schema_hash: Schema::default_schema().hash(),
-                proof: Bytes(proof.to_vec()),
-            },
-        );
+        let out = self.send(conn, hand.enroll(&token));
         let user_info = match &out[0] {
             Output::Send(_, RelayMessage::Enrolled { user, .. }) => user.clone(),
             other => panic!("enrollment failed: {other:?}"),
         };
-        self.core.handle([Input::Closed(conn)], 0);
+        self.core.handle([Input::Closed(conn)], self.now);
+        hand.adopt_user(&user_info);
         let mut dev = TestDevice {
-            key,
-            device_id,
-            user_id: user_info.user_id,
-            space_id: user_info.spaces.first().map(|s| s.space_id).unwrap_or_default(),
+            hand,
             conn: 0,
-            docs: BTreeMap::new(),
-            versions: BTreeMap::new(),
-            hlc: HlcClock::new(device_id),
-            rng,
             cursor: PullCursor::default(),
         };
         dev.conn = self.login(&dev);
@@ -254,73 +235,29 @@ impl TestRelay {
     }
 }
 
-/// A stand-in for a peer: keeps Automerge documents and builds signed mutations.
+/// A stand-in for a peer on a core connection: the hand-built device of
+/// `fieldsync_schema::testkit` (signed envelopes in the peer's layout, versions as recorded
+/// from the relay's answers), with panicking shorthands for tests.
 pub struct TestDevice {
-    pub key: DeviceKey,
-    pub device_id: Uuid,
-    pub user_id: Uuid,
-    pub space_id: Uuid,
+    pub hand: HandDevice,
     pub conn: ConnId,
-    pub docs: BTreeMap<Uuid, EntityDoc>,
-    /// Relay version each entity was last confirmed at, plus the device's unconfirmed writes.
-    pub versions: BTreeMap<Uuid, u64>,
-    pub hlc: HlcClock,
-    pub rng: ChaCha20Rng,
     pub cursor: PullCursor,
 }
 
+impl Deref for TestDevice {
+    type Target = HandDevice;
+    fn deref(&self) -> &HandDevice {
+        &self.hand
+    }
+}
+
+impl DerefMut for TestDevice {
+    fn deref_mut(&mut self) -> &mut HandDevice {
+        &mut self.hand
+    }
+}
+
 impl TestDevice {
-    pub fn hello(&self) -> ClientMessage {
-        ClientMessage::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            device_id: self.device_id,
-            schema_hash: Schema::default_schema().hash(),
-        }
-    }
-
-    pub fn auth(&self, relay_id: Uuid, nonce: &[u8]) -> ClientMessage {
-        let sig = self.key.sign(&connect_signing_bytes(
-            PROTOCOL_VERSION,
-            &relay_id,
-            nonce,
-            &self.device_id,
-            &self.key.public_key(),
-        ));
-        ClientMessage::Auth {
-            signature: Bytes(sig.to_vec()),
-        }
-    }
-
-    fn envelope(
-        &mut self,
-        entity_type: &str,
-        entity_id: Uuid,
-        kind: MutationKind,
-        changes: Vec<Bytes>,
-        now: u64,
-    ) -> Mutation {
-        let base_version = if kind == MutationKind::Create {
-            None
-        } else {
-            Some(self.versions.get(&entity_id).copied().unwrap_or(0))
-        };
-        let mut m = Mutation {
-            mutation_id: ids::new_uuid(&mut self.rng),
-            device_id: self.device_id,
-            user_id: self.user_id,
-            space_id: self.space_id,
-            entity_type: entity_type.to_string(),
-            entity_id,
-            kind,
-            client_timestamp: self.hlc.tick(now),
-            base_version,
-            changes,
-            signature: Bytes::default(),
-        };
-        self.key.sign_mutation(&mut m);
-        m
-    }
-
     /// Edits the local document with `edit` and wraps the resulting change as a mutation.
     pub fn write(
         &mut self,
@@ -330,32 +267,18 @@ impl TestDevice {
         now: u64,
         edit: impl FnOnce(&mut EntityDoc, &fieldsync_schema::EntityType),
     ) -> Mutation {
-        let schema = Schema::default_schema();
-        let ty = schema.entity_type(entity_type).expect("known type").clone();
-        let actor = device_actor(self.device_id);
-        let doc = self.docs.entry(entity_id).or_insert_with(|| EntityDoc::new(actor));
-        if kind == MutationKind::Create {
-            doc.init_type(entity_type).unwrap();
-        }
-        edit(doc, &ty);
-        let change = doc.commit(now).expect("the edit changed something");
-        self.envelope(
-            entity_type,
-            entity_id,
-            kind,
-            vec![Bytes(change.raw_bytes().to_vec())],
-            now,
-        )
+        self.hand
+            .write(entity_type, entity_id, kind, now, |d, ty| {
+                edit(d, ty);
+                Ok(())
+            })
+            .expect("the edit changed something")
     }
 
     pub fn create(&mut self, entity_type: &str, fields: Value, now: u64) -> (Uuid, Mutation) {
-        let id = ids::new_uuid(&mut self.rng);
-        let fields = obj(fields);
-        let m = self.write(entity_type, id, MutationKind::Create, now, |d, ty| {
-            d.write_fields(ty, &fields).unwrap();
-            d.init_counters(ty).unwrap();
-        });
-        (id, m)
+        self.hand
+            .create(entity_type, &obj(fields), now)
+            .expect("a valid create")
     }
 
     pub fn update(&mut self, entity_type: &str, id: Uuid, patch: Value, now: u64) -> Mutation {
@@ -372,9 +295,8 @@ impl TestDevice {
     }
 
     pub fn increment(&mut self, entity_type: &str, id: Uuid, field: &str, by: i64, now: u64) -> Mutation {
-        let field = field.to_string();
         self.write(entity_type, id, MutationKind::Increment, now, |d, _| {
-            d.increment(&field, by).unwrap()
+            d.increment(field, by).unwrap()
         })
     }
 
@@ -385,52 +307,15 @@ impl TestDevice {
     }
 
     pub fn sign_note(&mut self, id: Uuid, now: u64) -> Mutation {
-        let (user, device, key) = (self.user_id, self.device_id, self.key.clone());
-        self.write("note", id, MutationKind::Sign, now, |d, _| {
-            let hash = document::content_hash(&d.fields());
-            let sig = key.sign(&note_signature_bytes(&id, &hash, &user, &device, now));
-            d.set_signature(&document::NoteSignature {
-                signer_user: user,
-                signer_device: device,
-                signed_at_ms: now,
-                content_hash: hex::encode(hash),
-                signature: hex::encode(sig),
-            })
-            .unwrap()
-        })
-    }
-
-    /// Sets the relay version this device believes an entity is at.
-    pub fn set_version(&mut self, id: Uuid, version: u64) {
-        self.versions.insert(id, version);
+        self.hand.sign_note(id, now).expect("a signable note")
     }
 
     pub fn apply_entry(&mut self, e: &FeedEntry) {
-        let actor = device_actor(self.device_id);
-        match &e.payload {
-            FeedPayload::Changes(changes) => {
-                let doc = self.docs.entry(e.entity_id).or_insert_with(|| EntityDoc::new(actor));
-                let parsed = changes.iter().map(|c| document::parse_change(&c.0).unwrap()).collect();
-                doc.apply(parsed).unwrap();
-            }
-            FeedPayload::Snapshot(bytes) => {
-                let loaded = EntityDoc::load(&bytes.0, actor.clone()).unwrap();
-                let mut loaded = loaded;
-                match self.docs.get_mut(&e.entity_id) {
-                    Some(doc) => doc.apply(loaded.all_changes()).unwrap(),
-                    None => {
-                        self.docs.insert(e.entity_id, loaded);
-                    }
-                }
-            }
-            FeedPayload::Own => {}
-        }
-        let v = self.versions.entry(e.entity_id).or_insert(0);
-        *v = (*v).max(e.version);
+        self.hand.apply_entry(e).expect("a well-formed entry");
     }
 
     pub fn fields(&self, id: Uuid) -> Map<String, Value> {
-        self.docs[&id].fields()
+        self.hand.fields(id).expect("a record this device holds")
     }
 }
 

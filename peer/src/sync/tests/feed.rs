@@ -50,7 +50,7 @@ fn pulled_pages_apply_atomically_move_the_cursor_and_end_caught_up() {
         next: PullCursor { seq: 2, snapshot: None },
         caught_up: false,
     };
-    let out = m.on_message(&mut f.dev, page, T0).unwrap();
+    let out = m.handle(&mut f.dev, SyncInput::Message(page)).unwrap();
     assert_eq!(
         out,
         vec![ClientMessage::Pull {
@@ -76,7 +76,7 @@ fn pulled_pages_apply_atomically_move_the_cursor_and_end_caught_up() {
         next: PullCursor { seq: 4, snapshot: None },
         caught_up: true,
     };
-    assert!(m.on_message(&mut f.dev, bad, T0).is_err());
+    assert!(m.handle(&mut f.dev, SyncInput::Message(bad)).is_err());
     assert!(f.dev.get(c).unwrap().is_none());
     assert_eq!(f.dev.cursor().unwrap().seq, 2);
 
@@ -100,7 +100,14 @@ fn caught_up_with_nothing_in_flight_is_idle_and_records_the_last_sync() {
         next: PullCursor { seq: 9, snapshot: None },
         caught_up: true,
     };
-    assert!(m.on_message(&mut f.dev, done, T0 + 5).unwrap().is_empty());
+    assert!(
+        {
+            f.time.set(T0 + 5);
+            m.handle(&mut f.dev, SyncInput::Message(done))
+        }
+        .unwrap()
+        .is_empty()
+    );
     assert!(m.summary().idle && m.summary().caught_up);
     let s = f.dev.status().unwrap();
     assert_eq!((s.state, s.last_sync_ms), (SyncStatus::Synced, Some(T0 + 5)));
@@ -113,12 +120,20 @@ fn caught_up_with_nothing_in_flight_is_idle_and_records_the_last_sync() {
             snapshot: None,
         },
     };
-    m.on_message(&mut f.dev, live, T0 + 6).unwrap();
+    {
+        f.time.set(T0 + 6);
+        m.handle(&mut f.dev, SyncInput::Message(live))
+    }
+    .unwrap();
     assert_eq!(f.dev.cursor().unwrap().seq, 10);
     assert_eq!(m.summary().pulled, 1);
     // A write while connected is pushed at once.
     f.patient("now");
-    let out = m.notify_local_write(&mut f.dev, T0 + 7).unwrap();
+    let out = {
+        f.time.set(T0 + 7);
+        m.handle(&mut f.dev, SyncInput::LocalWrite)
+    }
+    .unwrap();
     push_of(&out);
     assert!(!m.summary().idle);
 }
@@ -166,7 +181,7 @@ fn a_snapshot_merges_without_losing_unsent_local_changes_and_lww_losses_are_list
         entries: vec![snap],
         cursor: PullCursor { seq: 5, snapshot: None },
     };
-    m.on_message(&mut f.dev, live, T0).unwrap();
+    m.handle(&mut f.dev, SyncInput::Message(live)).unwrap();
     let e = f.dev.get(p).unwrap().unwrap();
     assert_eq!(
         (e.fields["mrn"].clone(), e.fields["phone"].clone()),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::server::StatusSnapshot;
+use super::StatusSnapshot;
 
 /// Bucket upper bounds in seconds: 100 µs to 10 s, roughly ×2.5 per step.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -54,10 +54,6 @@ impl Histogram {
 
     pub fn observe(&mut self, d: Duration) {
         self.observe_n(d.as_secs_f64(), 1);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {

@@ -1,0 +1,318 @@
+//! Parsing `entities.toml` by hand, so every error names the type and field at fault.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+
+use toml::{Table, Value};
+
+use super::{EntityType, FIELD_TYPES, Field, FieldKind, Policy, Role, SchemaError, invalid, join_names};
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.len() <= 64
+}
+
+pub(super) fn parse_type(name: &str, def: &Value) -> Result<EntityType, SchemaError> {
+    let loc = format!("type `{name}`");
+    if !is_identifier(name) {
+        return Err(invalid(
+            &loc,
+            "type names are lowercase identifiers (a-z, 0-9, _), starting with a letter",
+        ));
+    }
+    let table = def
+        .as_table()
+        .ok_or_else(|| invalid(&loc, "must be a table with `policy` and `fields`"))?;
+    let mut policy = None;
+    let mut lockable = false;
+    let mut signable = false;
+    let mut write_roles = None;
+    let mut sign_roles = BTreeSet::new();
+    let mut fields = BTreeMap::new();
+    let mut description = None;
+    for (key, value) in table {
+        match key.as_str() {
+            "policy" => {
+                let s = value
+                    .as_str()
+                    .ok_or_else(|| invalid(&loc, "`policy` must be a string"))?;
+                policy = Some(Policy::from_str(s).map_err(|m| invalid(&loc, m))?);
+            }
+            "lockable" => lockable = as_bool(value, &loc, "lockable")?,
+            "signable" => signable = as_bool(value, &loc, "signable")?,
+            "write" => write_roles = Some(parse_roles(value, &loc, "write")?),
+            "sign" => sign_roles = parse_roles(value, &loc, "sign")?,
+            "description" => description = Some(as_string(value, &loc, "description")?),
+            "fields" => {
+                let ft = value
+                    .as_table()
+                    .ok_or_else(|| invalid(&loc, "`fields` must be a table of field definitions"))?;
+                for (fname, fdef) in ft {
+                    fields.insert(fname.clone(), parse_field(name, fname, fdef)?);
+                }
+            }
+            other => {
+                return Err(invalid(
+                    &loc,
+                    format!(
+                        "unknown key `{other}` (expected policy, lockable, signable, write, sign, description, fields)"
+                    ),
+                ));
+            }
+        }
+    }
+    let policy = policy.ok_or_else(|| invalid(&loc, "missing `policy`"))?;
+    let write_roles =
+        write_roles.ok_or_else(|| invalid(&loc, "missing `write` (the roles that may write this type)"))?;
+    if policy == Policy::ServerOwned
+        && let Some(r) = write_roles.iter().find(|r| !matches!(r, Role::Admin | Role::Service))
+    {
+        return Err(invalid(
+            &loc,
+            format!("policy `server_owned` allows only `admin` and `service` to write, not `{r}`"),
+        ));
+    }
+    if signable && sign_roles.is_empty() {
+        return Err(invalid(&loc, "`signable` types need `sign` (the roles that may sign)"));
+    }
+    if !signable && !sign_roles.is_empty() {
+        return Err(invalid(&loc, "`sign` roles are only meaningful with `signable = true`"));
+    }
+    if lockable {
+        match fields.get("locked") {
+            Some(Field {
+                kind: FieldKind::Bool, ..
+            }) => {}
+            _ => return Err(invalid(&loc, "`lockable` types need a `locked` field of type `bool`")),
+        }
+    }
+    let has_counter = fields
+        .values()
+        .any(|f: &Field| matches!(f.kind, FieldKind::Counter { .. }));
+    if has_counter && policy != Policy::Counter {
+        return Err(invalid(
+            &loc,
+            "counter fields are only allowed in types with policy `counter`",
+        ));
+    }
+    if policy == Policy::Counter && !has_counter {
+        return Err(invalid(
+            &loc,
+            "policy `counter` needs at least one field of type `counter`",
+        ));
+    }
+    for f in fields.values() {
+        if let Some(other) = &f.required_unless
+            && !fields.contains_key(other)
+        {
+            return Err(invalid(
+                format!("type `{name}`, field `{}`", f.name),
+                format!("`required_unless` names `{other}`, which is not a field of `{name}`"),
+            ));
+        }
+    }
+    Ok(EntityType {
+        name: name.to_string(),
+        policy,
+        lockable,
+        signable,
+        write_roles,
+        sign_roles,
+        fields,
+        description,
+    })
+}
+
+fn parse_field(type_name: &str, name: &str, def: &Value) -> Result<Field, SchemaError> {
+    let loc = format!("type `{type_name}`, field `{name}`");
+    if !is_identifier(name) {
+        return Err(invalid(
+            &loc,
+            "field names are lowercase identifiers (a-z, 0-9, _) starting with a letter; names starting with `_` are reserved",
+        ));
+    }
+    let table = def
+        .as_table()
+        .ok_or_else(|| invalid(&loc, "must be a table such as { type = \"string\", required = true }"))?;
+    let type_name_value = table
+        .get("type")
+        .ok_or_else(|| invalid(&loc, "missing `type`"))?
+        .as_str()
+        .ok_or_else(|| invalid(&loc, "`type` must be a string"))?;
+    let allowed: &[&str] = match type_name_value {
+        "string" | "text" => &["max_length"],
+        "int" | "float" => &["min", "max"],
+        "counter" => &["min"],
+        "enum" => &["values"],
+        "ref" => &["to"],
+        "bool" | "timestamp" | "date" => &[],
+        other => {
+            return Err(invalid(
+                &loc,
+                format!(
+                    "unknown field type `{other}` (expected one of {})",
+                    join_names(FIELD_TYPES)
+                ),
+            ));
+        }
+    };
+    let mut required = false;
+    let mut required_unless = None;
+    let mut description = None;
+    for (key, value) in table {
+        match key.as_str() {
+            "type" => {}
+            "required" => required = as_bool(value, &loc, "required")?,
+            "required_unless" => required_unless = Some(as_string(value, &loc, "required_unless")?),
+            "description" => description = Some(as_string(value, &loc, "description")?),
+            k if allowed.contains(&k) => {}
+            other => {
+                return Err(invalid(
+                    &loc,
+                    format!("key `{other}` is not valid for a field of type `{type_name_value}`"),
+                ));
+            }
+        }
+    }
+    if required && required_unless.is_some() {
+        return Err(invalid(&loc, "use either `required` or `required_unless`, not both"));
+    }
+    let kind = match type_name_value {
+        "string" => FieldKind::String {
+            max_length: opt_u64(table, &loc, "max_length")?,
+        },
+        "text" => FieldKind::Text {
+            max_length: opt_u64(table, &loc, "max_length")?,
+        },
+        "int" => {
+            let (min, max) = (opt_i64(table, &loc, "min")?, opt_i64(table, &loc, "max")?);
+            if let (Some(a), Some(b)) = (min, max)
+                && a > b
+            {
+                return Err(invalid(&loc, format!("`min` ({a}) is greater than `max` ({b})")));
+            }
+            FieldKind::Int { min, max }
+        }
+        "float" => {
+            let (min, max) = (opt_f64(table, &loc, "min")?, opt_f64(table, &loc, "max")?);
+            if let (Some(a), Some(b)) = (min, max)
+                && a > b
+            {
+                return Err(invalid(&loc, format!("`min` ({a}) is greater than `max` ({b})")));
+            }
+            FieldKind::Float { min, max }
+        }
+        "counter" => FieldKind::Counter {
+            min: opt_i64(table, &loc, "min")?,
+        },
+        "bool" => FieldKind::Bool,
+        "timestamp" => FieldKind::Timestamp,
+        "date" => FieldKind::Date,
+        "enum" => {
+            let values = table
+                .get("values")
+                .and_then(Value::as_array)
+                .ok_or_else(|| invalid(&loc, "`enum` fields need `values`, an array of strings"))?;
+            let mut out = Vec::with_capacity(values.len());
+            for v in values {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| invalid(&loc, "`values` must contain only strings"))?;
+                if out.iter().any(|o| o == s) {
+                    return Err(invalid(&loc, format!("enum value `{s}` is listed twice")));
+                }
+                out.push(s.to_string());
+            }
+            if out.is_empty() {
+                return Err(invalid(&loc, "`values` must not be empty"));
+            }
+            FieldKind::Enum { values: out }
+        }
+        "ref" => FieldKind::Ref {
+            to: table
+                .get("to")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid(&loc, "`ref` fields need `to`, the referenced type"))?
+                .to_string(),
+        },
+        _ => unreachable!("field type names are checked above"),
+    };
+    Ok(Field {
+        name: name.to_string(),
+        kind,
+        required,
+        required_unless,
+        description,
+    })
+}
+
+pub(super) fn check_cross_references(types: &BTreeMap<String, EntityType>) -> Result<(), SchemaError> {
+    for t in types.values() {
+        for (f, to) in t.ref_fields() {
+            if !types.contains_key(to) {
+                return Err(invalid(
+                    format!("type `{}`, field `{}`", t.name, f.name),
+                    format!("`ref` to unknown type `{to}`"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn as_bool(v: &Value, loc: &str, key: &str) -> Result<bool, SchemaError> {
+    v.as_bool()
+        .ok_or_else(|| invalid(loc, format!("`{key}` must be true or false")))
+}
+
+fn as_string(v: &Value, loc: &str, key: &str) -> Result<String, SchemaError> {
+    v.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| invalid(loc, format!("`{key}` must be a string")))
+}
+
+fn parse_roles(v: &Value, loc: &str, key: &str) -> Result<BTreeSet<Role>, SchemaError> {
+    let arr = v
+        .as_array()
+        .ok_or_else(|| invalid(loc, format!("`{key}` must be an array of roles")))?;
+    arr.iter()
+        .map(|r| {
+            let s = r
+                .as_str()
+                .ok_or_else(|| invalid(loc, format!("`{key}` must contain only role names")))?;
+            Role::from_str(s).map_err(|m| invalid(loc, format!("in `{key}`: {m}")))
+        })
+        .collect()
+}
+
+fn opt_u64(t: &Table, loc: &str, key: &str) -> Result<Option<u64>, SchemaError> {
+    t.get(key)
+        .map(|v| {
+            v.as_integer()
+                .and_then(|i| u64::try_from(i).ok())
+                .ok_or_else(|| invalid(loc, format!("`{key}` must be a non-negative integer")))
+        })
+        .transpose()
+}
+
+fn opt_i64(t: &Table, loc: &str, key: &str) -> Result<Option<i64>, SchemaError> {
+    t.get(key)
+        .map(|v| {
+            v.as_integer()
+                .ok_or_else(|| invalid(loc, format!("`{key}` must be an integer")))
+        })
+        .transpose()
+}
+
+fn opt_f64(t: &Table, loc: &str, key: &str) -> Result<Option<f64>, SchemaError> {
+    t.get(key)
+        .map(|v| {
+            v.as_float()
+                .or_else(|| v.as_integer().map(|i| i as f64))
+                .filter(|f| f.is_finite())
+                .ok_or_else(|| invalid(loc, format!("`{key}` must be a finite number")))
+        })
+        .transpose()
+}

@@ -1,0 +1,229 @@
+use super::*;
+
+#[test]
+fn default_schema_has_every_type_the_references_name_with_spec_policies() {
+    let s = Schema::default_schema();
+    let expect = [
+        ("patient", Policy::Gated),
+        ("session", Policy::Gated),
+        ("set", Policy::Gated),
+        ("assignment", Policy::Gated),
+        ("intake_form", Policy::Gated),
+        ("workout", Policy::Gated),
+        ("progression", Policy::Gated),
+        ("note", Policy::Notes),
+        ("volume", Policy::Counter),
+        ("profile", Policy::Lww),
+        ("settings", Policy::Lww),
+        ("recovery", Policy::Lww),
+        ("journal_entry", Policy::Lww),
+        ("activity", Policy::AppendOnly),
+        ("checkin", Policy::AppendOnly),
+        ("exercise", Policy::ServerOwned),
+        ("vocab", Policy::ServerOwned),
+        ("plan", Policy::ServerOwned),
+        ("role", Policy::ServerOwned),
+    ];
+    for (name, policy) in expect {
+        let t = s.entity_type(name).unwrap_or_else(|| panic!("missing type {name}"));
+        assert_eq!(t.policy, policy, "policy of {name}");
+    }
+    assert_eq!(s.types().count(), expect.len());
+    assert!(s.entity_type("intake_form").unwrap().lockable);
+    assert!(s.entity_type("note").unwrap().signable);
+}
+
+#[test]
+fn default_schema_has_the_public_field_names_of_the_spec() {
+    let s = Schema::default_schema();
+    let expect: &[(&str, &[&str])] = &[
+        ("patient", &["name", "date_of_birth"]),
+        ("session", &["patient_id", "started_at", "status"]),
+        (
+            "set",
+            &["session_id", "exercise_id", "exercise_name", "reps", "weight_kg", "rpe"],
+        ),
+        ("note", &["patient_id", "session_id", "body", "addendum_to"]),
+        ("intake_form", &["patient_id", "answers", "locked"]),
+        ("workout", &["name", "started_at", "notes"]),
+        ("settings", &["units", "goal_race_date"]),
+        ("profile", &["display_name"]),
+        (
+            "volume",
+            &[
+                "week",
+                "chest_sets",
+                "back_sets",
+                "legs_sets",
+                "shoulders_sets",
+                "arms_sets",
+                "core_sets",
+            ],
+        ),
+        ("checkin", &["date", "sleep_hours", "soreness", "recovery"]),
+    ];
+    for (ty, fields) in expect {
+        let t = s.entity_type(ty).unwrap();
+        for f in *fields {
+            assert!(t.field(f).is_some(), "{ty}.{f} missing");
+        }
+    }
+    let note_body = s.entity_type("note").unwrap().field("body").unwrap();
+    assert!(matches!(note_body.kind, FieldKind::Text { .. }) && note_body.required);
+    let vol = s.entity_type("volume").unwrap();
+    assert_eq!(vol.counter_fields().count(), 6);
+}
+
+#[test]
+fn hash_ignores_layout_and_comments_but_not_content() {
+    let a = Schema::from_toml_str(
+        r#"
+        [types.thing]
+        policy = "gated"
+        write = ["admin"]
+        fields.a = { type = "string", required = true }
+        fields.b = { type = "int", min = 0 }
+        "#,
+    )
+    .unwrap();
+    let b = Schema::from_toml_str(
+        r#"
+        # same schema, other order and layout
+        [types.thing]
+        write = ["admin"]
+        policy = "gated"
+        [types.thing.fields]
+        b = { min = 0, type = "int" }
+        a = { required = true, type = "string" }
+        "#,
+    )
+    .unwrap();
+    assert_eq!(a.hash(), b.hash());
+    let c = Schema::from_toml_str(
+        r#"
+        [types.thing]
+        policy = "gated"
+        write = ["admin"]
+        fields.a = { type = "string", required = true }
+        fields.b = { type = "int", min = 1 }
+        "#,
+    )
+    .unwrap();
+    assert_ne!(a.hash(), c.hash());
+}
+
+#[test]
+fn hash_is_pinned_so_that_it_is_the_same_on_every_machine() {
+    // A golden value: if this moves, devices and relays built from different commits or on
+    // different machines would refuse each other. Change it only with the schema format.
+    let s = Schema::from_toml_str(
+        r#"
+        [types.thing]
+        policy = "lww"
+        write = ["admin", "patient"]
+        fields.a = { type = "string", required = true, max_length = 5 }
+        fields.b = { type = "float", min = 0, max = 2.5 }
+        fields.c = { type = "enum", values = ["x", "y"] }
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        s.hash().to_hex(),
+        "78378f694545ac59c6c6220ed5aad6d9c76feda3db6a723378f14ece52fceb24"
+    );
+}
+
+fn err(text: &str) -> String {
+    Schema::from_toml_str(text).unwrap_err().to_string()
+}
+
+#[test]
+fn malformed_schemas_name_the_type_and_field() {
+    let e = err(r#"
+        [types.set]
+        policy = "gated"
+        write = ["admin"]
+        fields.reps = { type = "integer" }
+    "#);
+    assert!(
+        e.contains("type `set`, field `reps`") && e.contains("unknown field type `integer`"),
+        "{e}"
+    );
+
+    let e = err(r#"
+        [types.set]
+        policy = "gated"
+        write = ["admin"]
+        fields.reps = { type = "int", minn = 0 }
+    "#);
+    assert!(e.contains("type `set`, field `reps`") && e.contains("`minn`"), "{e}");
+
+    let e = err(r#"
+        [types.session]
+        policy = "gated"
+        write = ["admin"]
+        fields.patient_id = { type = "ref", to = "patinet" }
+    "#);
+    assert!(
+        e.contains("type `session`, field `patient_id`") && e.contains("patinet"),
+        "{e}"
+    );
+
+    let e = err(r#"
+        [types.set]
+        policy = "gated"
+        write = ["admin"]
+        fields.exercise_name = { type = "string", required_unless = "exercise" }
+    "#);
+    assert!(e.contains("field `exercise_name`") && e.contains("`exercise`"), "{e}");
+
+    let e = err(r#"
+        [types.session]
+        policy = "gatd"
+        write = ["admin"]
+    "#);
+    assert!(
+        e.contains("type `session`") && e.contains("unknown policy `gatd`"),
+        "{e}"
+    );
+
+    let e = err(r#"
+        [types.plan]
+        policy = "server_owned"
+        write = ["patient"]
+    "#);
+    assert!(e.contains("type `plan`") && e.contains("patient"), "{e}");
+
+    let e = err(r#"
+        [types.thing]
+        policy = "gated"
+        write = ["admin"]
+        fields.status = { type = "enum", values = [] }
+    "#);
+    assert!(e.contains("field `status`") && e.contains("empty"), "{e}");
+
+    let e = err(r#"
+        [types.form]
+        policy = "gated"
+        write = ["admin"]
+        lockable = true
+    "#);
+    assert!(e.contains("type `form`") && e.contains("locked"), "{e}");
+
+    let e = err("this is = = not toml");
+    assert!(e.contains("not valid TOML"), "{e}");
+
+    let e = err(r#"
+        [types.thing]
+        policy = "gated"
+        write = ["admin"]
+        fields._secret = { type = "string" }
+    "#);
+    assert!(e.contains("field `_secret`") && e.contains("reserved"), "{e}");
+}
+
+#[test]
+fn loading_a_missing_file_names_it() {
+    let e = Schema::load(Some(Path::new("/nonexistent/entities.toml"))).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/entities.toml"));
+}
