@@ -4,11 +4,13 @@
 //!   the signed outbox, identity and enrollment. Every write is local and durable at once.
 //! - [`conflict`]: conflict prompts and their resolution, refused edits (discard, addendum),
 //!   LWW losses and their undo.
-//! - [`sync::SyncMachine`]: the device half of the sync protocol, sans-IO: relay messages and
-//!   the current time in, client messages out. The network shell and the simulator drive it.
+//! - [`sync::SyncMachine`]: the device half of the sync protocol. One door,
+//!   [`SyncMachine::handle`](sync::SyncMachine::handle): an input (connected, a relay message, a
+//!   tick, ...) in, client messages out. The network shell ([`net`]) and the simulator drive it.
 //!
-//! Nothing here reads the clock or draws randomness of its own: both are injected at
-//! [`Device::open`].
+//! Outside [`net`], nothing here opens a socket, reads the clock or draws randomness of its own:
+//! time and randomness are injected at [`Device::open`]. Storage I/O (SQLite) is synchronous and
+//! happens inside the calls, so the machine is free of network and clock, not of I/O.
 
 pub mod backup;
 pub mod conflict;
@@ -35,5 +37,3 @@ pub use write::WriteReceipt;
 
 #[cfg(test)]
 mod testutil;
-#[cfg(test)]
-mod write_tests;

@@ -549,6 +549,7 @@ impl World {
                 continue;
             };
             for field in RootOps::of(&own)
+                .unwrap_or_default()
                 .touched()
                 .into_iter()
                 .filter(|f| ty_def.field(f).is_some())

@@ -20,13 +20,15 @@ use fieldsync_schema::signing::{Verifier, envelope_hash};
 use fieldsync_schema::testkit::{HandDevice, Versions};
 use fieldsync_schema::wire::{SpaceGrant, UserInfo};
 use fieldsync_schema::{
-    Bytes, ClientMessage, DeviceKey, EntityDoc, ManualTime, Mutation, Outcome, RelayMessage, Role, Schema, ids,
+    Bytes, ClientMessage, DeviceKey, EntityDoc, FeedPayload, ManualTime, Mutation, MutationKind, Outcome, RelayMessage,
+    Role, Schema, ids,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use uuid::Uuid;
 
-/// Bytes in every gym record the harness writes: they must never reach the clinic's device.
+/// The gym record's name (the harness checks structurally that nothing of the gym reaches the
+/// clinic; the marker makes a leak easy to spot by eye in a failing input's output).
 pub const GYM_MARKER: &str = "GYM-ONLY-7c1f0e";
 const T0: u64 = 1_795_000_000_000;
 const NESTING: usize = 64;
@@ -80,6 +82,9 @@ pub fn envelope_decoders(data: &[u8]) {
     let _ = Verifier::new(data);
 }
 
+/// The gym's record, under an id the seeds name so the fuzzer tries to reach it.
+const GYM_RECORD: Uuid = Uuid::from_bytes([0x44; 16]);
+
 /// The clinic's device: its id is fixed, because the seeds' Automerge changes name it as author.
 const CLINIC_DEVICE: Uuid = Uuid::from_bytes([0x11; 16]);
 
@@ -97,6 +102,9 @@ struct RelayUnderTest {
     core: RelayCore<SqliteStore>,
     conn: ConnId,
     clinic: HandDevice,
+    /// The gym's only device: every change of gym data is authored by it.
+    gym_device: Uuid,
+    gym_space: Uuid,
     now: u64,
 }
 
@@ -121,14 +129,20 @@ impl RelayUnderTest {
             core,
             conn: 1,
             clinic: clinic_device(),
+            gym_device: Uuid::nil(),
+            gym_space: Uuid::nil(),
             now: T0,
         };
         // The gym's record, written through the protocol by the gym's own device.
         let mut gym = HandDevice::new(ChaCha20Rng::seed_from_u64(12), Versions::Recorded);
         r.enroll_and_login(100, "gus", &mut gym);
+        (r.gym_device, r.gym_space) = (gym.device_id, gym.space_id);
         let fields = serde_json::json!({"name": GYM_MARKER});
-        let (_, m) = gym
-            .create("patient", fields.as_object().expect("object"), T0)
+        let fields = fields.as_object().expect("object").clone();
+        let m = gym
+            .write("patient", GYM_RECORD, MutationKind::Create, T0, |d, ty| {
+                d.write_fields(ty, &fields)
+            })
             .expect("a create");
         r.send(
             100,
@@ -175,6 +189,47 @@ impl RelayUnderTest {
         }
     }
 
+    /// Whether a reply carries anything of the gym: a gym entry, a change the gym's device
+    /// wrote (directly or inside a compacted document), the gym device as an author or LWW
+    /// winner, the gym space in user info. Structural rather than a byte search, since the
+    /// client may put any bytes it likes in its own ids and values.
+    fn reveals_gym(&self, msg: &RelayMessage) -> bool {
+        let gym_actor = device_actor(self.gym_device);
+        let by_gym = |changes: &[Bytes]| {
+            changes
+                .iter()
+                .any(|c| parse_change(&c.0).is_ok_and(|c| c.actor_id() == &gym_actor))
+        };
+        let outcome_reveals = |o: &Outcome| match o {
+            Outcome::Conflict {
+                server_changes,
+                authors,
+                ..
+            } => by_gym(server_changes) || authors.iter().any(|a| a.device_id == self.gym_device),
+            Outcome::Applied { lww_lost, .. } => lww_lost.iter().any(|l| l.winner_device == self.gym_device),
+            _ => false,
+        };
+        match msg {
+            RelayMessage::Changes { entries, .. } | RelayMessage::Live { entries, .. } => entries.iter().any(|e| {
+                e.space_id == self.gym_space
+                    || match &e.payload {
+                        FeedPayload::Changes(changes) => by_gym(changes),
+                        FeedPayload::Snapshot(bytes) => EntityDoc::load(&bytes.0, device_actor(Uuid::nil()))
+                            .is_ok_and(|mut d| d.all_changes().iter().any(|c| c.actor_id() == &gym_actor)),
+                        FeedPayload::Own => false,
+                    }
+            }),
+            RelayMessage::PushResult { results, .. } => results.iter().any(|r| match &r.outcome {
+                Outcome::AlreadyApplied { original } => outcome_reveals(original),
+                other => outcome_reveals(other),
+            }),
+            RelayMessage::Welcome { user, .. } | RelayMessage::Enrolled { user, .. } => {
+                user.spaces.iter().any(|s| s.space_id == self.gym_space)
+            }
+            _ => false,
+        }
+    }
+
     /// Makes a fuzzed mutation the session's own (ids, clock, signature), so inputs reach the
     /// policies instead of stopping at the signature check. A nil space means the session's.
     fn adopt(&self, m: &mut Mutation) {
@@ -217,11 +272,7 @@ pub fn relay_core_outcomes(data: &[u8]) -> Option<Vec<&'static str>> {
                 outcomes.extend(results.iter().map(|r| r.outcome.name()));
             }
             if let Output::Send(_, m) = o {
-                let bytes = m.encode();
-                assert!(
-                    !bytes.windows(GYM_MARKER.len()).any(|w| w == GYM_MARKER.as_bytes()),
-                    "the clinic's device received the gym's data: {m:?}"
-                );
+                assert!(!r.reveals_gym(m), "the clinic's device received the gym's data: {m:?}");
             }
         }
     }
@@ -344,20 +395,37 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             .encode(),
         ],
         "envelope_decoders" => vec![cbor(&created), create.raw_bytes().to_vec(), doc.save()],
-        "relay_core" => vec![cbor(&vec![
-            ClientMessage::Push {
+        "relay_core" => vec![
+            cbor(&vec![
+                ClientMessage::Push {
+                    batch_id: 1,
+                    mutations: vec![created.clone(), updated.clone()],
+                },
+                ClientMessage::Pull {
+                    cursor: fieldsync_schema::PullCursor::default(),
+                    max_entries: 100,
+                },
+                ClientMessage::Push {
+                    batch_id: 2,
+                    mutations: vec![created.clone()],
+                },
+            ]),
+            // Reaching for the gym's record: an update of it, and a create under its id.
+            cbor(&vec![ClientMessage::Push {
                 batch_id: 1,
-                mutations: vec![created.clone(), updated],
-            },
-            ClientMessage::Pull {
-                cursor: fieldsync_schema::PullCursor::default(),
-                max_entries: 100,
-            },
-            ClientMessage::Push {
-                batch_id: 2,
-                mutations: vec![created],
-            },
-        ])],
+                mutations: vec![
+                    Mutation {
+                        entity_id: GYM_RECORD,
+                        ..updated
+                    },
+                    Mutation {
+                        entity_id: GYM_RECORD,
+                        mutation_id: Uuid::from_bytes([3; 16]),
+                        ..created
+                    },
+                ],
+            }]),
+        ],
         "peer_machine" => vec![cbor(&vec![
             RelayMessage::PushResult {
                 batch_id: 1,

@@ -403,6 +403,7 @@ fn delete_versus_edit_is_a_conflict_and_keep_mine_brings_the_record_back() {
     let decision = parse_change(&sent[0].changes.last().unwrap().0).unwrap();
     assert!(
         fieldsync_schema::document::RootOps::of(&[decision])
+            .unwrap()
             .puts
             .contains("_deleted"),
         "the resolution clears the tombstone explicitly"

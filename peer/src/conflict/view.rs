@@ -149,7 +149,7 @@ fn last_writer<'c>(changes: impl DoubleEndedIterator<Item = &'c Change> + Clone,
     changes
         .clone()
         .rev()
-        .find(|c| RootOps::of(std::slice::from_ref(*c)).touched().contains(field))
+        .find(|c| RootOps::of(std::slice::from_ref(*c)).is_ok_and(|ops| ops.touched().contains(field)))
         .or_else(|| changes.rev().find(|c| !c.is_empty()))
 }
 
@@ -173,10 +173,10 @@ pub(crate) fn theirs_author(sides: &Sides, authors: &[fieldsync_schema::Origin],
 /// Who wrote `field` on this device's side: the last unconfirmed item that changed it.
 pub(crate) fn mine_author(own: &OwnChanges, field: &str) -> Option<Author> {
     let touches = |item: &&QueuedItem| {
-        item.envelope
-            .changes
-            .iter()
-            .any(|b| parse_change(&b.0).is_ok_and(|c| RootOps::of(std::slice::from_ref(&c)).touched().contains(field)))
+        item.envelope.changes.iter().any(|b| {
+            parse_change(&b.0)
+                .is_ok_and(|c| RootOps::of(std::slice::from_ref(&c)).is_ok_and(|ops| ops.touched().contains(field)))
+        })
     };
     let item = own.items.iter().rev().find(touches).or_else(|| own.items.last())?;
     let m = &item.envelope;

@@ -325,7 +325,13 @@ impl<S: Store> RelayCore<S> {
             )));
         }
         // 8. Structural checks on what the changes touch.
-        let ops = RootOps::of(&changes);
+        let ops = match RootOps::of(&changes) {
+            Ok(ops) => ops,
+            Err(e) => {
+                self.put_back(&row, doc);
+                return Ok(invalid("changes", e.to_string()));
+            }
+        };
         let before = doc.fields();
         let (before_deleted, before_signed) = (doc.is_deleted(), doc.is_signed());
         let before_heads = doc.heads();

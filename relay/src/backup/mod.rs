@@ -424,5 +424,4 @@ pub fn prune(dir: &Path, keep: usize) -> Result<Vec<PathBuf>, BackupError> {
 }
 
 #[cfg(test)]
-#[path = "backup_tests.rs"]
 mod tests;

@@ -436,3 +436,6 @@ pub(crate) fn fold_stored_hlc(hlc: &mut fieldsync_schema::HlcClock, tx: &rusqlit
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
