@@ -322,7 +322,12 @@ pub(crate) fn pushable(conn: &Connection, now_ms: u64, limit: usize) -> Result<V
         if bytes > PUSH_ENVELOPE_BUDGET && !out.is_empty() {
             break;
         }
-        out.push(decode(&env)?);
+        let m = decode(&env)?;
+        // A batch holds one space: each space is ordered and committed on its own.
+        if out.first().is_some_and(|first: &Mutation| first.space_id != m.space_id) {
+            break;
+        }
+        out.push(m);
     }
     Ok(out)
 }

@@ -7,28 +7,23 @@ use rand_core::Rng;
 use uuid::Uuid;
 
 use crate::core::token_hash;
-use crate::store::{SpaceRow, Store, StoreError, StoreResult, UserRow};
+use crate::store::{Directory, SpaceRow, StoreError, StoreResult, UserRow};
 
 /// How long an enrollment token stays valid unless told otherwise.
 pub const DEFAULT_TOKEN_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 
-pub fn add_space(store: &mut dyn Store, name: &str, now_ms: u64, rng: &mut impl Rng) -> StoreResult<SpaceRow> {
+pub fn add_space(store: &mut dyn Directory, name: &str, now_ms: u64, rng: &mut impl Rng) -> StoreResult<SpaceRow> {
     let name = name.trim();
     if name.is_empty() {
         return Err(StoreError::Conflict("a space needs a name".into()));
     }
     let space_id = ids::new_uuid(rng);
-    store.create_space(space_id, name, now_ms)?;
-    Ok(SpaceRow {
-        space_id,
-        name: name.to_string(),
-        created_ms: now_ms,
-    })
+    store.create_space(space_id, name, now_ms)
 }
 
 /// Creates the user if needed and gives them `role` in the space (changing an existing role).
 pub fn add_user(
-    store: &mut dyn Store,
+    store: &mut dyn Directory,
     name: &str,
     space_name: &str,
     role: Role,
@@ -60,7 +55,7 @@ pub fn add_user(
 
 /// A single-use enrollment token for the user, valid for `ttl_ms`. Only its hash is stored.
 pub fn create_enrollment_token(
-    store: &mut dyn Store,
+    store: &mut dyn Directory,
     user_name: &str,
     ttl_ms: u64,
     now_ms: u64,
@@ -75,7 +70,7 @@ pub fn create_enrollment_token(
     Ok((token, expires_ms))
 }
 
-pub fn revoke_device(store: &mut dyn Store, device_id: Uuid, now_ms: u64) -> StoreResult<()> {
+pub fn revoke_device(store: &mut dyn Directory, device_id: Uuid, now_ms: u64) -> StoreResult<()> {
     if store.device(device_id)?.is_none() {
         return Err(StoreError::NotFound(format!("no device {device_id}")));
     }
@@ -86,7 +81,7 @@ pub fn revoke_device(store: &mut dyn Store, device_id: Uuid, now_ms: u64) -> Sto
 }
 
 /// Changes the role of an existing member of a space (use [`add_user`] to add one).
-pub fn change_role(store: &mut dyn Store, user_name: &str, space_name: &str, role: Role) -> StoreResult<Role> {
+pub fn change_role(store: &mut dyn Directory, user_name: &str, space_name: &str, role: Role) -> StoreResult<Role> {
     let (user, space) = user_and_space(store, user_name, space_name)?;
     let current = store
         .memberships(user.user_id)?
@@ -99,7 +94,7 @@ pub fn change_role(store: &mut dyn Store, user_name: &str, space_name: &str, rol
 
 /// Removes a user from a space. Their devices stop seeing the space within a second (the relay
 /// refreshes memberships on its tick); the user and their devices stay.
-pub fn remove_member(store: &mut dyn Store, user_name: &str, space_name: &str) -> StoreResult<()> {
+pub fn remove_member(store: &mut dyn Directory, user_name: &str, space_name: &str) -> StoreResult<()> {
     let (user, space) = user_and_space(store, user_name, space_name)?;
     if !store.remove_membership(user.user_id, space.space_id)? {
         return Err(StoreError::NotFound(format!(
@@ -109,7 +104,7 @@ pub fn remove_member(store: &mut dyn Store, user_name: &str, space_name: &str) -
     Ok(())
 }
 
-fn user_and_space(store: &dyn Store, user_name: &str, space_name: &str) -> StoreResult<(UserRow, SpaceRow)> {
+fn user_and_space(store: &dyn Directory, user_name: &str, space_name: &str) -> StoreResult<(UserRow, SpaceRow)> {
     let user = store
         .user_by_name(user_name)?
         .ok_or_else(|| StoreError::NotFound(format!("no user named `{user_name}`")))?;
@@ -127,7 +122,7 @@ pub fn token_id(hash: &[u8; 32]) -> String {
 
 /// Expires an unused token now. `which` is a token id from `token list` (a unique prefix of at
 /// least 6 hex digits) or the token text itself. Returns the token's id.
-pub fn expire_token(store: &mut dyn Store, which: &str, now_ms: u64) -> StoreResult<String> {
+pub fn expire_token(store: &mut dyn Directory, which: &str, now_ms: u64) -> StoreResult<String> {
     let which = which.trim();
     let hash = if which.starts_with("fse_") {
         token_hash(which)

@@ -1,49 +1,84 @@
-//! The hash-chained audit log: one record per applied mutation, written in the same
-//! transaction as the change, each record's hash covering the previous record's hash.
+//! The hash-chained audit logs: one chain per space, one record per applied mutation, written
+//! in the same transaction as the change, each record's hash covering the previous record's
+//! hash and its place in the chain.
 //!
-//! SQLite triggers refuse UPDATE and DELETE on audit rows; the chain catches what the triggers
-//! cannot (someone editing the file after dropping them, or restoring a doctored backup).
+//! SQLite triggers refuse UPDATE and DELETE on audit rows; the chains catch what the triggers
+//! cannot (someone editing a file after dropping them, or restoring a doctored backup). A store
+//! migrated from round 1 also keeps the round-1 global chain (`v1_audit`), verified here too.
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
-use crate::store::{AuditRow, Store, StoreResult};
+use crate::store::{AuditRow, Backend, Directory, SpaceStore, StoreResult};
 
 /// The hash a chain starts from.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// SHA-256 over the previous hash and every field of the record except its own hash and row id
-/// (assigned by the database on insert; the links already fix the order), each length-prefixed
-/// so that no two different records hash the same bytes.
+fn field(h: &mut Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_be_bytes());
+    h.update(bytes);
+}
+
+/// SHA-256 over the previous hash, the record's space and place in its chain, and every field
+/// of the record except its own hash and row id, each length-prefixed so that no two different
+/// records hash the same bytes.
 pub fn record_hash(row: &AuditRow) -> String {
     let mut h = Sha256::new();
-    let mut field = |bytes: &[u8]| {
-        h.update((bytes.len() as u64).to_be_bytes());
-        h.update(bytes);
-    };
-    field(b"fieldsync/audit/v1");
-    field(row.prev_hash.as_bytes());
-    field(&row.seq.to_be_bytes());
-    field(row.mutation_id.as_bytes());
-    field(row.actor_id.as_bytes());
-    field(row.device_id.as_bytes());
-    field(row.space_id.as_bytes());
-    field(row.entity_type.as_bytes());
-    field(row.entity_id.as_bytes());
-    field(row.kind.as_bytes());
-    field(&row.version.to_be_bytes());
-    field(row.before_json.as_bytes());
-    field(row.after_json.as_bytes());
-    field(row.client_ts.as_bytes());
-    field(&row.server_ts_ms.to_be_bytes());
+    field(&mut h, b"fieldsync/audit/v2");
+    field(&mut h, row.prev_hash.as_bytes());
+    field(&mut h, row.space_id.as_bytes());
+    field(&mut h, &row.audit_seq.to_be_bytes());
+    field(&mut h, &row.seq.to_be_bytes());
+    field(&mut h, row.mutation_id.as_bytes());
+    field(&mut h, row.actor_id.as_bytes());
+    field(&mut h, row.device_id.as_bytes());
+    rest(&mut h, row);
     hex::encode(h.finalize())
 }
 
-/// The result of recomputing the chain.
+/// The hash of a round-1 record (one global chain: no chain position, the global seq).
+pub fn record_hash_round_one(row: &AuditRow) -> String {
+    let mut h = Sha256::new();
+    field(&mut h, b"fieldsync/audit/v1");
+    field(&mut h, row.prev_hash.as_bytes());
+    field(&mut h, &row.seq.to_be_bytes());
+    field(&mut h, row.mutation_id.as_bytes());
+    field(&mut h, row.actor_id.as_bytes());
+    field(&mut h, row.device_id.as_bytes());
+    field(&mut h, row.space_id.as_bytes());
+    rest(&mut h, row);
+    hex::encode(h.finalize())
+}
+
+fn rest(h: &mut Sha256, row: &AuditRow) {
+    field(h, row.entity_type.as_bytes());
+    field(h, row.entity_id.as_bytes());
+    field(h, row.kind.as_bytes());
+    field(h, &row.version.to_be_bytes());
+    field(h, row.before_json.as_bytes());
+    field(h, row.after_json.as_bytes());
+    field(h, row.client_ts.as_bytes());
+    field(h, &row.server_ts_ms.to_be_bytes());
+}
+
+/// The result of recomputing every chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
+    /// Records in all chains.
     pub records: u64,
-    /// The first record whose stored hash or link does not match, if any.
+    /// One entry per space, in space-id order.
+    pub spaces: Vec<SpaceChain>,
+    /// The round-1 global chain of a migrated store.
+    pub round_one: Option<SpaceChain>,
+}
+
+/// One space's chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SpaceChain {
+    pub space_id: Uuid,
+    pub records: u64,
+    /// The first record whose stored hash, link or place does not match, if any.
     pub first_bad: Option<BadRecord>,
 }
 
@@ -56,22 +91,28 @@ pub struct BadRecord {
 
 impl VerifyReport {
     pub fn ok(&self) -> bool {
-        self.first_bad.is_none()
+        self.spaces.iter().chain(&self.round_one).all(|c| c.first_bad.is_none())
+    }
+
+    /// Every broken chain's first bad record, with its space.
+    pub fn bad(&self) -> Vec<(Uuid, &BadRecord)> {
+        self.spaces
+            .iter()
+            .chain(&self.round_one)
+            .filter_map(|c| c.first_bad.as_ref().map(|b| (c.space_id, b)))
+            .collect()
     }
 }
 
-/// Recomputes every hash from the first record and names the first record that breaks.
-pub fn verify(store: &dyn Store) -> StoreResult<VerifyReport> {
+/// Recomputes one space's chain from its first record; names the first record that breaks it.
+pub fn verify_space(store: &dyn SpaceStore, space_id: Uuid) -> StoreResult<SpaceChain> {
     let mut prev = GENESIS_HASH.to_string();
-    let mut last_id = 0u64;
+    let mut expected_seq = 1u64;
     let mut records = 0u64;
     loop {
-        let page = store.audit_after(last_id, 1000)?;
+        let page = store.audit_after(space_id, expected_seq - 1, 1000)?;
         if page.is_empty() {
-            return Ok(VerifyReport {
-                records,
-                first_bad: None,
-            });
+            break;
         }
         for row in page {
             records += 1;
@@ -80,27 +121,112 @@ pub fn verify(store: &dyn Store) -> StoreResult<VerifyReport> {
                 mutation_id: row.mutation_id.to_string(),
                 reason,
             };
-            if row.prev_hash != prev {
-                return Ok(VerifyReport {
-                    records,
-                    first_bad: Some(bad(format!(
-                        "link broken: prev_hash {} but the previous record hashes to {prev}",
-                        row.prev_hash
-                    ))),
-                });
-            }
-            let expect = record_hash(&row);
-            if row.hash != expect {
-                return Ok(VerifyReport {
-                    records,
-                    first_bad: Some(bad(format!(
+            let problem = if row.audit_seq != expected_seq {
+                Some(format!(
+                    "place broken: record {} of the chain where {expected_seq} was expected (a record was removed)",
+                    row.audit_seq
+                ))
+            } else if row.prev_hash != prev {
+                Some(format!(
+                    "link broken: prev_hash {} but the previous record hashes to {prev}",
+                    row.prev_hash
+                ))
+            } else {
+                let expect = record_hash(&row);
+                (row.hash != expect).then(|| {
+                    format!(
                         "content changed: stored hash {} but the record hashes to {expect}",
                         row.hash
-                    ))),
+                    )
+                })
+            };
+            if let Some(reason) = problem {
+                return Ok(SpaceChain {
+                    space_id,
+                    records,
+                    first_bad: Some(bad(reason)),
                 });
             }
             prev = row.hash;
-            last_id = row.audit_id;
+            expected_seq += 1;
         }
     }
+    // The head the next record will link to must be where the chain ends (a removed tail).
+    let head = store.space_head(space_id)?;
+    let first_bad = (records > 0 && (head.audit_seq != records || head.audit_hash != prev)).then(|| BadRecord {
+        audit_id: 0,
+        mutation_id: String::new(),
+        reason: format!(
+            "the chain ends at record {records} but the space's head says {} ({})",
+            head.audit_seq, head.audit_hash
+        ),
+    });
+    Ok(SpaceChain {
+        space_id,
+        records,
+        first_bad,
+    })
+}
+
+/// Verifies every space's chain (each in the shard the directory names), and the round-1
+/// chain of a migrated store.
+pub fn verify<B: Backend>(backend: &B) -> StoreResult<VerifyReport> {
+    let directory = backend.open_directory()?;
+    let mut shards = Vec::new();
+    for n in 0..backend.shard_count() {
+        shards.push(backend.open_shard(n)?);
+    }
+    let mut spaces: Vec<(Uuid, u32)> = directory.spaces()?.into_iter().map(|s| (s.space_id, s.shard)).collect();
+    spaces.sort();
+    let mut report = VerifyReport {
+        records: 0,
+        spaces: Vec::new(),
+        round_one: None,
+    };
+    for (space, shard) in spaces {
+        let Some(store) = shards.get(shard as usize) else {
+            continue;
+        };
+        let chain = verify_space(store, space)?;
+        report.records += chain.records;
+        report.spaces.push(chain);
+    }
+    report.round_one = verify_round_one(&directory)?;
+    Ok(report)
+}
+
+/// The round-1 global chain a migrated store keeps, if it has one.
+fn verify_round_one(directory: &impl Directory) -> StoreResult<Option<SpaceChain>> {
+    let mut prev = GENESIS_HASH.to_string();
+    let mut last = 0u64;
+    let mut records = 0u64;
+    let mut any = false;
+    loop {
+        let page = directory.round_one_audit_after(last, 1000)?;
+        if page.is_empty() {
+            break;
+        }
+        any = true;
+        for row in page {
+            records += 1;
+            if row.prev_hash != prev || record_hash_round_one(&row) != row.hash {
+                return Ok(Some(SpaceChain {
+                    space_id: Uuid::nil(),
+                    records,
+                    first_bad: Some(BadRecord {
+                        audit_id: row.audit_id,
+                        mutation_id: row.mutation_id.to_string(),
+                        reason: "the round-1 chain is broken here".into(),
+                    }),
+                }));
+            }
+            prev = row.hash;
+            last = row.audit_id;
+        }
+    }
+    Ok(any.then_some(SpaceChain {
+        space_id: Uuid::nil(),
+        records,
+        first_bad: None,
+    }))
 }

@@ -74,6 +74,9 @@ pub struct ConfigFile {
     pub backup_keep: Option<usize>,
     pub log_format: Option<LogFormat>,
     pub log_filter: Option<String>,
+    pub workers: Option<usize>,
+    pub shards: Option<u32>,
+    pub doc_cache: Option<usize>,
 }
 
 impl ConfigFile {
@@ -117,6 +120,9 @@ impl ConfigFile {
             backup_keep: flags.backup_keep.or(self.backup_keep),
             log_format: flags.log_format.or(self.log_format),
             log_filter: flags.log_filter.or(self.log_filter),
+            workers: flags.workers.or(self.workers),
+            shards: flags.shards.or(self.shards),
+            doc_cache: flags.doc_cache.or(self.doc_cache),
         }
     }
 
@@ -161,6 +167,28 @@ impl ConfigFile {
                 None
             }
         };
+        let workers = match self.workers {
+            Some(0) => return Err(ConfigError::Invalid("workers must be at least 1".into())),
+            Some(n) if n > MAX_WORKERS => {
+                return Err(ConfigError::Invalid(format!("workers must be at most {MAX_WORKERS}")));
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        };
+        let shards = match self.shards {
+            Some(n) if n == 0 || n > MAX_SHARDS => {
+                return Err(ConfigError::Invalid(format!(
+                    "shards must be between 1 and {MAX_SHARDS}"
+                )));
+            }
+            Some(n) => n,
+            None => crate::store::sqlite::DEFAULT_SHARDS,
+        };
+        let doc_cache = match self.doc_cache {
+            Some(0) => return Err(ConfigError::Invalid("doc_cache must be at least 1 document".into())),
+            Some(n) => n,
+            None => crate::core::RelayConfig::default().doc_cache_capacity,
+        };
         Ok(ServeConfig {
             data,
             listen,
@@ -169,6 +197,9 @@ impl ConfigFile {
             backup,
             log_format: self.log_format.unwrap_or_default(),
             log_filter: self.log_filter,
+            workers,
+            shards,
+            doc_cache,
         })
     }
 }
@@ -208,7 +239,18 @@ pub struct ServeConfig {
     pub backup: Option<BackupSchedule>,
     pub log_format: LogFormat,
     pub log_filter: Option<String>,
+    /// Threads applying mutations.
+    pub workers: usize,
+    /// Shards of a store created now (an existing store keeps its own).
+    pub shards: u32,
+    /// Documents kept parsed in memory, per worker.
+    pub doc_cache: usize,
 }
+
+/// More apply threads than this only contend for the same few shard files.
+pub const MAX_WORKERS: usize = 256;
+/// A store's shard count is fixed at creation; each shard is a file and a writer.
+pub const MAX_SHARDS: u32 = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -273,6 +315,30 @@ log_format = "json"
         };
         assert!(keep_without_dir.resolve().is_err());
         assert!(ConfigFile::default().resolve().is_err(), "no data dir");
+        let with = |workers, shards, doc_cache| {
+            ConfigFile {
+                data: Some("d".into()),
+                workers,
+                shards,
+                doc_cache,
+                ..ConfigFile::default()
+            }
+            .resolve()
+        };
+        for bad in [
+            with(Some(0), None, None),
+            with(Some(MAX_WORKERS + 1), None, None),
+            with(None, Some(0), None),
+            with(None, Some(MAX_SHARDS + 1), None),
+            with(None, None, Some(0)),
+        ] {
+            assert!(matches!(bad, Err(ConfigError::Invalid(_))), "{bad:?}");
+        }
+        let ok = with(Some(3), Some(8), Some(10)).unwrap();
+        assert_eq!((ok.workers, ok.shards, ok.doc_cache), (3, 8, 10));
+        let defaults = with(None, None, None).unwrap();
+        assert!(defaults.workers >= 1);
+        assert_eq!(defaults.shards, crate::store::sqlite::DEFAULT_SHARDS);
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("10ms").is_err());
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));

@@ -5,8 +5,9 @@ mod common;
 
 use common::{T0, TestRelay, applied_version};
 use fieldsync_relay::audit;
+use fieldsync_relay::backup;
 use fieldsync_relay::core::FaultSwitches;
-use fieldsync_relay::store::Store;
+use fieldsync_relay::store::sqlite::SqliteBackend;
 use fieldsync_schema::{Outcome, Role};
 use proptest::prelude::*;
 use serde_json::json;
@@ -21,7 +22,7 @@ fn a_replayed_mutation_after_reopening_returns_the_original_outcome() {
     let first = r.push_one(&mut a, m.clone());
     let u = a.update("patient", p, json!({"mrn": "7"}), T0 + 1);
     r.push_one(&mut a, u.clone());
-    let audit_before = r.core.store().counts().unwrap().audit;
+    let audit_before = r.counts().audit;
 
     r.restart();
     a.conn = r.login(&a);
@@ -35,11 +36,7 @@ fn a_replayed_mutation_after_reopening_returns_the_original_outcome() {
     let again = r.push_one(&mut a, u);
     assert!(matches!(again, Outcome::AlreadyApplied { .. }));
     assert_eq!(r.version_of(p), 2, "the version does not move");
-    assert_eq!(
-        r.core.store().counts().unwrap().audit,
-        audit_before,
-        "nothing applied twice"
-    );
+    assert_eq!(r.counts().audit, audit_before, "nothing applied twice");
 }
 
 #[test]
@@ -59,7 +56,7 @@ fn a_replayed_rejection_gets_the_same_answer() {
 #[test]
 fn tampering_with_one_audit_row_is_caught_by_verify() {
     let mut r = TestRelay::new();
-    r.space("clinic");
+    let space = r.space("clinic");
     r.user("dana", "clinic", Role::Clinician);
     let mut a = r.device("dana", 1);
     let (p, m) = a.create("patient", json!({"name": "Ada"}), T0);
@@ -68,33 +65,37 @@ fn tampering_with_one_audit_row_is_caught_by_verify() {
         let u = a.update("patient", p, json!({"mrn": format!("{i}")}), T0 + i);
         r.push_one(&mut a, u);
     }
-    let report = audit::verify(r.core.store()).unwrap();
+    let report = r.verify_audit();
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.records, 5);
 
     // The triggers refuse edits in place.
-    let conn = r.core.store().connection();
+    let conn = rusqlite::Connection::open(r.shard_file(space)).unwrap();
     assert!(
-        conn.execute("UPDATE audit SET after_json = '{}' WHERE audit_id = 3", [])
+        conn.execute("UPDATE audit SET after_json = '{}' WHERE audit_seq = 3", [])
             .is_err()
     );
-    assert!(conn.execute("DELETE FROM audit WHERE audit_id = 3", []).is_err());
+    assert!(conn.execute("DELETE FROM audit WHERE audit_seq = 3", []).is_err());
+    drop(conn);
 
     // On a copy, with the triggers dropped, a doctored record is named by verify.
-    let copy = r.dir.path().join("copy.db");
-    conn.execute("VACUUM INTO ?1", [copy.to_str().unwrap()]).unwrap();
-    let tampered = rusqlite::Connection::open(&copy).unwrap();
+    let copy = r.dir.path().join("copy");
+    backup::backup_store(r.dir.path(), &copy, false).unwrap();
+    let shard = r.shard_file(space);
+    let tampered = rusqlite::Connection::open(copy.join("shards").join(shard.file_name().unwrap())).unwrap();
     tampered
         .execute_batch(
             "DROP TRIGGER audit_no_update;
-             UPDATE audit SET after_json = replace(after_json, '\"2\"', '\"20\"') WHERE audit_id = 4;",
+             UPDATE audit SET after_json = replace(after_json, '\"2\"', '\"20\"') WHERE audit_seq = 4;",
         )
         .unwrap();
     drop(tampered);
-    let store = fieldsync_relay::store::sqlite::SqliteStore::open(&copy, uuid::Uuid::nil()).unwrap();
-    let report = audit::verify(&store).unwrap();
-    let bad = report.first_bad.expect("tampering detected");
-    assert_eq!(bad.audit_id, 4, "{bad:?}");
+    let report = audit::verify(&SqliteBackend::open_existing(&copy).unwrap()).unwrap();
+    let bad = report.bad();
+    assert_eq!(bad.len(), 1, "{report:?}");
+    assert_eq!(bad[0].0, space);
+    assert!(bad[0].1.reason.contains("content changed"), "{bad:?}");
+    assert_eq!(report.spaces[0].records, 4, "the chain breaks at its fourth record");
 }
 
 #[test]
@@ -188,7 +189,7 @@ proptest! {
         for (id, v) in &expected {
             prop_assert_eq!(r.version_of(*id), *v);
         }
-        let report = audit::verify(r.core.store()).unwrap();
+        let report = r.verify_audit();
         prop_assert!(report.ok(), "{:?}", report);
         prop_assert_eq!(report.records, applied);
     }

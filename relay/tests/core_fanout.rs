@@ -7,12 +7,13 @@ mod common;
 
 use common::{T0, TestDevice, TestRelay};
 use fieldsync_relay::core::{ConnId, Input, Output, RelayCore};
-use fieldsync_relay::store::sqlite::SqliteStore;
+use fieldsync_relay::store::sqlite::SqliteBackend;
+use fieldsync_schema::wire::SpaceCursor;
 use fieldsync_schema::{ClientMessage, FeedEntry, RelayMessage, Role};
 use serde_json::json;
 
 /// Logs `dev` in on `core` (another relay than the one it enrolled through).
-fn login_on(core: &mut RelayCore<SqliteStore>, conn: ConnId, dev: &TestDevice, now: u64) {
+fn login_on(core: &mut RelayCore<SqliteBackend>, conn: ConnId, dev: &TestDevice, now: u64) {
     core.handle([Input::Opened(conn)], 0);
     let out = core.handle([Input::message(conn, dev.hello())], now);
     let Output::Send(_, RelayMessage::Challenge { relay_id, nonce }) = &out[0] else {
@@ -35,7 +36,7 @@ fn live_entries(out: &[Output], conn: ConnId) -> Vec<FeedEntry> {
         .collect()
 }
 
-fn push_on(core: &mut RelayCore<SqliteStore>, conn: ConnId, m: fieldsync_schema::Mutation, now: u64) -> Vec<Output> {
+fn push_on(core: &mut RelayCore<SqliteBackend>, conn: ConnId, m: fieldsync_schema::Mutation, now: u64) -> Vec<Output> {
     core.handle(
         [Input::message(
             conn,
@@ -51,7 +52,7 @@ fn push_on(core: &mut RelayCore<SqliteStore>, conn: ConnId, m: fieldsync_schema:
 #[test]
 fn rows_another_relay_committed_reach_live_devices_before_this_relays_own_and_none_is_skipped() {
     let mut r = TestRelay::new();
-    r.space("clinic");
+    let clinic = r.space("clinic");
     r.user("dana", "clinic", Role::Clinician);
     r.user("cody", "clinic", Role::Clinician);
     let mut watcher = r.device("dana", 1);
@@ -97,7 +98,10 @@ fn rows_another_relay_committed_reach_live_devices_before_this_relays_own_and_no
 
     // The watcher's device applies every entry it was sent; pulling from its cursor afterwards
     // finds nothing it missed.
-    watcher.cursor = fieldsync_schema::PullCursor { seq: 3, snapshot: None };
+    watcher
+        .cursor
+        .spaces
+        .insert(clinic, SpaceCursor { seq: 3, snapshot: None });
     assert!(r.pull(&mut watcher).is_empty());
 }
 

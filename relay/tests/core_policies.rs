@@ -5,7 +5,6 @@ mod common;
 
 use automerge::transaction::Transactable;
 use common::{T0, TestDevice, TestRelay, applied_version, obj};
-use fieldsync_relay::store::Store;
 use fieldsync_schema::{ConflictReason, FieldError, MutationKind, Outcome, Role, Rule, document};
 use serde_json::json;
 
@@ -194,7 +193,7 @@ fn a_forged_note_signature_is_refused() {
     });
     let o = r.push_one(&mut a, sign);
     assert!(errors(&o).iter().any(|e| e.field == "_signature"), "{o:?}");
-    assert!(!r.core.store().document(n).unwrap().unwrap().signed);
+    assert!(!r.document_row(n).signed);
 }
 
 #[test]
@@ -258,7 +257,7 @@ fn lww_keeps_the_max_hlc_even_when_the_older_write_arrives_last() {
     assert_eq!(lww_lost[0].winner_value, json!("lb"));
     assert_eq!(lww_lost[0].loser_device, phone.device_id);
     assert_eq!(r.fields_of(s)["units"], json!("lb"), "the max (HLC, device) stands");
-    let archive = r.core.store().archive_rows(10).unwrap();
+    let archive = r.archive_rows();
     assert!(
         archive
             .iter()
@@ -368,7 +367,7 @@ fn lww_records_created_on_two_devices_offline_are_settled_by_the_clock() {
         json!(true),
         "fields only one side wrote stay"
     );
-    let archive = r.core.store().archive_rows(10).unwrap();
+    let archive = r.archive_rows();
     assert!(archive.iter().any(|a| a.losing_json == "\"kg\""), "{archive:?}");
 }
 
@@ -384,10 +383,10 @@ fn lww_delete_versus_edit_is_decided_by_the_clock() {
     let del = phone.delete("journal_entry", s, T0 + 1_000);
     let edit = tablet.update("journal_entry", s, json!({"pain_level": 5}), T0 + 2_000);
     r.push_one(&mut phone, del);
-    assert!(r.core.store().document(s).unwrap().unwrap().deleted);
+    assert!(r.document_row(s).deleted);
     let o = r.push_one(&mut tablet, edit);
     assert!(o.applied().is_some(), "{o:?}");
-    let row = r.core.store().document(s).unwrap().unwrap();
+    let row = r.document_row(s);
     assert!(!row.deleted, "the later edit wins over the earlier delete");
     assert_eq!(r.fields_of(s)["pain_level"], json!(5));
 }
@@ -415,7 +414,7 @@ fn delete_versus_edit_of_a_gated_record_is_a_conflict() {
         }
     ));
     // The delete is a tombstone: the row and its history remain.
-    assert!(r.core.store().document(s).unwrap().unwrap().deleted);
+    assert!(r.document_row(s).deleted);
     assert_eq!(r.fields_of(s)["status"], json!("planned"));
 }
 
@@ -549,5 +548,5 @@ fn changes_must_be_the_senders_own_and_touch_only_what_the_kind_allows() {
     });
     let o = r.push_one(&mut b, sneaky);
     assert!(errors(&o).iter().any(|e| e.field == "_deleted"), "{o:?}");
-    assert!(!r.core.store().document(p).unwrap().unwrap().deleted);
+    assert!(!r.document_row(p).deleted);
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{T0, TestDevice, TestRelay, applied_version, obj};
-use fieldsync_relay::store::{ArchiveRow, Store};
+use fieldsync_relay::store::ArchiveRow;
 use fieldsync_schema::{Bytes, ConflictReason, EntityDoc, MutationKind, Outcome, Role, document};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -82,10 +82,7 @@ fn resolution(
 
 fn resolution_rows(r: &TestRelay, w: Uuid) -> Vec<ArchiveRow> {
     let mut rows: Vec<ArchiveRow> = r
-        .core
-        .store()
-        .archive_rows(100)
-        .unwrap()
+        .archive_rows()
         .into_iter()
         .filter(|a| a.entity_id == w && a.kind == "resolution")
         .collect();
@@ -281,7 +278,7 @@ fn keeping_an_edit_against_a_delete_restores_the_record_and_archives_the_tombsto
     b.set_version(w, 2);
     let m = resolution(&r, &mut b, w, json!({}), Some(false));
     assert_eq!(applied_version(&r.push_one(&mut b, m)), 3);
-    assert!(!r.core.store().document(w).unwrap().unwrap().deleted);
+    assert!(!r.document_row(w).deleted);
     assert_eq!(r.fields_of(w), obj(json!({"name": "Leg day", "notes": "squats"})));
     assert_eq!(
         lost(&resolution_rows(&r, w)),

@@ -7,7 +7,7 @@ mod common;
 use common::{T0, TestDevice, TestRelay};
 use fieldsync_relay::admin;
 use fieldsync_relay::core::{Input, Output};
-use fieldsync_relay::store::Store;
+use fieldsync_relay::store::Directory;
 use fieldsync_schema::signing::{enroll_signing_bytes, rotate_signing_bytes};
 use fieldsync_schema::wire::{AuthFailure, PROTOCOL_VERSION};
 use fieldsync_schema::{Bytes, ClientMessage, ConflictReason, Mutation, Outcome, RelayMessage, Role, Schema, ids};
@@ -194,7 +194,7 @@ fn a_user_removed_from_a_space_cannot_read_it_through_their_own_receipts() {
         other => panic!("{other:?}"),
     }
     // Carla leaves the clinic; her open session learns it at the next tick.
-    admin::remove_member(relay.core.store_mut(), "carla", "clinic").unwrap();
+    admin::remove_member(relay.core.directory_mut(), "carla", "clinic").unwrap();
     relay.now += 1;
     relay.core.handle([Input::Tick], relay.now);
     let outcome = relay.push_one(&mut clinic_dev, stale);
@@ -207,7 +207,7 @@ fn a_user_removed_from_a_space_cannot_read_it_through_their_own_receipts() {
 
 fn enroll_with(relay: &mut TestRelay, public_key: [u8; 32], proof: [u8; 64], device_id: Uuid) -> Vec<Output> {
     let (token, _) = admin::create_enrollment_token(
-        relay.core.store_mut(),
+        relay.core.directory_mut(),
         "carla",
         admin::DEFAULT_TOKEN_TTL_MS,
         relay.now,
@@ -273,7 +273,7 @@ fn enrollment_with_a_small_order_key_and_a_constant_proof_is_refused() {
             "key {} was not refused: {out:?}",
             hex::encode(key)
         );
-        assert!(relay.core.store().device(device_id).unwrap().is_none());
+        assert!(relay.core.directory().device(device_id).unwrap().is_none());
     }
     // The same token-less trick with an honest key but a constant proof fails as well.
     let key = fieldsync_schema::DeviceKey::generate(&mut ChaCha20Rng::seed_from_u64(5));
@@ -293,7 +293,7 @@ fn an_enrollment_proof_malleated_to_s_plus_l_is_refused() {
     let key = fieldsync_schema::DeviceKey::generate(&mut ChaCha20Rng::seed_from_u64(6));
     let device_id = Uuid::from_bytes([0x66; 16]);
     let (token, _) = admin::create_enrollment_token(
-        relay.core.store_mut(),
+        relay.core.directory_mut(),
         "carla",
         admin::DEFAULT_TOKEN_TTL_MS,
         relay.now,
@@ -356,7 +356,7 @@ fn key_rotation_to_a_small_order_key_is_refused_and_the_old_key_stays() {
             "rotation to {} was accepted",
             hex::encode(weak)
         );
-        let stored = relay.core.store().device(clinic_dev.device_id).unwrap().unwrap();
+        let stored = relay.core.directory().device(clinic_dev.device_id).unwrap().unwrap();
         assert_eq!(stored.public_key, old.to_vec());
         // The refused connection is gone; log in again (with the old key) for the next attempt.
         if out.iter().any(|o| matches!(o, Output::Close(..))) {
@@ -378,6 +378,6 @@ fn a_mutation_signature_malleated_to_s_plus_l_is_refused() {
     m.signature = Bytes(sig.to_vec());
     let outcome = relay.push_one(&mut clinic_dev, m.clone());
     assert!(matches!(outcome, Outcome::Forbidden { .. }), "{outcome:?}");
-    assert!(relay.core.store().document(m.entity_id).unwrap().is_none());
-    assert!(relay.core.store().receipt(m.mutation_id).unwrap().is_none());
+    assert!(relay.core.document(m.entity_id).unwrap().is_none());
+    assert!(relay.receipt(m.mutation_id).is_none());
 }

@@ -6,8 +6,9 @@ mod common;
 use common::{T0, TestRelay};
 use fieldsync_relay::admin;
 use fieldsync_relay::core::{Input, Output};
-use fieldsync_relay::store::Store;
-use fieldsync_relay::store::sqlite::SqliteStore;
+use fieldsync_relay::store::Backend;
+use fieldsync_relay::store::Directory;
+use fieldsync_relay::store::sqlite::SqliteBackend;
 use fieldsync_schema::signing::enroll_signing_bytes;
 use fieldsync_schema::wire::{AuthFailure, PROTOCOL_VERSION};
 use fieldsync_schema::{
@@ -57,7 +58,7 @@ fn unknown_and_revoked_devices_and_bad_signatures_are_refused() {
     assert_eq!(auth_failure(&out), Some(AuthFailure::BadSignature));
 
     // Revocation closes open sessions at the next tick and refuses new ones.
-    admin::revoke_device(r.core.store_mut(), dev.device_id, r.now).unwrap();
+    admin::revoke_device(r.core.directory_mut(), dev.device_id, r.now).unwrap();
     let out = r.core.handle([Input::Tick], r.now + 500);
     assert!(
         out.iter().any(|o| matches!(o, Output::Close(c, _) if *c == dev.conn)),
@@ -81,7 +82,10 @@ fn admin_changes_from_another_process_reach_open_sessions_at_the_next_tick() {
 
     // The admin CLI is another connection to the same file: it revokes Eve's device and takes
     // Dana out of the clinic, well within the full-refresh period.
-    let mut other = SqliteStore::open_dir(r.dir.path(), uuid::Uuid::nil()).unwrap();
+    let mut other = SqliteBackend::open_existing(r.dir.path())
+        .unwrap()
+        .open_directory()
+        .unwrap();
     admin::revoke_device(&mut other, eve.device_id, r.now + 300).unwrap();
     admin::remove_member(&mut other, "dana", "clinic").unwrap();
     drop(other);
@@ -156,7 +160,7 @@ fn schema_and_protocol_mismatches_are_named() {
 fn enrollment_tokens_are_single_use_and_expire() {
     let mut r = clinic();
     let mut rng = ChaCha20Rng::seed_from_u64(5);
-    let (token, _) = admin::create_enrollment_token(r.core.store_mut(), "dana", 1_000, r.now, &mut r.rng).unwrap();
+    let (token, _) = admin::create_enrollment_token(r.core.directory_mut(), "dana", 1_000, r.now, &mut r.rng).unwrap();
     let enroll = |rng: &mut ChaCha20Rng, token: &str| {
         let key = DeviceKey::generate(rng);
         let device_id = ids::new_uuid(rng);
@@ -183,7 +187,7 @@ fn enrollment_tokens_are_single_use_and_expire() {
         auth_failure(&r.send(c, enroll(&mut rng, &token))),
         Some(AuthFailure::TokenUsed)
     );
-    let (token2, _) = admin::create_enrollment_token(r.core.store_mut(), "dana", 1_000, r.now, &mut r.rng).unwrap();
+    let (token2, _) = admin::create_enrollment_token(r.core.directory_mut(), "dana", 1_000, r.now, &mut r.rng).unwrap();
     r.now += 2_000;
     let c = r.connect();
     assert_eq!(
@@ -196,7 +200,8 @@ fn enrollment_tokens_are_single_use_and_expire() {
         Some(AuthFailure::InvalidToken)
     );
     // A proof by another key than the one presented is refused.
-    let (token3, _) = admin::create_enrollment_token(r.core.store_mut(), "dana", 60_000, r.now, &mut r.rng).unwrap();
+    let (token3, _) =
+        admin::create_enrollment_token(r.core.directory_mut(), "dana", 60_000, r.now, &mut r.rng).unwrap();
     let mut msg = enroll(&mut rng, &token3);
     if let ClientMessage::Enroll { public_key, .. } = &mut msg {
         public_key.0 = DeviceKey::generate(&mut rng).public_key().to_vec();
@@ -204,7 +209,7 @@ fn enrollment_tokens_are_single_use_and_expire() {
     let c = r.connect();
     assert_eq!(auth_failure(&r.send(c, msg)), Some(AuthFailure::BadSignature));
     assert_eq!(
-        r.core.store().devices().unwrap().len(),
+        r.core.directory().devices().unwrap().len(),
         1,
         "only the first enrollment registered a device"
     );
@@ -293,7 +298,8 @@ fn space_isolation_for_reads_and_writes() {
     assert!(matches!(o, Outcome::Forbidden { .. }), "{o:?}");
     // Gus edits a clinic entity while claiming his own space: refused too.
     let m = g.update("patient", p, json!({"name": "Hacked again"}), T0);
-    assert!(matches!(r.push_one(&mut g, m), Outcome::Forbidden { .. }));
+    let o = r.push_one(&mut g, m);
+    assert!(matches!(o, Outcome::Forbidden { .. }), "{o:?}");
     // Live fan-out skips other spaces.
     let u = a.update("patient", p, json!({"mrn": "1"}), T0 + 1);
     let out = r.send(
@@ -326,7 +332,7 @@ fn envelope_and_signature_checks_come_first() {
     b.key.sign_mutation(&mut m);
     assert!(matches!(r.push_one(&mut a, m.clone()), Outcome::Forbidden { .. }));
     // None of these left a receipt: the rightful owner can still send that mutation id.
-    assert!(r.core.store().receipt(m.mutation_id).unwrap().is_none());
+    assert!(r.receipt(m.mutation_id).is_none());
 }
 
 #[test]
@@ -373,13 +379,14 @@ fn one_group_commit_serves_several_connections_and_outcomes_follow_the_commit() 
 fn a_storage_failure_defers_the_push_and_applies_nothing() {
     let mut r = clinic();
     let mut a = r.device("dana", 1);
-    // Another writer holds the database's write lock.
-    r.core
+    // Another writer holds the write lock of the space's shard.
+    let space = r.space_row("clinic");
+    r.core.workers()[space.shard as usize]
         .store()
         .connection()
         .busy_timeout(std::time::Duration::from_millis(50))
         .unwrap();
-    let blocker = rusqlite::Connection::open(r.dir.path().join("relay.db")).unwrap();
+    let blocker = rusqlite::Connection::open(r.shard_file(space.space_id)).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
     let (p, m) = a.create("patient", json!({"name": "Ada"}), T0);
     let out = r.send(
@@ -565,7 +572,7 @@ fn signature_checks_made_outside_the_core_count_only_with_the_current_key() {
         r.now + 3,
     );
     assert!(outcome(&out).applied().is_some());
-    assert_eq!(r.core.session_key(a.conn), Some(a.key.public_key()));
+    assert_eq!(r.core.front().session_key(a.conn), Some(a.key.public_key()));
 }
 
 #[test]
@@ -589,6 +596,6 @@ fn rotating_to_a_key_that_is_not_a_curve_point_is_refused_and_nothing_is_stored(
         },
     );
     assert!(closed(&out), "{out:?}");
-    let stored = r.core.store().device(a.device_id).unwrap().unwrap().public_key;
+    let stored = r.core.directory().device(a.device_id).unwrap().unwrap().public_key;
     assert_eq!(stored, a.key.public_key().to_vec());
 }

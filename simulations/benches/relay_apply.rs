@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use fieldsync_relay::admin;
 use fieldsync_relay::core::{ConnId, Input, Output, RelayConfig, RelayCore};
-use fieldsync_relay::store::sqlite::SqliteStore;
+use fieldsync_relay::store::sqlite::SqliteBackend;
 use fieldsync_schema::{ClientMessage, Mutation, RelayMessage, Role, Schema};
 use fieldsync_simulations::rng::stream;
 use fieldsync_simulations::synth::SynthDevice;
@@ -34,7 +34,7 @@ fn cpu_us() -> u64 {
 
 struct Bench {
     _dir: tempfile::TempDir,
-    core: RelayCore<SqliteStore>,
+    core: RelayCore<SqliteBackend>,
     devices: Vec<(SynthDevice, ConnId)>,
     now: u64,
 }
@@ -42,26 +42,28 @@ struct Bench {
 impl Bench {
     fn new(devices: usize) -> Bench {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
-        let store = SqliteStore::open_dir(dir.path(), uuid::Uuid::nil()).unwrap();
+        let backend = SqliteBackend::open(dir.path(), uuid::Uuid::nil()).unwrap();
         let config = RelayConfig {
             rate_burst: 1e12,
             rate_per_sec: 1e12,
             ..RelayConfig::default()
         };
         let mut core = RelayCore::new(
-            store,
+            &backend,
             Arc::new(Schema::default_schema()),
             config,
             Box::new(stream(1, "relay")),
-        );
+        )
+        .unwrap();
         let mut rng = stream(1, "admin");
-        admin::add_space(core.store_mut(), "gym", T0, &mut rng).unwrap();
-        admin::add_user(core.store_mut(), "pat", "gym", Role::Patient, T0, &mut rng).unwrap();
+        admin::add_space(core.directory_mut(), "gym", T0, &mut rng).unwrap();
+        admin::add_user(core.directory_mut(), "pat", "gym", Role::Patient, T0, &mut rng).unwrap();
         let mut out = Vec::new();
         let mut conn: ConnId = 1;
         for i in 0..devices {
             let mut d = SynthDevice::new(1, i as u64);
-            let (token, _) = admin::create_enrollment_token(core.store_mut(), "pat", 3_600_000, T0, &mut rng).unwrap();
+            let (token, _) =
+                admin::create_enrollment_token(core.directory_mut(), "pat", 3_600_000, T0, &mut rng).unwrap();
             core.handle([Input::Opened(conn)], 0);
             let o = core.handle([Input::message(conn, d.enroll_message(&token))], T0);
             let Some(Output::Send(_, RelayMessage::Enrolled { user, .. })) = o.into_iter().next() else {

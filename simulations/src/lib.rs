@@ -150,6 +150,8 @@ impl World {
             Event::CloseAtDevice(conn, reason) => self.on_close_at_device(conn, &reason),
             Event::RelayProcess => self.relay_process(),
             Event::RelayTick => self.relay_tick(),
+            Event::WorkerRun(shard) => self.worker_run(shard),
+            Event::WorkerReport(id) => self.worker_report(id),
             Event::Fault(f) => self.inject(f),
             Event::RelayRestart => {
                 if !self.relay.is_up() {

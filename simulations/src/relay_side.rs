@@ -1,12 +1,21 @@
-//! The relay in the simulated world: the production `RelayCore` on a real SQLite file, behind a
-//! simulated server shell that decodes frames, groups messages into commits and routes outputs.
+//! The relay in the simulated world: the production `RelayCore` on real SQLite files, behind a
+//! simulated server shell that decodes frames, groups messages into turns and routes outputs.
+//!
+//! As in the server, the front and the shards' workers run apart: a push becomes a job that
+//! its shard's worker decides and commits a few simulated milliseconds later, and the report
+//! reaches the front later still, while the front goes on with pulls, ticks and other spaces.
+//! A crash loses jobs not yet run (never committed: devices retry) and reports not yet
+//! delivered (committed but unanswered: devices retry and get the stored answer).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fieldsync_relay::core::{ConnId, FaultSwitches, Input, Output, RelayConfig, RelayCore};
-use fieldsync_relay::store::sqlite::SqliteStore;
+use fieldsync_relay::core::{ConnId, FaultSwitches, Input, Job, Output, RelayConfig, RelayCore, WorkerReport};
+use fieldsync_relay::store::Backend;
+use fieldsync_relay::store::sqlite::{SqliteBackend, SqliteShard};
 use fieldsync_schema::{ClientMessage, RelayMessage, Schema};
+use rand_chacha::ChaCha20Rng;
 use uuid::Uuid;
 
 use crate::clock::{MINUTE, SECOND};
@@ -16,11 +25,23 @@ use crate::world::{Event, World};
 
 pub struct SimRelay {
     pub dir: PathBuf,
-    pub core: Option<RelayCore<SqliteStore>>,
+    pub core: Option<RelayCore<SqliteBackend>>,
+    /// The store's files, for the checks (read handles of their own on every shard).
+    pub backend: Option<SqliteBackend>,
+    pub readers: Vec<SqliteShard>,
     pub relay_id: Uuid,
     pub boots: u64,
     inbox: Vec<(ConnId, ClientMessage)>,
     process_scheduled: bool,
+    /// Jobs waiting for their shard's worker, and the shards with a run scheduled.
+    jobs: BTreeMap<u32, Vec<Job>>,
+    worker_scheduled: BTreeSet<u32>,
+    /// Reports on their way to the front, by delivery id.
+    reports: BTreeMap<u64, WorkerReport>,
+    next_report: u64,
+    /// When workers run and reports arrive (its own stream: the rest of the run does not
+    /// shift when this changes).
+    timing: ChaCha20Rng,
 }
 
 impl SimRelay {
@@ -28,10 +49,17 @@ impl SimRelay {
         SimRelay {
             dir,
             core: None,
+            backend: None,
+            readers: Vec::new(),
             relay_id: Uuid::nil(),
             boots: 0,
             inbox: Vec::new(),
             process_scheduled: false,
+            jobs: BTreeMap::new(),
+            worker_scheduled: BTreeSet::new(),
+            reports: BTreeMap::new(),
+            next_report: 0,
+            timing: stream(0, "relay/timing"),
         }
     }
 
@@ -39,7 +67,7 @@ impl SimRelay {
         self.core.is_some()
     }
 
-    pub fn core(&self) -> Option<&RelayCore<SqliteStore>> {
+    pub fn core(&self) -> Option<&RelayCore<SqliteBackend>> {
         self.core.as_ref()
     }
 }
@@ -51,17 +79,22 @@ impl World {
         self.relay.boots += 1;
         let mut rng = stream(self.opts.seed, &format!("relay/boot{boot}"));
         let new_id = fieldsync_schema::ids::new_uuid(&mut rng);
-        let store = SqliteStore::open_dir(&self.relay.dir, new_id)?;
+        let backend = SqliteBackend::open(&self.relay.dir, new_id)?;
         // The simulated relay ticks every 30 s (see `relay_tick`): no other process writes its
         // store, so polling faster would only add events.
         let config = RelayConfig {
             tick_every_ms: 30 * SECOND,
             ..RelayConfig::default()
         };
-        let mut core = RelayCore::new(store, Arc::new(Schema::default_schema()), config, Box::new(rng));
+        let mut core = RelayCore::new(&backend, Arc::new(Schema::default_schema()), config, Box::new(rng))?;
         core.set_fault_switches(self.fault_switches());
+        self.relay.readers = (0..backend.shard_count())
+            .map(|n| backend.open_shard(n))
+            .collect::<Result<_, _>>()?;
         self.relay.relay_id = core.relay_id();
         self.relay.core = Some(core);
+        self.relay.backend = Some(backend);
+        self.relay.timing = stream(self.opts.seed, &format!("relay/timing{boot}"));
         let now = self.now();
         self.trace.record(now, &format!("relay boot {boot}"));
         Ok(())
@@ -104,6 +137,10 @@ impl World {
             return;
         }
         self.relay.inbox.clear();
+        // Jobs not run were never committed; reports not delivered were, but nobody heard.
+        self.relay.jobs.clear();
+        self.relay.worker_scheduled.clear();
+        self.relay.reports.clear();
         self.stats.count_fault(Fault::RelayCrash);
         let now = self.now();
         self.trace.record(now, "relay crash");
@@ -190,8 +227,56 @@ impl World {
         }
         self.stats.groups += 1;
         self.trace.record(now, &format!("relay group of {}", inbox.len()));
-        let outputs = core.handle(inbox.into_iter().map(|(conn, msg)| Input::message(conn, msg)), now);
-        self.route(outputs);
+        let step = core
+            .front_mut()
+            .handle(inbox.into_iter().map(|(conn, msg)| Input::message(conn, msg)), now);
+        self.queue_jobs(step.jobs);
+        self.route(step.outputs);
+    }
+
+    /// Hands jobs to their shards' workers, each of which runs a little later.
+    fn queue_jobs(&mut self, jobs: Vec<(u32, Job)>) {
+        for (shard, job) in jobs {
+            self.relay.jobs.entry(shard).or_default().push(job);
+            if self.relay.worker_scheduled.insert(shard) {
+                let delay = self.relay.timing.between(1, 40);
+                self.schedule_in(delay, Event::WorkerRun(shard));
+            }
+        }
+    }
+
+    /// A shard's worker decides and commits every job waiting for it as one group; its report
+    /// reaches the front a little later.
+    pub fn worker_run(&mut self, shard: u32) {
+        self.relay.worker_scheduled.remove(&shard);
+        let jobs = self.relay.jobs.remove(&shard).unwrap_or_default();
+        let now = self.now();
+        let Some(core) = &mut self.relay.core else { return };
+        let Some(worker) = core.workers_mut().get_mut(shard as usize) else {
+            return;
+        };
+        if jobs.is_empty() {
+            return;
+        }
+        self.trace.record(now, &format!("shard{shard} group of {}", jobs.len()));
+        let report = worker.handle(jobs, now);
+        let id = self.relay.next_report;
+        self.relay.next_report += 1;
+        self.relay.reports.insert(id, report);
+        let delay = self.relay.timing.between(0, 20);
+        self.schedule_in(delay, Event::WorkerReport(id));
+    }
+
+    /// A worker's report arrives at the front: answers, then the live fan-out of its rows.
+    pub fn worker_report(&mut self, id: u64) {
+        let Some(report) = self.relay.reports.remove(&id) else {
+            return;
+        };
+        let now = self.now();
+        let Some(core) = &mut self.relay.core else { return };
+        let step = core.front_mut().handle_report(report, now);
+        self.queue_jobs(step.jobs);
+        self.route(step.outputs);
     }
 
     pub fn relay_tick(&mut self) {

@@ -74,11 +74,11 @@ impl World {
                 .as_mut()
                 .ok_or_else(|| anyhow::anyhow!("relay not up"))?;
             for space in ["clinic", "gym"] {
-                let s = admin::add_space(core.store_mut(), space, now, &mut admin_rng)?;
+                let s = admin::add_space(core.directory_mut(), space, now, &mut admin_rng)?;
                 space_ids.insert(space, s.space_id);
             }
             for u in &USERS {
-                admin::add_user(core.store_mut(), u.name, u.space, u.role, now, &mut admin_rng)?;
+                admin::add_user(core.directory_mut(), u.name, u.space, u.role, now, &mut admin_rng)?;
             }
         }
         for i in 0..self.opts.devices {
@@ -103,7 +103,7 @@ impl World {
             .core
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("relay not up"))?;
-        let (token, _) = admin::create_enrollment_token(core.store_mut(), user.name, 3_600_000, now, admin_rng)?;
+        let (token, _) = admin::create_enrollment_token(core.directory_mut(), user.name, 3_600_000, now, admin_rng)?;
         let dev = self.devices[i]
             .dev
             .as_mut()

@@ -37,6 +37,10 @@ pub enum Event {
     RelayProcess,
     /// The relay's periodic tick (revocations, memberships, challenge expiry).
     RelayTick,
+    /// A shard's worker takes the jobs waiting for it.
+    WorkerRun(u32),
+    /// A worker's report (by id) reaches the front.
+    WorkerReport(u64),
     /// Inject one fault of the given kind.
     Fault(Fault),
     /// A crashed relay or device comes back.
@@ -55,7 +59,12 @@ impl Event {
     fn is_in_flight(&self) -> bool {
         matches!(
             self,
-            Event::ToRelay(..) | Event::ToDevice(..) | Event::CloseAtDevice(..) | Event::RelayProcess
+            Event::ToRelay(..)
+                | Event::ToDevice(..)
+                | Event::CloseAtDevice(..)
+                | Event::RelayProcess
+                | Event::WorkerRun(..)
+                | Event::WorkerReport(..)
         )
     }
 }

@@ -5,6 +5,7 @@
 pub mod attacker;
 pub mod fuzzing;
 pub mod proxy;
+pub mod relay_files;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use fieldsync_peer::net::{self, SyncOptions};
 use fieldsync_peer::sync::SyncMachine;
 use fieldsync_peer::{Device, OutboxState, Resolution};
-use fieldsync_relay::store::sqlite::SqliteStore;
-use fieldsync_relay::store::{ArchiveRow, Store};
-use fieldsync_schema::document::{actor_device, device_actor};
+use fieldsync_relay::store::ArchiveRow;
+use fieldsync_schema::document::actor_device;
 use fieldsync_schema::{EntityDoc, ManualTime, TimeSource};
+use fieldsync_tests::relay_files::RelayFiles;
 use fieldsync_tests::{Peer, Relay, open_device};
 use rand_core::SeedableRng;
 use serde_json::{Map, Value, json};
@@ -53,16 +53,13 @@ fn obj(v: Value) -> Map<String, Value> {
 }
 
 /// The relay's files, read beside the running relay (WAL allows it).
-fn store(relay: &Relay) -> SqliteStore {
-    SqliteStore::open_dir(&relay.data, Uuid::nil()).unwrap()
+fn store(relay: &Relay) -> RelayFiles {
+    RelayFiles::open(&relay.data)
 }
 
 /// The relay's document of an entity, its version and whether it is deleted.
 fn relay_doc(relay: &Relay, id: &str) -> (EntityDoc, u64, bool) {
-    let s = store(relay);
-    let row = s.document(id.parse().unwrap()).unwrap().expect("on the relay");
-    let doc = EntityDoc::load(&s.document_bytes(row.doc_key).unwrap(), device_actor(Uuid::nil())).unwrap();
-    (doc, row.version, row.deleted)
+    store(relay).doc(id.parse().unwrap())
 }
 
 fn relay_fields(relay: &Relay, id: &str) -> Map<String, Value> {
@@ -82,8 +79,7 @@ fn history_has(relay: &Relay, id: &str, device: &str, field: &str, value: &Value
 fn archive(relay: &Relay, id: &str, kind: &str) -> Vec<ArchiveRow> {
     let id: Uuid = id.parse().unwrap();
     store(relay)
-        .archive_rows(1000)
-        .unwrap()
+        .archive()
         .into_iter()
         .filter(|a| a.entity_id == id && a.kind == kind)
         .collect()
@@ -353,7 +349,7 @@ fn a_signed_note_and_a_locked_intake_form_refuse_late_edits_which_stay_with_thei
 
     // The relay: the signed note and the locked form never changed; the addendum links them.
     let s = store(&relay);
-    let note_row = s.document(note.parse().unwrap()).unwrap().unwrap();
+    let (note_row, _) = s.document(note.parse().unwrap()).unwrap();
     assert!(note_row.signed);
     assert_eq!(relay_fields(&relay, &note)["body"], json!(merged));
     assert_eq!(relay_fields(&relay, &form)["answers"], json!("No allergies."));
@@ -616,7 +612,7 @@ fn twenty_writes_queued_behind_a_conflict_all_land_in_order_after_the_resolution
     );
 
     // The relay: the resolution first, then the ten creates in the order they were made.
-    let audit = store(&relay).audit_after(0, 1000).unwrap();
+    let audit = store(&relay).audit();
     let tablet_id = tablet.device_id();
     let order: Vec<(Uuid, String)> = audit
         .iter()

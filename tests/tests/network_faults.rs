@@ -7,8 +7,8 @@ use std::time::Duration;
 use fieldsync_peer::net::{self, SyncOptions};
 use fieldsync_peer::sync::{SyncInput, SyncMachine};
 use fieldsync_peer::{Device, OutboxState};
-use fieldsync_relay::store::Store;
-use fieldsync_relay::store::sqlite::SqliteStore;
+use fieldsync_relay::store::sqlite::SqliteBackend;
+use fieldsync_tests::attacker::version_of;
 use fieldsync_tests::proxy::Proxy;
 use fieldsync_tests::{Peer, Relay, eventually, open_device};
 use futures_util::{SinkExt, StreamExt};
@@ -123,22 +123,15 @@ fn the_relay_killed_mid_push_loses_nothing_acknowledged_and_the_device_finishes_
     assert!(result.is_err(), "the sync cannot have completed against a killed relay");
 
     // Every acknowledged write is on disk at the relay.
-    {
-        let store = SqliteStore::open_dir(&relay.data, uuid::Uuid::nil()).unwrap();
-        for id in &acknowledged_before_kill {
-            assert_eq!(
-                store.document(*id).unwrap().map(|d| d.version),
-                Some(1),
-                "acknowledged {id} was lost"
-            );
-        }
+    for id in &acknowledged_before_kill {
+        assert_eq!(version_of(&relay, *id), Some(1), "acknowledged {id} was lost");
     }
     relay.restart();
     let mut machine = SyncMachine::default();
     rt.block_on(net::sync_once(&mut dev, &mut machine, &quiet())).unwrap();
     assert_eq!(dev.status().unwrap().unsynced, 0);
     relay.stop();
-    let store = SqliteStore::open_dir(&relay.data, uuid::Uuid::nil()).unwrap();
+    let store = SqliteBackend::open_existing(&relay.data).unwrap();
     let counts = store.counts().unwrap();
     assert_eq!(counts.documents, total as u64, "{counts:?}");
     assert_eq!(
@@ -228,10 +221,10 @@ fn connections_cut_repeatedly_never_roll_back_a_local_edit_and_retries_reuse_ids
             "mutation {id} was never applied under its original id"
         );
     }
-    let store = SqliteStore::open_dir(&relay.data, uuid::Uuid::nil()).unwrap();
     for id in &ids {
-        assert!(store.document(*id).unwrap().is_some());
+        assert!(version_of(&relay, *id).is_some());
     }
+    let store = SqliteBackend::open_existing(&relay.data).unwrap();
     assert_eq!(
         store.counts().unwrap().receipts,
         applied.len() as u64,

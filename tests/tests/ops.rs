@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use fieldsync_peer::OutboxState;
 use fieldsync_peer::net::{self, SyncOptions, WatchEvent};
 use fieldsync_peer::sync::SyncMachine;
-use fieldsync_relay::store::sqlite::SqliteStore;
+use fieldsync_relay::store::Backend;
+use fieldsync_relay::store::sqlite::SqliteBackend;
 use fieldsync_tests::{Peer, Relay, eventually, http_get, metric, open_device};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -81,7 +82,7 @@ fn a_backup_taken_under_load_restores_with_every_acknowledged_mutation_present()
 
     // Everything acknowledged before the backup starts must be in it.
     let before: HashSet<Uuid> = acked.lock().unwrap().clone();
-    let backup = dir.path().join("backups/relay.db");
+    let backup = dir.path().join("backups/relay");
     let out = Relay::cli(&["backup", "--data", p(&relay.data), "--to", p(&backup), "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let written: Value = serde_json::from_str(&stdout(&out)).unwrap();
@@ -102,8 +103,12 @@ fn a_backup_taken_under_load_restores_with_every_acknowledged_mutation_present()
     let restored = dir.path().join("restored");
     let out = Relay::cli(&["restore", "--from", p(&backup), "--data", p(&restored)]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let store = SqliteStore::open_dir(&restored, Uuid::nil()).unwrap();
-    let missing: Vec<&Uuid> = before.iter().filter(|m| !store.applied(**m).unwrap()).collect();
+    let store = SqliteBackend::open_existing(&restored).unwrap();
+    let shards: Vec<_> = (0..store.shard_count()).map(|n| store.open_shard(n).unwrap()).collect();
+    let missing: Vec<&Uuid> = before
+        .iter()
+        .filter(|m| !shards.iter().any(|s| s.applied(**m).unwrap()))
+        .collect();
     assert!(
         missing.is_empty(),
         "{} of {} acknowledged mutations missing from the backup",
@@ -112,6 +117,7 @@ fn a_backup_taken_under_load_restores_with_every_acknowledged_mutation_present()
     );
     assert!(fieldsync_relay::audit::verify(&store).unwrap().ok());
     // The restored directory serves.
+    drop(shards);
     drop(store);
     let again = Relay::start(&restored, 0);
     assert_eq!(http_get(again.addr, "/healthz").0, 200);
@@ -131,32 +137,47 @@ fn restore_drill_on_a_corrupted_or_doctored_copy_fails_loudly() {
         );
     }
     a.ok(&["sync"]);
-    let backup = dir.path().join("good.db");
+    let backup = dir.path().join("good");
     let out = Relay::cli(&["backup", "--data", p(&relay.data), "--to", p(&backup), "--verify"]);
     assert!(out.status.success(), "{}", stdout(&out));
     assert!(stdout(&out).contains("restore-drill: OK"), "{}", stdout(&out));
+    // The clinic's data lives in the largest shard file.
+    let shard_of_clinic = std::fs::read_dir(backup.join("shards"))
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .file_name();
+    let copy_backup = |name: &str| {
+        let to = dir.path().join(name);
+        std::fs::create_dir_all(to.join("shards")).unwrap();
+        std::fs::copy(backup.join("relay.db"), to.join("relay.db")).unwrap();
+        for e in std::fs::read_dir(backup.join("shards")).unwrap().flatten() {
+            std::fs::copy(e.path(), to.join("shards").join(e.file_name())).unwrap();
+        }
+        (to.clone(), to.join("shards").join(&shard_of_clinic))
+    };
 
-    // Garbage over pages in the middle of the file.
-    let mut bytes = std::fs::read(&backup).unwrap();
+    // Garbage over pages in the middle of the shard file.
+    let (corrupted, shard) = copy_backup("corrupted");
+    let mut bytes = std::fs::read(&shard).unwrap();
     assert!(bytes.len() > 5 * 4096, "backup unexpectedly small");
     let from = bytes.len() / 2;
     for b in &mut bytes[from..from + 8192] {
         *b = 0xA5;
     }
-    let corrupted = dir.path().join("corrupted.db");
-    std::fs::write(&corrupted, &bytes).unwrap();
+    std::fs::write(&shard, &bytes).unwrap();
     let out = Relay::cli(&["restore-drill", "--from", p(&corrupted)]);
     assert!(!out.status.success(), "a corrupted backup passed: {}", stdout(&out));
     assert!(stdout(&out).starts_with("restore-drill: FAILED: "), "{}", stdout(&out));
     assert_eq!(stdout(&out).lines().count(), 1, "one verdict line");
 
     // A sound SQLite file whose audit history was edited behind the triggers' back.
-    let doctored = dir.path().join("doctored.db");
-    std::fs::copy(&backup, &doctored).unwrap();
-    let conn = rusqlite::Connection::open(&doctored).unwrap();
+    let (doctored, shard) = copy_backup("doctored");
+    let conn = rusqlite::Connection::open(&shard).unwrap();
     conn.execute_batch(
         "DROP TRIGGER audit_no_update;
-         UPDATE audit SET after_json = '{\"name\":\"Mallory\"}' WHERE audit_id = 7;",
+         UPDATE audit SET after_json = '{\"name\":\"Mallory\"}' WHERE audit_seq = 7;",
     )
     .unwrap();
     drop(conn);
@@ -374,15 +395,41 @@ fn admin_commands_cover_users_tokens_devices_audit_conflicts_and_stats() {
 
     let verify = relay.admin(&["audit", "verify"]);
     assert_eq!(verify["records"], json!(3));
-    assert_eq!(verify["first_bad"], Value::Null);
-    let export = Relay::cli(&["admin", "--data", p(&relay.data), "audit", "export", "--since", "2"]);
-    assert!(export.status.success());
+    let chains = verify["spaces"].as_array().unwrap();
+    assert_eq!(chains.len(), 2, "one chain per space: {verify}");
+    assert!(chains.iter().all(|c| c["first_bad"].is_null()), "{verify}");
+    let text = Relay::cli(&["admin", "--data", p(&relay.data), "audit", "verify"]);
+    assert!(
+        stdout(&text).starts_with("audit chains OK: 3 records verified in 2 spaces"),
+        "{}",
+        stdout(&text)
+    );
+    // A sequence number is per space: without one named, it is refused.
+    let ambiguous = Relay::cli(&["admin", "--data", p(&relay.data), "audit", "export", "--since", "2"]);
+    assert!(!ambiguous.status.success());
+    assert!(
+        String::from_utf8_lossy(&ambiguous.stderr).contains("needs --space"),
+        "{ambiguous:?}"
+    );
+    let export = Relay::cli(&[
+        "admin",
+        "--data",
+        p(&relay.data),
+        "audit",
+        "export",
+        "--space",
+        "clinic",
+        "--since",
+        "2",
+    ]);
+    assert!(export.status.success(), "{export:?}");
     let lines: Vec<Value> = stdout(&export)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 1, "records after seq 2");
     assert_eq!(lines[0]["seq"], json!(3));
+    assert_eq!(lines[0]["space"], json!("clinic"));
     assert!(lines[0]["hash"].is_string() && lines[0]["server_ts"].is_string());
     let all = Relay::cli(&[
         "admin",

@@ -414,9 +414,18 @@ impl SyncMachine {
                 self.caught_up = caught_up;
                 self.pump(dev, now_ms)
             }
-            (Phase::Ready, RelayMessage::Live { entries, cursor }) => {
-                dev.apply_feed(&entries, cursor, now_ms)?;
+            (Phase::Ready, RelayMessage::Live { entries }) => {
+                if !dev.apply_live(&entries, now_ms)? {
+                    // A gap in a space's run: pull from the cursor to fill it.
+                    self.caught_up = false;
+                }
                 self.pulled += entries.len() as u64;
+                self.pump(dev, now_ms)
+            }
+            (Phase::Ready, RelayMessage::UserChanged { user }) => {
+                // Spaces joined start from their snapshots, left ones are gone: pull again.
+                dev.refresh_user(user)?;
+                self.caught_up = false;
                 self.pump(dev, now_ms)
             }
             (_, RelayMessage::Pong { .. }) => Ok(Vec::new()),

@@ -4,7 +4,7 @@
 
 use fieldsync_schema::document::parse_change;
 use fieldsync_schema::wire::{FeedEntry, FeedPayload, MutationResult, PullCursor};
-use fieldsync_schema::{Disposition, EntityDoc, Hlc, LwwLoss, Mutation, Outcome};
+use fieldsync_schema::{Disposition, EntityDoc, Hlc, HlcClock, LwwLoss, Mutation, Outcome};
 use rusqlite::{Transaction, TransactionBehavior, params};
 use serde::Serialize;
 use uuid::Uuid;
@@ -126,26 +126,34 @@ impl Device {
         Ok(())
     }
 
+    /// Where the next pull continues. A cursor stored before per-space order (`{"seq": N}` of
+    /// the relay's old global feed) is handed back as `legacy_seq` for the relay to convert.
     pub fn cursor(&self) -> Result<PullCursor> {
-        Ok(db::meta_get_json(&self.conn, keys::CURSOR)?.unwrap_or_default())
+        stored_cursor(&self.conn)
     }
 
     /// Applies a page of feed entries and moves the cursor, in one transaction.
     pub(crate) fn apply_feed(&mut self, entries: &[FeedEntry], cursor: PullCursor, now_ms: u64) -> Result<()> {
-        let actor = self.actor();
-        let device_id = self.device_id;
+        let (actor, device_id) = (self.actor(), self.device_id);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        crate::write::fold_stored_hlc(&mut self.hlc, &tx)?;
-        for e in entries {
-            apply_entry(&tx, e, actor.clone(), device_id, now_ms)?;
-            if let Some(origin) = &e.origin {
-                self.hlc.observe(&origin.hlc, now_ms);
-            }
-        }
+        apply_entries(&tx, &mut self.hlc, actor, device_id, entries, now_ms)?;
         db::meta_set_json(&tx, keys::CURSOR, &cursor)?;
-        db::meta_set_json(&tx, keys::HLC, &self.hlc.last())?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Applies live entries, each only if it is the next of its space (a gap means the device
+    /// missed something: what follows waits for a pull), and moves each space's position.
+    /// Returns whether every entry fitted; `false` asks the machine to pull.
+    pub(crate) fn apply_live(&mut self, entries: &[FeedEntry], now_ms: u64) -> Result<bool> {
+        let (actor, device_id) = (self.actor(), self.device_id);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut cursor = stored_cursor(&tx)?;
+        let (next, fitted) = contiguous(entries, &mut cursor);
+        apply_entries(&tx, &mut self.hlc, actor, device_id, &next, now_ms)?;
+        db::meta_set_json(&tx, keys::CURSOR, &cursor)?;
+        tx.commit()?;
+        Ok(fitted)
     }
 
     /// Folds the relay's clock into the HLC (so local stamps follow what the relay has seen).
@@ -185,6 +193,64 @@ impl Device {
         }
         Ok(out)
     }
+}
+
+/// Applies feed entries in `tx`, folding their origins' clocks into the device's HLC.
+fn apply_entries(
+    tx: &Transaction<'_>,
+    hlc: &mut HlcClock,
+    actor: automerge::ActorId,
+    device_id: Uuid,
+    entries: &[FeedEntry],
+    now_ms: u64,
+) -> Result<()> {
+    crate::write::fold_stored_hlc(hlc, tx)?;
+    for e in entries {
+        apply_entry(tx, e, actor.clone(), device_id, now_ms)?;
+        if let Some(origin) = &e.origin {
+            hlc.observe(&origin.hlc, now_ms);
+        }
+    }
+    db::meta_set_json(tx, keys::HLC, &hlc.last())?;
+    Ok(())
+}
+
+/// The stored cursor; the round-1 form `{"seq": N, "snapshot": ...}` becomes `legacy_seq: N`
+/// (or nothing, if a snapshot was under way: it restarts, and applying a snapshot again is
+/// harmless).
+fn stored_cursor(conn: &rusqlite::Connection) -> Result<PullCursor> {
+    let Some(value) = db::meta_get_json::<serde_json::Value>(conn, keys::CURSOR)? else {
+        return Ok(PullCursor::default());
+    };
+    if let Some(seq) = value.get("seq").and_then(serde_json::Value::as_u64) {
+        let snapshot_under_way = value.get("snapshot").is_some_and(|s| !s.is_null());
+        return Ok(PullCursor {
+            spaces: Default::default(),
+            legacy_seq: (!snapshot_under_way && seq > 0).then_some(seq),
+        });
+    }
+    serde_json::from_value(value).map_err(|e| PeerError::Corrupt(format!("meta `{}`: {e}", keys::CURSOR)))
+}
+
+/// The entries that continue `cursor` space by space (the next seq of their space, in order),
+/// with `cursor` moved past them, and whether every entry did. An entry at or below the
+/// position is one the device already has (dropped); one beyond it means a gap: it and the rest
+/// of its space wait for a pull.
+fn contiguous(entries: &[FeedEntry], cursor: &mut PullCursor) -> (Vec<FeedEntry>, bool) {
+    let mut fitted = true;
+    let mut gapped = std::collections::BTreeSet::new();
+    let mut next = Vec::new();
+    for e in entries {
+        let position = cursor.spaces.entry(e.space_id).or_default();
+        if gapped.contains(&e.space_id) || position.snapshot.is_some() || e.seq > position.seq + 1 {
+            gapped.insert(e.space_id);
+            fitted = false;
+        } else if e.seq == position.seq + 1 {
+            position.seq = e.seq;
+            next.push(e.clone());
+        }
+    }
+    (next, fitted)
 }
 
 /// An entity whose outbox items are all confirmed is synced (a conflict or rejection stays

@@ -62,6 +62,49 @@ fn applied(id: Uuid, version: u64) -> MutationResult {
     }
 }
 
+/// The test user with a second space, `gym`.
+fn with_gym(f: &mut Fixture) -> Uuid {
+    let gym = Uuid::from_bytes([0x6b; 16]);
+    let mut u = user(Role::Clinician);
+    u.spaces.push(fieldsync_schema::wire::SpaceGrant {
+        space_id: gym,
+        name: "gym".into(),
+        role: Role::Clinician,
+    });
+    f.dev.refresh_user(u).unwrap();
+    gym
+}
+
+#[test]
+fn a_batch_holds_one_space_and_the_next_space_goes_in_the_next_batch() {
+    let mut f = enrolled(21);
+    let gym = with_gym(&mut f);
+    let a = f.patient("clinic 1");
+    let b = f.patient("clinic 2");
+    let g = f
+        .dev
+        .put_in_space(Some(gym), "patient", None, obj(json!({"name": "gym 1"})))
+        .unwrap()
+        .entity_id;
+    let c = f.patient("clinic 3");
+    let ids = queue_ids(&f);
+    let mut m = SyncMachine::default();
+    let (batch, sent) = push_of(&connect(&mut m, &mut f, 10));
+    assert_eq!(sent, ids[..2].to_vec(), "the batch stops where the space changes");
+    let out = m
+        .handle(
+            &mut f.dev,
+            SyncInput::Message(RelayMessage::PushResult {
+                batch_id: batch,
+                results: vec![applied(sent[0], 1), applied(sent[1], 1)],
+            }),
+        )
+        .unwrap();
+    let (_, sent) = push_of(&out);
+    assert_eq!(sent, vec![ids[2]]);
+    let _ = (a, b, g, c);
+}
+
 fn patients(f: &mut Fixture, n: usize) -> Vec<Uuid> {
     (0..n).map(|i| f.patient(&format!("p{i}"))).collect()
 }

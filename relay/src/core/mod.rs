@@ -1,37 +1,37 @@
-//! The relay core: a sans-IO state machine that decides, mutation by mutation, what is
-//! accepted, and never releases an answer before the answer is durable.
+//! The relay core: state machines that decide, mutation by mutation, what is accepted, and
+//! never release an answer before the answer is durable.
 //!
-//! The async server hands it `(connection, message)` pairs together with the current time and
-//! sends whatever [`Output`]s it returns; the simulator does the same with simulated time. The
-//! core reads no clock, opens no socket and draws randomness only from the RNG it was given.
+//! Two kinds, so that different spaces are applied at the same time (SPEC §13):
+//! - the [`front`]: connections and sessions, handshakes and enrollment, pulls, live fan-out,
+//!   the periodic tick; it routes each push batch, as a [`worker::Job`], to the worker of the
+//!   space's shard;
+//! - the [`worker`]s, one per shard: the acceptance pipeline and the group commit of the
+//!   spaces stored there. Their reports come back to the front, which answers and fans out.
 //!
-//! One call to [`RelayCore::handle`] is one group commit: every push in the group is applied
-//! inside a single transaction, the transaction commits, and only then are the outcomes, the
-//! live fan-out and any pull pages (which must only ever show committed data) released.
+//! [`RelayCore`] joins them into one door for callers that want one thread: `handle(inputs,
+//! now_ms) -> outputs` runs the front, hands its jobs to the workers in turn and returns what
+//! to send. The server runs the front and the workers on threads of their own
+//! ([`RelayCore::into_parts`]); the simulator schedules them as separate events, so that
+//! interleavings between spaces are explored. None of them reads a clock, opens a socket or
+//! draws randomness other than from the RNG it was given.
 
-mod accept;
-mod archive;
-mod checks;
-mod fanout;
-mod housekeeping;
-mod lww;
-mod pull;
-mod session;
+pub mod front;
+pub mod worker;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fieldsync_schema::wire::{ErrorCode, MAX_BATCH, MutationResult};
-use fieldsync_schema::{ClientMessage, Outcome, RelayMessage, Role, Schema};
+use fieldsync_schema::wire::{FeedPayload, MAX_BATCH};
+use fieldsync_schema::{ClientMessage, FeedEntry, Schema};
 use rand_core::Rng;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::doc_cache::DocCache;
-use crate::store::{Store, StoreError};
+pub use front::Front;
+pub use front::token_hash;
+pub use worker::{Job, JobResult, SpaceWorker, WorkerReport};
 
-pub use accept::AppliedEntry;
-pub use session::token_hash;
+use crate::store::{Backend, Directory, SpaceStore, StoreResult};
 
 /// Identifies one connection for the lifetime of the process.
 pub type ConnId = u64;
@@ -50,7 +50,7 @@ pub enum Input {
     },
     /// The connection is gone, whichever side closed it.
     Closed(ConnId),
-    /// Time passed: see [`RelayCore::next_wakeup`].
+    /// Time passed: see [`Front::next_wakeup`].
     Tick,
 }
 
@@ -68,7 +68,7 @@ impl Input {
 /// What the shell must do for the core.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    Send(ConnId, RelayMessage),
+    Send(ConnId, fieldsync_schema::RelayMessage),
     /// Close the connection after sending what was queued before, with a WebSocket close code
     /// and a human-readable reason.
     Close(ConnId, CloseReason),
@@ -122,12 +122,12 @@ pub struct RelayConfig {
     pub pull_page_bytes: usize,
     /// Re-save a document's snapshot after this many changes since the last one.
     pub snapshot_every: u64,
-    /// Parsed documents kept in memory.
+    /// Parsed documents kept in memory, per worker.
     pub doc_cache_capacity: usize,
     /// Sustained mutations per second per connection, and the burst allowed above it.
     pub rate_per_sec: f64,
     pub rate_burst: f64,
-    /// How often, while connections are open, the core wants a tick to look for what other
+    /// How often, while connections are open, the front wants a tick to look for what other
     /// processes wrote (revocations within a second, SPEC §4).
     pub tick_every_ms: u64,
 }
@@ -148,8 +148,17 @@ impl Default for RelayConfig {
     }
 }
 
+impl RelayConfig {
+    pub fn worker(&self) -> worker::WorkerConfig {
+        worker::WorkerConfig {
+            snapshot_every: self.snapshot_every,
+            doc_cache_capacity: self.doc_cache_capacity,
+        }
+    }
+}
+
 /// Counters for metrics and the simulator's summary. Plain numbers; the shell adds timings.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CoreStats {
     pub outcomes: BTreeMap<String, u64>,
     pub applied: u64,
@@ -164,6 +173,28 @@ pub struct CoreStats {
     pub pull_pages: u64,
 }
 
+impl CoreStats {
+    /// Adds `other`'s counts (a worker's report) to these.
+    pub fn absorb(&mut self, other: &CoreStats) {
+        let add = |into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>| {
+            for (k, v) in from {
+                *into.entry(k.clone()).or_insert(0) += v;
+            }
+        };
+        add(&mut self.outcomes, &other.outcomes);
+        add(&mut self.rejections, &other.rejections);
+        add(&mut self.auth_failures, &other.auth_failures);
+        self.applied += other.applied;
+        self.conflicts += other.conflicts;
+        self.audit_records += other.audit_records;
+        self.commits += other.commits;
+        self.commit_failures += other.commit_failures;
+        self.enrollments += other.enrollments;
+        self.live_entries_sent += other.live_entries_sent;
+        self.pull_pages += other.pull_pages;
+    }
+}
+
 /// Test-only switches that break one guarantee on purpose, so that the simulator can prove it
 /// catches the breakage. All off by default; nothing in production sets them.
 #[derive(Debug, Clone, Copy, Default)]
@@ -176,92 +207,6 @@ pub struct FaultSwitches {
     pub ack_before_commit: bool,
 }
 
-pub(crate) enum ConnState {
-    /// Connected; waiting for `Hello` or `Enroll`.
-    Fresh,
-    /// A challenge was sent; waiting for `Auth`.
-    Challenged {
-        device_id: Uuid,
-        nonce: Vec<u8>,
-        issued_ms: u64,
-    },
-    Ready(Box<Session>),
-    /// A close was requested; further input is ignored.
-    Closing,
-}
-
-/// An authenticated device session.
-pub(crate) struct Session {
-    pub device_id: Uuid,
-    pub user_id: Uuid,
-    pub public_key: Vec<u8>,
-    /// The key, parsed once for the session (parsing costs as much as a verification).
-    pub verifier: fieldsync_schema::signing::Verifier,
-    pub spaces: BTreeMap<Uuid, Role>,
-    /// Set once the device caught up: live entries after this feed position are pushed.
-    pub live_cursor: Option<u64>,
-    pub tokens: f64,
-    pub tokens_at_ms: u64,
-}
-
-impl Session {
-    fn space_list(&self) -> Vec<Uuid> {
-        self.spaces.keys().copied().collect()
-    }
-
-    /// Token bucket: refills at `rate` per second up to `burst`; takes `n` or refuses.
-    fn take_tokens(&mut self, n: f64, now_ms: u64, rate: f64, burst: f64) -> Result<(), u64> {
-        let elapsed = now_ms.saturating_sub(self.tokens_at_ms) as f64 / 1000.0;
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
-        self.tokens_at_ms = now_ms;
-        if self.tokens >= n {
-            self.tokens -= n;
-            Ok(())
-        } else {
-            let missing = n - self.tokens;
-            Err(((missing / rate) * 1000.0).ceil() as u64)
-        }
-    }
-}
-
-pub struct RelayCore<S: Store> {
-    pub(crate) store: S,
-    pub(crate) schema: Arc<Schema>,
-    pub(crate) config: RelayConfig,
-    pub(crate) relay_id: Uuid,
-    pub(crate) conns: BTreeMap<ConnId, ConnState>,
-    pub(crate) docs: DocCache,
-    pub(crate) rng: Box<dyn Rng + Send>,
-    pub(crate) stats: CoreStats,
-    pub(crate) faults: FaultSwitches,
-    /// What the periodic tick last saw (see `housekeeping`).
-    housekeeping: housekeeping::TickState,
-    /// Changes applied to each document since its last snapshot (a hint, rebuilt from the
-    /// store when missing), so a mutation need not count them in SQL.
-    pub(crate) since_snapshot: BTreeMap<u64, u64>,
-    /// How far the feed has been fanned out (see `fanout`).
-    fanned: fanout::FanOutState,
-}
-
-/// Work for after the group's commit.
-#[derive(Default)]
-struct Group {
-    in_tx: bool,
-    /// Push results and other replies whose release waits for the commit.
-    replies: Vec<(ConnId, RelayMessage)>,
-    /// Pushes turned away for rate or commit failure are answered with `PushDeferred`.
-    batch_ids: Vec<(ConnId, u64)>,
-    /// Connections to close after the replies (enrollment completed).
-    closes: Vec<(ConnId, CloseReason)>,
-    applied: Vec<AppliedEntry>,
-    touched_docs: BTreeSet<u64>,
-    pulls: Vec<(ConnId, fieldsync_schema::PullCursor, u32)>,
-    /// Signature checks made outside the core for the message being handled.
-    prechecked: Option<Prechecked>,
-    /// The audit chain's last hash, once read in this group's transaction.
-    audit_head: Option<String>,
-}
-
 /// Which of a push's mutations were found correctly signed, and with which key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prechecked {
@@ -270,7 +215,7 @@ pub struct Prechecked {
 }
 
 impl Prechecked {
-    /// Verifies every mutation of a push with `verifier` (off the core's thread).
+    /// Verifies every mutation of a push with `verifier` (off the core's threads).
     pub fn check(verifier: &fieldsync_schema::signing::Verifier, mutations: &[fieldsync_schema::Mutation]) -> Self {
         Prechecked {
             key: verifier.public_key(),
@@ -279,394 +224,176 @@ impl Prechecked {
     }
 }
 
-impl<S: Store> RelayCore<S> {
-    pub fn new(store: S, schema: Arc<Schema>, config: RelayConfig, rng: Box<dyn Rng + Send>) -> Self {
-        let relay_id = store.relay_id();
-        let docs = DocCache::new(config.doc_cache_capacity);
-        let fanned = fanout::FanOutState::starting_at(&store);
-        RelayCore {
-            store,
-            schema,
-            config,
-            relay_id,
-            conns: BTreeMap::new(),
-            docs,
-            rng,
-            stats: CoreStats::default(),
-            faults: FaultSwitches::default(),
-            housekeeping: housekeeping::TickState::default(),
-            since_snapshot: BTreeMap::new(),
-            fanned,
+/// An applied mutation as it goes out to other devices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppliedEntry {
+    pub entry: FeedEntry,
+    pub origin_device: Uuid,
+    /// What the origin device gets: `Own`, or the changes the relay added (LWW settlement),
+    /// which the origin does not have yet.
+    pub origin_payload: FeedPayload,
+}
+
+impl AppliedEntry {
+    /// The entry as `device` should see it: its own changes are not sent back.
+    pub fn entry_for(&self, device: Uuid) -> FeedEntry {
+        if device == self.origin_device {
+            FeedEntry {
+                payload: self.origin_payload.clone(),
+                ..self.entry.clone()
+            }
+        } else {
+            self.entry.clone()
         }
+    }
+}
+
+/// The front and one worker per shard behind one door, for callers that run everything on one
+/// thread (tests, tools, the simulator's single-worker mode).
+pub struct RelayCore<B: Backend> {
+    front: Front<B::Directory, B::Shard>,
+    workers: Vec<SpaceWorker<B::Shard>>,
+}
+
+impl<B: Backend> RelayCore<B> {
+    /// A front and one worker per shard on `backend`, each with connections of its own.
+    pub fn new(backend: &B, schema: Arc<Schema>, config: RelayConfig, rng: Box<dyn Rng + Send>) -> StoreResult<Self> {
+        let (front, workers) = Self::parts(backend, schema, config, rng)?;
+        Ok(RelayCore { front, workers })
+    }
+
+    /// The front and the workers, to run apart (the server puts each on a thread).
+    #[allow(clippy::type_complexity)]
+    pub fn parts(
+        backend: &B,
+        schema: Arc<Schema>,
+        config: RelayConfig,
+        rng: Box<dyn Rng + Send>,
+    ) -> StoreResult<(Front<B::Directory, B::Shard>, Vec<SpaceWorker<B::Shard>>)> {
+        let directory = backend.open_directory()?;
+        let relay_id = directory.relay_id();
+        let shards = backend.shard_count();
+        let mut readers = Vec::new();
+        for n in 0..shards {
+            readers.push(backend.open_shard(n)?);
+        }
+        let mut workers = Vec::new();
+        for n in 0..shards {
+            let mut others = Vec::new();
+            for k in (0..shards).filter(|k| *k != n) {
+                others.push(backend.open_shard(k)?);
+            }
+            workers.push(SpaceWorker::new(
+                n,
+                backend.open_shard(n)?,
+                others,
+                schema.clone(),
+                config.worker(),
+                relay_id,
+            ));
+        }
+        let front = Front::new(directory, readers, schema, config, rng);
+        Ok((front, workers))
+    }
+
+    /// Joins parts made by [`RelayCore::parts`].
+    pub fn from_parts(front: Front<B::Directory, B::Shard>, workers: Vec<SpaceWorker<B::Shard>>) -> Self {
+        RelayCore { front, workers }
+    }
+
+    #[allow(clippy::type_complexity)]
+    pub fn into_parts(self) -> (Front<B::Directory, B::Shard>, Vec<SpaceWorker<B::Shard>>) {
+        (self.front, self.workers)
+    }
+
+    /// The one door: what happened since the last call in, what to send out. Every job the
+    /// front makes of it is decided (and committed) by its worker before this returns.
+    pub fn handle(&mut self, inputs: impl IntoIterator<Item = Input>, now_ms: u64) -> Vec<Output> {
+        let step = self.front.handle(inputs, now_ms);
+        let mut out = step.outputs;
+        let mut jobs = step.jobs;
+        while !jobs.is_empty() {
+            let mut by_shard: BTreeMap<u32, Vec<Job>> = BTreeMap::new();
+            for (shard, job) in jobs.drain(..) {
+                by_shard.entry(shard).or_default().push(job);
+            }
+            for (shard, batch) in by_shard {
+                let Some(worker) = self.workers.get_mut(shard as usize) else {
+                    continue;
+                };
+                let report = worker.handle(batch, now_ms);
+                let step = self.front.handle_report(report, now_ms);
+                out.extend(step.outputs);
+                jobs.extend(step.jobs);
+            }
+        }
+        out
+    }
+
+    /// When the front next wants an [`Input::Tick`].
+    pub fn next_wakeup(&self) -> Option<u64> {
+        self.front.next_wakeup()
+    }
+
+    pub fn front(&self) -> &Front<B::Directory, B::Shard> {
+        &self.front
+    }
+
+    pub fn front_mut(&mut self) -> &mut Front<B::Directory, B::Shard> {
+        &mut self.front
+    }
+
+    pub fn workers(&self) -> &[SpaceWorker<B::Shard>] {
+        &self.workers
+    }
+
+    /// The workers, to run apart from the front (the simulator delays their commits and
+    /// reports to explore the interleavings a server's threads produce).
+    pub fn workers_mut(&mut self) -> &mut [SpaceWorker<B::Shard>] {
+        &mut self.workers
     }
 
     pub fn relay_id(&self) -> Uuid {
-        self.relay_id
+        self.front.relay_id()
     }
 
-    pub fn store(&self) -> &S {
-        &self.store
+    pub fn directory(&self) -> &B::Directory {
+        self.front.directory()
     }
 
-    pub fn store_mut(&mut self) -> &mut S {
-        &mut self.store
+    pub fn directory_mut(&mut self) -> &mut B::Directory {
+        self.front.directory_mut()
     }
 
-    pub fn schema(&self) -> &Arc<Schema> {
-        &self.schema
+    /// The shard holding `space`'s data (through the worker's own handle).
+    pub fn shard_of(&self, space: Uuid) -> Option<&B::Shard> {
+        let shard = self.directory().space(space).ok().flatten()?.shard;
+        self.workers.get(shard as usize).map(SpaceWorker::store)
     }
 
+    /// The stored row of an entity, wherever it lives (tests and tools).
+    pub fn document(&self, entity_id: Uuid) -> StoreResult<Option<(crate::store::DocumentRow, &B::Shard)>> {
+        for w in &self.workers {
+            if let Some(row) = w.store().document(entity_id)? {
+                return Ok(Some((row, w.store())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every counter: the front's and every worker's so far.
     pub fn stats(&self) -> &CoreStats {
-        &self.stats
+        self.front.stats()
     }
 
     /// Turns on deliberate defects (simulator self-tests only).
     pub fn set_fault_switches(&mut self, faults: FaultSwitches) {
-        self.faults = faults;
+        for w in &mut self.workers {
+            w.set_fault_switches(faults);
+        }
     }
 
-    /// Number of open connections, and of those authenticated.
     pub fn connection_counts(&self) -> (usize, usize) {
-        let ready = self.conns.values().filter(|c| matches!(c, ConnState::Ready(_))).count();
-        (self.conns.len(), ready)
-    }
-
-    /// The public key of an authenticated connection's device (to check signatures elsewhere).
-    pub fn session_key(&self, conn: ConnId) -> Option<[u8; 32]> {
-        match self.conns.get(&conn) {
-            Some(ConnState::Ready(s)) => Some(s.verifier.public_key()),
-            _ => None,
-        }
-    }
-
-    /// The device behind an authenticated connection.
-    pub fn connection_device(&self, conn: ConnId) -> Option<Uuid> {
-        match self.conns.get(&conn) {
-            Some(ConnState::Ready(s)) => Some(s.device_id),
-            _ => None,
-        }
-    }
-
-    /// The one door: takes what happened since the last call, in order, and returns what the
-    /// shell must do. Connections open and close at once; every message of the call is one
-    /// group commit (its pushes share one transaction, and outcomes, live entries and pull pages
-    /// are released only after the commit); a `Tick` runs after the group. Time comes only
-    /// from `now_ms`.
-    pub fn handle(&mut self, inputs: impl IntoIterator<Item = Input>, now_ms: u64) -> Vec<Output> {
-        let mut messages = Vec::new();
-        let mut tick = false;
-        for input in inputs {
-            match input {
-                Input::Opened(conn) => {
-                    self.conns.insert(conn, ConnState::Fresh);
-                }
-                Input::Closed(conn) => {
-                    self.conns.remove(&conn);
-                }
-                Input::Message { conn, msg, prechecked } => messages.push((conn, msg, prechecked)),
-                Input::Tick => tick = true,
-            }
-        }
-        let mut out = if messages.is_empty() {
-            Vec::new()
-        } else {
-            self.handle_group(messages, now_ms)
-        };
-        if tick {
-            self.tick(now_ms, &mut out);
-        }
-        out
-    }
-
-    /// When the core next wants a [`Input::Tick`]: while any connection is open, every
-    /// `RelayConfig::tick_every_ms` (revocations and memberships written by other processes,
-    /// other writers' feed rows), and when the earliest unanswered challenge expires. `None`:
-    /// nothing to do until an input arrives.
-    pub fn next_wakeup(&self) -> Option<u64> {
-        if self.conns.is_empty() {
-            return None;
-        }
-        let polling = self
-            .housekeeping
-            .last_tick_ms()
-            .saturating_add(self.config.tick_every_ms);
-        let expiry = self.conns.values().filter_map(|c| match c {
-            ConnState::Challenged { issued_ms, .. } => Some(issued_ms.saturating_add(self.config.nonce_ttl_ms + 1)),
-            _ => None,
-        });
-        expiry.chain(std::iter::once(polling)).min()
-    }
-
-    /// Handles a group of messages as one group commit and returns what to send.
-    fn handle_group(&mut self, inputs: Vec<(ConnId, ClientMessage, Option<Prechecked>)>, now_ms: u64) -> Vec<Output> {
-        let mut out = Vec::new();
-        let mut group = Group::default();
-        for (conn, msg, checked) in inputs {
-            if matches!(self.conns.get(&conn), None | Some(ConnState::Closing)) {
-                continue;
-            }
-            group.prechecked = checked;
-            if let Err(e) = self.dispatch(conn, msg, now_ms, &mut group, &mut out) {
-                tracing::error!(error = %e, "store failure while handling a message");
-                self.abort_group(&mut group, &mut out, &e);
-                return out;
-            }
-        }
-        self.finish_group(group, now_ms, &mut out);
-        out
-    }
-
-    fn dispatch(
-        &mut self,
-        conn: ConnId,
-        msg: ClientMessage,
-        now_ms: u64,
-        group: &mut Group,
-        out: &mut Vec<Output>,
-    ) -> Result<(), StoreError> {
-        match msg {
-            ClientMessage::Hello {
-                protocol_version,
-                device_id,
-                schema_hash,
-            } => self.on_hello(conn, protocol_version, device_id, schema_hash, now_ms, out),
-            ClientMessage::Auth { signature } => {
-                self.ensure_tx(group)?;
-                self.on_auth(conn, &signature.0, now_ms, out)
-            }
-            ClientMessage::Enroll {
-                protocol_version,
-                token,
-                device_id,
-                public_key,
-                schema_hash,
-                proof,
-            } => {
-                self.ensure_tx(group)?;
-                let request = session::EnrollRequest {
-                    protocol_version,
-                    token: &token,
-                    device_id,
-                    public_key: &public_key.0,
-                    schema_hash,
-                    proof: &proof.0,
-                };
-                self.on_enroll(conn, request, now_ms, group, out)
-            }
-            ClientMessage::RotateKey {
-                new_public_key,
-                signature,
-            } => {
-                self.ensure_tx(group)?;
-                self.on_rotate_key(conn, &new_public_key.0, &signature.0, group, out)
-            }
-            ClientMessage::Ping { nonce } => {
-                out.push(Output::Send(conn, RelayMessage::Pong { nonce }));
-                Ok(())
-            }
-            ClientMessage::Push { batch_id, mutations } => {
-                if !matches!(self.conns.get(&conn), Some(ConnState::Ready(_))) {
-                    self.protocol_close(conn, "push before authentication", out);
-                    return Ok(());
-                }
-                if mutations.len() > self.config.max_batch {
-                    let reason = format!(
-                        "batch of {} mutations exceeds the limit of {}",
-                        mutations.len(),
-                        self.config.max_batch
-                    );
-                    out.push(Output::Send(
-                        conn,
-                        RelayMessage::Error {
-                            code: ErrorCode::LimitExceeded,
-                            message: reason.clone(),
-                        },
-                    ));
-                    self.close(conn, CloseReason::policy(&reason), out);
-                    return Ok(());
-                }
-                if let Some(ConnState::Ready(s)) = self.conns.get_mut(&conn) {
-                    let (rate, burst) = (self.config.rate_per_sec, self.config.rate_burst);
-                    if let Err(wait_ms) = s.take_tokens(mutations.len() as f64, now_ms, rate, burst) {
-                        out.push(Output::Send(
-                            conn,
-                            RelayMessage::PushDeferred {
-                                batch_id,
-                                retry_after_ms: wait_ms.max(50),
-                                reason: "rate limit: too many mutations from this device".into(),
-                            },
-                        ));
-                        return Ok(());
-                    }
-                }
-                // Registered first: if storage fails from here on, this batch is told to retry.
-                group.batch_ids.push((conn, batch_id));
-                self.ensure_tx(group)?;
-                let results = self.apply_batch(conn, &mutations, now_ms, group)?;
-                group
-                    .replies
-                    .push((conn, RelayMessage::PushResult { batch_id, results }));
-                Ok(())
-            }
-            ClientMessage::Pull { cursor, max_entries } => {
-                if !matches!(self.conns.get(&conn), Some(ConnState::Ready(_))) {
-                    self.protocol_close(conn, "pull before authentication", out);
-                    return Ok(());
-                }
-                group.pulls.push((conn, cursor, max_entries));
-                Ok(())
-            }
-        }
-    }
-
-    fn ensure_tx(&mut self, group: &mut Group) -> Result<(), StoreError> {
-        if !group.in_tx {
-            self.store.begin()?;
-            group.in_tx = true;
-        }
-        Ok(())
-    }
-
-    /// A store failure mid-group: roll back, forget cached documents the group touched, and
-    /// tell every pusher to retry (their mutations were not applied).
-    fn abort_group(&mut self, group: &mut Group, out: &mut Vec<Output>, error: &StoreError) {
-        self.stats.commit_failures += 1;
-        if let Err(e) = self.store.rollback() {
-            tracing::error!(error = %e, "rollback failed");
-        }
-        for key in &group.touched_docs {
-            self.docs.invalidate(*key);
-        }
-        for (conn, batch_id) in group.batch_ids.drain(..) {
-            out.push(Output::Send(
-                conn,
-                RelayMessage::PushDeferred {
-                    batch_id,
-                    retry_after_ms: 1000,
-                    reason: format!("relay storage error: {error}"),
-                },
-            ));
-        }
-        for (conn, msg) in group.replies.drain(..) {
-            if !matches!(msg, RelayMessage::PushResult { .. }) {
-                out.push(Output::Send(
-                    conn,
-                    RelayMessage::Error {
-                        code: ErrorCode::Internal,
-                        message: "relay storage error; nothing was changed, try again".into(),
-                    },
-                ));
-            }
-        }
-    }
-
-    fn finish_group(&mut self, mut group: Group, now_ms: u64, out: &mut Vec<Output>) {
-        if group.in_tx {
-            let committed = if self.faults.ack_before_commit {
-                // Deliberate defect: answers go out, then the work is thrown away.
-                if let Err(e) = self.store.rollback() {
-                    tracing::error!(error = %e, "rollback failed");
-                }
-                for key in &group.touched_docs {
-                    self.docs.invalidate(*key);
-                }
-                Ok(())
-            } else {
-                self.store.commit()
-            };
-            if let Err(e) = committed {
-                tracing::error!(error = %e, "group commit failed");
-                self.abort_group(&mut group, out, &e);
-                return;
-            }
-            self.stats.commits += 1;
-        }
-        for (conn, msg) in group.replies {
-            out.push(Output::Send(conn, msg));
-        }
-        for (conn, reason) in group.closes {
-            self.close(conn, reason, out);
-        }
-        self.fan_out_committed(&group.applied, out);
-        for (conn, cursor, max_entries) in group.pulls {
-            if let Err(e) = self.on_pull(conn, cursor, max_entries, now_ms, out) {
-                tracing::error!(error = %e, "pull failed");
-                out.push(Output::Send(
-                    conn,
-                    RelayMessage::Error {
-                        code: ErrorCode::Internal,
-                        message: "relay storage error while reading changes; try again".into(),
-                    },
-                ));
-            }
-        }
-    }
-
-    pub(crate) fn close(&mut self, conn: ConnId, reason: CloseReason, out: &mut Vec<Output>) {
-        if let Some(state) = self.conns.get_mut(&conn) {
-            *state = ConnState::Closing;
-            out.push(Output::Close(conn, reason));
-        }
-    }
-
-    pub(crate) fn protocol_close(&mut self, conn: ConnId, reason: &str, out: &mut Vec<Output>) {
-        out.push(Output::Send(
-            conn,
-            RelayMessage::Error {
-                code: ErrorCode::UnexpectedMessage,
-                message: reason.to_string(),
-            },
-        ));
-        self.close(conn, CloseReason::protocol(reason), out);
-    }
-
-    pub(crate) fn count_outcome(&mut self, outcome: &Outcome) {
-        *self.stats.outcomes.entry(outcome.name().to_string()).or_insert(0) += 1;
-        match outcome {
-            Outcome::Applied { .. } => {
-                self.stats.applied += 1;
-                self.stats.audit_records += 1;
-            }
-            Outcome::Conflict { .. } => self.stats.conflicts += 1,
-            Outcome::RejectedImmutable { .. }
-            | Outcome::RejectedLocked { .. }
-            | Outcome::Invalid { .. }
-            | Outcome::Forbidden { .. } => {
-                *self.stats.rejections.entry(outcome.name().to_string()).or_insert(0) += 1;
-            }
-            Outcome::AlreadyApplied { .. } | Outcome::NotAttempted => {}
-        }
-    }
-
-    fn apply_batch(
-        &mut self,
-        conn: ConnId,
-        mutations: &[fieldsync_schema::Mutation],
-        now_ms: u64,
-        group: &mut Group,
-    ) -> Result<Vec<MutationResult>, StoreError> {
-        let mut results = Vec::with_capacity(mutations.len());
-        let mut halted = false;
-        let prechecked = group.prechecked.take();
-        for (i, m) in mutations.iter().enumerate() {
-            let outcome = if halted {
-                Outcome::NotAttempted
-            } else {
-                let signed = prechecked
-                    .as_ref()
-                    .map(|p| (p.key, p.valid.get(i).copied().unwrap_or(false)));
-                let outcome = self.accept(conn, m, signed, now_ms, group)?;
-                if outcome.disposition() == fieldsync_schema::Disposition::Blocking {
-                    halted = true;
-                }
-                outcome
-            };
-            self.count_outcome(&outcome);
-            results.push(MutationResult {
-                mutation_id: m.mutation_id,
-                outcome,
-            });
-        }
-        Ok(results)
+        self.front.connection_counts()
     }
 }

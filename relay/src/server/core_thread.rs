@@ -1,21 +1,27 @@
-//! The thread that owns the relay core. It blocks on its input queue, takes everything that is
-//! waiting (up to [`super::MAX_GROUP`] messages) as one group, lets the core handle and commit
-//! it, and routes the outputs to the connection tasks.
+//! The thread that owns the relay's front. It waits on its two queues — input from the
+//! connection tasks (bounded: back-pressure on clients) and reports from the workers
+//! (unbounded: a worker never waits for the front, so shutting down can never deadlock on a
+//! full queue) — until something arrives or the front's next wakeup, takes everything waiting
+//! (up to [`super::MAX_GROUP`] messages), lets the front handle it, hands the jobs it made to
+//! the worker threads and routes the outputs to the connection tasks.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fieldsync_schema::wire::AuthFailure;
 use fieldsync_schema::{ClientMessage, Outcome, RelayMessage, SystemTimeSource, TimeSource};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
-use super::metrics::Metrics;
-use crate::core::{CloseReason, ConnId, CoreStats, Input, Output, Prechecked, RelayCore};
-use crate::store::Store;
-use crate::store::sqlite::SqliteStore;
+use super::worker_thread::WorkerPool;
+use crate::core::{CloseReason, ConnId, CoreStats, Front, Input, Output, Prechecked, WorkerReport};
+use crate::store::Directory;
+use crate::store::sqlite::{SqliteDirectory, SqliteShard};
+
+/// The front as the server runs it.
+pub(crate) type ServerFront = Front<SqliteDirectory, SqliteShard>;
 
 use super::{MAX_GROUP, SEND_QUEUE_BYTES};
 
@@ -100,7 +106,7 @@ struct Route {
 
 /// Logs the outcome of every mutation in a push result with the device, user and mutation
 /// ids: refusals at info (an operator wants to see them), the rest at debug.
-fn log_outcomes(core: &RelayCore<SqliteStore>, route: &mut Route, conn: ConnId, msg: &RelayMessage) {
+fn log_outcomes(core: &ServerFront, route: &mut Route, conn: ConnId, msg: &RelayMessage) {
     let RelayMessage::PushResult { results, .. } = msg else {
         return;
     };
@@ -108,7 +114,7 @@ fn log_outcomes(core: &RelayCore<SqliteStore>, route: &mut Route, conn: ConnId, 
     if route.user.is_none()
         && let Some(d) = device_id
     {
-        route.user = core.store().device(d).ok().flatten().map(|row| row.user_id);
+        route.user = core.directory().device(d).ok().flatten().map(|row| row.user_id);
     }
     let device = device_id.map(|d| d.to_string()).unwrap_or_default();
     let user = route.user.map(|u| u.to_string()).unwrap_or_default();
@@ -130,10 +136,10 @@ fn log_outcomes(core: &RelayCore<SqliteStore>, route: &mut Route, conn: ConnId, 
 /// What the core thread keeps besides the core: where each connection's messages go, and the
 /// counts `/v1/status` shows.
 struct CoreThread {
-    core: RelayCore<SqliteStore>,
+    core: ServerFront,
+    workers: WorkerPool,
     routes: HashMap<ConnId, Route>,
     status: Arc<Mutex<StatusSnapshot>>,
-    metrics: Arc<Metrics>,
     groups: u64,
     largest: usize,
     slow: u64,
@@ -148,27 +154,28 @@ struct Turn {
     /// Released once the turn is handled: what the core no longer holds frees the budget.
     permits: Vec<OwnedSemaphorePermit>,
     messages: usize,
-    pushed: usize,
+    reports: Vec<WorkerReport>,
     shutdown: bool,
 }
 
 pub(crate) fn run(
-    core: RelayCore<SqliteStore>,
+    core: ServerFront,
+    workers: WorkerPool,
     mut rx: mpsc::Receiver<CoreInput>,
+    mut reports: mpsc::UnboundedReceiver<WorkerReport>,
     status: Arc<Mutex<StatusSnapshot>>,
-    metrics: Arc<Metrics>,
 ) {
     let clock = SystemTimeSource;
-    // Only to wait on the queue with a deadline; the core itself never sees it.
+    // Only to wait on the queues with a deadline; the core itself never sees it.
     let Ok(waiter) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
         tracing::error!("cannot start the core thread's timer");
         return;
     };
     let mut thread = CoreThread {
         core,
+        workers,
         routes: HashMap::new(),
         status,
-        metrics,
         groups: 0,
         largest: 0,
         slow: 0,
@@ -176,22 +183,43 @@ pub(crate) fn run(
         revoked: 0,
     };
     loop {
-        // Sleep until input arrives or the core's next wakeup, whichever comes first.
-        let first = match thread.core.next_wakeup() {
-            None => match rx.blocking_recv() {
-                Some(input) => Some(input),
-                None => return,
-            },
-            Some(at) => {
-                let wait = Duration::from_millis(at.saturating_sub(clock.now_ms()));
-                match waiter.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
-                    Ok(Some(input)) => Some(input),
-                    Ok(None) => return,
-                    Err(_) => None,
+        // Sleep until input or a report arrives or the core's next wakeup, whichever is first.
+        let wait = thread
+            .core
+            .next_wakeup()
+            .map(|at| Duration::from_millis(at.saturating_sub(clock.now_ms())));
+        let woke = waiter.block_on(async {
+            let timer = async {
+                match wait {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
                 }
+            };
+            tokio::select! {
+                biased;
+                Some(report) = reports.recv() => Wake::Report(report),
+                input = rx.recv() => match input {
+                    Some(input) => Wake::Input(input),
+                    None => Wake::Gone,
+                },
+                () = timer => Wake::Timer,
+            }
+        });
+        let mut turn = match woke {
+            Wake::Gone => return,
+            Wake::Timer => Turn::default(),
+            Wake::Report(report) => {
+                let mut turn = Turn::default();
+                turn.reports.push(report);
+                thread.collect(&mut turn, None, &mut rx, &mut reports);
+                turn
+            }
+            Wake::Input(input) => {
+                let mut turn = Turn::default();
+                thread.collect(&mut turn, Some(input), &mut rx, &mut reports);
+                turn
             }
         };
-        let mut turn = thread.collect(first, &mut rx);
         let now = clock.now_ms();
         if thread.core.next_wakeup().is_some_and(|at| now >= at) {
             turn.inputs.push(Input::Tick);
@@ -201,17 +229,37 @@ pub(crate) fn run(
         thread.deliver(outputs, turn.shutdown);
         thread.publish_status();
         if turn.shutdown {
+            // The workers finish the groups they are committing; then the front stops.
+            thread.workers.stop();
             tracing::info!("relay core stopped");
             return;
         }
     }
 }
 
+/// Why the front thread woke up.
+enum Wake {
+    Report(WorkerReport),
+    Input(CoreInput),
+    Timer,
+    /// Every sender of the input queue is gone.
+    Gone,
+}
+
 impl CoreThread {
-    /// Takes `first` and everything else already waiting (up to a group's worth of messages).
-    fn collect(&mut self, first: Option<CoreInput>, rx: &mut mpsc::Receiver<CoreInput>) -> Turn {
-        let mut turn = Turn::default();
-        let mut next = first;
+    /// Adds `first` and everything else already waiting to `turn`: every report, and input up
+    /// to a group's worth of messages.
+    fn collect(
+        &mut self,
+        turn: &mut Turn,
+        first: Option<CoreInput>,
+        rx: &mut mpsc::Receiver<CoreInput>,
+        reports: &mut mpsc::UnboundedReceiver<WorkerReport>,
+    ) {
+        while let Ok(report) = reports.try_recv() {
+            turn.reports.push(report);
+        }
+        let mut next = first.or_else(|| rx.try_recv().ok());
         while let Some(input) = next.take() {
             match input {
                 CoreInput::Open {
@@ -238,9 +286,6 @@ impl CoreThread {
                     checked,
                     permit,
                 } => {
-                    if let ClientMessage::Push { mutations, .. } = &msg {
-                        turn.pushed += mutations.len();
-                    }
                     turn.messages += 1;
                     turn.inputs.push(Input::Message {
                         conn,
@@ -259,23 +304,26 @@ impl CoreThread {
                 next = rx.try_recv().ok();
             }
         }
-        turn
     }
 
-    /// Hands the turn to the core; times the group when it held messages.
+    /// Hands the turn to the front: first the workers' reports (answers and fan-out of what
+    /// they committed), then the new input; sends the jobs on to the workers.
     fn handle(&mut self, turn: &mut Turn, now: u64) -> Vec<Output> {
-        let started = Instant::now();
-        let outputs = self.core.handle(std::mem::take(&mut turn.inputs), now);
+        let mut outputs = Vec::new();
+        let mut jobs = Vec::new();
+        for report in std::mem::take(&mut turn.reports) {
+            let step = self.core.handle_report(report, now);
+            outputs.extend(step.outputs);
+            jobs.extend(step.jobs);
+        }
+        let step = self.core.handle(std::mem::take(&mut turn.inputs), now);
+        outputs.extend(step.outputs);
+        jobs.extend(step.jobs);
         if turn.messages > 0 {
             self.groups += 1;
             self.largest = self.largest.max(turn.messages);
-            record_timings(
-                &self.metrics,
-                started.elapsed(),
-                self.core.store_mut().take_commit_times(),
-                turn.pushed,
-            );
         }
+        self.workers.dispatch(jobs);
         self.revoked += outputs
             .iter()
             .filter(|o| {
@@ -402,21 +450,6 @@ fn enqueue(route: &Route, msg: Outbound) -> Result<(), Unsent> {
     result
 }
 
-/// Group time, commit time, and the per-mutation acceptance time derived from them.
-fn record_timings(metrics: &Metrics, group: std::time::Duration, commits: Vec<std::time::Duration>, pushed: usize) {
-    let Ok(mut t) = metrics.timings.lock() else { return };
-    t.group.observe(group);
-    let mut committing = std::time::Duration::ZERO;
-    for c in commits {
-        committing += c;
-        t.commit.observe(c);
-    }
-    if pushed > 0 {
-        let per = group.saturating_sub(committing).as_secs_f64() / pushed as f64;
-        t.apply.observe_n(per, pushed as u64);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -427,22 +460,27 @@ mod tests {
     use rand_core::SeedableRng;
 
     use super::*;
-    use crate::core::RelayConfig;
+    use crate::core::{RelayConfig, RelayCore};
+    use crate::server::metrics::Metrics;
+    use crate::store::sqlite::SqliteBackend;
 
     #[test]
     fn a_connection_that_does_not_read_is_cut_off_not_buffered() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open_dir(dir.path(), uuid::Uuid::nil()).unwrap();
-        let core = RelayCore::new(
-            store,
+        let backend = SqliteBackend::open(dir.path(), uuid::Uuid::nil()).unwrap();
+        let (front, workers) = RelayCore::parts(
+            &backend,
             Arc::new(Schema::default_schema()),
             RelayConfig::default(),
             Box::new(ChaCha20Rng::seed_from_u64(1)),
-        );
+        )
+        .unwrap();
+        let (report_tx, report_rx) = mpsc::unbounded_channel();
+        let pool = WorkerPool::start(workers, 2, report_tx, Arc::new(Metrics::new())).unwrap();
         let (tx, rx) = mpsc::channel(64);
         let status = Arc::new(Mutex::new(StatusSnapshot::new(uuid::Uuid::nil())));
         let thread_status = status.clone();
-        let thread = std::thread::spawn(move || run(core, rx, thread_status, Arc::new(Metrics::new())));
+        let thread = std::thread::spawn(move || run(front, pool, rx, report_rx, thread_status));
         // A connection whose queue holds one message and which never reads it.
         let (conn_tx, _never_read) = mpsc::channel(1);
         let (kill_tx, mut kill) = watch::channel(false);

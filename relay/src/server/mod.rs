@@ -17,6 +17,7 @@ mod http;
 mod metrics;
 mod scheduled;
 pub mod tls;
+mod worker_thread;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,8 +34,8 @@ use tokio::sync::mpsc;
 
 use crate::backup::LOCK_FILE;
 use crate::config::{BackupSchedule, TlsFiles};
-use crate::core::{RelayConfig, RelayCore};
-use crate::store::sqlite::{DB_FILE, SqliteStore};
+use crate::core::{RelayConfig, RelayCore, SpaceWorker};
+use crate::store::sqlite::{SqliteBackend, SqliteShard};
 use metrics::Metrics;
 
 pub use core_thread::StatusSnapshot;
@@ -89,6 +90,10 @@ pub struct ServeOptions {
     pub tls: Option<TlsFiles>,
     /// Take verified backups on a schedule, keeping the newest N.
     pub backup: Option<BackupSchedule>,
+    /// Threads applying mutations (each takes a share of the shards; default: the cores).
+    pub workers: usize,
+    /// Shards of a store created now (an existing store keeps its own).
+    pub shards: u32,
 }
 
 impl ServeOptions {
@@ -101,6 +106,8 @@ impl ServeOptions {
             config: RelayConfig::default(),
             tls: None,
             backup: None,
+            workers: std::thread::available_parallelism().map_or(1, usize::from),
+            shards: crate::store::sqlite::DEFAULT_SHARDS,
         }
     }
 }
@@ -146,10 +153,12 @@ fn serve_lock(dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
 pub struct Server {
     listener: TcpListener,
     addr: SocketAddr,
-    core: RelayCore<SqliteStore>,
+    front: core_thread::ServerFront,
+    workers: Vec<SpaceWorker<SqliteShard>>,
+    worker_threads: usize,
     tls: Option<Arc<rustls::ServerConfig>>,
     backup: Option<BackupSchedule>,
-    db_path: PathBuf,
+    data_dir: PathBuf,
     /// The exclusive lock on `DIR/relay.lock` for as long as the server lives ([`serve_lock`]).
     _lock: std::fs::File,
 }
@@ -176,18 +185,21 @@ impl Server {
         if let Some(b) = &opts.backup {
             std::fs::create_dir_all(&b.dir)?;
         }
-        let store = SqliteStore::open_dir(&opts.data_dir, new_relay_id).map_err(|source| ServerError::Store {
+        let store_error = |source| ServerError::Store {
             dir: opts.data_dir.display().to_string(),
             source,
-        })?;
-        let core = RelayCore::new(store, opts.schema, opts.config, rng);
+        };
+        let backend = SqliteBackend::open_with(&opts.data_dir, new_relay_id, opts.shards).map_err(store_error)?;
+        let (front, workers) = RelayCore::parts(&backend, opts.schema, opts.config, rng).map_err(store_error)?;
         Ok(Server {
             listener,
             addr,
-            core,
+            front,
+            workers,
+            worker_threads: opts.workers,
             tls,
             backup: opts.backup,
-            db_path: opts.data_dir.join(DB_FILE),
+            data_dir: opts.data_dir.clone(),
             _lock: lock,
         })
     }
@@ -202,23 +214,24 @@ impl Server {
     }
 
     pub fn relay_id(&self) -> uuid::Uuid {
-        self.core.relay_id()
+        self.front.relay_id()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets the core finish the group it
     /// is committing, closes every connection with a reason, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
         let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
-        let status = Arc::new(Mutex::new(StatusSnapshot::new(self.core.relay_id())));
+        let status = Arc::new(Mutex::new(StatusSnapshot::new(self.front.relay_id())));
         let metrics = Arc::new(Metrics::new());
         let core_status = status.clone();
-        let core_metrics = metrics.clone();
-        let core = self.core;
+        let front = self.front;
+        let (report_tx, report_rx) = mpsc::unbounded_channel();
+        let pool = worker_thread::WorkerPool::start(self.workers, self.worker_threads, report_tx, metrics.clone())?;
         let core_thread = std::thread::Builder::new()
-            .name("relay-core".into())
-            .spawn(move || core_thread::run(core, core_rx, core_status, core_metrics))?;
+            .name("relay-front".into())
+            .spawn(move || core_thread::run(front, pool, core_rx, report_rx, core_status))?;
         if let Some(schedule) = self.backup.clone() {
-            tokio::spawn(scheduled::run(self.db_path.clone(), schedule, metrics.clone()));
+            tokio::spawn(scheduled::run(self.data_dir.clone(), schedule, metrics.clone()));
         }
 
         let shared = Shared {

@@ -12,7 +12,7 @@ use super::metrics::Metrics;
 use crate::backup::{self, BackupError, ScheduledBackup};
 use crate::config::BackupSchedule;
 
-pub(crate) async fn run(db: PathBuf, schedule: BackupSchedule, metrics: Arc<Metrics>) {
+pub(crate) async fn run(data_dir: PathBuf, schedule: BackupSchedule, metrics: Arc<Metrics>) {
     tracing::info!(
         dir = %schedule.dir.display(),
         every = %humantime::format_duration(schedule.every),
@@ -23,9 +23,10 @@ pub(crate) async fn run(db: PathBuf, schedule: BackupSchedule, metrics: Arc<Metr
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let (db, dir, keep) = (db.clone(), schedule.dir.clone(), schedule.keep);
+        let (data_dir, dir, keep) = (data_dir.clone(), schedule.dir.clone(), schedule.keep);
         let started = SystemTimeSource.now_ms();
-        let result = tokio::task::spawn_blocking(move || backup::scheduled_backup(&db, &dir, keep, started)).await;
+        let result =
+            tokio::task::spawn_blocking(move || backup::scheduled_backup(&data_dir, &dir, keep, started)).await;
         let result = match result {
             Ok(r) => r,
             Err(e) => Err(BackupError::DrillFailed(format!("the backup task failed: {e}"))),

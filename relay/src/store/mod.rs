@@ -1,14 +1,25 @@
-//! The relay's storage, behind a trait.
+//! The relay's storage, behind traits.
 //!
-//! SQLite ([`sqlite::SqliteStore`]) is the embedded default. The trait is shaped so that a
-//! PostgreSQL backend can implement it for several relay processes sharing one database
-//! (SPEC §13): every decision the core makes reads the row it depends on inside the same
-//! transaction that writes the result, and nothing assumes this process is the only writer.
+//! Two kinds of store, because they are written by different parts of the relay:
+//! - the [`Directory`] — spaces (and the shard each lives in), users, memberships, enrollment
+//!   tokens, devices — read and written by the session front (handshakes, enrollment, admin);
+//! - the [`SpaceStore`]s — one per shard: the documents, feeds, receipts, audit chains and
+//!   conflict archive of the spaces assigned to it — each written by one apply worker, so
+//!   different spaces commit in parallel.
+//!
+//! Each space is its own ordering domain (SPEC §7, §10): a dense feed sequence and a
+//! hash-chained audit log, read ([`SpaceStore::space_head`]) and advanced inside the
+//! transaction that writes the space's next mutation. Nothing assumes this process is the only
+//! writer: a PostgreSQL backend (several relays, SPEC §13) implements the same traits with the
+//! space's head row locked for the commit.
+//!
+//! SQLite ([`sqlite::SqliteBackend`]) is the embedded default: `DIR/relay.db` is the directory,
+//! `DIR/shards/shard-N.db` the shards.
 
+mod rows;
 pub mod sqlite;
 
-use fieldsync_schema::{Hlc, Role};
-use serde::{Deserialize, Serialize};
+pub use rows::*;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,233 +38,32 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SpaceRow {
-    pub space_id: Uuid,
-    pub name: String,
-    pub created_ms: u64,
+/// Opens the stores of one relay: its directory and a handle on each shard. Every call opens a
+/// new handle (a connection of its own), so the front, each worker and the admin tools each
+/// hold theirs.
+pub trait Backend {
+    type Directory: Directory;
+    type Shard: SpaceStore;
+    fn open_directory(&self) -> StoreResult<Self::Directory>;
+    fn open_shard(&self, shard: u32) -> StoreResult<Self::Shard>;
+    /// How many shards the data is spread over (fixed when the store was created).
+    fn shard_count(&self) -> u32;
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct UserRow {
-    pub user_id: Uuid,
-    pub name: String,
-    pub created_ms: u64,
-}
+/// Who may do what. Written by enrollment, key rotation, `touch_device` and the admin tools.
+pub trait Directory {
+    /// The relay's identity, created on first open.
+    fn relay_id(&self) -> Uuid;
+    fn shard_count(&self) -> u32;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct MembershipRow {
-    pub space_id: Uuid,
-    pub space_name: String,
-    pub role: Role,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DeviceRow {
-    pub device_id: Uuid,
-    pub user_id: Uuid,
-    #[serde(with = "hex_bytes")]
-    pub public_key: Vec<u8>,
-    pub enrolled_ms: u64,
-    pub revoked_ms: Option<u64>,
-    pub last_seen_ms: Option<u64>,
-}
-
-mod hex_bytes {
-    pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(b))
-    }
-}
-
-/// A single-use enrollment token, stored by the SHA-256 of its text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TokenRow {
-    #[serde(skip)]
-    pub token_hash: [u8; 32],
-    pub user_id: Uuid,
-    pub created_ms: u64,
-    pub expires_ms: u64,
-    pub used_ms: Option<u64>,
-    pub used_by: Option<Uuid>,
-}
-
-/// What the relay knows about an entity, without its Automerge bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DocumentRow {
-    /// Dense local key: orders snapshots and links feed rows.
-    pub doc_key: u64,
-    pub entity_id: Uuid,
-    pub space_id: Uuid,
-    pub entity_type: String,
-    pub version: u64,
-    pub last_seq: u64,
-    pub deleted: bool,
-    pub signed: bool,
-    pub locked: bool,
-    /// LWW per-field stamps (JSON of `BTreeMap<String, LwwStamp>`); empty for other policies.
-    pub lww_stamps: String,
-}
-
-/// Who last won an LWW field, and at which relay version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LwwStamp {
-    pub hlc: Hlc,
-    pub device: Uuid,
-    pub mutation: Uuid,
-    pub version: u64,
-    /// The winning mutation's last Automerge change (hex): a later write saw this winner
-    /// exactly when its changes depend on it. Absent in stamps written before it was kept.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub change: Option<String>,
-}
-
-/// The document state to write after a mutation. The Automerge bytes are not here: the changes
-/// live in the feed row, and the snapshot is refreshed separately (see `save_snapshot`).
-#[derive(Debug, Clone)]
-pub struct DocumentUpdate {
-    pub version: u64,
-    pub deleted: bool,
-    pub signed: bool,
-    pub locked: bool,
-    pub lww_stamps: String,
-}
-
-/// One applied mutation in the change feed.
-#[derive(Debug, Clone)]
-pub struct FeedRow {
-    pub seq: u64,
-    pub doc_key: u64,
-    pub space_id: Uuid,
-    pub entity_type: String,
-    pub entity_id: Uuid,
-    pub version: u64,
-    pub origin_device: Uuid,
-    pub origin_user: Uuid,
-    pub mutation_id: Uuid,
-    pub hlc: Hlc,
-    /// CBOR `Vec<Bytes>`: the Automerge changes the mutation added.
-    pub changes: Vec<u8>,
-    /// CBOR `Vec<LwwLoss>`.
-    pub lww_losses: Vec<u8>,
-}
-
-/// A new feed row; the store assigns `seq`.
-#[derive(Debug, Clone)]
-pub struct NewFeedRow {
-    pub doc_key: u64,
-    pub space_id: Uuid,
-    pub entity_type: String,
-    pub entity_id: Uuid,
-    pub version: u64,
-    pub origin_device: Uuid,
-    pub origin_user: Uuid,
-    pub mutation_id: Uuid,
-    pub hlc: Hlc,
-    pub changes: Vec<u8>,
-    pub lww_losses: Vec<u8>,
-}
-
-/// The stored answer for a mutation id, bound to the envelope it answered: a receipt is
-/// replayed only to a repeat of exactly that envelope (SPEC §18).
-#[derive(Debug, Clone)]
-pub struct ReceiptRow {
-    pub mutation_id: Uuid,
-    pub device_id: Uuid,
-    pub entity_id: Option<Uuid>,
-    pub space_id: Option<Uuid>,
-    /// [`fieldsync_schema::signing::envelope_hash`] of the answered envelope. `None` only for
-    /// receipts written before receipts were bound (see [`ReceiptRow::answers`]).
-    pub envelope_hash: Option<[u8; 32]>,
-    /// CBOR `Outcome`.
-    pub outcome: Vec<u8>,
-    pub created_ms: u64,
-}
-
-/// Whether a stored receipt answers a repeated envelope.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReceiptMatch {
-    /// The very envelope the receipt was written for.
-    Exact,
-    /// A receipt from before receipts were bound, whose entity and space (when known) agree:
-    /// it may be answered, but with nothing read from the stored document.
-    Unbound,
-    /// Anything else: a different envelope reusing the mutation id.
-    Different,
-}
-
-impl ReceiptRow {
-    pub fn answers(&self, m: &fieldsync_schema::Mutation) -> ReceiptMatch {
-        match self.envelope_hash {
-            Some(hash) if hash == fieldsync_schema::signing::envelope_hash(m) => ReceiptMatch::Exact,
-            Some(_) => ReceiptMatch::Different,
-            None if self.entity_id.is_some_and(|e| e != m.entity_id)
-                || self.space_id.is_some_and(|s| s != m.space_id) =>
-            {
-                ReceiptMatch::Different
-            }
-            None => ReceiptMatch::Unbound,
-        }
-    }
-}
-
-/// An audit record as stored (see [`crate::audit`] for the hash chain).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AuditRow {
-    pub audit_id: u64,
-    pub seq: u64,
-    pub mutation_id: Uuid,
-    pub actor_id: Uuid,
-    pub device_id: Uuid,
-    pub space_id: Uuid,
-    pub entity_type: String,
-    pub entity_id: Uuid,
-    pub kind: String,
-    pub version: u64,
-    pub before_json: String,
-    pub after_json: String,
-    pub client_ts: String,
-    pub server_ts_ms: u64,
-    pub prev_hash: String,
-    pub hash: String,
-}
-
-/// A losing version kept for operators (LWW loser, conflict-resolution loser).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ArchiveRow {
-    pub archive_id: u64,
-    pub kind: String,
-    pub space_id: Uuid,
-    pub entity_type: String,
-    pub entity_id: Uuid,
-    pub field: Option<String>,
-    pub losing_json: String,
-    pub winning_json: String,
-    pub loser_device: Option<Uuid>,
-    pub loser_mutation: Option<Uuid>,
-    pub winner_device: Option<Uuid>,
-    pub winner_mutation: Option<Uuid>,
-    pub version: u64,
-    pub created_ms: u64,
-}
-
-/// Everything the relay core and the admin tools need from storage.
-///
-/// Writes happen between [`Store::begin`] and [`Store::commit`]; the core commits once per
-/// group of mutations and releases their outcomes only afterwards.
-pub trait Store {
     fn begin(&mut self) -> StoreResult<()>;
     fn commit(&mut self) -> StoreResult<()>;
     fn rollback(&mut self) -> StoreResult<()>;
-    /// A read-only transaction: one consistent view and one lock for a run of reads (a pull
-    /// page reads two rows per document; without it each read locks and unlocks the file).
-    fn begin_read(&mut self) -> StoreResult<()>;
-    fn end_read(&mut self) -> StoreResult<()>;
-
-    /// The relay's identity, created on first open.
-    fn relay_id(&self) -> Uuid;
 
     // --- tenants and identities
-    fn create_space(&mut self, space_id: Uuid, name: &str, now_ms: u64) -> StoreResult<()>;
+    /// Creates a space in the shard that holds the fewest spaces.
+    fn create_space(&mut self, space_id: Uuid, name: &str, now_ms: u64) -> StoreResult<SpaceRow>;
+    fn space(&self, space_id: Uuid) -> StoreResult<Option<SpaceRow>>;
     fn space_by_name(&self, name: &str) -> StoreResult<Option<SpaceRow>>;
     fn spaces(&self) -> StoreResult<Vec<SpaceRow>>;
     fn create_user(&mut self, user_id: Uuid, name: &str, now_ms: u64) -> StoreResult<()>;
@@ -261,7 +71,7 @@ pub trait Store {
     fn user_by_name(&self, name: &str) -> StoreResult<Option<UserRow>>;
     fn users(&self) -> StoreResult<Vec<UserRow>>;
     /// Adds or changes the user's role in a space.
-    fn set_membership(&mut self, user_id: Uuid, space_id: Uuid, role: Role) -> StoreResult<()>;
+    fn set_membership(&mut self, user_id: Uuid, space_id: Uuid, role: fieldsync_schema::Role) -> StoreResult<()>;
     fn remove_membership(&mut self, user_id: Uuid, space_id: Uuid) -> StoreResult<bool>;
     fn memberships(&self, user_id: Uuid) -> StoreResult<Vec<MembershipRow>>;
 
@@ -278,7 +88,38 @@ pub trait Store {
     fn set_device_key(&mut self, device_id: Uuid, public_key: &[u8]) -> StoreResult<()>;
     fn touch_device(&mut self, device_id: Uuid, now_ms: u64) -> StoreResult<()>;
 
+    /// Devices revoked after `since_ms` (the front closes their connections).
+    fn revoked_since(&self, since_ms: u64) -> StoreResult<Vec<(Uuid, u64)>>;
+    /// A number that changes whenever memberships or revocations may have changed: another
+    /// connection (the admin CLI, another process) committed, or this handle wrote them. The
+    /// front's tick re-reads them only when it moves.
+    fn outside_writes_marker(&self) -> StoreResult<u64>;
+    fn counts(&self) -> StoreResult<DirectoryCounts>;
+    /// The round-1 global audit chain a migrated store keeps (`v1_audit`), by row id; empty for
+    /// a store created in the per-space layout.
+    fn round_one_audit_after(&self, after_id: u64, limit: usize) -> StoreResult<Vec<AuditRow>>;
+}
+
+/// The data of the spaces in one shard. One writer per shard at a time in this process (its
+/// apply worker); the front and the admin tools read through handles of their own.
+///
+/// Writes happen between [`SpaceStore::begin`] and [`SpaceStore::commit`]; the worker commits
+/// once per group and releases outcomes only afterwards.
+pub trait SpaceStore {
+    fn begin(&mut self) -> StoreResult<()>;
+    fn commit(&mut self) -> StoreResult<()>;
+    fn rollback(&mut self) -> StoreResult<()>;
+    /// A read-only transaction: one consistent view for a run of reads (a pull page).
+    fn begin_read(&mut self) -> StoreResult<()>;
+    fn end_read(&mut self) -> StoreResult<()>;
+
+    /// Where the space's feed and audit chain stand (zero and genesis for a new space). Read
+    /// inside the writing transaction, it is the head the next mutation builds on.
+    fn space_head(&self, space_id: Uuid) -> StoreResult<SpaceHead>;
+    fn set_space_head(&mut self, space_id: Uuid, head: &SpaceHead) -> StoreResult<()>;
+
     // --- documents and the feed
+    /// The entity, if this shard holds it (whatever its space: the caller checks).
     fn document(&self, entity_id: Uuid) -> StoreResult<Option<DocumentRow>>;
     /// The document's Automerge bytes: its snapshot followed by every change applied since.
     fn document_bytes(&self, doc_key: u64) -> StoreResult<Vec<u8>>;
@@ -290,39 +131,61 @@ pub trait Store {
     fn save_snapshot(&mut self, doc_key: u64, bytes: &[u8], upto_seq: u64) -> StoreResult<()>;
     /// How many feed rows of this document were applied since its snapshot.
     fn changes_since_snapshot(&self, doc_key: u64) -> StoreResult<u64>;
-    fn append_feed(&mut self, row: &NewFeedRow) -> StoreResult<u64>;
-    fn max_seq(&self) -> StoreResult<u64>;
-    /// Feed rows after `after_seq` in these spaces, oldest first.
-    fn feed_after(&self, spaces: &[Uuid], after_seq: u64, limit: usize) -> StoreResult<Vec<FeedRow>>;
-    /// Feed rows of every space with `after_seq < seq <= upto_seq`, oldest first, at most
-    /// `limit`: what other writers of the store committed, for live fan-out.
-    fn feed_range(&self, after_seq: u64, upto_seq: u64, limit: usize) -> StoreResult<Vec<FeedRow>>;
-    /// Feed rows of one document with a version above `version`, oldest first.
+    /// Appends `row` at `row.seq`, which must be the space head's next seq.
+    fn append_feed(&mut self, row: &FeedRow) -> StoreResult<()>;
+    /// The space's last committed seq (0: none).
+    fn max_seq(&self, space_id: Uuid) -> StoreResult<u64>;
+    /// The space's feed rows with `after < seq <= upto`, oldest first, at most `limit`.
+    fn feed_range(&self, space_id: Uuid, after: u64, upto: u64, limit: usize) -> StoreResult<Vec<FeedRow>>;
+    /// Feed rows of one document with a version above `after_version`, oldest first.
     fn feed_for_document(&self, doc_key: u64, after_version: u64) -> StoreResult<Vec<FeedRow>>;
-    /// Documents in these spaces with a key above `after_key`, in key order.
-    fn documents_after(&self, spaces: &[Uuid], after_key: u64, limit: usize) -> StoreResult<Vec<DocumentRow>>;
+    /// The space's documents with a key above `after_key`, in key order.
+    fn documents_after(&self, space_id: Uuid, after_key: u64, limit: usize) -> StoreResult<Vec<DocumentRow>>;
+    /// The per-space seq a cursor at `legacy_seq` of the round-1 global feed had reached: the
+    /// last migrated row of the space at or below it.
+    fn seq_at_legacy(&self, space_id: Uuid, legacy_seq: u64) -> StoreResult<u64>;
 
     // --- receipts, audit, archive
     fn receipt(&self, mutation_id: Uuid) -> StoreResult<Option<ReceiptRow>>;
     fn put_receipt(&mut self, row: &ReceiptRow) -> StoreResult<()>;
-    fn last_audit_hash(&self) -> StoreResult<Option<String>>;
     fn append_audit(&mut self, row: &AuditRow) -> StoreResult<u64>;
-    /// Audit rows with an id above `after_id`, in chain order.
-    fn audit_after(&self, after_id: u64, limit: usize) -> StoreResult<Vec<AuditRow>>;
+    /// The space's audit records with `audit_seq > after`, in chain order.
+    fn audit_after(&self, space_id: Uuid, after: u64, limit: usize) -> StoreResult<Vec<AuditRow>>;
     fn archive(&mut self, row: &ArchiveRow) -> StoreResult<u64>;
     fn archive_rows(&self, limit: usize) -> StoreResult<Vec<ArchiveRow>>;
-
-    /// Devices revoked after `since_ms` (the server closes their connections).
-    fn revoked_since(&self, since_ms: u64) -> StoreResult<Vec<(Uuid, u64)>>;
-    /// A number that changes whenever memberships or revocations may have changed: another
-    /// connection (the admin CLI, another process) committed, or this handle wrote them. The
-    /// core's tick re-reads them only when it moves.
-    fn outside_writes_marker(&self) -> StoreResult<u64>;
-    /// Counts for stats and restore drills.
-    fn counts(&self) -> StoreResult<Counts>;
+    /// Every space this shard holds data of.
+    fn spaces_held(&self) -> StoreResult<Vec<Uuid>>;
+    fn counts(&self) -> StoreResult<ShardCounts>;
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DirectoryCounts {
+    pub spaces: u64,
+    pub users: u64,
+    pub devices: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ShardCounts {
+    pub documents: u64,
+    pub feed: u64,
+    pub receipts: u64,
+    pub audit: u64,
+    pub archive: u64,
+}
+
+impl std::ops::AddAssign for ShardCounts {
+    fn add_assign(&mut self, o: ShardCounts) {
+        self.documents += o.documents;
+        self.feed += o.feed;
+        self.receipts += o.receipts;
+        self.audit += o.audit;
+        self.archive += o.archive;
+    }
+}
+
+/// Everything a relay holds, counted (stats, restore drills).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counts {
     pub spaces: u64,
     pub users: u64,
@@ -332,4 +195,19 @@ pub struct Counts {
     pub receipts: u64,
     pub audit: u64,
     pub archive: u64,
+}
+
+impl Counts {
+    pub fn of(directory: DirectoryCounts, shards: ShardCounts) -> Self {
+        Counts {
+            spaces: directory.spaces,
+            users: directory.users,
+            devices: directory.devices,
+            documents: shards.documents,
+            feed: shards.feed,
+            receipts: shards.receipts,
+            audit: shards.audit,
+            archive: shards.archive,
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! A relay on a temporary SQLite file, and minimal devices that build signed mutations the way
+//! A relay on a temporary SQLite store (directory and shards), and minimal devices that build signed mutations the way
 //! the peer does, so the core can be exercised message by message.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use fieldsync_relay::admin;
+use fieldsync_relay::audit::{self, VerifyReport};
 use fieldsync_relay::core::{ConnId, Input, Output, RelayConfig, RelayCore};
-use fieldsync_relay::store::Store;
-use fieldsync_relay::store::sqlite::SqliteStore;
+use fieldsync_relay::store::sqlite::SqliteBackend;
+use fieldsync_relay::store::{ArchiveRow, Backend, Counts, Directory, DocumentRow, ReceiptRow, SpaceRow, SpaceStore};
 use fieldsync_schema::document::device_actor;
 use fieldsync_schema::testkit::{HandDevice, Versions};
 use fieldsync_schema::wire::MutationResult;
@@ -26,7 +27,8 @@ pub const T0: u64 = 1_795_000_000_000;
 
 pub struct TestRelay {
     pub dir: tempfile::TempDir,
-    pub core: RelayCore<SqliteStore>,
+    pub backend: SqliteBackend,
+    pub core: RelayCore<SqliteBackend>,
     pub rng: ChaCha20Rng,
     pub now: u64,
     next_conn: ConnId,
@@ -48,6 +50,7 @@ impl TestRelay {
         let dir = tempfile::tempdir().unwrap();
         let core = Self::open_core(dir.path().to_path_buf(), 1, config);
         TestRelay {
+            backend: SqliteBackend::open_existing(dir.path()).unwrap(),
             dir,
             core,
             rng: ChaCha20Rng::seed_from_u64(99),
@@ -56,18 +59,19 @@ impl TestRelay {
         }
     }
 
-    fn open_core(dir: PathBuf, seed: u64, config: RelayConfig) -> RelayCore<SqliteStore> {
-        let store = SqliteStore::open_dir(&dir, Uuid::from_bytes([0xAA; 16])).unwrap();
+    fn open_core(dir: PathBuf, seed: u64, config: RelayConfig) -> RelayCore<SqliteBackend> {
+        let backend = SqliteBackend::open(&dir, Uuid::from_bytes([0xAA; 16])).unwrap();
         RelayCore::new(
-            store,
+            &backend,
             Arc::new(Schema::default_schema()),
             config,
             Box::new(ChaCha20Rng::seed_from_u64(seed)),
         )
+        .unwrap()
     }
 
     /// A second relay core on the same store file: another relay process sharing the store.
-    pub fn second_core(&self) -> RelayCore<SqliteStore> {
+    pub fn second_core(&self) -> RelayCore<SqliteBackend> {
         Self::open_core(self.dir.path().to_path_buf(), 3, RelayConfig::default())
     }
 
@@ -78,13 +82,13 @@ impl TestRelay {
     }
 
     pub fn space(&mut self, name: &str) -> Uuid {
-        admin::add_space(self.core.store_mut(), name, self.now, &mut self.rng)
+        admin::add_space(self.core.directory_mut(), name, self.now, &mut self.rng)
             .unwrap()
             .space_id
     }
 
     pub fn user(&mut self, name: &str, space: &str, role: Role) -> Uuid {
-        admin::add_user(self.core.store_mut(), name, space, role, self.now, &mut self.rng)
+        admin::add_user(self.core.directory_mut(), name, space, role, self.now, &mut self.rng)
             .unwrap()
             .user_id
     }
@@ -93,7 +97,7 @@ impl TestRelay {
     pub fn device(&mut self, user: &str, seed: u64) -> TestDevice {
         let mut hand = HandDevice::new(ChaCha20Rng::seed_from_u64(seed), Versions::Recorded);
         let (token, _) = admin::create_enrollment_token(
-            self.core.store_mut(),
+            self.core.directory_mut(),
             user,
             admin::DEFAULT_TOKEN_TTL_MS,
             self.now,
@@ -177,7 +181,7 @@ impl TestRelay {
             let out = self.send(
                 dev.conn,
                 ClientMessage::Pull {
-                    cursor: dev.cursor,
+                    cursor: dev.cursor.clone(),
                     max_entries: 100,
                 },
             );
@@ -206,15 +210,65 @@ impl TestRelay {
         }
     }
 
+    /// Everything the store holds, counted over all files.
+    pub fn counts(&self) -> Counts {
+        self.backend.counts().unwrap()
+    }
+
+    /// Every space's audit chain, recomputed.
+    pub fn verify_audit(&self) -> VerifyReport {
+        audit::verify(&self.backend).unwrap()
+    }
+
+    /// The stored row of an entity.
+    pub fn document_row(&self, entity: Uuid) -> DocumentRow {
+        self.core.document(entity).unwrap().expect("entity exists").0
+    }
+
+    /// The conflict archive over every shard.
+    pub fn archive_rows(&self) -> Vec<ArchiveRow> {
+        let mut rows = Vec::new();
+        for n in 0..self.backend.shard_count() {
+            rows.extend(self.backend.open_shard(n).unwrap().archive_rows(1000).unwrap());
+        }
+        rows
+    }
+
+    /// A mutation's receipt, wherever its space's shard is.
+    pub fn receipt(&self, mutation_id: Uuid) -> Option<ReceiptRow> {
+        (0..self.backend.shard_count()).find_map(|n| self.backend.open_shard(n).unwrap().receipt(mutation_id).unwrap())
+    }
+
+    /// A space's row in the directory, by name.
+    pub fn space_row(&self, name: &str) -> SpaceRow {
+        self.core
+            .directory()
+            .space_by_name(name)
+            .unwrap()
+            .expect("space exists")
+    }
+
+    /// The shard file that holds a space's data.
+    pub fn shard_file(&self, space: Uuid) -> PathBuf {
+        let row = self.core.directory().space(space).unwrap().expect("space exists");
+        fieldsync_relay::store::sqlite::shard_path(self.dir.path(), row.shard)
+    }
+
     pub fn version_of(&self, entity: Uuid) -> u64 {
-        self.core.store().document(entity).unwrap().map_or(0, |d| d.version)
+        self.core.document(entity).unwrap().map_or(0, |(d, _)| d.version)
+    }
+
+    /// The relay's stored Automerge bytes of an entity.
+    pub fn stored_bytes(&self, entity: Uuid) -> Vec<u8> {
+        let (row, shard) = self.core.document(entity).unwrap().expect("entity exists");
+        shard.document_bytes(row.doc_key).unwrap()
     }
 
     /// The relay's current fields of an entity.
     pub fn fields_of(&self, entity: Uuid) -> Map<String, Value> {
-        let row = self.core.store().document(entity).unwrap().expect("entity exists");
-        let bytes = self.core.store().document_bytes(row.doc_key).unwrap();
-        EntityDoc::load(&bytes, device_actor(Uuid::nil())).unwrap().fields()
+        EntityDoc::load(&self.stored_bytes(entity), device_actor(Uuid::nil()))
+            .unwrap()
+            .fields()
     }
 
     /// Makes `dev` drop its local changes to `entity` and take the relay's copy and version.
@@ -225,12 +279,7 @@ impl TestRelay {
     }
 
     pub fn doc_bytes(&self, entity: Uuid) -> Vec<u8> {
-        let row = self.core.store().document(entity).unwrap().expect("entity exists");
-        let mut doc = EntityDoc::load(
-            &self.core.store().document_bytes(row.doc_key).unwrap(),
-            device_actor(Uuid::nil()),
-        )
-        .unwrap();
+        let mut doc = EntityDoc::load(&self.stored_bytes(entity), device_actor(Uuid::nil())).unwrap();
         doc.save()
     }
 }

@@ -6,13 +6,16 @@
 //! network: it bounds the input size before parsing, never panics, and never allocates more
 //! than the input could describe.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::envelope::{Bytes, LwwLoss, Mutation, Origin, Outcome};
 use crate::registry::{Role, SchemaHash};
 
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: one order per space (per-space cursors and feed sequences; `UserChanged`).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame either side accepts. Far below tungstenite's 64 MiB default: a pull page or
 /// push batch is cut to fit.
@@ -45,19 +48,47 @@ pub struct UserInfo {
     pub spaces: Vec<SpaceGrant>,
 }
 
-/// Where a pull continues. Opaque to the device: it stores the cursor the relay last gave it
-/// and sends it back. `seq` is the relay's change-feed sequence number, never a wall-clock time.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a pull continues: one position per space, because each space is its own ordering
+/// domain. Opaque to the device: it stores the cursor the relay last gave it (and advances a
+/// space's position with each contiguous live entry) and sends it back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullCursor {
-    /// Every feed entry visible to the user up to this sequence number has been delivered.
+    /// The position in each space; a space missing here starts from its compacted documents.
+    #[serde(default)]
+    pub spaces: BTreeMap<Uuid, SpaceCursor>,
+    /// A cursor of the round-1 global feed (a device database written before per-space order):
+    /// the relay converts it into per-space positions once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legacy_seq: Option<u64>,
+}
+
+impl PullCursor {
+    /// A cursor with one position: every entry of `space` up to `seq` delivered.
+    pub fn at(space: Uuid, seq: u64) -> Self {
+        PullCursor {
+            spaces: BTreeMap::from([(space, SpaceCursor { seq, snapshot: None })]),
+            legacy_seq: None,
+        }
+    }
+
+    /// The device's position in `space` (zero: nothing yet).
+    pub fn seq(&self, space: &Uuid) -> u64 {
+        self.spaces.get(space).map_or(0, |c| c.seq)
+    }
+}
+
+/// The position in one space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceCursor {
+    /// Every entry of the space up to this sequence number has been delivered.
     pub seq: u64,
-    /// Set while a new device receives compacted documents instead of the feed.
+    /// Set while a new device receives the space's compacted documents instead of its feed.
     pub snapshot: Option<SnapshotCursor>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotCursor {
-    /// The feed position the snapshot started at; the feed resumes from here afterwards.
+    /// The space's feed position the snapshot started at; the feed resumes from here afterwards.
     pub upto_seq: u64,
     /// The last document key delivered.
     pub after_key: u64,
@@ -77,6 +108,7 @@ pub enum FeedPayload {
 /// One applied mutation, or one compacted document, as a device receives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeedEntry {
+    /// The position in its space's feed (dense: 1, 2, ...; a snapshot's is its document's last).
     pub seq: u64,
     pub space_id: Uuid,
     pub entity_type: String,
@@ -232,10 +264,16 @@ pub enum RelayMessage {
         next: PullCursor,
         caught_up: bool,
     },
-    /// Entries applied after the device caught up, pushed as they commit.
+    /// Entries applied after the device caught up, pushed as they commit, in each space's seq
+    /// order. A device advances a space's position only by exactly one per entry; an entry
+    /// further ahead means it missed one, and it pulls instead.
     Live {
         entries: Vec<FeedEntry>,
-        cursor: PullCursor,
+    },
+    /// The user's spaces or roles changed while connected: the device takes the new user info
+    /// and pulls (a space it has no position in starts from its compacted documents).
+    UserChanged {
+        user: UserInfo,
     },
     KeyRotated,
     Pong {
@@ -387,7 +425,9 @@ impl RelayMessage {
     /// account for what it holds per connection without encoding twice.
     pub fn size_hint(&self) -> usize {
         let body = match self {
-            RelayMessage::Welcome { user, .. } | RelayMessage::Enrolled { user, .. } => {
+            RelayMessage::Welcome { user, .. }
+            | RelayMessage::Enrolled { user, .. }
+            | RelayMessage::UserChanged { user } => {
                 user.name.len() + user.spaces.iter().map(|s| 64 + s.name.len()).sum::<usize>()
             }
             RelayMessage::AuthFailed { message, .. } | RelayMessage::Error { message, .. } => message.len(),
@@ -418,6 +458,7 @@ impl RelayMessage {
             RelayMessage::PushDeferred { .. } => "push_deferred",
             RelayMessage::Changes { .. } => "changes",
             RelayMessage::Live { .. } => "live",
+            RelayMessage::UserChanged { .. } => "user_changed",
             RelayMessage::KeyRotated => "key_rotated",
             RelayMessage::Pong { .. } => "pong",
             RelayMessage::Error { .. } => "error",

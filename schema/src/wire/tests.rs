@@ -81,11 +81,22 @@ fn every_client_message() -> Vec<ClientMessage> {
         },
         ClientMessage::Pull {
             cursor: PullCursor {
-                seq: 10,
-                snapshot: Some(SnapshotCursor {
-                    upto_seq: 99,
-                    after_key: 5,
-                }),
+                spaces: [
+                    (
+                        id(4),
+                        SpaceCursor {
+                            seq: 10,
+                            snapshot: Some(SnapshotCursor {
+                                upto_seq: 99,
+                                after_key: 5,
+                            }),
+                        },
+                    ),
+                    (id(5), SpaceCursor { seq: 3, snapshot: None }),
+                ]
+                .into_iter()
+                .collect(),
+                legacy_seq: Some(7),
             },
             max_entries: 500,
         },
@@ -173,7 +184,10 @@ fn every_relay_message() -> Vec<RelayMessage> {
             reason: AuthFailure::Revoked,
             message: "device revoked".into(),
         },
-        RelayMessage::Enrolled { relay_id: id(9), user },
+        RelayMessage::Enrolled {
+            relay_id: id(9),
+            user: user.clone(),
+        },
         RelayMessage::PushResult {
             batch_id: 42,
             results: outcomes
@@ -196,18 +210,23 @@ fn every_relay_message() -> Vec<RelayMessage> {
                 entry(FeedPayload::Own),
             ],
             next: PullCursor {
-                seq: 11,
-                snapshot: None,
+                spaces: [(
+                    id(4),
+                    SpaceCursor {
+                        seq: 11,
+                        snapshot: None,
+                    },
+                )]
+                .into_iter()
+                .collect(),
+                legacy_seq: None,
             },
             caught_up: true,
         },
         RelayMessage::Live {
             entries: vec![entry(FeedPayload::Own)],
-            cursor: PullCursor {
-                seq: 11,
-                snapshot: None,
-            },
         },
+        RelayMessage::UserChanged { user: user.clone() },
         RelayMessage::KeyRotated,
         RelayMessage::Pong { nonce: 1 },
         RelayMessage::Error {

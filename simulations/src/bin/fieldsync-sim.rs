@@ -82,6 +82,9 @@ struct LoadArgs {
     /// The running relay's process id, for CPU and memory figures.
     #[arg(long)]
     pid: Option<u32>,
+    /// Apply threads of the spawned relay (`serve --workers`; default: the relay's).
+    #[arg(long)]
+    workers: Option<usize>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -163,7 +166,7 @@ fn load(args: LoadArgs) -> anyhow::Result<bool> {
     };
     let relay = match (&args.relay, &args.data) {
         (Some(url), Some(data)) => RelayProc::existing(url, data, args.pid),
-        _ => RelayProc::spawn()?,
+        _ => RelayProc::spawn_with(args.workers)?,
     };
     let opts = LoadOptions {
         devices: args.devices,

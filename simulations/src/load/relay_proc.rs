@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fieldsync_relay::admin;
-use fieldsync_relay::store::sqlite::SqliteStore;
+use fieldsync_relay::store::Backend;
+use fieldsync_relay::store::sqlite::SqliteBackend;
 use fieldsync_schema::Role;
 use rand_chacha::ChaCha20Rng;
 
@@ -38,11 +39,19 @@ pub struct RelayProc {
 impl RelayProc {
     /// Starts a relay on a scratch data directory and a free port.
     pub fn spawn() -> anyhow::Result<Self> {
+        Self::spawn_with(None)
+    }
+
+    /// [`RelayProc::spawn`] with this many apply threads (`serve --workers`).
+    pub fn spawn_with(workers: Option<usize>) -> anyhow::Result<Self> {
         let scratch = tempfile::Builder::new().prefix("fieldsync-load-").tempdir()?;
         let data = scratch.path().join("relay");
-        let mut child = Command::new(relay_binary()?)
-            .args(["serve", "--data"])
-            .arg(&data)
+        let mut command = Command::new(relay_binary()?);
+        command.args(["serve", "--data"]).arg(&data);
+        if let Some(n) = workers {
+            command.args(["--workers", &n.to_string()]);
+        }
+        let mut child = command
             .args(["--listen", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -94,7 +103,8 @@ impl RelayProc {
         now_ms: u64,
         rng: &mut ChaCha20Rng,
     ) -> anyhow::Result<Vec<String>> {
-        let mut store = SqliteStore::open_dir(&self.data, uuid::Uuid::nil())
+        let mut store = SqliteBackend::open_current(&self.data)
+            .and_then(|b| b.open_directory())
             .with_context(|| format!("opening the relay's data directory {}", self.data.display()))?;
         let run = fieldsync_schema::ids::new_uuid(rng).simple().to_string();
         let mut users = Vec::new();

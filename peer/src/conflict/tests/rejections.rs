@@ -220,7 +220,7 @@ fn an_lww_loss_is_undone_by_a_new_write_within_24_hours_and_refused_after() {
         lww_losses: vec![],
     };
     f.dev
-        .apply_feed(&[entry], PullCursor { seq: 3, snapshot: None }, f.time.now_ms())
+        .apply_feed(&[entry], PullCursor::at(crate::testutil::space(), 3), f.time.now_ms())
         .unwrap();
     assert_eq!(f.dev.get(s).unwrap().unwrap().fields["units"], json!("st"));
     let units = records.iter().find(|r| r.loss.field == "units").unwrap().clone();

@@ -118,7 +118,7 @@ fn a_conflict_that_becomes_locked_by_a_later_pull_changes_its_options() {
     };
     let now = f.time.now_ms();
     f.dev
-        .apply_feed(&[entry], PullCursor { seq: 3, snapshot: None }, now)
+        .apply_feed(&[entry], PullCursor::at(crate::testutil::space(), 3), now)
         .unwrap();
     let c = f.dev.conflicts().unwrap().remove(0);
     assert_eq!(c.options, vec!["discard"]);
@@ -179,7 +179,7 @@ fn an_edit_of_a_note_signed_on_the_relay_meanwhile_offers_discard_and_addendum_a
         };
         let now = f.time.now_ms();
         f.dev
-            .apply_feed(&[entry], PullCursor { seq: 4, snapshot: None }, now)
+            .apply_feed(&[entry], PullCursor::at(crate::testutil::space(), 4), now)
             .unwrap();
         let c = f.dev.conflicts().unwrap().remove(0);
         assert_eq!(c.options, vec!["discard", "addendum"]);

@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use fieldsync_relay::admin;
-use fieldsync_relay::store::Store;
-use fieldsync_relay::store::sqlite::{DB_FILE, SqliteStore};
+use fieldsync_relay::store::sqlite::{DB_FILE, SqliteBackend, SqliteDirectory};
+use fieldsync_relay::store::{Backend, Directory};
 use fieldsync_schema::outln;
 use fieldsync_schema::time_fmt::render_ms;
-use fieldsync_schema::{Role, SystemTimeSource, TimeSource, ids};
+use fieldsync_schema::{Role, SystemTimeSource, TimeSource};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -111,7 +111,9 @@ enum DeviceCommand {
     Revoke { device: Uuid },
 }
 
-pub(crate) fn open(data: &std::path::Path) -> anyhow::Result<SqliteStore> {
+/// The store of `data` and a handle on its directory. Never creates a store (a typo in the path
+/// must not make an empty relay) and never migrates one (a relay may be serving it).
+pub(crate) fn open(data: &std::path::Path) -> anyhow::Result<(SqliteBackend, SqliteDirectory)> {
     if !data.join(DB_FILE).exists() {
         bail!(
             "no relay database in {} (start the relay once with `fieldsync-relay serve --data {}`, or check the path)",
@@ -119,8 +121,11 @@ pub(crate) fn open(data: &std::path::Path) -> anyhow::Result<SqliteStore> {
             data.display()
         );
     }
-    let mut rng = crate::os_rng()?;
-    SqliteStore::open_dir(data, ids::new_uuid(&mut rng)).with_context(|| format!("cannot open {}", data.display()))
+    let backend = SqliteBackend::open_current(data).with_context(|| format!("cannot open {}", data.display()))?;
+    let directory = backend
+        .open_directory()
+        .with_context(|| format!("cannot open {}", data.display()))?;
+    Ok((backend, directory))
 }
 
 pub(crate) fn print(json: bool, value: serde_json::Value, text: String) -> std::io::Result<()> {
@@ -140,7 +145,7 @@ fn parse_role(role: &str) -> anyhow::Result<Role> {
 }
 
 pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
-    let mut store = open(&args.data)?;
+    let (backend, mut store) = open(&args.data)?;
     let now = SystemTimeSource.now_ms();
     let mut rng = crate::os_rng()?;
     let json = args.json;
@@ -151,7 +156,10 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
         }
         AdminCommand::Space(SpaceCommand::List) => {
             let spaces = store.spaces()?;
-            let lines = spaces.iter().map(|s| format!("{}  {}", s.space_id, s.name)).collect();
+            let lines = spaces
+                .iter()
+                .map(|s| format!("{}  {}  (shard {})", s.space_id, s.name, s.shard))
+                .collect();
             print(json, json!(spaces), lines_or(lines, "no spaces"))?;
         }
         AdminCommand::User(UserCommand::Add { name, space, role }) => {
@@ -218,18 +226,18 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
                 format!("device {device} revoked; its open connections close within a second"),
             )?;
         }
-        AdminCommand::Audit(cmd) => return admin_report::audit(&store, cmd, json),
-        AdminCommand::Conflicts(args) => admin_report::conflicts(&store, args, json)?,
-        AdminCommand::Stats => admin_report::stats(&store, &args.data, json)?,
+        AdminCommand::Audit(cmd) => return admin_report::audit(&backend, cmd, json),
+        AdminCommand::Conflicts(args) => admin_report::conflicts(&backend, args, json)?,
+        AdminCommand::Stats => admin_report::stats(&backend, json)?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn user_name(store: &SqliteStore, user_id: Uuid) -> anyhow::Result<String> {
+fn user_name(store: &SqliteDirectory, user_id: Uuid) -> anyhow::Result<String> {
     Ok(store.user(user_id)?.map(|u| u.name).unwrap_or_default())
 }
 
-fn token_list(store: &SqliteStore, now: u64, json: bool) -> anyhow::Result<()> {
+fn token_list(store: &SqliteDirectory, now: u64, json: bool) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut lines = Vec::new();
     for t in store.tokens()? {
@@ -261,7 +269,7 @@ fn token_list(store: &SqliteStore, now: u64, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn device_list(store: &SqliteStore, json: bool) -> anyhow::Result<()> {
+fn device_list(store: &SqliteDirectory, json: bool) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut lines = Vec::new();
     for d in store.devices()? {

@@ -1,14 +1,14 @@
 //! Read-only admin reports: `audit verify`, `audit export`, `conflicts`, `stats`.
 
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use fieldsync_relay::audit;
-use fieldsync_relay::store::Store;
-use fieldsync_relay::store::sqlite::{DB_FILE, SqliteStore};
+use fieldsync_relay::store::sqlite::SqliteBackend;
+use fieldsync_relay::store::{Backend, Directory, SpaceRow};
 use fieldsync_schema::time_fmt::{parse_date, parse_ms, render_ms};
 use serde_json::json;
 use uuid::Uuid;
@@ -17,12 +17,18 @@ use crate::admin_cmd::print;
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Recompute the hash chain; names the first bad record and exits non-zero if broken.
+    /// Recompute every space's hash chain; names the first bad record of each broken chain and
+    /// exits non-zero if any is broken.
     Verify,
-    /// Print audit records as JSON lines (one object per line, chain order).
+    /// Print audit records as JSON lines (one object per line): space by space, each in chain
+    /// order.
     Export {
-        /// Only records after this feed sequence number, or at/after this time
-        /// (RFC 3339 like 2026-11-22T09:30:00Z, or a date like 2026-11-22, UTC).
+        /// Only this space's records.
+        #[arg(long)]
+        space: Option<String>,
+        /// Only records after this feed sequence number of the space (needs --space: each
+        /// space numbers its own feed), or at/after this time (RFC 3339 like
+        /// 2026-11-22T09:30:00Z, or a date like 2026-11-22, UTC).
         #[arg(long, value_name = "SEQ_OR_TIME")]
         since: Option<String>,
     },
@@ -57,44 +63,83 @@ fn parse_since(s: &str) -> anyhow::Result<(Option<u64>, Option<u64>)> {
     bail!("--since `{s}` is neither a sequence number nor a time like 2026-11-22T09:30:00Z or 2026-11-22")
 }
 
-pub fn audit(store: &SqliteStore, cmd: AuditCommand, json: bool) -> anyhow::Result<ExitCode> {
+/// The spaces by id, for naming them in reports.
+fn space_names(backend: &SqliteBackend) -> anyhow::Result<BTreeMap<Uuid, SpaceRow>> {
+    Ok(backend
+        .open_directory()?
+        .spaces()?
+        .into_iter()
+        .map(|s| (s.space_id, s))
+        .collect())
+}
+
+pub fn audit(backend: &SqliteBackend, cmd: AuditCommand, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCommand::Verify => {
-            let report = audit::verify(store)?;
-            let text = match &report.first_bad {
-                None => format!("audit chain OK: {} records verified", report.records),
-                Some(bad) => format!(
-                    "audit chain BROKEN at record {} (mutation {}): {}",
+            let report = audit::verify(backend)?;
+            let names = space_names(backend)?;
+            let mut lines = Vec::new();
+            if report.ok() {
+                lines.push(format!(
+                    "audit chains OK: {} records verified in {} spaces",
+                    report.records,
+                    report.spaces.len()
+                ));
+            }
+            for (space, bad) in report.bad() {
+                let name = names.get(&space).map_or("round-1 global chain", |s| s.name.as_str());
+                lines.push(format!(
+                    "audit chain BROKEN in {name} ({space}) at record {} (mutation {}): {}",
                     bad.audit_id, bad.mutation_id, bad.reason
-                ),
-            };
-            print(json, json!(report), text)?;
+                ));
+            }
+            if let Some(old) = report.round_one.as_ref().filter(|c| c.first_bad.is_none()) {
+                lines.push(format!(
+                    "round-1 global chain kept from before the migration: {} records verified",
+                    old.records
+                ));
+            }
+            print(json, json!(report), lines.join("\n"))?;
             Ok(if report.ok() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
         }
-        AuditCommand::Export { since } => {
+        AuditCommand::Export { space, since } => {
             let (after_seq, since_ms) = match since.as_deref() {
                 Some(s) => parse_since(s)?,
                 None => (None, None),
             };
+            let spaces: Vec<SpaceRow> = match &space {
+                Some(name) => match backend.open_directory()?.space_by_name(name)? {
+                    Some(s) => vec![s],
+                    None => bail!("no space named `{name}` (see `admin space list`)"),
+                },
+                None => space_names(backend)?.into_values().collect(),
+            };
+            if after_seq.is_some() && space.is_none() {
+                bail!("--since with a sequence number needs --space: every space numbers its own feed");
+            }
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let mut after_id = 0;
             let mut n = 0u64;
-            loop {
-                let page = store.audit_page(after_id, after_seq, since_ms, 1000)?;
-                let Some(last) = page.last() else { break };
-                after_id = last.audit_id;
-                for row in &page {
-                    let mut value = serde_json::to_value(row)?;
-                    if let Some(obj) = value.as_object_mut() {
-                        obj.insert("server_ts".into(), json!(render_ms(row.server_ts_ms)));
+            for s in spaces {
+                let shard = backend.open_shard(s.shard)?;
+                let mut after_id = 0;
+                loop {
+                    let page = shard.audit_page(after_id, Some(s.space_id), after_seq, since_ms, 1000)?;
+                    let Some(last) = page.last() else { break };
+                    after_id = last.audit_id;
+                    for row in &page {
+                        let mut value = serde_json::to_value(row)?;
+                        if let Some(obj) = value.as_object_mut() {
+                            obj.insert("server_ts".into(), json!(render_ms(row.server_ts_ms)));
+                            obj.insert("space".into(), json!(s.name));
+                        }
+                        writeln!(out, "{value}")?;
+                        n += 1;
                     }
-                    writeln!(out, "{value}")?;
-                    n += 1;
                 }
             }
             out.flush()?;
@@ -104,8 +149,18 @@ pub fn audit(store: &SqliteStore, cmd: AuditCommand, json: bool) -> anyhow::Resu
     }
 }
 
-pub fn conflicts(store: &SqliteStore, args: ConflictArgs, json: bool) -> anyhow::Result<()> {
-    let rows = store.archive_query(args.entity, args.kind.as_deref(), args.limit)?;
+pub fn conflicts(backend: &SqliteBackend, args: ConflictArgs, json: bool) -> anyhow::Result<()> {
+    // Each shard's newest `limit`, merged newest first.
+    let mut rows = Vec::new();
+    for n in 0..backend.shard_count() {
+        rows.extend(
+            backend
+                .open_shard(n)?
+                .archive_query(args.entity, args.kind.as_deref(), args.limit)?,
+        );
+    }
+    rows.sort_by_key(|r| std::cmp::Reverse((r.created_ms, r.archive_id)));
+    rows.truncate(args.limit);
     let lines: Vec<String> = rows
         .iter()
         .map(|r| {
@@ -135,18 +190,22 @@ pub fn conflicts(store: &SqliteStore, args: ConflictArgs, json: bool) -> anyhow:
     Ok(())
 }
 
-fn file_size(path: &Path) -> u64 {
+fn file_size(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-pub fn stats(store: &SqliteStore, data: &Path, json: bool) -> anyhow::Result<()> {
-    let c = store.counts()?;
-    let db_bytes = file_size(&data.join(DB_FILE));
-    let wal_bytes = file_size(&data.join(format!("{DB_FILE}-wal")));
+pub fn stats(backend: &SqliteBackend, json: bool) -> anyhow::Result<()> {
+    let c = backend.counts()?;
+    let files = backend.files();
+    let db_bytes: u64 = files.iter().map(|f| file_size(f)).sum();
+    let wal_bytes: u64 = files
+        .iter()
+        .map(|f| file_size(&f.with_file_name(format!("{}-wal", f.file_name().unwrap_or_default().to_string_lossy()))))
+        .sum();
     let text = format!(
         "relay {}\nspaces {}  users {}  devices {}\ndocuments {}  applied mutations {}  receipts {}\n\
-         audit records {}  archived losers {}\ndatabase {} bytes (+ {} bytes WAL)",
-        store.relay_id(),
+         audit records {}  archived losers {}\nstore {} bytes in {} files (+ {} bytes WAL)",
+        backend.relay_id(),
         c.spaces,
         c.users,
         c.devices,
@@ -156,13 +215,15 @@ pub fn stats(store: &SqliteStore, data: &Path, json: bool) -> anyhow::Result<()>
         c.audit,
         c.archive,
         db_bytes,
+        files.len(),
         wal_bytes
     );
     print(
         json,
         json!({
-            "relay_id": store.relay_id(),
+            "relay_id": backend.relay_id(),
             "counts": c,
+            "shards": backend.shard_count(),
             "database_bytes": db_bytes,
             "wal_bytes": wal_bytes,
         }),

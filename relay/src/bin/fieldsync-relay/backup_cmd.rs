@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::Args;
 use fieldsync_relay::backup;
-use fieldsync_relay::store::sqlite::DB_FILE;
 use fieldsync_schema::outln;
 use fieldsync_schema::{SystemTimeSource, TimeSource};
 use serde_json::json;
@@ -15,10 +14,10 @@ pub struct BackupArgs {
     /// The relay's data directory.
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
-    /// The backup file to write.
-    #[arg(long, value_name = "FILE")]
+    /// The backup directory to write (it gets `relay.db` and `shards/`).
+    #[arg(long, value_name = "DIR")]
     to: PathBuf,
-    /// Replace FILE if it exists.
+    /// Replace DIR if it exists.
     #[arg(long)]
     force: bool,
     /// Also run a restore drill on the new backup (non-zero exit if it fails).
@@ -30,8 +29,8 @@ pub struct BackupArgs {
 
 #[derive(Args)]
 pub struct DrillArgs {
-    /// The backup file to check (never modified).
-    #[arg(long, value_name = "FILE")]
+    /// The backup to check: a backup directory, or a round-1 backup file (never modified).
+    #[arg(long, value_name = "PATH")]
     from: PathBuf,
     #[arg(long)]
     json: bool,
@@ -39,10 +38,10 @@ pub struct DrillArgs {
 
 #[derive(Args)]
 pub struct RestoreArgs {
-    /// The backup file to restore.
-    #[arg(long, value_name = "FILE")]
+    /// The backup to restore: a backup directory, or a round-1 backup file.
+    #[arg(long, value_name = "PATH")]
     from: PathBuf,
-    /// The data directory that gets the restored database.
+    /// The data directory that gets the restored store.
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
     /// Replace an existing database (it is moved aside, not deleted).
@@ -53,16 +52,16 @@ pub struct RestoreArgs {
 }
 
 pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
-    let db = args.data.join(DB_FILE);
-    let info = backup::backup_database(&db, &args.to, args.force)?;
+    let info = backup::backup_store(&args.data, &args.to, args.force)?;
     let drill = args.verify.then(|| backup::restore_drill(&args.to));
     if args.json {
         outln!("{}", json!({ "backup": info, "drill": drill }))?;
     } else {
         outln!(
-            "backup written: {} ({} bytes in {} ms)",
+            "backup written: {} ({} bytes in {} files, {} ms)",
             info.file.display(),
             info.bytes,
+            info.files,
             info.duration_ms
         )?;
         if let Some(d) = &drill {
@@ -96,7 +95,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     } else {
         outln!("{}", report.drill.verdict())?;
         for old in &report.replaced {
-            outln!("the previous file was kept as {}", old.display())?;
+            outln!("the previous store's {} was kept", old.display())?;
         }
         outln!(
             "restored {} into {}; start the relay with `fieldsync-relay serve --data {}`",

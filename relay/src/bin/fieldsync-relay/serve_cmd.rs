@@ -46,6 +46,15 @@ pub struct ServeArgs {
     /// Log filter (tracing EnvFilter syntax, e.g. `info,fieldsync_relay=debug`); RUST_LOG wins.
     #[arg(long, value_name = "FILTER")]
     log_filter: Option<String>,
+    /// Threads applying mutations; each takes a share of the shards [default: the cores].
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Shard files of a data directory created now (fixed for its life) [default: 4].
+    #[arg(long, value_name = "N")]
+    shards: Option<u32>,
+    /// Documents each worker keeps parsed in memory [default: 4096].
+    #[arg(long, value_name = "N")]
+    doc_cache: Option<usize>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -64,6 +73,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         backup_keep: args.backup_keep,
         log_format: args.log_format,
         log_filter: args.log_filter,
+        workers: args.workers,
+        shards: args.shards,
+        doc_cache: args.doc_cache,
     };
     let config = file.overridden_by(flags).resolve()?;
     crate::init_logging(config.log_format, config.log_filter.as_deref());
@@ -79,6 +91,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let mut opts = ServeOptions::new(config.data.clone(), config.listen, schema.clone());
         opts.tls = config.tls.clone();
         opts.backup = config.backup.clone();
+        opts.workers = config.workers;
+        opts.shards = config.shards;
+        opts.config.doc_cache_capacity = config.doc_cache;
         let server = Server::bind(opts, Box::new(rng), new_relay_id).await?;
         eprintln!(
             "fieldsync relay {} listening on {}://{}/v1/sync (data: {}, schema {}{})",

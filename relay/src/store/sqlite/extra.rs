@@ -1,13 +1,16 @@
-//! Operator queries on the SQLite store that the relay core never needs: filtered audit pages
-//! for export, the conflict archive by entity or kind, and the consistency checks of a
-//! restore drill. Read-only; outside the [`Store`](crate::store::Store) trait on purpose.
+//! Operator queries on a SQLite store that the relay core never needs: filtered audit pages for
+//! export, the conflict archive by entity or kind, counts over every file, and the consistency
+//! checks of a restore drill. Read-only; outside the [`SpaceStore`](crate::store::SpaceStore) trait on purpose.
 
 use rusqlite::{params, params_from_iter};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{AUDIT_COLS, SqliteStore, archive_row, audit_row, i};
-use crate::store::{ArchiveRow, AuditRow, StoreResult};
+use std::collections::BTreeMap;
+
+use super::columns::{AUDIT_COLS, archive_row, audit_row, i};
+use super::{SqliteBackend, SqliteShard};
+use crate::store::{ArchiveRow, AuditRow, Backend, Counts, Directory, ShardCounts, SpaceStore, StoreResult};
 
 /// Cross-table checks that must hold in every relay database (SPEC §10, §11 invariants 4, 10).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -20,6 +23,22 @@ pub struct Consistency {
     pub feed_without_receipt: u64,
     /// Sum of document versions minus feed rows: each applied mutation adds exactly one of each.
     pub version_drift: i64,
+    /// Spaces whose feed is not 1, 2, ..., n, or whose head disagrees with it.
+    pub broken_sequences: u64,
+    /// Spaces whose data sits in a shard the directory does not assign them to (their data
+    /// would be invisible to the relay).
+    pub misplaced_spaces: u64,
+}
+
+impl std::ops::AddAssign for Consistency {
+    fn add_assign(&mut self, o: Consistency) {
+        self.feed_without_audit += o.feed_without_audit;
+        self.audit_without_feed += o.audit_without_feed;
+        self.feed_without_receipt += o.feed_without_receipt;
+        self.version_drift += o.version_drift;
+        self.broken_sequences += o.broken_sequences;
+        self.misplaced_spaces += o.misplaced_spaces;
+    }
 }
 
 impl Consistency {
@@ -49,27 +68,75 @@ impl Consistency {
                 self.version_drift
             ));
         }
+        if self.broken_sequences > 0 {
+            p.push(format!(
+                "{} space feed(s) not numbered 1, 2, ... up to their head",
+                self.broken_sequences
+            ));
+        }
+        if self.misplaced_spaces > 0 {
+            p.push(format!(
+                "{} space(s) hold data in a shard the directory does not assign them to",
+                self.misplaced_spaces
+            ));
+        }
         p
     }
 }
 
-impl SqliteStore {
-    /// Audit records in chain order with `audit_id > after_id`, optionally only those after
-    /// feed seq `after_seq` and at or after `since_ms` (server time).
+impl SqliteBackend {
+    /// Everything the store holds, counted over the directory and every shard.
+    pub fn counts(&self) -> StoreResult<Counts> {
+        let directory = self.open_directory()?.counts()?;
+        let mut shards = ShardCounts::default();
+        for n in 0..self.shard_count() {
+            shards += self.open_shard(n)?.counts()?;
+        }
+        Ok(Counts::of(directory, shards))
+    }
+
+    /// The cross-table checks of every shard, and that each shard holds only spaces the
+    /// directory assigns to it.
+    pub fn consistency(&self) -> StoreResult<Consistency> {
+        let assigned: BTreeMap<Uuid, u32> = self
+            .open_directory()?
+            .spaces()?
+            .into_iter()
+            .map(|s| (s.space_id, s.shard))
+            .collect();
+        let mut total = Consistency::default();
+        for n in 0..self.shard_count() {
+            let shard = self.open_shard(n)?;
+            total += shard.consistency()?;
+            total.misplaced_spaces += shard
+                .spaces_held()?
+                .into_iter()
+                .filter(|space| assigned.get(space) != Some(&n))
+                .count() as u64;
+        }
+        Ok(total)
+    }
+}
+
+impl SqliteShard {
+    /// Audit records of this shard with `audit_id > after_id`, in write order, optionally of
+    /// one space only, after its feed seq `after_seq`, and at or after `since_ms` (server time).
     pub fn audit_page(
         &self,
         after_id: u64,
+        space: Option<Uuid>,
         after_seq: Option<u64>,
         since_ms: Option<u64>,
         limit: usize,
     ) -> StoreResult<Vec<AuditRow>> {
         let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {AUDIT_COLS} FROM audit WHERE audit_id > ?1 AND seq > ?2 AND server_ts_ms >= ?3
-             ORDER BY audit_id LIMIT ?4"
+            "SELECT {AUDIT_COLS} FROM audit WHERE audit_id > ?1 AND (?2 IS NULL OR space_id = ?2) AND seq > ?3
+             AND server_ts_ms >= ?4 ORDER BY audit_id LIMIT ?5"
         ))?;
         let rows = st.query_map(
             params![
                 i(after_id),
+                space.map(|s| s.as_bytes().to_vec()),
                 i(after_seq.unwrap_or(0)),
                 i(since_ms.unwrap_or(0)),
                 limit as i64
@@ -120,11 +187,13 @@ impl SqliteStore {
         let count = |sql: &str| -> StoreResult<i64> { Ok(self.conn.query_row(sql, [], |r| r.get(0))?) };
         Ok(Consistency {
             feed_without_audit: count(
-                "SELECT COUNT(*) FROM feed f LEFT JOIN audit a ON a.seq = f.seq AND a.mutation_id = f.mutation_id
+                "SELECT COUNT(*) FROM feed f LEFT JOIN audit a
+                 ON a.space_id = f.space_id AND a.seq = f.seq AND a.mutation_id = f.mutation_id
                  WHERE a.audit_id IS NULL",
             )? as u64,
             audit_without_feed: count(
-                "SELECT COUNT(*) FROM audit a LEFT JOIN feed f ON f.seq = a.seq WHERE f.seq IS NULL",
+                "SELECT COUNT(*) FROM audit a LEFT JOIN feed f ON f.space_id = a.space_id AND f.seq = a.seq
+                 WHERE f.seq IS NULL",
             )? as u64,
             feed_without_receipt: count(
                 "SELECT COUNT(*) FROM feed f LEFT JOIN receipts r ON r.mutation_id = f.mutation_id
@@ -132,6 +201,13 @@ impl SqliteStore {
             )? as u64,
             version_drift: count("SELECT COALESCE(SUM(version), 0) FROM documents")?
                 - count("SELECT COUNT(*) FROM feed")?,
+            broken_sequences: count(
+                "SELECT COUNT(*) FROM (SELECT f.space_id, COUNT(*) AS n, MAX(f.seq) AS top FROM feed f
+                 GROUP BY f.space_id) s LEFT JOIN space_heads h ON h.space_id = s.space_id
+                 WHERE s.n != s.top OR h.seq IS NULL OR h.seq != s.top",
+            )? as u64,
+            // Needs the directory: counted by `SqliteBackend::consistency`.
+            misplaced_spaces: 0,
         })
     }
 

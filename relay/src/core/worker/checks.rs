@@ -8,11 +8,12 @@ use std::collections::BTreeSet;
 use automerge::ObjType;
 use fieldsync_schema::document::{META_DELETED, META_SIGNATURE, META_TYPE, NoteSignature, RootOps, content_hash};
 use fieldsync_schema::signing::{self, note_signature_bytes};
-use fieldsync_schema::{EntityType, FieldError, FieldKind, Mutation, MutationKind, Policy, Rule};
+use fieldsync_schema::{EntityType, FieldError, FieldKind, Mutation, MutationKind, Outcome, Policy, Rule};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::store::{Store, StoreResult};
+use super::Sender;
+use crate::store::{SpaceStore, StoreResult};
 
 fn err(field: &str, rule: Rule, message: impl Into<String>) -> FieldError {
     FieldError::new(field, rule, message)
@@ -20,6 +21,28 @@ fn err(field: &str, rule: Rule, message: impl Into<String>) -> FieldError {
 
 /// What the changes may touch at the document root, given the kind and the type.
 /// `before` is the document's fields before the mutation (empty for a create).
+/// SPEC §10's first two checks: the envelope is the authenticated device's own, and its
+/// signature verifies with the session's key (a check made off the core counts only if made
+/// with the current key). A refusal here writes no receipt: the sender has not proven the
+/// mutation is theirs.
+pub(crate) fn sender_refusal(sender: &Sender, m: &Mutation, prechecked: Option<([u8; 32], bool)>) -> Option<Outcome> {
+    let refuse = |reason: &str| Some(Outcome::Forbidden { reason: reason.into() });
+    if m.device_id != sender.device_id || m.user_id != sender.user_id {
+        return refuse("the envelope's device or user does not match the authenticated connection");
+    }
+    if m.client_timestamp.device != m.device_id {
+        return refuse("the HLC timestamp names another device");
+    }
+    let signature_ok = match prechecked {
+        Some((key, ok)) if key == sender.verifier.public_key() => ok,
+        _ => sender.verifier.verify_mutation(m).is_ok(),
+    };
+    if !signature_ok {
+        return refuse("the mutation signature does not verify with the device's key");
+    }
+    None
+}
+
 pub(crate) fn structural_errors(
     ty: &EntityType,
     kind: MutationKind,
@@ -127,7 +150,7 @@ pub(crate) fn structural_errors(
 /// Every `ref` field must name an existing entity of the target type in the same space; a
 /// reference the mutation sets or changes must not point at a deleted entity.
 pub(crate) fn ref_errors(
-    store: &dyn Store,
+    store: &dyn SpaceStore,
     ty: &EntityType,
     space_id: Uuid,
     before: &Map<String, Value>,
@@ -155,7 +178,7 @@ pub(crate) fn ref_errors(
 /// A signature must be the sender's, over the content the relay holds, by a key that verifies.
 pub(crate) fn signature_errors(
     m: &Mutation,
-    public_key: &[u8],
+    verifier: &signing::Verifier,
     signature: Option<NoteSignature>,
     fields: &Map<String, Value>,
 ) -> Vec<FieldError> {
@@ -190,7 +213,7 @@ pub(crate) fn signature_errors(
     );
     let valid = hex::decode(&sig.signature)
         .ok()
-        .is_some_and(|s| signing::verify(public_key, &bytes, &s).is_ok());
+        .is_some_and(|s| verifier.verify(&bytes, &s).is_ok());
     if valid {
         Vec::new()
     } else {

@@ -1,55 +1,27 @@
--- fieldsync relay store, SQLite. Applied on every open; every statement is idempotent.
+-- fieldsync relay shard (SQLite, `DIR/shards/shard-N.db`): the data of the spaces assigned to
+-- this shard. Each space is its own ordering domain: a dense feed sequence, a hash-chained
+-- audit log, both advanced in the transaction that writes the mutation (`space_heads`). Applied
+-- on every open; every statement is idempotent.
 
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
 
-CREATE TABLE IF NOT EXISTS spaces (
+-- Where each space's feed and audit chain stand.
+CREATE TABLE IF NOT EXISTS space_heads (
     space_id   BLOB PRIMARY KEY,
-    name       TEXT NOT NULL UNIQUE,
-    created_ms INTEGER NOT NULL
-);
-
-CREATE TABLE IF NOT EXISTS users (
-    user_id    BLOB PRIMARY KEY,
-    name       TEXT NOT NULL UNIQUE,
-    created_ms INTEGER NOT NULL
-);
-
-CREATE TABLE IF NOT EXISTS memberships (
-    user_id  BLOB NOT NULL REFERENCES users(user_id),
-    space_id BLOB NOT NULL REFERENCES spaces(space_id),
-    role     TEXT NOT NULL,
-    PRIMARY KEY (user_id, space_id)
-);
-
--- Enrollment tokens are stored by hash: a copy of the database does not enroll devices.
-CREATE TABLE IF NOT EXISTS tokens (
-    token_hash BLOB PRIMARY KEY,
-    user_id    BLOB NOT NULL REFERENCES users(user_id),
-    created_ms INTEGER NOT NULL,
-    expires_ms INTEGER NOT NULL,
-    used_ms    INTEGER,
-    used_by    BLOB
-);
-
-CREATE TABLE IF NOT EXISTS devices (
-    device_id    BLOB PRIMARY KEY,
-    user_id      BLOB NOT NULL REFERENCES users(user_id),
-    public_key   BLOB NOT NULL,
-    enrolled_ms  INTEGER NOT NULL,
-    revoked_ms   INTEGER,
-    last_seen_ms INTEGER
-);
-CREATE INDEX IF NOT EXISTS devices_revoked ON devices(revoked_ms) WHERE revoked_ms IS NOT NULL;
+    seq        INTEGER NOT NULL,
+    audit_seq  INTEGER NOT NULL,
+    audit_hash TEXT NOT NULL
+) WITHOUT ROWID;
 
 -- One row per entity. The Automerge document is `snapshot` followed by the changes of every
 -- feed row of this document with seq > snapshot_seq.
 CREATE TABLE IF NOT EXISTS documents (
     doc_key      INTEGER PRIMARY KEY AUTOINCREMENT,
     entity_id    BLOB NOT NULL UNIQUE,
-    space_id     BLOB NOT NULL REFERENCES spaces(space_id),
+    space_id     BLOB NOT NULL,
     entity_type  TEXT NOT NULL,
     version      INTEGER NOT NULL,
     last_seq     INTEGER NOT NULL,
@@ -64,11 +36,13 @@ CREATE TABLE IF NOT EXISTS documents (
 );
 CREATE INDEX IF NOT EXISTS documents_space ON documents(space_id, doc_key);
 
--- The change feed: one row per applied mutation, seq strictly increasing, never reused.
+-- The change feed of each space: one row per applied mutation, seq dense per space (1, 2, ...),
+-- never reused. `legacy_seq`: the global sequence number a row had before the per-space layout
+-- (rows migrated from a round-1 relay), so old device cursors carry over.
 CREATE TABLE IF NOT EXISTS feed (
-    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
-    doc_key       INTEGER NOT NULL REFERENCES documents(doc_key),
     space_id      BLOB NOT NULL,
+    seq           INTEGER NOT NULL,
+    doc_key       INTEGER NOT NULL REFERENCES documents(doc_key),
     entity_type   TEXT NOT NULL,
     entity_id     BLOB NOT NULL,
     version       INTEGER NOT NULL,
@@ -77,13 +51,15 @@ CREATE TABLE IF NOT EXISTS feed (
     mutation_id   BLOB NOT NULL,
     hlc           TEXT NOT NULL,
     changes       BLOB NOT NULL,
-    lww_losses    BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS feed_space ON feed(space_id, seq);
+    lww_losses    BLOB NOT NULL,
+    legacy_seq    INTEGER,
+    PRIMARY KEY (space_id, seq)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS feed_doc ON feed(doc_key, seq);
+CREATE INDEX IF NOT EXISTS feed_legacy ON feed(space_id, legacy_seq) WHERE legacy_seq IS NOT NULL;
 
--- The stored answer for every mutation id the relay decided on (idempotent retries), bound to
--- the envelope it answered: envelope_hash is SHA-256 of the envelope's signing bytes.
+-- The stored answer for every mutation id decided in this shard (idempotent retries), bound
+-- to the envelope it answered: envelope_hash is SHA-256 of the envelope's signing bytes.
 CREATE TABLE IF NOT EXISTS receipts (
     mutation_id   BLOB PRIMARY KEY,
     device_id     BLOB NOT NULL,
@@ -94,14 +70,16 @@ CREATE TABLE IF NOT EXISTS receipts (
     envelope_hash BLOB
 ) WITHOUT ROWID;
 
--- Hash-chained audit log: hash = SHA-256(prev_hash || record). Never updated or deleted.
+-- One hash chain per space: hash = SHA-256(prev_hash || record); audit_seq is dense per space.
+-- Never updated or deleted.
 CREATE TABLE IF NOT EXISTS audit (
     audit_id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    space_id     BLOB NOT NULL,
+    audit_seq    INTEGER NOT NULL,
     seq          INTEGER NOT NULL,
     mutation_id  BLOB NOT NULL,
     actor_id     BLOB NOT NULL,
     device_id    BLOB NOT NULL,
-    space_id     BLOB NOT NULL,
     entity_type  TEXT NOT NULL,
     entity_id    BLOB NOT NULL,
     kind         TEXT NOT NULL,
@@ -111,7 +89,8 @@ CREATE TABLE IF NOT EXISTS audit (
     client_ts    TEXT NOT NULL,
     server_ts_ms INTEGER NOT NULL,
     prev_hash    TEXT NOT NULL,
-    hash         TEXT NOT NULL
+    hash         TEXT NOT NULL,
+    UNIQUE (space_id, audit_seq)
 );
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN

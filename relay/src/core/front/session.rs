@@ -9,8 +9,9 @@ use fieldsync_schema::{Bytes, RelayMessage, SchemaHash, ids};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::{CloseReason, ConnId, ConnState, Group, Output, RelayCore, Session};
-use crate::store::{MembershipRow, Store, StoreError, UserRow};
+use super::{ConnState, Front, Session, Turn};
+use crate::core::{CloseReason, ConnId, Output};
+use crate::store::{Directory, MembershipRow, SpaceStore, StoreError, UserRow};
 
 pub(crate) struct EnrollRequest<'a> {
     pub protocol_version: u16,
@@ -22,7 +23,7 @@ pub(crate) struct EnrollRequest<'a> {
 }
 
 /// What a device is told about its user: name and the spaces it may see, with its roles.
-fn user_info(user: &UserRow, memberships: Vec<MembershipRow>) -> UserInfo {
+pub(super) fn user_info(user: &UserRow, memberships: Vec<MembershipRow>) -> UserInfo {
     UserInfo {
         user_id: user.user_id,
         name: user.name.clone(),
@@ -42,7 +43,7 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.trim().as_bytes()).into()
 }
 
-impl<S: Store> RelayCore<S> {
+impl<D: Directory, R: SpaceStore> Front<D, R> {
     fn auth_failed(&mut self, conn: ConnId, reason: AuthFailure, message: String, out: &mut Vec<Output>) {
         *self.stats.auth_failures.entry(reason.as_str().to_string()).or_insert(0) += 1;
         tracing::info!(conn, reason = reason.as_str(), %message, "authentication failed");
@@ -98,7 +99,7 @@ impl<S: Store> RelayCore<S> {
         if !self.check_versions(conn, protocol_version, schema_hash, out) {
             return Ok(());
         }
-        match self.store.device(device_id)? {
+        match self.directory.device(device_id)? {
             None => {
                 self.auth_failed(
                     conn,
@@ -164,7 +165,7 @@ impl<S: Store> RelayCore<S> {
             return Ok(());
         }
         // Re-read the device: it may have been revoked since the challenge was issued.
-        let Some(device) = self.store.device(device_id)? else {
+        let Some(device) = self.directory.device(device_id)? else {
             self.auth_failed(
                 conn,
                 AuthFailure::UnknownDevice,
@@ -207,13 +208,13 @@ impl<S: Store> RelayCore<S> {
             );
             return Ok(());
         }
-        let Some(user) = self.store.user(device.user_id)? else {
+        let Some(user) = self.directory.user(device.user_id)? else {
             return Err(StoreError::Corrupt(format!(
                 "device {device_id} belongs to a missing user"
             )));
         };
-        let memberships = self.store.memberships(user.user_id)?;
-        self.store.touch_device(device_id, now_ms)?;
+        let memberships = self.directory.memberships(user.user_id)?;
+        self.directory.touch_device(device_id, now_ms)?;
         let spaces: BTreeMap<Uuid, fieldsync_schema::Role> = memberships.iter().map(|m| (m.space_id, m.role)).collect();
         let info = user_info(&user, memberships);
         tracing::info!(conn, device_id = %device_id, user_id = %user.user_id, "device authenticated");
@@ -225,7 +226,7 @@ impl<S: Store> RelayCore<S> {
                 public_key: public_key.to_vec(),
                 verifier,
                 spaces,
-                live_cursor: None,
+                live: None,
                 tokens: self.config.rate_burst,
                 tokens_at_ms: now_ms,
             })),
@@ -247,7 +248,7 @@ impl<S: Store> RelayCore<S> {
         conn: ConnId,
         req: EnrollRequest<'_>,
         now_ms: u64,
-        group: &mut Group,
+        turn: &mut Turn,
         out: &mut Vec<Output>,
     ) -> Result<(), StoreError> {
         if !matches!(self.conns.get(&conn), Some(ConnState::Fresh)) {
@@ -258,7 +259,7 @@ impl<S: Store> RelayCore<S> {
             return Ok(());
         }
         let hash = token_hash(req.token);
-        let Some(token) = self.store.token(&hash)? else {
+        let Some(token) = self.directory.token(&hash)? else {
             self.auth_failed(conn, AuthFailure::InvalidToken, "unknown enrollment token".into(), out);
             return Ok(());
         };
@@ -306,7 +307,7 @@ impl<S: Store> RelayCore<S> {
             );
             return Ok(());
         }
-        if self.store.device(req.device_id)?.is_some() {
+        if self.directory.device(req.device_id)?.is_some() {
             self.auth_failed(
                 conn,
                 AuthFailure::AlreadyEnrolled,
@@ -315,23 +316,23 @@ impl<S: Store> RelayCore<S> {
             );
             return Ok(());
         }
-        let Some(user) = self.store.user(token.user_id)? else {
+        let Some(user) = self.directory.user(token.user_id)? else {
             return Err(StoreError::Corrupt("enrollment token for a missing user".into()));
         };
-        self.store
+        self.directory
             .register_device(req.device_id, user.user_id, &public_key, now_ms)?;
-        self.store.use_token(&hash, req.device_id, now_ms)?;
-        let memberships = self.store.memberships(user.user_id)?;
+        self.directory.use_token(&hash, req.device_id, now_ms)?;
+        let memberships = self.directory.memberships(user.user_id)?;
         self.stats.enrollments += 1;
         tracing::info!(conn, device_id = %req.device_id, user_id = %user.user_id, "device enrolled");
-        group.replies.push((
+        turn.replies.push((
             conn,
             RelayMessage::Enrolled {
                 relay_id: self.relay_id,
                 user: user_info(&user, memberships),
             },
         ));
-        group.closes.push((conn, CloseReason::normal("enrolled")));
+        turn.closes.push((conn, CloseReason::normal("enrolled")));
         Ok(())
     }
 
@@ -340,7 +341,7 @@ impl<S: Store> RelayCore<S> {
         conn: ConnId,
         new_key: &[u8],
         signature: &[u8],
-        group: &mut Group,
+        turn: &mut Turn,
         out: &mut Vec<Output>,
     ) -> Result<(), StoreError> {
         let Some(ConnState::Ready(session)) = self.conns.get(&conn) else {
@@ -371,7 +372,7 @@ impl<S: Store> RelayCore<S> {
             );
             return Ok(());
         }
-        self.store.set_device_key(device_id, &new)?;
+        self.directory.set_device_key(device_id, &new)?;
         if let Some(ConnState::Ready(s)) = self.conns.get_mut(&conn) {
             s.public_key = new.to_vec();
             s.verifier = verifier;
@@ -395,7 +396,7 @@ impl<S: Store> RelayCore<S> {
             );
         }
         tracing::info!(conn, device_id = %device_id, "device key rotated");
-        group.replies.push((conn, RelayMessage::KeyRotated));
+        turn.replies.push((conn, RelayMessage::KeyRotated));
         Ok(())
     }
 }

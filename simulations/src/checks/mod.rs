@@ -1,18 +1,20 @@
 //! The invariants of SPEC §11, checked against the relay's files and the devices' databases:
 //! at checkpoints during the run (safety) and after healing and draining (liveness too).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use automerge::ChangeHash;
 use fieldsync_peer::OutboxState;
-use fieldsync_relay::store::Store;
-use fieldsync_schema::document::{RootOps, device_actor, parse_change};
-use fieldsync_schema::{Bytes, EntityDoc, Hlc, Outcome, Policy};
+use fieldsync_relay::store::SpaceStore;
+use fieldsync_schema::document::device_actor;
+use fieldsync_schema::{EntityDoc, Outcome};
 use rusqlite::Connection;
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::world::World;
+
+mod lww;
 
 /// One relay document as the checks see it.
 pub struct RelayDoc {
@@ -27,8 +29,12 @@ fn uuid_of(bytes: Vec<u8>) -> Uuid {
 }
 
 impl World {
-    fn relay_conn(&self) -> Option<&Connection> {
-        self.relay.core().map(|c| c.store().connection())
+    /// A connection to each of the relay's shard files (empty while the relay is down).
+    fn relay_conns(&self) -> Vec<&Connection> {
+        if self.relay.core().is_none() {
+            return Vec::new();
+        }
+        self.relay.readers.iter().map(|r| r.connection()).collect()
     }
 
     fn fail(&mut self, invariant: &str, detail: String, entity: Option<Uuid>) {
@@ -51,10 +57,10 @@ impl World {
     fn check_durability(&mut self) {
         let applied: Vec<(Uuid, (u64, u64))> = self.oracle.applied.iter().map(|(k, v)| (*k, *v)).collect();
         let mut failures = Vec::new();
-        if let Some(core) = self.relay.core() {
+        if self.relay.core().is_some() {
             for (mid, (version, seq)) in applied {
                 self.stats.invariant_checks += 1;
-                let stored = core.store().receipt(mid).ok().flatten();
+                let stored = self.relay.readers.iter().find_map(|r| r.receipt(mid).ok().flatten());
                 let outcome: Option<Outcome> = stored.and_then(|r| ciborium::from_reader(r.outcome.as_slice()).ok());
                 match outcome {
                     Some(o) if o.applied() == Some((version, seq)) => {}
@@ -85,59 +91,86 @@ impl World {
 
     fn feed_and_audit_problems(&self) -> Vec<(String, String, Option<Uuid>)> {
         let mut problems: Vec<(String, String, Option<Uuid>)> = Vec::new();
-        let Some(conn) = self.relay_conn() else { return problems };
-        let dup = conn.query_row(
-            "SELECT mutation_id, COUNT(*) FROM audit GROUP BY mutation_id HAVING COUNT(*) > 1 LIMIT 1",
-            [],
-            |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)),
-        );
-        if let Ok((m, n)) = dup {
-            problems.push((
-                "at_most_once".into(),
-                format!("mutation {} has {n} audit records", uuid_of(m)),
-                None,
-            ));
+        let conns = self.relay_conns();
+        if conns.is_empty() {
+            return problems;
         }
-        let shape = conn.prepare(
-            "SELECT d.entity_id, d.version, COUNT(f.seq), MIN(f.version), MAX(f.version)
-             FROM documents d LEFT JOIN feed f ON f.doc_key = d.doc_key GROUP BY d.doc_key",
-        );
-        if let Ok(mut st) = shape {
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
-                ))
-            });
-            if let Ok(rows) = rows {
-                for (id, version, count, min, max) in rows.flatten() {
-                    let ok = version == count && (count == 0 || (min == Some(1) && max == Some(version)));
-                    if !ok {
-                        problems.push((
-                            "at_most_once".into(),
-                            format!("versions are not 1..={version}: {count} feed rows, min {min:?}, max {max:?}"),
-                            Some(uuid_of(id)),
-                        ));
-                    }
+        // One audit record per mutation id, across every shard.
+        let mut audited: BTreeMap<Uuid, u64> = BTreeMap::new();
+        for conn in &conns {
+            if let Ok(mut st) = conn.prepare("SELECT mutation_id FROM audit") {
+                let ids: Vec<Uuid> = st
+                    .query_map([], |r| r.get::<_, Vec<u8>>(0))
+                    .map(|rows| rows.flatten().map(uuid_of).collect())
+                    .unwrap_or_default();
+                for id in ids {
+                    *audited.entry(id).or_insert(0) += 1;
                 }
             }
         }
-        let counts: rusqlite::Result<(i64, i64)> = conn.query_row(
-            "SELECT (SELECT COUNT(*) FROM audit), (SELECT COUNT(*) FROM feed)",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        );
-        if let Ok((audit, feed)) = counts
-            && audit != feed
-        {
+        if let Some((m, n)) = audited.iter().find(|(_, n)| **n > 1) {
+            problems.push((
+                "at_most_once".into(),
+                format!("mutation {m} has {n} audit records"),
+                None,
+            ));
+        }
+        let (mut audit, mut feed) = (0i64, 0i64);
+        for conn in &conns {
+            let shape = conn.prepare(
+                "SELECT d.entity_id, d.version, COUNT(f.seq), MIN(f.version), MAX(f.version)
+                 FROM documents d LEFT JOIN feed f ON f.doc_key = d.doc_key GROUP BY d.doc_key",
+            );
+            if let Ok(mut st) = shape {
+                let rows = st.query_map([], |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
+                    ))
+                });
+                if let Ok(rows) = rows {
+                    for (id, version, count, min, max) in rows.flatten() {
+                        let ok = version == count && (count == 0 || (min == Some(1) && max == Some(version)));
+                        if !ok {
+                            problems.push((
+                                "at_most_once".into(),
+                                format!("versions are not 1..={version}: {count} feed rows, min {min:?}, max {max:?}"),
+                                Some(uuid_of(id)),
+                            ));
+                        }
+                    }
+                }
+            }
+            let counts: rusqlite::Result<(i64, i64)> = conn.query_row(
+                "SELECT (SELECT COUNT(*) FROM audit), (SELECT COUNT(*) FROM feed)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            );
+            if let Ok((a, f)) = counts {
+                audit += a;
+                feed += f;
+            }
+        }
+        if audit != feed {
             problems.push((
                 "audit".into(),
                 format!("{audit} audit records for {feed} applied mutations"),
                 None,
             ));
+        }
+        // Each space's feed is 1, 2, ..., n up to its head, and lives in its own shard.
+        if let Some(backend) = &self.relay.backend {
+            match backend.consistency() {
+                Ok(c) => {
+                    for p in c.problems() {
+                        problems.push(("order".into(), p, None));
+                    }
+                }
+                Err(e) => problems.push(("order".into(), format!("consistency unreadable: {e}"), None)),
+            }
         }
         problems
     }
@@ -149,7 +182,7 @@ impl World {
         if let Some(core) = self.relay.core() {
             for (entity, at) in sealed {
                 self.stats.invariant_checks += 1;
-                match core.store().document(entity) {
+                match core.document(entity).map(|d| d.map(|(row, _)| row)) {
                     Ok(Some(d)) if d.version == at && (d.signed || d.locked) => {}
                     Ok(Some(d)) => {
                         problems.push((entity, format!("sealed at version {at}, now version {}", d.version)))
@@ -190,37 +223,40 @@ impl World {
     /// Every relay document, loaded.
     pub fn relay_docs(&self) -> BTreeMap<Uuid, RelayDoc> {
         let mut out = BTreeMap::new();
-        let Some(core) = self.relay.core() else { return out };
-        let Ok(mut st) = core
-            .store()
-            .connection()
-            .prepare("SELECT entity_id FROM documents WHERE version > 0 ORDER BY doc_key")
-        else {
+        if self.relay.core().is_none() {
             return out;
-        };
-        let ids: Vec<Uuid> = st
-            .query_map([], |r| r.get::<_, Vec<u8>>(0))
-            .map(|rows| rows.flatten().map(uuid_of).collect())
-            .unwrap_or_default();
-        for id in ids {
-            let Ok(Some(row)) = core.store().document(id) else {
+        }
+        for shard in &self.relay.readers {
+            let Ok(mut st) = shard
+                .connection()
+                .prepare("SELECT entity_id FROM documents WHERE version > 0 ORDER BY doc_key")
+            else {
                 continue;
             };
-            let Ok(bytes) = core.store().document_bytes(row.doc_key) else {
-                continue;
-            };
-            let Ok(doc) = EntityDoc::load(&bytes, device_actor(Uuid::nil())) else {
-                continue;
-            };
-            out.insert(
-                id,
-                RelayDoc {
-                    entity_type: row.entity_type,
-                    space_id: row.space_id,
-                    version: row.version,
-                    doc,
-                },
-            );
+            let ids: Vec<Uuid> = st
+                .query_map([], |r| r.get::<_, Vec<u8>>(0))
+                .map(|rows| rows.flatten().map(uuid_of).collect())
+                .unwrap_or_default();
+            for id in ids {
+                let Ok(Some(row)) = shard.document(id) else {
+                    continue;
+                };
+                let Ok(bytes) = shard.document_bytes(row.doc_key) else {
+                    continue;
+                };
+                let Ok(doc) = EntityDoc::load(&bytes, device_actor(Uuid::nil())) else {
+                    continue;
+                };
+                out.insert(
+                    id,
+                    RelayDoc {
+                        entity_type: row.entity_type,
+                        space_id: row.space_id,
+                        version: row.version,
+                        doc,
+                    },
+                );
+            }
         }
         out
     }
@@ -262,14 +298,17 @@ impl World {
     }
 
     fn check_audit_chain(&mut self) {
-        let Some(core) = self.relay.core() else { return };
-        let report = fieldsync_relay::audit::verify(core.store());
-        let feed = core.store().counts().map(|c| c.feed).unwrap_or(0);
+        if self.relay.core().is_none() {
+            return;
+        }
+        let Some(backend) = &self.relay.backend else { return };
+        let report = fieldsync_relay::audit::verify(backend);
+        let feed = backend.counts().map(|c| c.feed).unwrap_or(0);
         let applied = self.oracle.applied.len() as u64;
         self.stats.invariant_checks += 2;
         match report {
             Ok(r) if r.ok() => {}
-            Ok(r) => self.fail("audit", format!("audit chain broken: {:?}", r.first_bad), None),
+            Ok(r) => self.fail("audit", format!("audit chain broken: {:?}", r.bad()), None),
             Err(e) => self.fail("audit", format!("audit chain unreadable: {e}"), None),
         }
         if feed != applied {
@@ -380,7 +419,8 @@ impl World {
         }
     }
 
-    /// Invariant 5: each device's mutations were applied in the order it made them.
+    /// Invariant 5: each device's mutations were applied in the order it made them, within each
+    /// space (each space is its own order; seqs of different spaces do not compare).
     fn check_device_order(&mut self) {
         let mut problems = Vec::new();
         for i in 0..self.devices.len() {
@@ -388,13 +428,16 @@ impl World {
                 continue;
             };
             let Ok(items) = dev.queue(true) else { continue };
-            let mut last: Option<(u64, Uuid)> = None;
+            let mut last: BTreeMap<Uuid, (u64, Uuid)> = BTreeMap::new();
             for item in items.iter().filter(|it| it.state == OutboxState::Applied) {
                 self.stats.invariant_checks += 1;
                 let Some((_, seq)) = self.oracle.applied.get(&item.mutation_id).copied() else {
                     continue;
                 };
-                if let Some((prev, prev_id)) = last
+                let Some(space) = self.oracle.envelopes.get(&item.mutation_id).map(|m| m.space_id) else {
+                    continue;
+                };
+                if let Some((prev, prev_id)) = last.get(&space).copied()
                     && seq <= prev
                 {
                     problems.push(format!(
@@ -402,7 +445,7 @@ impl World {
                         item.mutation_id
                     ));
                 }
-                last = Some((seq, item.mutation_id));
+                last.insert(space, (seq, item.mutation_id));
             }
         }
         for p in problems {
@@ -456,162 +499,5 @@ impl World {
         for (id, detail) in problems {
             self.fail("lww", detail, Some(id));
         }
-    }
-
-    fn lww_problems(&self, docs: &mut BTreeMap<Uuid, RelayDoc>) -> (Vec<(Uuid, String)>, u64) {
-        let mut checks = 0;
-        let Some(core) = self.relay.core() else {
-            return (Vec::new(), 0);
-        };
-        let conn = core.store().connection();
-        let lww_types: BTreeSet<String> = self
-            .oracle
-            .schema
-            .types()
-            .filter(|t| t.policy == Policy::Lww)
-            .map(|t| t.name.clone())
-            .collect();
-        let Ok(mut st) = conn.prepare(
-            "SELECT entity_id, entity_type, version, origin_device, mutation_id, hlc, changes FROM feed ORDER BY seq",
-        ) else {
-            return (Vec::new(), 0);
-        };
-        type Row = (Uuid, String, u64, Uuid, Uuid, String, Vec<u8>);
-        let rows: Vec<Row> = st
-            .query_map([], |r| {
-                Ok((
-                    uuid_of(r.get(0)?),
-                    r.get(1)?,
-                    r.get::<_, i64>(2)? as u64,
-                    uuid_of(r.get(3)?),
-                    uuid_of(r.get(4)?),
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            })
-            .map(|rows| rows.flatten().collect())
-            .unwrap_or_default();
-        let archived: BTreeSet<(Uuid, String)> = core
-            .store()
-            .archive_rows(1_000_000)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|a| Some((a.loser_mutation?, a.field?)))
-            .collect();
-        // Entities touched by deletes follow the delete-versus-edit rule; the model skips them.
-        let deleted: BTreeSet<Uuid> = self
-            .oracle
-            .envelopes
-            .values()
-            .filter(|m| m.kind == fieldsync_schema::MutationKind::Delete)
-            .map(|m| m.entity_id)
-            .collect();
-        struct Stamp {
-            hlc: Hlc,
-            mutation: Uuid,
-            version: u64,
-            heads: Vec<ChangeHash>,
-        }
-        let mut stamps: BTreeMap<(Uuid, String), Stamp> = BTreeMap::new();
-        // The largest (HLC, device) among every applied write of each field (SPEC §11.8).
-        let mut max_writer: BTreeMap<(Uuid, String), (Hlc, Uuid)> = BTreeMap::new();
-        let mut problems = Vec::new();
-        for (entity, ty, version, device, mutation, hlc, changes) in rows {
-            if !lww_types.contains(&ty) || deleted.contains(&entity) {
-                continue;
-            }
-            let Ok(hlc) = hlc.parse::<Hlc>() else { continue };
-            let base = self
-                .oracle
-                .envelopes
-                .get(&mutation)
-                .and_then(|m| m.base_version)
-                .unwrap_or(0);
-            let Ok(all): Result<Vec<Bytes>, _> = ciborium::from_reader(changes.as_slice()) else {
-                continue;
-            };
-            let own: Vec<_> = all
-                .iter()
-                .filter_map(|b| parse_change(&b.0).ok())
-                .filter(|c| c.actor_id() == &device_actor(device))
-                .collect();
-            let dep_set: BTreeSet<ChangeHash> = own.iter().flat_map(|c| c.deps().to_vec()).collect();
-            let heads: Vec<ChangeHash> = own.iter().map(|c| c.hash()).filter(|h| !dep_set.contains(h)).collect();
-            // What the writer did not have when it wrote: everything not behind its own deps.
-            // (`base_version` alone cannot say: it counts the device's own queued writes.)
-            let own_set: BTreeSet<ChangeHash> = own.iter().map(|c| c.hash()).collect();
-            let writer_deps: Vec<ChangeHash> = dep_set.difference(&own_set).copied().collect();
-            let unseen: BTreeSet<ChangeHash> = docs
-                .get_mut(&entity)
-                .map(|d| d.doc.changes_since(&writer_deps).iter().map(|c| c.hash()).collect())
-                .unwrap_or_default();
-            let Some(ty_def) = self.oracle.schema.entity_type(&ty) else {
-                continue;
-            };
-            for field in RootOps::of(&own)
-                .unwrap_or_default()
-                .touched()
-                .into_iter()
-                .filter(|f| ty_def.field(f).is_some())
-            {
-                let key = (entity, field.clone());
-                let top = max_writer.entry(key.clone()).or_insert((hlc, mutation));
-                if hlc > top.0 {
-                    *top = (hlc, mutation);
-                }
-                let new = Stamp {
-                    hlc,
-                    mutation,
-                    version,
-                    heads: heads.clone(),
-                };
-                match stamps.get(&key) {
-                    Some(s) if s.version > base || s.heads.iter().any(|h| unseen.contains(h)) => {
-                        // Concurrent: the greater (HLC, device) wins, the other is archived.
-                        if hlc > s.hlc {
-                            if !archived.contains(&(s.mutation, field.clone())) {
-                                problems.push((
-                                    entity,
-                                    format!("overridden value of {field} by {} not archived", s.mutation),
-                                ));
-                            }
-                            stamps.insert(key, new);
-                        } else if !archived.contains(&(mutation, field.clone())) {
-                            problems.push((entity, format!("losing value of {field} by {mutation} not archived")));
-                        }
-                    }
-                    _ => {
-                        stamps.insert(key, new);
-                    }
-                }
-            }
-        }
-        for ((entity, field), stamp) in &stamps {
-            checks += 1;
-            if let Some((top, by)) = max_writer.get(&(*entity, field.clone()))
-                && *top > stamp.hlc
-            {
-                problems.push((
-                    *entity,
-                    format!(
-                        "{field} is held by {} ({}) but {by} wrote it later by the clock ({top})",
-                        stamp.mutation, stamp.hlc
-                    ),
-                ));
-            }
-            let Some(d) = docs.get_mut(entity) else { continue };
-            let current = d.doc.fields().get(field).cloned();
-            let winner = d.doc.fields_at(&stamp.heads).get(field).cloned();
-            if current != winner {
-                problems.push((
-                    *entity,
-                    format!(
-                        "{field} is {current:?} but the winning write ({}, {}) wrote {winner:?}",
-                        stamp.mutation, stamp.hlc
-                    ),
-                ));
-            }
-        }
-        (problems, checks)
     }
 }

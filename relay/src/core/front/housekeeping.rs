@@ -9,12 +9,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use fieldsync_schema::wire::AuthFailure;
+use fieldsync_schema::wire::{AuthFailure, UserInfo};
 use fieldsync_schema::{RelayMessage, Role};
 use uuid::Uuid;
 
-use super::{CloseReason, ConnId, ConnState, Output, RelayCore};
-use crate::store::Store;
+use super::{ConnState, Front};
+use crate::core::{CloseReason, ConnId, Output};
+use crate::store::{Directory, SpaceStore};
 
 /// Memberships and revocations are re-read at least this often even when the store reports no
 /// outside writes.
@@ -37,13 +38,13 @@ impl TickState {
     }
 }
 
-impl<S: Store> RelayCore<S> {
+impl<D: Directory, R: SpaceStore> Front<D, R> {
     /// Periodic work: close connections of devices revoked since the last check (SPEC §4: within
     /// a second), refresh space memberships, expire unanswered challenges, and fan out what
     /// other writers of the store committed.
     pub(super) fn tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         self.housekeeping.last_tick_ms = now_ms;
-        let marker = match self.store.outside_writes_marker() {
+        let marker = match self.directory.outside_writes_marker() {
             Ok(m) => Some(m),
             Err(e) => {
                 tracing::error!(error = %e, "could not ask the store for outside writes");
@@ -53,7 +54,7 @@ impl<S: Store> RelayCore<S> {
         let stale = now_ms.saturating_sub(self.housekeeping.last_check_ms) >= FULL_REFRESH_MS;
         if marker.is_none() || marker != self.housekeeping.last_marker || stale {
             self.close_revoked(now_ms, out);
-            self.refresh_memberships();
+            self.refresh_memberships(out);
             self.housekeeping.last_marker = marker;
         }
         self.expire_challenges(now_ms, out);
@@ -65,7 +66,7 @@ impl<S: Store> RelayCore<S> {
             .housekeeping
             .last_check_ms
             .saturating_sub(REVOCATION_CLOCK_SLACK_MS);
-        let revoked = match self.store.revoked_since(since) {
+        let revoked = match self.directory.revoked_since(since) {
             Ok(revoked) => revoked,
             Err(e) => {
                 // Keep the old check time: the next tick looks again from there.
@@ -96,8 +97,9 @@ impl<S: Store> RelayCore<S> {
     }
 
     /// Memberships change through admin commands in another process; a session must stop
-    /// seeing a space as soon as its user leaves it.
-    fn refresh_memberships(&mut self) {
+    /// seeing a space as soon as its user leaves it, and learn of a space it joined (it pulls
+    /// that space's history, from its compacted documents) without reconnecting.
+    fn refresh_memberships(&mut self, out: &mut Vec<Output>) {
         let users: BTreeSet<Uuid> = self
             .conns
             .values()
@@ -106,22 +108,35 @@ impl<S: Store> RelayCore<S> {
                 _ => None,
             })
             .collect();
-        let mut spaces_of: BTreeMap<Uuid, BTreeMap<Uuid, Role>> = BTreeMap::new();
+        let mut infos: BTreeMap<Uuid, (BTreeMap<Uuid, Role>, UserInfo)> = BTreeMap::new();
         for user in users {
-            match self.store.memberships(user) {
-                Ok(rows) => {
-                    spaces_of.insert(user, rows.into_iter().map(|m| (m.space_id, m.role)).collect());
+            let rows = match self.directory.memberships(user) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(error = %e, %user, "membership refresh failed");
+                    continue;
                 }
-                Err(e) => tracing::error!(error = %e, %user, "membership refresh failed"),
-            }
+            };
+            let Ok(Some(row)) = self.directory.user(user) else {
+                continue;
+            };
+            let spaces = rows.iter().map(|m| (m.space_id, m.role)).collect();
+            infos.insert(user, (spaces, super::session::user_info(&row, rows)));
         }
-        for c in self.conns.values_mut() {
-            if let ConnState::Ready(s) = c
-                && let Some(spaces) = spaces_of.get(&s.user_id)
-                && *spaces != s.spaces
-            {
-                s.spaces = spaces.clone();
+        for (conn, c) in self.conns.iter_mut() {
+            let ConnState::Ready(s) = c else { continue };
+            let Some((spaces, info)) = infos.get(&s.user_id) else {
+                continue;
+            };
+            if *spaces == s.spaces {
+                continue;
             }
+            s.spaces = spaces.clone();
+            if let Some(live) = &mut s.live {
+                // Left spaces stop at once; joined ones are live after the device pulls them.
+                live.retain(|space, _| spaces.contains_key(space));
+            }
+            out.push(Output::Send(*conn, RelayMessage::UserChanged { user: info.clone() }));
         }
     }
 

@@ -6,54 +6,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use automerge::{Change, ChangeHash};
 use fieldsync_schema::document::{RootOps, device_actor, parse_change, relay_actor};
 use fieldsync_schema::signing::envelope_hash;
-use fieldsync_schema::wire::{FeedPayload, MAX_MUTATION_CHANGE_BYTES};
+use fieldsync_schema::wire::MAX_MUTATION_CHANGE_BYTES;
 use fieldsync_schema::{
-    Bytes, ConflictReason, EntityDoc, EntityType, FeedEntry, FieldError, Mutation, MutationKind, Origin, Outcome,
-    Policy, Role, Rule,
+    Bytes, ConflictReason, EntityDoc, EntityType, FieldError, Mutation, MutationKind, Origin, Outcome, Policy, Role,
+    Rule,
 };
 use serde_json::{Map, Value};
-use uuid::Uuid;
 
-use super::archive;
-use super::checks::{kind_errors, ref_errors, signature_errors, state_json, structural_errors};
+use super::checks::{kind_errors, ref_errors, sender_refusal, signature_errors, structural_errors};
 use super::lww::{self, LwwInput};
-use super::{ConnId, ConnState, Group, RelayCore};
-use crate::audit::{GENESIS_HASH, record_hash};
-use crate::store::{
-    AuditRow, DocumentRow, DocumentUpdate, LwwStamp, NewFeedRow, ReceiptMatch, ReceiptRow, Store, StoreError,
-};
-
-/// An applied mutation as it goes out to other devices.
-#[derive(Debug, Clone)]
-pub struct AppliedEntry {
-    pub entry: FeedEntry,
-    pub origin_device: Uuid,
-    /// What the origin device gets: `Own`, or the changes the relay added (LWW settlement),
-    /// which the origin does not have yet.
-    pub origin_payload: FeedPayload,
-}
-
-impl AppliedEntry {
-    /// The entry as `device` should see it: its own changes are not sent back.
-    pub fn entry_for(&self, device: Uuid) -> FeedEntry {
-        if device == self.origin_device {
-            FeedEntry {
-                payload: self.origin_payload.clone(),
-                ..self.entry.clone()
-            }
-        } else {
-            self.entry.clone()
-        }
-    }
-}
-
-/// The facts of the authenticated sender a decision needs.
-struct Sender {
-    device_id: Uuid,
-    user_id: Uuid,
-    public_key: Vec<u8>,
-    spaces: BTreeMap<Uuid, Role>,
-}
+use super::write::WriteApplied;
+use super::{Group, Sender, SpaceWorker};
+use crate::store::{DocumentRow, LwwStamp, ReceiptMatch, ReceiptRow, SpaceStore, StoreError};
 
 fn invalid(field: &str, message: impl Into<String>) -> Outcome {
     Outcome::Invalid {
@@ -65,60 +29,33 @@ fn forbidden(reason: impl Into<String>) -> Outcome {
     Outcome::Forbidden { reason: reason.into() }
 }
 
-fn to_bytes(changes: &[Change]) -> Vec<Bytes> {
+pub(super) fn to_bytes(changes: &[Change]) -> Vec<Bytes> {
     changes.iter().map(|c| Bytes(c.raw_bytes().to_vec())).collect()
 }
 
-fn cbor<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+pub(super) fn cbor<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::new();
     ciborium::into_writer(v, &mut out).map_err(|e| StoreError::Corrupt(format!("encoding: {e}")))?;
     Ok(out)
 }
 
-impl<S: Store> RelayCore<S> {
+impl<S: SpaceStore> SpaceWorker<S> {
     /// Decides one mutation and, if it is applied, writes it. Returns the outcome to report.
     pub(super) fn accept(
         &mut self,
-        conn: ConnId,
+        sender: &Sender,
         m: &Mutation,
         prechecked: Option<([u8; 32], bool)>,
         now_ms: u64,
         group: &mut Group,
     ) -> Result<Outcome, StoreError> {
-        let Some(ConnState::Ready(s)) = self.conns.get(&conn) else {
-            return Ok(forbidden("not authenticated"));
-        };
-        // A signature checked outside counts only if checked with this session's current key.
-        let key = s.verifier.public_key();
-        let signature_ok = match prechecked {
-            Some((k, ok)) if k == key => ok,
-            _ => s.verifier.verify_mutation(m).is_ok(),
-        };
-        let sender = Sender {
-            device_id: s.device_id,
-            user_id: s.user_id,
-            public_key: s.public_key.clone(),
-            spaces: s.spaces.clone(),
-        };
         let span = tracing::debug_span!("mutation", mutation_id = %m.mutation_id, device_id = %m.device_id,
             user_id = %m.user_id, entity = %m.entity_id, kind = %m.kind);
         let _enter = span.enter();
 
-        // 1. The envelope must be the authenticated device's own. No receipt is written for a
-        //    failure here: the sender has not proven the mutation is theirs.
-        if m.device_id != sender.device_id || m.user_id != sender.user_id {
-            return Ok(forbidden(
-                "the envelope's device or user does not match the authenticated connection",
-            ));
-        }
-        if m.client_timestamp.device != m.device_id {
-            return Ok(forbidden("the HLC timestamp names another device"));
-        }
-        // 2. Signature.
-        if !signature_ok {
-            return Ok(forbidden(
-                "the mutation signature does not verify with the device's key",
-            ));
+        // 1-2. The sender's own envelope, correctly signed (no receipt for a failure here).
+        if let Some(refusal) = sender_refusal(sender, m, prechecked) {
+            return Ok(refusal);
         }
         // 3. Idempotency: a receipt answers only the envelope it was written for, and only
         //    with what the sender may still see.
@@ -126,9 +63,17 @@ impl<S: Store> RelayCore<S> {
         if let Some(receipt) = &existing_receipt
             && !self.faults.ignore_receipts
         {
-            return self.replay(&sender, receipt, m);
+            return self.replay(sender, receipt, m);
         }
-        let outcome = self.decide(&sender, m, now_ms, group)?;
+        // A mutation id is one change relay-wide: one already answered in another shard's
+        // space is not applied again here (the replay refuses it as a different change).
+        if existing_receipt.is_none()
+            && !self.faults.ignore_receipts
+            && let Some(elsewhere) = self.receipt_elsewhere(m.mutation_id)?
+        {
+            return self.replay(sender, &elsewhere, m);
+        }
+        let outcome = self.decide(sender, m, now_ms, group)?;
         if existing_receipt.is_none() {
             let stored = match &outcome {
                 // Server changes are recomputed on replay; storing them would duplicate history.
@@ -170,7 +115,7 @@ impl<S: Store> RelayCore<S> {
                 "this mutation id was already used for a different change; nothing was applied",
             ));
         }
-        let member = sender.spaces.contains_key(&m.space_id);
+        let member = sender.role_in(m.space_id).is_some();
         let stored: Outcome = ciborium::from_reader(receipt.outcome.as_slice())
             .map_err(|e| StoreError::Corrupt(format!("receipt {}: {e}", m.mutation_id)))?;
         Ok(match stored {
@@ -232,7 +177,7 @@ impl<S: Store> RelayCore<S> {
                 )],
             });
         };
-        let Some(&role) = sender.spaces.get(&m.space_id) else {
+        let Some(role) = sender.role_in(m.space_id) else {
             return Ok(forbidden("the user is not a member of this space"));
         };
         if let Some(e) = kind_errors(ty, m.kind) {
@@ -252,6 +197,10 @@ impl<S: Store> RelayCore<S> {
             if r.entity_type != m.entity_type || r.space_id != m.space_id || r.version == 0 {
                 return Ok(forbidden("no such entity in this space"));
             }
+        } else if self.held_elsewhere(m.entity_id)? {
+            // A record of a space in another shard: the same answer as for another space of
+            // this shard, whatever the kind (nothing about it is told).
+            return Ok(forbidden("no such entity in this space"));
         } else if m.kind != MutationKind::Create {
             return Ok(invalid(
                 "entity_id",
@@ -551,7 +500,7 @@ impl<S: Store> RelayCore<S> {
                 ));
             }
             MutationKind::Sign => {
-                errors.extend(signature_errors(m, &sender.public_key, doc.signature(), &after));
+                errors.extend(signature_errors(m, &sender.verifier, doc.signature(), &after));
             }
             _ => {}
         }
@@ -641,176 +590,4 @@ fn settle(
             .map_err(|e| invalid("changes", e.to_string()))?;
     }
     Ok(doc.commit(now_ms))
-}
-
-struct WriteApplied<'a> {
-    m: &'a Mutation,
-    row: Option<&'a DocumentRow>,
-    doc: EntityDoc,
-    changes: &'a [Change],
-    extra_changes: Vec<Change>,
-    lww_plan: Option<lww::LwwPlan>,
-    before: &'a Map<String, Value>,
-    before_deleted: bool,
-    before_signed: bool,
-    before_heads: &'a [ChangeHash],
-    /// The fields after the mutation, as validated.
-    after: Map<String, Value>,
-    now_ms: u64,
-    group: &'a mut Group,
-}
-
-impl<S: Store> RelayCore<S> {
-    fn write_applied(&mut self, w: WriteApplied<'_>) -> Result<Outcome, StoreError> {
-        let WriteApplied {
-            m,
-            row,
-            mut doc,
-            changes,
-            extra_changes,
-            lww_plan,
-            before,
-            before_deleted,
-            before_signed,
-            before_heads,
-            after,
-            now_ms,
-            group,
-        } = w;
-        let doc_key = match row {
-            Some(r) => r.doc_key,
-            None => self
-                .store
-                .insert_document(m.entity_id, m.space_id, &m.entity_type, now_ms)?,
-        };
-        let version = row.map_or(0, |r| r.version) + 1;
-        let mut all_changes = to_bytes(changes);
-        let relay_changes = to_bytes(&extra_changes);
-        all_changes.extend(relay_changes.iter().cloned());
-        let origin_payload = if relay_changes.is_empty() {
-            FeedPayload::Own
-        } else {
-            FeedPayload::Changes(relay_changes)
-        };
-        let (lost, overridden, stamps) = match lww_plan {
-            Some(p) => (p.lost, p.overridden, p.stamps_json),
-            None => (
-                Vec::new(),
-                Vec::new(),
-                row.map(|r| r.lww_stamps.clone()).unwrap_or_default(),
-            ),
-        };
-        let seq = self.store.append_feed(&NewFeedRow {
-            doc_key,
-            space_id: m.space_id,
-            entity_type: m.entity_type.clone(),
-            entity_id: m.entity_id,
-            version,
-            origin_device: m.device_id,
-            origin_user: m.user_id,
-            mutation_id: m.mutation_id,
-            hlc: m.client_timestamp,
-            changes: cbor(&all_changes)?,
-            lww_losses: cbor(&overridden)?,
-        })?;
-        self.store.update_document(
-            doc_key,
-            &DocumentUpdate {
-                version,
-                deleted: doc.is_deleted(),
-                signed: doc.is_signed(),
-                locked: doc.is_locked(),
-                lww_stamps: stamps,
-            },
-            seq,
-            now_ms,
-        )?;
-        let prev_hash = match group.audit_head.take() {
-            Some(h) => Some(h),
-            None => self.store.last_audit_hash()?,
-        }
-        .unwrap_or_else(|| GENESIS_HASH.to_string());
-        let mut audit = AuditRow {
-            audit_id: 0,
-            seq,
-            mutation_id: m.mutation_id,
-            actor_id: m.user_id,
-            device_id: m.device_id,
-            space_id: m.space_id,
-            entity_type: m.entity_type.clone(),
-            entity_id: m.entity_id,
-            kind: m.kind.to_string(),
-            version,
-            before_json: if row.is_some() {
-                state_json(before, before_deleted, before_signed)
-            } else {
-                "null".to_string()
-            },
-            after_json: state_json(&after, doc.is_deleted(), doc.is_signed()),
-            client_ts: m.client_timestamp.to_string(),
-            server_ts_ms: now_ms,
-            prev_hash,
-            hash: String::new(),
-        };
-        audit.hash = record_hash(&audit);
-        self.store.append_audit(&audit)?;
-        // The group's transaction holds the write lock: the next record of the group links here.
-        group.audit_head = Some(audit.hash.clone());
-        for loss in lost.iter().chain(&overridden) {
-            self.store.archive(&archive::lww_row(m, loss, version, now_ms))?;
-        }
-        if m.kind == MutationKind::Resolve
-            && let Some(ty) = self.schema.entity_type(&m.entity_type)
-            && ty.policy != Policy::Lww
-        {
-            let before = archive::Before {
-                fields: before,
-                deleted: before_deleted,
-                heads: before_heads,
-            };
-            for row in archive::resolution_rows(ty, m, changes, &doc, &before, version, now_ms) {
-                self.store.archive(&row)?;
-            }
-        }
-        let since = match self.since_snapshot.get(&doc_key) {
-            Some(n) => n + 1,
-            None => self.store.changes_since_snapshot(doc_key)?,
-        };
-        if self.since_snapshot.len() > 100_000 {
-            // Only a hint for when to compact: forget it rather than grow without bound.
-            self.since_snapshot.clear();
-        }
-        self.since_snapshot.insert(doc_key, since);
-        if since >= self.config.snapshot_every {
-            self.since_snapshot.insert(doc_key, 0);
-            let bytes = doc.save();
-            self.store.save_snapshot(doc_key, &bytes, seq)?;
-        }
-        self.docs.put(doc_key, version, doc);
-        group.touched_docs.insert(doc_key);
-        group.applied.push(AppliedEntry {
-            entry: FeedEntry {
-                seq,
-                space_id: m.space_id,
-                entity_type: m.entity_type.clone(),
-                entity_id: m.entity_id,
-                version,
-                payload: FeedPayload::Changes(all_changes),
-                origin: Some(Origin {
-                    device_id: m.device_id,
-                    user_id: m.user_id,
-                    mutation_id: m.mutation_id,
-                    hlc: m.client_timestamp,
-                }),
-                lww_losses: overridden,
-            },
-            origin_device: m.device_id,
-            origin_payload,
-        });
-        Ok(Outcome::Applied {
-            version,
-            seq,
-            lww_lost: lost,
-        })
-    }
 }

@@ -1,0 +1,284 @@
+//! Pull: pages of each of the user's spaces — compacted documents for a space the device has
+//! no position in, then the space's feed — and the switch to live delivery once the device has
+//! caught up in every space.
+//!
+//! A page is read in one read transaction per shard it touches, so it is one consistent view
+//! even while the workers commit in between pages. A space's feed is dense (1, 2, ...) and its
+//! seqs commit in order (one writer per space at a time), so a position never skips a row.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fieldsync_schema::document::{device_actor, parse_change};
+use fieldsync_schema::wire::{FeedPayload, SnapshotCursor, SpaceCursor, entry_size};
+use fieldsync_schema::{Bytes, FeedEntry, LwwLoss, Origin, Policy, PullCursor, RelayMessage};
+use uuid::Uuid;
+
+use super::{ConnState, Front};
+use crate::core::{ConnId, Output};
+use crate::store::{Directory, FeedRow, SpaceStore, StoreError};
+
+/// A page being filled.
+struct Page {
+    entries: Vec<FeedEntry>,
+    room: usize,
+    bytes: usize,
+    budget: usize,
+}
+
+impl Page {
+    fn full(&self) -> bool {
+        self.room == 0 || self.bytes >= self.budget
+    }
+
+    fn push(&mut self, entry: FeedEntry) {
+        self.bytes += entry_size(&entry);
+        self.room = self.room.saturating_sub(1);
+        self.entries.push(entry);
+    }
+}
+
+impl<D: Directory, R: SpaceStore> Front<D, R> {
+    pub(super) fn on_pull(
+        &mut self,
+        conn: ConnId,
+        cursor: PullCursor,
+        max_entries: u32,
+        _now_ms: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), StoreError> {
+        let Some(ConnState::Ready(s)) = self.conns.get(&conn) else {
+            return Ok(());
+        };
+        let device_id = s.device_id;
+        let spaces: Vec<Uuid> = s.spaces.keys().copied().collect();
+        let mut shards = BTreeMap::new();
+        for space in &spaces {
+            if let Some(shard) = self.shard(*space) {
+                shards.insert(*space, shard);
+            }
+        }
+        // One read transaction per shard the page may touch.
+        let touched: BTreeSet<u32> = shards.values().copied().collect();
+        let mut opened = Vec::new();
+        let mut result = Ok(());
+        for shard in &touched {
+            match self.readers.get_mut(*shard as usize).map(|r| r.begin_read()) {
+                Some(Ok(())) => opened.push(*shard),
+                Some(Err(e)) => {
+                    result = Err(e);
+                    break;
+                }
+                None => {}
+            }
+        }
+        if result.is_ok() {
+            result = self.pull_page(conn, device_id, &spaces, &shards, cursor, max_entries, out);
+        }
+        for shard in opened {
+            if let Some(r) = self.readers.get_mut(shard as usize)
+                && let Err(e) = r.end_read()
+                && result.is_ok()
+            {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pull_page(
+        &mut self,
+        conn: ConnId,
+        device_id: Uuid,
+        spaces: &[Uuid],
+        shards: &BTreeMap<Uuid, u32>,
+        cursor: PullCursor,
+        max_entries: u32,
+        out: &mut Vec<Output>,
+    ) -> Result<(), StoreError> {
+        self.stats.pull_pages += 1;
+        let mut page = Page {
+            entries: Vec::new(),
+            room: (max_entries as usize).clamp(1, self.config.pull_page_entries),
+            bytes: 0,
+            budget: self.config.pull_page_bytes,
+        };
+        // Positions in the spaces the user may see; a round-1 cursor converted once.
+        let mut next = PullCursor::default();
+        for space in spaces {
+            let Some(shard) = shards.get(space) else { continue };
+            let reader = &self.readers[*shard as usize];
+            let position = match (cursor.spaces.get(space), cursor.legacy_seq) {
+                (Some(c), _) => *c,
+                (None, Some(legacy)) => SpaceCursor {
+                    seq: reader.seq_at_legacy(*space, legacy)?,
+                    snapshot: None,
+                },
+                (None, None) => SpaceCursor::default(),
+            };
+            next.spaces.insert(*space, position);
+        }
+        let mut caught_up = true;
+        for space in spaces {
+            let Some(shard) = shards.get(space) else { continue };
+            let Some(position) = next.spaces.get(space).copied() else {
+                continue;
+            };
+            if page.full() {
+                caught_up = false;
+                break;
+            }
+            let (position, exhausted) = self.fill_from_space(*shard, *space, position, device_id, &mut page)?;
+            next.spaces.insert(*space, position);
+            if !exhausted {
+                caught_up = false;
+                break;
+            }
+        }
+        if caught_up && let Some(ConnState::Ready(s)) = self.conns.get_mut(&conn) {
+            let live: BTreeMap<Uuid, u64> = next.spaces.iter().map(|(k, c)| (*k, c.seq)).collect();
+            for (space, seq) in &live {
+                // The first live session of a space: fan-out continues from what it saw.
+                self.fanned.entry(*space).or_insert(*seq);
+            }
+            s.live = Some(live);
+        }
+        out.push(Output::Send(
+            conn,
+            RelayMessage::Changes {
+                entries: page.entries,
+                next,
+                caught_up,
+            },
+        ));
+        Ok(())
+    }
+
+    /// Adds what `space` has after `position` to the page; returns the new position and
+    /// whether the space is exhausted.
+    fn fill_from_space(
+        &self,
+        shard: u32,
+        space: Uuid,
+        mut position: SpaceCursor,
+        device_id: Uuid,
+        page: &mut Page,
+    ) -> Result<(SpaceCursor, bool), StoreError> {
+        let reader = &self.readers[shard as usize];
+        // A device with no position in the space starts from its compacted documents.
+        if position.seq == 0 && position.snapshot.is_none() {
+            let upto = reader.max_seq(space)?;
+            if upto == 0 {
+                return Ok((position, true));
+            }
+            position.snapshot = Some(SnapshotCursor {
+                upto_seq: upto,
+                after_key: 0,
+            });
+        }
+        if let Some(snap) = position.snapshot {
+            let want = page.room;
+            let docs = reader.documents_after(space, snap.after_key, want)?;
+            let got = docs.len();
+            let mut taken = 0;
+            let mut last_key = snap.after_key;
+            for d in docs {
+                let bytes = reader.document_bytes(d.doc_key)?;
+                last_key = d.doc_key;
+                taken += 1;
+                page.push(FeedEntry {
+                    seq: d.last_seq,
+                    space_id: d.space_id,
+                    entity_type: d.entity_type,
+                    entity_id: d.entity_id,
+                    version: d.version,
+                    payload: FeedPayload::Snapshot(Bytes(bytes)),
+                    origin: None,
+                    lww_losses: Vec::new(),
+                });
+                if page.full() {
+                    break;
+                }
+            }
+            // Done when every document there was fitted; otherwise the next page goes on.
+            if !(taken == got && got < want) {
+                position.snapshot = Some(SnapshotCursor {
+                    upto_seq: snap.upto_seq,
+                    after_key: last_key,
+                });
+                return Ok((position, false));
+            }
+            // A document saved after `upto_seq` also comes again through the feed; applying a
+            // change twice is a no-op.
+            position = SpaceCursor {
+                seq: snap.upto_seq,
+                snapshot: None,
+            };
+            if page.full() {
+                return Ok((position, false));
+            }
+        }
+        let want = page.room;
+        let rows = reader.feed_range(space, position.seq, u64::MAX, want)?;
+        let got = rows.len();
+        let mut taken = 0;
+        for row in rows {
+            let lww = self
+                .schema
+                .entity_type(&row.entity_type)
+                .is_some_and(|t| t.policy == Policy::Lww);
+            position.seq = row.seq;
+            taken += 1;
+            page.push(feed_entry(row, device_id, lww)?);
+            if page.full() {
+                break;
+            }
+        }
+        Ok((position, taken == got && got < want))
+    }
+}
+
+/// A stored feed row as `device` receives it.
+/// `lww`: whether the entity's type is last-writer-wins, the only policy where the relay adds
+/// changes of its own to a mutation (its settlement), which the origin device still needs.
+pub(crate) fn feed_entry(row: FeedRow, device: uuid::Uuid, lww: bool) -> Result<FeedEntry, StoreError> {
+    let origin_is_device = row.origin_device == device;
+    let changes: Vec<Bytes> = if origin_is_device && !lww {
+        Vec::new()
+    } else {
+        ciborium::from_reader(row.changes.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("feed row {}: {e}", row.seq)))?
+    };
+    let payload = if origin_is_device {
+        // The origin has its own changes; it still needs any the relay added (LWW settlement).
+        let own = device_actor(device);
+        let relay_added: Vec<Bytes> = changes
+            .into_iter()
+            .filter(|c| parse_change(&c.0).map(|c| c.actor_id() != &own).unwrap_or(true))
+            .collect();
+        if relay_added.is_empty() {
+            FeedPayload::Own
+        } else {
+            FeedPayload::Changes(relay_added)
+        }
+    } else {
+        FeedPayload::Changes(changes)
+    };
+    let lww_losses: Vec<LwwLoss> = ciborium::from_reader(row.lww_losses.as_slice())
+        .map_err(|e| StoreError::Corrupt(format!("feed row {} losses: {e}", row.seq)))?;
+    Ok(FeedEntry {
+        seq: row.seq,
+        space_id: row.space_id,
+        entity_type: row.entity_type,
+        entity_id: row.entity_id,
+        version: row.version,
+        payload,
+        origin: Some(Origin {
+            device_id: row.origin_device,
+            user_id: row.origin_user,
+            mutation_id: row.mutation_id,
+            hlc: row.hlc,
+        }),
+        lww_losses,
+    })
+}

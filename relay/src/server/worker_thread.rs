@@ -1,0 +1,125 @@
+//! The threads that run the apply workers: each owns the workers of some shards (shard `n` on
+//! thread `n % threads`), takes every job waiting for them, lets each shard's worker decide and
+//! commit its jobs as one group, and sends the report back to the front thread. Different
+//! threads commit different shards at the same time: that is the relay using its cores.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use fieldsync_schema::{SystemTimeSource, TimeSource};
+use tokio::sync::mpsc;
+
+use super::metrics::Metrics;
+use crate::core::{Job, SpaceWorker, WorkerReport};
+use crate::store::sqlite::SqliteShard;
+
+/// The worker threads, as the front thread sees them: where to send each shard's jobs.
+pub(crate) struct WorkerPool {
+    senders: Vec<std_mpsc::Sender<(u32, Job)>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl WorkerPool {
+    /// Starts `threads` threads (at least one) over `workers`, reporting to `front`.
+    pub(crate) fn start(
+        workers: Vec<SpaceWorker<SqliteShard>>,
+        threads: usize,
+        front: mpsc::UnboundedSender<WorkerReport>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let threads = threads.clamp(1, workers.len().max(1));
+        let mut owned: Vec<Vec<SpaceWorker<SqliteShard>>> = (0..threads).map(|_| Vec::new()).collect();
+        for w in workers {
+            let t = w.shard() as usize % threads;
+            owned[t].push(w);
+        }
+        let mut senders = Vec::new();
+        let mut handles = Vec::new();
+        for (t, mine) in owned.into_iter().enumerate() {
+            let (tx, rx) = std_mpsc::channel();
+            let front = front.clone();
+            let metrics = metrics.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("relay-worker-{t}"))
+                    .spawn(move || run(mine, rx, front, metrics))?,
+            );
+            senders.push(tx);
+        }
+        Ok(WorkerPool {
+            senders,
+            threads: handles,
+        })
+    }
+
+    /// Sends each job to the thread of its shard.
+    pub(crate) fn dispatch(&self, jobs: Vec<(u32, Job)>) {
+        for (shard, job) in jobs {
+            let t = shard as usize % self.senders.len().max(1);
+            if let Some(tx) = self.senders.get(t)
+                && tx.send((shard, job)).is_err()
+            {
+                tracing::error!(shard, "a worker thread is gone; the batch stays unanswered");
+            }
+        }
+    }
+
+    /// Stops the threads after the groups they are committing, and waits for them.
+    pub(crate) fn stop(self) {
+        drop(self.senders);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(
+    mut workers: Vec<SpaceWorker<SqliteShard>>,
+    rx: std_mpsc::Receiver<(u32, Job)>,
+    front: mpsc::UnboundedSender<WorkerReport>,
+    metrics: Arc<Metrics>,
+) {
+    let clock = SystemTimeSource;
+    while let Ok(first) = rx.recv() {
+        let mut by_shard: BTreeMap<u32, Vec<Job>> = BTreeMap::new();
+        let mut next = Some(first);
+        while let Some((shard, job)) = next.take() {
+            by_shard.entry(shard).or_default().push(job);
+            next = rx.try_recv().ok();
+        }
+        for (shard, jobs) in by_shard {
+            let Some(worker) = workers.iter_mut().find(|w| w.shard() == shard) else {
+                continue;
+            };
+            let pushed: usize = jobs.iter().map(|j| j.mutations.len()).sum();
+            let started = Instant::now();
+            let report = worker.handle(jobs, clock.now_ms());
+            record_timings(
+                &metrics,
+                started.elapsed(),
+                worker.store_mut().take_commit_times(),
+                pushed,
+            );
+            if front.send(report).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Group time, commit time, and the per-mutation acceptance time derived from them.
+fn record_timings(metrics: &Metrics, group: Duration, commits: Vec<Duration>, pushed: usize) {
+    let Ok(mut t) = metrics.timings.lock() else { return };
+    t.group.observe(group);
+    let mut committing = Duration::ZERO;
+    for c in commits {
+        committing += c;
+        t.commit.observe(c);
+    }
+    if pushed > 0 {
+        let per = group.saturating_sub(committing).as_secs_f64() / pushed as f64;
+        t.apply.observe_n(per, pushed as u64);
+    }
+}

@@ -1,0 +1,217 @@
+//! The rows the relay stores, as the core and the admin tools see them.
+
+use fieldsync_schema::{Hlc, Role};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SpaceRow {
+    pub space_id: Uuid,
+    pub name: String,
+    pub created_ms: u64,
+    /// The shard holding the space's data, fixed at creation.
+    pub shard: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserRow {
+    pub user_id: Uuid,
+    pub name: String,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MembershipRow {
+    pub space_id: Uuid,
+    pub space_name: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceRow {
+    pub device_id: Uuid,
+    pub user_id: Uuid,
+    #[serde(with = "hex_bytes")]
+    pub public_key: Vec<u8>,
+    pub enrolled_ms: u64,
+    pub revoked_ms: Option<u64>,
+    pub last_seen_ms: Option<u64>,
+}
+
+mod hex_bytes {
+    pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+}
+
+/// A single-use enrollment token, stored by the SHA-256 of its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenRow {
+    #[serde(skip)]
+    pub token_hash: [u8; 32],
+    pub user_id: Uuid,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub used_ms: Option<u64>,
+    pub used_by: Option<Uuid>,
+}
+
+/// What the relay knows about an entity, without its Automerge bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentRow {
+    /// Dense local key: orders snapshots and links feed rows.
+    pub doc_key: u64,
+    pub entity_id: Uuid,
+    pub space_id: Uuid,
+    pub entity_type: String,
+    pub version: u64,
+    pub last_seq: u64,
+    pub deleted: bool,
+    pub signed: bool,
+    pub locked: bool,
+    /// LWW per-field stamps (JSON of `BTreeMap<String, LwwStamp>`); empty for other policies.
+    pub lww_stamps: String,
+}
+
+/// Who last won an LWW field, and at which relay version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LwwStamp {
+    pub hlc: Hlc,
+    pub device: Uuid,
+    pub mutation: Uuid,
+    pub version: u64,
+    /// The winning mutation's last Automerge change (hex): a later write saw this winner
+    /// exactly when its changes depend on it. Absent in stamps written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<String>,
+}
+
+/// The document state to write after a mutation. The Automerge bytes are not here: the changes
+/// live in the feed row, and the snapshot is refreshed separately (see `save_snapshot`).
+#[derive(Debug, Clone)]
+pub struct DocumentUpdate {
+    pub version: u64,
+    pub deleted: bool,
+    pub signed: bool,
+    pub locked: bool,
+    pub lww_stamps: String,
+}
+
+/// One applied mutation in a space's change feed.
+#[derive(Debug, Clone)]
+pub struct FeedRow {
+    /// Dense per space: 1, 2, ...
+    pub seq: u64,
+    pub doc_key: u64,
+    pub space_id: Uuid,
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    pub version: u64,
+    pub origin_device: Uuid,
+    pub origin_user: Uuid,
+    pub mutation_id: Uuid,
+    pub hlc: Hlc,
+    /// CBOR `Vec<Bytes>`: the Automerge changes the mutation added.
+    pub changes: Vec<u8>,
+    /// CBOR `Vec<LwwLoss>`.
+    pub lww_losses: Vec<u8>,
+}
+
+/// The stored answer for a mutation id, bound to the envelope it answered: a receipt is
+/// replayed only to a repeat of exactly that envelope (SPEC §18).
+#[derive(Debug, Clone)]
+pub struct ReceiptRow {
+    pub mutation_id: Uuid,
+    pub device_id: Uuid,
+    pub entity_id: Option<Uuid>,
+    pub space_id: Option<Uuid>,
+    /// [`fieldsync_schema::signing::envelope_hash`] of the answered envelope. `None` only for
+    /// receipts written before receipts were bound (see [`ReceiptRow::answers`]).
+    pub envelope_hash: Option<[u8; 32]>,
+    /// CBOR `Outcome`.
+    pub outcome: Vec<u8>,
+    pub created_ms: u64,
+}
+
+/// Whether a stored receipt answers a repeated envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptMatch {
+    /// The very envelope the receipt was written for.
+    Exact,
+    /// A receipt from before receipts were bound, whose entity and space (when known) agree:
+    /// it may be answered, but with nothing read from the stored document.
+    Unbound,
+    /// Anything else: a different envelope reusing the mutation id.
+    Different,
+}
+
+impl ReceiptRow {
+    pub fn answers(&self, m: &fieldsync_schema::Mutation) -> ReceiptMatch {
+        match self.envelope_hash {
+            Some(hash) if hash == fieldsync_schema::signing::envelope_hash(m) => ReceiptMatch::Exact,
+            Some(_) => ReceiptMatch::Different,
+            None if self.entity_id.is_some_and(|e| e != m.entity_id)
+                || self.space_id.is_some_and(|s| s != m.space_id) =>
+            {
+                ReceiptMatch::Different
+            }
+            None => ReceiptMatch::Unbound,
+        }
+    }
+}
+
+/// An audit record as stored (see [`crate::audit`] for the hash chain).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRow {
+    /// The row's place in its shard (export paging); not part of the hash.
+    pub audit_id: u64,
+    /// Dense per space: the record's place in its space's chain.
+    pub audit_seq: u64,
+    /// The feed seq of the mutation (per space).
+    pub seq: u64,
+    pub mutation_id: Uuid,
+    pub actor_id: Uuid,
+    pub device_id: Uuid,
+    pub space_id: Uuid,
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    pub kind: String,
+    pub version: u64,
+    pub before_json: String,
+    pub after_json: String,
+    pub client_ts: String,
+    pub server_ts_ms: u64,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// A losing version kept for operators (LWW loser, conflict-resolution loser).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ArchiveRow {
+    pub archive_id: u64,
+    pub kind: String,
+    pub space_id: Uuid,
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    pub field: Option<String>,
+    pub losing_json: String,
+    pub winning_json: String,
+    pub loser_device: Option<Uuid>,
+    pub loser_mutation: Option<Uuid>,
+    pub winner_device: Option<Uuid>,
+    pub winner_mutation: Option<Uuid>,
+    pub version: u64,
+    pub created_ms: u64,
+}
+
+/// Where a space's feed and audit chain stand, read and advanced inside the transaction that
+/// writes the space's next mutation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpaceHead {
+    /// The last feed seq (0: empty).
+    pub seq: u64,
+    /// The last audit record's place in the chain, and its hash ([`crate::audit::GENESIS_HASH`]
+    /// when there is none).
+    pub audit_seq: u64,
+    pub audit_hash: String,
+}
