@@ -280,6 +280,35 @@ pub fn open_device(dir: &Path, seed: u64) -> Device {
     Device::open(dir, Arc::new(SystemTimeSource), rng).expect("open device")
 }
 
+/// Sync options for tests: no progress bar on the test's output.
+pub fn quiet() -> fieldsync_peer::net::SyncOptions {
+    fieldsync_peer::net::SyncOptions {
+        progress: false,
+        ..fieldsync_peer::net::SyncOptions::default()
+    }
+}
+
+/// A current-thread runtime for driving the device library's async shell from a plain test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// A command's standard output as text.
+pub fn stdout_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A JSON literal's object (tests write fields as `json!({...})`).
+pub fn obj(v: Value) -> serde_json::Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("not an object: {other}"),
+    }
+}
+
 /// Polls `check` until it returns true or `within` passes; returns whether it did.
 pub fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;

@@ -5,14 +5,14 @@
 
 use std::sync::Arc;
 
-use fieldsync_peer::net::{self, SyncOptions};
+use fieldsync_peer::net;
 use fieldsync_peer::sync::SyncMachine;
 use fieldsync_peer::{Device, OutboxState, Resolution};
 use fieldsync_relay::store::ArchiveRow;
 use fieldsync_schema::document::actor_device;
 use fieldsync_schema::{EntityDoc, ManualTime, TimeSource};
 use fieldsync_tests::relay_files::RelayFiles;
-use fieldsync_tests::{Peer, Relay, open_device};
+use fieldsync_tests::{Peer, Relay, obj, open_device, quiet};
 use rand_core::SeedableRng;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -43,13 +43,6 @@ fn gym() -> Gym {
 
 fn device_id(p: &Peer) -> String {
     p.status()["device_id"].as_str().unwrap().to_string()
-}
-
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        other => panic!("not an object: {other}"),
-    }
 }
 
 /// The relay's files, read beside the running relay (WAL allows it).
@@ -536,13 +529,6 @@ fn delete_versus_edit_of_a_workout_is_a_conflict_either_way_round() {
     g.phone.ok(&["sync"]);
     assert_eq!(g.phone.get("workout", &edited_there)["deleted"], json!(false));
     assert_eq!(g.phone.get("workout", &deleted_there)["deleted"], json!(true));
-}
-
-fn quiet() -> SyncOptions {
-    SyncOptions {
-        progress: false,
-        ..SyncOptions::default()
-    }
 }
 
 fn sync(rt: &tokio::runtime::Runtime, dev: &mut Device) {

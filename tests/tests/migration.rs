@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use fieldsync_tests::relay_files::RelayFiles;
-use fieldsync_tests::{Peer, Relay};
+use fieldsync_tests::{Peer, Relay, stdout_of};
 use serde_json::{Value, json};
 
 fn fixture() -> PathBuf {
@@ -21,10 +21,6 @@ fn copy_dir(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).unwrap().flatten() {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 /// Points a device at a relay's new address (the fixture's relay listened on another port).
@@ -64,7 +60,7 @@ fn a_round_one_relay_and_device_upgrade_without_losing_or_repeating_anything() {
     // The old single-file database passes a restore drill (migrated in the scratch copy only).
     let before = std::fs::read(data.join("relay.db")).unwrap();
     let drill = Relay::cli(&["restore-drill", "--from", data.join("relay.db").to_str().unwrap()]);
-    assert!(drill.status.success(), "{}", stdout(&drill));
+    assert!(drill.status.success(), "{}", stdout_of(&drill));
     assert_eq!(
         std::fs::read(data.join("relay.db")).unwrap(),
         before,

@@ -4,30 +4,16 @@
 
 use std::time::Duration;
 
-use fieldsync_peer::net::{self, SyncOptions};
+use fieldsync_peer::net;
 use fieldsync_peer::sync::{SyncInput, SyncMachine};
 use fieldsync_peer::{Device, OutboxState};
 use fieldsync_relay::store::sqlite::SqliteBackend;
 use fieldsync_tests::attacker::version_of;
 use fieldsync_tests::proxy::Proxy;
-use fieldsync_tests::{Peer, Relay, eventually, open_device};
+use fieldsync_tests::{Peer, Relay, eventually, obj, open_device, quiet};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Map, Value, json};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-
-fn quiet() -> SyncOptions {
-    SyncOptions {
-        progress: false,
-        ..SyncOptions::default()
-    }
-}
-
-fn fields(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => panic!("not an object"),
-    }
-}
 
 fn enrolled_device(rt: &tokio::runtime::Runtime, dir: &std::path::Path, relay: &Relay, url: &str, seed: u64) -> Device {
     let mut dev = open_device(dir, seed);
@@ -82,8 +68,7 @@ fn the_relay_killed_mid_push_loses_nothing_acknowledged_and_the_device_finishes_
     let mut dev = enrolled_device(&rt, &dev_dir, &relay, &url, 1);
     let total = 3000;
     for i in 0..total {
-        dev.put("patient", None, fields(json!({"name": format!("P{i}")})))
-            .unwrap();
+        dev.put("patient", None, obj(json!({"name": format!("P{i}")}))).unwrap();
     }
     // Push in the background; kill the relay as soon as some of it is acknowledged.
     let handle = std::thread::spawn(move || {
@@ -157,7 +142,7 @@ fn connections_cut_repeatedly_never_roll_back_a_local_edit_and_retries_reuse_ids
     let mut ids = Vec::new();
     for i in 0..1500 {
         ids.push(
-            dev.put("patient", None, fields(json!({"name": format!("P{i}")})))
+            dev.put("patient", None, obj(json!({"name": format!("P{i}")})))
                 .unwrap()
                 .entity_id,
         );
@@ -171,7 +156,7 @@ fn connections_cut_repeatedly_never_roll_back_a_local_edit_and_retries_reuse_ids
         assert!(rounds < 200, "never finished");
         // Edit locally between attempts: edits must survive whatever the network does.
         let edited = ids[rounds % ids.len()];
-        dev.update("patient", edited, fields(json!({"mrn": format!("r{rounds}")})))
+        dev.update("patient", edited, obj(json!({"mrn": format!("r{rounds}")})))
             .unwrap();
         let before = proxy.upstream_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let cutter = {

@@ -9,31 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fieldsync_peer::OutboxState;
-use fieldsync_peer::net::{self, SyncOptions, WatchEvent};
+use fieldsync_peer::net::{self, WatchEvent};
 use fieldsync_peer::sync::SyncMachine;
 use fieldsync_relay::store::Backend;
 use fieldsync_relay::store::sqlite::SqliteBackend;
-use fieldsync_tests::{Peer, Relay, eventually, http_get, metric, open_device};
+use fieldsync_tests::{Peer, Relay, eventually, http_get, metric, open_device, quiet, runtime, stdout_of};
 use serde_json::{Value, json};
 use uuid::Uuid;
-
-fn quiet() -> SyncOptions {
-    SyncOptions {
-        progress: false,
-        ..SyncOptions::default()
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -85,7 +67,7 @@ fn a_backup_taken_under_load_restores_with_every_acknowledged_mutation_present()
     let backup = dir.path().join("backups/relay");
     let out = Relay::cli(&["backup", "--data", p(&relay.data), "--to", p(&backup), "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let written: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let written: Value = serde_json::from_str(&stdout_of(&out)).unwrap();
     assert!(written["backup"]["bytes"].as_u64().unwrap() > 0);
     // The load went on during and after the backup.
     assert!(
@@ -96,7 +78,7 @@ fn a_backup_taken_under_load_restores_with_every_acknowledged_mutation_present()
     load.join().unwrap();
 
     let drill = Relay::cli(&["restore-drill", "--from", p(&backup)]);
-    let verdict = stdout(&drill);
+    let verdict = stdout_of(&drill);
     assert!(drill.status.success(), "{verdict}");
     assert!(verdict.starts_with("restore-drill: OK"), "{verdict}");
 
@@ -139,8 +121,8 @@ fn restore_drill_on_a_corrupted_or_doctored_copy_fails_loudly() {
     a.ok(&["sync"]);
     let backup = dir.path().join("good");
     let out = Relay::cli(&["backup", "--data", p(&relay.data), "--to", p(&backup), "--verify"]);
-    assert!(out.status.success(), "{}", stdout(&out));
-    assert!(stdout(&out).contains("restore-drill: OK"), "{}", stdout(&out));
+    assert!(out.status.success(), "{}", stdout_of(&out));
+    assert!(stdout_of(&out).contains("restore-drill: OK"), "{}", stdout_of(&out));
     // The clinic's data lives in the largest shard file.
     let shard_of_clinic = std::fs::read_dir(backup.join("shards"))
         .unwrap()
@@ -168,9 +150,13 @@ fn restore_drill_on_a_corrupted_or_doctored_copy_fails_loudly() {
     }
     std::fs::write(&shard, &bytes).unwrap();
     let out = Relay::cli(&["restore-drill", "--from", p(&corrupted)]);
-    assert!(!out.status.success(), "a corrupted backup passed: {}", stdout(&out));
-    assert!(stdout(&out).starts_with("restore-drill: FAILED: "), "{}", stdout(&out));
-    assert_eq!(stdout(&out).lines().count(), 1, "one verdict line");
+    assert!(!out.status.success(), "a corrupted backup passed: {}", stdout_of(&out));
+    assert!(
+        stdout_of(&out).starts_with("restore-drill: FAILED: "),
+        "{}",
+        stdout_of(&out)
+    );
+    assert_eq!(stdout_of(&out).lines().count(), 1, "one verdict line");
 
     // A sound SQLite file whose audit history was edited behind the triggers' back.
     let (doctored, shard) = copy_backup("doctored");
@@ -183,7 +169,7 @@ fn restore_drill_on_a_corrupted_or_doctored_copy_fails_loudly() {
     drop(conn);
     let out = Relay::cli(&["restore-drill", "--from", p(&doctored), "--json"]);
     assert!(!out.status.success());
-    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let report: Value = serde_json::from_str(&stdout_of(&out)).unwrap();
     let verdict = report["verdict"].as_str().unwrap();
     assert!(verdict.contains("audit chain broken at record 7"), "{verdict}");
 
@@ -400,9 +386,9 @@ fn admin_commands_cover_users_tokens_devices_audit_conflicts_and_stats() {
     assert!(chains.iter().all(|c| c["first_bad"].is_null()), "{verify}");
     let text = Relay::cli(&["admin", "--data", p(&relay.data), "audit", "verify"]);
     assert!(
-        stdout(&text).starts_with("audit chains OK: 3 records verified in 2 spaces"),
+        stdout_of(&text).starts_with("audit chains OK: 3 records verified in 2 spaces"),
         "{}",
-        stdout(&text)
+        stdout_of(&text)
     );
     // A sequence number is per space: without one named, it is refused.
     let ambiguous = Relay::cli(&["admin", "--data", p(&relay.data), "audit", "export", "--since", "2"]);
@@ -423,7 +409,7 @@ fn admin_commands_cover_users_tokens_devices_audit_conflicts_and_stats() {
         "2",
     ]);
     assert!(export.status.success(), "{export:?}");
-    let lines: Vec<Value> = stdout(&export)
+    let lines: Vec<Value> = stdout_of(&export)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -440,7 +426,7 @@ fn admin_commands_cover_users_tokens_devices_audit_conflicts_and_stats() {
         "--since",
         "2000-01-01",
     ]);
-    assert_eq!(stdout(&all).lines().count(), 3);
+    assert_eq!(stdout_of(&all).lines().count(), 3);
 
     let stats = relay.admin(&["stats"]);
     assert_eq!(stats["counts"]["audit"], json!(3));
@@ -448,7 +434,7 @@ fn admin_commands_cover_users_tokens_devices_audit_conflicts_and_stats() {
     assert_eq!(stats["counts"]["archive"], json!(1));
     // Text output exists for every command too.
     let text = Relay::cli(&["admin", "--data", p(&relay.data), "stats"]);
-    assert!(stdout(&text).contains("audit records 3"), "{}", stdout(&text));
+    assert!(stdout_of(&text).contains("audit records 3"), "{}", stdout_of(&text));
 }
 
 #[test]
@@ -556,7 +542,7 @@ fn the_config_file_drives_scheduled_verified_backups_with_retention_and_json_log
     let files = fieldsync_relay::backup::scheduled_backups(&dir.path().join("backups")).unwrap();
     assert_eq!(files.len(), 2, "retention keeps the newest 2: {files:?}");
     let drill = Relay::cli(&["restore-drill", "--from", p(&files[1])]);
-    assert!(drill.status.success(), "{}", stdout(&drill));
+    assert!(drill.status.success(), "{}", stdout_of(&drill));
     // Every log line is one JSON object; backups are logged with their drill verdict.
     let logs = lines.lock().unwrap();
     let json_lines: Vec<Value> = logs

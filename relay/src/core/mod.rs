@@ -122,7 +122,9 @@ pub struct RelayConfig {
     pub pull_page_bytes: usize,
     /// Re-save a document's snapshot after this many changes since the last one.
     pub snapshot_every: u64,
-    /// Parsed documents kept in memory, per worker.
+    /// Parsed documents kept in memory by the whole relay, shared out evenly between the
+    /// shards' workers. An Automerge document in memory is tens of KiB, so this is the main
+    /// knob of the relay's resident memory (`--doc-cache`).
     pub doc_cache_capacity: usize,
     /// Sustained mutations per second per connection, and the burst allowed above it.
     pub rate_per_sec: f64,
@@ -149,10 +151,11 @@ impl Default for RelayConfig {
 }
 
 impl RelayConfig {
-    pub fn worker(&self) -> worker::WorkerConfig {
+    /// The configuration of one of `shards` workers: its share of the document cache.
+    pub fn worker(&self, shards: u32) -> worker::WorkerConfig {
         worker::WorkerConfig {
             snapshot_every: self.snapshot_every,
-            doc_cache_capacity: self.doc_cache_capacity,
+            doc_cache_capacity: (self.doc_cache_capacity / shards.max(1) as usize).max(1),
         }
     }
 }
@@ -288,7 +291,7 @@ impl<B: Backend> RelayCore<B> {
                 backend.open_shard(n)?,
                 others,
                 schema.clone(),
-                config.worker(),
+                config.worker(shards),
                 relay_id,
             ));
         }

@@ -6,7 +6,7 @@
 //! the worker threads and routes the outputs to the connection tasks.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +23,8 @@ use crate::store::sqlite::{SqliteDirectory, SqliteShard};
 /// The front as the server runs it.
 pub(crate) type ServerFront = Front<SqliteDirectory, SqliteShard>;
 
-use super::{MAX_GROUP, SEND_QUEUE_BYTES};
+use super::outbound::{OutboundBudget, Unsent};
+use super::{APPLY_BACKLOG, MAX_GROUP};
 
 pub(crate) enum CoreInput {
     Open {
@@ -96,12 +97,12 @@ impl StatusSnapshot {
     }
 }
 
-struct Route {
-    tx: mpsc::Sender<Outbound>,
-    kill: watch::Sender<bool>,
-    queued_bytes: Arc<AtomicUsize>,
+pub(crate) struct Route {
+    pub(crate) tx: mpsc::Sender<Outbound>,
+    pub(crate) kill: watch::Sender<bool>,
+    pub(crate) queued_bytes: Arc<AtomicUsize>,
     /// The authenticated device's user, looked up once for log lines.
-    user: Option<uuid::Uuid>,
+    pub(crate) user: Option<uuid::Uuid>,
 }
 
 /// Logs the outcome of every mutation in a push result with the device, user and mutation
@@ -188,6 +189,8 @@ pub(crate) fn run(
             .core
             .next_wakeup()
             .map(|at| Duration::from_millis(at.saturating_sub(clock.now_ms())));
+        // While the workers are behind, only their reports (and the timer) wake the thread.
+        let taking_input = thread.workers.backlog() < APPLY_BACKLOG;
         let woke = waiter.block_on(async {
             let timer = async {
                 match wait {
@@ -198,7 +201,7 @@ pub(crate) fn run(
             tokio::select! {
                 biased;
                 Some(report) = reports.recv() => Wake::Report(report),
-                input = rx.recv() => match input {
+                input = rx.recv(), if taking_input => match input {
                     Some(input) => Wake::Input(input),
                     None => Wake::Gone,
                 },
@@ -259,7 +262,8 @@ impl CoreThread {
         while let Ok(report) = reports.try_recv() {
             turn.reports.push(report);
         }
-        let mut next = first.or_else(|| rx.try_recv().ok());
+        let taking_input = || self.workers.backlog() < APPLY_BACKLOG;
+        let mut next = first.or_else(|| if taking_input() { rx.try_recv().ok() } else { None });
         while let Some(input) = next.take() {
             match input {
                 CoreInput::Open {
@@ -357,6 +361,7 @@ impl CoreThread {
             }));
         }
         let mut gone = Vec::new();
+        let mut budget = OutboundBudget::measure(&self.routes);
         for output in outputs {
             let (conn, msg) = match output {
                 Output::Send(conn, msg) => {
@@ -384,7 +389,7 @@ impl CoreThread {
             if let Outbound::Message { msg: m, .. } = &msg {
                 log_outcomes(&self.core, route, conn, m);
             }
-            match enqueue(route, msg) {
+            match budget.enqueue(route, msg) {
                 Ok(()) => continue,
                 Err(Unsent::Full) => {
                     // A device that does not read its messages is cut off rather than buffered
@@ -421,33 +426,6 @@ impl CoreThread {
         s.send_queue_max = max;
         s.stats = self.core.stats().clone();
     }
-}
-
-enum Unsent {
-    Full,
-    Closed,
-}
-
-/// Queues one message for a connection, counting its estimated bytes against
-/// [`SEND_QUEUE_BYTES`]: messages, not only their number, are bounded (one can be megabytes).
-fn enqueue(route: &Route, msg: Outbound) -> Result<(), Unsent> {
-    let size = match &msg {
-        Outbound::Message { size, .. } => *size,
-        _ => 0,
-    };
-    let queued = route.queued_bytes.fetch_add(size, Ordering::Relaxed) + size;
-    let result = if queued > SEND_QUEUE_BYTES {
-        Err(Unsent::Full)
-    } else {
-        route.tx.try_send(msg).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Unsent::Full,
-            mpsc::error::TrySendError::Closed(_) => Unsent::Closed,
-        })
-    };
-    if result.is_err() {
-        route.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-    }
-    result
 }
 
 #[cfg(test)]

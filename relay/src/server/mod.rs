@@ -15,6 +15,7 @@ mod connection;
 mod core_thread;
 mod http;
 mod metrics;
+mod outbound;
 mod scheduled;
 pub mod tls;
 mod worker_thread;
@@ -49,6 +50,12 @@ pub const SEND_QUEUE: usize = 256;
 /// (`fieldsync_schema::wire::MAX_*_IN_FLIGHT`) this bounds what one connection makes the relay
 /// hold (see ARCHITECTURE.md, "Trust boundaries").
 pub const SEND_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// Estimated bytes queued for all connections together. Over it, a live entry for a connection
+/// holding more than its fair share (the budget divided among the connections, at least
+/// [`OUTBOUND_FAIR_SHARE_MIN`]) cuts that connection as a slow reader; it reconnects and pulls.
+pub const OUTBOUND_BUDGET_BYTES: usize = 256 * 1024 * 1024;
+/// The least a connection may hold in live entries when the relay-wide budget is spent.
+pub const OUTBOUND_FAIR_SHARE_MIN: usize = 256 * 1024;
 /// Bytes of received messages waiting for the core, all connections together. When it is
 /// spent, connection tasks stop reading their sockets (TCP pushes back) instead of the relay's
 /// memory growing.
@@ -57,6 +64,13 @@ pub const INBOUND_BUDGET_BYTES: u32 = 256 * 1024 * 1024;
 pub const CORE_QUEUE: usize = 8192;
 /// Most messages the core takes into one group commit.
 pub const MAX_GROUP: usize = 4096;
+/// Mutations handed to the apply workers and not yet decided before the front thread stops
+/// taking new input. Without it the workers' queues, not the inbound budget, hold a flood: the
+/// budget is returned when the front has routed a message, long before a busy worker applies
+/// it. A few seconds of work at full speed (a smaller bound starved one worker thread while
+/// the other held the backlog); past it, waiting messages stay in the bounded
+/// core queue with their budget held, and connections stop reading (TCP pushes back).
+pub const APPLY_BACKLOG: usize = 16_384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

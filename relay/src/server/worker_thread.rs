@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,9 @@ use crate::store::sqlite::SqliteShard;
 pub(crate) struct WorkerPool {
     senders: Vec<std_mpsc::Sender<(u32, Job)>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Mutations sent to the threads and not yet decided: the apply backlog, which the front
+    /// thread keeps under [`super::APPLY_BACKLOG`] by not reading new input while it is over.
+    backlog: Arc<AtomicUsize>,
 }
 
 impl WorkerPool {
@@ -37,20 +41,23 @@ impl WorkerPool {
         }
         let mut senders = Vec::new();
         let mut handles = Vec::new();
+        let backlog = Arc::new(AtomicUsize::new(0));
         for (t, mine) in owned.into_iter().enumerate() {
             let (tx, rx) = std_mpsc::channel();
             let front = front.clone();
             let metrics = metrics.clone();
+            let backlog = backlog.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("relay-worker-{t}"))
-                    .spawn(move || run(mine, rx, front, metrics))?,
+                    .spawn(move || run(mine, rx, front, metrics, backlog))?,
             );
             senders.push(tx);
         }
         Ok(WorkerPool {
             senders,
             threads: handles,
+            backlog,
         })
     }
 
@@ -58,12 +65,20 @@ impl WorkerPool {
     pub(crate) fn dispatch(&self, jobs: Vec<(u32, Job)>) {
         for (shard, job) in jobs {
             let t = shard as usize % self.senders.len().max(1);
+            let weight = job_weight(&job);
+            self.backlog.fetch_add(weight, Ordering::Relaxed);
             if let Some(tx) = self.senders.get(t)
                 && tx.send((shard, job)).is_err()
             {
+                self.backlog.fetch_sub(weight, Ordering::Relaxed);
                 tracing::error!(shard, "a worker thread is gone; the batch stays unanswered");
             }
         }
+    }
+
+    /// Mutations dispatched and not yet decided.
+    pub(crate) fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
     }
 
     /// Stops the threads after the groups they are committing, and waits for them.
@@ -80,6 +95,7 @@ fn run(
     rx: std_mpsc::Receiver<(u32, Job)>,
     front: mpsc::UnboundedSender<WorkerReport>,
     metrics: Arc<Metrics>,
+    backlog: Arc<AtomicUsize>,
 ) {
     let clock = SystemTimeSource;
     while let Ok(first) = rx.recv() {
@@ -94,8 +110,10 @@ fn run(
                 continue;
             };
             let pushed: usize = jobs.iter().map(|j| j.mutations.len()).sum();
+            let weight: usize = jobs.iter().map(job_weight).sum();
             let started = Instant::now();
             let report = worker.handle(jobs, clock.now_ms());
+            backlog.fetch_sub(weight, Ordering::Relaxed);
             record_timings(
                 &metrics,
                 started.elapsed(),
@@ -107,6 +125,12 @@ fn run(
             }
         }
     }
+}
+
+/// What a job counts for in the backlog: its mutations, and at least one (a job of only
+/// not-attempted ids still waits for its turn).
+fn job_weight(job: &Job) -> usize {
+    job.mutations.len().max(1)
 }
 
 /// Group time, commit time, and the per-mutation acceptance time derived from them.

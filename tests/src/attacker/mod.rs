@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fieldsync_schema::{ClientMessage, DeviceKey, Outcome, Schema};
-use serde_json::{Map, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
@@ -76,12 +75,7 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-pub fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        other => panic!("not an object: {other}"),
-    }
-}
+pub use crate::obj;
 
 pub fn schema_hash() -> fieldsync_schema::SchemaHash {
     Schema::default_schema().hash()

@@ -52,7 +52,7 @@ pub struct ServeArgs {
     /// Shard files of a data directory created now (fixed for its life) [default: 4].
     #[arg(long, value_name = "N")]
     shards: Option<u32>,
-    /// Documents each worker keeps parsed in memory [default: 4096].
+    /// Documents kept parsed in memory, shared between the shards [default: 4096].
     #[arg(long, value_name = "N")]
     doc_cache: Option<usize>,
 }

@@ -58,7 +58,7 @@ pub(crate) fn connect(path: &Path) -> StoreResult<Connection> {
         )));
     }
     conn.execute_batch(
-        "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA cache_size=-65536;",
+        "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA cache_size=-8192;",
     )?;
     // Every hot statement stays prepared: rusqlite's default cache (16) is smaller than the
     // store's set of statements, and re-parsing SQL showed up in profiles.
