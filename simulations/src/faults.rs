@@ -29,7 +29,14 @@ impl World {
             Fault::DeviceCrash => (HOUR, 12 * HOUR),
             Fault::Skew => (3 * HOUR, 24 * HOUR),
         };
-        Some(self.rng.faults.between(lo, hi))
+        // A swarm shape fires faults more or less often than usual.
+        let rate = self.opts.shape.fault_rate;
+        let (lo, hi) = if rate == 1.0 {
+            (lo, hi)
+        } else {
+            ((lo as f64 / rate) as u64, (hi as f64 / rate) as u64)
+        };
+        Some(self.rng.faults.between(lo.max(1), hi.max(1)))
     }
 
     pub fn inject(&mut self, f: Fault) {

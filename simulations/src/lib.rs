@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use options::{Fault, FaultSet, InjectedBug, SimOptions};
+pub use options::{Fault, FaultSet, InjectedBug, Shape, SimOptions, SwarmBounds};
 pub use report::Report;
 
 use crate::clock::{HOUR, SECOND};
@@ -127,6 +127,7 @@ pub fn run(opts: SimOptions, trace: Option<&Path>, progress: bool) -> anyhow::Re
         steps: opts.steps,
         faults: opts.faults.to_string(),
         bug: opts.bug.map(|b| format!("{b:?}")),
+        shape: opts.shape.clone(),
         simulated_hours: sim_ms as f64 / HOUR as f64,
         wall_seconds: wall,
         events_per_second: events as f64 / wall.max(1e-9),

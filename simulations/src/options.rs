@@ -134,7 +134,31 @@ impl FromStr for InjectedBug {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// How a run's world behaves beyond its size and fault kinds: how often faults fire and how
+/// the users write. The default is the shape every fixed-size run has always had (old seeds and
+/// traces keep their meaning); a swarm run draws it from the seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Shape {
+    /// How often each fault kind fires, as a multiple of its usual rate (its gaps divided by it).
+    pub fault_rate: f64,
+    /// Chance that an edit goes to one of the two hot records of its type.
+    pub hot_skew: f64,
+    /// Chance that the next user acts within seconds of the last (a busy moment).
+    pub burst: f64,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape {
+            fault_rate: 1.0,
+            hot_skew: 0.7,
+            burst: 0.3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SimOptions {
     pub seed: u64,
     pub devices: usize,
@@ -142,6 +166,8 @@ pub struct SimOptions {
     pub steps: u64,
     pub faults: FaultSet,
     pub bug: Option<InjectedBug>,
+    #[serde(default)]
+    pub shape: Shape,
 }
 
 impl Default for SimOptions {
@@ -152,6 +178,62 @@ impl Default for SimOptions {
             steps: 300,
             faults: FaultSet::all(),
             bug: None,
+            shape: Shape::default(),
+        }
+    }
+}
+
+/// The bounds a swarm run draws its shape from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwarmBounds {
+    pub devices: (u64, u64),
+    pub steps: (u64, u64),
+}
+
+impl SwarmBounds {
+    /// The hunting range: 2–24 devices, 100–1,500 steps.
+    pub const HUNT: SwarmBounds = SwarmBounds {
+        devices: (2, 24),
+        steps: (100, 1_500),
+    };
+    /// CI's range, smaller so that 300 seeds fit its budget in the test build (2–8 devices,
+    /// 60–300 steps).
+    pub const CI: SwarmBounds = SwarmBounds {
+        devices: (2, 8),
+        steps: (60, 300),
+    };
+}
+
+impl SimOptions {
+    /// A swarm run (TigerBeetle's swarm testing): the seed draws the whole shape of the run —
+    /// its size, which faults are on and how often they fire, how skewed towards hot records the
+    /// writes are and how bursty — so a sweep covers combinations no one wrote down. The draw
+    /// has its own stream: the run itself then uses the seed exactly as a fixed-shape run does.
+    pub fn swarm(seed: u64, bounds: SwarmBounds) -> SimOptions {
+        use crate::rng::{Draw, stream};
+        let mut rng = stream(seed, "swarm");
+        let devices = rng.between(bounds.devices.0, bounds.devices.1) as usize;
+        let steps = rng.between(bounds.steps.0, bounds.steps.1);
+        let mut faults = BTreeSet::new();
+        for f in Fault::ALL {
+            if rng.chance(0.6) {
+                faults.insert(f);
+            }
+        }
+        let fault_rate = *rng.pick(&[0.25, 0.5, 1.0, 2.0, 4.0]).unwrap_or(&1.0);
+        let hot_skew = rng.between(0, 95) as f64 / 100.0;
+        let burst = rng.between(0, 80) as f64 / 100.0;
+        SimOptions {
+            seed,
+            devices,
+            steps,
+            faults: FaultSet(faults),
+            bug: None,
+            shape: Shape {
+                fault_rate,
+                hot_skew,
+                burst,
+            },
         }
     }
 }
@@ -159,6 +241,34 @@ impl Default for SimOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_swarm_shape_is_the_seeds_own_and_stays_in_bounds() {
+        assert_eq!(
+            SimOptions::swarm(7, SwarmBounds::HUNT),
+            SimOptions::swarm(7, SwarmBounds::HUNT)
+        );
+        let shapes: Vec<SimOptions> = (0..200).map(|s| SimOptions::swarm(s, SwarmBounds::HUNT)).collect();
+        for o in &shapes {
+            assert!(
+                (2..=24).contains(&o.devices) && (100..=1_500).contains(&o.steps),
+                "{o:?}"
+            );
+            assert!((0.0..=0.95).contains(&o.shape.hot_skew) && (0.0..=0.8).contains(&o.shape.burst));
+        }
+        // The draws vary: sizes, fault sets and rates all take several values.
+        let distinct = |f: &dyn Fn(&SimOptions) -> String| shapes.iter().map(f).collect::<BTreeSet<_>>().len();
+        assert!(distinct(&|o| o.devices.to_string()) > 10);
+        assert!(distinct(&|o| o.faults.to_string()) > 50);
+        assert_eq!(distinct(&|o| o.shape.fault_rate.to_string()), 5);
+    }
+
+    #[test]
+    fn an_old_trace_header_without_a_shape_reads_as_the_default_shape() {
+        let old = r#"{"seed":3,"devices":8,"steps":600,"faults":["latency"],"bug":null}"#;
+        let o: SimOptions = serde_json::from_str(old).unwrap();
+        assert_eq!(o.shape, Shape::default());
+    }
 
     #[test]
     fn fault_lists_parse_and_print() {

@@ -34,6 +34,7 @@ pub struct Report {
     pub steps: u64,
     pub faults: String,
     pub bug: Option<String>,
+    pub shape: crate::options::Shape,
     pub simulated_hours: f64,
     pub wall_seconds: f64,
     pub events_per_second: f64,
@@ -66,6 +67,12 @@ impl Report {
                 .map(|b| format!(", injected bug {b}"))
                 .unwrap_or_default()
         ));
+        if self.shape != crate::options::Shape::default() {
+            s.push_str(&format!(
+                "  swarm shape: faults at {}× their usual rate, hot-record skew {:.2}, bursts {:.2}\n",
+                self.shape.fault_rate, self.shape.hot_skew, self.shape.burst
+            ));
+        }
         s.push_str(&format!(
             "  simulated {:.1} h in {:.2} s wall ({} events, {:.0} events/s)\n",
             self.simulated_hours, self.wall_seconds, self.stats.events, self.events_per_second

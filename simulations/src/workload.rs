@@ -64,13 +64,14 @@ fn ids(dev: &Device, ty: &str) -> Vec<Uuid> {
         .unwrap_or_default()
 }
 
-/// Hot records: a couple of records (the lowest ids, the same on every device) get most of
-/// the edits, from every device that has them.
-fn pick_hot(rng: &mut ChaCha20Rng, items: &[Uuid]) -> Option<Uuid> {
+/// Hot records: a couple of records (the lowest ids, the same on every device) get a share
+/// `hot_skew` of the edits (70 % unless a swarm shape says otherwise), from every device that
+/// has them.
+fn pick_hot(rng: &mut ChaCha20Rng, hot_skew: f64, items: &[Uuid]) -> Option<Uuid> {
     if items.is_empty() {
         return None;
     }
-    if rng.chance(0.7) {
+    if rng.chance(hot_skew) {
         let hot = items.len().min(2);
         return rng.pick(&items[..hot]).copied();
     }
@@ -111,7 +112,7 @@ fn stamp(now_ms: u64) -> String {
     format!("{}Z", &s[..19])
 }
 
-fn clinic_action(rng: &mut ChaCha20Rng, dev: &Device, role: Role, n: u64, now: u64) -> Option<Action> {
+fn clinic_action(rng: &mut ChaCha20Rng, hot_skew: f64, dev: &Device, role: Role, n: u64, now: u64) -> Option<Action> {
     let patients = ids(dev, "patient");
     let sessions = ids(dev, "session");
     let notes = ids(dev, "note");
@@ -132,12 +133,12 @@ fn clinic_action(rng: &mut ChaCha20Rng, dev: &Device, role: Role, n: u64, now: u
         20..=31 => Action::Put {
             ty: "set",
             id: None,
-            fields: json!({"session_id": pick_hot(rng, &sessions)?.to_string(), "exercise_name": rng.pick(&EXERCISES)?,
+            fields: json!({"session_id": pick_hot(rng, hot_skew, &sessions)?.to_string(), "exercise_name": rng.pick(&EXERCISES)?,
                 "reps": rng.between(1, 15), "weight_kg": rng.between(0, 80) as f64 / 2.0, "rpe": rng.between(1, 10)}),
         },
         32..=49 => Action::Put {
             ty: "session",
-            id: Some(pick_hot(rng, &sessions)?),
+            id: Some(pick_hot(rng, hot_skew, &sessions)?),
             fields: json!({"status": rng.pick(&statuses())?, "pain_after": rng.below(11)}),
         },
         50..=57 => Action::Put {
@@ -146,7 +147,7 @@ fn clinic_action(rng: &mut ChaCha20Rng, dev: &Device, role: Role, n: u64, now: u
             fields: json!({"patient_id": rng.pick(&patients)?.to_string(), "body": format!("Note {n}: knee flexion improving.")}),
         },
         58..=69 => {
-            let id = pick_hot(rng, &notes)?;
+            let id = pick_hot(rng, hot_skew, &notes)?;
             let body = dev.get(id).ok()??.fields.get("body")?.as_str()?.to_string();
             let chars: Vec<char> = body.chars().collect();
             let at = rng.below(chars.len() as u64 + 1) as usize;
@@ -163,7 +164,7 @@ fn clinic_action(rng: &mut ChaCha20Rng, dev: &Device, role: Role, n: u64, now: u
         },
         75..=78 => Action::Put {
             ty: "intake_form",
-            id: Some(pick_hot(rng, &forms)?),
+            id: Some(pick_hot(rng, hot_skew, &forms)?),
             fields: json!({"answers": format!("Answers v{n}")}),
         },
         79..=81 => Action::Lock {
@@ -172,11 +173,11 @@ fn clinic_action(rng: &mut ChaCha20Rng, dev: &Device, role: Role, n: u64, now: u
         },
         82..=84 => Action::Delete {
             ty: "session",
-            id: pick_hot(rng, &sessions)?,
+            id: pick_hot(rng, hot_skew, &sessions)?,
         },
         85..=92 => Action::Put {
             ty: "patient",
-            id: Some(pick_hot(rng, &patients)?),
+            id: Some(pick_hot(rng, hot_skew, &patients)?),
             fields: json!({"mrn": format!("M-{n}")}),
         },
         _ => Action::Put {
@@ -188,7 +189,15 @@ fn clinic_action(rng: &mut ChaCha20Rng, dev: &Device, role: Role, n: u64, now: u
     Some(action)
 }
 
-fn gym_action(rng: &mut ChaCha20Rng, dev: &Device, user: &str, role: Role, n: u64, now: u64) -> Option<Action> {
+fn gym_action(
+    rng: &mut ChaCha20Rng,
+    hot_skew: f64,
+    dev: &Device,
+    user: &str,
+    role: Role,
+    n: u64,
+    now: u64,
+) -> Option<Action> {
     let workouts = ids(dev, "workout");
     let volumes = ids(dev, "volume");
     let checkins = ids(dev, "checkin");
@@ -217,7 +226,7 @@ fn gym_action(rng: &mut ChaCha20Rng, dev: &Device, user: &str, role: Role, n: u6
         return Some(match roll {
             0..=39 => Action::Put {
                 ty: "workout",
-                id: Some(pick_hot(rng, &workouts)?),
+                id: Some(pick_hot(rng, hot_skew, &workouts)?),
                 fields: json!({"notes": format!("Coach note {n}"), "rpe": rng.between(1, 10)}),
             },
             40..=59 => Action::Put {
@@ -274,7 +283,7 @@ fn gym_action(rng: &mut ChaCha20Rng, dev: &Device, user: &str, role: Role, n: u6
         },
         69..=80 => Action::Put {
             ty: "workout",
-            id: Some(pick_hot(rng, &workouts)?),
+            id: Some(pick_hot(rng, hot_skew, &workouts)?),
             fields: json!({"notes": format!("Felt good {n}"), "duration_min": rng.between(20, 90)}),
         },
         81..=89 => Action::Put {
@@ -339,7 +348,7 @@ impl World {
         if self.stats.steps < self.opts.steps {
             // Users act every few minutes on average (a few hundred steps span days), and now
             // and then several act within seconds of each other (a busy moment at the clinic).
-            let gap = if self.rng.workload.chance(0.3) {
+            let gap = if self.rng.workload.chance(self.opts.shape.burst) {
                 self.rng.workload.between(100, 5_000)
             } else {
                 self.rng.workload.between(MINUTE, 40 * MINUTE)
@@ -351,13 +360,14 @@ impl World {
     fn user_acts(&mut self, i: usize, n: u64) {
         let user = &USERS[self.devices[i].user];
         let (role, name, space) = (user.role, user.name, user.space);
+        let hot_skew = self.opts.shape.hot_skew;
         let d = &mut self.devices[i];
         let device_now = d.device_now();
         let Some(dev) = d.dev.as_mut() else { return };
         let action = if space == "clinic" {
-            clinic_action(&mut self.rng.workload, dev, role, n, device_now)
+            clinic_action(&mut self.rng.workload, hot_skew, dev, role, n, device_now)
         } else {
-            gym_action(&mut self.rng.workload, dev, name, role, n, device_now)
+            gym_action(&mut self.rng.workload, hot_skew, dev, name, role, n, device_now)
         };
         let Some(action) = action else {
             self.stats.idle_steps += 1;

@@ -14,6 +14,7 @@ fn passes(seed: u64, devices: usize, steps: u64) {
             steps,
             faults: FaultSet::all(),
             bug: None,
+            shape: Default::default(),
         },
         Some(&trace),
         false,

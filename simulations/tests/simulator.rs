@@ -10,6 +10,7 @@ fn opts(seed: u64, steps: u64) -> SimOptions {
         steps,
         faults: FaultSet::all(),
         bug: None,
+        shape: Default::default(),
     }
 }
 

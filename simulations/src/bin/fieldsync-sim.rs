@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Parser;
 use fieldsync_schema::outln;
-use fieldsync_simulations::{FaultSet, InjectedBug, Report, SimOptions, run};
+use fieldsync_simulations::{FaultSet, InjectedBug, Report, SimOptions, SwarmBounds, run};
 
 #[derive(Parser)]
 #[command(
@@ -120,6 +120,18 @@ struct SimArgs {
     /// Print JSON instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Swarm testing: each seed draws its own shape (2–24 devices, 100–1,500 steps, the fault
+    /// set and rate, hot-record skew, bursts); --devices, --steps and --faults are ignored.
+    #[arg(long)]
+    swarm: bool,
+    /// The range a swarm seed draws its size from: `hunt` (2–24 devices, 100–1,500 steps) or
+    /// `ci` (2–8 devices, 60–300 steps, what CI's sweep runs).
+    #[arg(long, default_value = "hunt", requires = "swarm", value_parser = ["hunt", "ci"])]
+    swarm_scale: String,
+    /// Hunt with swarm seeds for this many minutes, on every core; prints seeds/s, events/s and
+    /// every failing seed with its replay command.
+    #[arg(long, requires = "swarm", conflicts_with_all = ["seeds", "replay"])]
+    minutes: Option<f64>,
 }
 
 fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
@@ -212,13 +224,32 @@ fn real_main() -> anyhow::Result<bool> {
         steps: cli.steps,
         faults: cli.faults.clone(),
         bug: cli.bug,
+        shape: Default::default(),
     };
+    let bounds = if cli.swarm_scale == "ci" {
+        SwarmBounds::CI
+    } else {
+        SwarmBounds::HUNT
+    };
+    let shape_of = |seed: u64| {
+        if cli.swarm {
+            SimOptions {
+                bug: cli.bug,
+                ..SimOptions::swarm(seed, bounds)
+            }
+        } else {
+            SimOptions { seed, ..base.clone() }
+        }
+    };
+    if let Some(minutes) = cli.minutes {
+        return hunt(minutes, &shape_of);
+    }
     let Some(range) = cli.seeds.as_deref().map(parse_range).transpose()? else {
         let trace = cli
             .trace
             .clone()
             .or_else(|| Some(std::env::temp_dir().join(format!("fieldsync-sim-{}.trace", cli.seed))));
-        let report = run(base, trace.as_deref(), progress)?;
+        let report = run(shape_of(cli.seed), trace.as_deref(), progress)?;
         print(&report, cli.json)?;
         if !report.ok()
             && let Some(t) = trace
@@ -235,7 +266,7 @@ fn real_main() -> anyhow::Result<bool> {
     let mut failed = Vec::new();
     let mut totals = (0u64, 0f64, 0f64);
     for seed in range.clone() {
-        let opts = SimOptions { seed, ..base.clone() };
+        let opts = shape_of(seed);
         let trace = std::env::temp_dir().join(format!("fieldsync-sim-{seed}.trace"));
         let report = run(opts, Some(&trace), false)?;
         totals.0 += report.stats.events;
@@ -245,8 +276,10 @@ fn real_main() -> anyhow::Result<bool> {
             print(&report, true)?;
         } else {
             outln!(
-                "seed {seed}: {} — {} events, {:.1} h simulated, {} applied, {} conflicts, trace {}",
+                "seed {seed}: {} — {} devices, {} steps, {} events, {:.1} h simulated, {} applied, {} conflicts, trace {}",
                 if report.ok() { "ok" } else { "VIOLATION" },
+                report.devices,
+                report.steps,
                 report.stats.events,
                 report.simulated_hours,
                 report.mutations_applied,
@@ -260,7 +293,15 @@ fn real_main() -> anyhow::Result<bool> {
             if !cli.json {
                 print(&report, false)?;
             }
-            eprintln!("replay with: fieldsync-sim --replay {}", trace.display());
+            eprintln!(
+                "replay with: fieldsync-sim {}--seed {seed} (or --replay {})",
+                if cli.swarm {
+                    format!("--swarm --swarm-scale {} ", cli.swarm_scale)
+                } else {
+                    String::new()
+                },
+                trace.display()
+            );
             failed.push(seed);
         }
     }
@@ -278,4 +319,79 @@ fn real_main() -> anyhow::Result<bool> {
         )?;
     }
     Ok(failed.is_empty())
+}
+
+/// `--swarm --minutes N`: runs swarm seeds on every core until the time is up, starting from a
+/// seed drawn from the clock (printed, so the hunt's ground is known), and lists every failure
+/// with the command that replays it.
+fn hunt(minutes: f64, shape_of: &(dyn Fn(u64) -> SimOptions + Sync)) -> anyhow::Result<bool> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    anyhow::ensure!(
+        minutes > 0.0 && minutes.is_finite(),
+        "--minutes must be a positive number"
+    );
+    let start = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() * 1_000)
+        .unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+    let began = Instant::now();
+    let next = AtomicU64::new(start);
+    let totals = Mutex::new((0u64, 0u64, 0f64, Vec::<(u64, String)>::new()));
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    outln!("hunting from seed {start} for {minutes} min on {threads} threads")?;
+    let outcome: anyhow::Result<()> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    while Instant::now() < deadline {
+                        let seed = next.fetch_add(1, Ordering::Relaxed);
+                        let trace = std::env::temp_dir().join(format!("fieldsync-sim-{seed}.trace"));
+                        let report = run(shape_of(seed), Some(&trace), false)?;
+                        let Ok(mut t) = totals.lock() else { break };
+                        t.0 += 1;
+                        t.1 += report.stats.events;
+                        t.2 += report.simulated_hours;
+                        if report.ok() {
+                            let _ = std::fs::remove_file(&trace);
+                        } else {
+                            let invariant = report
+                                .violations
+                                .first()
+                                .map(|v| v.invariant.to_string())
+                                .unwrap_or_default();
+                            outln!(
+                                "seed {seed}: VIOLATION ({invariant}); replay with: fieldsync-sim --swarm --seed {seed} (or --replay {})",
+                                trace.display()
+                            )?;
+                            t.3.push((seed, invariant));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|_| anyhow::anyhow!("a hunting thread panicked"))??;
+        }
+        Ok(())
+    });
+    outcome?;
+    let wall = began.elapsed().as_secs_f64().max(1e-9);
+    let t = totals.lock().map_err(|_| anyhow::anyhow!("hunt totals poisoned"))?;
+    outln!(
+        "hunt: {} seeds in {:.0} s ({:.2} seeds/s), {} events ({:.0} events/s), {:.0} simulated hours; {} failed {:?}",
+        t.0,
+        wall,
+        t.0 as f64 / wall,
+        t.1,
+        t.1 as f64 / wall,
+        t.2,
+        t.3.len(),
+        t.3.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+    )?;
+    Ok(t.3.is_empty())
 }
