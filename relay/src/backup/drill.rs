@@ -85,23 +85,30 @@ const ROUND_ONE_TABLES: &[&str] = &[
     "conflict_archive",
 ];
 
+impl DrillReport {
+    /// A drill of `from` that has not run yet: nothing verified, not ok.
+    pub(crate) fn pending(from: &Path) -> Self {
+        DrillReport {
+            file: from.to_path_buf(),
+            ok: false,
+            failure: None,
+            bytes: 0,
+            round_one: false,
+            relay_id: None,
+            integrity: Vec::new(),
+            audit: None,
+            counts: None,
+            consistency: None,
+            duration_ms: 0,
+        }
+    }
+}
+
 /// Restores the backup at `from` (a backup directory, or a round-1 backup file) into a scratch
 /// directory and verifies it. Never touches `from` itself.
 pub fn restore_drill(from: &Path) -> DrillReport {
     let started = Instant::now();
-    let mut report = DrillReport {
-        file: from.to_path_buf(),
-        ok: false,
-        failure: None,
-        bytes: 0,
-        round_one: false,
-        relay_id: None,
-        integrity: Vec::new(),
-        audit: None,
-        counts: None,
-        consistency: None,
-        duration_ms: 0,
-    };
+    let mut report = DrillReport::pending(from);
     let scratch = tempfile::Builder::new().prefix("fieldsync-restore-drill-").tempdir();
     let result = match &scratch {
         Ok(scratch) => drill_into(from, scratch.path(), &mut report),

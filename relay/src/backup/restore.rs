@@ -65,19 +65,7 @@ pub fn restore(from: &Path, data_dir: &Path, force: bool, now_ms: u64) -> Result
 
 fn drill_and_adopt(from: &Path, data_dir: &Path, scratch: &Path, stamp: &str) -> Result<RestoreReport, BackupError> {
     let started = Instant::now();
-    let mut drill = DrillReport {
-        file: from.to_path_buf(),
-        ok: false,
-        failure: None,
-        bytes: 0,
-        round_one: false,
-        relay_id: None,
-        integrity: Vec::new(),
-        audit: None,
-        counts: None,
-        consistency: None,
-        duration_ms: 0,
-    };
+    let mut drill = DrillReport::pending(from);
     let outcome = drill_into(from, scratch, &mut drill);
     drill.duration_ms = started.elapsed().as_millis() as u64;
     if let Err(reason) = outcome {
