@@ -11,15 +11,10 @@ use fieldsync_peer::{Device, FieldFilter};
 use fieldsync_schema::SystemTimeSource;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
-use serde_json::{Map, Value, json};
+use serde_json::json;
 use uuid::Uuid;
 
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    }
-}
+use fieldsync_schema::testkit::obj;
 
 fn open(dir: &std::path::Path, seed: u64) -> Device {
     match Device::open(

@@ -356,7 +356,7 @@ impl Device {
         let ty = self
             .schema
             .entity_type(entity_type)
-            .ok_or_else(|| PeerError::UnknownType(entity_type.to_string()))?;
+            .ok_or_else(|| PeerError::unknown_type(&self.schema, entity_type))?;
         for f in filters {
             if ty.field(&f.field).is_none() {
                 return Err(PeerError::NotAllowed(format!(

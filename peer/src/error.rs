@@ -7,13 +7,20 @@ use uuid::Uuid;
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     #[error("database error: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(rusqlite::Error),
+    /// SQLite could not grow the device's files (`SQLITE_FULL`). The write's transaction was
+    /// rolled back whole: nothing of it was kept, and every queued change is intact.
+    #[error(
+        "the device's storage is full ({0}): nothing of this write was kept and queued changes are intact; free some space and try again"
+    )]
+    StorageFull(rusqlite::Error),
     #[error("i/o error on {path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("schema: {0}")]
     Schema(#[from] fieldsync_schema::SchemaError),
-    #[error("unknown entity type `{0}`")]
-    UnknownType(String),
+    /// `hint` names the closest type and every type of the schema.
+    #[error("unknown entity type `{name}`: {hint} (`fieldsync-peer schema` shows their fields)")]
+    UnknownType { name: String, hint: String },
     #[error("no entity {id}{}", .entity_type.as_ref().map(|t| format!(" of type `{t}`")).unwrap_or_default())]
     NotFound { entity_type: Option<String>, id: Uuid },
     #[error("entity {id} is a `{actual}`, not a `{expected}`")]
@@ -53,7 +60,25 @@ pub enum PeerError {
 
 pub type Result<T, E = PeerError> = std::result::Result<T, E>;
 
+impl From<rusqlite::Error> for PeerError {
+    fn from(e: rusqlite::Error) -> Self {
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            PeerError::StorageFull(e)
+        } else {
+            PeerError::Db(e)
+        }
+    }
+}
+
 impl PeerError {
+    /// A type name the schema does not have, with what it does have.
+    pub(crate) fn unknown_type(schema: &fieldsync_schema::Schema, name: &str) -> Self {
+        PeerError::UnknownType {
+            name: name.to_string(),
+            hint: schema.unknown_type_hint(name),
+        }
+    }
+
     /// A write the rules refuse for this entity (signed, locked, deleted, wrong kind...).
     pub(crate) fn refused(entity_type: &str, id: Uuid, reason: impl Into<String>) -> Self {
         PeerError::Refused {

@@ -7,19 +7,14 @@ use fieldsync_schema::wire::{SpaceGrant, UserInfo};
 use fieldsync_schema::{ManualTime, Role};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
-use serde_json::{Map, Value};
+
 use uuid::Uuid;
 
 use crate::Device;
 
 pub const T0: u64 = 1_795_000_000_000;
 
-pub fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        other => panic!("not an object: {other}"),
-    }
-}
+pub use fieldsync_schema::testkit::obj;
 
 pub fn open(dir: &Path, seed: u64, time: &ManualTime) -> Device {
     Device::open(dir, Arc::new(time.clone()), Box::new(ChaCha20Rng::seed_from_u64(seed))).unwrap()

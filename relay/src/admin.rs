@@ -21,7 +21,10 @@ pub fn add_space(store: &mut dyn Directory, name: &str, now_ms: u64, rng: &mut i
     store.create_space(space_id, name, now_ms)
 }
 
-/// Creates the user if needed and gives them `role` in the space (changing an existing role).
+/// Creates the user if needed and makes them a member of the space with `role`. A user who
+/// is already a member keeps their role: changing it is `change_role` (`user role`), so a
+/// repeated `user add` can never demote or escalate anyone by accident. Adding a member again
+/// with the role they have is a no-op.
 pub fn add_user(
     store: &mut dyn Directory,
     name: &str,
@@ -36,7 +39,7 @@ pub fn add_user(
     }
     let space = store
         .space_by_name(space_name)?
-        .ok_or_else(|| StoreError::NotFound(format!("no space named `{space_name}`")))?;
+        .ok_or_else(|| no_space(store, space_name))?;
     let user = match store.user_by_name(name)? {
         Some(u) => u,
         None => {
@@ -49,8 +52,52 @@ pub fn add_user(
             }
         }
     };
+    if let Some(existing) = store
+        .memberships(user.user_id)?
+        .into_iter()
+        .find(|m| m.space_id == space.space_id)
+    {
+        if existing.role == role {
+            return Ok(user);
+        }
+        return Err(StoreError::Conflict(format!(
+            "`{name}` is already a member of `{space_name}` as {}; to change the role run \
+             `fieldsync-relay admin user role {name} --space {space_name} --role {}`",
+            existing.role.as_str(),
+            role.as_str()
+        )));
+    }
     store.set_membership(user.user_id, space.space_id, role)?;
     Ok(user)
+}
+
+/// "No such space", with the closest name and every name (an operator's typo gets help).
+fn no_space(store: &dyn Directory, name: &str) -> StoreError {
+    let names: Vec<String> = store
+        .spaces()
+        .map(|v| v.into_iter().map(|s| s.name).collect())
+        .unwrap_or_default();
+    StoreError::NotFound(format!("no space named `{name}`{}", hint(name, &names, "spaces")))
+}
+
+fn no_user(store: &dyn Directory, name: &str) -> StoreError {
+    let names: Vec<String> = store
+        .users()
+        .map(|v| v.into_iter().map(|u| u.name).collect())
+        .unwrap_or_default();
+    StoreError::NotFound(format!("no user named `{name}`{}", hint(name, &names, "users")))
+}
+
+fn hint(name: &str, names: &[String], what: &str) -> String {
+    if names.is_empty() {
+        return format!(" (there are no {what} yet)");
+    }
+    let closest = fieldsync_schema::cli::closest(name, names.iter().map(String::as_str))
+        .map(|c| format!("did you mean `{c}`? "))
+        .unwrap_or_default();
+    let shown: Vec<&str> = names.iter().take(20).map(String::as_str).collect();
+    let more = if names.len() > shown.len() { ", …" } else { "" };
+    format!(" ({closest}{what}: {}{more})", shown.join(", "))
 }
 
 /// A single-use enrollment token for the user, valid for `ttl_ms`. Only its hash is stored.
@@ -63,11 +110,50 @@ pub fn create_enrollment_token(
 ) -> StoreResult<(String, u64)> {
     let user = store
         .user_by_name(user_name)?
-        .ok_or_else(|| StoreError::NotFound(format!("no user named `{user_name}`")))?;
+        .ok_or_else(|| no_user(store, user_name))?;
     let token = format!("fse_{}", hex::encode(ids::random_bytes(rng, 20)));
     let expires_ms = now_ms.saturating_add(ttl_ms);
     store.create_token(token_hash(&token), user.user_id, now_ms, expires_ms)?;
     Ok((token, expires_ms))
+}
+
+/// The longest device label: a name for people, not a document.
+pub const MAX_LABEL_CHARS: usize = 80;
+
+/// Checks a device label: trimmed, not empty, at most [`MAX_LABEL_CHARS`], no control
+/// characters (it is printed in tables and logs).
+pub fn check_label(label: &str) -> StoreResult<&str> {
+    let label = label.trim();
+    if label.is_empty() || label.chars().count() > MAX_LABEL_CHARS || label.chars().any(char::is_control) {
+        return Err(StoreError::Conflict(format!(
+            "a device label is 1–{MAX_LABEL_CHARS} printable characters, e.g. \"Dana's iPad\""
+        )));
+    }
+    Ok(label)
+}
+
+/// [`create_enrollment_token`] whose device will carry `label` ("Dana's iPad").
+pub fn create_labelled_enrollment_token(
+    store: &mut dyn Directory,
+    user_name: &str,
+    label: &str,
+    ttl_ms: u64,
+    now_ms: u64,
+    rng: &mut impl Rng,
+) -> StoreResult<(String, u64)> {
+    let label = check_label(label)?;
+    let (token, expires_ms) = create_enrollment_token(store, user_name, ttl_ms, now_ms, rng)?;
+    store.set_token_label(&token_hash(&token), label)?;
+    Ok((token, expires_ms))
+}
+
+/// Names a device for people.
+pub fn label_device(store: &mut dyn Directory, device_id: Uuid, label: &str) -> StoreResult<()> {
+    let label = check_label(label)?;
+    if !store.set_device_label(device_id, label)? {
+        return Err(StoreError::NotFound(format!("no device {device_id}")));
+    }
+    Ok(())
 }
 
 pub fn revoke_device(store: &mut dyn Directory, device_id: Uuid, now_ms: u64) -> StoreResult<()> {
@@ -107,10 +193,10 @@ pub fn remove_member(store: &mut dyn Directory, user_name: &str, space_name: &st
 fn user_and_space(store: &dyn Directory, user_name: &str, space_name: &str) -> StoreResult<(UserRow, SpaceRow)> {
     let user = store
         .user_by_name(user_name)?
-        .ok_or_else(|| StoreError::NotFound(format!("no user named `{user_name}`")))?;
+        .ok_or_else(|| no_user(store, user_name))?;
     let space = store
         .space_by_name(space_name)?
-        .ok_or_else(|| StoreError::NotFound(format!("no space named `{space_name}`")))?;
+        .ok_or_else(|| no_space(store, space_name))?;
     Ok((user, space))
 }
 
@@ -160,4 +246,44 @@ pub fn expire_token(store: &mut dyn Directory, which: &str, now_ms: u64) -> Stor
     }
     store.expire_token(&hash, now_ms)?;
     Ok(token_id(&hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Backend;
+    use crate::store::sqlite::SqliteBackend;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    #[test]
+    fn adding_a_member_again_never_changes_their_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SqliteBackend::open(dir.path(), Uuid::from_bytes([7; 16])).unwrap();
+        let mut store = backend.open_directory().unwrap();
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        add_space(&mut store, "clinic", 1, &mut rng).unwrap();
+        let dana = add_user(&mut store, "dana", "clinic", Role::Clinician, 1, &mut rng).unwrap();
+
+        let same = add_user(&mut store, "dana", "clinic", Role::Clinician, 2, &mut rng).unwrap();
+        assert_eq!(same.user_id, dana.user_id, "the same role again is a no-op");
+        for other in [Role::Assistant, Role::Admin] {
+            let err = add_user(&mut store, "dana", "clinic", other, 3, &mut rng).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains("already a member of `clinic` as clinician"),
+                "{message}"
+            );
+            assert!(message.contains("admin user role dana --space clinic"), "{message}");
+        }
+        let roles: Vec<Role> = store
+            .memberships(dana.user_id)
+            .unwrap()
+            .iter()
+            .map(|m| m.role)
+            .collect();
+        assert_eq!(roles, vec![Role::Clinician]);
+        change_role(&mut store, "dana", "clinic", Role::Admin).unwrap();
+        assert_eq!(store.memberships(dana.user_id).unwrap()[0].role, Role::Admin);
+    }
 }

@@ -184,10 +184,16 @@ fn keep_mine_archives_theirs_and_keep_theirs_archives_mine() {
             ("rpe".into(), "8.0".into(), "null".into(), Some(b.device_id)),
         ]
     );
-    assert!(
-        resolution_rows(&r, w2)
-            .iter()
-            .all(|x| x.loser_mutation == Some(m.mutation_id))
+    let rows = resolution_rows(&r, w2);
+    assert!(rows.iter().all(|x| x.loser_mutation == Some(m.mutation_id)));
+    // The surviving note was written by the phone: the archive credits the phone, not the
+    // tablet that chose it; the absent `rpe` is the tablet's decision.
+    let notes = rows.iter().find(|x| x.field.as_deref() == Some("notes")).unwrap();
+    assert_eq!((notes.winner_device, notes.winner_mutation), (Some(a.device_id), None));
+    let rpe = rows.iter().find(|x| x.field.as_deref() == Some("rpe")).unwrap();
+    assert_eq!(
+        (rpe.winner_device, rpe.winner_mutation),
+        (Some(b.device_id), Some(m.mutation_id))
     );
 }
 

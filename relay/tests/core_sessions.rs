@@ -376,42 +376,6 @@ fn one_group_commit_serves_several_connections_and_outcomes_follow_the_commit() 
 }
 
 #[test]
-fn a_storage_failure_defers_the_push_and_applies_nothing() {
-    let mut r = clinic();
-    let mut a = r.device("dana", 1);
-    // Another writer holds the write lock of the space's shard.
-    let space = r.space_row("clinic");
-    r.core.workers()[space.shard as usize]
-        .store()
-        .connection()
-        .busy_timeout(std::time::Duration::from_millis(50))
-        .unwrap();
-    let blocker = rusqlite::Connection::open(r.shard_file(space.space_id)).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let (p, m) = a.create("patient", json!({"name": "Ada"}), T0);
-    let out = r.send(
-        a.conn,
-        ClientMessage::Push {
-            batch_id: 4,
-            mutations: vec![m.clone()],
-        },
-    );
-    assert!(
-        out.iter()
-            .any(|o| matches!(o, Output::Send(_, RelayMessage::PushDeferred { batch_id: 4, .. }))),
-        "{out:?}"
-    );
-    assert!(
-        !out.iter()
-            .any(|o| matches!(o, Output::Send(_, RelayMessage::PushResult { .. })))
-    );
-    blocker.execute_batch("ROLLBACK").unwrap();
-    assert_eq!(r.version_of(p), 0);
-    // The retry with the same mutation id succeeds.
-    assert!(r.push_one(&mut a, m).applied().is_some());
-}
-
-#[test]
 fn pulls_come_in_pages_and_resume_from_the_cursor() {
     let mut r = clinic();
     let mut a = r.device("dana", 1);

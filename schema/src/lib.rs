@@ -22,7 +22,7 @@ pub mod registry;
 pub mod signing;
 #[cfg(feature = "sqlite")]
 pub mod sqlite_file;
-#[cfg(feature = "testkit")]
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod time_fmt;
 pub mod validate;

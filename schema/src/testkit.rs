@@ -15,6 +15,16 @@ use crate::signing::note_signature_bytes;
 use crate::wire::{FeedEntry, FeedPayload, UserInfo};
 use crate::{Bytes, ClientMessage, DeviceKey, EntityDoc, EntityType, HlcClock, Mutation, MutationKind, Schema, ids};
 
+/// A JSON object literal as a field map: `obj(json!({"name": "Ada"}))`. For literals in tests,
+/// benchmarks and the load generator — the one copy every crate's tests use. Panics on anything
+/// but an object: a literal that is not one is a bug in the caller, not input to handle.
+pub fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("obj() takes a JSON object literal, got {other}"),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HandError {
     #[error("unknown entity type `{0}`")]
@@ -272,13 +282,6 @@ mod tests {
 
     use super::*;
     use crate::signing::Verifier;
-
-    fn obj(v: Value) -> Map<String, Value> {
-        match v {
-            Value::Object(m) => m,
-            _ => Map::new(),
-        }
-    }
 
     #[test]
     fn a_hand_device_builds_signed_envelopes_in_the_peers_layout() {

@@ -275,12 +275,7 @@ mod tests {
     const S: &str = "0f9c8b7a-6e5d-4c3b-9a19-8f7e6d5c4b3a";
     const E: &str = "1a2b3c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d";
 
-    fn obj(v: Value) -> Map<String, Value> {
-        match v {
-            Value::Object(m) => m,
-            _ => panic!("not an object"),
-        }
-    }
+    use crate::testkit::obj;
 
     fn good_examples() -> Vec<(&'static str, Value)> {
         vec![

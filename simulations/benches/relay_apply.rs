@@ -15,13 +15,11 @@ use fieldsync_relay::store::sqlite::SqliteBackend;
 use fieldsync_schema::{ClientMessage, Mutation, RelayMessage, Role, Schema};
 use fieldsync_simulations::rng::stream;
 use fieldsync_simulations::synth::SynthDevice;
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
 const T0: u64 = 1_795_420_800_000;
 
-fn obj(v: Value) -> Map<String, Value> {
-    v.as_object().cloned().unwrap()
-}
+use fieldsync_schema::testkit::obj;
 
 /// Process CPU time (user + system) in microseconds.
 fn cpu_us() -> u64 {

@@ -20,6 +20,7 @@ pub mod relay_side;
 pub mod report;
 pub mod rng;
 pub mod scenario;
+pub mod soak;
 pub mod synth;
 pub mod trace;
 pub mod users;

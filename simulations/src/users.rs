@@ -180,7 +180,10 @@ impl Choice {
 /// may point at a record deleted meanwhile: those are told field by field and the other
 /// options remain, so they are not refusals; storage errors are faults, not decisions.
 fn refuses_an_offered_option(e: &PeerError) -> bool {
-    !matches!(e, PeerError::Invalid { .. } | PeerError::Db(_) | PeerError::Io { .. })
+    !matches!(
+        e,
+        PeerError::Invalid { .. } | PeerError::Db(_) | PeerError::StorageFull(_) | PeerError::Io { .. }
+    )
 }
 
 /// The user takes back one value they lost to another device's later write.

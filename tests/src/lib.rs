@@ -35,7 +35,16 @@ pub fn bin(name: &str) -> PathBuf {
         BUILD.call_once(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
-                .args(["build", "--bins", "-p", "fieldsync-relay", "-p", "fieldsync-peer"])
+                .args([
+                    "build",
+                    "--bins",
+                    "-p",
+                    "fieldsync-relay",
+                    "-p",
+                    "fieldsync-peer",
+                    "-p",
+                    "fieldsync-simulations",
+                ])
                 .status()
                 .expect("run cargo build");
             assert!(status.success(), "building the binaries failed");
@@ -301,13 +310,7 @@ pub fn stdout_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// A JSON literal's object (tests write fields as `json!({...})`).
-pub fn obj(v: Value) -> serde_json::Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        other => panic!("not an object: {other}"),
-    }
-}
+pub use fieldsync_schema::testkit::obj;
 
 /// Polls `check` until it returns true or `within` passes; returns whether it did.
 pub fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {

@@ -44,6 +44,15 @@ impl RelayFiles {
         self.doc(entity).0.fields()
     }
 
+    /// Whether the relay's history holds a change by `device` after which `field` read `value`.
+    pub fn history_has(&self, entity: Uuid, device: Uuid, field: &str, value: &Value) -> bool {
+        let (mut doc, _, _) = self.doc(entity);
+        doc.all_changes()
+            .iter()
+            .filter(|c| fieldsync_schema::document::actor_device(c.actor_id()) == Some(device))
+            .any(|c| doc.fields_at(&[c.hash()]).get(field) == Some(value))
+    }
+
     /// The conflict archive over every shard.
     pub fn archive(&self) -> Vec<ArchiveRow> {
         self.shards

@@ -94,11 +94,29 @@ fn enrollment_refuses_spent_expired_unknown_tokens_and_keys_nobody_can_prove() {
             refused(&relay, enroll_message(&token, device2, &key2)).await,
             AuthFailure::TokenUsed
         );
-        // An expired token: issued valid for zero hours, and one expired by the operator.
-        let zero = relay.admin(&["enroll", "dana", "--valid-hours", "0"])["token"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        // An expired token: one whose time ran out (issued through the library with no time
+        // left: the CLI takes 1–720 hours), and one expired by the operator.
+        let refused_ttl = Relay::cli(&[
+            "admin",
+            "--data",
+            relay.data.to_str().unwrap(),
+            "enroll",
+            "dana",
+            "--valid-hours",
+            "0",
+        ]);
+        assert!(!refused_ttl.status.success());
+        assert!(String::from_utf8_lossy(&refused_ttl.stderr).contains("1..=720"));
+        let zero = {
+            use fieldsync_relay::store::Backend;
+            let backend = fieldsync_relay::store::sqlite::SqliteBackend::open_current(&relay.data).unwrap();
+            let mut directory = backend.open_directory().unwrap();
+            let mut rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::seed_from_u64(5);
+            let now = fieldsync_schema::TimeSource::now_ms(&fieldsync_schema::SystemTimeSource);
+            fieldsync_relay::admin::create_enrollment_token(&mut directory, "dana", 0, now, &mut rng)
+                .unwrap()
+                .0
+        };
         assert_eq!(
             refused(&relay, enroll_message(&zero, device2, &key2)).await,
             AuthFailure::TokenExpired

@@ -57,3 +57,24 @@ fn a_serve_that_cannot_bind_its_port_leaves_no_database_behind() {
     assert_eq!(stderr.matches("cannot listen").count(), 1, "said once: {stderr}");
     assert!(!data.join("relay.db").exists(), "no database was created");
 }
+
+#[test]
+fn a_serve_that_cannot_listen_says_so_once_and_leaves_no_directory_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("first"), 0);
+    let second = dir.path().join("second");
+    let out = Command::new(bin("fieldsync-relay"))
+        .args(["serve", "--data"])
+        .arg(&second)
+        .args(["--listen", &relay.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("cannot listen on {}", relay.addr)), "{stderr}");
+    assert_eq!(stderr.matches("in use").count(), 1, "the cause said once: {stderr}");
+    assert!(
+        !second.exists(),
+        "no data directory created for a relay that never served"
+    );
+}

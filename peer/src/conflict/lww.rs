@@ -176,7 +176,7 @@ fn undelete(
     let ty = w
         .schema
         .entity_type(&loaded.meta.entity_type)
-        .ok_or_else(|| PeerError::UnknownType(loaded.meta.entity_type.clone()))?;
+        .ok_or_else(|| PeerError::unknown_type(w.schema, &loaded.meta.entity_type))?;
     crate::rules::check_role(ty, &loaded.meta, MutationKind::Resolve, w.enrollment)?;
     loaded.doc.set_deleted(false)?;
     let change = loaded.doc.commit_always(now)?;

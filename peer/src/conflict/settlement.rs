@@ -83,7 +83,7 @@ impl Unsettled {
         })?;
         let ty = schema
             .entity_type(&loaded.meta.entity_type)
-            .ok_or_else(|| PeerError::UnknownType(loaded.meta.entity_type.clone()))?
+            .ok_or_else(|| PeerError::unknown_type(schema, &loaded.meta.entity_type))?
             .clone();
         let own = view::own_changes(conn, open.entity_id, None)?;
         let base_heads = view::base_heads(&envelope)?;

@@ -8,6 +8,7 @@ use fieldsync_schema::ClientMessage;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{NetError, Socket, TlsOptions, close, connect, receive, send, send_all};
+use crate::deadline::Deadline;
 use crate::device::Device;
 use crate::sync::{Phase, SyncInput, SyncMachine, SyncSummary};
 
@@ -24,6 +25,10 @@ pub struct SyncOptions {
     pub ping_every: Duration,
     /// How to trust a `wss://` relay (system roots unless a CA file is given).
     pub tls: TlsOptions,
+    /// A one-shot sync waits this long for changes the relay deferred to be due again; when
+    /// the retry is further away (the relay's disk is full, it is overloaded) the round ends
+    /// and they stay queued for the next sync.
+    pub retry_patience: Duration,
 }
 
 impl Default for SyncOptions {
@@ -33,6 +38,7 @@ impl Default for SyncOptions {
             tick_every: Duration::from_secs(1),
             ping_every: Duration::from_secs(30),
             tls: TlsOptions::default(),
+            retry_patience: Duration::from_secs(5),
         }
     }
 }
@@ -41,7 +47,13 @@ impl Default for SyncOptions {
 #[derive(Debug, Clone)]
 pub enum WatchEvent {
     Connected,
-    Disconnected { reason: String, retry_in_ms: u64 },
+    /// Something moved: a batch was sent or answered, or changes arrived. The summary is the
+    /// running total since `watch` began.
+    Progress(SyncSummary),
+    Disconnected {
+        reason: String,
+        retry_in_ms: u64,
+    },
     Summary(SyncSummary),
 }
 
@@ -61,7 +73,7 @@ pub async fn sync_once(
         }
     };
     let mut never = std::pin::pin!(std::future::pending::<()>());
-    let result = session(dev, machine, &mut socket, opts, true, &mut never).await;
+    let result = session(dev, machine, &mut socket, opts, true, &mut never, &mut |_| {}).await;
     if result.is_ok() {
         close(&mut socket).await;
     }
@@ -99,7 +111,8 @@ pub async fn watch<F: Future<Output = ()>>(
         let result = match outcome {
             Ok(mut socket) => {
                 on_event(WatchEvent::Connected);
-                let r = session(dev, machine, &mut socket, opts, false, &mut stop).await;
+                let mut progress = |s: &SyncSummary| on_event(WatchEvent::Progress(*s));
+                let r = session(dev, machine, &mut socket, opts, false, &mut stop, &mut progress).await;
                 if r.is_ok() {
                     close(&mut socket).await;
                 }
@@ -116,6 +129,9 @@ pub async fn watch<F: Future<Output = ()>>(
             Err(NetError::Store(e)) => return Err(NetError::Store(e)),
             // A missing or unreadable CA file does not fix itself by retrying.
             Err(e @ NetError::Tls(_)) => return Err(e),
+            // Refused (revoked, unknown, wrong relay): no reconnect is coming, so none is
+            // announced; the loop's first check returns the refusal.
+            Err(_) if machine.phase() == Phase::AuthFailed => {}
             Err(e) => {
                 let retry_in_ms = machine.reconnect_in(dev).unwrap_or(0);
                 on_event(WatchEvent::Disconnected {
@@ -136,19 +152,28 @@ async fn session<F: Future<Output = ()>>(
     opts: &SyncOptions,
     until_idle: bool,
     stop: &mut Pin<&mut F>,
+    on_progress: &mut impl FnMut(&SyncSummary),
 ) -> Result<SyncSummary, NetError> {
     let start = machine.summary();
+    let mut reported = start;
     let mut bar = Progress::new(dev, opts)?;
     send_all(socket, machine.handle(dev, SyncInput::Connected)?).await?;
     let mut last_traffic = tokio::time::Instant::now();
     loop {
         let summary = machine.summary();
         bar.update(&start, &summary);
-        if until_idle && summary.idle {
+        if moved(&reported, &summary) {
+            on_progress(&summary);
+            reported = summary;
+        }
+        let now = dev.now_ms();
+        let retry_is_far = summary
+            .retry_at
+            .is_some_and(|t| Deadline::at(t).remaining(now) > opts.retry_patience.as_millis() as u64);
+        if until_idle && (summary.idle || retry_is_far) {
             bar.finish();
             return Ok(summary);
         }
-        let now = dev.now_ms();
         let until_wakeup = machine
             .next_wakeup()
             .map_or(u64::MAX, |t| t.remaining(now))
@@ -177,6 +202,17 @@ async fn session<F: Future<Output = ()>>(
             }
         }
     }
+}
+
+/// Whether anything a person would want to hear about happened between two summaries.
+fn moved(before: &SyncSummary, now: &SyncSummary) -> bool {
+    (
+        before.pushed,
+        before.applied,
+        before.conflicts,
+        before.rejected,
+        before.pulled,
+    ) != (now.pushed, now.applied, now.conflicts, now.rejected, now.pulled)
 }
 
 /// A progress bar that appears only when a round moves thousands of items.

@@ -86,6 +86,9 @@ pub struct SyncSummary {
     pub caught_up: bool,
     /// Caught up, nothing in flight, nothing left to push now: a one-shot sync may stop.
     pub idle: bool,
+    /// Caught up and nothing in flight, but queued changes wait for a retry (the relay
+    /// deferred them, e.g. its disk is full): when they are due, in device time (ms).
+    pub retry_at: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +199,10 @@ impl SyncMachine {
             batch_in_flight: self.batch.is_some(),
             caught_up: self.caught_up,
             idle: self.was_idle,
+            retry_at: self
+                .outbox_due_at
+                .filter(|_| self.caught_up && self.batch.is_none() && self.pull_sent_at.is_none() && !self.was_idle)
+                .map(Deadline::ms),
         }
     }
 

@@ -184,7 +184,7 @@ impl Writer<'_> {
         let schema = self.schema;
         let ty = schema
             .entity_type(entity_type)
-            .ok_or_else(|| PeerError::UnknownType(entity_type.to_string()))?;
+            .ok_or_else(|| PeerError::unknown_type(schema, entity_type))?;
         let existing = match id {
             Some(id) => entity::load(tx, id, self.actor.clone())?,
             None => None,
@@ -437,5 +437,9 @@ pub(crate) fn fold_stored_hlc(hlc: &mut fieldsync_schema::HlcClock, tx: &rusqlit
     Ok(())
 }
 
+#[cfg(test)]
+mod property_tests;
+#[cfg(test)]
+mod storage_full_tests;
 #[cfg(test)]
 mod tests;

@@ -11,6 +11,9 @@ use super::{Shared, StatusSnapshot};
 
 #[derive(Serialize)]
 struct Status {
+    version: &'static str,
+    protocol: u16,
+    uptime_seconds: u64,
     #[serde(flatten)]
     snapshot: StatusSnapshot,
     backups: BackupStats,
@@ -26,6 +29,9 @@ pub(crate) async fn status(State(shared): State<Shared>) -> impl IntoResponse {
         Err(_) => return Err((StatusCode::INTERNAL_SERVER_ERROR, "status unavailable")),
     };
     Ok(Json(Status {
+        version: env!("CARGO_PKG_VERSION"),
+        protocol: fieldsync_schema::wire::PROTOCOL_VERSION,
+        uptime_seconds: shared.metrics.uptime_seconds(),
         snapshot,
         backups: shared.metrics.backup_stats(),
     }))

@@ -52,6 +52,11 @@ impl Histogram {
         self.count += n;
     }
 
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
     pub fn observe(&mut self, d: Duration) {
         self.observe_n(d.as_secs_f64(), 1);
     }
@@ -99,6 +104,8 @@ pub struct BackupStats {
 pub struct Metrics {
     pub timings: Mutex<Timings>,
     pub backups: Mutex<BackupStats>,
+    /// When the relay started (Unix ms), for `/v1/status` uptime and the start-time gauge.
+    pub started_ms: u64,
 }
 
 impl Metrics {
@@ -110,7 +117,13 @@ impl Metrics {
                 apply: Histogram::new(),
             }),
             backups: Mutex::new(BackupStats::default()),
+            started_ms: fieldsync_schema::TimeSource::now_ms(&fieldsync_schema::SystemTimeSource),
         }
+    }
+
+    /// Seconds since the relay started.
+    pub fn uptime_seconds(&self) -> u64 {
+        fieldsync_schema::TimeSource::now_ms(&fieldsync_schema::SystemTimeSource).saturating_sub(self.started_ms) / 1000
     }
 
     pub fn backup_stats(&self) -> BackupStats {
@@ -150,6 +163,25 @@ pub fn render(status: &StatusSnapshot, metrics: &Metrics) -> String {
     let mut out = String::with_capacity(8 * 1024);
     let s = &status.stats;
     single(&mut out, "fieldsync_up", "gauge", "1 while the relay serves.", 1);
+    header(
+        &mut out,
+        "fieldsync_build_info",
+        "gauge",
+        "The relay's version and protocol (always 1).",
+    );
+    let _ = writeln!(
+        out,
+        "fieldsync_build_info{{version=\"{}\",protocol=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        fieldsync_schema::wire::PROTOCOL_VERSION
+    );
+    single(
+        &mut out,
+        "fieldsync_start_time_seconds",
+        "gauge",
+        "When the relay started (Unix time).",
+        metrics.started_ms as f64 / 1000.0,
+    );
     single(
         &mut out,
         "fieldsync_connections",
@@ -234,11 +266,19 @@ pub fn render(status: &StatusSnapshot, metrics: &Metrics) -> String {
         "Group commits that failed and were rolled back.",
         s.commit_failures,
     );
+    let apply_groups = metrics.timings.lock().map(|t| t.group.count()).unwrap_or(0);
     single(
         &mut out,
         "fieldsync_groups_total",
         "counter",
-        "Groups of messages handled by the core thread.",
+        "Apply groups: one shard's jobs decided and committed together (as fieldsync_group_seconds counts).",
+        apply_groups,
+    );
+    single(
+        &mut out,
+        "fieldsync_core_turns_total",
+        "counter",
+        "Turns of the front thread that handled at least one message (pulls, pings and sign-ins too).",
         status.groups,
     );
     single(
@@ -373,6 +413,14 @@ mod tests {
             assert!(declared.contains(base), "undeclared sample {line}");
             assert!(name.starts_with("fieldsync_"), "{line}");
         }
+        assert!(text.contains(&format!(
+            "fieldsync_build_info{{version=\"{}\",protocol=\"2\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+        assert!(
+            text.contains("fieldsync_groups_total 0\n"),
+            "no apply group yet: {text}"
+        );
         assert!(text.contains("fieldsync_mutations_total{outcome=\"applied\"} 3"));
         assert!(text.contains("fieldsync_rejections_total{reason=\"forbidden\\\"x\"} 1"));
     }

@@ -74,12 +74,19 @@ pub const APPLY_BACKLOG: usize = 16_384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot open the relay store in {dir}: {source}")]
+    // The cause is the error's source: `{:#}` prints it once, after a colon.
+    #[error("cannot open the relay store in {dir}")]
     Store {
         dir: String,
         source: crate::store::StoreError,
     },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error(
+        "the relay store in {dir} is damaged — {findings}. Nothing was served from it. Restore the newest verified \
+         backup with `fieldsync-relay restore --from BACKUP_DIR --data {dir} --force` (the damaged files are moved \
+         aside, not deleted; `fieldsync-relay restore-drill --from BACKUP_DIR` checks a backup first)"
+    )]
+    Damaged { dir: String, findings: String },
+    #[error("cannot listen on {addr}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
@@ -108,6 +115,9 @@ pub struct ServeOptions {
     pub workers: usize,
     /// Shards of a store created now (an existing store keeps its own).
     pub shards: u32,
+    /// Run SQLite's `quick_check` on every store file before serving (on by default; a store
+    /// of many gigabytes may choose to skip it and rely on restore drills).
+    pub check_at_start: bool,
 }
 
 impl ServeOptions {
@@ -122,6 +132,7 @@ impl ServeOptions {
             backup: None,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
             shards: crate::store::sqlite::DEFAULT_SHARDS,
+            check_at_start: true,
         }
     }
 }
@@ -148,6 +159,27 @@ impl Shared {
 /// device watching one would never hear of the other's writes (its cursor then moves past
 /// them). Admin commands and online backups take no lock and keep working beside it; `restore`
 /// needs the lock and so is refused while a relay serves.
+/// Refuses to serve a store with a damaged file, naming the file, what SQLite found, and the
+/// restore command.
+fn check_store(dir: &std::path::Path) -> Result<(), ServerError> {
+    let damaged = crate::store::sqlite::health::quick_check(dir).map_err(|source| ServerError::Store {
+        dir: dir.display().to_string(),
+        source,
+    })?;
+    if damaged.is_empty() {
+        return Ok(());
+    }
+    let findings = damaged
+        .iter()
+        .map(|d| format!("{}: {}", d.file.display(), d.problem))
+        .collect::<Vec<_>>()
+        .join(" | ");
+    Err(ServerError::Damaged {
+        dir: dir.display().to_string(),
+        findings,
+    })
+}
+
 fn serve_lock(dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
     let path = dir.join(LOCK_FILE);
     let lock = std::fs::File::options()
@@ -186,8 +218,8 @@ impl Server {
         rng: Box<dyn Rng + Send>,
         new_relay_id: uuid::Uuid,
     ) -> Result<Self, ServerError> {
-        std::fs::create_dir_all(&opts.data_dir)?;
-        let lock = serve_lock(&opts.data_dir)?;
+        // What can fail without touching the data directory fails first: a port in use or a
+        // bad certificate leaves no new directory behind.
         let tls = opts.tls.as_ref().map(tls::server_config).transpose()?;
         let listener = TcpListener::bind(opts.listen)
             .await
@@ -195,6 +227,8 @@ impl Server {
                 addr: opts.listen,
                 source,
             })?;
+        std::fs::create_dir_all(&opts.data_dir)?;
+        let lock = serve_lock(&opts.data_dir)?;
         let addr = listener.local_addr()?;
         if let Some(b) = &opts.backup {
             std::fs::create_dir_all(&b.dir)?;
@@ -203,6 +237,9 @@ impl Server {
             dir: opts.data_dir.display().to_string(),
             source,
         };
+        if opts.check_at_start {
+            check_store(&opts.data_dir)?;
+        }
         let backend = SqliteBackend::open_with(&opts.data_dir, new_relay_id, opts.shards).map_err(store_error)?;
         let (front, workers) = RelayCore::parts(&backend, opts.schema, opts.config, rng).map_err(store_error)?;
         Ok(Server {

@@ -25,7 +25,11 @@ use uuid::Uuid;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+    /// SQLite could not grow a file (`SQLITE_FULL`): the disk, or a size limit. Nothing of the
+    /// failed transaction was kept; it works again once there is space.
+    #[error("the relay's disk is full ({0}); nothing of this write was kept, and writes resume once space is freed")]
+    StorageFull(rusqlite::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("{0}")]
@@ -37,6 +41,16 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            StoreError::StorageFull(e)
+        } else {
+            StoreError::Sqlite(e)
+        }
+    }
+}
 
 /// Opens the stores of one relay: its directory and a handle on each shard. Every call opens a
 /// new handle (a connection of its own), so the front, each worker and the admin tools each
@@ -81,6 +95,10 @@ pub trait Directory {
     fn tokens(&self) -> StoreResult<Vec<TokenRow>>;
     fn use_token(&mut self, token_hash: &[u8; 32], device_id: Uuid, now_ms: u64) -> StoreResult<()>;
     fn expire_token(&mut self, token_hash: &[u8; 32], now_ms: u64) -> StoreResult<bool>;
+    /// The label a device enrolled with this token gets.
+    fn set_token_label(&mut self, token_hash: &[u8; 32], label: &str) -> StoreResult<()>;
+    /// Names a device for people; `false` when there is no such device.
+    fn set_device_label(&mut self, device_id: Uuid, label: &str) -> StoreResult<bool>;
     fn register_device(&mut self, device_id: Uuid, user_id: Uuid, public_key: &[u8], now_ms: u64) -> StoreResult<()>;
     fn device(&self, device_id: Uuid) -> StoreResult<Option<DeviceRow>>;
     fn devices(&self) -> StoreResult<Vec<DeviceRow>>;

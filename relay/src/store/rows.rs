@@ -36,6 +36,8 @@ pub struct DeviceRow {
     pub enrolled_ms: u64,
     pub revoked_ms: Option<u64>,
     pub last_seen_ms: Option<u64>,
+    /// A name for people ("Dana's iPad"), set by the operator.
+    pub label: Option<String>,
 }
 
 mod hex_bytes {
@@ -54,6 +56,8 @@ pub struct TokenRow {
     pub expires_ms: u64,
     pub used_ms: Option<u64>,
     pub used_by: Option<Uuid>,
+    /// The label the enrolled device gets.
+    pub label: Option<String>,
 }
 
 /// What the relay knows about an entity, without its Automerge bytes.

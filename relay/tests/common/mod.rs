@@ -34,12 +34,7 @@ pub struct TestRelay {
     next_conn: ConnId,
 }
 
-pub fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        other => panic!("not an object: {other}"),
-    }
-}
+pub use fieldsync_schema::testkit::obj;
 
 impl TestRelay {
     pub fn new() -> Self {

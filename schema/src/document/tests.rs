@@ -4,12 +4,7 @@ use crate::registry::Schema;
 
 use super::*;
 
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => panic!("not an object"),
-    }
-}
+use crate::testkit::obj;
 
 fn dev(n: u8) -> Uuid {
     Uuid::from_bytes([n; 16])

@@ -16,6 +16,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use toml::Table;
 
+mod describe;
 mod parse;
 #[cfg(test)]
 mod tests;

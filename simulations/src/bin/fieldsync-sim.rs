@@ -31,6 +31,32 @@ enum Command {
     /// Catch-up benchmarks with the real device library: a device pushing a long offline queue,
     /// and a new device pulling every entity. Prints JSON.
     Catchup(CatchupArgs),
+    /// Crash soak with real processes: the relay killed with SIGKILL under load from many
+    /// devices, then devices killed mid-write and mid-sync; prints figures (acknowledged writes
+    /// lost, duplicates, audit chains) and fails unless every promise held.
+    CrashSoak(CrashSoakArgs),
+}
+
+#[derive(clap::Args)]
+struct CrashSoakArgs {
+    /// Relay kills, one per cycle.
+    #[arg(long, default_value_t = 100)]
+    cycles: usize,
+    /// Devices (the real device library) writing and syncing while the relay is killed.
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    #[arg(long, default_value_t = 10)]
+    spaces: usize,
+    /// Local writes per device per cycle.
+    #[arg(long, default_value_t = 4)]
+    writes: usize,
+    /// Device processes (`fieldsync-peer put` / `sync`) started and killed at random moments.
+    #[arg(long, default_value_t = 200)]
+    device_cycles: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -196,6 +222,59 @@ fn load(args: LoadArgs) -> anyhow::Result<bool> {
     Ok(report.errors.is_empty())
 }
 
+fn crash_soak(args: CrashSoakArgs) -> anyhow::Result<bool> {
+    use fieldsync_simulations::soak::{self, SoakOptions};
+    let opts = SoakOptions {
+        cycles: args.cycles,
+        devices: args.devices,
+        spaces: args.spaces,
+        writes_per_cycle: args.writes,
+        device_cycles: args.device_cycles,
+        seed: args.seed,
+        ..SoakOptions::default()
+    };
+    let (report, kept) = soak::run(&opts)?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        let r = &report.relay;
+        let d = &report.devices;
+        outln!(
+            "relay: {} kills ({} mid-round, {} sync rounds cut), {} writes, {} acknowledged checks, {} acknowledged lost, {} duplicates, {} lost after drain, {} audit failures; restart p50 {:.0} ms, max {:.0} ms; {:.0} s",
+            r.relay_kills,
+            r.kills_mid_round,
+            r.syncs_cut,
+            r.writes,
+            r.acked_checked,
+            r.acked_lost,
+            r.duplicates,
+            r.lost_after_drain,
+            r.audit_failures,
+            r.restart_ms_p50,
+            r.restart_ms_max,
+            r.seconds
+        )?;
+        outln!(
+            "devices: {} kills ({} mid-write, {} mid-sync), {} writes acknowledged, {} acknowledged lost, {} failed to open, {} mutation ids reused, {} duplicates, {} lost after drain; {:.0} s",
+            d.kills,
+            d.kills_mid_write,
+            d.kills_mid_sync,
+            d.writes_acknowledged,
+            d.acked_local_lost,
+            d.opens_failed,
+            d.mutation_ids_reused,
+            d.duplicates,
+            d.lost_after_drain,
+            d.seconds
+        )?;
+        outln!("{}", if report.ok { "ok" } else { "FAILED" })?;
+    }
+    if let Some(dir) = kept {
+        eprintln!("the soak failed; its files are kept in {}", dir.display());
+    }
+    Ok(report.ok)
+}
+
 fn real_main() -> anyhow::Result<bool> {
     let parsed = Cli::parse();
     match parsed.command {
@@ -206,6 +285,7 @@ fn real_main() -> anyhow::Result<bool> {
             outln!("{}", serde_json::to_string_pretty(&report)?)?;
             return Ok(true);
         }
+        Some(Command::CrashSoak(args)) => return crash_soak(args),
         None => {}
     }
     let cli = parsed.sim;

@@ -13,17 +13,17 @@ use fieldsync_relay::store::sqlite::SqliteBackend;
 use fieldsync_schema::Role;
 use rand_chacha::ChaCha20Rng;
 
-/// The relay binary built next to this one.
-fn relay_binary() -> anyhow::Result<PathBuf> {
+/// A binary of this workspace built next to this one (`fieldsync-relay`, `fieldsync-peer`).
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let dir = me.parent().context("no directory for the current executable")?;
-    for candidate in [dir.join("fieldsync-relay"), dir.join("../fieldsync-relay")] {
+    for candidate in [dir.join(name), dir.join("..").join(name)] {
         if candidate.exists() {
             return Ok(candidate);
         }
     }
     bail!(
-        "fieldsync-relay is not built next to {} (run `cargo build --release --bins`)",
+        "{name} is not built next to {} (run `cargo build --release --bins`)",
         me.display()
     )
 }
@@ -46,13 +46,27 @@ impl RelayProc {
     pub fn spawn_with(workers: Option<usize>) -> anyhow::Result<Self> {
         let scratch = tempfile::Builder::new().prefix("fieldsync-load-").tempdir()?;
         let data = scratch.path().join("relay");
-        let mut command = Command::new(relay_binary()?);
-        command.args(["serve", "--data"]).arg(&data);
+        let mut extra = Vec::new();
         if let Some(n) = workers {
-            command.args(["--workers", &n.to_string()]);
+            extra = vec!["--workers".to_string(), n.to_string()];
         }
-        let mut child = command
-            .args(["--listen", "127.0.0.1:0"])
+        let mut relay = Self::start(&data, "127.0.0.1:0", &extra)?;
+        relay._scratch = Some(scratch);
+        Ok(relay)
+    }
+
+    /// Starts a relay on `data` (kept when the relay stops, so it can be started again on it)
+    /// listening on `listen`.
+    pub fn spawn_on(data: &Path, listen: &str) -> anyhow::Result<Self> {
+        Self::start(data, listen, &[])
+    }
+
+    fn start(data: &Path, listen: &str, extra: &[String]) -> anyhow::Result<Self> {
+        let mut child = Command::new(sibling_binary("fieldsync-relay")?)
+            .args(["serve", "--data"])
+            .arg(data)
+            .args(extra)
+            .args(["--listen", listen])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -76,11 +90,21 @@ impl RelayProc {
         std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
         Ok(RelayProc {
             url: format!("ws://{addr}"),
-            data,
+            data: data.to_path_buf(),
             pid: Some(child.id()),
             child: Some(child),
-            _scratch: Some(scratch),
+            _scratch: None,
         })
+    }
+
+    /// Kills the relay with SIGKILL (no shutdown, no flush) and waits for it to be gone.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().context("killing the relay")?;
+            c.wait().context("waiting for the killed relay")?;
+        }
+        self.pid = None;
+        Ok(())
     }
 
     /// A relay someone else runs; `data` is its data directory (for enrolling devices).

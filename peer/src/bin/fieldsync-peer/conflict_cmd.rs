@@ -33,21 +33,28 @@ fn short(id: Option<Uuid>) -> String {
     id.map_or_else(|| "relay".to_string(), |u| u.to_string()[..8].to_string())
 }
 
-fn side(s: &Side, me: Uuid) -> String {
+/// Who this device is: its id, and its user's id and name (other users are known by id only).
+struct Me<'a> {
+    device: Uuid,
+    user: Option<(Uuid, &'a str)>,
+}
+
+fn side(s: &Side, me: &Me<'_>) -> String {
     let who = match &s.by {
-        Some(a) if a.device_id == Some(me) => format!(" (this device, {})", render_ms(a.at_ms)),
-        Some(a) => format!(
-            " (device {}, user {}, {})",
-            short(a.device_id),
-            short(a.user_id),
-            render_ms(a.at_ms)
-        ),
+        Some(a) if a.device_id == Some(me.device) => format!(" (this device, {})", render_ms(a.at_ms)),
+        Some(a) => {
+            let user = match me.user {
+                Some((id, name)) if a.user_id == Some(id) => format!("you ({name})"),
+                _ => format!("user {}", short(a.user_id)),
+            };
+            format!(" ({user} on device {}, {})", short(a.device_id), render_ms(a.at_ms))
+        }
         None => String::new(),
     };
     format!("{}{who}", s.value)
 }
 
-fn print_conflict(c: &ConflictRecord, me: Uuid) -> Result<()> {
+fn print_conflict(c: &ConflictRecord, me: &Me<'_>) -> Result<()> {
     let reason = serde_json::to_value(c.reason)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
@@ -162,7 +169,11 @@ pub fn conflicts(dev: &Device, lww: bool, json: bool) -> Result<()> {
         outln!("no conflicts or rejected changes")?;
     }
     for c in &conflicts {
-        print_conflict(c, dev.device_id())?;
+        let me = Me {
+            device: dev.device_id(),
+            user: dev.enrollment().map(|e| (e.user.user_id, e.user.name.as_str())),
+        };
+        print_conflict(c, &me)?;
     }
     for r in &rejections {
         print_rejection(r)?;

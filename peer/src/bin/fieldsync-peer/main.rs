@@ -50,17 +50,19 @@ enum Command {
     /// Creates or updates an entity from a JSON object of fields; prints the id.
     Put {
         entity_type: String,
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
         id: Option<Uuid>,
         /// The fields to write, e.g. '{"name": "Ada"}' (null removes an optional field).
         #[arg(long = "json", value_name = "JSON")]
         fields: String,
-        /// The space for a new entity (default: the user's default space).
+        /// The space for a new entity, by name or id (default: the user's default space).
         #[arg(long)]
-        space: Option<Uuid>,
+        space: Option<String>,
     },
     /// Shows one entity.
     Get {
         entity_type: String,
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
         id: Uuid,
         /// Writes the entity's Automerge document (standard binary format) to FILE.
         #[arg(long, value_name = "FILE")]
@@ -82,12 +84,14 @@ enum Command {
     /// Deletes (tombstones) an entity.
     Delete {
         entity_type: String,
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
         id: Uuid,
         #[arg(long)]
         json: bool,
     },
     /// Replaces a note's text (edited in place, so concurrent edits merge).
     NoteEdit {
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
         id: Uuid,
         #[arg(long)]
         text: String,
@@ -96,6 +100,7 @@ enum Command {
     },
     /// Signs a note as the enrolled user; it is read-only from then on.
     Sign {
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
         id: Uuid,
         #[arg(long)]
         json: bool,
@@ -103,6 +108,7 @@ enum Command {
     /// Locks a lockable record (e.g. an intake form); it is read-only from then on.
     Lock {
         entity_type: String,
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
         id: Uuid,
         #[arg(long)]
         json: bool,
@@ -111,9 +117,17 @@ enum Command {
     #[command(allow_negative_numbers = true)]
     Incr {
         entity_type: String,
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
         id: Uuid,
         field: String,
         by: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The schema's entity types: policy, who may write them, and every field (one type with
+    /// TYPE). Needs no device.
+    Schema {
+        entity_type: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -132,6 +146,7 @@ enum Command {
     },
     /// Makes backing-off items due now (blocked items stay blocked until resolved).
     Retry {
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
         mutation_id: Option<Uuid>,
         #[arg(long)]
         json: bool,
@@ -185,6 +200,7 @@ enum Command {
     #[command(group(clap::ArgGroup::new("how").required(true).args(["keep", "merged", "discard", "addendum"])))]
     Resolve {
         entity_type: String,
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
         id: Uuid,
         /// Take every field (and the deletion) from one side.
         #[arg(long, value_enum)]
@@ -216,15 +232,43 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `put` and `resolve` take `--json FIELDS` as input; every other `--json` asks for JSON
+    // output, errors included.
+    let json_output = !matches!(cli.command, Command::Put { .. } | Command::Resolve { .. })
+        && std::env::args().any(|a| a == "--json");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader (`| grep -q x`) had what it wanted.
         Err(e) if fieldsync_schema::cli::is_closed_pipe(e.as_ref()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            fieldsync_schema::cli::report_error(&format!("{e:#}"), error_kind(&e), json_output);
             ExitCode::FAILURE
         }
     }
+}
+
+/// The `kind` of a `--json` error: what a script can branch on.
+fn error_kind(e: &anyhow::Error) -> &'static str {
+    use fieldsync_peer::PeerError;
+    for cause in e.chain() {
+        if let Some(p) = cause.downcast_ref::<PeerError>() {
+            return match p {
+                PeerError::Invalid { .. } => "invalid",
+                PeerError::Refused { .. } | PeerError::NotAllowed(_) | PeerError::SignOutRefused(_) => "refused",
+                PeerError::NotFound { .. } | PeerError::NoSuchMutation(_) => "not_found",
+                PeerError::UnknownType { .. } | PeerError::WrongType { .. } => "unknown_type",
+                PeerError::AlreadyExists { .. } => "already_exists",
+                PeerError::Resolution(_) => "resolution",
+                PeerError::StorageFull(_) => "storage_full",
+                PeerError::Corrupt(_) | PeerError::Doc(_) => "corrupt",
+                PeerError::Db(_) | PeerError::Io { .. } | PeerError::Backup(_) | PeerError::Schema(_) => "storage",
+            };
+        }
+        if let Some(n) = cause.downcast_ref::<fieldsync_peer::net::NetError>() {
+            return if n.is_retryable() { "network" } else { "relay_refused" };
+        }
+    }
+    "error"
 }
 
 fn production_rng() -> Result<DeviceRng> {
@@ -270,12 +314,44 @@ fn parse_filter(s: &str) -> Result<FieldFilter> {
     })
 }
 
+/// Prints the schema, or one type of it.
+fn print_schema(schema: &Schema, only: Option<&str>, json: bool) -> Result<()> {
+    let listing = fieldsync_schema::cli::schema_listing(schema, only, json).map_err(|e| anyhow!(e))?;
+    outln!("{listing}")?;
+    Ok(())
+}
+
+/// A space named by the user: one of the device's spaces, by name or id.
+fn resolve_space(dev: &Device, given: &str) -> Result<Uuid> {
+    let spaces = dev.enrollment().map(|e| e.user.spaces.clone()).unwrap_or_default();
+    if let Some(s) = spaces
+        .iter()
+        .find(|s| s.name == given || s.space_id.to_string() == given.trim())
+    {
+        return Ok(s.space_id);
+    }
+    if spaces.is_empty() {
+        bail!("--space `{given}`: this device is not enrolled, so it has no spaces yet");
+    }
+    let names: Vec<&str> = spaces.iter().map(|s| s.name.as_str()).collect();
+    let hint = fieldsync_schema::cli::closest(given, names.iter().copied())
+        .map(|c| format!("did you mean `{c}`? "))
+        .unwrap_or_default();
+    bail!(
+        "no space `{given}` on this device: {hint}its spaces: {}",
+        names.join(", ")
+    )
+}
+
 fn run(cli: Cli) -> Result<()> {
+    let schema = load_schema(cli.schema.as_deref())?;
+    if let Command::Schema { entity_type, json } = &cli.command {
+        return print_schema(&schema, entity_type.as_deref(), *json);
+    }
     let dir = cli
         .data
         .clone()
         .ok_or_else(|| anyhow!("--data DIR is required (the device's data directory)"))?;
-    let schema = load_schema(cli.schema.as_deref())?;
     let tls = cli.tls;
     match cli.command {
         Command::Init { json } => {
@@ -290,6 +366,7 @@ fn run(cli: Cli) -> Result<()> {
             space,
         } => {
             let mut dev = open_existing(&dir, schema)?;
+            let space = space.map(|s| resolve_space(&dev, &s)).transpose()?;
             let r = dev.put_in_space(space, &entity_type, id, parse_fields(&fields)?)?;
             outln!("{}", r.entity_id)?;
             Ok(())
@@ -344,6 +421,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut dev = open_existing(&dir, schema)?;
             output::receipt(&dev.increment(&entity_type, id, &field, by)?, "incremented", json)
         }
+        Command::Schema { entity_type, json } => print_schema(&schema, entity_type.as_deref(), json),
         Command::Status { json } => output::status(&open_existing(&dir, schema)?.status()?, json),
         Command::Queue { all, json } => output::queue(&open_existing(&dir, schema)?.queue(all)?, json),
         Command::Retry { mutation_id, json } => {

@@ -84,6 +84,17 @@ fn print_summary(dev: &Device, s: &SyncSummary, json: bool) -> Result<()> {
     )?;
     if let Some(b) = &status.blocked {
         outln!("blocked on {} {}: {}", b.entity_type, b.entity_id, b.reason)?;
+    } else if let Some(at) = s.retry_at {
+        let why = dev
+            .queue(false)?
+            .into_iter()
+            .find_map(|i| i.error)
+            .unwrap_or_else(|| "the relay asked to retry later".into());
+        outln!(
+            "{} change(s) wait for a retry in {:.0}s ({why}); they stay queued and go out on the next sync",
+            status.unsynced,
+            at.saturating_sub(dev.now_ms()) as f64 / 1000.0
+        )?;
     }
     Ok(())
 }
@@ -110,6 +121,7 @@ pub fn sync(mut dev: Device, watch: bool, tls: &TlsArgs, json: bool) -> Result<(
             }
         };
     }
+    let mut last = machine.summary();
     let result = rt.block_on(net::watch(
         &mut dev,
         &mut machine,
@@ -117,6 +129,10 @@ pub fn sync(mut dev: Device, watch: bool, tls: &TlsArgs, json: bool) -> Result<(
         stop_signal(),
         |event| match event {
             WatchEvent::Connected => eprintln!("connected"),
+            WatchEvent::Progress(now) => {
+                eprintln!("{}", progress_line(&last, &now));
+                last = now;
+            }
             WatchEvent::Disconnected { reason, retry_in_ms } => {
                 eprintln!(
                     "disconnected: {reason}; reconnecting in {:.1}s",
@@ -131,6 +147,29 @@ pub fn sync(mut dev: Device, watch: bool, tls: &TlsArgs, json: bool) -> Result<(
         Err(NetError::Store(e)) => Err(e.into()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// One line per batch sent or answered and per page or live entry received, as deltas.
+fn progress_line(before: &SyncSummary, now: &SyncSummary) -> String {
+    let mut parts = Vec::new();
+    let pushed = now.pushed.saturating_sub(before.pushed);
+    if pushed > 0 {
+        parts.push(format!("sent {pushed} change(s)"));
+    }
+    for (n, what) in [
+        (now.applied.saturating_sub(before.applied), "applied"),
+        (now.conflicts.saturating_sub(before.conflicts), "conflicted"),
+        (now.rejected.saturating_sub(before.rejected), "rejected"),
+    ] {
+        if n > 0 {
+            parts.push(format!("{n} {what}"));
+        }
+    }
+    let pulled = now.pulled.saturating_sub(before.pulled);
+    if pulled > 0 {
+        parts.push(format!("received {pulled} change(s)"));
+    }
+    parts.join(", ")
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

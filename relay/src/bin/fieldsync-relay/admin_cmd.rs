@@ -40,8 +40,13 @@ enum AdminCommand {
     /// Print a single-use enrollment token for a user (valid 24 hours unless told otherwise).
     Enroll {
         user: String,
-        #[arg(long, default_value_t = 24)]
+        /// How long the single-use token stays valid, 1–720 hours (30 days): a token is a
+        /// credential, so it never lives forever.
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=720))]
         valid_hours: u64,
+        /// A name for the device this token enrolls, shown in `device list` ("Dana's iPad").
+        #[arg(long)]
+        label: Option<String>,
     },
     /// Enrollment tokens (stored hashed: listed by id, never by value).
     #[command(subcommand)]
@@ -108,7 +113,16 @@ enum DeviceCommand {
     /// List devices with their user, enrollment, last seen and revocation.
     List,
     /// Revoke a device: its open connections close within a second, new ones are refused.
-    Revoke { device: Uuid },
+    Revoke {
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
+        device: Uuid,
+    },
+    /// Name a device for people ("Dana's iPad"), shown in `device list`.
+    Label {
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
+        device: Uuid,
+        label: String,
+    },
 }
 
 /// The store of `data` and a handle on its directory. Never creates a store (a typo in the path
@@ -199,9 +213,16 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
             }
             print(json, json!(rows), lines_or(lines, "no users"))?;
         }
-        AdminCommand::Enroll { user, valid_hours } => {
+        AdminCommand::Enroll {
+            user,
+            valid_hours,
+            label,
+        } => {
             let ttl = valid_hours.saturating_mul(3_600_000);
-            let (token, expires) = admin::create_enrollment_token(&mut store, &user, ttl, now, &mut rng)?;
+            let (token, expires) = match &label {
+                Some(label) => admin::create_labelled_enrollment_token(&mut store, &user, label, ttl, now, &mut rng)?,
+                None => admin::create_enrollment_token(&mut store, &user, ttl, now, &mut rng)?,
+            };
             print(
                 json,
                 json!({"token": token, "user": user, "expires_at": render_ms(expires)}),
@@ -218,6 +239,14 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
             )?;
         }
         AdminCommand::Device(DeviceCommand::List) => device_list(&store, json)?,
+        AdminCommand::Device(DeviceCommand::Label { device, label }) => {
+            admin::label_device(&mut store, device, &label)?;
+            print(
+                json,
+                json!({"device_id": device, "label": label.trim()}),
+                format!("device {device} is now \"{}\"", label.trim()),
+            )?;
+        }
         AdminCommand::Device(DeviceCommand::Revoke { device }) => {
             admin::revoke_device(&mut store, device, now)?;
             print(
@@ -279,8 +308,9 @@ fn device_list(store: &SqliteDirectory, json: bool) -> anyhow::Result<()> {
             None => "active".to_string(),
         };
         let seen = d.last_seen_ms.map(render_ms).unwrap_or_else(|| "never".into());
+        let label = d.label.as_deref().map(|l| format!("  \"{l}\"")).unwrap_or_default();
         lines.push(format!(
-            "{}  {}  enrolled {}  last seen {}  {}",
+            "{}{label}  {}  enrolled {}  last seen {}  {}",
             d.device_id,
             user,
             render_ms(d.enrolled_ms),
@@ -289,6 +319,7 @@ fn device_list(store: &SqliteDirectory, json: bool) -> anyhow::Result<()> {
         ));
         rows.push(json!({
             "device_id": d.device_id,
+            "label": d.label,
             "user": user,
             "user_id": d.user_id,
             "enrolled_at": render_ms(d.enrolled_ms),

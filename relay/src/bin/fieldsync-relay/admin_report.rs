@@ -161,23 +161,25 @@ pub fn conflicts(backend: &SqliteBackend, args: ConflictArgs, json: bool) -> any
     }
     rows.sort_by_key(|r| std::cmp::Reverse((r.created_ms, r.archive_id)));
     rows.truncate(args.limit);
+    let names = Names::read(&backend.open_directory()?)?;
     let lines: Vec<String> = rows
         .iter()
         .map(|r| {
             format!(
-                "#{} {} {} {} {} v{} {}: lost {} (device {}, mutation {}) to {} (device {})",
+                "#{} {} {} {} in {} {} v{} {}: lost {} ({}, mutation {}) to {} ({})",
                 r.archive_id,
                 r.kind,
                 r.entity_type,
                 r.entity_id,
+                names.space(r.space_id),
                 r.field.as_deref().unwrap_or("-"),
                 r.version,
                 render_ms(r.created_ms),
                 r.losing_json,
-                r.loser_device.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+                names.device(r.loser_device),
                 r.loser_mutation.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
                 r.winning_json,
-                r.winner_device.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+                names.device(r.winner_device),
             )
         })
         .collect();
@@ -186,8 +188,56 @@ pub fn conflicts(backend: &SqliteBackend, args: ConflictArgs, json: bool) -> any
     } else {
         lines.join("\n")
     };
-    print(json, json!(rows), text)?;
+    let with_names: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let mut v = json!(r);
+            v["space"] = json!(names.space(r.space_id));
+            v["loser"] = json!(names.device(r.loser_device));
+            v["winner"] = json!(names.device(r.winner_device));
+            v
+        })
+        .collect();
+    print(json, json!(with_names), text)?;
     Ok(())
+}
+
+/// Names for the ids a report shows: spaces by name, devices by label and user.
+struct Names {
+    spaces: BTreeMap<Uuid, String>,
+    devices: BTreeMap<Uuid, String>,
+}
+
+impl Names {
+    fn read(directory: &impl Directory) -> anyhow::Result<Self> {
+        let spaces = directory.spaces()?.into_iter().map(|s| (s.space_id, s.name)).collect();
+        let users: BTreeMap<Uuid, String> = directory.users()?.into_iter().map(|u| (u.user_id, u.name)).collect();
+        let devices = directory
+            .devices()?
+            .into_iter()
+            .map(|d| {
+                let user = users.get(&d.user_id).cloned().unwrap_or_else(|| d.user_id.to_string());
+                let short = d.device_id.simple().to_string();
+                let name = match d.label {
+                    Some(label) => format!("{user}'s \"{label}\", device {}", &short[..8]),
+                    None => format!("{user}'s device {}", &short[..8]),
+                };
+                (d.device_id, name)
+            })
+            .collect();
+        Ok(Names { spaces, devices })
+    }
+
+    fn space(&self, id: Uuid) -> String {
+        self.spaces.get(&id).cloned().unwrap_or_else(|| id.to_string())
+    }
+
+    fn device(&self, id: Option<Uuid>) -> String {
+        match id {
+            Some(d) => self.devices.get(&d).cloned().unwrap_or_else(|| format!("device {d}")),
+            None => "-".into(),
+        }
+    }
 }
 
 fn file_size(path: &std::path::Path) -> u64 {

@@ -35,6 +35,22 @@ enum Command {
     RestoreDrill(backup_cmd::DrillArgs),
     /// Make a verified backup the database of a data directory (stop the relay first).
     Restore(backup_cmd::RestoreArgs),
+    /// The entity schema the relay serves.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum SchemaCommand {
+    /// Every entity type: policy, who may write it, and its fields (one type with TYPE).
+    Show {
+        entity_type: Option<String>,
+        /// The schema file `serve --schema` is given (the built-in default when absent).
+        #[arg(long, value_name = "FILE")]
+        schema: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn os_rng() -> anyhow::Result<ChaCha20Rng> {
@@ -61,6 +77,8 @@ fn init_logging(format: LogFormat, filter: Option<&str>) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Every `--json` of the relay's commands is a switch asking for JSON output.
+    let json_output = std::env::args().any(|a| a == "--json");
     let result = match cli.command {
         Command::Serve(args) => serve_cmd::run(args),
         Command::Admin(args) => {
@@ -79,14 +97,53 @@ fn main() -> std::process::ExitCode {
             init_logging(LogFormat::Text, Some("warn"));
             backup_cmd::restore(args)
         }
+        Command::Schema(SchemaCommand::Show {
+            entity_type,
+            schema,
+            json,
+        }) => show_schema(entity_type.as_deref(), schema.as_deref(), json),
     };
     match result {
         Ok(code) => code,
         // The reader (`| head -1`) had what it wanted.
         Err(e) if fieldsync_schema::cli::is_closed_pipe(e.as_ref()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            fieldsync_schema::cli::report_error(&format!("{e:#}"), error_kind(&e), json_output);
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn show_schema(
+    only: Option<&str>,
+    file: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    let schema = fieldsync_schema::Schema::load(file)?;
+    let listing = fieldsync_schema::cli::schema_listing(&schema, only, json).map_err(anyhow::Error::msg)?;
+    fieldsync_schema::outln!("{listing}")?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The `kind` of a `--json` error: what a script can branch on.
+fn error_kind(e: &anyhow::Error) -> &'static str {
+    use fieldsync_relay::store::StoreError;
+    for cause in e.chain() {
+        if let Some(store) = cause.downcast_ref::<StoreError>() {
+            return match store {
+                StoreError::NotFound(_) => "not_found",
+                StoreError::Conflict(_) => "conflict",
+                StoreError::Corrupt(_) => "corrupt",
+                StoreError::StorageFull(_) => "storage_full",
+                StoreError::Sqlite(_) | StoreError::Io(_) => "storage",
+            };
+        }
+        if cause.downcast_ref::<fieldsync_relay::server::ServerError>().is_some() {
+            return "server";
+        }
+        if cause.downcast_ref::<std::io::Error>().is_some() {
+            return "io";
+        }
+    }
+    "error"
 }

@@ -55,9 +55,14 @@ pub struct ServeArgs {
     /// Documents kept parsed in memory, shared between the shards [default: 4096].
     #[arg(long, value_name = "N")]
     doc_cache: Option<usize>,
+    /// Skip SQLite's quick_check of every store file at start (for stores so large the check
+    /// would delay the start; restore drills still verify backups).
+    #[arg(long)]
+    skip_start_check: bool,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let skip_start_check = args.skip_start_check;
     let file = match &args.config {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
@@ -94,6 +99,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         opts.workers = config.workers;
         opts.shards = config.shards;
         opts.config.doc_cache_capacity = config.doc_cache;
+        opts.check_at_start = !skip_start_check;
         let server = Server::bind(opts, Box::new(rng), new_relay_id).await?;
         eprintln!(
             "fieldsync relay {} listening on {}://{}/v1/sync (data: {}, schema {}{})",

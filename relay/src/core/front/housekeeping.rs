@@ -21,6 +21,11 @@ use crate::store::{Directory, SpaceStore};
 /// outside writes.
 pub const FULL_REFRESH_MS: u64 = 10_000;
 
+/// How often a connected device's last-seen time is written (`device list` shows it): often
+/// enough that a device in a day-long session does not look gone, rarely enough that a
+/// thousand sessions cost a handful of directory writes a second, all in one transaction.
+pub const LAST_SEEN_EVERY_MS: u64 = 60_000;
+
 /// Revocations are looked up from this long before the previous check, so that a revocation
 /// stamped by a clock slightly behind ours is not missed.
 const REVOCATION_CLOCK_SLACK_MS: u64 = 5_000;
@@ -59,6 +64,43 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         }
         self.expire_challenges(now_ms, out);
         self.fan_out_outside(out);
+        self.record_last_seen(now_ms);
+    }
+
+    /// Writes the last-seen time of every device connected for a while (best-effort: a full
+    /// disk or a busy store must not disturb the sessions).
+    fn record_last_seen(&mut self, now_ms: u64) {
+        let due: Vec<Uuid> = self
+            .conns
+            .values()
+            .filter_map(|c| match c {
+                ConnState::Ready(s) if now_ms.saturating_sub(s.seen_recorded_ms) >= LAST_SEEN_EVERY_MS => {
+                    Some(s.device_id)
+                }
+                _ => None,
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let written = self.directory.begin().and_then(|()| {
+            for device in &due {
+                self.directory.touch_device(*device, now_ms)?;
+            }
+            self.directory.commit()
+        });
+        if let Err(e) = written {
+            let _ = self.directory.rollback();
+            tracing::warn!(error = %e, devices = due.len(), "could not record when connected devices were last seen");
+        }
+        // Either way, try again a period later rather than on every tick.
+        for c in self.conns.values_mut() {
+            if let ConnState::Ready(s) = c
+                && due.contains(&s.device_id)
+            {
+                s.seen_recorded_ms = now_ms;
+            }
+        }
     }
 
     fn close_revoked(&mut self, now_ms: u64, out: &mut Vec<Output>) {

@@ -53,6 +53,9 @@ pub(crate) struct Session {
     pub live: Option<BTreeMap<Uuid, u64>>,
     pub tokens: f64,
     pub tokens_at_ms: u64,
+    /// When the device's last-seen time was last written (sign-in, then every
+    /// [`housekeeping::LAST_SEEN_EVERY_MS`] while connected).
+    pub seen_recorded_ms: u64,
 }
 
 impl Session {
@@ -200,6 +203,9 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                         tracing::error!(error = %e, "directory failure while handling a message");
                         self.abort_turn(&mut turn, &mut step);
                         turn = Turn::default();
+                        // The message that failed gets its answer too, not silence until the
+                        // idle timeout.
+                        step.outputs.push(Output::Send(conn, storage_error(&e)));
                     }
                 }
                 Input::Tick => tick = true,
@@ -226,13 +232,18 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                     self.in_flight.remove(&(conn, batch_id));
                     (conn, RelayMessage::PushResult { batch_id, results })
                 }
-                JobResult::Deferred { conn, batch_id, reason } => {
+                JobResult::Deferred {
+                    conn,
+                    batch_id,
+                    retry_after_ms,
+                    reason,
+                } => {
                     self.in_flight.remove(&(conn, batch_id));
                     (
                         conn,
                         RelayMessage::PushDeferred {
                             batch_id,
-                            retry_after_ms: 1000,
+                            retry_after_ms,
                             reason,
                         },
                     )
@@ -539,5 +550,18 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             },
         ));
         self.close(conn, CloseReason::protocol(reason), out);
+    }
+}
+
+/// The answer to a message the store failed on: nothing was changed; a full disk is a
+/// condition to wait out (`Unavailable`), anything else a relay fault (`Internal`).
+fn storage_error(e: &StoreError) -> RelayMessage {
+    let code = match e {
+        StoreError::StorageFull(_) => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    };
+    RelayMessage::Error {
+        code,
+        message: format!("relay storage error ({e}); nothing was changed, try again"),
     }
 }

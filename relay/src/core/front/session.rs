@@ -214,7 +214,11 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             )));
         };
         let memberships = self.directory.memberships(user.user_id)?;
-        self.directory.touch_device(device_id, now_ms)?;
+        // Last-seen is for operators; a full disk must not stop devices from signing in to
+        // read (pulls need no writes).
+        if let Err(e) = self.directory.touch_device(device_id, now_ms) {
+            tracing::warn!(device_id = %device_id, error = %e, "could not record when the device was last seen");
+        }
         let spaces: BTreeMap<Uuid, fieldsync_schema::Role> = memberships.iter().map(|m| (m.space_id, m.role)).collect();
         let info = user_info(&user, memberships);
         tracing::info!(conn, device_id = %device_id, user_id = %user.user_id, "device authenticated");
@@ -229,6 +233,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 live: None,
                 tokens: self.config.rate_burst,
                 tokens_at_ms: now_ms,
+                seen_recorded_ms: now_ms,
             })),
         );
         out.push(Output::Send(
@@ -322,6 +327,9 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         self.directory
             .register_device(req.device_id, user.user_id, &public_key, now_ms)?;
         self.directory.use_token(&hash, req.device_id, now_ms)?;
+        if let Some(label) = &token.label {
+            self.directory.set_device_label(req.device_id, label)?;
+        }
         let memberships = self.directory.memberships(user.user_id)?;
         self.stats.enrollments += 1;
         tracing::info!(conn, device_id = %req.device_id, user_id = %user.user_id, "device enrolled");

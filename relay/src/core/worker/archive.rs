@@ -16,7 +16,8 @@
 //! its decision (a refused create cannot travel again) has no base: all of theirs counts.
 //!
 //! One row per lost field value: `losing_json` the lost value, `winning_json` the resolved one
-//! (`null`: absent), like the LWW rows. The whole before and after states are in the mutation's
+//! (`null`: absent), like the LWW rows; the winner is whoever wrote the surviving value (the
+//! other device after keep-theirs, the resolving device otherwise). The whole before and after states are in the mutation's
 //! audit record. Counters are never lost (concurrent increments add up) and are skipped. LWW
 //! types archive through their own per-field settlement instead.
 
@@ -62,8 +63,25 @@ pub(super) fn resolution_rows(
     if let Some(mine) = &mine {
         keys.extend(mine.keys());
     }
-    let row =
-        |field: &str, losing: &Value, winning: &Value, loser: Option<Uuid>, loser_mutation: Option<Uuid>| ArchiveRow {
+    // Who the surviving value is credited to: the device that wrote it on the relay's side, when
+    // the resolution kept a value the relay already held (keep-theirs: the other device, whose
+    // mutation is in the document's feed and audit, not here); otherwise the resolving device
+    // and its resolution (keep-mine, or a merged value typed in the resolution).
+    let credit = |field: &str, won: &Value| -> (Option<Uuid>, Option<Uuid>) {
+        let kept_from_relay = doc
+            .values_at(field, before.heads)
+            .into_iter()
+            .find(|(v, _)| v == won)
+            .and_then(|(_, d)| d)
+            .filter(|d| *d != m.device_id);
+        match kept_from_relay {
+            Some(writer) => (Some(writer), None),
+            None => (Some(m.device_id), Some(m.mutation_id)),
+        }
+    };
+    let row = |field: &str, losing: &Value, winning: &Value, loser: Option<Uuid>, loser_mutation: Option<Uuid>| {
+        let (winner_device, winner_mutation) = credit(field, winning);
+        ArchiveRow {
             archive_id: 0,
             kind: "resolution".into(),
             space_id: m.space_id,
@@ -74,11 +92,12 @@ pub(super) fn resolution_rows(
             winning_json: winning.to_string(),
             loser_device: loser,
             loser_mutation,
-            winner_device: Some(m.device_id),
-            winner_mutation: Some(m.mutation_id),
+            winner_device,
+            winner_mutation,
             version,
             created_ms: now_ms,
-        };
+        }
+    };
     let mut rows = Vec::new();
     for key in keys {
         if matches!(ty.field(key).map(|f| &f.kind), Some(FieldKind::Counter { .. })) {

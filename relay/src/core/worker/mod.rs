@@ -76,9 +76,15 @@ pub enum JobResult {
     Deferred {
         conn: ConnId,
         batch_id: u64,
+        /// How long the device should wait: a full disk does not free itself within a second.
+        retry_after_ms: u64,
         reason: String,
     },
 }
+
+/// The retry hint for a batch a storage failure deferred.
+const RETRY_AFTER_STORAGE_ERROR_MS: u64 = 1_000;
+const RETRY_AFTER_STORAGE_FULL_MS: u64 = 30_000;
 
 /// A worker's answer to one turn.
 #[derive(Debug, Default)]
@@ -201,11 +207,16 @@ impl<S: SpaceStore> SpaceWorker<S> {
                     commit_failures: 1,
                     ..CoreStats::default()
                 };
+                let retry_after_ms = match e {
+                    StoreError::StorageFull(_) => RETRY_AFTER_STORAGE_FULL_MS,
+                    _ => RETRY_AFTER_STORAGE_ERROR_MS,
+                };
                 report.results = jobs
                     .iter()
                     .map(|j| JobResult::Deferred {
                         conn: j.conn,
                         batch_id: j.batch_id,
+                        retry_after_ms,
                         reason: format!("relay storage error: {e}"),
                     })
                     .collect();

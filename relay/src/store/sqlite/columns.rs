@@ -156,7 +156,7 @@ pub(super) fn audit_row(row: &Row<'_>) -> rusqlite::Result<AuditRow> {
     })
 }
 
-pub(super) const DEVICE_COLS: &str = "device_id, user_id, public_key, enrolled_ms, revoked_ms, last_seen_ms";
+pub(super) const DEVICE_COLS: &str = "device_id, user_id, public_key, enrolled_ms, revoked_ms, last_seen_ms, label";
 
 pub(super) fn device_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
     Ok(DeviceRow {
@@ -166,10 +166,11 @@ pub(super) fn device_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
         enrolled_ms: u64_col(row, 3)?,
         revoked_ms: opt_u64_col(row, 4)?,
         last_seen_ms: opt_u64_col(row, 5)?,
+        label: row.get(6)?,
     })
 }
 
-pub(super) const TOKEN_COLS: &str = "token_hash, user_id, created_ms, expires_ms, used_ms, used_by";
+pub(super) const TOKEN_COLS: &str = "token_hash, user_id, created_ms, expires_ms, used_ms, used_by, label";
 
 pub(super) fn token_row(row: &Row<'_>) -> rusqlite::Result<TokenRow> {
     let hash: Vec<u8> = row.get(0)?;
@@ -190,5 +191,6 @@ pub(super) fn token_row(row: &Row<'_>) -> rusqlite::Result<TokenRow> {
         expires_ms: u64_col(row, 3)?,
         used_ms: opt_u64_col(row, 4)?,
         used_by: opt_uuid_col(row, 5)?,
+        label: row.get(6)?,
     })
 }

@@ -30,7 +30,7 @@ impl SqliteDirectory {
     /// Opens the directory of a prepared store (see `SqliteBackend::open`).
     pub(super) fn open(path: &std::path::Path) -> StoreResult<Self> {
         let conn = connect(path)?;
-        conn.execute_batch(SCHEMA_SQL)?;
+        Self::create_tables(&conn)?;
         let id: Vec<u8> = conn.query_row("SELECT value FROM meta WHERE key = 'relay_id'", [], |r| r.get(0))?;
         let relay_id = Uuid::from_slice(&id).map_err(|e| StoreError::Corrupt(format!("relay id: {e}")))?;
         let shards = super::meta_u64(&conn, "shards")?
@@ -46,6 +46,17 @@ impl SqliteDirectory {
     /// Creates the directory's tables (a new store, or the migration of a round-1 one).
     pub(super) fn create_tables(conn: &Connection) -> StoreResult<()> {
         conn.execute_batch(SCHEMA_SQL)?;
+        // Columns added after a store was created: nullable, so adding them changes no row.
+        for (table, column) in [("tokens", "label"), ("devices", "label")] {
+            let present: i64 = conn.query_row(
+                &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+                [column],
+                |r| r.get(0),
+            )?;
+            if present == 0 {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))?;
+            }
+        }
         Ok(())
     }
 
@@ -249,6 +260,22 @@ impl Directory for SqliteDirectory {
             return Err(StoreError::Conflict("enrollment token already used".into()));
         }
         Ok(())
+    }
+
+    fn set_token_label(&mut self, token_hash: &[u8; 32], label: &str) -> StoreResult<()> {
+        self.conn.execute(
+            "UPDATE tokens SET label = ?2 WHERE token_hash = ?1",
+            params![token_hash.to_vec(), label],
+        )?;
+        Ok(())
+    }
+
+    fn set_device_label(&mut self, device_id: Uuid, label: &str) -> StoreResult<bool> {
+        let n = self.conn.execute(
+            "UPDATE devices SET label = ?2 WHERE device_id = ?1",
+            params![device_id.as_bytes().to_vec(), label],
+        )?;
+        Ok(n > 0)
     }
 
     fn expire_token(&mut self, token_hash: &[u8; 32], now_ms: u64) -> StoreResult<bool> {

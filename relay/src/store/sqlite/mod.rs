@@ -8,6 +8,7 @@
 mod columns;
 mod directory;
 pub mod extra;
+pub mod health;
 mod migrate;
 mod shard;
 
