@@ -1,4 +1,4 @@
-//! Authentication, enrollment, pull, live fan-out and space isolation.
+//! Authentication, enrollment, pull, live fan-out, space isolation and last-seen times.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -562,4 +562,28 @@ fn rotating_to_a_key_that_is_not_a_curve_point_is_refused_and_nothing_is_stored(
     assert!(closed(&out), "{out:?}");
     let stored = r.core.directory().device(a.device_id).unwrap().unwrap().public_key;
     assert_eq!(stored, a.key.public_key().to_vec());
+}
+
+/// `device list` shows when each device was last seen: written at sign-in and refreshed by
+/// the tick while the session lasts, not on every message.
+#[test]
+fn a_long_session_keeps_the_device_last_seen_time_current() {
+    use fieldsync_relay::core::Input;
+    use fieldsync_relay::store::{Backend, Directory};
+
+    let mut relay = TestRelay::new();
+    relay.space("clinic");
+    relay.user("dana", "clinic", Role::Clinician);
+    let dev = relay.device("dana", 1);
+    let seen = |relay: &TestRelay| {
+        let directory = relay.backend.open_directory().unwrap();
+        directory.device(dev.device_id).unwrap().unwrap().last_seen_ms.unwrap()
+    };
+    let signed_in = seen(&relay);
+    relay.now += 30_000;
+    relay.core.handle([Input::Tick], relay.now);
+    assert_eq!(seen(&relay), signed_in, "not rewritten on every tick");
+    relay.now += 31_000;
+    relay.core.handle([Input::Tick], relay.now);
+    assert_eq!(seen(&relay), relay.now, "refreshed a minute into the session");
 }
