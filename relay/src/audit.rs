@@ -230,3 +230,42 @@ fn verify_round_one(directory: &impl Directory) -> StoreResult<Option<SpaceChain
         first_bad: None,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(space: u8, bad: bool) -> SpaceChain {
+        SpaceChain {
+            space_id: Uuid::from_bytes([space; 16]),
+            records: 3,
+            first_bad: bad.then(|| BadRecord {
+                audit_id: 2,
+                mutation_id: "m".into(),
+                reason: "hash mismatch".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn one_broken_chain_anywhere_fails_the_report_and_is_named() {
+        let sound = VerifyReport {
+            records: 6,
+            spaces: vec![chain(1, false), chain(2, false)],
+            round_one: None,
+        };
+        assert!(sound.ok() && sound.bad().is_empty());
+        let broken_space = VerifyReport {
+            spaces: vec![chain(1, false), chain(2, true)],
+            ..sound.clone()
+        };
+        assert!(!broken_space.ok());
+        assert_eq!(broken_space.bad()[0].0, Uuid::from_bytes([2; 16]));
+        let broken_round_one = VerifyReport {
+            round_one: Some(chain(0, true)),
+            ..sound
+        };
+        assert!(!broken_round_one.ok());
+        assert_eq!(broken_round_one.bad().len(), 1);
+    }
+}

@@ -381,3 +381,60 @@ fn a_mutation_signature_malleated_to_s_plus_l_is_refused() {
     assert!(relay.core.document(m.entity_id).unwrap().is_none());
     assert!(relay.receipt(m.mutation_id).is_none());
 }
+
+#[test]
+fn a_device_rotates_its_key_with_the_old_key_signing_the_new() {
+    let mut r = TestRelay::new();
+    r.space("clinic");
+    r.user("dana", "clinic", Role::Clinician);
+    let mut a = r.device("dana", 1);
+    let new_key = fieldsync_schema::DeviceKey::generate(&mut ChaCha20Rng::seed_from_u64(77));
+    let sig = a.key.sign(&rotate_signing_bytes(
+        &a.device_id,
+        &a.key.public_key(),
+        &new_key.public_key(),
+    ));
+    let out = r.send(
+        a.conn,
+        ClientMessage::RotateKey {
+            new_public_key: Bytes(new_key.public_key().to_vec()),
+            signature: Bytes(sig.to_vec()),
+        },
+    );
+    assert!(matches!(out[0], Output::Send(_, RelayMessage::KeyRotated)), "{out:?}");
+    let old_key = std::mem::replace(&mut a.key, new_key);
+    let (_, m) = a.create("patient", json!({"name": "Ada"}), T0);
+    assert!(
+        r.push_one(&mut a, m).applied().is_some(),
+        "mutations verify with the new key"
+    );
+    a.conn = r.login(&a);
+
+    // The old key is worth nothing from now on: not for mutations, not for signing in.
+    let new_key = std::mem::replace(&mut a.key, old_key);
+    let (_, stale) = a.create("patient", json!({"name": "Signed with the old key"}), T0 + 1);
+    assert!(
+        matches!(r.push_one(&mut a, stale), fieldsync_schema::Outcome::Forbidden { .. }),
+        "a mutation signed with the old key is refused"
+    );
+    let conn = r.connect();
+    let out = r.send(conn, a.hello());
+    let Output::Send(_, RelayMessage::Challenge { relay_id, nonce }) = &out[0] else {
+        panic!("{out:?}")
+    };
+    let out = r.send(conn, a.auth(*relay_id, &nonce.0));
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            Output::Send(
+                _,
+                RelayMessage::AuthFailed {
+                    reason: AuthFailure::BadSignature,
+                    ..
+                }
+            )
+        )),
+        "{out:?}"
+    );
+    a.key = new_key;
+}

@@ -172,6 +172,25 @@ mod tests {
     }
 
     #[test]
+    fn two_stamps_in_one_millisecond_differ_and_a_full_counter_borrows_the_next_millisecond() {
+        let mut c = HlcClock::new(dev(1));
+        let a = c.tick(7_000);
+        let b = c.tick(7_000);
+        assert!(a < b, "{a} {b}");
+        assert_eq!((b.physical_ms, b.counter), (7_000, 1));
+
+        let persisted = Hlc {
+            physical_ms: 7_000,
+            counter: u32::MAX,
+            device: dev(1),
+        };
+        let mut full = HlcClock::resume(dev(1), Some(persisted));
+        let next = full.tick(7_000);
+        assert_eq!((next.physical_ms, next.counter), (7_001, 0));
+        assert!(next > persisted);
+    }
+
+    #[test]
     fn observing_a_remote_stamp_orders_later_local_events_after_it() {
         let mut c = HlcClock::new(dev(1));
         c.tick(1_000);

@@ -359,6 +359,17 @@ mod tests {
             .0
     }
 
+    /// The errors of a write that may be valid (none when it is).
+    fn check(ty: &str, v: Value) -> Vec<FieldError> {
+        Schema::default_schema()
+            .entity_type(ty)
+            .unwrap()
+            .validate(&obj(v))
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default()
+    }
+
     fn has(errors: &[FieldError], field: &str, rule: Rule) -> bool {
         errors.iter().any(|e| e.field == field && e.rule == rule)
     }
@@ -422,6 +433,63 @@ mod tests {
 
         let e = errors_of("intake_form", json!({"patient_id": P, "locked": "yes"}));
         assert!(has(&e, "locked", Rule::Type), "{e:?}");
+    }
+
+    #[test]
+    fn values_exactly_at_a_limit_are_accepted_and_one_past_it_refused() {
+        assert!(check("patient", json!({"name": "x".repeat(200)})).is_empty());
+        let e = check("patient", json!({"name": "é".repeat(201)}));
+        assert!(has(&e, "name", Rule::MaxLength), "characters, not bytes: {e:?}");
+        assert!(check("patient", json!({"name": "é".repeat(200)})).is_empty());
+        let at = |rpe: f64| check("set", json!({"session_id": E, "exercise_name": "x", "rpe": rpe}));
+        assert!(at(10.0).is_empty(), "{:?}", at(10.0));
+        assert!(has(&at(10.5), "rpe", Rule::Max));
+        assert!(at(0.0).is_empty(), "{:?}", at(0.0));
+        assert!(has(&at(-0.5), "rpe", Rule::Min));
+    }
+
+    #[test]
+    fn rule_names_are_stable_for_apps_that_match_on_them() {
+        let names: Vec<&str> = [
+            Rule::Required,
+            Rule::RequiredUnless,
+            Rule::Type,
+            Rule::Enum,
+            Rule::Min,
+            Rule::Max,
+            Rule::MaxLength,
+            Rule::Format,
+            Rule::UnknownField,
+            Rule::Ref,
+            Rule::NotAllowed,
+        ]
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+        assert_eq!(
+            names,
+            [
+                "required",
+                "required_unless",
+                "type",
+                "enum",
+                "min",
+                "max",
+                "max_length",
+                "format",
+                "unknown_field",
+                "ref",
+                "not_allowed"
+            ]
+        );
+        for r in [Rule::MaxLength, Rule::NotAllowed] {
+            assert_eq!(
+                serde_json::to_value(r).unwrap(),
+                json!(r.as_str()),
+                "the wire name is the same"
+            );
+            assert_eq!(r.to_string(), r.as_str());
+        }
     }
 
     #[test]

@@ -251,3 +251,120 @@ pub(crate) fn state_json(fields: &Map<String, Value>, deleted: bool, signed: boo
     state.insert("signed".into(), Value::Bool(signed));
     Value::Object(state).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use fieldsync_schema::Schema;
+    use fieldsync_schema::testkit::obj;
+    use serde_json::json;
+
+    use super::*;
+
+    fn ty(name: &str) -> EntityType {
+        Schema::default_schema().entity_type(name).unwrap().clone()
+    }
+
+    fn puts(keys: &[&str]) -> RootOps {
+        RootOps {
+            puts: keys.iter().map(|k| k.to_string()).collect(),
+            ..RootOps::default()
+        }
+    }
+
+    /// (field, rule name) of every error, sorted.
+    fn refused(errors: Vec<FieldError>) -> Vec<(String, &'static str)> {
+        let mut v: Vec<_> = errors.into_iter().map(|e| (e.field, e.rule.as_str())).collect();
+        v.sort();
+        v
+    }
+
+    fn one(field: &str, rule: Rule) -> Vec<(String, &'static str)> {
+        vec![(field.to_string(), rule.as_str())]
+    }
+
+    #[test]
+    fn a_delete_sign_lock_or_increment_changes_only_its_own_key() {
+        let before = obj(json!({"name": "Ada", "body": "x", "answers": "y"}));
+        let cases = [
+            ("patient", MutationKind::Delete, META_DELETED, "name"),
+            ("note", MutationKind::Sign, META_SIGNATURE, "body"),
+            ("intake_form", MutationKind::Lock, "locked", "answers"),
+        ];
+        for (t, kind, own, other) in cases {
+            let ty = ty(t);
+            assert!(
+                structural_errors(&ty, kind, &puts(&[own]), &before).is_empty(),
+                "{kind} may write {own}"
+            );
+            assert_eq!(
+                refused(structural_errors(&ty, kind, &puts(&[own, other]), &before)),
+                one(other, Rule::NotAllowed),
+                "a {kind} that also writes {other}"
+            );
+        }
+        let volume = ty("volume");
+        let increment = RootOps {
+            increments: BTreeMap::from([("chest_sets".to_string(), 2)]),
+            ..RootOps::default()
+        };
+        assert!(structural_errors(&volume, MutationKind::Increment, &increment, &Map::new()).is_empty());
+        let with_week = RootOps {
+            puts: BTreeSet::from(["week".to_string()]),
+            ..increment
+        };
+        assert_eq!(
+            refused(structural_errors(
+                &volume,
+                MutationKind::Increment,
+                &with_week,
+                &Map::new()
+            )),
+            one("week", Rule::NotAllowed)
+        );
+    }
+
+    #[test]
+    fn an_update_may_not_write_a_reserved_key_or_replace_a_text_object() {
+        let note = ty("note");
+        let before = obj(json!({"body": "x"}));
+        for key in [META_TYPE, META_SIGNATURE, META_DELETED, "_anything"] {
+            assert_eq!(
+                refused(structural_errors(&note, MutationKind::Update, &puts(&[key]), &before)),
+                one(key, Rule::NotAllowed),
+                "{key}"
+            );
+        }
+        assert!(structural_errors(&note, MutationKind::Create, &puts(&[META_TYPE]), &Map::new()).is_empty());
+        let replace = RootOps {
+            makes: BTreeMap::from([("body".to_string(), ObjType::Text)]),
+            ..RootOps::default()
+        };
+        assert_eq!(
+            refused(structural_errors(&note, MutationKind::Update, &replace, &before)),
+            one("body", Rule::NotAllowed)
+        );
+        assert!(structural_errors(&note, MutationKind::Create, &replace, &Map::new()).is_empty());
+    }
+
+    #[test]
+    fn a_kind_must_fit_its_type() {
+        for (t, kind, refused_here) in [
+            ("patient", MutationKind::Sign, true),
+            ("note", MutationKind::Sign, false),
+            ("patient", MutationKind::Lock, true),
+            ("intake_form", MutationKind::Lock, false),
+            ("patient", MutationKind::Increment, true),
+            ("volume", MutationKind::Increment, false),
+            ("patient", MutationKind::Update, false),
+        ] {
+            let e = kind_errors(&ty(t), kind);
+            assert_eq!(e.is_some(), refused_here, "{kind} on {t}: {e:?}");
+            if let Some(e) = e {
+                assert_eq!((e.field.as_str(), e.rule), ("kind", Rule::NotAllowed));
+                assert!(e.message.contains(t), "{}", e.message);
+            }
+        }
+    }
+}
