@@ -176,3 +176,163 @@ pub(crate) fn plan(input: LwwInput<'_>) -> Result<LwwPlan, StoreError> {
         overridden,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use fieldsync_schema::testkit::obj;
+    use fieldsync_schema::{Bytes, Hlc};
+    use serde_json::json;
+    use uuid::Uuid;
+
+    use super::*;
+
+    const A: Uuid = Uuid::from_bytes([0xA; 16]);
+    const B: Uuid = Uuid::from_bytes([0xB; 16]);
+
+    fn hlc(ms: u64, device: Uuid) -> Hlc {
+        Hlc {
+            physical_ms: ms,
+            counter: 0,
+            device,
+        }
+    }
+
+    fn mutation(kind: MutationKind, ms: u64) -> Mutation {
+        Mutation {
+            mutation_id: Uuid::from_u128(u128::from(ms)),
+            device_id: A,
+            user_id: A,
+            space_id: A,
+            entity_type: "settings".into(),
+            entity_id: Uuid::from_bytes([1; 16]),
+            kind,
+            client_timestamp: hlc(ms, A),
+            base_version: Some(3),
+            changes: vec![Bytes(vec![1])],
+            signature: Bytes(Vec::new()),
+        }
+    }
+
+    /// Stamps where device B last wrote `field` at `ms`, at relay version 3.
+    fn stamped_by_b(field: &str, ms: u64) -> String {
+        let stamp = LwwStamp {
+            hlc: hlc(ms, B),
+            device: B,
+            mutation: Uuid::from_u128(999),
+            version: 3,
+            change: None,
+        };
+        serde_json::to_string(&BTreeMap::from([(field.to_string(), stamp)])).unwrap()
+    }
+
+    struct Case<'a> {
+        m: &'a Mutation,
+        stamps: &'a str,
+        touched: &'a [&'a str],
+        before: Map<String, Value>,
+        before_deleted: bool,
+        mine: Map<String, Value>,
+        mine_deleted: bool,
+    }
+
+    fn run(c: Case<'_>) -> LwwPlan {
+        let mut never_saw = |_: &LwwStamp| false;
+        plan(LwwInput {
+            mutation: c.m,
+            version: 3,
+            stamps_json: c.stamps,
+            touched: c.touched.iter().map(|s| s.to_string()).collect(),
+            before: &c.before,
+            before_deleted: c.before_deleted,
+            mine: &c.mine,
+            mine_deleted: c.mine_deleted,
+            head: Some("ab".into()),
+            saw: &mut never_saw,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_stale_delete_does_not_wipe_a_newer_edit() {
+        let m = mutation(MutationKind::Delete, 100);
+        let p = run(Case {
+            m: &m,
+            stamps: &stamped_by_b("units", 200),
+            touched: &[META_DELETED],
+            before: obj(json!({"units": "st"})),
+            before_deleted: false,
+            mine: obj(json!({"units": "st"})),
+            mine_deleted: true,
+        });
+        assert_eq!(p.targets[META_DELETED], json!(false), "the record stays");
+        assert_eq!(p.lost.len(), 1);
+        assert_eq!((p.lost[0].field.as_str(), p.lost[0].winner_device), (META_DELETED, B));
+        assert!(p.overridden.is_empty());
+    }
+
+    #[test]
+    fn a_stale_edit_does_not_resurrect_a_newer_delete() {
+        let m = mutation(MutationKind::Update, 100);
+        let p = run(Case {
+            m: &m,
+            stamps: &stamped_by_b(META_DELETED, 200),
+            touched: &["units"],
+            before: obj(json!({"units": "kg"})),
+            before_deleted: true,
+            mine: obj(json!({"units": "lb"})),
+            mine_deleted: false,
+        });
+        assert_eq!(p.targets[META_DELETED], json!(true), "the record stays deleted");
+        assert_eq!(p.targets["units"], json!("kg"), "and keeps its value");
+        let fields: Vec<&str> = p.lost.iter().map(|l| l.field.as_str()).collect();
+        assert_eq!(fields, [META_DELETED, "units"]);
+    }
+
+    #[test]
+    fn a_newer_delete_beats_an_older_edit_and_the_winner_is_stamped_at_the_next_version() {
+        let m = mutation(MutationKind::Delete, 300);
+        let p = run(Case {
+            m: &m,
+            stamps: &stamped_by_b("units", 200),
+            touched: &[META_DELETED],
+            before: obj(json!({"units": "st"})),
+            before_deleted: false,
+            mine: obj(json!({"units": "st"})),
+            mine_deleted: true,
+        });
+        assert_eq!(p.targets[META_DELETED], json!(true));
+        assert!(p.lost.is_empty());
+        assert_eq!(p.overridden.len(), 1);
+        assert_eq!(
+            (p.overridden[0].loser_device, p.overridden[0].field.as_str()),
+            (B, "units")
+        );
+        let stamps = parse_stamps(&p.stamps_json).unwrap();
+        assert_eq!(stamps[META_DELETED].version, 4, "version after this mutation");
+        assert_eq!(stamps[META_DELETED].mutation, m.mutation_id);
+        assert_eq!(stamps[META_DELETED].change.as_deref(), Some("ab"));
+    }
+
+    #[test]
+    fn a_write_that_saw_the_winner_replaces_it_without_a_loss() {
+        let m = mutation(MutationKind::Update, 100);
+        let stamps = stamped_by_b("units", 200);
+        let (before, mine) = (obj(json!({"units": "st"})), obj(json!({"units": "lb"})));
+        let mut saw_everything = |_: &LwwStamp| true;
+        let p = plan(LwwInput {
+            mutation: &m,
+            version: 3,
+            stamps_json: &stamps,
+            touched: vec!["units".into()],
+            before: &before,
+            before_deleted: false,
+            mine: &mine,
+            mine_deleted: false,
+            head: None,
+            saw: &mut saw_everything,
+        })
+        .unwrap();
+        assert_eq!(p.targets["units"], json!("lb"));
+        assert!(p.lost.is_empty() && p.overridden.is_empty());
+    }
+}
