@@ -15,6 +15,17 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// A stderr line of a relay logging as JSON: `None` for the one start-up banner `serve` prints
+/// before logging starts; any other line must be one JSON object, or the test fails.
+fn log_json(line: &str) -> Option<Value> {
+    if line.starts_with("fieldsync relay ") && line.contains(" listening on ") {
+        return None;
+    }
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+    assert!(v.is_object(), "a log line that is not an object: {line}");
+    Some(v)
+}
+
 #[test]
 fn tls_works_with_the_test_ca_and_fails_with_another() {
     let dir = tempfile::tempdir().unwrap();
@@ -121,13 +132,11 @@ fn the_config_file_drives_scheduled_verified_backups_with_retention_and_json_log
     assert_eq!(files.len(), 2, "retention keeps the newest 2: {files:?}");
     let drill = Relay::cli(&["restore-drill", "--from", p(&files[1])]);
     assert!(drill.status.success(), "{}", stdout_of(&drill));
-    // Every log line is one JSON object; backups are logged with their drill verdict.
+    // Every log line is one JSON object (all but the start-up banner, which is not a log line);
+    // backups are logged with their drill verdict.
     let logs = lines.lock().unwrap();
-    let json_lines: Vec<Value> = logs
-        .iter()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let json_lines: Vec<Value> = logs.iter().filter_map(|l| log_json(l)).collect();
+    assert!(json_lines.len() >= 3, "{logs:?}");
     assert!(json_lines.iter().any(|v| {
         v["fields"]["message"]
             .as_str()
@@ -162,8 +171,7 @@ fn every_log_line_about_a_mutation_names_its_device_user_and_mutation() {
             .lock()
             .unwrap()
             .iter()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter_map(|l| log_json(l))
             .filter(|v| v.to_string().contains("mutation"))
             .collect()
     };
