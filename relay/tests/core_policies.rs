@@ -8,6 +8,14 @@ use common::{T0, TestDevice, TestRelay, applied_version, obj};
 use fieldsync_schema::{ConflictReason, FieldError, MutationKind, Outcome, Role, Rule, document};
 use serde_json::json;
 
+/// The reason of a `Forbidden` outcome; fails the test for any other outcome.
+fn forbidden_because(o: Outcome, needle: &str) {
+    match o {
+        Outcome::Forbidden { reason } => assert!(reason.contains(needle), "refused, but because: {reason}"),
+        other => panic!("expected Forbidden ({needle}), got {other:?}"),
+    }
+}
+
 fn clinic() -> TestRelay {
     let mut r = TestRelay::new();
     r.space("clinic");
@@ -167,10 +175,22 @@ fn notes_merge_concurrent_edits_and_only_signers_may_sign() {
     // An assistant may write notes but not sign them.
     r.pull(&mut b);
     let sign = b.sign_note(n, T0 + 3);
-    assert!(matches!(r.push_one(&mut b, sign), Outcome::Forbidden { .. }));
+    forbidden_because(r.push_one(&mut b, sign), "role `assistant` may not sign `note`");
+    assert!(!r.document_row(n).signed, "nothing was signed");
     // A signer must have seen the latest content: a stale base is a conflict.
     let sign = a.sign_note(n, T0 + 4);
-    assert!(matches!(r.push_one(&mut a, sign), Outcome::Conflict { .. }));
+    let o = r.push_one(&mut a, sign);
+    assert!(
+        matches!(
+            o,
+            Outcome::Conflict {
+                reason: fieldsync_schema::ConflictReason::StaleBase,
+                ..
+            }
+        ),
+        "{o:?}"
+    );
+    assert!(!r.document_row(n).signed, "nothing was signed");
 }
 
 #[test]
@@ -402,7 +422,17 @@ fn delete_versus_edit_of_a_gated_record_is_a_conflict() {
     assert!(r.push_one(&mut a, del).applied().is_some());
     let edit = b.update("session", s, json!({"status": "completed"}), T0 + 2);
     let o = r.push_one(&mut b, edit);
-    assert!(matches!(o, Outcome::Conflict { .. }), "{o:?}");
+    assert!(
+        matches!(
+            o,
+            Outcome::Conflict {
+                reason: fieldsync_schema::ConflictReason::Deleted,
+                ..
+            }
+        ),
+        "{o:?}"
+    );
+    assert!(r.document_row(s).deleted, "the delete stands");
     // Even an edit on the current version is a conflict once the record is deleted.
     r.adopt(&mut b, s);
     let edit = b.update("session", s, json!({"status": "cancelled"}), T0 + 3);
@@ -450,19 +480,19 @@ fn append_only_server_owned_and_roles() {
     let (c, m) = pat.create("checkin", json!({"date": "2026-11-22", "soreness": 3}), T0);
     r.push_one(&mut pat, m);
     let edit = pat.update("checkin", c, json!({"soreness": 4}), T0 + 1);
-    assert!(matches!(r.push_one(&mut pat, edit), Outcome::Forbidden { .. }));
+    forbidden_because(r.push_one(&mut pat, edit), "append-only");
+    assert_eq!(r.fields_of(c)["soreness"], json!(3), "the entry is unchanged");
 
     let (_, m) = dana.create("exercise", json!({"name": "Squat"}), T0);
-    assert!(
-        matches!(r.push_one(&mut dana, m), Outcome::Forbidden { .. }),
-        "clinicians do not write reference data"
-    );
+    forbidden_because(r.push_one(&mut dana, m), "role `clinician` may not write `exercise`");
     let (_, m) = svc.create("plan", json!({"name": "Base block"}), T0);
     assert!(r.push_one(&mut svc, m).applied().is_some());
 
     // A patient may not create clinical records.
+    let documents = r.counts().documents;
     let (_, m) = pat.create("patient", json!({"name": "Eve"}), T0);
-    assert!(matches!(r.push_one(&mut pat, m), Outcome::Forbidden { .. }));
+    forbidden_because(r.push_one(&mut pat, m), "role `patient` may not write `patient`");
+    assert_eq!(r.counts().documents, documents, "nothing was created");
 }
 
 #[test]
@@ -540,7 +570,11 @@ fn changes_must_be_the_senders_own_and_touch_only_what_the_kind_allows() {
     let mut forged = b.update("patient", p, json!({"mrn": "X"}), T0 + 1);
     forged.changes = stolen;
     b.key.sign_mutation(&mut forged);
-    assert!(matches!(r.push_one(&mut b, forged), Outcome::Forbidden { .. }));
+    forbidden_because(r.push_one(&mut b, forged), "was not authored by the sending device");
+    assert!(
+        !r.fields_of(p).contains_key("mrn"),
+        "nothing of the forged update landed"
+    );
     r.adopt(&mut b, p);
     // An update that flips the tombstone is not a delete.
     let sneaky = b.write("patient", p, MutationKind::Update, T0 + 2, |d, _| {
