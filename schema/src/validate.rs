@@ -449,6 +449,29 @@ mod tests {
     }
 
     #[test]
+    fn a_type_error_names_the_json_type_it_got() {
+        for (value, got) in [
+            (json!(5), "got an integer"),
+            (json!(5.5), "got a number"),
+            (json!(true), "got a boolean"),
+            (json!(["Ada"]), "got an array"),
+            (json!({"first": "Ada"}), "got an object"),
+        ] {
+            let e = check("patient", json!({ "name": value }));
+            assert!(
+                e.iter()
+                    .any(|e| e.rule == Rule::Type && e.message == format!("expected a string, {got}")),
+                "{value}: {e:?}"
+            );
+        }
+        let e = check("set", json!({"session_id": E, "exercise_name": "x", "reps": "ten"}));
+        assert!(
+            e.iter().any(|e| e.message == "expected an integer, got a string"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn rule_names_are_stable_for_apps_that_match_on_them() {
         let names: Vec<&str> = [
             Rule::Required,
