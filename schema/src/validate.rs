@@ -452,6 +452,8 @@ mod tests {
     fn a_type_error_names_the_json_type_it_got() {
         for (value, got) in [
             (json!(5), "got an integer"),
+            (json!(-3), "got an integer"),
+            (json!(u64::MAX), "got an integer"),
             (json!(5.5), "got a number"),
             (json!(true), "got a boolean"),
             (json!(["Ada"]), "got an array"),
