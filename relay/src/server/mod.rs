@@ -154,11 +154,6 @@ impl Shared {
     }
 }
 
-/// The exclusive lock on `DIR/relay.lock` a serving relay holds for its whole life. One relay
-/// per SQLite directory: two would each keep their own order and their own live fan-out, and a
-/// device watching one would never hear of the other's writes (its cursor then moves past
-/// them). Admin commands and online backups take no lock and keep working beside it; `restore`
-/// needs the lock and so is refused while a relay serves.
 /// Refuses to serve a store with a damaged file, naming the file, what SQLite found, and the
 /// restore command.
 fn check_store(dir: &std::path::Path) -> Result<(), ServerError> {
@@ -180,6 +175,11 @@ fn check_store(dir: &std::path::Path) -> Result<(), ServerError> {
     })
 }
 
+/// The exclusive lock on `DIR/relay.lock` a serving relay holds for its whole life. One relay
+/// per SQLite directory: two would each keep their own order and their own live fan-out, and a
+/// device watching one would never hear of the other's writes (its cursor then moves past
+/// them). Admin commands and online backups take no lock and keep working beside it; `restore`
+/// needs the lock and so is refused while a relay serves.
 fn serve_lock(dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
     let path = dir.join(LOCK_FILE);
     let lock = std::fs::File::options()
