@@ -92,9 +92,7 @@ fn hint(name: &str, names: &[String], what: &str) -> String {
     if names.is_empty() {
         return format!(" (there are no {what} yet)");
     }
-    let closest = fieldsync_schema::cli::closest(name, names.iter().map(String::as_str))
-        .map(|c| format!("did you mean `{c}`? "))
-        .unwrap_or_default();
+    let closest = fieldsync_schema::cli::did_you_mean(name, names.iter().map(String::as_str));
     let shown: Vec<&str> = names.iter().take(20).map(String::as_str).collect();
     let more = if names.len() > shown.len() { ", …" } else { "" };
     format!(" ({closest}{what}: {}{more})", shown.join(", "))

@@ -48,6 +48,14 @@ pub fn parse_uuid(s: &str) -> Result<Uuid, String> {
     })
 }
 
+/// "did you mean `x`? " for the candidate closest to `name`, or nothing when none is close:
+/// the one wording every command's typo hint starts with.
+pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    closest(name, candidates)
+        .map(|c| format!("did you mean `{c}`? "))
+        .unwrap_or_default()
+}
+
 /// The candidate closest to a mistyped `name`, if one is close enough to be what was meant
 /// (a few letters off, or the same but for case).
 pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {

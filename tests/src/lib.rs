@@ -291,10 +291,7 @@ pub fn open_device(dir: &Path, seed: u64) -> Device {
 
 /// Sync options for tests: no progress bar on the test's output.
 pub fn quiet() -> fieldsync_peer::net::SyncOptions {
-    fieldsync_peer::net::SyncOptions {
-        progress: false,
-        ..fieldsync_peer::net::SyncOptions::default()
-    }
+    fieldsync_peer::net::SyncOptions::quiet()
 }
 
 /// A current-thread runtime for driving the device library's async shell from a plain test.

@@ -31,6 +31,16 @@ pub struct SyncOptions {
     pub retry_patience: Duration,
 }
 
+impl SyncOptions {
+    /// The defaults without a progress bar: for tools and tests that drive many devices.
+    pub fn quiet() -> Self {
+        SyncOptions {
+            progress: false,
+            ..SyncOptions::default()
+        }
+    }
+}
+
 impl Default for SyncOptions {
     fn default() -> Self {
         SyncOptions {

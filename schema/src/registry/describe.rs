@@ -25,9 +25,7 @@ impl Schema {
     /// The hint for a type name the schema does not have: the closest name, and every name.
     pub fn unknown_type_hint(&self, name: &str) -> String {
         let names: Vec<&str> = self.type_names().collect();
-        let closest = crate::cli::closest(name, names.iter().copied())
-            .map(|c| format!("did you mean `{c}`? "))
-            .unwrap_or_default();
+        let closest = crate::cli::did_you_mean(name, names.iter().copied());
         format!("{closest}the schema's types: {}", names.join(", "))
     }
 }

@@ -34,13 +34,6 @@ fn device(dir: &std::path::Path, seed: u64) -> anyhow::Result<Device> {
     Ok(Device::open(dir, Arc::new(SystemTimeSource), rng)?)
 }
 
-fn quiet() -> SyncOptions {
-    SyncOptions {
-        progress: false,
-        ..SyncOptions::default()
-    }
-}
-
 pub fn run(relay: &RelayProc, queued: usize, fresh_entities: usize, seed: u64) -> anyhow::Result<CatchupReport> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -57,7 +50,7 @@ pub fn run(relay: &RelayProc, queued: usize, fresh_entities: usize, seed: u64) -
     rt.block_on(net::enroll(&mut back, &relay.url, &tokens[0]))?;
     // It synced before leaving (it has a cursor), then worked a week without signal.
     let mut machine = SyncMachine::default();
-    rt.block_on(net::sync_once(&mut back, &mut machine, &quiet()))?;
+    rt.block_on(net::sync_once(&mut back, &mut machine, &SyncOptions::quiet()))?;
     for i in 0..queued {
         let mut f = Map::new();
         f.insert("name".into(), Value::String(format!("Offline patient {i}")));
@@ -65,7 +58,7 @@ pub fn run(relay: &RelayProc, queued: usize, fresh_entities: usize, seed: u64) -
     }
     let t = Instant::now();
     let mut machine = SyncMachine::default();
-    rt.block_on(net::sync_once(&mut back, &mut machine, &quiet()))?;
+    rt.block_on(net::sync_once(&mut back, &mut machine, &SyncOptions::quiet()))?;
     let drain = t.elapsed().as_secs_f64();
     anyhow::ensure!(back.status()?.unsynced == 0, "the queue did not drain");
 
@@ -113,7 +106,7 @@ pub fn run(relay: &RelayProc, queued: usize, fresh_entities: usize, seed: u64) -
     rt.block_on(net::enroll(&mut fresh, &relay.url, &tokens[1]))?;
     let t = Instant::now();
     let mut machine = SyncMachine::default();
-    rt.block_on(net::sync_once(&mut fresh, &mut machine, &quiet()))?;
+    rt.block_on(net::sync_once(&mut fresh, &mut machine, &SyncOptions::quiet()))?;
     let pull = t.elapsed().as_secs_f64();
     let got = fresh.status()?.entities;
     Ok(CatchupReport {

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::relay_view::{self, RelayView};
 use super::{RelayKillFigures, SoakOptions};
+use crate::load::percentile;
 use crate::load::relay_proc::RelayProc;
 use crate::rng::stream;
 
@@ -28,13 +29,6 @@ struct SoakDevice {
     device: Device,
     own: Vec<Uuid>,
     space: usize,
-}
-
-fn quiet() -> SyncOptions {
-    SyncOptions {
-        progress: false,
-        ..SyncOptions::default()
-    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -105,7 +99,7 @@ fn sync_all(
         .map(|mut d| {
             rt.spawn(async move {
                 let mut machine = SyncMachine::default();
-                let opts = quiet();
+                let opts = SyncOptions::quiet();
                 let round = net::sync_once(&mut d.device, &mut machine, &opts);
                 let done = matches!(tokio::time::timeout(Duration::from_secs(60), round).await, Ok(Ok(_)));
                 (d, done, start.elapsed().as_secs_f64() * 1e3)
@@ -240,8 +234,9 @@ pub fn run(opts: &SoakOptions, scratch: &Path) -> anyhow::Result<RelayKillFigure
     figures.audit_records = view.audit_records;
     figures.audit_failures += u64::from(!view.audit_ok) + view.feeds_not_dense;
     figures.spaces_diverged = diverged_spaces(&devices)?;
-    figures.restart_ms_p50 = percentile(&mut restart_ms, 0.5);
-    figures.restart_ms_max = percentile(&mut restart_ms, 1.0);
+    restart_ms.sort_by(f64::total_cmp);
+    figures.restart_ms_p50 = percentile(&restart_ms, 0.5);
+    figures.restart_ms_max = percentile(&restart_ms, 1.0);
     figures.seconds = started.elapsed().as_secs_f64();
     Ok(figures)
 }
@@ -265,12 +260,4 @@ fn diverged_spaces(devices: &[SoakDevice]) -> anyhow::Result<u64> {
         .values()
         .filter(|views| views.windows(2).any(|w| w[0] != w[1]))
         .count() as u64)
-}
-
-fn percentile(values: &mut [f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    values[((values.len() - 1) as f64 * p).round() as usize]
 }

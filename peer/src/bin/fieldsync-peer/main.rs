@@ -334,9 +334,7 @@ fn resolve_space(dev: &Device, given: &str) -> Result<Uuid> {
         bail!("--space `{given}`: this device is not enrolled, so it has no spaces yet");
     }
     let names: Vec<&str> = spaces.iter().map(|s| s.name.as_str()).collect();
-    let hint = fieldsync_schema::cli::closest(given, names.iter().copied())
-        .map(|c| format!("did you mean `{c}`? "))
-        .unwrap_or_default();
+    let hint = fieldsync_schema::cli::did_you_mean(given, names.iter().copied());
     bail!(
         "no space `{given}` on this device: {hint}its spaces: {}",
         names.join(", ")

@@ -233,10 +233,12 @@ mod tests {
         before_deleted: bool,
         mine: Map<String, Value>,
         mine_deleted: bool,
+        /// Whether the writer had every stamped write when it wrote.
+        saw: bool,
     }
 
     fn run(c: Case<'_>) -> LwwPlan {
-        let mut never_saw = |_: &LwwStamp| false;
+        let mut saw = |_: &LwwStamp| c.saw;
         plan(LwwInput {
             mutation: c.m,
             version: 3,
@@ -247,7 +249,7 @@ mod tests {
             mine: &c.mine,
             mine_deleted: c.mine_deleted,
             head: Some("ab".into()),
-            saw: &mut never_saw,
+            saw: &mut saw,
         })
         .unwrap()
     }
@@ -263,6 +265,7 @@ mod tests {
             before_deleted: false,
             mine: obj(json!({"units": "st"})),
             mine_deleted: true,
+            saw: false,
         });
         assert_eq!(p.targets[META_DELETED], json!(false), "the record stays");
         assert_eq!(p.lost.len(), 1);
@@ -281,6 +284,7 @@ mod tests {
             before_deleted: true,
             mine: obj(json!({"units": "lb"})),
             mine_deleted: false,
+            saw: false,
         });
         assert_eq!(p.targets[META_DELETED], json!(true), "the record stays deleted");
         assert_eq!(p.targets["units"], json!("kg"), "and keeps its value");
@@ -299,6 +303,7 @@ mod tests {
             before_deleted: false,
             mine: obj(json!({"units": "st"})),
             mine_deleted: true,
+            saw: false,
         });
         assert_eq!(p.targets[META_DELETED], json!(true));
         assert!(p.lost.is_empty());
@@ -316,22 +321,16 @@ mod tests {
     #[test]
     fn a_write_that_saw_the_winner_replaces_it_without_a_loss() {
         let m = mutation(MutationKind::Update, 100);
-        let stamps = stamped_by_b("units", 200);
-        let (before, mine) = (obj(json!({"units": "st"})), obj(json!({"units": "lb"})));
-        let mut saw_everything = |_: &LwwStamp| true;
-        let p = plan(LwwInput {
-            mutation: &m,
-            version: 3,
-            stamps_json: &stamps,
-            touched: vec!["units".into()],
-            before: &before,
+        let p = run(Case {
+            m: &m,
+            stamps: &stamped_by_b("units", 200),
+            touched: &["units"],
+            before: obj(json!({"units": "st"})),
             before_deleted: false,
-            mine: &mine,
+            mine: obj(json!({"units": "lb"})),
             mine_deleted: false,
-            head: None,
-            saw: &mut saw_everything,
-        })
-        .unwrap();
+            saw: true,
+        });
         assert_eq!(p.targets["units"], json!("lb"));
         assert!(p.lost.is_empty() && p.overridden.is_empty());
     }
