@@ -298,10 +298,7 @@ impl Device {
                 outbox::replace_envelope(&tx, seq, &m)?;
             }
         }
-        tx.execute(
-            "UPDATE entities SET space_id = ?1 WHERE space_id = ?2",
-            [default_space.to_string(), Uuid::nil().to_string()],
-        )?;
+        entity::move_space(&tx, Uuid::nil(), default_space)?;
         tx.commit()?;
         self.enrollment = Some(enrollment);
         Ok(())

@@ -246,6 +246,34 @@ pub(crate) fn store(conn: &Connection, meta: &EntityMeta, doc: &mut EntityDoc, n
     Ok(())
 }
 
+/// Records that the relay holds `id` at `version` or later (versions only move forward).
+pub(crate) fn learn_relay_version(conn: &Connection, id: Uuid, version: u64) -> Result<()> {
+    conn.execute(
+        "UPDATE entities SET relay_version = MAX(relay_version, ?2) WHERE entity_id = ?1",
+        params![id.to_string(), i64_of(version)],
+    )?;
+    Ok(())
+}
+
+/// A pending entity becomes synced (a conflict or rejection stays until resolved).
+pub(crate) fn mark_synced_if_pending(conn: &Connection, id: Uuid) -> Result<()> {
+    conn.execute(
+        "UPDATE entities SET sync_state = 'synced' WHERE entity_id = ?1 AND sync_state = 'pending'",
+        [id.to_string()],
+    )?;
+    Ok(())
+}
+
+/// Moves every entity of space `from` into `to` (records written before enrollment, in the
+/// nil space, join the user's default space).
+pub(crate) fn move_space(conn: &Connection, from: Uuid, to: Uuid) -> Result<()> {
+    conn.execute(
+        "UPDATE entities SET space_id = ?1 WHERE space_id = ?2",
+        [to.to_string(), from.to_string()],
+    )?;
+    Ok(())
+}
+
 pub(crate) fn set_sync_state(conn: &Connection, id: Uuid, state: SyncState) -> Result<()> {
     conn.execute(
         "UPDATE entities SET sync_state = ?2 WHERE entity_id = ?1",

@@ -282,6 +282,11 @@ pub(crate) fn unsynced(conn: &Connection) -> Result<(u64, Option<u64>)> {
     ))
 }
 
+pub(crate) fn pending_count(conn: &Connection) -> Result<u64> {
+    let n: i64 = conn.query_row("SELECT COUNT(*) FROM outbox WHERE state = 'pending'", [], |r| r.get(0))?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 pub(crate) fn first_blocked(conn: &Connection) -> Result<Option<OutboxItem>> {
     let r = conn
         .query_row(

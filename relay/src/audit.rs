@@ -151,9 +151,10 @@ pub fn verify_space(store: &dyn SpaceStore, space_id: Uuid) -> StoreResult<Space
             expected_seq += 1;
         }
     }
-    // The head the next record will link to must be where the chain ends (a removed tail).
+    // The head the next record will link to must be where the chain ends: a removed tail, or
+    // every record removed (an empty chain's head is record 0 at the genesis hash).
     let head = store.space_head(space_id)?;
-    let first_bad = (records > 0 && (head.audit_seq != records || head.audit_hash != prev)).then(|| BadRecord {
+    let first_bad = (head.audit_seq != records || head.audit_hash != prev).then(|| BadRecord {
         audit_id: 0,
         mutation_id: String::new(),
         reason: format!(
@@ -233,7 +234,59 @@ fn verify_round_one(directory: &impl Directory) -> StoreResult<Option<SpaceChain
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+
     use super::*;
+    use crate::store::sqlite::SqliteBackend;
+
+    /// The round-1 relay store of `tests/fixtures/round1`, migrated in a temporary directory,
+    /// after `sql` ran on its round-1 chain (with that chain's triggers dropped).
+    fn migrated_round_one_store(sql: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("relay");
+        std::fs::create_dir_all(&data).unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/round1/relay/relay.db");
+        std::fs::copy(fixture, data.join("relay.db")).unwrap();
+        drop(SqliteBackend::open(&data, Uuid::nil()).unwrap());
+        let conn = rusqlite::Connection::open(data.join("relay.db")).unwrap();
+        conn.execute_batch("DROP TRIGGER v1_audit_no_update; DROP TRIGGER v1_audit_no_delete;")
+            .unwrap();
+        conn.execute_batch(sql).unwrap();
+        (dir, data)
+    }
+
+    fn verify_dir(data: &Path) -> VerifyReport {
+        verify(&SqliteBackend::open_existing(data).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_migrated_round_one_chain_verifies_with_every_record_counted() {
+        let (_dir, data) = migrated_round_one_store("");
+        let report = verify_dir(&data);
+        assert!(report.ok(), "{report:?}");
+        let kept: i64 = rusqlite::Connection::open(data.join("relay.db"))
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM v1_audit", [], |r| r.get(0))
+            .unwrap();
+        assert!(kept > 2);
+        assert_eq!(report.round_one.map(|c| c.records), Some(kept as u64));
+    }
+
+    #[test]
+    fn a_doctored_round_one_record_is_named() {
+        let third = "(SELECT audit_id FROM v1_audit ORDER BY audit_id LIMIT 1 OFFSET 2)";
+        for sql in [
+            format!("UPDATE v1_audit SET before_json = '{{}}' WHERE audit_id = {third}"),
+            format!("UPDATE v1_audit SET prev_hash = hash WHERE audit_id = {third}"),
+        ] {
+            let (_dir, data) = migrated_round_one_store(&sql);
+            let report = verify_dir(&data);
+            assert!(!report.ok(), "{sql}: {report:?}");
+            let chain = report.round_one.expect("the round-1 chain");
+            assert_eq!(chain.records, 3, "{sql}: broken at its third record");
+            assert!(chain.first_bad.is_some());
+        }
+    }
 
     fn chain(space: u8, bad: bool) -> SpaceChain {
         SpaceChain {

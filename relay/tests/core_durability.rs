@@ -53,8 +53,8 @@ fn a_replayed_rejection_gets_the_same_answer() {
     assert_eq!(r.push_one(&mut a, bad), first);
 }
 
-#[test]
-fn tampering_with_one_audit_row_is_caught_by_verify() {
+/// A relay whose one space holds a five-record audit chain.
+fn relay_with_five_audit_records() -> (TestRelay, uuid::Uuid) {
     let mut r = TestRelay::new();
     let space = r.space("clinic");
     r.user("dana", "clinic", Role::Clinician);
@@ -65,37 +65,97 @@ fn tampering_with_one_audit_row_is_caught_by_verify() {
         let u = a.update("patient", p, json!({"mrn": format!("{i}")}), T0 + i);
         r.push_one(&mut a, u);
     }
+    (r, space)
+}
+
+/// Verifies a backup copy of `r` after running `sql` on the copy's shard of `space`, with the
+/// audit triggers dropped (what someone editing the file by hand can do).
+fn verify_after_tampering(r: &TestRelay, space: uuid::Uuid, name: &str, sql: &str) -> audit::VerifyReport {
+    let copy = r.dir.path().join(name);
+    backup::backup_store(r.dir.path(), &copy, false).unwrap();
+    let shard = r.shard_file(space);
+    let tampered = rusqlite::Connection::open(copy.join("shards").join(shard.file_name().unwrap())).unwrap();
+    tampered
+        .execute_batch("DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;")
+        .unwrap();
+    tampered.execute_batch(sql).unwrap();
+    drop(tampered);
+    audit::verify(&SqliteBackend::open_existing(&copy).unwrap()).unwrap()
+}
+
+#[test]
+fn the_audit_triggers_refuse_edits_and_deletions_in_place() {
+    let (r, space) = relay_with_five_audit_records();
     let report = r.verify_audit();
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.records, 5);
-
-    // The triggers refuse edits in place.
     let conn = rusqlite::Connection::open(r.shard_file(space)).unwrap();
     assert!(
         conn.execute("UPDATE audit SET after_json = '{}' WHERE audit_seq = 3", [])
             .is_err()
     );
     assert!(conn.execute("DELETE FROM audit WHERE audit_seq = 3", []).is_err());
-    drop(conn);
+}
 
-    // On a copy, with the triggers dropped, a doctored record is named by verify.
-    let copy = r.dir.path().join("copy");
+#[test]
+fn every_kind_of_tampering_with_the_audit_chain_is_caught_and_named() {
+    let (r, space) = relay_with_five_audit_records();
+    let cases: [(&str, &str, &str, u64); 6] = [
+        (
+            "content",
+            "UPDATE audit SET after_json = replace(after_json, '\"2\"', '\"20\"') WHERE audit_seq = 4;",
+            "content changed",
+            4,
+        ),
+        (
+            "link",
+            "UPDATE audit SET prev_hash = (SELECT prev_hash FROM audit WHERE audit_seq = 2) WHERE audit_seq = 3;",
+            "link broken",
+            3,
+        ),
+        ("removed", "DELETE FROM audit WHERE audit_seq = 3;", "place broken", 3),
+        (
+            // Deleted and put back with its hash but other content: it keeps its place, not its hash.
+            "reinserted",
+            "CREATE TEMP TABLE saved AS SELECT * FROM audit WHERE audit_seq = 2;
+             DELETE FROM audit WHERE audit_seq = 2;
+             UPDATE saved SET before_json = '{}';
+             INSERT INTO audit SELECT * FROM saved;",
+            "content changed",
+            2,
+        ),
+        (
+            "tail",
+            "DELETE FROM audit WHERE audit_seq = 5;",
+            "the chain ends at record 4",
+            4,
+        ),
+        ("all", "DELETE FROM audit;", "the chain ends at record 0", 0),
+    ];
+    for (name, sql, reason, records_read) in cases {
+        let report = verify_after_tampering(&r, space, name, sql);
+        assert!(!report.ok(), "{name}: {report:?}");
+        let bad = report.bad();
+        assert_eq!(bad.len(), 1, "{name}: {report:?}");
+        assert_eq!(bad[0].0, space, "{name}");
+        assert!(bad[0].1.reason.contains(reason), "{name}: {bad:?}");
+        assert_eq!(report.spaces[0].records, records_read, "{name}: where the chain breaks");
+    }
+
+    // A head that moved without its record (its hash changed, its place kept) is caught too.
+    let copy = r.dir.path().join("head");
     backup::backup_store(r.dir.path(), &copy, false).unwrap();
     let shard = r.shard_file(space);
-    let tampered = rusqlite::Connection::open(copy.join("shards").join(shard.file_name().unwrap())).unwrap();
-    tampered
-        .execute_batch(
-            "DROP TRIGGER audit_no_update;
-             UPDATE audit SET after_json = replace(after_json, '\"2\"', '\"20\"') WHERE audit_seq = 4;",
-        )
+    rusqlite::Connection::open(copy.join("shards").join(shard.file_name().unwrap()))
+        .unwrap()
+        .execute("UPDATE space_heads SET audit_hash = ?1", [audit::GENESIS_HASH])
         .unwrap();
-    drop(tampered);
     let report = audit::verify(&SqliteBackend::open_existing(&copy).unwrap()).unwrap();
-    let bad = report.bad();
-    assert_eq!(bad.len(), 1, "{report:?}");
-    assert_eq!(bad[0].0, space);
-    assert!(bad[0].1.reason.contains("content changed"), "{bad:?}");
-    assert_eq!(report.spaces[0].records, 4, "the chain breaks at its fourth record");
+    assert!(!report.ok(), "{report:?}");
+    assert!(
+        report.bad()[0].1.reason.contains("the space's head says 5"),
+        "{report:?}"
+    );
 }
 
 #[test]

@@ -71,3 +71,69 @@ fn the_cores_import_no_tokio_and_read_no_clock_network_or_os_randomness() {
         offences.join("\n")
     );
 }
+
+/// The device's tables and the one module that reads and writes each (`db.rs`, which creates
+/// and migrates them, aside): the rules about a table live beside its SQL.
+const DEVICE_TABLES: &[(&str, &str)] = &[
+    ("outbox", "peer/src/outbox.rs"),
+    ("entities", "peer/src/entity.rs"),
+    ("conflicts", "peer/src/conflict/"),
+    ("rejected_edits", "peer/src/conflict/"),
+    ("lww_losses", "peer/src/conflict/"),
+    ("meta", "peer/src/db.rs"),
+];
+
+/// A file's code before its unit tests (tests may look at any table).
+fn production_part(text: &str) -> &str {
+    text.split("#[cfg(test)]").next().unwrap_or(text)
+}
+
+#[test]
+fn each_device_table_is_read_and_written_only_by_its_module() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    rust_files(&root.join("peer/src"), &mut files);
+    let mut offences = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for file in &files {
+        let relative = file.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+        let is_test =
+            relative.contains("/tests") || relative.ends_with("testutil.rs") || relative.contains("property_tests");
+        if is_test || relative == "peer/src/db.rs" {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).unwrap();
+        for (n, line) in production_part(&text).lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for (table, owner) in DEVICE_TABLES {
+                let touches = ["FROM ", "INTO ", "UPDATE ", "JOIN "].iter().any(|verb| {
+                    code.split(&format!("{verb}{table}"))
+                        .skip(1)
+                        .any(|rest| !rest.starts_with(|c: char| c == '_' || c.is_alphanumeric()))
+                });
+                if touches {
+                    seen.insert(*table);
+                    if !relative.starts_with(owner) {
+                        offences.push(format!(
+                            "{relative}:{}: `{table}` belongs to {owner}: `{}`",
+                            n + 1,
+                            line.trim()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        offences.is_empty(),
+        "tables used outside their module:\n{}",
+        offences.join("\n")
+    );
+    // The check sees SQL at all (a renamed table would otherwise pass it silently).
+    for (table, _) in DEVICE_TABLES.iter().filter(|(t, _)| *t != "meta") {
+        assert!(
+            seen.contains(table),
+            "no SQL on `{table}` found: is the table list stale?"
+        );
+    }
+}

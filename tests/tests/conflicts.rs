@@ -364,7 +364,7 @@ fn lww_settings_have_a_deterministic_winner_and_the_loser_can_undo_for_24_hours(
         "--json",
         r#"{"units": "lb", "goal_race_date": "2026-05-01"}"#,
     ]);
-    std::thread::sleep(std::time::Duration::from_millis(5));
+    wait_past_last_stamp(&g.phone);
     g.tablet.ok(&[
         "put",
         "settings",
@@ -524,4 +524,23 @@ fn delete_versus_edit_of_a_workout_is_a_conflict_either_way_round() {
     g.phone.ok(&["sync"]);
     assert_eq!(g.phone.get("workout", &edited_there)["deleted"], json!(false));
     assert_eq!(g.phone.get("workout", &deleted_there)["deleted"], json!(true));
+}
+
+/// Waits until the wall clock has passed `peer`'s last HLC stamp: the processes of this machine
+/// share one clock, so the next write of any device is stamped later than every write of `peer`.
+fn wait_past_last_stamp(peer: &Peer) {
+    let conn = rusqlite::Connection::open(peer.data.join("device.db")).unwrap();
+    let stored: String = conn
+        .query_row("SELECT value FROM meta WHERE key = 'hlc_last'", [], |r| r.get(0))
+        .unwrap();
+    let last: fieldsync_schema::Hlc = serde_json::from_str(&stored).unwrap();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    while now_ms() <= last.physical_ms {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }

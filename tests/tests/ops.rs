@@ -225,15 +225,21 @@ fn metrics_move_as_traffic_flows() {
     assert_eq!(metric(&m1, "fieldsync_enrollments_total"), Some(2.0));
     assert!(metric(&m1, "fieldsync_connections_opened_total").unwrap() >= 4.0);
     assert!(metric(&m1, "fieldsync_pull_pages_total").unwrap() >= 2.0);
-    assert!(metric(&m1, "fieldsync_send_queue_messages").is_some());
+    assert_eq!(
+        metric(&m1, "fieldsync_send_queue_messages"),
+        Some(0.0),
+        "nothing waits to be sent once both devices are done: {m1}"
+    );
 
     // A stale edit of a clinical record is a conflict; an unknown device an auth failure.
     a.ok(&["put", "patient", &id, "--json", r#"{"phone": "1"}"#]);
     a.ok(&["sync"]);
     b.ok(&["put", "patient", &id, "--json", r#"{"phone": "2"}"#]);
-    let _ = b.run(&["sync"]);
+    let synced = b.json(&["sync"]);
+    assert_eq!(synced["summary"]["conflicts"], json!(1), "{synced}");
     let stranger = Peer::init(&dir.path().join("stranger"));
-    let _ = stranger.run(&["enroll", "--relay", &relay.url(), "--token", "fse_0000"]);
+    let refused = stranger.run(&["enroll", "--relay", &relay.url(), "--token", "fse_0000"]);
+    assert!(!refused.status.success(), "an unknown token enrolled: {refused:?}");
     let m2 = scrape();
     assert_eq!(metric(&m2, "fieldsync_mutations_applied_total"), Some(6.0), "{m2}");
     assert_eq!(metric(&m2, "fieldsync_conflicts_total"), Some(1.0), "{m2}");
@@ -241,7 +247,12 @@ fn metrics_move_as_traffic_flows() {
         metric(&m2, r#"fieldsync_mutations_total{outcome="conflict"}"#),
         Some(1.0)
     );
-    assert!(m2.contains("fieldsync_auth_failures_total{reason="), "{m2}");
+    let auth_failures: f64 = m2
+        .lines()
+        .filter(|l| l.starts_with("fieldsync_auth_failures_total{reason="))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(auth_failures, 1.0, "the stranger's one refused enrollment: {m2}");
 
     // A watching device is a connection while it is connected.
     let mut watcher = std::process::Command::new(fieldsync_tests::bin("fieldsync-peer"))

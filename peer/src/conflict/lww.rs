@@ -65,7 +65,29 @@ fn loss_record(conn: &Connection, loss_id: u64) -> Result<Option<LwwLossRecord>>
     .transpose()
 }
 
+/// Keeps a value this device lost (once per loser mutation and field: a replayed answer or a
+/// page read twice records nothing new).
+pub(crate) fn record_loss(conn: &Connection, loss: &LwwLoss, now_ms: u64) -> Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO lww_losses (entity_id, field, loser_mutation, loss, recorded_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            loss.entity_id.to_string(),
+            loss.field,
+            loss.loser_mutation.to_string(),
+            serde_json::to_string(loss).map_err(|e| PeerError::Corrupt(e.to_string()))?,
+            i64_of(now_ms)
+        ],
+    )?;
+    Ok(())
+}
+
 impl Device {
+    /// LWW values this device lost, newest first (SPEC §9: listed on the losing device).
+    pub fn lww_losses(&self) -> Result<Vec<LwwLoss>> {
+        Ok(self.lww_loss_records()?.into_iter().map(|r| r.loss).collect())
+    }
+
     /// Every LWW value this device lost, newest first, with its undo window.
     pub fn lww_loss_records(&self) -> Result<Vec<LwwLossRecord>> {
         let mut stmt = self.conn.prepare(&format!("{SELECT} ORDER BY id DESC"))?;

@@ -14,7 +14,7 @@
 //!
 //! The outbox stays halted until the user acts: nothing is resolved or discarded implicitly.
 
-mod lww;
+pub(crate) mod lww;
 mod record;
 mod reject;
 mod resolve;

@@ -4,14 +4,15 @@
 
 use fieldsync_schema::document::parse_change;
 use fieldsync_schema::wire::{FeedEntry, FeedPayload, MutationResult, PullCursor};
-use fieldsync_schema::{Disposition, EntityDoc, Hlc, HlcClock, LwwLoss, Mutation, Outcome};
-use rusqlite::{Transaction, TransactionBehavior, params};
+use fieldsync_schema::{Disposition, EntityDoc, Hlc, HlcClock, Mutation, Outcome};
+use rusqlite::{Transaction, TransactionBehavior};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::conflict::lww;
 use crate::db::{self, keys};
 use crate::device::Device;
-use crate::entity::{self, EntityMeta, SyncState, i64_of};
+use crate::entity::{self, EntityMeta, SyncState};
 use crate::error::{PeerError, Result};
 use crate::outbox;
 
@@ -39,10 +40,7 @@ impl Device {
     }
 
     pub(crate) fn pending_count(&self) -> Result<u64> {
-        let n: i64 = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM outbox WHERE state = 'pending'", [], |r| r.get(0))?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        outbox::pending_count(&self.conn)
     }
 
     pub(crate) fn mark_sent(&mut self, ids: &[Uuid], now_ms: u64) -> Result<()> {
@@ -77,10 +75,7 @@ impl Device {
                 Disposition::Done => {
                     let (version, _) = r.outcome.applied().unwrap_or((0, 0));
                     outbox::mark_applied(&tx, r.mutation_id, &r.outcome, version)?;
-                    tx.execute(
-                        "UPDATE entities SET relay_version = MAX(relay_version, ?2) WHERE entity_id = ?1",
-                        params![item.entity_id.to_string(), i64_of(version)],
-                    )?;
+                    entity::learn_relay_version(&tx, item.entity_id, version)?;
                     let losses = match &r.outcome {
                         Outcome::Applied { lww_lost, .. } => lww_lost.as_slice(),
                         Outcome::AlreadyApplied { original } => match original.as_ref() {
@@ -90,7 +85,7 @@ impl Device {
                         _ => &[],
                     };
                     for loss in losses {
-                        record_loss(&tx, loss, now_ms)?;
+                        lww::record_loss(&tx, loss, now_ms)?;
                     }
                     settle_entity(&tx, item.entity_id)?;
                     tally.applied += 1;
@@ -182,17 +177,6 @@ impl Device {
         self.link.online = online;
         self.link.caught_up = caught_up;
     }
-
-    /// LWW values this device lost, newest first (SPEC §9: listed on the losing device).
-    pub fn lww_losses(&self) -> Result<Vec<LwwLoss>> {
-        let mut stmt = self.conn.prepare("SELECT loss FROM lww_losses ORDER BY id DESC")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for r in rows {
-            out.push(serde_json::from_str(&r?).map_err(|e| PeerError::Corrupt(format!("stored LWW loss: {e}")))?);
-        }
-        Ok(out)
-    }
 }
 
 /// Applies feed entries in `tx`, folding their origins' clocks into the device's HLC.
@@ -257,26 +241,8 @@ fn contiguous(entries: &[FeedEntry], cursor: &mut PullCursor) -> (Vec<FeedEntry>
 /// until resolved).
 fn settle_entity(tx: &Transaction<'_>, id: Uuid) -> Result<()> {
     if outbox::unconfirmed_for(tx, id)? == 0 {
-        tx.execute(
-            "UPDATE entities SET sync_state = 'synced' WHERE entity_id = ?1 AND sync_state = 'pending'",
-            [id.to_string()],
-        )?;
+        entity::mark_synced_if_pending(tx, id)?;
     }
-    Ok(())
-}
-
-fn record_loss(tx: &Transaction<'_>, loss: &LwwLoss, now_ms: u64) -> Result<()> {
-    tx.execute(
-        "INSERT OR IGNORE INTO lww_losses (entity_id, field, loser_mutation, loss, recorded_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            loss.entity_id.to_string(),
-            loss.field,
-            loss.loser_mutation.to_string(),
-            serde_json::to_string(loss).map_err(|e| PeerError::Corrupt(e.to_string()))?,
-            i64_of(now_ms)
-        ],
-    )?;
     Ok(())
 }
 
@@ -288,16 +254,13 @@ fn apply_entry(
     now_ms: u64,
 ) -> Result<()> {
     for loss in e.lww_losses.iter().filter(|l| l.loser_device == device_id) {
-        record_loss(tx, loss, now_ms)?;
+        lww::record_loss(tx, loss, now_ms)?;
     }
     if matches!(e.payload, FeedPayload::Own) {
         // This device's own change: nothing to merge, only the relay version to learn (a record
         // this device no longer holds, restored from an older backup, comes with a later
         // snapshot or change). Loading the document would cost more than everything else here.
-        tx.execute(
-            "UPDATE entities SET relay_version = MAX(relay_version, ?2) WHERE entity_id = ?1",
-            params![e.entity_id.to_string(), i64_of(e.version)],
-        )?;
+        entity::learn_relay_version(tx, e.entity_id, e.version)?;
         return Ok(());
     }
     let existing = entity::load(tx, e.entity_id, actor.clone())?;
@@ -342,10 +305,7 @@ fn apply_entry(
     if !heads_before.is_empty() && heads_before == doc.heads() && meta.space_id == e.space_id {
         // Nothing new (a snapshot or change this device already holds, such as its own
         // records after a pull from scratch): record the version, skip re-saving the document.
-        tx.execute(
-            "UPDATE entities SET relay_version = MAX(relay_version, ?2) WHERE entity_id = ?1",
-            params![e.entity_id.to_string(), i64_of(e.version)],
-        )?;
+        entity::learn_relay_version(tx, e.entity_id, e.version)?;
         return Ok(());
     }
     meta.relay_version = meta.relay_version.max(e.version);

@@ -319,6 +319,48 @@ mod tests {
     }
 
     #[test]
+    fn a_resolution_that_deletes_contests_the_tombstone() {
+        let m = mutation(MutationKind::Resolve, 300);
+        let p = run(Case {
+            m: &m,
+            stamps: "",
+            touched: &[META_DELETED],
+            before: obj(json!({"units": "st"})),
+            before_deleted: false,
+            mine: obj(json!({"units": "st"})),
+            mine_deleted: true,
+            saw: false,
+        });
+        assert_eq!(
+            p.targets[META_DELETED],
+            json!(true),
+            "the resolution deletes the record"
+        );
+        assert_eq!(
+            parse_stamps(&p.stamps_json).unwrap()[META_DELETED].mutation,
+            m.mutation_id
+        );
+    }
+
+    #[test]
+    fn a_resolution_that_edits_a_field_leaves_the_tombstone_alone() {
+        let m = mutation(MutationKind::Resolve, 300);
+        let p = run(Case {
+            m: &m,
+            stamps: &stamped_by_b("units", 200),
+            touched: &["units"],
+            before: obj(json!({"units": "st"})),
+            before_deleted: false,
+            mine: obj(json!({"units": "kg"})),
+            mine_deleted: false,
+            saw: false,
+        });
+        assert_eq!(p.targets.keys().collect::<Vec<_>>(), ["units"], "{:?}", p.targets);
+        assert_eq!(p.targets["units"], json!("kg"));
+        assert!(!parse_stamps(&p.stamps_json).unwrap().contains_key(META_DELETED));
+    }
+
+    #[test]
     fn a_write_that_saw_the_winner_replaces_it_without_a_loss() {
         let m = mutation(MutationKind::Update, 100);
         let p = run(Case {
