@@ -108,6 +108,10 @@ pub struct Status {
     pub auth_failure: Option<String>,
     pub entities: u64,
     pub exported_at_ms: Option<u64>,
+    /// The version of this device's schema, and of the relay's at the last connect (they may
+    /// differ while a fleet updates: the relay accepts older compatible versions).
+    pub schema_version: u64,
+    pub relay_schema_version: Option<u64>,
 }
 
 /// What `retry` did.
@@ -469,6 +473,8 @@ impl Device {
             auth_failure,
             entities: entity::count(&self.conn)?,
             exported_at_ms: db::meta_get_u64(&self.conn, keys::EXPORTED_AT)?,
+            schema_version: self.schema.version(),
+            relay_schema_version: db::meta_get_u64(&self.conn, keys::RELAY_SCHEMA_VERSION)?,
         })
     }
 }

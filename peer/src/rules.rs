@@ -166,7 +166,7 @@ pub(crate) fn validate_patch(
             merged.insert(k.clone(), v.clone());
         }
     }
-    let mut errors = ty.validate(&merged).err().map(|e| e.0).unwrap_or_default();
+    let mut errors = schema_errors(ty, &merged, |name| is_create || patch.contains_key(name));
     for (name, value) in patch {
         let Some(field) = ty.field(name) else { continue };
         if !is_create && matches!(field.kind, FieldKind::Counter { .. }) && current.get(name) != Some(value) {
@@ -187,6 +187,20 @@ pub(crate) fn validate_patch(
             errors: ValidationErrors(errors),
         })
     }
+}
+
+/// The schema's errors in `fields` that concern what this write sets (`sets`), plus every
+/// requirement. Values the write leaves alone came from the relay, which validated them —
+/// possibly under a newer schema than this device's (a field or enum value this app version does
+/// not know yet): they are not this write's to refuse, and must survive it untouched.
+pub(crate) fn schema_errors(
+    ty: &EntityType,
+    fields: &Map<String, Value>,
+    sets: impl Fn(&str) -> bool,
+) -> Vec<FieldError> {
+    let mut errors = ty.validate(fields).err().map(|e| e.0).unwrap_or_default();
+    errors.retain(|e| sets(&e.field) || matches!(e.rule, Rule::Required | Rule::RequiredUnless));
+    errors
 }
 
 /// Every reference in `fields` that `checked` says this write sets must name a live record of

@@ -17,5 +17,6 @@ pub mod backup;
 pub mod config;
 pub mod core;
 pub mod doc_cache;
+pub mod schema_history;
 pub mod server;
 pub mod store;

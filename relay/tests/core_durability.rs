@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{T0, TestRelay, applied_version};
+use common::{T0, TestDevice, TestRelay, applied_version, settings_on_two_devices};
 use fieldsync_relay::audit;
 use fieldsync_relay::backup;
 use fieldsync_relay::core::FaultSwitches;
@@ -51,6 +51,127 @@ fn a_replayed_rejection_gets_the_same_answer() {
     r.restart();
     a.conn = r.login(&a);
     assert_eq!(r.push_one(&mut a, bad), first);
+}
+
+/// dana's tablet's stale edit of a patient dana's phone edited first: returns the relay, the
+/// tablet, the stale mutation and the conflict it got.
+fn a_conflict() -> (TestRelay, TestDevice, fieldsync_schema::Mutation, Outcome) {
+    let mut r = TestRelay::new();
+    r.space("clinic");
+    r.user("dana", "clinic", Role::Clinician);
+    let mut phone = r.device("dana", 1);
+    let mut tablet = r.device("dana", 2);
+    let (p, m) = phone.create("patient", json!({"name": "Ada"}), T0);
+    r.push_one(&mut phone, m);
+    r.pull(&mut tablet);
+    let first = phone.update("patient", p, json!({"mrn": "7"}), T0 + 1);
+    r.push_one(&mut phone, first);
+    let stale = tablet.update("patient", p, json!({"mrn": "8"}), T0 + 2);
+    let conflict = r.push_one(&mut tablet, stale.clone());
+    assert!(
+        matches!(&conflict, Outcome::Conflict { server_changes, .. } if server_changes.len() == 1),
+        "{conflict:?}"
+    );
+    (r, tablet, stale, conflict)
+}
+
+/// Forgets which envelope a receipt answered (what a receipt written before receipts were
+/// bound looks like).
+fn unbind_receipt(r: &TestRelay, space: uuid::Uuid, mutation: uuid::Uuid) {
+    let conn = rusqlite::Connection::open(r.shard_file(space)).unwrap();
+    let n = conn
+        .execute(
+            "UPDATE receipts SET envelope_hash = NULL WHERE mutation_id = ?1",
+            [mutation.as_bytes().to_vec()],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn a_replayed_conflict_carries_exactly_what_the_first_answer_carried() {
+    let (mut r, mut tablet, stale, first) = a_conflict();
+    r.restart();
+    tablet.conn = r.login(&tablet);
+    let again = r.push_one(&mut tablet, stale);
+    assert_eq!(
+        again, first,
+        "the same changes (only those the device lacks) and authors"
+    );
+}
+
+#[test]
+fn a_replay_answered_from_an_unbound_receipt_reads_nothing_stored() {
+    let (mut r, mut tablet, stale, _) = a_conflict();
+    unbind_receipt(&r, stale.space_id, stale.mutation_id);
+    r.restart();
+    tablet.conn = r.login(&tablet);
+    match r.push_one(&mut tablet, stale) {
+        Outcome::Conflict {
+            server_changes,
+            authors,
+            ..
+        } => assert!(server_changes.is_empty() && authors.is_empty()),
+        other => panic!("{other:?}"),
+    }
+
+    // An LWW loss replayed: the loss (which carries the winner's value) only for the very
+    // envelope it answered.
+    let (mut r, mut phone, mut tablet, s) = settings_on_two_devices(json!({"units": "kg"}));
+    let newer = tablet.update("settings", s, json!({"units": "lb"}), T0 + 86_400_000);
+    r.push_one(&mut tablet, newer);
+    let older = phone.update("settings", s, json!({"units": "st"}), T0 + 1_000);
+    let lost = |o: &Outcome| match o {
+        Outcome::Applied { lww_lost, .. } => lww_lost.len(),
+        Outcome::AlreadyApplied { original } => match original.as_ref() {
+            Outcome::Applied { lww_lost, .. } => lww_lost.len(),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(lost(&r.push_one(&mut phone, older.clone())), 1);
+    assert_eq!(
+        lost(&r.push_one(&mut phone, older.clone())),
+        1,
+        "an exact replay keeps its loss"
+    );
+    unbind_receipt(&r, older.space_id, older.mutation_id);
+    r.restart();
+    phone.conn = r.login(&phone);
+    assert_eq!(lost(&r.push_one(&mut phone, older)), 0, "an unbound one does not");
+}
+
+#[test]
+fn a_space_worker_refuses_a_replay_to_a_sender_without_a_role_on_its_own() {
+    // The front refuses non-members before any worker sees their batch; the worker's own check
+    // stands behind it, should the front ever hand it such a job.
+    let (mut r, tablet, stale, _) = a_conflict();
+    let shard = r.space_row("clinic").shard as usize;
+    let job = fieldsync_relay::core::Job {
+        conn: tablet.conn,
+        batch_id: 9,
+        sender: fieldsync_relay::core::worker::Sender {
+            device_id: tablet.device_id,
+            user_id: tablet.user_id,
+            space_id: stale.space_id,
+            role: None,
+            verifier: fieldsync_schema::signing::Verifier::new(&tablet.key.public_key()).unwrap(),
+        },
+        mutations: vec![stale],
+        prechecked: None,
+        not_attempted: Vec::new(),
+    };
+    let now = r.now + 1;
+    let report = r.core.workers_mut()[shard].handle(vec![job], now);
+    match &report.results[..] {
+        [fieldsync_relay::core::JobResult::Decided { results, .. }] => {
+            assert!(
+                matches!(&results[0].outcome, Outcome::Forbidden { reason } if reason.contains("member")),
+                "{results:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// A relay whose one space holds a five-record audit chain.

@@ -4,7 +4,7 @@
 mod common;
 
 use automerge::transaction::Transactable;
-use common::{T0, TestDevice, TestRelay, applied_version, obj};
+use common::{T0, TestRelay, applied_version, clinic, obj, settings_on_two_devices};
 use fieldsync_schema::{ConflictReason, FieldError, MutationKind, Outcome, Role, Rule, document};
 use serde_json::json;
 
@@ -14,29 +14,6 @@ fn forbidden_because(o: Outcome, needle: &str) {
         Outcome::Forbidden { reason } => assert!(reason.contains(needle), "refused, but because: {reason}"),
         other => panic!("expected Forbidden ({needle}), got {other:?}"),
     }
-}
-
-fn clinic() -> TestRelay {
-    let mut r = TestRelay::new();
-    r.space("clinic");
-    r.user("dana", "clinic", Role::Clinician);
-    r.user("sam", "clinic", Role::Clinician);
-    r.user("pat", "clinic", Role::Patient);
-    r.user("ava", "clinic", Role::Assistant);
-    r.user("svc", "clinic", Role::Service);
-    r
-}
-
-/// One patient's phone and tablet, both holding a settings record the phone created.
-fn settings_on_two_devices(fields: serde_json::Value) -> (TestRelay, TestDevice, TestDevice, uuid::Uuid) {
-    let mut r = clinic();
-    let mut phone = r.device("pat", 1);
-    let mut tablet = r.device("pat", 2);
-    let (s, m) = phone.create("settings", fields, T0);
-    r.push_one(&mut phone, m);
-    r.pull(&mut tablet);
-    r.pull(&mut phone);
-    (r, phone, tablet, s)
 }
 
 fn errors(o: &Outcome) -> &[FieldError] {

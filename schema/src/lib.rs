@@ -33,6 +33,7 @@ pub use envelope::{
     Bytes, ConflictReason, Disposition, LwwLoss, Mutation, MutationKind, Origin, Outcome, TransportError,
 };
 pub use hlc::{Hlc, HlcClock};
+pub use registry::compat::{self, CompatReport, SchemaChange, Verdict};
 pub use registry::{EntityType, Field, FieldKind, Policy, Role, Schema, SchemaError, SchemaHash};
 pub use signing::DeviceKey;
 pub use time_fmt::{ManualTime, SystemTimeSource, TimeSource};

@@ -337,6 +337,7 @@ pub fn peer_machine(data: &[u8]) {
             user,
             server_time_ms: T0,
             max_batch: 256,
+            schema_version: 1,
         },
     ];
     for msg in handshake.into_iter().chain(messages) {

@@ -240,9 +240,10 @@ fn validate_target(
     theirs: &Map<String, Value>,
     target: &Target,
 ) -> Result<()> {
-    let mut errors = ty.validate(&target.fields).err().map(|e| e.0).unwrap_or_default();
-    // The relay vouches for its own references; only those the target changes are checked.
+    // The relay vouches for its own values and references; only what the target changes is
+    // checked (the relay's may come from a newer schema than this device's).
     let changes = |name: &str| theirs.get(name) != target.fields.get(name);
+    let mut errors = rules::schema_errors(ty, &target.fields, changes);
     errors.extend(rules::ref_errors(conn, ty, meta.space_id, &target.fields, changes)?);
     if errors.is_empty() {
         Ok(())

@@ -336,6 +336,7 @@ impl SyncMachine {
                     user,
                     server_time_ms,
                     max_batch,
+                    schema_version,
                     ..
                 },
             ) => {
@@ -345,6 +346,7 @@ impl SyncMachine {
                 self.reconnect_at = None;
                 dev.set_auth_failed(None)?;
                 dev.refresh_user(user)?;
+                dev.record_relay_schema_version(schema_version)?;
                 dev.observe_relay_time(server_time_ms, now_ms)?;
                 self.pump(dev, now_ms)
             }

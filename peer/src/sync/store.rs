@@ -169,6 +169,12 @@ impl Device {
         }
     }
 
+    /// The schema version the relay said it serves at the last `Welcome` (status shows it beside
+    /// the device's own).
+    pub(crate) fn record_relay_schema_version(&mut self, version: u64) -> Result<()> {
+        db::meta_set(&self.conn, keys::RELAY_SCHEMA_VERSION, &version.to_string())
+    }
+
     pub(crate) fn record_sync_complete(&mut self, now_ms: u64) -> Result<()> {
         db::meta_set(&self.conn, keys::LAST_SYNC, &now_ms.to_string())
     }

@@ -28,6 +28,7 @@ fn welcome(max_batch: u32) -> RelayMessage {
         user: user(Role::Clinician),
         server_time_ms: T0,
         max_batch,
+        schema_version: 1,
     }
 }
 

@@ -132,6 +132,9 @@ pub struct RelayConfig {
     /// How often, while connections are open, the front wants a tick to look for what other
     /// processes wrote (revocations within a second, SPEC §4).
     pub tick_every_ms: u64,
+    /// Older schemas whose devices may connect, and those refused with their version named
+    /// (see [`crate::schema_history`]); empty: only the current schema.
+    pub schemas: crate::schema_history::SchemaAcceptance,
 }
 
 impl Default for RelayConfig {
@@ -146,6 +149,7 @@ impl Default for RelayConfig {
             rate_per_sec: 5_000.0,
             rate_burst: 20_000.0,
             tick_every_ms: 250,
+            schemas: crate::schema_history::SchemaAcceptance::default(),
         }
     }
 }

@@ -86,6 +86,12 @@ pub enum ServerError {
          aside, not deleted; `fieldsync-relay restore-drill --from BACKUP_DIR` checks a backup first)"
     )]
     Damaged { dir: String, findings: String },
+    #[error(
+        "the schema v{version} breaks compatibility with schemas this relay served, which devices may still \
+         hold — {changes}. Make the change compatible (`fieldsync-relay schema check OLD.toml NEW.toml` lists \
+         every change), or start with --allow-breaking-schema to refuse the devices of those versions"
+    )]
+    BreakingSchema { version: u64, changes: String },
     #[error("cannot listen on {addr}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("server error: {0}")]
@@ -118,6 +124,40 @@ pub struct ServeOptions {
     /// Run SQLite's `quick_check` on every store file before serving (on by default; a store
     /// of many gigabytes may choose to skip it and rely on restore drills).
     pub check_at_start: bool,
+    /// Serve a schema that breaks compatibility with one the relay served before: devices on
+    /// the broken versions are then refused with their version named (`--allow-breaking-schema`).
+    pub allow_breaking_schema: bool,
+}
+
+/// Which older schemas devices may connect with; refuses a breaking schema unless allowed,
+/// and records the current one as served only when it will be.
+fn accept_schemas(
+    backend: &SqliteBackend,
+    schema: &Schema,
+    allow_breaking: bool,
+) -> Result<crate::schema_history::SchemaAcceptance, ServerError> {
+    use crate::store::{Backend, Directory};
+    let store_error = |source| ServerError::Store {
+        dir: "the data directory".into(),
+        source,
+    };
+    let mut directory = backend.open_directory().map_err(store_error)?;
+    let plan =
+        crate::schema_history::plan(&directory.served_schemas().map_err(store_error)?, schema).map_err(store_error)?;
+    if !plan.breaking.is_empty() {
+        if !allow_breaking {
+            return Err(ServerError::BreakingSchema {
+                version: schema.version(),
+                changes: plan.describe_breaking(),
+            });
+        }
+        tracing::warn!(changes = %plan.describe_breaking(), "serving a breaking schema: devices on the broken versions are refused");
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    crate::schema_history::record_served(&mut directory, schema, now_ms).map_err(store_error)?;
+    Ok(plan.acceptance)
 }
 
 impl ServeOptions {
@@ -133,6 +173,7 @@ impl ServeOptions {
             workers: std::thread::available_parallelism().map_or(1, usize::from),
             shards: crate::store::sqlite::DEFAULT_SHARDS,
             check_at_start: true,
+            allow_breaking_schema: false,
         }
     }
 }
@@ -241,7 +282,9 @@ impl Server {
             check_store(&opts.data_dir)?;
         }
         let backend = SqliteBackend::open_with(&opts.data_dir, new_relay_id, opts.shards).map_err(store_error)?;
-        let (front, workers) = RelayCore::parts(&backend, opts.schema, opts.config, rng).map_err(store_error)?;
+        let mut config = opts.config;
+        config.schemas = accept_schemas(&backend, &opts.schema, opts.allow_breaking_schema)?;
+        let (front, workers) = RelayCore::parts(&backend, opts.schema, config, rng).map_err(store_error)?;
         Ok(Server {
             listener,
             addr,

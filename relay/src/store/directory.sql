@@ -48,3 +48,12 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS devices_revoked ON devices(revoked_ms) WHERE revoked_ms IS NOT NULL;
+
+-- Every schema this relay has served, once per hash: devices may still hold any of them, so a
+-- new schema must stay compatible with each (or the operator says otherwise).
+CREATE TABLE IF NOT EXISTS served_schemas (
+    hash            TEXT PRIMARY KEY,
+    version         INTEGER NOT NULL,
+    toml            TEXT NOT NULL,
+    first_served_ms INTEGER NOT NULL
+);

@@ -116,6 +116,11 @@ pub trait Directory {
     /// The round-1 global audit chain a migrated store keeps (`v1_audit`), by row id; empty for
     /// a store created in the per-space layout.
     fn round_one_audit_after(&self, after_id: u64, limit: usize) -> StoreResult<Vec<AuditRow>>;
+
+    /// The schemas this relay has served, in the order it first served them.
+    fn served_schemas(&self) -> StoreResult<Vec<ServedSchema>>;
+    /// Records that the relay serves a schema (kept once per hash; serving it again is a no-op).
+    fn record_served_schema(&mut self, schema: &ServedSchema) -> StoreResult<()>;
 }
 
 /// The data of the spaces in one shard. One writer per shard at a time in this process (its

@@ -219,3 +219,13 @@ pub struct SpaceHead {
     pub audit_seq: u64,
     pub audit_hash: String,
 }
+
+/// A schema the relay has served: its text, so that a later start can tell whether a new schema
+/// still suits the devices that hold this one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServedSchema {
+    pub hash: String,
+    pub version: u64,
+    pub toml: String,
+    pub first_served_ms: u64,
+}

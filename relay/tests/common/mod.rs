@@ -375,3 +375,29 @@ pub fn hlc_at(dev: &TestDevice, ms: u64) -> Hlc {
 pub fn applied_version(o: &Outcome) -> u64 {
     o.applied().unwrap_or_else(|| panic!("expected applied, got {o:?}")).0
 }
+
+/// A clinic with one user of every role: dana and sam (clinicians), pat (patient), ava
+/// (assistant) and svc (service).
+pub fn clinic() -> TestRelay {
+    let mut r = TestRelay::new();
+    r.space("clinic");
+    r.user("dana", "clinic", Role::Clinician);
+    r.user("sam", "clinic", Role::Clinician);
+    r.user("pat", "clinic", Role::Patient);
+    r.user("ava", "clinic", Role::Assistant);
+    r.user("svc", "clinic", Role::Service);
+    r
+}
+
+/// One patient's phone and tablet in [`clinic`], both holding a settings record (LWW) the
+/// phone created with `fields`.
+pub fn settings_on_two_devices(fields: Value) -> (TestRelay, TestDevice, TestDevice, Uuid) {
+    let mut r = clinic();
+    let mut phone = r.device("pat", 1);
+    let mut tablet = r.device("pat", 2);
+    let (s, m) = phone.create("settings", fields, T0);
+    r.push_one(&mut phone, m);
+    r.pull(&mut tablet);
+    r.pull(&mut phone);
+    (r, phone, tablet, s)
+}

@@ -16,6 +16,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use toml::Table;
 
+pub mod compat;
 mod describe;
 mod parse;
 #[cfg(test)]
@@ -266,11 +267,13 @@ pub struct Schema {
     version: u64,
     types: BTreeMap<String, EntityType>,
     hash: SchemaHash,
+    /// The TOML it was read from (a relay keeps the text of every schema it served).
+    source: std::sync::Arc<str>,
 }
 
 /// SHA-256 of the schema's canonical form: equal for equal schemas whatever the file's layout,
 /// comments or key order, on every machine.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
 pub struct SchemaHash(pub [u8; 32]);
 
 impl SchemaHash {
@@ -294,8 +297,10 @@ impl fmt::Display for SchemaHash {
 /// Why a schema file was refused. `location` names the type and field at fault when there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
-    #[error("cannot read schema file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    /// (`reason` rather than `source`: the message already says it, and an error chain would
+    /// repeat it.)
+    #[error("cannot read schema file {path}: {reason}")]
+    Io { path: String, reason: std::io::Error },
     #[error("schema is not valid TOML: {0}")]
     Toml(String),
     #[error("schema error in {location}: {message}")]
@@ -332,9 +337,9 @@ impl Schema {
         match path {
             None => Ok(Schema::default_schema()),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| SchemaError::Io {
+                let text = std::fs::read_to_string(p).map_err(|reason| SchemaError::Io {
                     path: p.display().to_string(),
-                    source,
+                    reason,
                 })?;
                 Schema::from_toml_str(&text)
             }
@@ -376,7 +381,12 @@ impl Schema {
         }
         check_cross_references(&types)?;
         let hash = compute_hash(version, &types);
-        Ok(Schema { version, types, hash })
+        Ok(Schema {
+            version,
+            types,
+            hash,
+            source: text.into(),
+        })
     }
 
     pub fn version(&self) -> u64 {
@@ -385,6 +395,11 @@ impl Schema {
 
     pub fn hash(&self) -> SchemaHash {
         self.hash
+    }
+
+    /// The TOML text this schema was read from.
+    pub fn source_toml(&self) -> &str {
+        &self.source
     }
 
     pub fn entity_type(&self, name: &str) -> Option<&EntityType> {

@@ -239,6 +239,10 @@ pub enum RelayMessage {
         user: UserInfo,
         server_time_ms: u64,
         max_batch: u32,
+        /// The version of the schema the relay serves (it may accept devices on older,
+        /// compatible versions). Absent from relays before schema versions: 0.
+        #[serde(default)]
+        schema_version: u64,
     },
     AuthFailed {
         reason: AuthFailure,

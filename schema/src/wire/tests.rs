@@ -179,6 +179,7 @@ fn every_relay_message() -> Vec<RelayMessage> {
             user: user.clone(),
             server_time_ms: 5,
             max_batch: 256,
+            schema_version: 1,
         },
         RelayMessage::AuthFailed {
             reason: AuthFailure::Revoked,

@@ -112,6 +112,12 @@ pub fn status(s: &Status, json: bool) -> Result<()> {
     outln!("oldest:    {}", when(s.oldest_pending_ms))?;
     outln!("last sync: {}", when(s.last_sync_ms))?;
     outln!("entities:  {}", s.entities)?;
+    match s.relay_schema_version {
+        Some(relay) if relay != s.schema_version => {
+            outln!("schema:    v{} (the relay serves v{relay})", s.schema_version)?
+        }
+        _ => outln!("schema:    v{}", s.schema_version)?,
+    }
     Ok(())
 }
 

@@ -51,6 +51,14 @@ enum SchemaCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Lists every change from OLD to NEW with its verdict (compatible or breaking for devices
+    /// still on OLD); exits 1 when any change is breaking, so a deploy pipeline can stop.
+    Check {
+        old: std::path::PathBuf,
+        new: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn os_rng() -> anyhow::Result<ChaCha20Rng> {
@@ -102,6 +110,7 @@ fn main() -> std::process::ExitCode {
             schema,
             json,
         }) => show_schema(entity_type.as_deref(), schema.as_deref(), json),
+        Command::Schema(SchemaCommand::Check { old, new, json }) => check_schema(&old, &new, json),
     };
     match result {
         Ok(code) => code,
@@ -123,6 +132,21 @@ fn show_schema(
     let listing = fieldsync_schema::cli::schema_listing(&schema, only, json).map_err(anyhow::Error::msg)?;
     fieldsync_schema::outln!("{listing}")?;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn check_schema(old: &std::path::Path, new: &std::path::Path, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    let load = |p: &std::path::Path| fieldsync_schema::Schema::load(Some(p));
+    let report = fieldsync_schema::compat::compare(&load(old)?, &load(new)?);
+    if json {
+        fieldsync_schema::outln!("{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        fieldsync_schema::outln!("{}", report.render().trim_end())?;
+    }
+    Ok(if report.is_compatible() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    })
 }
 
 /// The `kind` of a `--json` error: what a script can branch on.

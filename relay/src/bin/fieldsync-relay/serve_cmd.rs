@@ -59,10 +59,15 @@ pub struct ServeArgs {
     /// would delay the start; restore drills still verify backups).
     #[arg(long)]
     skip_start_check: bool,
+    /// Serve a schema that breaks compatibility with one served before (see `schema check`):
+    /// devices still on the broken versions are refused, told to update the app.
+    #[arg(long)]
+    allow_breaking_schema: bool,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let skip_start_check = args.skip_start_check;
+    let allow_breaking_schema = args.allow_breaking_schema;
     let file = match &args.config {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
@@ -100,13 +105,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         opts.shards = config.shards;
         opts.config.doc_cache_capacity = config.doc_cache;
         opts.check_at_start = !skip_start_check;
+        opts.allow_breaking_schema = allow_breaking_schema;
         let server = Server::bind(opts, Box::new(rng), new_relay_id).await?;
         eprintln!(
-            "fieldsync relay {} listening on {}://{}/v1/sync (data: {}, schema {}{})",
+            "fieldsync relay {} listening on {}://{}/v1/sync (data: {}, schema v{} {}{})",
             server.relay_id(),
             server.scheme(),
             server.local_addr(),
             config.data.display(),
+            schema.version(),
             &schema.hash().to_hex()[..12],
             match &config.backup {
                 Some(b) => format!(

@@ -67,20 +67,24 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             );
             return false;
         }
-        if schema_hash != self.schema.hash() {
-            self.auth_failed(
-                conn,
-                AuthFailure::SchemaMismatch,
-                format!(
-                    "the device's schema ({}) differs from the relay's ({}); update the app or the relay",
-                    schema_hash.to_hex(),
-                    self.schema.hash().to_hex()
-                ),
-                out,
-            );
-            return false;
+        if schema_hash == self.schema.hash() || self.config.schemas.compatible.contains_key(&schema_hash) {
+            return true;
         }
-        true
+        let current = self.schema.version();
+        let message = match self.config.schemas.retired.get(&schema_hash) {
+            Some(old) => format!(
+                "the device's schema v{old} is no longer accepted: the relay serves v{current}, which changed it \
+                 incompatibly; update the app"
+            ),
+            None => format!(
+                "the device's schema ({}) is not one this relay has served (it serves v{current}, {}); update the \
+                 app, or the relay if the app is newer",
+                schema_hash.to_hex(),
+                self.schema.hash().to_hex()
+            ),
+        };
+        self.auth_failed(conn, AuthFailure::SchemaMismatch, message, out);
+        false
     }
 
     pub(super) fn on_hello(
@@ -243,6 +247,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 user: info,
                 server_time_ms: now_ms,
                 max_batch: self.config.max_batch as u32,
+                schema_version: self.schema.version(),
             },
         ));
         Ok(())

@@ -11,8 +11,8 @@ use super::columns::{
 };
 use super::connect;
 use crate::store::{
-    AuditRow, DeviceRow, Directory, DirectoryCounts, MembershipRow, SpaceRow, StoreError, StoreResult, TokenRow,
-    UserRow,
+    AuditRow, DeviceRow, Directory, DirectoryCounts, MembershipRow, ServedSchema, SpaceRow, StoreError, StoreResult,
+    TokenRow, UserRow,
 };
 
 const SCHEMA_SQL: &str = include_str!("../directory.sql");
@@ -374,6 +374,29 @@ impl Directory for SqliteDirectory {
         )?;
         let rows = st.query_map(params![i(after_id), limit.min(i64::MAX as usize) as i64], audit_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn served_schemas(&self) -> StoreResult<Vec<ServedSchema>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT hash, version, toml, first_served_ms FROM served_schemas ORDER BY rowid")?;
+        let rows = st.query_map([], |r| {
+            Ok(ServedSchema {
+                hash: r.get(0)?,
+                version: u64_col(r, 1)?,
+                toml: r.get(2)?,
+                first_served_ms: u64_col(r, 3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn record_served_schema(&mut self, schema: &ServedSchema) -> StoreResult<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO served_schemas (hash, version, toml, first_served_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![schema.hash, i(schema.version), schema.toml, i(schema.first_served_ms)],
+        )?;
+        Ok(())
     }
 
     fn counts(&self) -> StoreResult<DirectoryCounts> {

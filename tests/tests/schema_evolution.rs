@@ -1,0 +1,234 @@
+//! Schema evolution (issue 18): a relay upgraded to a compatible schema keeps serving the
+//! devices still on the old one — their queued writes drain, and fields they do not know
+//! survive their edits — and a breaking schema is refused at `serve` with what breaks.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use fieldsync_tests::relay_files::RelayFiles;
+use fieldsync_tests::{Peer, Relay, bin};
+use serde_json::json;
+
+const DEFAULT: &str = include_str!("../../schema/entities.toml");
+
+/// The default schema at version 2: a new optional field, a new enum value and a new type.
+fn v2() -> String {
+    let s = DEFAULT
+        .replacen("schema_version = 1", "schema_version = 2", 1)
+        .replacen(
+            "fields.phone = { type = \"string\", max_length = 40 }",
+            "fields.phone = { type = \"string\", max_length = 40 }\nfields.preferred_name = { type = \"string\", max_length = 100 }",
+            1,
+        )
+        .replacen(
+            "values = [\"planned\", \"in_progress\", \"completed\", \"cancelled\"]",
+            "values = [\"planned\", \"in_progress\", \"completed\", \"cancelled\", \"no_show\"]",
+            1,
+        );
+    format!(
+        "{s}\n[types.referral]\npolicy = \"gated\"\nwrite = [\"admin\", \"clinician\"]\n\
+         fields.patient_id = {{ type = \"ref\", to = \"patient\", required = true }}\n\
+         fields.reason = {{ type = \"string\", max_length = 200 }}\n"
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `fieldsync-peer --schema FILE ARGS` on `peer`, which must succeed.
+fn with_schema(peer: &Peer, schema: &Path, args: &[&str]) -> String {
+    let mut all = vec!["--schema", schema.to_str().unwrap()];
+    all.extend_from_slice(args);
+    peer.ok(&all)
+}
+
+#[test]
+fn v1_devices_keep_syncing_through_a_compatible_upgrade_and_keep_the_fields_they_do_not_know() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let v2_file = write(dir.path(), "v2.toml", &v2());
+    let mut relay = Relay::start(&data, 0);
+    relay.setup("clinic", &[("dana", "clinician"), ("sam", "clinician")]);
+    let old = Peer::init(&dir.path().join("old"));
+    let new = Peer::init(&dir.path().join("new"));
+    old.enroll(&relay, "dana");
+    new.enroll(&relay, "sam");
+    let patient = old.put("patient", r#"{"name": "Ada"}"#);
+    old.ok(&["sync"]);
+    // Offline, the v1 device queues a write while the relay is upgraded.
+    old.ok(&["put", "patient", &patient, "--json", r#"{"mrn": "M-1"}"#]);
+    relay.stop();
+    let port = relay.addr.port();
+    let relay = Relay::start_with(
+        &data,
+        port,
+        &["--schema", v2_file.to_str().unwrap()],
+        &[("RUST_LOG", "warn")],
+    );
+
+    // The v1 device connects to the v2 relay: its queued write drains.
+    let synced = old.json(&["sync"]);
+    assert_eq!(synced["summary"]["applied"], json!(1), "{synced}");
+    let status = old.status();
+    assert_eq!(
+        (status["schema_version"].clone(), status["relay_schema_version"].clone()),
+        (json!(1), json!(2)),
+        "{status}"
+    );
+    assert!(old.ok(&["status"]).contains("schema:    v1 (the relay serves v2)"));
+
+    // The updated device writes what only v2 has: a new field, a new enum value, a new type.
+    with_schema(&new, &v2_file, &["sync"]);
+    with_schema(
+        &new,
+        &v2_file,
+        &["put", "patient", &patient, "--json", r#"{"preferred_name": "Addie"}"#],
+    );
+    let session = with_schema(
+        &new,
+        &v2_file,
+        &[
+            "put",
+            "session",
+            "--json",
+            &format!(r#"{{"patient_id": "{patient}", "started_at": "2026-12-01T09:00:00Z", "status": "no_show"}}"#),
+        ],
+    );
+    let session = session.trim().to_string();
+    with_schema(
+        &new,
+        &v2_file,
+        &[
+            "put",
+            "referral",
+            "--json",
+            &format!(r#"{{"patient_id": "{patient}", "reason": "knee"}}"#),
+        ],
+    );
+    with_schema(&new, &v2_file, &["sync"]);
+
+    // The v1 device pulls them, edits both records, and its edits apply.
+    old.ok(&["sync"]);
+    old.ok(&["put", "patient", &patient, "--json", r#"{"phone": "555"}"#]);
+    old.ok(&["put", "session", &session, "--json", r#"{"location": "Room 2"}"#]);
+    let synced = old.json(&["sync"]);
+    assert_eq!(synced["summary"]["applied"], json!(2), "{synced}");
+    assert_eq!(old.status()["unsynced"], json!(0));
+
+    // Nothing the v1 device did not know was lost, on the relay or on either device.
+    let files = RelayFiles::open(&data);
+    let fields = files.fields(patient.parse().unwrap());
+    assert_eq!(fields["preferred_name"], json!("Addie"), "{fields:?}");
+    assert_eq!(fields["phone"], json!("555"));
+    assert_eq!(fields["mrn"], json!("M-1"), "the write queued before the upgrade");
+    let session_fields = files.fields(session.parse().unwrap());
+    assert_eq!(session_fields["status"], json!("no_show"), "{session_fields:?}");
+    assert_eq!(session_fields["location"], json!("Room 2"));
+    drop(files);
+    with_schema(&new, &v2_file, &["sync"]);
+    let seen = serde_json::from_str::<serde_json::Value>(&with_schema(
+        &new,
+        &v2_file,
+        &["get", "patient", &patient, "--json"],
+    ))
+    .unwrap();
+    assert_eq!(seen["fields"]["preferred_name"], json!("Addie"), "{seen}");
+    assert_eq!(seen["fields"]["phone"], json!("555"), "{seen}");
+    assert_eq!(old.get("patient", &patient)["fields"]["preferred_name"], json!("Addie"));
+    drop(relay);
+}
+
+#[test]
+fn a_breaking_schema_is_refused_at_serve_with_what_breaks_and_its_devices_are_told_why_when_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let mut relay = Relay::start(&data, 0);
+    relay.setup("clinic", &[("dana", "clinician")]);
+    let old = Peer::init(&dir.path().join("old"));
+    old.enroll(&relay, "dana");
+    old.put("patient", r#"{"name": "Ada"}"#);
+    old.ok(&["sync"]);
+    relay.stop();
+
+    // v2 retypes a field and narrows a range.
+    let breaking = DEFAULT
+        .replacen("schema_version = 1", "schema_version = 2", 1)
+        .replacen(
+            "fields.phone = { type = \"string\", max_length = 40 }",
+            "fields.phone = { type = \"int\" }",
+            1,
+        )
+        .replacen(
+            "fields.pain_after = { type = \"int\", min = 0, max = 10 }",
+            "fields.pain_after = { type = \"int\", min = 0, max = 5 }",
+            1,
+        );
+    let file = write(dir.path(), "breaking.toml", &breaking);
+    let refused = std::process::Command::new(bin("fieldsync-relay"))
+        .args([
+            "serve",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--schema",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("patient.phone: type string → int"), "{stderr}");
+    assert!(stderr.contains("session.pain_after: max 10 → 5"), "{stderr}");
+    assert!(stderr.contains("--allow-breaking-schema"), "{stderr}");
+
+    // The checker says the same, and exits 1.
+    let v1_file = write(dir.path(), "v1.toml", DEFAULT);
+    let check = Relay::cli(&[
+        "schema",
+        "check",
+        v1_file.to_str().unwrap(),
+        file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(check.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    let breaking_changes: Vec<&str> = report["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["verdict"] == "breaking")
+        .map(|c| c["location"].as_str().unwrap())
+        .collect();
+    assert_eq!(breaking_changes, ["patient.phone", "session.pain_after"]);
+
+    // Allowed explicitly, the relay serves v2, and the v1 device is told its version is retired.
+    let relay = Relay::start_with(
+        &data,
+        0,
+        &["--schema", file.to_str().unwrap(), "--allow-breaking-schema"],
+        &[("RUST_LOG", "error")],
+    );
+    let conn = rusqlite::Connection::open(old.data.join("device.db")).unwrap();
+    let stored: String = conn
+        .query_row("SELECT value FROM meta WHERE key = 'enrollment'", [], |r| r.get(0))
+        .unwrap();
+    let mut enrollment: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    enrollment["relay_url"] = json!(relay.url());
+    conn.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'enrollment'",
+        [enrollment.to_string()],
+    )
+    .unwrap();
+    drop(conn);
+    let out = old.run(&["sync"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("schema v1 is no longer accepted"), "{said}");
+}
