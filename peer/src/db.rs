@@ -222,6 +222,7 @@ pub mod keys {
     pub const EXPORTED_WRITE_COUNTER: &str = "exported_write_counter";
     pub const SCHEMA_HASH: &str = "schema_hash";
     pub const RELAY_SCHEMA_VERSION: &str = "relay_schema_version";
+    pub const RELAY_BEHIND: &str = "relay_behind";
 }
 
 #[cfg(test)]

@@ -58,6 +58,8 @@ pub enum SyncStatus {
     Offline,
     Blocked,
     AuthFailed,
+    /// The relay serves an older schema than this device's: changes wait for its upgrade.
+    WaitingForRelay,
 }
 
 impl SyncStatus {
@@ -68,6 +70,7 @@ impl SyncStatus {
             SyncStatus::Offline => "offline",
             SyncStatus::Blocked => "blocked",
             SyncStatus::AuthFailed => "auth_failed",
+            SyncStatus::WaitingForRelay => "waiting_for_relay",
         }
     }
 }
@@ -112,6 +115,8 @@ pub struct Status {
     /// differ while a fleet updates: the relay accepts older compatible versions).
     pub schema_version: u64,
     pub relay_schema_version: Option<u64>,
+    /// Why the relay cannot take this device's changes yet (it serves an older schema).
+    pub relay_behind: Option<String>,
 }
 
 /// What `retry` did.
@@ -441,10 +446,13 @@ impl Device {
             reason: b.error.unwrap_or_default(),
         });
         let auth_failure = db::meta_get(&self.conn, keys::AUTH_FAILED)?;
+        let relay_behind = db::meta_get(&self.conn, keys::RELAY_BEHIND)?;
         let state = if auth_failure.is_some() {
             SyncStatus::AuthFailed
         } else if blocked.is_some() {
             SyncStatus::Blocked
+        } else if relay_behind.is_some() && !self.link.online {
+            SyncStatus::WaitingForRelay
         } else if self.link.online {
             if unsynced > 0 || !self.link.caught_up {
                 SyncStatus::Syncing
@@ -475,6 +483,7 @@ impl Device {
             exported_at_ms: db::meta_get_u64(&self.conn, keys::EXPORTED_AT)?,
             schema_version: self.schema.version(),
             relay_schema_version: db::meta_get_u64(&self.conn, keys::RELAY_SCHEMA_VERSION)?,
+            relay_behind,
         })
     }
 }

@@ -141,6 +141,7 @@ fn schema_and_protocol_mismatches_are_named() {
             protocol_version: PROTOCOL_VERSION,
             device_id: dev.device_id,
             schema_hash: SchemaHash([0; 32]),
+            schema_version: 1,
         },
     );
     assert_eq!(auth_failure(&out), Some(AuthFailure::SchemaMismatch));
@@ -151,6 +152,7 @@ fn schema_and_protocol_mismatches_are_named() {
             protocol_version: 99,
             device_id: dev.device_id,
             schema_hash: Schema::default_schema().hash(),
+            schema_version: 1,
         },
     );
     assert_eq!(auth_failure(&out), Some(AuthFailure::UnsupportedProtocol));

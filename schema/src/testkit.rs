@@ -96,7 +96,7 @@ impl HandDevice {
     }
 
     pub fn hello(&self) -> ClientMessage {
-        ClientMessage::hello(self.device_id, self.schema.hash())
+        ClientMessage::hello(self.device_id, &self.schema)
     }
 
     pub fn auth(&self, relay_id: Uuid, nonce: &[u8]) -> ClientMessage {

@@ -65,6 +65,7 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
         protocol_version: PROTOCOL_VERSION,
         device_id: i.device,
         schema_hash: i.schema_hash,
+        schema_version: 1,
     };
     let connect = connect_signing_bytes(PROTOCOL_VERSION, &i.relay, &i.nonce, &i.device, &public);
     let auth = ClientMessage::Auth {

@@ -265,12 +265,14 @@ fn authentication_refuses_wrong_keys_replayed_answers_and_challenges_of_another_
             protocol_version: PROTOCOL_VERSION + 1,
             device_id: victim.device_id,
             schema_hash: fieldsync_tests::attacker::schema_hash(),
+            schema_version: 1,
         };
         assert_eq!(refused(&relay, other_protocol).await, AuthFailure::UnsupportedProtocol);
         let other_schema = ClientMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             device_id: victim.device_id,
             schema_hash: SchemaHash([1; 32]),
+            schema_version: 1,
         };
         assert_eq!(refused(&relay, other_schema).await, AuthFailure::SchemaMismatch);
 

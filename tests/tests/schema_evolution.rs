@@ -232,3 +232,56 @@ fn a_breaking_schema_is_refused_at_serve_with_what_breaks_and_its_devices_are_to
     );
     assert!(said.contains("schema v1 is no longer accepted"), "{said}");
 }
+
+#[test]
+fn a_device_on_a_newer_schema_waits_for_the_relay_and_drains_once_it_is_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let v2_file = write(dir.path(), "v2.toml", &v2());
+    let mut relay = Relay::start(&data, 0);
+    relay.setup("clinic", &[("sam", "clinician")]);
+    let new = Peer::init(&dir.path().join("new"));
+    new.enroll(&relay, "sam");
+    let patient = with_schema(
+        &new,
+        &v2_file,
+        &[
+            "put",
+            "patient",
+            "--json",
+            r#"{"name": "Ada", "preferred_name": "Addie"}"#,
+        ],
+    );
+    let patient = patient.trim().to_string();
+
+    // The relay still serves v1: the device is not refused, it waits with its changes kept.
+    let mut args = vec!["--schema", v2_file.to_str().unwrap(), "sync"];
+    let out = new.run(&args);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        said.contains("the relay has not been upgraded to schema v2 yet (it serves v1)"),
+        "{said}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&with_schema(&new, &v2_file, &["status", "--json"])).unwrap();
+    assert_eq!(status["state"], json!("waiting_for_relay"), "{status}");
+    assert!(status["auth_failure"].is_null(), "not a refused device: {status}");
+    assert_eq!(status["unsynced"], json!(1));
+    assert!(with_schema(&new, &v2_file, &["status"]).contains("waiting:   "));
+
+    // The relay is upgraded: the device drains and is synced.
+    relay.stop();
+    let port = relay.addr.port();
+    let relay = Relay::start_with(
+        &data,
+        port,
+        &["--schema", v2_file.to_str().unwrap()],
+        &[("RUST_LOG", "warn")],
+    );
+    args.push("--json");
+    let synced: serde_json::Value = serde_json::from_str(&new.ok(&args)).unwrap();
+    assert_eq!(synced["summary"]["applied"], json!(1), "{synced}");
+    assert_eq!(synced["status"]["state"], json!("synced"), "{synced}");
+    let files = RelayFiles::open(&data);
+    assert_eq!(files.fields(patient.parse().unwrap())["preferred_name"], json!("Addie"));
+    drop(relay);
+}

@@ -35,6 +35,9 @@ pub struct SyncConfig {
     pub pull_page: u32,
     /// How long a push or pull may go unanswered before the connection is given up.
     pub request_timeout_ms: u64,
+    /// The least wait before connecting again to a relay whose schema is older than the
+    /// device's (an upgrade is a deploy, not a blip).
+    pub relay_behind_wait_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -44,6 +47,7 @@ impl Default for SyncConfig {
             retry: Backoff::default(),
             pull_page: 500,
             request_timeout_ms: 30_000,
+            relay_behind_wait_ms: 60_000,
         }
     }
 }
@@ -127,6 +131,8 @@ pub struct SyncMachine {
     caught_up: bool,
     reconnect_failures: u32,
     reconnect_at: Option<Deadline>,
+    /// The relay said it serves an older schema than the device's: wait longer to reconnect.
+    relay_behind: bool,
     /// When the oldest backing-off item becomes due (cached after each pump).
     outbox_due_at: Option<Deadline>,
     was_idle: bool,
@@ -174,6 +180,7 @@ impl SyncMachine {
             caught_up: false,
             reconnect_failures: 0,
             reconnect_at: None,
+            relay_behind: false,
             outbox_due_at: None,
             was_idle: false,
             pushed: 0,
@@ -254,7 +261,7 @@ impl SyncMachine {
         self.caught_up = false;
         self.was_idle = false;
         dev.set_link(true, false);
-        vec![ClientMessage::hello(dev.device_id(), dev.schema().hash())]
+        vec![ClientMessage::hello(dev.device_id(), dev.schema())]
     }
 
     /// The connection is gone. The in-flight batch stays pending with the same ids; the next
@@ -269,7 +276,10 @@ impl SyncMachine {
             return;
         }
         self.phase = Phase::Disconnected;
-        let delay = self.config.reconnect.delay(self.reconnect_failures, dev.random_u64());
+        let mut delay = self.config.reconnect.delay(self.reconnect_failures, dev.random_u64());
+        if self.relay_behind {
+            delay = delay.max(self.config.relay_behind_wait_ms);
+        }
         self.reconnect_failures = self.reconnect_failures.saturating_add(1);
         self.reconnect_at = Some(Deadline::after(now_ms, delay));
     }
@@ -347,6 +357,8 @@ impl SyncMachine {
                 dev.set_auth_failed(None)?;
                 dev.refresh_user(user)?;
                 dev.record_relay_schema_version(schema_version)?;
+                self.relay_behind = false;
+                dev.set_relay_behind(None)?;
                 dev.observe_relay_time(server_time_ms, now_ms)?;
                 self.pump(dev, now_ms)
             }
@@ -355,6 +367,16 @@ impl SyncMachine {
                 RelayMessage::AuthFailed { reason, message },
             ) => {
                 let text = format!("{}: {message}", reason.as_str());
+                if reason == AuthFailure::SchemaAhead {
+                    // The relay has not been upgraded yet: the device keeps working and its
+                    // outbox waits; it connects again later, not as a refused device.
+                    self.relay_behind = true;
+                    dev.set_relay_behind(Some(&message))?;
+                    return Err(SyncError::AuthFailed {
+                        reason: reason.as_str(),
+                        message,
+                    });
+                }
                 if reason == AuthFailure::NonceExpired {
                     // A slow handshake, not a verdict on the device: reconnect as usual.
                     return Err(SyncError::AuthFailed {

@@ -175,6 +175,14 @@ impl Device {
         db::meta_set(&self.conn, keys::RELAY_SCHEMA_VERSION, &version.to_string())
     }
 
+    /// Why the relay cannot take this device's changes yet (its schema is older), or `None`.
+    pub(crate) fn set_relay_behind(&mut self, message: Option<&str>) -> Result<()> {
+        match message {
+            Some(m) => db::meta_set(&self.conn, keys::RELAY_BEHIND, m),
+            None => db::meta_delete(&self.conn, keys::RELAY_BEHIND),
+        }
+    }
+
     pub(crate) fn record_sync_complete(&mut self, now_ms: u64) -> Result<()> {
         db::meta_set(&self.conn, keys::LAST_SYNC, &now_ms.to_string())
     }

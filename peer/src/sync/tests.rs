@@ -130,6 +130,7 @@ fn the_handshake_signs_the_challenge_with_the_device_key() {
             protocol_version: PROTOCOL_VERSION,
             device_id: f.dev.device_id(),
             schema_hash: Schema::default_schema().hash(),
+            schema_version: 1,
         }]
     );
     let nonce = vec![3u8; 32];
@@ -425,6 +426,47 @@ fn a_revocation_while_connected_is_an_auth_failure_not_a_protocol_error() {
     f.time.set(T0 + 3_600_000);
     assert!(!m.should_connect(&f.dev), "a revoked device does not keep reconnecting");
     assert_eq!(f.dev.status().unwrap().state, SyncStatus::AuthFailed);
+}
+
+#[test]
+fn a_relay_behind_the_devices_schema_is_waited_for_not_a_refusal() {
+    let mut f = enrolled(18);
+    f.patient("queued");
+    let mut m = SyncMachine::default();
+    m.handle(&mut f.dev, SyncInput::Connected).unwrap();
+    let err = m
+        .handle(
+            &mut f.dev,
+            SyncInput::Message(RelayMessage::AuthFailed {
+                reason: AuthFailure::SchemaAhead,
+                message: "the relay has not been upgraded to schema v2 yet (it serves v1)".into(),
+            }),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SyncError::AuthFailed {
+                reason: "schema_ahead",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    m.handle(&mut f.dev, SyncInput::Disconnected).unwrap();
+    let status = f.dev.status().unwrap();
+    assert_eq!(status.state, SyncStatus::WaitingForRelay);
+    assert!(status.auth_failure.is_none() && status.relay_behind.as_deref().unwrap_or("").contains("v2"));
+    assert_eq!(status.unsynced, 1, "the write stays queued");
+    // It connects again, but not before the longer wait; the next Welcome clears the state.
+    let wait = SyncConfig::default().relay_behind_wait_ms;
+    assert!(m.reconnect_at().unwrap().ms() >= T0 + wait);
+    f.time.set(T0 + wait - 1);
+    assert!(!m.should_connect(&f.dev));
+    f.time.set(T0 + wait + 1);
+    assert!(m.should_connect(&f.dev));
+    connect(&mut m, &mut f, 10);
+    assert!(f.dev.status().unwrap().relay_behind.is_none());
 }
 
 #[test]

@@ -147,6 +147,9 @@ pub enum AuthFailure {
     /// The presented public key is not a strict ed25519 key (small order, or not canonically
     /// encoded): nobody can be proven to hold its private half.
     BadKey,
+    /// The device's schema is newer than the relay's: not a verdict on the device, which keeps
+    /// its changes and connects again once the relay is upgraded.
+    SchemaAhead,
 }
 
 impl AuthFailure {
@@ -163,6 +166,7 @@ impl AuthFailure {
             AuthFailure::TokenUsed => "token_used",
             AuthFailure::AlreadyEnrolled => "already_enrolled",
             AuthFailure::BadKey => "bad_key",
+            AuthFailure::SchemaAhead => "schema_ahead",
         }
     }
 }
@@ -192,6 +196,10 @@ pub enum ClientMessage {
         protocol_version: u16,
         device_id: Uuid,
         schema_hash: SchemaHash,
+        /// The version of the device's schema: a relay that does not know the hash tells a
+        /// device on a newer version to wait for its upgrade. Absent from older devices: 0.
+        #[serde(default)]
+        schema_version: u64,
     },
     /// Registers this device's key with a single-use enrollment token.
     Enroll {
@@ -331,11 +339,12 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError> {
 
 impl ClientMessage {
     /// Opens a session for an enrolled device.
-    pub fn hello(device_id: Uuid, schema_hash: SchemaHash) -> Self {
+    pub fn hello(device_id: Uuid, schema: &crate::Schema) -> Self {
         ClientMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             device_id,
-            schema_hash,
+            schema_hash: schema.hash(),
+            schema_version: schema.version(),
         }
     }
 

@@ -57,6 +57,7 @@ fn every_client_message() -> Vec<ClientMessage> {
             protocol_version: PROTOCOL_VERSION,
             device_id: id(1),
             schema_hash: Schema::default_schema().hash(),
+            schema_version: 1,
         },
         ClientMessage::Enroll {
             protocol_version: PROTOCOL_VERSION,

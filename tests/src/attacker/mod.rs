@@ -87,7 +87,7 @@ pub fn enroll_message(token: &str, device_id: Uuid, key: &DeviceKey) -> ClientMe
 }
 
 pub fn hello(device_id: Uuid) -> ClientMessage {
-    ClientMessage::hello(device_id, schema_hash())
+    ClientMessage::hello(device_id, &Schema::default_schema())
 }
 
 /// The answer to a challenge, signed by `key` for `device_id` at relay `relay_id`.

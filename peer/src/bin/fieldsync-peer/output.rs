@@ -108,6 +108,9 @@ pub fn status(s: &Status, json: bool) -> Result<()> {
     if let Some(a) = &s.auth_failure {
         outln!("auth:      {a}")?;
     }
+    if let Some(w) = &s.relay_behind {
+        outln!("waiting:   {w}")?;
+    }
     outln!("unsynced:  {}", s.unsynced)?;
     outln!("oldest:    {}", when(s.oldest_pending_ms))?;
     outln!("last sync: {}", when(s.last_sync_ms))?;

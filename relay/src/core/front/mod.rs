@@ -291,7 +291,15 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 protocol_version,
                 device_id,
                 schema_hash,
-            } => self.on_hello(conn, protocol_version, device_id, schema_hash, now_ms, out),
+                schema_version,
+            } => self.on_hello(
+                conn,
+                protocol_version,
+                device_id,
+                (schema_hash, schema_version),
+                now_ms,
+                out,
+            ),
             ClientMessage::Auth { signature } => self.on_auth(conn, &signature.0, now_ms, out),
             ClientMessage::Enroll {
                 protocol_version,

@@ -51,11 +51,12 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         self.close(conn, CloseReason::policy(reason.as_str()), out);
     }
 
+    /// `schema` is the device's schema hash and version (0 when the device does not say).
     fn check_versions(
         &mut self,
         conn: ConnId,
         protocol_version: u16,
-        schema_hash: SchemaHash,
+        (schema_hash, schema_version): (SchemaHash, u64),
         out: &mut Vec<Output>,
     ) -> bool {
         if protocol_version != PROTOCOL_VERSION {
@@ -71,6 +72,18 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             return true;
         }
         let current = self.schema.version();
+        if schema_version > current {
+            self.auth_failed(
+                conn,
+                AuthFailure::SchemaAhead,
+                format!(
+                    "the relay has not been upgraded to schema v{schema_version} yet (it serves v{current}); the \
+                     device keeps its changes and syncs once it is"
+                ),
+                out,
+            );
+            return false;
+        }
         let message = match self.config.schemas.retired.get(&schema_hash) {
             Some(old) => format!(
                 "the device's schema v{old} is no longer accepted: the relay serves v{current}, which changed it \
@@ -92,7 +105,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         conn: ConnId,
         protocol_version: u16,
         device_id: Uuid,
-        schema_hash: SchemaHash,
+        schema: (SchemaHash, u64),
         now_ms: u64,
         out: &mut Vec<Output>,
     ) -> Result<(), StoreError> {
@@ -100,7 +113,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             self.protocol_close(conn, "hello sent twice", out);
             return Ok(());
         }
-        if !self.check_versions(conn, protocol_version, schema_hash, out) {
+        if !self.check_versions(conn, protocol_version, schema, out) {
             return Ok(());
         }
         match self.directory.device(device_id)? {
@@ -265,7 +278,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             self.protocol_close(conn, "enroll on a connection already in use", out);
             return Ok(());
         }
-        if !self.check_versions(conn, req.protocol_version, req.schema_hash, out) {
+        if !self.check_versions(conn, req.protocol_version, (req.schema_hash, 0), out) {
             return Ok(());
         }
         let hash = token_hash(req.token);
