@@ -476,3 +476,41 @@ pub(crate) fn max_seq(conn: &Connection) -> Result<u64> {
     let n: Option<i64> = conn.query_row("SELECT MAX(seq) FROM outbox", [], |r| r.get(0))?;
     Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_state_reads_back_from_its_stored_name() {
+        let all = [
+            OutboxState::Pending,
+            OutboxState::Applied,
+            OutboxState::Blocked,
+            OutboxState::Superseded,
+        ];
+        let names: Vec<String> = all.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            ["pending", "applied", "blocked", "superseded"],
+            "the names the table's CHECK allows"
+        );
+        for s in all {
+            assert_eq!(s.as_str().parse::<OutboxState>().unwrap(), s);
+        }
+        assert!("sent".parse::<OutboxState>().is_err());
+    }
+
+    #[test]
+    fn only_a_pending_never_sent_item_is_a_combine_target() {
+        let mut f = crate::testutil::Fixture::new(3);
+        f.patient("Ada");
+        let conn = f.dev.connection();
+        let (_, newest) = last_unsent(conn).unwrap().expect("a fresh write is a combine target");
+        supersede(conn, &[newest.mutation_id], None, "discarded").unwrap();
+        assert!(
+            last_unsent(conn).unwrap().is_none(),
+            "a superseded item is never written into"
+        );
+    }
+}

@@ -346,6 +346,22 @@ mod tests {
             one("body", Rule::NotAllowed)
         );
         assert!(structural_errors(&note, MutationKind::Create, &replace, &Map::new()).is_empty());
+        // A text field the record does not have yet may be made on update.
+        assert!(structural_errors(&note, MutationKind::Update, &replace, &Map::new()).is_empty());
+    }
+
+    #[test]
+    fn a_key_the_type_does_not_have_is_an_unknown_field() {
+        let patient = ty("patient");
+        assert_eq!(
+            refused(structural_errors(
+                &patient,
+                MutationKind::Update,
+                &puts(&["colour", "name"]),
+                &Map::new()
+            )),
+            one("colour", Rule::UnknownField)
+        );
     }
 
     #[test]
