@@ -513,4 +513,86 @@ mod tests {
             "a superseded item is never written into"
         );
     }
+
+    #[test]
+    fn pending_counts_only_what_still_waits_to_be_sent() {
+        let mut f = crate::testutil::Fixture::new(4);
+        f.patient("Ada");
+        f.patient("Bea");
+        let conn = f.dev.connection();
+        assert_eq!(pending_count(conn).unwrap(), 2);
+        let (_, newest) = last_unsent(conn).unwrap().unwrap();
+        supersede(conn, &[newest.mutation_id], None, "discarded").unwrap();
+        assert_eq!(pending_count(conn).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_push_stops_short_of_the_frame_budget_with_room_for_its_wrapper() {
+        let mut f = crate::testutil::Fixture::new(5);
+        f.patient("Ada");
+        let conn = f.dev.connection();
+        let (_, template) = last_unsent(conn).unwrap().unwrap();
+        let big = |n: u128, size: usize| {
+            let mut m = template.clone();
+            m.mutation_id = Uuid::from_u128(1000 + n);
+            m.changes = vec![fieldsync_schema::Bytes(vec![0; size])];
+            m
+        };
+        // Four envelopes that fit a frame together, but not with 64 KiB kept for the wrapper.
+        let overhead = encode(&big(0, 1000)).unwrap().len() - 1000;
+        let size = (MAX_MESSAGE_BYTES - 30_000) / 4 - overhead;
+        for n in 0..4 {
+            append(conn, &big(n, size), crate::testutil::T0).unwrap();
+        }
+        let batch = pushable(conn, u64::MAX, 100).unwrap();
+        assert_eq!(batch.len(), 4, "the create and three of the four large items");
+        let total: usize = batch.iter().map(|m| encode(m).unwrap().len()).sum();
+        assert!(total <= PUSH_ENVELOPE_BUDGET, "{total}");
+    }
+
+    #[test]
+    fn make_due_brings_a_backing_off_item_forward_and_counts_it() {
+        let mut f = crate::testutil::Fixture::new(7);
+        f.patient("Ada");
+        let conn = f.dev.connection();
+        let (_, m) = last_unsent(conn).unwrap().unwrap();
+        let later = crate::testutil::T0 + 60_000;
+        schedule_retry(conn, m.mutation_id, later, "relay unavailable").unwrap();
+        assert!(
+            pushable(conn, crate::testutil::T0, 10).unwrap().is_empty(),
+            "backing off"
+        );
+        assert_eq!(make_due(conn, None).unwrap(), 1);
+        assert_eq!(pushable(conn, crate::testutil::T0, 10).unwrap().len(), 1, "due now");
+        assert_eq!(make_due(conn, None).unwrap(), 0, "nothing left backing off");
+        schedule_retry(conn, m.mutation_id, later, "relay unavailable").unwrap();
+        assert_eq!(make_due(conn, Some(m.mutation_id)).unwrap(), 1);
+    }
+
+    #[test]
+    fn envelopes_filling_the_budget_exactly_go_in_one_push() {
+        let mut f = crate::testutil::Fixture::new(6);
+        f.patient("Ada");
+        let conn = f.dev.connection();
+        let (_, template) = last_unsent(conn).unwrap().unwrap();
+        let big = |n: u128, size: usize| {
+            let mut m = template.clone();
+            m.mutation_id = Uuid::from_u128(2000 + n);
+            m.changes = vec![fieldsync_schema::Bytes(vec![0; size])];
+            m
+        };
+        let overhead = encode(&big(0, 100_000)).unwrap().len() - 100_000;
+        let left = PUSH_ENVELOPE_BUDGET - encode(&template).unwrap().len();
+        let first = left / 2 - overhead;
+        let second = left - (first + overhead) - overhead;
+        append(conn, &big(1, first), crate::testutil::T0).unwrap();
+        append(conn, &big(2, second), crate::testutil::T0).unwrap();
+        let batch = pushable(conn, u64::MAX, 100).unwrap();
+        let total: usize = batch.iter().map(|m| encode(m).unwrap().len()).sum();
+        assert_eq!(
+            (batch.len(), total),
+            (3, PUSH_ENVELOPE_BUDGET),
+            "exactly the budget fits"
+        );
+    }
 }

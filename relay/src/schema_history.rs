@@ -30,6 +30,8 @@ pub struct SchemaPlan {
     pub acceptance: SchemaAcceptance,
     /// One report per served schema the current one breaks.
     pub breaking: Vec<CompatReport>,
+    /// The hashes (hex) of the schemas in `breaking`, to retire when the operator allows it.
+    pub to_retire: Vec<String>,
 }
 
 impl SchemaPlan {
@@ -64,10 +66,16 @@ pub fn plan(history: &[ServedSchema], current: &Schema) -> StoreResult<SchemaPla
     let mut plan = SchemaPlan {
         acceptance: SchemaAcceptance::default(),
         breaking: Vec::new(),
+        to_retire: Vec::new(),
     };
     for row in history {
         let hash = hash_of(row)?;
         if hash == current.hash() {
+            continue;
+        }
+        if row.retired_ms.is_some() {
+            // Broken on purpose before: refused, and not weighed again.
+            plan.acceptance.retired.insert(hash, row.version);
             continue;
         }
         let old = Schema::from_toml_str(&row.toml)
@@ -78,6 +86,7 @@ pub fn plan(history: &[ServedSchema], current: &Schema) -> StoreResult<SchemaPla
         } else {
             plan.acceptance.retired.insert(hash, row.version);
             plan.breaking.push(report);
+            plan.to_retire.push(row.hash.clone());
         }
     }
     Ok(plan)
@@ -90,6 +99,7 @@ pub fn record_served(directory: &mut dyn Directory, current: &Schema, now_ms: u6
         version: current.version(),
         toml: current.source_toml().to_string(),
         first_served_ms: now_ms,
+        retired_ms: None,
     })
 }
 
@@ -111,6 +121,7 @@ mod tests {
             version: s.version(),
             toml: s.source_toml().to_string(),
             first_served_ms: 1,
+            retired_ms: None,
         }
     }
 
@@ -123,6 +134,18 @@ mod tests {
         assert_eq!(plan.acceptance.compatible, BTreeMap::from([(v1.hash(), 1)]));
         assert_eq!(plan.acceptance.retired, BTreeMap::from([(v2.hash(), 2)]));
         assert_eq!(plan.describe_breaking(), "v2 → v3: patient.phone: type string → int");
+        assert_eq!(plan.to_retire, [v2.hash().to_hex()]);
+    }
+
+    #[test]
+    fn a_schema_retired_on_purpose_is_refused_but_no_longer_stops_a_start() {
+        let v2 = schema(2, "fields.phone = { type = \"string\" }");
+        let v3 = schema(3, "fields.phone = { type = \"int\" }");
+        let mut retired = served(&v2);
+        retired.retired_ms = Some(5);
+        let plan = plan(&[retired, served(&v3)], &v3).unwrap();
+        assert!(plan.breaking.is_empty(), "{:?}", plan.breaking);
+        assert_eq!(plan.acceptance.retired, BTreeMap::from([(v2.hash(), 2)]));
     }
 
     #[test]

@@ -311,3 +311,29 @@ fn a_note_signature_must_name_the_sending_user_and_device_even_when_it_verifies(
     }
     assert!(!r.document_row(n).signed);
 }
+
+#[test]
+fn an_lww_edit_older_than_a_delete_leaves_the_record_deleted_and_its_values_as_they_were() {
+    let mut r = clinic();
+    let mut phone = r.device("pat", 1);
+    let mut tablet = r.device("pat", 2);
+    let (s, m) = phone.create("journal_entry", json!({"date": "2026-11-22", "pain_level": 3}), T0);
+    r.push_one(&mut phone, m);
+    r.pull(&mut tablet);
+    let del = phone.delete("journal_entry", s, T0 + 2_000);
+    let stale = tablet.update("journal_entry", s, json!({"pain_level": 5}), T0 + 1_000);
+    r.push_one(&mut phone, del);
+    match r.push_one(&mut tablet, stale) {
+        Outcome::Applied { lww_lost, .. } => {
+            let fields: Vec<&str> = lww_lost.iter().map(|l| l.field.as_str()).collect();
+            assert_eq!(fields, ["_deleted", "pain_level"], "{lww_lost:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(r.document_row(s).deleted, "the newer delete stands");
+    assert_eq!(
+        r.fields_of(s)["pain_level"],
+        json!(3),
+        "the losing value was settled away"
+    );
+}

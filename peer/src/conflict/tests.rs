@@ -409,3 +409,120 @@ fn delete_versus_edit_is_a_conflict_and_keep_mine_brings_the_record_back() {
         "the resolution clears the tombstone explicitly"
     );
 }
+
+#[test]
+fn a_resolution_records_how_the_conflict_was_resolved() {
+    let cases = [
+        (40, Resolution::KeepMine, "keep_mine"),
+        (41, Resolution::KeepTheirs, "keep_theirs"),
+        (42, Resolution::Merged(obj(json!({"notes": "both"}))), "merged"),
+    ];
+    for (seed, resolution, name) in cases {
+        let mut f = enrolled(seed);
+        let (id, _) = workout_conflict(&mut f, json!({"notes": "mine"}), json!({"notes": "theirs"}));
+        let r = f.dev.resolve(id, resolution).unwrap();
+        let (stored, by): (String, String) = f
+            .dev
+            .connection()
+            .query_row("SELECT resolution, resolution_mutation FROM conflicts", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((stored.as_str(), by), (name, r.mutation_id.unwrap().to_string()));
+    }
+}
+
+#[test]
+fn a_resolution_that_would_carry_more_than_the_relay_takes_is_refused_and_changes_nothing() {
+    // A service device's plan (long string details), edited behind a conflict.
+    let mut f = Fixture::new(43);
+    enroll(&mut f.dev, Role::Service);
+    let plan = f
+        .dev
+        .put("plan", None, obj(json!({"name": "Base", "details": "a"})))
+        .unwrap()
+        .entity_id;
+    push_all_applied(&mut f, 1);
+    let base = f.dev.document_bytes(plan).unwrap();
+    f.time.advance(1_000);
+    f.dev.update("plan", plan, obj(json!({"details": "b"}))).unwrap();
+    let theirs = their_patch(&base, "plan", json!({"details": "c"}));
+    push(&mut f, |b| {
+        vec![conflict(&b[0], 2, theirs.clone(), ConflictReason::StaleBase)]
+    });
+    // Edits queued behind the conflict: together more than one mutation may carry (random
+    // letters, so that the changes do not compress).
+    let mut seed = 7u64;
+    for _ in 0..12 {
+        let text: String = (0..100_000)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                char::from(b'a' + (seed >> 59) as u8 % 26)
+            })
+            .collect();
+        f.dev.update("plan", plan, obj(json!({"details": text}))).unwrap();
+    }
+    let queued = f.dev.status().unwrap().unsynced;
+    let err = f.dev.resolve(plan, Resolution::KeepMine).unwrap_err();
+    assert!(err.to_string().contains("over the relay's limit"), "{err}");
+    assert_eq!(f.dev.conflicts().unwrap().len(), 1, "the conflict stays open");
+    assert_eq!(f.dev.status().unwrap().unsynced, queued, "nothing superseded");
+}
+
+#[test]
+fn a_resolution_leaves_counters_to_their_increments() {
+    let mut f = enrolled(44);
+    let v = f
+        .dev
+        .put("volume", None, obj(json!({"week": "2026-11-23"})))
+        .unwrap()
+        .entity_id;
+    push_all_applied(&mut f, 1);
+    let base = f.dev.document_bytes(v).unwrap();
+    f.time.advance(1_000);
+    f.dev.increment("volume", v, "chest_sets", 2).unwrap();
+    f.dev.update("volume", v, obj(json!({"week": "2026-11-30"}))).unwrap();
+    let theirs = their_change(&base, |d| d.increment("chest_sets", 3).unwrap());
+    push(&mut f, |b| {
+        vec![conflict(&b[0], 2, theirs.clone(), ConflictReason::StaleBase)]
+    });
+    let chosen = f.dev.resolve(v, Resolution::Merged(obj(json!({"chest_sets": 9}))));
+    assert!(
+        matches!(&chosen, Err(PeerError::Invalid { errors, .. }) if errors.0.iter().any(|e| e.field == "chest_sets" && e.rule == fieldsync_schema::Rule::NotAllowed)),
+        "{chosen:?}"
+    );
+    let before = f.dev.get(v).unwrap().unwrap().fields["chest_sets"].clone();
+    f.dev.resolve(v, Resolution::KeepMine).unwrap();
+    let after = f.dev.get(v).unwrap().unwrap().fields;
+    assert_eq!(
+        after["chest_sets"], before,
+        "both increments stand, untouched by the resolution"
+    );
+    assert_eq!(before, json!(5));
+}
+
+#[test]
+fn a_resolution_keeps_fields_this_devices_schema_does_not_know() {
+    // The relay's side carries a field of a newer schema version (another device updated).
+    let mut f = enrolled(45);
+    let id = f
+        .dev
+        .put("workout", None, obj(json!({"name": "Push day", "notes": "warm-up"})))
+        .unwrap()
+        .entity_id;
+    push_all_applied(&mut f, 1);
+    let base = f.dev.document_bytes(id).unwrap();
+    f.time.advance(1_000);
+    f.dev.update("workout", id, obj(json!({"notes": "mine"}))).unwrap();
+    let theirs = their_change(&base, |d| {
+        use automerge::transaction::Transactable;
+        d.automerge().put(automerge::ROOT, "feeling", "strong").unwrap();
+    });
+    push(&mut f, |b| {
+        vec![conflict(&b[0], 2, theirs.clone(), ConflictReason::StaleBase)]
+    });
+    f.dev.resolve(id, Resolution::KeepMine).unwrap();
+    let fields = f.dev.get(id).unwrap().unwrap().fields;
+    assert_eq!(fields["feeling"], json!("strong"), "{fields:?}");
+    assert_eq!(fields["notes"], json!("mine"));
+}

@@ -156,6 +156,9 @@ fn accept_schemas(
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    for hash in &plan.to_retire {
+        directory.retire_served_schema(hash, now_ms).map_err(store_error)?;
+    }
     crate::schema_history::record_served(&mut directory, schema, now_ms).map_err(store_error)?;
     Ok(plan.acceptance)
 }

@@ -55,5 +55,8 @@ CREATE TABLE IF NOT EXISTS served_schemas (
     hash            TEXT PRIMARY KEY,
     version         INTEGER NOT NULL,
     toml            TEXT NOT NULL,
-    first_served_ms INTEGER NOT NULL
+    first_served_ms INTEGER NOT NULL,
+    -- When the operator served a schema that breaks this one (`--allow-breaking-schema`): its
+    -- devices are refused from then on, and later starts no longer weigh it.
+    retired_ms      INTEGER
 );

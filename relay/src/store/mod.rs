@@ -121,6 +121,8 @@ pub trait Directory {
     fn served_schemas(&self) -> StoreResult<Vec<ServedSchema>>;
     /// Records that the relay serves a schema (kept once per hash; serving it again is a no-op).
     fn record_served_schema(&mut self, schema: &ServedSchema) -> StoreResult<()>;
+    /// Marks a served schema retired: a later schema broke it with the operator's consent.
+    fn retire_served_schema(&mut self, hash: &str, now_ms: u64) -> StoreResult<()>;
 }
 
 /// The data of the spaces in one shard. One writer per shard at a time in this process (its

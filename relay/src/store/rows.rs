@@ -228,4 +228,6 @@ pub struct ServedSchema {
     pub version: u64,
     pub toml: String,
     pub first_served_ms: u64,
+    /// Set once a schema that breaks this one was served on purpose.
+    pub retired_ms: Option<u64>,
 }

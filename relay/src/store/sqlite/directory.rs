@@ -377,15 +377,16 @@ impl Directory for SqliteDirectory {
     }
 
     fn served_schemas(&self) -> StoreResult<Vec<ServedSchema>> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT hash, version, toml, first_served_ms FROM served_schemas ORDER BY rowid")?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT hash, version, toml, first_served_ms, retired_ms FROM served_schemas ORDER BY rowid",
+        )?;
         let rows = st.query_map([], |r| {
             Ok(ServedSchema {
                 hash: r.get(0)?,
                 version: u64_col(r, 1)?,
                 toml: r.get(2)?,
                 first_served_ms: u64_col(r, 3)?,
+                retired_ms: r.get::<_, Option<i64>>(4)?.map(|v| u64::try_from(v).unwrap_or(0)),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -395,6 +396,14 @@ impl Directory for SqliteDirectory {
         self.conn.execute(
             "INSERT OR IGNORE INTO served_schemas (hash, version, toml, first_served_ms) VALUES (?1, ?2, ?3, ?4)",
             params![schema.hash, i(schema.version), schema.toml, i(schema.first_served_ms)],
+        )?;
+        Ok(())
+    }
+
+    fn retire_served_schema(&mut self, hash: &str, now_ms: u64) -> StoreResult<()> {
+        self.conn.execute(
+            "UPDATE served_schemas SET retired_ms = ?2 WHERE hash = ?1 AND retired_ms IS NULL",
+            params![hash, i(now_ms)],
         )?;
         Ok(())
     }
