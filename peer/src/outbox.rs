@@ -481,6 +481,14 @@ pub(crate) fn max_seq(conn: &Connection) -> Result<u64> {
 mod tests {
     use super::*;
 
+    /// `template` under another mutation id, carrying one change of `size` bytes.
+    fn with_change_of(template: &Mutation, id: u128, size: usize) -> Mutation {
+        let mut m = template.clone();
+        m.mutation_id = Uuid::from_u128(id);
+        m.changes = vec![fieldsync_schema::Bytes(vec![0; size])];
+        m
+    }
+
     #[test]
     fn every_state_reads_back_from_its_stored_name() {
         let all = [
@@ -532,12 +540,7 @@ mod tests {
         f.patient("Ada");
         let conn = f.dev.connection();
         let (_, template) = last_unsent(conn).unwrap().unwrap();
-        let big = |n: u128, size: usize| {
-            let mut m = template.clone();
-            m.mutation_id = Uuid::from_u128(1000 + n);
-            m.changes = vec![fieldsync_schema::Bytes(vec![0; size])];
-            m
-        };
+        let big = |n: u128, size: usize| with_change_of(&template, 1000 + n, size);
         // Four envelopes that fit a frame together, but not with 64 KiB kept for the wrapper.
         let overhead = encode(&big(0, 1000)).unwrap().len() - 1000;
         let size = (MAX_MESSAGE_BYTES - 30_000) / 4 - overhead;
@@ -575,12 +578,7 @@ mod tests {
         f.patient("Ada");
         let conn = f.dev.connection();
         let (_, template) = last_unsent(conn).unwrap().unwrap();
-        let big = |n: u128, size: usize| {
-            let mut m = template.clone();
-            m.mutation_id = Uuid::from_u128(2000 + n);
-            m.changes = vec![fieldsync_schema::Bytes(vec![0; size])];
-            m
-        };
+        let big = |n: u128, size: usize| with_change_of(&template, 2000 + n, size);
         let overhead = encode(&big(0, 100_000)).unwrap().len() - 100_000;
         let left = PUSH_ENVELOPE_BUDGET - encode(&template).unwrap().len();
         let first = left / 2 - overhead;

@@ -28,6 +28,19 @@ fn invalid_because(o: &Outcome, field: &str, needle: &str) {
     }
 }
 
+/// A new space stored in the same shard as `space`, so that the worker of `space` finds its
+/// records (a record of another shard is not found at all, which would test nothing).
+fn space_beside(r: &mut common::TestRelay, space: &str) -> String {
+    let shard = r.space_row(space).shard;
+    (0..16)
+        .map(|i| format!("annex-{i}"))
+        .find(|name| {
+            r.space(name);
+            r.space_row(name).shard == shard
+        })
+        .expect("a space in the same shard")
+}
+
 fn resign(dev: &common::TestDevice, mut m: Mutation) -> Mutation {
     dev.key.sign_mutation(&mut m);
     m
@@ -47,14 +60,7 @@ fn an_envelope_naming_another_user_of_the_same_device_is_refused() {
 fn a_mutation_naming_an_entity_under_another_type_or_space_finds_nothing() {
     let mut r = clinic();
     // A second space of dana's in the same shard as the clinic, so the document is found.
-    let clinic_shard = r.space_row("clinic").shard;
-    let other = (0..16)
-        .map(|i| format!("annex-{i}"))
-        .find(|name| {
-            r.space(name);
-            r.space_row(name).shard == clinic_shard
-        })
-        .expect("a space in the clinic's shard");
+    let other = space_beside(&mut r, "clinic");
     r.user("dana", &other, fieldsync_schema::Role::Clinician);
     let mut a = r.device("dana", 1);
     let (p, m) = a.create("patient", json!({"name": "Ada"}), T0);
@@ -212,14 +218,7 @@ fn ref_error(o: &Outcome, field: &str, needle: &str) {
 #[test]
 fn a_reference_must_name_a_live_record_of_its_type_in_the_same_space() {
     let mut r = clinic();
-    let clinic_shard = r.space_row("clinic").shard;
-    let annex = (0..16)
-        .map(|i| format!("annex-{i}"))
-        .find(|name| {
-            r.space(name);
-            r.space_row(name).shard == clinic_shard
-        })
-        .expect("a space in the clinic's shard");
+    let annex = space_beside(&mut r, "clinic");
     r.user("ann", &annex, fieldsync_schema::Role::Clinician);
     let mut a = r.device("dana", 1);
     let mut elsewhere = r.device("ann", 2);
