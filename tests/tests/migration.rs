@@ -4,7 +4,13 @@
 //! every space gets its own numbering and chain, and the old device — whose stored cursor is a
 //! position in the old global feed, behind writes of other devices — catches up on exactly what
 //! it missed.
+//!
+//! Schema upgrades (devices on mixed schema versions) run in this binary too, from
+//! `upgrades/schema_evolution.rs` (one test binary fewer to link).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "upgrades/schema_evolution.rs"]
+mod schema_evolution;
 
 use std::path::{Path, PathBuf};
 

@@ -1,15 +1,13 @@
 //! Schema evolution (issue 18): a relay upgraded to a compatible schema keeps serving the
 //! devices still on the old one — their queued writes drain, and fields they do not know
 //! survive their edits — and a breaking schema is refused at `serve` with what breaks.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::path::{Path, PathBuf};
 
 use fieldsync_tests::relay_files::RelayFiles;
 use fieldsync_tests::{Peer, Relay, bin};
 use serde_json::json;
 
-const DEFAULT: &str = include_str!("../../schema/entities.toml");
+const DEFAULT: &str = include_str!("../../../schema/entities.toml");
 
 /// The default schema at version 2: a new optional field, a new enum value and a new type.
 fn v2() -> String {
