@@ -103,6 +103,11 @@ impl World {
                 }
                 Outcome::AlreadyApplied { original } => {
                     let known = self.oracle.applied.get(&r.mutation_id).copied();
+                    if let (None, Some(o)) = (known, original.applied()) {
+                        // Applied, and its first answer never left the relay (it stopped between
+                        // the commit and the answer): the replay is the acknowledgement.
+                        self.oracle.applied.insert(r.mutation_id, o);
+                    }
                     if let (Some(k), Some(o)) = (known, original.applied())
                         && k != o
                     {

@@ -37,3 +37,20 @@ fn passes(seed: u64, devices: usize, steps: u64) {
 fn seed_2114_a_conflict_on_a_record_locked_meanwhile_ends() {
     passes(2114, 8, 600);
 }
+
+/// A swarm shape (4 devices, 286 steps, a relay crash among the faults): the relay committed a
+/// mutation and stopped before its `Applied` left it; the device's retry got `AlreadyApplied`,
+/// which the oracle did not count as the acknowledgement, so "feed rows = acknowledged
+/// mutations" failed (261 against 260) though nothing was applied twice. The oracle now counts
+/// the first answer a device receives, whichever it is.
+#[test]
+fn swarm_seed_22280884056308508_an_answer_lost_in_a_relay_crash_is_acknowledged_by_the_replay() {
+    let seed = 22280884056308508;
+    let report = run(
+        SimOptions::swarm(seed, fieldsync_simulations::SwarmBounds::CI),
+        None,
+        false,
+    )
+    .unwrap();
+    assert!(report.ok() && report.converged, "{}", report.render());
+}
