@@ -210,18 +210,7 @@ fn a_breaking_schema_is_refused_at_serve_with_what_breaks_and_its_devices_are_to
         &["--schema", file.to_str().unwrap(), "--allow-breaking-schema"],
         &[("RUST_LOG", "error")],
     );
-    let conn = rusqlite::Connection::open(old.data.join("device.db")).unwrap();
-    let stored: String = conn
-        .query_row("SELECT value FROM meta WHERE key = 'enrollment'", [], |r| r.get(0))
-        .unwrap();
-    let mut enrollment: serde_json::Value = serde_json::from_str(&stored).unwrap();
-    enrollment["relay_url"] = json!(relay.url());
-    conn.execute(
-        "UPDATE meta SET value = ?1 WHERE key = 'enrollment'",
-        [enrollment.to_string()],
-    )
-    .unwrap();
-    drop(conn);
+    super::move_relay(&old.data, &relay.url());
     let out = old.run(&["sync"]);
     let said = format!(
         "{}{}",
