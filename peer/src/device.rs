@@ -11,9 +11,10 @@ use std::sync::Arc;
 
 use fieldsync_schema::document::device_actor;
 use fieldsync_schema::wire::UserInfo;
-use fieldsync_schema::{DeviceKey, HlcClock, Role, Schema, TimeSource, ids};
+use fieldsync_schema::{DeviceKey, FieldKind, HlcClock, Role, Schema, TimeSource, ids};
 use rusqlite::{Connection, TransactionBehavior};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::db::{self, keys};
@@ -156,7 +157,8 @@ impl Device {
     }
 
     /// Opens with another schema (the CLI's `--schema FILE`). Reads only the `meta` table: no
-    /// document is loaded, whatever the number of entities.
+    /// document is loaded, whatever the number of entities — except once, when the schema
+    /// changed to one that declares migrations (see [`entity::refresh_fields`]).
     pub fn open_with_schema(
         dir: &Path,
         time: Arc<dyn TimeSource>,
@@ -189,6 +191,12 @@ impl Device {
             }
             _ => return Err(PeerError::Corrupt("device identity is half written".into())),
         };
+        let stored_hash = db::meta_get(&tx, keys::SCHEMA_HASH)?;
+        if stored_hash.is_some_and(|h| h != schema.hash().to_hex()) && schema.has_migrations() {
+            // The app moved to a schema with declared renames or defaults: every record is
+            // re-read as the new version names it, once, in this transaction.
+            entity::refresh_fields(&tx, &schema, device_actor(device_id))?;
+        }
         db::meta_set(&tx, keys::SCHEMA_HASH, &schema.hash().to_hex())?;
         let hlc = HlcClock::resume(device_id, db::meta_get_json(&tx, keys::HLC)?);
         let enrollment = db::meta_get_json(&tx, keys::ENROLLMENT)?;
@@ -363,15 +371,29 @@ impl Device {
             .schema
             .entity_type(entity_type)
             .ok_or_else(|| PeerError::unknown_type(&self.schema, entity_type))?;
+        let mut typed = Vec::with_capacity(filters.len());
         for f in filters {
-            if ty.field(&f.field).is_none() {
+            let Some(field) = ty.field(&f.field) else {
                 return Err(PeerError::NotAllowed(format!(
                     "cannot filter on `{}`: not a field of `{entity_type}`",
                     f.field
                 )));
-            }
+            };
+            // `--where phone=555` parses 555 as a number; a string-valued field holds text.
+            let stringly = !matches!(
+                field.kind,
+                FieldKind::Int { .. } | FieldKind::Float { .. } | FieldKind::Bool | FieldKind::Counter { .. }
+            );
+            let value = match &f.value {
+                Value::Number(_) | Value::Bool(_) if stringly => Value::String(f.value.to_string()),
+                other => other.clone(),
+            };
+            typed.push(FieldFilter {
+                field: f.field.clone(),
+                value,
+            });
         }
-        entity::list(&self.conn, entity_type, filters, include_deleted)
+        entity::list(&self.conn, entity_type, &typed, include_deleted)
     }
 
     /// The outbox in order; `include_applied` adds confirmed items.

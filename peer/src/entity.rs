@@ -7,8 +7,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use fieldsync_schema::EntityDoc;
 use fieldsync_schema::document::NoteSignature;
+use fieldsync_schema::{EntityDoc, Schema};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter};
 use serde::{Deserialize, Serialize};
@@ -214,9 +214,46 @@ pub(crate) fn load(conn: &Connection, id: Uuid, actor: automerge::ActorId) -> Re
     }))
 }
 
+/// A record's stored fields as `schema` names them (unchanged for a type it does not know).
+pub(crate) fn viewed(schema: &Schema, entity_type: &str, stored: Map<String, Value>) -> Map<String, Value> {
+    match schema.entity_type(entity_type) {
+        Some(ty) => ty.view(stored),
+        None => stored,
+    }
+}
+
+/// Re-derives every record's `fields` column from its document under `schema`: what a device
+/// does once when its app moves to a schema with declared renames or defaults, so lists and
+/// filters find records written before the change under the new names.
+pub(crate) fn refresh_fields(conn: &Connection, schema: &Schema, actor: automerge::ActorId) -> Result<()> {
+    let mut read = conn.prepare("SELECT entity_id, entity_type, doc FROM entities")?;
+    let mut update = conn.prepare("UPDATE entities SET fields = ?2 WHERE entity_id = ?1")?;
+    let mut rows = read.query([])?;
+    while let Some(row) = rows.next()? {
+        let (id, ty, bytes): (String, String, Vec<u8>) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        if schema.entity_type(&ty).is_none_or(|t| !t.has_migrations()) {
+            continue;
+        }
+        let doc = EntityDoc::load(&bytes, actor.clone())?;
+        let fields = Value::Object(viewed(schema, &ty, doc.fields())).to_string();
+        update.execute(params![id, fields])?;
+    }
+    Ok(())
+}
+
 /// Writes the document and everything derived from it (fields, heads, flags) in one row.
-pub(crate) fn store(conn: &Connection, meta: &EntityMeta, doc: &mut EntityDoc, now_ms: u64) -> Result<()> {
-    let fields = Value::Object(doc.fields()).to_string();
+///
+/// The `fields` column holds the record as `schema` names it ([`fieldsync_schema::EntityType::view`]: a renamed
+/// field under its new name, declared defaults filled in), so reads and list filters on this
+/// device see what its app version expects; the document keeps what was stored.
+pub(crate) fn store(
+    conn: &Connection,
+    schema: &Schema,
+    meta: &EntityMeta,
+    doc: &mut EntityDoc,
+    now_ms: u64,
+) -> Result<()> {
+    let fields = Value::Object(viewed(schema, &meta.entity_type, doc.fields())).to_string();
     let heads: Vec<String> = doc.heads().iter().map(|h| h.to_string()).collect();
     let heads = serde_json::to_string(&heads).map_err(|e| PeerError::Corrupt(e.to_string()))?;
     let bytes = doc.save();

@@ -92,15 +92,67 @@ pub fn plan(history: &[ServedSchema], current: &Schema) -> StoreResult<SchemaPla
     Ok(plan)
 }
 
-/// Records that the relay serves `current` (once per hash).
-pub fn record_served(directory: &mut dyn Directory, current: &Schema, now_ms: u64) -> StoreResult<()> {
-    directory.record_served_schema(&ServedSchema {
-        hash: current.hash().to_hex(),
-        version: current.version(),
-        toml: current.source_toml().to_string(),
+/// What starting on a schema came to.
+#[derive(Debug, Clone)]
+pub enum Adoption {
+    /// The schema is served: devices on the plan's older versions connect (or are told why
+    /// not). Its `breaking` is non-empty only when the operator allowed a breaking schema.
+    Served(SchemaPlan),
+    /// The schema breaks versions devices may hold and the operator did not allow it: nothing
+    /// was recorded.
+    Refused(SchemaPlan),
+}
+
+/// Starting on `current`: weighs it against every schema served before and every one in
+/// `also_known` (versions devices may run that this relay never served: an app released while
+/// the relay still ran an older version, then the relay upgraded past it), and — unless it
+/// breaks one and `allow_breaking` is off — records the newly known ones, retires the versions
+/// it breaks and records `current` as served. The server runs this at start, and the simulator
+/// at every relay boot.
+pub fn adopt(
+    directory: &mut dyn Directory,
+    current: &Schema,
+    also_known: &[&Schema],
+    allow_breaking: bool,
+    now_ms: u64,
+) -> StoreResult<Adoption> {
+    let mut history = directory.served_schemas()?;
+    let mut newly_known = Vec::new();
+    for schema in also_known {
+        let hash = schema.hash().to_hex();
+        if schema.hash() != current.hash() && !history.iter().any(|h| h.hash == hash) {
+            let row = served_row(schema, now_ms);
+            history.push(row.clone());
+            newly_known.push(row);
+        }
+    }
+    let plan = plan(&history, current)?;
+    if !plan.breaking.is_empty() && !allow_breaking {
+        return Ok(Adoption::Refused(plan));
+    }
+    for row in &newly_known {
+        directory.record_served_schema(row)?;
+    }
+    for hash in &plan.to_retire {
+        directory.retire_served_schema(hash, now_ms)?;
+    }
+    record_served(directory, current, now_ms)?;
+    Ok(Adoption::Served(plan))
+}
+
+fn served_row(schema: &Schema, now_ms: u64) -> ServedSchema {
+    ServedSchema {
+        hash: schema.hash().to_hex(),
+        version: schema.version(),
+        toml: schema.source_toml().to_string(),
         first_served_ms: now_ms,
         retired_ms: None,
-    })
+    }
+}
+
+/// Records that the relay serves `current` (once per hash).
+pub fn record_served(directory: &mut dyn Directory, current: &Schema, now_ms: u64) -> StoreResult<()> {
+    directory.record_served_schema(&served_row(current, now_ms))
 }
 
 #[cfg(test)]
@@ -155,5 +207,41 @@ mod tests {
         row.toml = "not toml [".into();
         row.hash = hex::encode([7u8; 32]);
         assert!(matches!(plan(&[row], &v1), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_version_the_relay_never_served_is_accepted_once_the_operator_names_it() {
+        use crate::store::Backend;
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::store::sqlite::SqliteBackend::open(dir.path(), uuid::Uuid::from_u128(9)).unwrap();
+        let mut directory = backend.open_directory().unwrap();
+        let v1 = schema(1, "");
+        let v2 = schema(2, "fields.phone = { type = \"string\" }");
+        let v3 = schema(
+            3,
+            "fields.phone = { type = \"string\" }\nfields.email = { type = \"string\" }",
+        );
+        assert!(matches!(
+            adopt(&mut directory, &v1, &[], false, 1).unwrap(),
+            Adoption::Served(_)
+        ));
+        // The relay skips v2 (apps shipped it while the relay still ran v1).
+        let Adoption::Served(plan) = adopt(&mut directory, &v3, &[&v1, &v2], false, 2).unwrap() else {
+            panic!("v3 is compatible with both");
+        };
+        assert_eq!(
+            plan.acceptance.compatible,
+            BTreeMap::from([(v1.hash(), 1), (v2.hash(), 2)])
+        );
+        let versions: Vec<u64> = directory.served_schemas().unwrap().iter().map(|s| s.version).collect();
+        assert_eq!(versions, [1, 2, 3], "v2 is remembered for later starts");
+        // A named version the current one breaks stops the start, and nothing is recorded.
+        let v4 = schema(4, "fields.email = { type = \"string\" }");
+        let v3b = schema(3, "fields.phone = { type = \"int\" }");
+        assert!(matches!(
+            adopt(&mut directory, &v4, &[&v3b], false, 3).unwrap(),
+            Adoption::Refused(_)
+        ));
+        assert_eq!(directory.served_schemas().unwrap().len(), 3);
     }
 }

@@ -223,6 +223,7 @@ fn enroll_with(relay: &mut TestRelay, public_key: [u8; 32], proof: [u8; 64], dev
             device_id,
             public_key: Bytes(public_key.to_vec()),
             schema_hash: Schema::default_schema().hash(),
+            schema_version: 1,
             proof: Bytes(proof.to_vec()),
         },
     )
@@ -311,6 +312,7 @@ fn an_enrollment_proof_malleated_to_s_plus_l_is_refused() {
             device_id,
             public_key: Bytes(key.public_key().to_vec()),
             schema_hash: Schema::default_schema().hash(),
+            schema_version: 1,
             proof: Bytes(proof.to_vec()),
         },
     );

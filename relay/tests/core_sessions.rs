@@ -172,6 +172,7 @@ fn enrollment_tokens_are_single_use_and_expire() {
             device_id,
             public_key: Bytes(key.public_key().to_vec()),
             schema_hash: Schema::default_schema().hash(),
+            schema_version: 1,
             proof: Bytes(
                 key.sign(&enroll_signing_bytes(token, &device_id, &key.public_key()))
                     .to_vec(),

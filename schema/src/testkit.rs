@@ -104,7 +104,7 @@ impl HandDevice {
     }
 
     pub fn enroll(&self, token: &str) -> ClientMessage {
-        ClientMessage::enroll(&self.key, token, self.device_id, self.schema.hash())
+        ClientMessage::enroll(&self.key, token, self.device_id, &self.schema)
     }
 
     /// Wraps changes as this device's signed mutation on `entity_id`.

@@ -155,7 +155,7 @@ pub(crate) fn json_type_name(v: &Value) -> &'static str {
     }
 }
 
-fn check_value(field: &Field, value: &Value, errors: &mut Vec<FieldError>) {
+pub(crate) fn check_value(field: &Field, value: &Value, errors: &mut Vec<FieldError>) {
     let name = &field.name;
     match &field.kind {
         FieldKind::String { max_length } | FieldKind::Text { max_length } => match value.as_str() {

@@ -29,6 +29,8 @@ pub struct SimDevice {
     /// The pending wake-up, to drop stale timer events.
     pub wake_at: Option<u64>,
     pub resolve_scheduled: bool,
+    /// Which of the world's schemas its app runs (see [`crate::upgrades`]).
+    pub level: usize,
 }
 
 impl SimDevice {
@@ -45,6 +47,7 @@ impl SimDevice {
             net_down_until: 0,
             wake_at: None,
             resolve_scheduled: false,
+            level: 0,
         }
     }
 
@@ -60,7 +63,8 @@ impl World {
         let boot = d.boots;
         d.boots += 1;
         let rng = stream(self.opts.seed, &format!("device{i}/boot{boot}"));
-        let dev = Device::open(&d.dir, Arc::new(d.clock.clone()), Box::new(rng))?;
+        let schema = self.schemas[d.level.min(self.schemas.len() - 1)].clone();
+        let dev = Device::open_with_schema(&d.dir, Arc::new(d.clock.clone()), Box::new(rng), schema)?;
         d.dev = Some(dev);
         d.machine = SyncMachine::default();
         d.conn = None;
@@ -74,18 +78,26 @@ impl World {
 
     /// The device process dies: the machine's memory and the connection are gone; the files stay.
     pub fn device_crash(&mut self, i: usize) {
-        if self.devices[i].dev.is_none() {
+        if !self.device_stop(i, "device crashed") {
             return;
         }
         self.stats.count_fault(Fault::DeviceCrash);
-        if let Some(conn) = self.devices[i].conn.take() {
-            self.reset_conn(conn, "device crashed");
-        }
-        self.devices[i].dev = None;
         let now = self.now();
         self.trace.record(now, &format!("dev{i} crash"));
         let delay = self.rng.faults.between(SECOND, HOUR);
         self.schedule_in(delay, Event::DeviceRestart(i));
+    }
+
+    /// The device process ends (a crash, an app update); false if it was not running.
+    pub fn device_stop(&mut self, i: usize, why: &str) -> bool {
+        if self.devices[i].dev.is_none() {
+            return false;
+        }
+        if let Some(conn) = self.devices[i].conn.take() {
+            self.reset_conn(conn, why);
+        }
+        self.devices[i].dev = None;
+        true
     }
 
     /// Schedules the device's next wake-up at `world_ms` unless an earlier one is pending.

@@ -7,7 +7,8 @@
 //!
 //! Modules: [`world`] (event loop), [`relay_side`] / [`device_side`] (the cores' shells),
 //! [`scenario`] / [`workload`] / [`users`] (who does what), [`faults`], [`oracle`] and
-//! [`checks`] (invariants), [`trace`], [`report`], [`options`], [`rng`], [`clock`].
+//! [`checks`] (invariants), [`upgrades`] (mixed schema versions), [`trace`], [`report`],
+//! [`options`], [`rng`], [`clock`].
 
 pub mod checks;
 pub mod clock;
@@ -23,6 +24,7 @@ pub mod scenario;
 pub mod soak;
 pub mod synth;
 pub mod trace;
+pub mod upgrades;
 pub mod users;
 pub mod workload;
 pub mod world;

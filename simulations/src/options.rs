@@ -168,6 +168,11 @@ pub struct SimOptions {
     pub bug: Option<InjectedBug>,
     #[serde(default)]
     pub shape: Shape,
+    /// The schema-upgrade workload: the relay moves from v1 to v3 and devices update their
+    /// app at random steps, writing fields only newer versions know and old field names only
+    /// older versions use (see [`crate::upgrades`]).
+    #[serde(default)]
+    pub upgrades: bool,
 }
 
 impl Default for SimOptions {
@@ -179,6 +184,7 @@ impl Default for SimOptions {
             faults: FaultSet::all(),
             bug: None,
             shape: Shape::default(),
+            upgrades: false,
         }
     }
 }
@@ -223,6 +229,8 @@ impl SimOptions {
         let fault_rate = *rng.pick(&[0.25, 0.5, 1.0, 2.0, 4.0]).unwrap_or(&1.0);
         let hot_skew = rng.between(0, 95) as f64 / 100.0;
         let burst = rng.between(0, 80) as f64 / 100.0;
+        // Its own stream, so the draws above stay what they were before upgrades existed.
+        let upgrades = stream(seed, "swarm/upgrades").chance(0.3);
         SimOptions {
             seed,
             devices,
@@ -234,6 +242,7 @@ impl SimOptions {
                 hot_skew,
                 burst,
             },
+            upgrades,
         }
     }
 }

@@ -46,6 +46,10 @@ pub struct Oracle {
     pub violations: Vec<Violation>,
     pub conflicts_prompted: u64,
     pub rejections: u64,
+    /// The upgrade workload's tracked fields: every value written, with its mutation.
+    pub field_values: BTreeMap<(Uuid, String), Vec<(serde_json::Value, Uuid)>>,
+    /// Entities a user resolved a conflict or rejection on (a resolution may drop a value).
+    pub resolved: BTreeSet<Uuid>,
 }
 
 impl Default for Oracle {
@@ -60,6 +64,8 @@ impl Default for Oracle {
             violations: Vec::new(),
             conflicts_prompted: 0,
             rejections: 0,
+            field_values: BTreeMap::new(),
+            resolved: BTreeSet::new(),
         }
     }
 }

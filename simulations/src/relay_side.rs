@@ -9,9 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use fieldsync_relay::core::{ConnId, FaultSwitches, Input, Job, Output, RelayConfig, RelayCore, WorkerReport};
+use fieldsync_relay::schema_history::{Adoption, adopt};
 use fieldsync_relay::store::Backend;
 use fieldsync_relay::store::sqlite::{SqliteBackend, SqliteShard};
 use fieldsync_schema::{ClientMessage, RelayMessage, Schema};
@@ -31,6 +31,8 @@ pub struct SimRelay {
     pub readers: Vec<SqliteShard>,
     pub relay_id: Uuid,
     pub boots: u64,
+    /// Which of the world's schemas it serves (see [`crate::upgrades`]).
+    pub level: usize,
     inbox: Vec<(ConnId, ClientMessage)>,
     process_scheduled: bool,
     /// Jobs waiting for their shard's worker, and the shards with a run scheduled.
@@ -53,6 +55,7 @@ impl SimRelay {
             readers: Vec::new(),
             relay_id: Uuid::nil(),
             boots: 0,
+            level: 0,
             inbox: Vec::new(),
             process_scheduled: false,
             jobs: BTreeMap::new(),
@@ -80,13 +83,31 @@ impl World {
         let mut rng = stream(self.opts.seed, &format!("relay/boot{boot}"));
         let new_id = fieldsync_schema::ids::new_uuid(&mut rng);
         let backend = SqliteBackend::open(&self.relay.dir, new_id)?;
+        let level = self.relay.level.min(self.schemas.len() - 1);
+        let schema = self.schemas[level].clone();
+        // What the server does at start: weigh the schema against every one served before.
+        let now = self.now();
+        // The operator hands it every version apps were released with, so devices on a version
+        // this relay skipped (it was down while the ladder moved twice) are weighed too.
+        let earlier: Vec<&Schema> = self.schemas[..level].iter().map(|s| &**s).collect();
+        let acceptance = match adopt(&mut backend.open_directory()?, &schema, &earlier, false, now)? {
+            Adoption::Served(plan) => plan.acceptance,
+            Adoption::Refused(plan) => {
+                anyhow::bail!(
+                    "the relay refuses schema v{}: {}",
+                    schema.version(),
+                    plan.describe_breaking()
+                )
+            }
+        };
         // The simulated relay ticks every 30 s (see `relay_tick`): no other process writes its
         // store, so polling faster would only add events.
         let config = RelayConfig {
             tick_every_ms: 30 * SECOND,
+            schemas: acceptance,
             ..RelayConfig::default()
         };
-        let mut core = RelayCore::new(&backend, Arc::new(Schema::default_schema()), config, Box::new(rng))?;
+        let mut core = RelayCore::new(&backend, schema, config, Box::new(rng))?;
         core.set_fault_switches(self.fault_switches());
         self.relay.readers = (0..backend.shard_count())
             .map(|n| backend.open_shard(n))
@@ -95,7 +116,6 @@ impl World {
         self.relay.core = Some(core);
         self.relay.backend = Some(backend);
         self.relay.timing = stream(self.opts.seed, &format!("relay/timing{boot}"));
-        let now = self.now();
         self.trace.record(now, &format!("relay boot {boot}"));
         Ok(())
     }
@@ -133,23 +153,32 @@ impl World {
 
     /// The relay process dies: memory, connections and the unprocessed inbox are gone.
     pub fn relay_crash(&mut self) {
-        if self.relay.core.take().is_none() {
+        if !self.relay_stop("relay crashed") {
             return;
+        }
+        self.stats.count_fault(Fault::RelayCrash);
+        let delay = self.rng.faults.between(SECOND, 10 * MINUTE);
+        self.schedule_in(delay, Event::RelayRestart);
+    }
+
+    /// The relay process ends (a crash, an upgrade): memory, connections and the unprocessed
+    /// inbox are gone. False if it was not running.
+    pub fn relay_stop(&mut self, why: &str) -> bool {
+        if self.relay.core.take().is_none() {
+            return false;
         }
         self.relay.inbox.clear();
         // Jobs not run were never committed; reports not delivered were, but nobody heard.
         self.relay.jobs.clear();
         self.relay.worker_scheduled.clear();
         self.relay.reports.clear();
-        self.stats.count_fault(Fault::RelayCrash);
         let now = self.now();
-        self.trace.record(now, "relay crash");
+        self.trace.record(now, why);
         let open: Vec<ConnId> = self.conns.iter().filter(|(_, c)| c.open).map(|(id, _)| *id).collect();
         for conn in open {
-            self.reset_conn(conn, "relay crashed");
+            self.reset_conn(conn, why);
         }
-        let delay = self.rng.faults.between(SECOND, 10 * MINUTE);
-        self.schedule_in(delay, Event::RelayRestart);
+        true
     }
 
     /// Opens a connection from a device; the relay must be up.

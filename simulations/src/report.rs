@@ -18,6 +18,11 @@ pub struct Stats {
     pub resolutions: u64,
     pub checkpoints: u64,
     pub invariant_checks: u64,
+    /// The upgrade workload: schema upgrades of the relay and of devices, and writes of
+    /// fields only newer versions know.
+    pub relay_upgrades: u64,
+    pub device_upgrades: u64,
+    pub newer_field_writes: u64,
 }
 
 impl Stats {
@@ -85,6 +90,12 @@ impl Report {
             "  conflicts prompted {}, resolved {}, rejections {}\n",
             self.conflicts_prompted, self.stats.resolutions, self.rejections
         ));
+        if self.stats.relay_upgrades + self.stats.device_upgrades > 0 {
+            s.push_str(&format!(
+                "  schema upgrades: relay {}, devices {}; writes of fields only newer versions know {}\n",
+                self.stats.relay_upgrades, self.stats.device_upgrades, self.stats.newer_field_writes
+            ));
+        }
         let faults: Vec<String> = self.stats.faults.iter().map(|(k, v)| format!("{k} {v}")).collect();
         s.push_str(&format!(
             "  faults injected: {}\n",

@@ -63,6 +63,19 @@ pub fn owner_of(device: usize) -> usize {
 impl World {
     /// Boots the relay, creates spaces and users, and enrolls every device.
     pub fn setup(&mut self) -> anyhow::Result<()> {
+        if self.opts.upgrades {
+            self.schemas = crate::upgrades::ladder()?;
+            self.upgrades = crate::upgrades::UpgradePlan::draw(
+                self.opts.seed,
+                self.opts.devices,
+                self.opts.steps,
+                self.schemas.len(),
+            );
+            // The checks judge records by the newest version (it knows every field).
+            if let Some(top) = self.schemas.last() {
+                self.oracle.schema = (**top).clone();
+            }
+        }
         self.relay_boot()?;
         let now = self.now();
         let mut admin_rng = stream(self.opts.seed, "admin");
@@ -117,6 +130,7 @@ impl World {
             device_id: dev.device_id(),
             public_key: Bytes(dev.public_key().to_vec()),
             schema_hash: dev.schema().hash(),
+            schema_version: dev.schema().version(),
             proof: Bytes(proof.to_vec()),
         };
         let conn = self.open_conn(i);

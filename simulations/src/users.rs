@@ -127,6 +127,7 @@ impl World {
         }
         for (r, how) in receipts {
             self.stats.resolutions += 1;
+            self.oracle.resolved.insert(r.entity_id);
             self.trace.record(
                 now,
                 &format!(

@@ -345,6 +345,9 @@ impl World {
         if let Some(&i) = self.rng.workload.pick(&alive) {
             self.user_acts(i, step);
         }
+        if self.opts.upgrades {
+            self.upgrades_due(step);
+        }
         if self.stats.steps < self.opts.steps {
             // Users act every few minutes on average (a few hundred steps span days), and now
             // and then several act within seconds of each other (a busy moment at the clinic).
@@ -369,8 +372,14 @@ impl World {
         } else {
             gym_action(&mut self.rng.workload, hot_skew, dev, name, role, n, device_now)
         };
-        let Some(action) = action else {
+        let Some(mut action) = action else {
             self.stats.idle_steps += 1;
+            return;
+        };
+        if self.opts.upgrades {
+            action = self.adapt_to_version(i, action, n);
+        }
+        let Some(dev) = self.devices[i].dev.as_mut() else {
             return;
         };
         let result = perform(dev, &action);
@@ -383,6 +392,11 @@ impl World {
                     r.kind, r.entity_type, r.entity_id, r.mutation_id
                 );
                 self.trace.record(now, &line);
+                if self.opts.upgrades
+                    && let Some(mid) = r.mutation_id
+                {
+                    self.track_field_values(r.entity_id, &r.entity_type, &action, mid);
+                }
                 if let (Some(mid), Some(hash)) = (r.mutation_id, r.change_hash.clone()) {
                     self.oracle.writes.push(WriteRecord {
                         device: i,

@@ -7,8 +7,10 @@
 
 use std::collections::{BTreeMap, BinaryHeap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use fieldsync_relay::core::ConnId;
+use fieldsync_schema::Schema;
 use rand_chacha::ChaCha20Rng;
 
 use crate::clock::WorldClock;
@@ -20,6 +22,7 @@ use crate::relay_side::SimRelay;
 use crate::report::Stats;
 use crate::rng::stream;
 use crate::trace::Trace;
+use crate::upgrades::UpgradePlan;
 
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -110,6 +113,8 @@ pub struct Streams {
     pub net: ChaCha20Rng,
     pub faults: ChaCha20Rng,
     pub users: ChaCha20Rng,
+    /// The upgrade workload's choices (unused when it is off, so other runs stay as they were).
+    pub upgrades: ChaCha20Rng,
 }
 
 /// Network parameters drawn per seed.
@@ -143,6 +148,11 @@ pub struct World {
     /// Messages and closes on the wire, and relay work queued: the world is not settled
     /// while any remain.
     pub in_flight: u64,
+    /// The schema versions of the run, oldest first (only the default one unless the
+    /// upgrade workload is on); the relay and each device run the one at their level.
+    pub schemas: Vec<Arc<Schema>>,
+    /// When the relay and the devices move up a level.
+    pub upgrades: UpgradePlan,
 }
 
 impl World {
@@ -168,6 +178,7 @@ impl World {
                 net: stream(seed, "net"),
                 faults: stream(seed, "faults"),
                 users: stream(seed, "users"),
+                upgrades: stream(seed, "upgrades"),
             },
             net,
             oracle: Oracle::default(),
@@ -176,6 +187,8 @@ impl World {
             healing: false,
             bugs_armed: false,
             in_flight: 0,
+            schemas: vec![Arc::new(Schema::default_schema())],
+            upgrades: UpgradePlan::default(),
             queue: BinaryHeap::new(),
             next_seq: 0,
             opts,

@@ -6,6 +6,10 @@
 use fieldsync_simulations::{FaultSet, SimOptions, run};
 
 fn passes(seed: u64, devices: usize, steps: u64) {
+    passes_with(seed, devices, steps, false);
+}
+
+fn passes_with(seed: u64, devices: usize, steps: u64, upgrades: bool) {
     let trace = std::env::temp_dir().join(format!("fieldsync-sim-regression-{seed}.trace"));
     let report = run(
         SimOptions {
@@ -15,6 +19,7 @@ fn passes(seed: u64, devices: usize, steps: u64) {
             faults: FaultSet::all(),
             bug: None,
             shape: Default::default(),
+            upgrades,
         },
         Some(&trace),
         false,
@@ -47,10 +52,41 @@ fn seed_2114_a_conflict_on_a_record_locked_meanwhile_ends() {
 fn swarm_seed_22280884056308508_an_answer_lost_in_a_relay_crash_is_acknowledged_by_the_replay() {
     let seed = 22280884056308508;
     let report = run(
-        SimOptions::swarm(seed, fieldsync_simulations::SwarmBounds::CI),
+        // As it was found: before the upgrade workload existed (a swarm may now draw it).
+        SimOptions {
+            upgrades: false,
+            ..SimOptions::swarm(seed, fieldsync_simulations::SwarmBounds::CI)
+        },
         None,
         false,
     )
     .unwrap();
     assert!(report.ok() && report.converged, "{}", report.render());
+}
+
+/// The first run of the schema-upgrade workload: a v1 device's write of `mrn` on a v3 relay,
+/// which renamed it to `record_number`, got the relay's copy to `record_number` into the feed
+/// entry — but the entry the writing device itself received was `Own` (its own change, not
+/// decoded), because only last-writer-wins types were thought to get relay changes. The device
+/// never saw the copy and disagreed with the relay for good. Renamed types now count too.
+#[test]
+fn upgrades_seed_1_the_writer_of_an_old_field_name_receives_the_relays_copy() {
+    passes_with(1, 6, 300, true);
+}
+
+/// A swarm shape with the upgrade workload: the relay was down while the ladder moved twice,
+/// so it came back on v3 without ever serving v2, and refused a device that had updated to v2
+/// as "not a schema this relay has served" — for good (18 writes stuck). An operator now names
+/// the versions apps shipped with (`serve --accept-schema FILE`, weighed like served ones), the
+/// simulated operator names every earlier version, and the refusal tells the operator so.
+#[test]
+fn swarm_seed_93_a_device_on_a_version_the_relay_skipped_is_accepted_once_named() {
+    let report = run(
+        SimOptions::swarm(93, fieldsync_simulations::SwarmBounds::CI),
+        None,
+        false,
+    )
+    .unwrap();
+    assert!(report.ok() && report.converged, "{}", report.render());
+    assert_eq!(report.stats.relay_upgrades, 2);
 }

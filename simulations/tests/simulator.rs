@@ -11,6 +11,7 @@ fn opts(seed: u64, steps: u64) -> SimOptions {
         faults: FaultSet::all(),
         bug: None,
         shape: Default::default(),
+        upgrades: false,
     }
 }
 
@@ -76,4 +77,26 @@ fn acknowledging_before_commit_is_caught() {
 #[test]
 fn applying_a_replayed_mutation_twice_is_caught() {
     caught(InjectedBug::IgnoreReceipts, &["at_most_once"]);
+}
+
+#[test]
+fn the_upgrade_workload_moves_relay_and_devices_across_versions_and_reproduces() {
+    let upgrading = SimOptions {
+        upgrades: true,
+        devices: 8,
+        ..opts(3, 240)
+    };
+    let a = run(upgrading.clone(), None, false).unwrap();
+    assert!(a.ok() && a.converged, "{}", a.render());
+    assert_eq!(a.stats.relay_upgrades, 2, "the relay goes v1 → v2 → v3");
+    assert!(
+        a.stats.device_upgrades > 0 && a.stats.newer_field_writes > 0,
+        "{:?}",
+        a.stats
+    );
+    let b = run(upgrading, None, false).unwrap();
+    assert_eq!(a.trace_hash, b.trace_hash);
+    // Without the workload, the same seed is the run it always was: nothing upgrades.
+    let plain = run(opts(3, 240), None, false).unwrap();
+    assert_eq!(plain.stats.relay_upgrades + plain.stats.device_upgrades, 0);
 }

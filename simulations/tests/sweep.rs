@@ -52,6 +52,7 @@ fn the_sweep_with_every_fault_keeps_every_invariant() {
             faults: FaultSet::all(),
             bug: None,
             shape: Default::default(),
+            upgrades: false,
         };
         let report = run(opts, Some(&trace), false).unwrap();
         events += report.stats.events;

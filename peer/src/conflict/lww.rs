@@ -214,7 +214,7 @@ fn undelete(
         now,
     );
     outbox::append(tx, &m, now)?;
-    entity::store(tx, &loaded.meta, &mut loaded.doc, now)?;
+    entity::store(tx, w.schema, &loaded.meta, &mut loaded.doc, now)?;
     Ok(WriteReceipt {
         entity_id: loaded.meta.entity_id,
         entity_type: loaded.meta.entity_type,

@@ -95,6 +95,9 @@ pub struct FieldConflict {
     pub base: Value,
     pub mine: Side,
     pub theirs: Side,
+    /// A field this app version's schema does not know (a device on a newer version wrote it).
+    /// Every resolution keeps the relay's value; a merged resolution cannot set it.
+    pub from_newer_version: bool,
 }
 
 /// An unresolved `Conflict`, as the resolution prompt shows it.
@@ -221,7 +224,7 @@ impl Device {
         for key in view::all_keys(&[&sides.base.fields, &sides.mine.fields, &sides.theirs.fields]) {
             let counter = matches!(u.ty.field(&key).map(|f| &f.kind), Some(FieldKind::Counter { .. }));
             let get = |v: &RecordState| v.fields.get(&key).cloned().unwrap_or(Value::Null);
-            fields.push(field_conflict(
+            let mut field = field_conflict(
                 &key,
                 get(&sides.base),
                 get(&sides.mine),
@@ -230,7 +233,9 @@ impl Device {
                 sides,
                 &u.own,
                 open.authors(),
-            ));
+            );
+            field.from_newer_version = u.ty.field(&key).is_none();
+            fields.push(field);
         }
         if sides.base.deleted || sides.mine.deleted || sides.theirs.deleted {
             let b = |d: bool| Value::Bool(d);
@@ -304,6 +309,7 @@ fn field_conflict(
             changed: theirs_changed,
         },
         base,
+        from_newer_version: false,
     }
 }
 

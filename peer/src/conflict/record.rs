@@ -2,8 +2,8 @@
 //! result: the item is already marked `blocked` (halting the outbox); here the entity and the
 //! record the user will see are written.
 
-use fieldsync_schema::Outcome;
 use fieldsync_schema::document::parse_change;
+use fieldsync_schema::{Outcome, Schema};
 use rusqlite::{Transaction, params};
 use serde_json::Value;
 
@@ -20,6 +20,7 @@ fn json<T: serde::Serialize>(v: &T) -> Result<String> {
 /// both sides), the entity is marked `conflict`, and the answer is kept for the prompt.
 pub(crate) fn record_conflict(
     tx: &Transaction<'_>,
+    schema: &Schema,
     item: &OutboxItem,
     outcome: &Outcome,
     actor: automerge::ActorId,
@@ -41,7 +42,7 @@ pub(crate) fn record_conflict(
         loaded.doc.apply(changes)?;
         loaded.meta.relay_version = loaded.meta.relay_version.max(*server_version);
         loaded.meta.sync_state = SyncState::Conflict;
-        entity::store(tx, &loaded.meta, &mut loaded.doc, now_ms)?;
+        entity::store(tx, schema, &loaded.meta, &mut loaded.doc, now_ms)?;
     }
     tx.execute(
         "INSERT INTO conflicts (entity_id, mutation_id, server_version, outcome, recorded_at_ms)
@@ -66,6 +67,7 @@ pub(crate) fn record_conflict(
 /// pending, until the user discards them or makes an addendum: nothing is dropped implicitly.
 pub(crate) fn record_rejection(
     tx: &Transaction<'_>,
+    schema: &Schema,
     item: &OutboxItem,
     outcome: &Outcome,
     actor: automerge::ActorId,
@@ -81,7 +83,7 @@ pub(crate) fn record_rejection(
         let own = view::own_changes(tx, item.entity_id, Some(upto))?;
         let mut doc = view::relay_view(&mut loaded.doc, &own.hashes, actor)?;
         loaded.meta.sync_state = SyncState::Rejected;
-        entity::store(tx, &loaded.meta, &mut doc, now_ms)?;
+        entity::store(tx, schema, &loaded.meta, &mut doc, now_ms)?;
     } else {
         entity::set_sync_state(tx, item.entity_id, SyncState::Rejected)?;
     }

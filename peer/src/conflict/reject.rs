@@ -152,7 +152,7 @@ impl Device {
                 // The relay never had this record: it disappears from this device as a tombstone.
                 loaded.doc.set_deleted(true)?;
                 loaded.doc.commit(now);
-                entity::store(&tx, &loaded.meta, &mut loaded.doc, now)?;
+                entity::store(&tx, w.schema, &loaded.meta, &mut loaded.doc, now)?;
             }
             close_rejection(&tx, r.id, "discarded", None, now)?;
             DiscardReport {
@@ -199,7 +199,7 @@ impl Device {
                 Some(mut u) if u.settlement == (Settlement::Sealed { addendum: true }) => {
                     // The refused changes never reach the relay: the note shows the signed text.
                     let mut doc = view::relay_view(&mut u.loaded.doc, &u.own.hashes, w.actor.clone())?;
-                    entity::store(&tx, &u.loaded.meta, &mut doc, now)?;
+                    entity::store(&tx, w.schema, &u.loaded.meta, &mut doc, now)?;
                     AddendumSource {
                         entity_type: u.loaded.meta.entity_type,
                         refused: u.sides.mine.fields,
@@ -295,7 +295,7 @@ fn discard_unsettleable_conflict(
     }
     let values = u.sides.mine.fields.clone();
     let mut doc = view::relay_view(&mut u.loaded.doc, &u.own.hashes, actor)?;
-    entity::store(tx, &u.loaded.meta, &mut doc, now)?;
+    entity::store(tx, schema, &u.loaded.meta, &mut doc, now)?;
     let ids = u.own.mutation_ids();
     let why = match u.settlement {
         Settlement::StaleSignature => "signature discarded: it covered an older version",

@@ -145,7 +145,7 @@ impl Device {
             &format!("carried by the resolution {}", m.mutation_id),
         )?;
         close_conflict(&tx, open.conflict_id, resolution.name(), Some(m.mutation_id), now)?;
-        entity::store(&tx, &meta, &mut doc, now)?;
+        entity::store(&tx, w.schema, &meta, &mut doc, now)?;
         w.finish(&tx)?;
         tx.commit()?;
         Ok(WriteReceipt {

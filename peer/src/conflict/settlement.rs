@@ -87,7 +87,7 @@ impl Unsettled {
             .clone();
         let own = view::own_changes(conn, open.entity_id, None)?;
         let base_heads = view::base_heads(&envelope)?;
-        let sides = view::three_way(&mut loaded.doc, &base_heads, &own, me, actor)?;
+        let sides = view::three_way(&ty, &mut loaded.doc, &base_heads, &own, me, actor)?;
         let settlement = Settlement::of(envelope.kind, &ty, &sides.theirs_doc);
         Ok(Unsettled {
             open,

@@ -521,6 +521,17 @@ fn a_resolution_keeps_fields_this_devices_schema_does_not_know() {
     push(&mut f, |b| {
         vec![conflict(&b[0], 2, theirs.clone(), ConflictReason::StaleBase)]
     });
+    // The prompt shows the field, marked as one this app version does not know.
+    let record = f.dev.conflicts().unwrap().remove(0);
+    let shown: Vec<(&str, bool)> = record
+        .fields
+        .iter()
+        .map(|c| (c.field.as_str(), c.from_newer_version))
+        .collect();
+    assert!(
+        shown.contains(&("feeling", true)) && shown.contains(&("notes", false)),
+        "{shown:?}"
+    );
     f.dev.resolve(id, Resolution::KeepMine).unwrap();
     let fields = f.dev.get(id).unwrap().unwrap().fields;
     assert_eq!(fields["feeling"], json!("strong"), "{fields:?}");

@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 
 use automerge::{Change, ChangeHash};
 use fieldsync_schema::document::{META_DELETED, RootOps, parse_change};
-use fieldsync_schema::{EntityDoc, Mutation};
+use fieldsync_schema::{EntityDoc, EntityType, Mutation};
 use rusqlite::Connection;
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -90,7 +90,10 @@ pub(crate) struct Sides {
     pub relay_changes: Vec<Change>,
 }
 
+/// Every side is read as `ty` names it ([`EntityType::view`]), so a field renamed since the
+/// base is one field in the prompt, not a removed one beside a new one.
 pub(crate) fn three_way(
+    ty: &EntityType,
     doc: &mut EntityDoc,
     base_heads: &[ChangeHash],
     own: &OwnChanges,
@@ -101,7 +104,7 @@ pub(crate) fn three_way(
         RecordState::default()
     } else {
         RecordState {
-            fields: doc.fields_at(base_heads),
+            fields: ty.view(doc.fields_at(base_heads)),
             deleted: doc.is_deleted_at(base_heads),
         }
     };
@@ -114,12 +117,12 @@ pub(crate) fn three_way(
         }
     }
     let mine = RecordState {
-        fields: mine_fields,
+        fields: ty.view(mine_fields),
         deleted: preferring(doc, META_DELETED, &mine_heads, me) == Some(Value::Bool(true)),
     };
     let mut theirs_doc = relay_view(doc, &own.hashes, actor)?;
     let theirs = RecordState {
-        fields: theirs_doc.fields(),
+        fields: ty.view(theirs_doc.fields()),
         deleted: theirs_doc.is_deleted(),
     };
     let relay_changes = theirs_doc.changes_since(base_heads);

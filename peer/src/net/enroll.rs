@@ -22,7 +22,7 @@ pub async fn enroll_with_tls(
     super::endpoint(relay_url)?;
     let token = token.trim();
     let mut socket = connect(relay_url, tls).await?;
-    let request = ClientMessage::enroll(dev.key(), token, dev.device_id(), dev.schema().hash());
+    let request = ClientMessage::enroll(dev.key(), token, dev.device_id(), dev.schema());
     send(&mut socket, &request).await?;
     let reply = receive(&mut socket).await;
     close(&mut socket).await;

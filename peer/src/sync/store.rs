@@ -4,7 +4,7 @@
 
 use fieldsync_schema::document::parse_change;
 use fieldsync_schema::wire::{FeedEntry, FeedPayload, MutationResult, PullCursor};
-use fieldsync_schema::{Disposition, EntityDoc, Hlc, HlcClock, Mutation, Outcome};
+use fieldsync_schema::{Disposition, EntityDoc, Hlc, HlcClock, Mutation, Outcome, Schema};
 use rusqlite::{Transaction, TransactionBehavior};
 use serde::Serialize;
 use uuid::Uuid;
@@ -93,10 +93,10 @@ impl Device {
                 Disposition::Blocking => {
                     outbox::mark_blocked(&tx, r.mutation_id, &r.outcome)?;
                     if matches!(r.outcome, Outcome::Conflict { .. }) {
-                        crate::conflict::record_conflict(&tx, &item, &r.outcome, actor.clone(), now_ms)?;
+                        crate::conflict::record_conflict(&tx, &self.schema, &item, &r.outcome, actor.clone(), now_ms)?;
                         tally.conflicts += 1;
                     } else {
-                        crate::conflict::record_rejection(&tx, &item, &r.outcome, actor.clone(), now_ms)?;
+                        crate::conflict::record_rejection(&tx, &self.schema, &item, &r.outcome, actor.clone(), now_ms)?;
                         tally.rejected += 1;
                     }
                 }
@@ -131,7 +131,7 @@ impl Device {
     pub(crate) fn apply_feed(&mut self, entries: &[FeedEntry], cursor: PullCursor, now_ms: u64) -> Result<()> {
         let (actor, device_id) = (self.actor(), self.device_id);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        apply_entries(&tx, &mut self.hlc, actor, device_id, entries, now_ms)?;
+        apply_entries(&tx, &self.schema, &mut self.hlc, actor, device_id, entries, now_ms)?;
         db::meta_set_json(&tx, keys::CURSOR, &cursor)?;
         tx.commit()?;
         Ok(())
@@ -145,7 +145,7 @@ impl Device {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut cursor = stored_cursor(&tx)?;
         let (next, fitted) = contiguous(entries, &mut cursor);
-        apply_entries(&tx, &mut self.hlc, actor, device_id, &next, now_ms)?;
+        apply_entries(&tx, &self.schema, &mut self.hlc, actor, device_id, &next, now_ms)?;
         db::meta_set_json(&tx, keys::CURSOR, &cursor)?;
         tx.commit()?;
         Ok(fitted)
@@ -196,6 +196,7 @@ impl Device {
 /// Applies feed entries in `tx`, folding their origins' clocks into the device's HLC.
 fn apply_entries(
     tx: &Transaction<'_>,
+    schema: &Schema,
     hlc: &mut HlcClock,
     actor: automerge::ActorId,
     device_id: Uuid,
@@ -204,7 +205,7 @@ fn apply_entries(
 ) -> Result<()> {
     crate::write::fold_stored_hlc(hlc, tx)?;
     for e in entries {
-        apply_entry(tx, e, actor.clone(), device_id, now_ms)?;
+        apply_entry(tx, schema, e, actor.clone(), device_id, now_ms)?;
         if let Some(origin) = &e.origin {
             hlc.observe(&origin.hlc, now_ms);
         }
@@ -262,6 +263,7 @@ fn settle_entity(tx: &Transaction<'_>, id: Uuid) -> Result<()> {
 
 fn apply_entry(
     tx: &Transaction<'_>,
+    schema: &Schema,
     e: &FeedEntry,
     actor: automerge::ActorId,
     device_id: Uuid,
@@ -324,5 +326,5 @@ fn apply_entry(
     }
     meta.relay_version = meta.relay_version.max(e.version);
     meta.space_id = e.space_id;
-    entity::store(tx, &meta, &mut doc, now_ms)
+    entity::store(tx, schema, &meta, &mut doc, now_ms)
 }

@@ -7,7 +7,7 @@
 
 use fieldsync_schema::document::{NoteSignature, content_hash};
 use fieldsync_schema::wire::MAX_MUTATION_CHANGE_BYTES;
-use fieldsync_schema::{EntityDoc, EntityType, FieldKind, Mutation, MutationKind, ids, signing};
+use fieldsync_schema::{EntityDoc, EntityType, FieldKind, Mutation, MutationKind, ValidationErrors, ids, signing};
 use rusqlite::{Transaction, TransactionBehavior};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -244,7 +244,7 @@ impl Writer<'_> {
         if matches!(meta.sync_state, SyncState::Synced | SyncState::Pending) {
             meta.sync_state = SyncState::Pending;
         }
-        entity::store(tx, &meta, &mut doc, now)?;
+        entity::store(tx, self.schema, &meta, &mut doc, now)?;
         let (mutation_id, combined) = self.signer.enqueue(tx, &meta, kind, change.raw_bytes().to_vec(), now)?;
         Ok(WriteReceipt {
             entity_id: meta.entity_id,
@@ -269,10 +269,12 @@ fn apply_op(
     kind: MutationKind,
     now: u64,
 ) -> Result<()> {
+    // Signatures cover what the document stores; rules judge the record as this schema names it.
     let current = doc.fields();
+    let viewed = ty.view_of(&current);
     match op {
         Op::Put(patch) => {
-            rules::validate_patch(tx, ty, meta, &current, &patch, kind == MutationKind::Create)?;
+            rules::validate_patch(tx, ty, meta, &viewed, &patch, kind == MutationKind::Create)?;
             doc.write_fields(ty, &patch)?;
         }
         Op::Delete => doc.set_deleted(true)?,
@@ -289,13 +291,13 @@ fn apply_op(
             }
             let mut patch = Map::new();
             patch.insert(field.clone(), Value::String(text.clone()));
-            rules::validate_patch(tx, ty, meta, &current, &patch, false)?;
+            rules::validate_patch(tx, ty, meta, &viewed, &patch, false)?;
             doc.set_text(&field, &text)?;
         }
         Op::Lock => {
             let mut patch = Map::new();
             patch.insert("locked".into(), Value::Bool(true));
-            rules::validate_patch(tx, ty, meta, &current, &patch, false)?;
+            rules::validate_patch(tx, ty, meta, &viewed, &patch, false)?;
             doc.write_fields(ty, &patch)?;
         }
         Op::Increment { field, by } => {
@@ -309,13 +311,18 @@ fn apply_op(
                     ));
                 }
             }
-            let old = current.get(&field).and_then(Value::as_i64).unwrap_or(0);
-            let mut merged = current.clone();
+            let old = viewed.get(&field).and_then(Value::as_i64).unwrap_or(0);
+            let mut merged = viewed.clone().into_owned();
             merged.insert(field.clone(), Value::from(old.saturating_add(by)));
-            ty.validate(&merged).map_err(|errors| PeerError::Invalid {
-                entity_type: ty.name.clone(),
-                errors,
-            })?;
+            // Only what the increment sets is judged: a field from a newer schema version this
+            // device does not know must not refuse the increment (it stays untouched).
+            let errors = rules::schema_errors(ty, &merged, |f| f == field);
+            if !errors.is_empty() {
+                return Err(PeerError::Invalid {
+                    entity_type: ty.name.clone(),
+                    errors: ValidationErrors(errors),
+                });
+            }
             doc.increment(&field, by)?;
         }
         Op::Sign => {

@@ -3,7 +3,7 @@
 use fieldsync_schema::document::{content_hash, parse_change};
 use fieldsync_schema::signing::{self, verify_mutation};
 use fieldsync_schema::{MutationKind, Role, Rule};
-use serde_json::json;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::testutil::{Fixture, T0, enroll, obj, space};
@@ -453,6 +453,17 @@ fn deletes_are_tombstones_hidden_from_lists_and_filters_use_materialised_fields(
         )
         .unwrap();
     assert_eq!(n[0].entity_id, w.entity_id);
+    // A number typed on the command line finds a string-valued field holding those digits.
+    f.dev.update("patient", b, obj(json!({"phone": "555"}))).unwrap();
+    let filter = |value: Value| FieldFilter {
+        field: "phone".into(),
+        value,
+    };
+    for value in [json!(555), json!("555")] {
+        let found = f.dev.list("patient", &[filter(value)], false).unwrap();
+        assert_eq!(found.iter().map(|e| e.entity_id).collect::<Vec<_>>(), vec![b]);
+    }
+    assert!(f.dev.list("patient", &[filter(json!(556))], false).unwrap().is_empty());
 }
 
 #[test]
@@ -533,4 +544,35 @@ fn oversized_writes_are_refused_and_a_long_offline_session_stays_sendable() {
     }
     .encode();
     assert!(frame.len() <= MAX_MESSAGE_BYTES, "{} bytes", frame.len());
+}
+
+#[test]
+fn an_increment_leaves_a_field_of_a_newer_schema_alone() {
+    let mut f = Fixture::new(15);
+    let w = f
+        .dev
+        .put("volume", None, obj(json!({"week": "2026-11-16"})))
+        .unwrap()
+        .entity_id;
+    // A device on a newer schema version added a field this device's schema does not know.
+    let mut loaded = crate::entity::load(&f.dev.conn, w, f.dev.actor()).unwrap().unwrap();
+    {
+        use automerge::transaction::Transactable;
+        loaded
+            .doc
+            .automerge()
+            .put(automerge::ROOT, "note", "deload week")
+            .unwrap();
+    }
+    loaded.doc.commit(T0);
+    crate::entity::store(&f.dev.conn, &f.dev.schema, &loaded.meta, &mut loaded.doc, T0).unwrap();
+    f.dev.increment("volume", w, "legs_sets", 2).unwrap();
+    let fields = f.dev.get(w).unwrap().unwrap().fields;
+    assert_eq!(
+        (fields["note"].clone(), fields["legs_sets"].clone()),
+        (json!("deload week"), json!(2))
+    );
+    // What the increment sets is still judged.
+    let below = f.dev.increment("volume", w, "legs_sets", -5).unwrap_err();
+    assert!(matches!(below, PeerError::Invalid { .. }), "{below}");
 }

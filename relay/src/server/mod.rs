@@ -127,40 +127,41 @@ pub struct ServeOptions {
     /// Serve a schema that breaks compatibility with one the relay served before: devices on
     /// the broken versions are then refused with their version named (`--allow-breaking-schema`).
     pub allow_breaking_schema: bool,
+    /// Schema versions devices may run that this relay never served (`--accept-schema`): an
+    /// app released while the relay ran an older version. Weighed like served ones.
+    pub also_known_schemas: Vec<Schema>,
 }
 
 /// Which older schemas devices may connect with; refuses a breaking schema unless allowed,
 /// and records the current one as served only when it will be.
 fn accept_schemas(
     backend: &SqliteBackend,
-    schema: &Schema,
-    allow_breaking: bool,
+    opts: &ServeOptions,
 ) -> Result<crate::schema_history::SchemaAcceptance, ServerError> {
-    use crate::store::{Backend, Directory};
+    let (schema, allow_breaking) = (&opts.schema, opts.allow_breaking_schema);
+    let also_known: Vec<&Schema> = opts.also_known_schemas.iter().collect();
+    use crate::store::Backend;
     let store_error = |source| ServerError::Store {
         dir: "the data directory".into(),
         source,
     };
+    use crate::schema_history::{Adoption, adopt};
     let mut directory = backend.open_directory().map_err(store_error)?;
-    let plan =
-        crate::schema_history::plan(&directory.served_schemas().map_err(store_error)?, schema).map_err(store_error)?;
-    if !plan.breaking.is_empty() {
-        if !allow_breaking {
-            return Err(ServerError::BreakingSchema {
-                version: schema.version(),
-                changes: plan.describe_breaking(),
-            });
-        }
-        tracing::warn!(changes = %plan.describe_breaking(), "serving a breaking schema: devices on the broken versions are refused");
-    }
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    for hash in &plan.to_retire {
-        directory.retire_served_schema(hash, now_ms).map_err(store_error)?;
+    match adopt(&mut directory, schema, &also_known, allow_breaking, now_ms).map_err(store_error)? {
+        Adoption::Refused(plan) => Err(ServerError::BreakingSchema {
+            version: schema.version(),
+            changes: plan.describe_breaking(),
+        }),
+        Adoption::Served(plan) => {
+            if !plan.breaking.is_empty() {
+                tracing::warn!(changes = %plan.describe_breaking(), "serving a breaking schema: devices on the broken versions are refused");
+            }
+            Ok(plan.acceptance)
+        }
     }
-    crate::schema_history::record_served(&mut directory, schema, now_ms).map_err(store_error)?;
-    Ok(plan.acceptance)
 }
 
 impl ServeOptions {
@@ -177,6 +178,7 @@ impl ServeOptions {
             shards: crate::store::sqlite::DEFAULT_SHARDS,
             check_at_start: true,
             allow_breaking_schema: false,
+            also_known_schemas: Vec::new(),
         }
     }
 }
@@ -285,8 +287,9 @@ impl Server {
             check_store(&opts.data_dir)?;
         }
         let backend = SqliteBackend::open_with(&opts.data_dir, new_relay_id, opts.shards).map_err(store_error)?;
+        let schemas = accept_schemas(&backend, &opts)?;
         let mut config = opts.config;
-        config.schemas = accept_schemas(&backend, &opts.schema, opts.allow_breaking_schema)?;
+        config.schemas = schemas;
         let (front, workers) = RelayCore::parts(&backend, opts.schema, config, rng).map_err(store_error)?;
         Ok(Server {
             listener,

@@ -438,45 +438,59 @@ impl EntityDoc {
                     }
                     self.doc.delete(ROOT, name.as_str())?;
                 }
+                // A record written before a rename holds the value under the old name: removing
+                // the field removes it there too, or readers would still see it.
+                for old in field.renamed_from.iter().filter(|o| current.contains_key(o.as_str())) {
+                    self.doc.delete(ROOT, old.as_str())?;
+                }
                 continue;
             }
-            let wrong = |kind: &'static str| DocError::WrongType {
-                field: name.clone(),
-                kind,
-                got: crate::validate::json_type_name(value),
-            };
-            match &field.kind {
-                FieldKind::Text { .. } => {
-                    let s = value.as_str().ok_or_else(|| wrong("text"))?;
-                    self.set_text(name, s)?;
-                }
-                FieldKind::Counter { .. } => {
-                    if current.contains_key(name) {
-                        return Err(DocError::CounterSet(name.clone()));
-                    }
-                    let n = value.as_i64().ok_or_else(|| wrong("counter"))?;
-                    self.doc.put(ROOT, name.as_str(), ScalarValue::counter(n))?;
-                }
-                FieldKind::Int { .. } => {
-                    let n = value.as_i64().ok_or_else(|| wrong("int"))?;
-                    self.doc.put(ROOT, name.as_str(), n)?;
-                }
-                FieldKind::Float { .. } => {
-                    let x = value.as_f64().ok_or_else(|| wrong("float"))?;
-                    self.doc.put(ROOT, name.as_str(), x)?;
-                }
-                FieldKind::Bool => {
-                    let b = value.as_bool().ok_or_else(|| wrong("bool"))?;
-                    self.doc.put(ROOT, name.as_str(), b)?;
-                }
-                FieldKind::String { .. }
-                | FieldKind::Timestamp
-                | FieldKind::Date
-                | FieldKind::Enum { .. }
-                | FieldKind::Ref { .. } => {
-                    let s = value.as_str().ok_or_else(|| wrong(field.kind.type_name()))?;
-                    self.doc.put(ROOT, name.as_str(), s)?;
-                }
+            if let FieldKind::Counter { .. } = field.kind
+                && current.contains_key(name)
+            {
+                return Err(DocError::CounterSet(name.clone()));
+            }
+            self.put_value(name, field, value)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `value` under `key` as `field`'s kind stores it (`key` is the field's name, or
+    /// one of its earlier names when the relay aligns a rename).
+    fn put_value(&mut self, key: &str, field: &crate::registry::Field, value: &Value) -> Result<(), DocError> {
+        let wrong = |kind: &'static str| DocError::WrongType {
+            field: key.to_string(),
+            kind,
+            got: crate::validate::json_type_name(value),
+        };
+        match &field.kind {
+            FieldKind::Text { .. } => {
+                let s = value.as_str().ok_or_else(|| wrong("text"))?;
+                self.set_text(key, s)?;
+            }
+            FieldKind::Counter { .. } => {
+                let n = value.as_i64().ok_or_else(|| wrong("counter"))?;
+                self.doc.put(ROOT, key, ScalarValue::counter(n))?;
+            }
+            FieldKind::Int { .. } => {
+                let n = value.as_i64().ok_or_else(|| wrong("int"))?;
+                self.doc.put(ROOT, key, n)?;
+            }
+            FieldKind::Float { .. } => {
+                let x = value.as_f64().ok_or_else(|| wrong("float"))?;
+                self.doc.put(ROOT, key, x)?;
+            }
+            FieldKind::Bool => {
+                let b = value.as_bool().ok_or_else(|| wrong("bool"))?;
+                self.doc.put(ROOT, key, b)?;
+            }
+            FieldKind::String { .. }
+            | FieldKind::Timestamp
+            | FieldKind::Date
+            | FieldKind::Enum { .. }
+            | FieldKind::Ref { .. } => {
+                let s = value.as_str().ok_or_else(|| wrong(field.kind.type_name()))?;
+                self.doc.put(ROOT, key, s)?;
             }
         }
         Ok(())
@@ -545,5 +559,6 @@ fn scalar_to_json(s: &ScalarValue) -> Value {
     }
 }
 
+mod renames;
 #[cfg(test)]
 mod tests;

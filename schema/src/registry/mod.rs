@@ -211,6 +211,17 @@ pub struct Field {
     pub required: bool,
     /// Required unless this other field is present (e.g. `exercise_name` unless `exercise_id`).
     pub required_unless: Option<String>,
+    /// Names this field had in earlier schema versions (a declared rename, oldest last). Devices
+    /// still on those versions write the old name; the relay keeps every name holding the same
+    /// value (see [`crate::document::EntityDoc::align_renamed`]) and readers on this version see
+    /// only `name` (see [`EntityType::view`]). Left out of the hash when empty, so a schema
+    /// without migrations hashes as it did before they existed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub renamed_from: Vec<String>,
+    /// The value readers see while a record does not hold the field: how a new required field
+    /// is added without touching records written before it existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default: Option<serde_json::Value>,
     #[serde(skip)]
     pub description: Option<String>,
 }
@@ -243,6 +254,65 @@ impl EntityType {
 
     pub fn may_sign(&self, role: Role) -> bool {
         self.signable && self.sign_roles.contains(&role)
+    }
+
+    /// The field an earlier version's name now stands for (a declared rename).
+    pub fn renamed_field(&self, old_name: &str) -> Option<&Field> {
+        self.fields
+            .values()
+            .find(|f| f.renamed_from.iter().any(|o| o == old_name))
+    }
+
+    /// Whether a document key is one of this type's fields, or an earlier name of one.
+    pub fn knows_key(&self, key: &str) -> bool {
+        self.field(key).is_some() || self.renamed_field(key).is_some()
+    }
+
+    /// A record's stored fields as this schema version names them: a renamed field read from
+    /// its earliest present name when the record does not hold the new one yet (written
+    /// before the rename and never touched since), earlier names dropped, and each declared
+    /// default filled in for a field the record does not hold. Device and relay both read
+    /// through this, so validation, lists and conflict views agree on every replica; fields
+    /// this version does not know are kept as they are.
+    pub fn view(
+        &self,
+        mut stored: serde_json::Map<String, serde_json::Value>,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        for field in self.fields.values() {
+            for old in &field.renamed_from {
+                if let Some(value) = stored.remove(old)
+                    && !stored.contains_key(&field.name)
+                {
+                    stored.insert(field.name.clone(), value);
+                }
+            }
+            if let Some(default) = &field.default
+                && !stored.contains_key(&field.name)
+            {
+                stored.insert(field.name.clone(), default.clone());
+            }
+        }
+        stored
+    }
+
+    /// [`EntityType::view`] without a copy when the type declares no migration (the common
+    /// case on every write).
+    pub fn view_of<'a>(
+        &self,
+        stored: &'a serde_json::Map<String, serde_json::Value>,
+    ) -> std::borrow::Cow<'a, serde_json::Map<String, serde_json::Value>> {
+        if self.has_migrations() {
+            std::borrow::Cow::Owned(self.view(stored.clone()))
+        } else {
+            std::borrow::Cow::Borrowed(stored)
+        }
+    }
+
+    /// Whether [`EntityType::view`] can differ from the stored fields.
+    pub fn has_migrations(&self) -> bool {
+        self.fields
+            .values()
+            .any(|f| !f.renamed_from.is_empty() || f.default.is_some())
     }
 
     /// Fields holding Automerge counters.
@@ -408,6 +478,12 @@ impl Schema {
 
     pub fn types(&self) -> impl Iterator<Item = &EntityType> {
         self.types.values()
+    }
+
+    /// Whether any type declares a rename or a default (devices then re-read their records
+    /// through [`EntityType::view`] when they move to this schema).
+    pub fn has_migrations(&self) -> bool {
+        self.types.values().any(EntityType::has_migrations)
     }
 
     pub fn type_names(&self) -> impl Iterator<Item = &str> {

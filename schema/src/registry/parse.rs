@@ -103,6 +103,27 @@ pub(super) fn parse_type(name: &str, def: &Value) -> Result<EntityType, SchemaEr
             "policy `counter` needs at least one field of type `counter`",
         ));
     }
+    let mut old_names: BTreeMap<&str, &str> = BTreeMap::new();
+    for f in fields.values() {
+        for old in &f.renamed_from {
+            let at = format!("type `{name}`, field `{}`", f.name);
+            if fields.contains_key(old) {
+                return Err(invalid(
+                    at,
+                    format!("`renamed_from` names `{old}`, which is still a field of `{name}`"),
+                ));
+            }
+            if let Some(other) = old_names.insert(old, &f.name) {
+                return Err(invalid(at, format!("`{old}` is also the old name of `{other}`")));
+            }
+            if policy == Policy::Lww {
+                return Err(invalid(
+                    at,
+                    "`renamed_from` is not supported in `lww` types yet: last-writer-wins stamps are kept per stored name",
+                ));
+            }
+        }
+    }
     for f in fields.values() {
         if let Some(other) = &f.required_unless
             && !fields.contains_key(other)
@@ -161,9 +182,13 @@ fn parse_field(type_name: &str, name: &str, def: &Value) -> Result<Field, Schema
     let mut required = false;
     let mut required_unless = None;
     let mut description = None;
+    let mut renamed_from = Vec::new();
+    let mut default = None;
     for (key, value) in table {
         match key.as_str() {
             "type" => {}
+            "renamed_from" => renamed_from = parse_old_names(value, &loc)?,
+            "default" => default = Some(toml_to_json(value, &loc)?),
             "required" => required = as_bool(value, &loc, "required")?,
             "required_unless" => required_unless = Some(as_string(value, &loc, "required_unless")?),
             "description" => description = Some(as_string(value, &loc, "description")?),
@@ -239,12 +264,81 @@ fn parse_field(type_name: &str, name: &str, def: &Value) -> Result<Field, Schema
         },
         _ => unreachable!("field type names are checked above"),
     };
-    Ok(Field {
+    if !renamed_from.is_empty() && matches!(kind, FieldKind::Text { .. } | FieldKind::Counter { .. }) {
+        return Err(invalid(
+            &loc,
+            "`renamed_from` is for scalar fields: a text or counter field's concurrent edits live in its \
+             object under the old name (add a new field and copy instead)",
+        ));
+    }
+    if default.is_some() && matches!(kind, FieldKind::Counter { .. }) {
+        return Err(invalid(
+            &loc,
+            "counters start at zero; a `default` is not valid for them",
+        ));
+    }
+    let field = Field {
         name: name.to_string(),
         kind,
         required,
         required_unless,
+        renamed_from,
+        default,
         description,
+    };
+    if let Some(value) = &field.default {
+        let mut errors = Vec::new();
+        crate::validate::check_value(&field, value, &mut errors);
+        if let Some(e) = errors.first() {
+            return Err(invalid(&loc, format!("`default` {}", e.message)));
+        }
+    }
+    Ok(field)
+}
+
+/// `renamed_from = "old"` or `renamed_from = ["older", "old"]`.
+fn parse_old_names(value: &Value, loc: &str) -> Result<Vec<String>, SchemaError> {
+    let names: Vec<&Value> = match value {
+        Value::Array(items) => items.iter().collect(),
+        one => vec![one],
+    };
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for v in names {
+        let name = v
+            .as_str()
+            .ok_or_else(|| invalid(loc, "`renamed_from` must be a field name or an array of field names"))?;
+        if !is_identifier(name) {
+            return Err(invalid(
+                loc,
+                format!("`renamed_from` names `{name}`, which is not a field name"),
+            ));
+        }
+        if out.iter().any(|o| o == name) {
+            return Err(invalid(loc, format!("`renamed_from` lists `{name}` twice")));
+        }
+        out.push(name.to_string());
+    }
+    if out.is_empty() {
+        return Err(invalid(loc, "`renamed_from` must not be empty"));
+    }
+    Ok(out)
+}
+
+/// A `default` as the JSON value a record would hold (dates and timestamps are strings).
+fn toml_to_json(value: &Value, loc: &str) -> Result<serde_json::Value, SchemaError> {
+    Ok(match value {
+        Value::String(s) => serde_json::Value::String(s.clone()),
+        Value::Integer(i) => serde_json::Value::from(*i),
+        Value::Float(x) => serde_json::Number::from_f64(*x)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| invalid(loc, "`default` must be a finite number"))?,
+        Value::Boolean(b) => serde_json::Value::Bool(*b),
+        _ => {
+            return Err(invalid(
+                loc,
+                "`default` must be a string, number or boolean (write dates and timestamps as strings)",
+            ));
+        }
     })
 }
 

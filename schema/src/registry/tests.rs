@@ -227,3 +227,73 @@ fn loading_a_missing_file_names_it() {
     let e = Schema::load(Some(Path::new("/nonexistent/entities.toml"))).unwrap_err();
     assert!(e.to_string().contains("/nonexistent/entities.toml"));
 }
+
+#[test]
+fn declared_migrations_are_checked_where_they_are_written() {
+    let ty =
+        |fields: &str, policy: &str| format!("[types.visit]\npolicy = \"{policy}\"\nwrite = [\"admin\"]\n{fields}\n");
+    let cases = [
+        (
+            ty(
+                r#"fields.title = { type = "string", renamed_from = "room" }
+fields.room = { type = "string" }"#,
+                "gated",
+            ),
+            "`room`, which is still a field",
+        ),
+        (
+            ty(
+                r#"fields.a = { type = "string", renamed_from = "old" }
+fields.b = { type = "string", renamed_from = "old" }"#,
+                "gated",
+            ),
+            "also the old name of",
+        ),
+        (
+            ty(r#"fields.body = { type = "text", renamed_from = "old" }"#, "notes"),
+            "scalar fields",
+        ),
+        (
+            ty(r#"fields.a = { type = "string", renamed_from = "old" }"#, "lww"),
+            "not supported in `lww`",
+        ),
+        (
+            ty(r#"fields.a = { type = "string", renamed_from = ["x", "x"] }"#, "gated"),
+            "lists `x` twice",
+        ),
+        (
+            ty(
+                r#"fields.a = { type = "string", renamed_from = "Not A Name" }"#,
+                "gated",
+            ),
+            "not a field name",
+        ),
+        (
+            ty(r#"fields.n = { type = "int", max = 10, default = 11 }"#, "gated"),
+            "`default`",
+        ),
+        (
+            ty(r#"fields.n = { type = "int", default = "ten" }"#, "gated"),
+            "`default`",
+        ),
+        (
+            ty(r#"fields.d = { type = "date", default = 2026-01-01 }"#, "gated"),
+            "as strings",
+        ),
+    ];
+    for (text, expected) in cases {
+        let e = err(&text);
+        assert!(e.contains("type `visit`") && e.contains(expected), "{expected}: {e}");
+    }
+    let ok = Schema::from_toml_str(&ty(
+        r#"fields.title = { type = "string", renamed_from = ["label", "name"] }
+fields.status = { type = "enum", values = ["open", "closed"], required = true, default = "open" }"#,
+        "gated",
+    ))
+    .unwrap();
+    let visit = ok.entity_type("visit").unwrap();
+    assert!(ok.has_migrations() && visit.knows_key("label") && visit.knows_key("title"));
+    assert!(!visit.knows_key("room"));
+    assert_eq!(visit.renamed_field("name").map(|f| f.name.as_str()), Some("title"));
+    assert!(!Schema::default_schema().has_migrations());
+}

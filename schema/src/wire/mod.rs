@@ -208,6 +208,10 @@ pub enum ClientMessage {
         device_id: Uuid,
         public_key: Bytes,
         schema_hash: SchemaHash,
+        /// As in `Hello`: a device on a newer version than the relay's is told to wait, not
+        /// refused as unknown. Absent from older devices: 0.
+        #[serde(default)]
+        schema_version: u64,
         /// Signature over [`crate::signing::enroll_signing_bytes`].
         proof: Bytes,
     },
@@ -356,13 +360,14 @@ impl ClientMessage {
     }
 
     /// Registers `key` for `device_id` with an enrollment token, with the proof of holding it.
-    pub fn enroll(key: &crate::DeviceKey, token: &str, device_id: Uuid, schema_hash: SchemaHash) -> Self {
+    pub fn enroll(key: &crate::DeviceKey, token: &str, device_id: Uuid, schema: &crate::Schema) -> Self {
         ClientMessage::Enroll {
             protocol_version: PROTOCOL_VERSION,
             token: token.to_string(),
             device_id,
             public_key: Bytes(key.public_key().to_vec()),
-            schema_hash,
+            schema_hash: schema.hash(),
+            schema_version: schema.version(),
             proof: Bytes(key.enrollment_proof(token, &device_id).to_vec()),
         }
     }

@@ -65,6 +65,7 @@ fn every_client_message() -> Vec<ClientMessage> {
             device_id: id(1),
             public_key: Bytes(vec![5; 32]),
             schema_hash: Schema::default_schema().hash(),
+            schema_version: 1,
             proof: Bytes(vec![6; 64]),
         },
         ClientMessage::Auth {

@@ -146,6 +146,10 @@ struct SimArgs {
     /// Print JSON instead of the summary.
     #[arg(long)]
     json: bool,
+    /// The schema-upgrade workload: the relay moves v1 → v3 during the run and devices update
+    /// at random steps (a swarm draws it for about a third of its seeds; this forces it on).
+    #[arg(long)]
+    upgrades: bool,
     /// Swarm testing: each seed draws its own shape (2–24 devices, 100–1,500 steps, the fault
     /// set and rate, hot-record skew, bursts); --devices, --steps and --faults are ignored.
     #[arg(long)]
@@ -305,6 +309,7 @@ fn real_main() -> anyhow::Result<bool> {
         faults: cli.faults.clone(),
         bug: cli.bug,
         shape: Default::default(),
+        upgrades: cli.upgrades,
     };
     let bounds = if cli.swarm_scale == "ci" {
         SwarmBounds::CI
@@ -313,9 +318,11 @@ fn real_main() -> anyhow::Result<bool> {
     };
     let shape_of = |seed: u64| {
         if cli.swarm {
+            let drawn = SimOptions::swarm(seed, bounds);
             SimOptions {
                 bug: cli.bug,
-                ..SimOptions::swarm(seed, bounds)
+                upgrades: cli.upgrades || drawn.upgrades,
+                ..drawn
             }
         } else {
             SimOptions { seed, ..base.clone() }
@@ -378,7 +385,12 @@ fn real_main() -> anyhow::Result<bool> {
                 if cli.swarm {
                     format!("--swarm --swarm-scale {} ", cli.swarm_scale)
                 } else {
-                    String::new()
+                    format!(
+                        "--devices {} --steps {} {}",
+                        cli.devices,
+                        cli.steps,
+                        if cli.upgrades { "--upgrades " } else { "" }
+                    )
                 },
                 trace.display()
             );

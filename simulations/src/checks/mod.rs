@@ -37,7 +37,7 @@ impl World {
         self.relay.readers.iter().map(|r| r.connection()).collect()
     }
 
-    fn fail(&mut self, invariant: &str, detail: String, entity: Option<Uuid>) {
+    pub(crate) fn fail(&mut self, invariant: &str, detail: String, entity: Option<Uuid>) {
         let v = self.violation(invariant, detail, entity.map(|e| e.to_string()));
         self.oracle.violations.push(v);
     }
@@ -295,6 +295,9 @@ impl World {
         self.check_device_order();
         self.check_counters(&mut docs);
         self.check_lww(&mut docs);
+        if self.opts.upgrades {
+            self.check_no_field_lost(&mut docs);
+        }
     }
 
     fn check_audit_chain(&mut self) {
@@ -343,7 +346,12 @@ impl World {
                 self.stats.invariant_checks += 1;
                 match dev.get(*id) {
                     Ok(Some(e)) => {
-                        let relay_fields = rd.doc.fields();
+                        // As this device's schema version reads the relay's record (a renamed
+                        // field under the name it knows, declared defaults filled in).
+                        let relay_fields = match dev.schema().entity_type(&rd.entity_type) {
+                            Some(ty) => ty.view(rd.doc.fields()),
+                            None => rd.doc.fields(),
+                        };
                         if e.fields != relay_fields
                             || e.deleted != rd.doc.is_deleted()
                             || e.signed != rd.doc.is_signed()

@@ -83,7 +83,7 @@ pub fn schema_hash() -> fieldsync_schema::SchemaHash {
 
 /// The `Enroll` message an honest device sends for `key`, `device_id` and `token`.
 pub fn enroll_message(token: &str, device_id: Uuid, key: &DeviceKey) -> ClientMessage {
-    ClientMessage::enroll(key, token, device_id, schema_hash())
+    ClientMessage::enroll(key, token, device_id, &Schema::default_schema())
 }
 
 pub fn hello(device_id: Uuid) -> ClientMessage {

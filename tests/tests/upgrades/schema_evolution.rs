@@ -219,6 +219,19 @@ fn a_breaking_schema_is_refused_at_serve_with_what_breaks_and_its_devices_are_to
     );
     assert!(said.contains("schema v1 is no longer accepted"), "{said}");
 
+    // The operator sees which versions the relay serves and which it retired.
+    let history = Relay::cli(&["schema", "history", "--data", data.to_str().unwrap(), "--json"]);
+    let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+    let states: Vec<(u64, bool)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["version"].as_u64().unwrap(), s["retired_ms"].is_null()))
+        .collect();
+    assert_eq!(states, [(1, false), (2, true)], "{history}");
+    let text = Relay::cli(&["schema", "history", "--data", data.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("its devices are refused"));
+
     // Retired once, on purpose: later starts of the same schema need no flag.
     drop(relay);
     let again = Relay::start_with(
@@ -280,5 +293,171 @@ fn a_device_on_a_newer_schema_waits_for_the_relay_and_drains_once_it_is_upgraded
     assert_eq!(synced["status"]["state"], json!("synced"), "{synced}");
     let files = RelayFiles::open(&data);
     assert_eq!(files.fields(patient.parse().unwrap())["preferred_name"], json!("Addie"));
+    drop(relay);
+}
+
+/// The default schema at version 2 with declared migrations: `patient.phone` renamed to
+/// `telephone`, and a new required `consent` that records written before it read as `pending`.
+fn v2_with_migrations() -> String {
+    DEFAULT
+        .replacen("schema_version = 1", "schema_version = 2", 1)
+        .replacen(
+            "fields.phone = { type = \"string\", max_length = 40 }",
+            "fields.telephone = { type = \"string\", max_length = 40, renamed_from = \"phone\" }\n\
+             fields.consent = { type = \"enum\", values = [\"pending\", \"given\"], required = true, default = \"pending\" }",
+            1,
+        )
+}
+
+#[test]
+fn a_rename_migration_keeps_every_value_across_devices_on_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let v2_file = write(dir.path(), "v2.toml", &v2_with_migrations());
+    let check = Relay::cli(&[
+        "schema",
+        "check",
+        write(dir.path(), "v1.toml", DEFAULT).to_str().unwrap(),
+        v2_file.to_str().unwrap(),
+    ]);
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{report}");
+    assert!(report.contains("patient.telephone: renamed from `phone`"), "{report}");
+    assert!(
+        report.contains("patient.consent: new required field with a default"),
+        "{report}"
+    );
+
+    let mut relay = Relay::start(&data, 0);
+    relay.setup("clinic", &[("dana", "clinician"), ("sam", "clinician")]);
+    let old = Peer::init(&dir.path().join("old"));
+    let new = Peer::init(&dir.path().join("new"));
+    old.enroll(&relay, "dana");
+    new.enroll(&relay, "sam");
+    let queued = old.put("patient", r#"{"name": "Ada", "phone": "111"}"#);
+    let untouched = old.put("patient", r#"{"name": "Bo", "phone": "222"}"#);
+    old.ok(&["sync"]);
+    new.ok(&["sync"]);
+    // Queued on the v1 device, under the old name, before the relay moves to v2.
+    old.ok(&["put", "patient", &queued, "--json", r#"{"phone": "333"}"#]);
+    relay.stop();
+    let port = relay.addr.port();
+    let relay = Relay::start_with(
+        &data,
+        port,
+        &["--schema", v2_file.to_str().unwrap()],
+        &[("RUST_LOG", "warn")],
+    );
+
+    // The updated app reads records written before the rename under the new name, with the
+    // default for the new field, and finds them by the new name.
+    let get = |peer: &Peer, id: &str| -> serde_json::Value {
+        serde_json::from_str(&with_schema(peer, &v2_file, &["get", "patient", id, "--json"])).unwrap()
+    };
+    let bo = get(&new, &untouched);
+    assert_eq!(
+        bo["fields"],
+        json!({"name": "Bo", "telephone": "222", "consent": "pending"}),
+        "{bo}"
+    );
+    let found = with_schema(
+        &new,
+        &v2_file,
+        &["list", "patient", "--where", "telephone=222", "--json"],
+    );
+    assert!(found.contains(&untouched), "{found}");
+    with_schema(
+        &new,
+        &v2_file,
+        &["put", "patient", &untouched, "--json", r#"{"telephone": "444"}"#],
+    );
+    with_schema(&new, &v2_file, &["sync"]);
+
+    // The v1 device drains its old-name write and reads the v2 device's edit under the name it knows.
+    let synced = old.json(&["sync"]);
+    assert_eq!(synced["summary"]["applied"], json!(1), "{synced}");
+    assert_eq!(old.get("patient", &untouched)["fields"]["phone"], json!("444"));
+    // The relay's copy of its own write reached it too (a field its version does not know).
+    assert_eq!(old.get("patient", &queued)["fields"]["telephone"], json!("333"));
+    // A record created by the v1 device without the new required field is accepted.
+    let created = old.put("patient", r#"{"name": "Cy", "phone": "555"}"#);
+    let synced = old.json(&["sync"]);
+    assert_eq!(synced["summary"]["applied"], json!(1), "{synced}");
+
+    with_schema(&new, &v2_file, &["sync"]);
+    assert_eq!(get(&new, &queued)["fields"]["telephone"], json!("333"));
+    assert_eq!(get(&new, &untouched)["fields"]["telephone"], json!("444"));
+    assert_eq!(
+        get(&new, &created)["fields"],
+        json!({"name": "Cy", "telephone": "555", "consent": "pending"})
+    );
+
+    // The relay holds every value under both names: the copy was made once, by the relay, in
+    // the feed entry of the write that caused it.
+    let files = RelayFiles::open(&data);
+    for (id, value) in [(&queued, "333"), (&untouched, "444"), (&created, "555")] {
+        let fields = files.fields(id.parse().unwrap());
+        assert_eq!(
+            (fields["phone"].clone(), fields["telephone"].clone()),
+            (json!(value), json!(value)),
+            "{fields:?}"
+        );
+    }
+    drop(files);
+    drop(relay);
+}
+
+#[test]
+fn a_version_the_relay_skipped_is_refused_with_the_way_out_and_accepted_once_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let v2_file = write(dir.path(), "v2.toml", &v2());
+    let v3 = v2().replacen("schema_version = 2", "schema_version = 3", 1).replacen(
+        "fields.phone = { type = \"string\", max_length = 40 }",
+        "fields.phone = { type = \"string\", max_length = 40 }\nfields.pronouns = { type = \"string\", max_length = 40 }",
+        1,
+    );
+    let v3_file = write(dir.path(), "v3.toml", &v3);
+    let mut relay = Relay::start(&data, 0);
+    relay.setup("clinic", &[("sam", "clinician")]);
+    let new = Peer::init(&dir.path().join("new"));
+    new.enroll(&relay, "sam");
+    // The app ships v2 while the relay still runs v1; the relay then goes straight to v3.
+    with_schema(
+        &new,
+        &v2_file,
+        &[
+            "put",
+            "patient",
+            "--json",
+            r#"{"name": "Ada", "preferred_name": "Addie"}"#,
+        ],
+    );
+    relay.stop();
+    let port = relay.addr.port();
+    let skipped = Relay::start_with(
+        &data,
+        port,
+        &["--schema", v3_file.to_str().unwrap()],
+        &[("RUST_LOG", "error")],
+    );
+    let out = new.run(&["--schema", v2_file.to_str().unwrap(), "sync"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(said.contains("v2, ") && said.contains("--accept-schema"), "{said}");
+    drop(skipped);
+
+    let relay = Relay::start_with(
+        &data,
+        port,
+        &[
+            "--schema",
+            v3_file.to_str().unwrap(),
+            "--accept-schema",
+            v2_file.to_str().unwrap(),
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let synced: serde_json::Value = serde_json::from_str(&with_schema(&new, &v2_file, &["sync", "--json"])).unwrap();
+    assert_eq!(synced["summary"]["applied"], json!(1), "{synced}");
     drop(relay);
 }

@@ -77,7 +77,14 @@ fn print_conflict(c: &ConflictRecord, me: &Me<'_>) -> Result<()> {
             FieldStatus::Same => "same on both",
             FieldStatus::Merged => "merged (counter)",
         };
-        outln!("  {} [{mark}]", f.field)?;
+        if f.from_newer_version {
+            outln!(
+                "  {} [{mark}; a newer app version's field, kept as the relay has it]",
+                f.field
+            )?;
+        } else {
+            outln!("  {} [{mark}]", f.field)?;
+        }
         outln!("    base:   {}", f.base)?;
         outln!("    mine:   {}", side(&f.mine, me))?;
         outln!("    theirs: {}", side(&f.theirs, me))?;

@@ -59,6 +59,16 @@ enum SchemaCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The schema versions this relay has served, oldest first: which devices it still
+    /// accepts (served) and which it refuses since a breaking schema was served on purpose
+    /// (retired). Works while the relay runs.
+    History {
+        /// The relay's data directory.
+        #[arg(long, value_name = "DIR", default_value = "./relay-data")]
+        data: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn os_rng() -> anyhow::Result<ChaCha20Rng> {
@@ -111,6 +121,7 @@ fn main() -> std::process::ExitCode {
             json,
         }) => show_schema(entity_type.as_deref(), schema.as_deref(), json),
         Command::Schema(SchemaCommand::Check { old, new, json }) => check_schema(&old, &new, json),
+        Command::Schema(SchemaCommand::History { data, json }) => schema_history(&data, json),
     };
     match result {
         Ok(code) => code,
@@ -147,6 +158,48 @@ fn check_schema(old: &std::path::Path, new: &std::path::Path, json: bool) -> any
     } else {
         std::process::ExitCode::from(1)
     })
+}
+
+fn schema_history(data: &std::path::Path, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    use fieldsync_relay::store::Directory;
+    let (_backend, directory) = admin_cmd::open(data)?;
+    let served = directory.served_schemas()?;
+    let rows: Vec<serde_json::Value> = served
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "version": s.version,
+                "hash": s.hash,
+                "first_served_ms": s.first_served_ms,
+                "retired_ms": s.retired_ms,
+            })
+        })
+        .collect();
+    let lines: Vec<String> = served
+        .iter()
+        .map(|s| {
+            let state = match s.retired_ms {
+                Some(at) => format!(
+                    "retired {} (its devices are refused)",
+                    fieldsync_schema::time_fmt::render_ms(at)
+                ),
+                None => "served".to_string(),
+            };
+            format!(
+                "v{:<4} {}  first served {}  {state}",
+                s.version,
+                &s.hash[..s.hash.len().min(16)],
+                fieldsync_schema::time_fmt::render_ms(s.first_served_ms)
+            )
+        })
+        .collect();
+    let text = if lines.is_empty() {
+        "no schema recorded yet (the relay records the schema it serves at each start)".to_string()
+    } else {
+        lines.join("\n")
+    };
+    admin_cmd::print(json, serde_json::Value::Array(rows), text)?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// The `kind` of a `--json` error: what a script can branch on.

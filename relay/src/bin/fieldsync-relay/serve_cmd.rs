@@ -63,11 +63,21 @@ pub struct ServeArgs {
     /// devices still on the broken versions are refused, told to update the app.
     #[arg(long)]
     allow_breaking_schema: bool,
+    /// A schema file of a version devices may still run that this relay never served (an app
+    /// released while the relay ran an older version, then the relay upgraded past it);
+    /// repeatable. Weighed like the versions it served.
+    #[arg(long, value_name = "FILE")]
+    accept_schema: Vec<std::path::PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let skip_start_check = args.skip_start_check;
     let allow_breaking_schema = args.allow_breaking_schema;
+    let also_known_schemas = args
+        .accept_schema
+        .iter()
+        .map(|p| Schema::load(Some(p)).with_context(|| format!("--accept-schema {}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let file = match &args.config {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
@@ -106,6 +116,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         opts.config.doc_cache_capacity = config.doc_cache;
         opts.check_at_start = !skip_start_check;
         opts.allow_breaking_schema = allow_breaking_schema;
+        opts.also_known_schemas = also_known_schemas;
         let server = Server::bind(opts, Box::new(rng), new_relay_id).await?;
         eprintln!(
             "fieldsync relay {} listening on {}://{}/v1/sync (data: {}, schema v{} {}{})",

@@ -9,10 +9,10 @@
 //! space's last fanned-out seq and the report's first are read back from the store, and the
 //! periodic tick does the same for spaces no worker is busy with.
 
-use fieldsync_schema::{FeedEntry, Policy, RelayMessage};
+use fieldsync_schema::{FeedEntry, RelayMessage};
 use uuid::Uuid;
 
-use super::pull::feed_entry;
+use super::pull::{feed_entry, relay_may_add_changes};
 use super::{ConnState, Front};
 use crate::core::{AppliedEntry, CloseReason, Output};
 use crate::store::{Directory, FeedRow, SpaceStore, StoreError};
@@ -129,16 +129,13 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
     }
 
     /// A stored feed row as fan-out sends it: everything to other devices; to its origin, only
-    /// the changes the relay added (LWW settlement).
+    /// the changes the relay added (LWW settlement, a declared rename).
     fn applied_entry(&self, row: FeedRow) -> Result<AppliedEntry, StoreError> {
-        let lww = self
-            .schema
-            .entity_type(&row.entity_type)
-            .is_some_and(|t| t.policy == Policy::Lww);
+        let relay_writes = relay_may_add_changes(&self.schema, &row.entity_type);
         let origin_device = row.origin_device;
-        let origin_payload = feed_entry(row.clone(), origin_device, lww)?.payload;
+        let origin_payload = feed_entry(row.clone(), origin_device, relay_writes)?.payload;
         Ok(AppliedEntry {
-            entry: feed_entry(row, Uuid::nil(), lww)?,
+            entry: feed_entry(row, Uuid::nil(), relay_writes)?,
             origin_device,
             origin_payload,
         })

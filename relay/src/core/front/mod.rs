@@ -307,6 +307,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 device_id,
                 public_key,
                 schema_hash,
+                schema_version,
                 proof,
             } => {
                 self.ensure_tx(turn)?;
@@ -315,7 +316,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                     token: &token,
                     device_id,
                     public_key: &public_key.0,
-                    schema_hash,
+                    schema: (schema_hash, schema_version),
                     proof: &proof.0,
                 };
                 self.on_enroll(conn, request, now_ms, turn, out)

@@ -223,13 +223,10 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         let got = rows.len();
         let mut taken = 0;
         for row in rows {
-            let lww = self
-                .schema
-                .entity_type(&row.entity_type)
-                .is_some_and(|t| t.policy == Policy::Lww);
+            let relay_writes = relay_may_add_changes(&self.schema, &row.entity_type);
             position.seq = row.seq;
             taken += 1;
-            page.push(feed_entry(row, device_id, lww)?);
+            page.push(feed_entry(row, device_id, relay_writes)?);
             if page.full() {
                 break;
             }
@@ -238,19 +235,28 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
     }
 }
 
-/// A stored feed row as `device` receives it.
-/// `lww`: whether the entity's type is last-writer-wins, the only policy where the relay adds
-/// changes of its own to a mutation (its settlement), which the origin device still needs.
-pub(crate) fn feed_entry(row: FeedRow, device: uuid::Uuid, lww: bool) -> Result<FeedEntry, StoreError> {
+/// Whether the relay may add changes of its own to a mutation of `entity_type`, which the
+/// origin device then still needs: the settlement of a last-writer-wins type, and the copy of a
+/// renamed field to its other names. (A type whose rename was later dropped from the schema
+/// keeps its old rows: their origins received those changes when they were new.)
+pub(crate) fn relay_may_add_changes(schema: &fieldsync_schema::Schema, entity_type: &str) -> bool {
+    schema
+        .entity_type(entity_type)
+        .is_some_and(|t| t.policy == Policy::Lww || t.fields.values().any(|f| !f.renamed_from.is_empty()))
+}
+
+/// A stored feed row as `device` receives it. `relay_writes`: see [`relay_may_add_changes`];
+/// without it the origin's entry is `Own` without decoding the row.
+pub(crate) fn feed_entry(row: FeedRow, device: uuid::Uuid, relay_writes: bool) -> Result<FeedEntry, StoreError> {
     let origin_is_device = row.origin_device == device;
-    let changes: Vec<Bytes> = if origin_is_device && !lww {
+    let changes: Vec<Bytes> = if origin_is_device && !relay_writes {
         Vec::new()
     } else {
         ciborium::from_reader(row.changes.as_slice())
             .map_err(|e| StoreError::Corrupt(format!("feed row {}: {e}", row.seq)))?
     };
     let payload = if origin_is_device {
-        // The origin has its own changes; it still needs any the relay added (LWW settlement).
+        // The origin has its own changes; it still needs any the relay added.
         let own = device_actor(device);
         let relay_added: Vec<Bytes> = changes
             .into_iter()

@@ -18,7 +18,8 @@ pub(crate) struct EnrollRequest<'a> {
     pub token: &'a str,
     pub device_id: Uuid,
     pub public_key: &'a [u8],
-    pub schema_hash: SchemaHash,
+    /// The device's schema hash and version.
+    pub schema: (SchemaHash, u64),
     pub proof: &'a [u8],
 }
 
@@ -90,8 +91,14 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                  incompatibly; update the app"
             ),
             None => format!(
-                "the device's schema ({}) is not one this relay has served (it serves v{current}, {}); update the \
-                 app, or the relay if the app is newer",
+                "the device's schema ({}{}) is not one this relay has served (it serves v{current}, {}); update the \
+                 app — or, if that app version shipped while the relay ran an older one, start the relay with \
+                 `--accept-schema` and its schema file",
+                if schema_version > 0 {
+                    format!("v{schema_version}, ")
+                } else {
+                    String::new()
+                },
                 schema_hash.to_hex(),
                 self.schema.hash().to_hex()
             ),
@@ -278,7 +285,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             self.protocol_close(conn, "enroll on a connection already in use", out);
             return Ok(());
         }
-        if !self.check_versions(conn, req.protocol_version, (req.schema_hash, 0), out) {
+        if !self.check_versions(conn, req.protocol_version, req.schema, out) {
             return Ok(());
         }
         let hash = token_hash(req.token);

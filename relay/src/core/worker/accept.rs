@@ -324,7 +324,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
             changes: &changes,
             extra_changes,
             lww_plan,
-            before: &before,
+            before: &ty.view_of(&before),
             before_deleted,
             before_signed,
             before_heads: &before_heads,
@@ -461,12 +461,22 @@ impl<S: SpaceStore> SpaceWorker<S> {
             }
             plan = Some(p);
         }
-        let after = doc.fields();
+        // A declared rename: the value this write gave, under whichever name, goes to every
+        // other name of the field, as the relay's change in this write's feed entry.
+        let aligned = doc
+            .align_renamed(ty, &ops.touched())
+            .map_err(|e| ApplyError::Rejected(invalid("changes", e.to_string())))?;
+        if aligned && let Some(change) = doc.commit(now_ms) {
+            extra.push(change);
+        }
+        // Validation sees the record as the current schema names it (old names read as new,
+        // defaults filled in); the signature covers what the document stores.
+        let after = ty.view(doc.fields());
         let mut errors = match ty.validate(&after) {
             Ok(()) => Vec::new(),
             Err(e) => e.0,
         };
-        errors.extend(ref_errors(&self.store, ty, m.space_id, before, &after).map_err(ApplyError::Store)?);
+        errors.extend(ref_errors(&self.store, ty, m.space_id, &ty.view_of(before), &after).map_err(ApplyError::Store)?);
         match m.kind {
             MutationKind::Create if doc.entity_type().as_deref() != Some(m.entity_type.as_str()) => {
                 errors.push(FieldError::new(
@@ -500,7 +510,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
                 ));
             }
             MutationKind::Sign => {
-                errors.extend(signature_errors(m, &sender.verifier, doc.signature(), &after));
+                errors.extend(signature_errors(m, &sender.verifier, doc.signature(), &doc.fields()));
             }
             _ => {}
         }

@@ -49,13 +49,15 @@ pub(super) fn resolution_rows(
     version: u64,
     now_ms: u64,
 ) -> Vec<ArchiveRow> {
-    let resolved = state(doc.fields(), doc.is_deleted());
-    let theirs = state(before.fields.clone(), before.deleted);
+    // Every side as the current schema names it, so a field renamed since is compared once.
+    let resolved = state(ty.view(doc.fields()), doc.is_deleted());
+    let theirs = state(ty.view(before.fields.clone()), before.deleted);
     let (base, mine) = match changes.split_last() {
         Some((_, carried)) if !carried.is_empty() => {
             let base_heads = carried[0].deps();
-            let base = state(doc.fields_at(base_heads), doc.is_deleted_at(base_heads));
-            (Some(base), Some(mine_state(doc, carried, m.device_id)))
+            let base = state(ty.view(doc.fields_at(base_heads)), doc.is_deleted_at(base_heads));
+            let mine = ty.view(mine_state(doc, carried, m.device_id));
+            (Some(base), Some(mine))
         }
         _ => (None, None),
     };

@@ -78,7 +78,7 @@ pub(crate) fn structural_errors(
             k if k.starts_with('_') => {
                 errors.push(err(k, Rule::NotAllowed, "keys starting with `_` are reserved"));
             }
-            k if ty.field(k).is_none() => {
+            k if !ty.knows_key(k) => {
                 errors.push(err(
                     k,
                     Rule::UnknownField,
