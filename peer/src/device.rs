@@ -139,6 +139,26 @@ pub struct Device {
     pub(crate) hlc: HlcClock,
     pub(crate) enrollment: Option<Enrollment>,
     pub(crate) link: Link,
+    /// What sync committed since the last [`Device::take_notices`], for an app's listener.
+    pub(crate) notices: Vec<Notice>,
+}
+
+/// Something sync changed on this device, reported after its transaction committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Notice {
+    /// A pull or live entry changed a record (created, edited, deleted, moved).
+    Changed { entity_type: String, entity_id: Uuid },
+    /// The relay answered one of this device's writes with a conflict: a prompt waits.
+    Conflict { entity_type: String, entity_id: Uuid },
+    /// The relay refused one of this device's writes: a rejected edit waits.
+    Rejected { entity_type: String, entity_id: Uuid },
+    /// A last-writer-wins value of this device's was overridden by a later write.
+    LwwLoss {
+        entity_type: String,
+        entity_id: Uuid,
+        field: String,
+    },
 }
 
 impl std::fmt::Debug for Device {
@@ -212,7 +232,23 @@ impl Device {
             hlc,
             enrollment,
             link: Link::default(),
+            notices: Vec::new(),
         })
+    }
+
+    /// Opens the device in `dir` with the default schema, the system clock and a random number
+    /// generator seeded by the operating system: what an app wants. [`Device::open`] takes
+    /// both injected (tests, the simulator).
+    pub fn open_default(dir: &Path) -> Result<Device> {
+        use rand_core::SeedableRng;
+        let rng = rand_chacha::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
+            .map_err(|e| PeerError::Corrupt(format!("cannot seed the random number generator from the OS: {e}")))?;
+        Device::open(dir, Arc::new(fieldsync_schema::SystemTimeSource), Box::new(rng))
+    }
+
+    /// What sync changed since the last call, oldest first (each notice once).
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
     }
 
     /// Whether `dir` already holds a device (import refuses such a dir).

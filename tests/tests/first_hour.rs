@@ -173,6 +173,12 @@ fn sync_watch_says_what_moves_and_does_not_promise_a_reconnect_after_a_revocatio
         "{:?}",
         lines.lock().unwrap()
     );
+    // What an app's listener hears, the watch prints: the record another device changed.
+    assert!(
+        fieldsync_tests::eventually(Duration::from_secs(10), || seen("changed: patient ")),
+        "{:?}",
+        lines.lock().unwrap()
+    );
 
     let device = watcher.status()["device_id"].as_str().unwrap().to_string();
     relay.admin(&["device", "revoke", &device]);
@@ -285,4 +291,90 @@ fn the_conflict_archive_names_the_space_and_the_devices() {
     let rows = relay.admin(&["conflicts"]);
     assert_eq!(rows[0]["space"], "gym", "{rows}");
     assert!(rows[0]["winner"].as_str().unwrap().contains("Alex's watch"), "{rows}");
+}
+
+/// The first event `want` accepts (within 20 s; every other event is kept for the failure).
+async fn heard_on(
+    events: &mut tokio::sync::broadcast::Receiver<fieldsync_peer::ClientEvent>,
+    want: impl Fn(&fieldsync_peer::ClientEvent) -> bool,
+) -> fieldsync_peer::ClientEvent {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(e)) if want(&e) => return e,
+            Ok(Ok(e)) => seen.push(e),
+            other => panic!("not heard ({other:?}); heard {seen:?}"),
+        }
+    }
+}
+
+/// The 30-line program an app developer writes (README, "Embed it"): one `Client` per device,
+/// enrolled and started from Rust, hearing another device's write through its listener.
+#[test]
+fn an_app_holds_one_client_that_syncs_live_and_hears_another_devices_write() {
+    use fieldsync_peer::{Client, ClientEvent, Notice, SyncStatus};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"), 0);
+    relay.setup("clinic", &[("dana", "clinician"), ("sam", "clinician")]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let phone = Client::open(&dir.path().join("phone")).unwrap();
+        let tablet = Client::open(&dir.path().join("tablet")).unwrap();
+        assert!(phone.start().is_err(), "not enrolled yet");
+        phone.enroll(&relay.url(), &relay.token("dana")).await.unwrap();
+        tablet.enroll(&relay.url(), &relay.token("sam")).await.unwrap();
+        let mut heard = tablet.subscribe();
+        let mut phone_heard = phone.subscribe();
+        phone.start().unwrap();
+        tablet.start().unwrap();
+        assert!(tablet.start().is_err(), "one sync task per client");
+        heard_on(&mut heard, |e| matches!(e, ClientEvent::Connected)).await;
+
+        let id = phone
+            .write("patient")
+            .set("name", "Ada")
+            .set("mrn", "M-1")
+            .save()
+            .unwrap()
+            .entity_id;
+        let changed = heard_on(
+            &mut heard,
+            |e| matches!(e, ClientEvent::Notice(Notice::Changed { entity_id, .. }) if *entity_id == id),
+        )
+        .await;
+        assert!(
+            matches!(changed, ClientEvent::Notice(Notice::Changed { ref entity_type, .. }) if entity_type == "patient")
+        );
+        // The listener ran after the commit: the record is there, for every clone of the client.
+        let seen = tablet.clone().get(id).unwrap().unwrap();
+        assert_eq!(seen.fields["name"], "Ada");
+        // The phone heard its write go out: the status every handle reads is the sync task's,
+        // online and synced (not "offline", as a second handle beside a watch once said).
+        heard_on(
+            &mut phone_heard,
+            |e| matches!(e, ClientEvent::Status(s) if s.state == SyncStatus::Synced && s.unsynced == 0),
+        )
+        .await;
+        assert_eq!(phone.clone().status().unwrap().state, SyncStatus::Synced);
+        // Edits are builder-style too, and the phone hears the tablet's.
+        tablet
+            .write("patient")
+            .id(id)
+            .set("mrn", "M-2")
+            .clear("phone")
+            .save()
+            .unwrap();
+        heard_on(&mut phone_heard, |e| {
+            matches!(e, ClientEvent::Notice(Notice::Changed { .. }))
+        })
+        .await;
+        assert_eq!(phone.get(id).unwrap().unwrap().fields["mrn"], "M-2");
+        phone.stop().await;
+        tablet.stop().await;
+        phone.stop().await; // stopping twice is harmless
+        // Stopped, the device still works offline and its writes wait for the next start.
+        phone.write("patient").id(id).set("mrn", "M-3").save().unwrap();
+        assert_eq!(phone.status().unwrap().state, SyncStatus::Offline);
+    });
 }

@@ -521,6 +521,12 @@ fn a_resolution_keeps_fields_this_devices_schema_does_not_know() {
     push(&mut f, |b| {
         vec![conflict(&b[0], 2, theirs.clone(), ConflictReason::StaleBase)]
     });
+    // An app's listener hears that a prompt waits.
+    let conflicted = crate::Notice::Conflict {
+        entity_type: "workout".into(),
+        entity_id: id,
+    };
+    assert!(f.dev.take_notices().contains(&conflicted));
     // The prompt shows the field, marked as one this app version does not know.
     let record = f.dev.conflicts().unwrap().remove(0);
     let shown: Vec<(&str, bool)> = record

@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use fieldsync_schema::ClientMessage;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{NetError, Socket, TlsOptions, close, connect, receive, send, send_all};
 use crate::deadline::Deadline;
@@ -13,6 +12,7 @@ use crate::device::Device;
 use crate::sync::{Phase, SyncInput, SyncMachine, SyncSummary};
 
 /// Items moving in one round above which a progress bar is worth showing (a week offline).
+#[cfg(feature = "cli")]
 const PROGRESS_THRESHOLD: u64 = 1000;
 
 #[derive(Debug, Clone)]
@@ -53,6 +53,31 @@ impl Default for SyncOptions {
     }
 }
 
+/// How the shell reaches the device and its machine, one step at a time. The CLI's `sync`
+/// holds both for the whole round ([`Exclusive`]); an app's [`crate::Client`] shares them with
+/// the app and takes its lock for each step only, never across a wait on the network.
+pub trait Drive {
+    fn step<R>(&mut self, f: impl FnOnce(&mut Device, &mut SyncMachine) -> R) -> R;
+
+    /// Resolves when a local write (or the app) asks for a push now rather than at the next
+    /// tick. Owned, so the session can wait on it beside the socket.
+    fn nudged(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A device and machine held by one caller for the whole session.
+pub struct Exclusive<'a> {
+    pub dev: &'a mut Device,
+    pub machine: &'a mut SyncMachine,
+}
+
+impl Drive for Exclusive<'_> {
+    fn step<R>(&mut self, f: impl FnOnce(&mut Device, &mut SyncMachine) -> R) -> R {
+        f(self.dev, self.machine)
+    }
+}
+
 /// What `watch` reports as it goes.
 #[derive(Debug, Clone)]
 pub enum WatchEvent {
@@ -74,21 +99,30 @@ pub async fn sync_once(
     machine: &mut SyncMachine,
     opts: &SyncOptions,
 ) -> Result<SyncSummary, NetError> {
-    let url = dev.enrollment().ok_or(NetError::NotEnrolled)?.relay_url.clone();
+    sync_round(&mut Exclusive { dev, machine }, opts).await
+}
+
+/// [`sync_once`] through any [`Drive`].
+pub async fn sync_round(drive: &mut impl Drive, opts: &SyncOptions) -> Result<SyncSummary, NetError> {
+    let url = relay_url(drive)?;
     let mut socket = match connect(&url, &opts.tls).await {
         Ok(s) => s,
         Err(e) => {
-            machine.handle(dev, SyncInput::Disconnected)?;
+            drive.step(|d, m| m.handle(d, SyncInput::Disconnected))?;
             return Err(e);
         }
     };
     let mut never = std::pin::pin!(std::future::pending::<()>());
-    let result = session(dev, machine, &mut socket, opts, true, &mut never, &mut |_| {}).await;
+    let result = session(drive, &mut socket, opts, true, &mut never, &mut |_| {}).await;
     if result.is_ok() {
         close(&mut socket).await;
     }
-    machine.handle(dev, SyncInput::Disconnected)?;
+    drive.step(|d, m| m.handle(d, SyncInput::Disconnected))?;
     result
+}
+
+fn relay_url(drive: &mut impl Drive) -> Result<String, NetError> {
+    drive.step(|d, _| d.enrollment().map(|e| e.relay_url.clone()).ok_or(NetError::NotEnrolled))
 }
 
 /// Stays connected until `stop` resolves: live changes both ways, reconnecting with
@@ -98,19 +132,33 @@ pub async fn watch<F: Future<Output = ()>>(
     machine: &mut SyncMachine,
     opts: &SyncOptions,
     stop: F,
+    on_event: impl FnMut(WatchEvent),
+) -> Result<(), NetError> {
+    watch_with(&mut Exclusive { dev, machine }, opts, stop, on_event).await
+}
+
+/// [`watch`] through any [`Drive`].
+pub async fn watch_with<F: Future<Output = ()>>(
+    drive: &mut impl Drive,
+    opts: &SyncOptions,
+    stop: F,
     mut on_event: impl FnMut(WatchEvent),
 ) -> Result<(), NetError> {
-    let url = dev.enrollment().ok_or(NetError::NotEnrolled)?.relay_url.clone();
+    let url = relay_url(drive)?;
     let mut stop = std::pin::pin!(stop);
     loop {
-        if machine.phase() == Phase::AuthFailed {
-            let reason = dev.status()?.auth_failure.unwrap_or_else(|| "refused".into());
+        if drive.step(|_, m| m.phase()) == Phase::AuthFailed {
+            let reason = drive
+                .step(|d, _| d.status())?
+                .auth_failure
+                .unwrap_or_else(|| "refused".into());
             return Err(NetError::Closed(format!("authentication failed: {reason}")));
         }
-        if !machine.should_connect(dev) {
-            let wait = machine.reconnect_in(dev).unwrap_or(1000);
+        if !drive.step(|d, m| m.should_connect(d)) {
+            let wait = drive.step(|d, m| m.reconnect_in(d)).unwrap_or(1000);
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => continue,
+                _ = drive.nudged() => continue,
                 _ = &mut stop => return Ok(()),
             }
         }
@@ -122,7 +170,7 @@ pub async fn watch<F: Future<Output = ()>>(
             Ok(mut socket) => {
                 on_event(WatchEvent::Connected);
                 let mut progress = |s: &SyncSummary| on_event(WatchEvent::Progress(*s));
-                let r = session(dev, machine, &mut socket, opts, false, &mut stop, &mut progress).await;
+                let r = session(drive, &mut socket, opts, false, &mut stop, &mut progress).await;
                 if r.is_ok() {
                     close(&mut socket).await;
                 }
@@ -130,7 +178,7 @@ pub async fn watch<F: Future<Output = ()>>(
             }
             Err(e) => Err(e),
         };
-        machine.handle(dev, SyncInput::Disconnected)?;
+        drive.step(|d, m| m.handle(d, SyncInput::Disconnected))?;
         match result {
             Ok(summary) => {
                 on_event(WatchEvent::Summary(summary));
@@ -141,9 +189,9 @@ pub async fn watch<F: Future<Output = ()>>(
             Err(e @ NetError::Tls(_)) => return Err(e),
             // Refused (revoked, unknown, wrong relay): no reconnect is coming, so none is
             // announced; the loop's first check returns the refusal.
-            Err(_) if machine.phase() == Phase::AuthFailed => {}
+            Err(_) if drive.step(|_, m| m.phase()) == Phase::AuthFailed => {}
             Err(e) => {
-                let retry_in_ms = machine.reconnect_in(dev).unwrap_or(0);
+                let retry_in_ms = drive.step(|d, m| m.reconnect_in(d)).unwrap_or(0);
                 on_event(WatchEvent::Disconnected {
                     reason: e.to_string(),
                     retry_in_ms,
@@ -156,27 +204,27 @@ pub async fn watch<F: Future<Output = ()>>(
 /// Drives the machine over one connection. With `until_idle`, returns once the round is done;
 /// otherwise runs until `stop` resolves or the connection fails.
 async fn session<F: Future<Output = ()>>(
-    dev: &mut Device,
-    machine: &mut SyncMachine,
+    drive: &mut impl Drive,
     socket: &mut Socket,
     opts: &SyncOptions,
     until_idle: bool,
     stop: &mut Pin<&mut F>,
     on_progress: &mut impl FnMut(&SyncSummary),
 ) -> Result<SyncSummary, NetError> {
-    let start = machine.summary();
+    let start = drive.step(|_, m| m.summary());
     let mut reported = start;
-    let mut bar = Progress::new(dev, opts)?;
-    send_all(socket, machine.handle(dev, SyncInput::Connected)?).await?;
+    let queued = drive.step(|d, _| d.status())?.unsynced;
+    let mut bar = Progress::new(queued, opts);
+    send_all(socket, drive.step(|d, m| m.handle(d, SyncInput::Connected))?).await?;
     let mut last_traffic = tokio::time::Instant::now();
     loop {
-        let summary = machine.summary();
+        let summary = drive.step(|_, m| m.summary());
         bar.update(&start, &summary);
         if moved(&reported, &summary) {
             on_progress(&summary);
             reported = summary;
         }
-        let now = dev.now_ms();
+        let (now, wakeup) = drive.step(|d, m| (d.now_ms(), m.next_wakeup()));
         let retry_is_far = summary
             .retry_at
             .is_some_and(|t| Deadline::at(t).remaining(now) > opts.retry_patience.as_millis() as u64);
@@ -184,31 +232,37 @@ async fn session<F: Future<Output = ()>>(
             bar.finish();
             return Ok(summary);
         }
-        let until_wakeup = machine
-            .next_wakeup()
+        let until_wakeup = wakeup
             .map_or(u64::MAX, |t| t.remaining(now))
             .min(opts.tick_every.as_millis() as u64);
         tokio::select! {
             msg = receive(socket) => {
                 let msg = msg?;
                 last_traffic = tokio::time::Instant::now();
-                let out = machine.handle(dev, SyncInput::Message(msg))?;
+                let out = drive.step(|d, m| m.handle(d, SyncInput::Message(msg)))?;
                 send_all(socket, out).await?;
             }
             _ = tokio::time::sleep(Duration::from_millis(until_wakeup)) => {
-                let out = machine.handle(dev, SyncInput::Tick)?;
+                let out = drive.step(|d, m| m.handle(d, SyncInput::Tick))?;
                 if !out.is_empty() {
                     last_traffic = tokio::time::Instant::now();
                 }
                 send_all(socket, out).await?;
-                if last_traffic.elapsed() >= opts.ping_every && machine.phase() == Phase::Ready {
-                    send(socket, &ClientMessage::Ping { nonce: dev.now_ms() }).await?;
+                if last_traffic.elapsed() >= opts.ping_every && drive.step(|_, m| m.phase()) == Phase::Ready {
+                    send(socket, &ClientMessage::Ping { nonce: drive.step(|d, _| d.now_ms()) }).await?;
                     last_traffic = tokio::time::Instant::now();
                 }
             }
+            _ = drive.nudged() => {
+                let out = drive.step(|d, m| m.handle(d, SyncInput::LocalWrite))?;
+                if !out.is_empty() {
+                    last_traffic = tokio::time::Instant::now();
+                }
+                send_all(socket, out).await?;
+            }
             _ = stop.as_mut() => {
                 bar.finish();
-                return Ok(machine.summary());
+                return Ok(drive.step(|_, m| m.summary()));
             }
         }
     }
@@ -225,24 +279,29 @@ fn moved(before: &SyncSummary, now: &SyncSummary) -> bool {
     ) != (now.pushed, now.applied, now.conflicts, now.rejected, now.pulled)
 }
 
-/// A progress bar that appears only when a round moves thousands of items.
+/// A progress bar that appears only when a round moves thousands of items (with the `cli`
+/// feature; an app embedding the library draws its own).
 struct Progress {
+    #[cfg(feature = "cli")]
     enabled: bool,
+    #[cfg(feature = "cli")]
     queued: u64,
-    bar: Option<ProgressBar>,
+    #[cfg(feature = "cli")]
+    bar: Option<indicatif::ProgressBar>,
 }
 
+#[cfg(feature = "cli")]
 impl Progress {
-    fn new(dev: &Device, opts: &SyncOptions) -> Result<Self, NetError> {
-        let queued = dev.status()?.unsynced;
-        Ok(Progress {
+    fn new(queued: u64, opts: &SyncOptions) -> Self {
+        Progress {
             enabled: opts.progress,
             queued,
             bar: None,
-        })
+        }
     }
 
     fn update(&mut self, start: &SyncSummary, now: &SyncSummary) {
+        use indicatif::{ProgressBar, ProgressStyle};
         if !self.enabled {
             return;
         }
@@ -268,4 +327,13 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+#[cfg(not(feature = "cli"))]
+impl Progress {
+    fn new(_queued: u64, _opts: &SyncOptions) -> Self {
+        Progress {}
+    }
+    fn update(&mut self, _start: &SyncSummary, _now: &SyncSummary) {}
+    fn finish(&mut self) {}
 }

@@ -19,14 +19,29 @@ pub async fn enroll_with_tls(
     token: &str,
     tls: &TlsOptions,
 ) -> Result<Enrollment, NetError> {
+    let request = ClientMessage::enroll(dev.key(), token.trim(), dev.device_id(), dev.schema());
+    let reply = exchange(relay_url, &request, tls).await?;
+    complete(dev, relay_url, reply)
+}
+
+/// The network half of enrollment: the request out, the relay's answer back. Needs no device,
+/// so a caller sharing one (an app's [`crate::Client`]) holds no lock while it waits.
+pub(crate) async fn exchange(
+    relay_url: &str,
+    request: &ClientMessage,
+    tls: &TlsOptions,
+) -> Result<RelayMessage, NetError> {
     super::endpoint(relay_url)?;
-    let token = token.trim();
     let mut socket = connect(relay_url, tls).await?;
-    let request = ClientMessage::enroll(dev.key(), token, dev.device_id(), dev.schema());
-    send(&mut socket, &request).await?;
+    send(&mut socket, request).await?;
     let reply = receive(&mut socket).await;
     close(&mut socket).await;
-    match reply? {
+    reply
+}
+
+/// The device half: records the enrollment the relay granted, or says why it refused.
+pub(crate) fn complete(dev: &mut Device, relay_url: &str, reply: RelayMessage) -> Result<Enrollment, NetError> {
+    match reply {
         RelayMessage::Enrolled { relay_id, user } => {
             let Some(default_space) = user.spaces.first().map(|s| s.space_id) else {
                 return Err(NetError::EnrollRefused {

@@ -5,7 +5,7 @@
 //! machine: a single request and answer before the device has an identity at the relay.
 
 mod client;
-mod enroll;
+pub(crate) mod enroll;
 mod tls;
 
 use std::time::Duration;
@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub use client::{SyncOptions, WatchEvent, sync_once, watch};
+pub use client::{Drive, Exclusive, SyncOptions, WatchEvent, sync_once, sync_round, watch, watch_with};
 pub use enroll::{enroll, enroll_with_tls};
 pub use tls::TlsOptions;
 

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::conflict::lww;
 use crate::db::{self, keys};
-use crate::device::Device;
+use crate::device::{Device, Notice};
 use crate::entity::{self, EntityMeta, SyncState};
 use crate::error::{PeerError, Result};
 use crate::outbox;
@@ -63,6 +63,7 @@ impl Device {
         let actor = self.actor();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut tally = PushTally::default();
+        let mut notices = Vec::new();
         for r in results {
             if !batch.contains(&r.mutation_id) {
                 return Err(PeerError::Corrupt(format!(
@@ -86,18 +87,22 @@ impl Device {
                     };
                     for loss in losses {
                         lww::record_loss(&tx, loss, now_ms)?;
+                        notices.push(loss_notice(loss));
                     }
                     settle_entity(&tx, item.entity_id)?;
                     tally.applied += 1;
                 }
                 Disposition::Blocking => {
                     outbox::mark_blocked(&tx, r.mutation_id, &r.outcome)?;
+                    let (entity_type, entity_id) = (item.entity_type.clone(), item.entity_id);
                     if matches!(r.outcome, Outcome::Conflict { .. }) {
                         crate::conflict::record_conflict(&tx, &self.schema, &item, &r.outcome, actor.clone(), now_ms)?;
                         tally.conflicts += 1;
+                        notices.push(Notice::Conflict { entity_type, entity_id });
                     } else {
                         crate::conflict::record_rejection(&tx, &self.schema, &item, &r.outcome, actor.clone(), now_ms)?;
                         tally.rejected += 1;
+                        notices.push(Notice::Rejected { entity_type, entity_id });
                     }
                 }
                 Disposition::Retry => {
@@ -108,6 +113,7 @@ impl Device {
         }
 
         tx.commit()?;
+        self.notices.extend(notices);
         Ok(tally)
     }
 
@@ -131,9 +137,10 @@ impl Device {
     pub(crate) fn apply_feed(&mut self, entries: &[FeedEntry], cursor: PullCursor, now_ms: u64) -> Result<()> {
         let (actor, device_id) = (self.actor(), self.device_id);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        apply_entries(&tx, &self.schema, &mut self.hlc, actor, device_id, entries, now_ms)?;
+        let notices = apply_entries(&tx, &self.schema, &mut self.hlc, actor, device_id, entries, now_ms)?;
         db::meta_set_json(&tx, keys::CURSOR, &cursor)?;
         tx.commit()?;
+        self.notices.extend(notices);
         Ok(())
     }
 
@@ -145,9 +152,10 @@ impl Device {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut cursor = stored_cursor(&tx)?;
         let (next, fitted) = contiguous(entries, &mut cursor);
-        apply_entries(&tx, &self.schema, &mut self.hlc, actor, device_id, &next, now_ms)?;
+        let notices = apply_entries(&tx, &self.schema, &mut self.hlc, actor, device_id, &next, now_ms)?;
         db::meta_set_json(&tx, keys::CURSOR, &cursor)?;
         tx.commit()?;
+        self.notices.extend(notices);
         Ok(fitted)
     }
 
@@ -193,7 +201,8 @@ impl Device {
     }
 }
 
-/// Applies feed entries in `tx`, folding their origins' clocks into the device's HLC.
+/// Applies feed entries in `tx`, folding their origins' clocks into the device's HLC; returns
+/// what an app's listener hears once `tx` commits.
 fn apply_entries(
     tx: &Transaction<'_>,
     schema: &Schema,
@@ -202,16 +211,36 @@ fn apply_entries(
     device_id: Uuid,
     entries: &[FeedEntry],
     now_ms: u64,
-) -> Result<()> {
+) -> Result<Vec<Notice>> {
     crate::write::fold_stored_hlc(hlc, tx)?;
+    let mut notices = Vec::new();
     for e in entries {
-        apply_entry(tx, schema, e, actor.clone(), device_id, now_ms)?;
+        notices.extend(
+            e.lww_losses
+                .iter()
+                .filter(|l| l.loser_device == device_id)
+                .map(loss_notice),
+        );
+        if apply_entry(tx, schema, e, actor.clone(), device_id, now_ms)? {
+            notices.push(Notice::Changed {
+                entity_type: e.entity_type.clone(),
+                entity_id: e.entity_id,
+            });
+        }
         if let Some(origin) = &e.origin {
             hlc.observe(&origin.hlc, now_ms);
         }
     }
     db::meta_set_json(tx, keys::HLC, &hlc.last())?;
-    Ok(())
+    Ok(notices)
+}
+
+fn loss_notice(loss: &fieldsync_schema::LwwLoss) -> Notice {
+    Notice::LwwLoss {
+        entity_type: loss.entity_type.clone(),
+        entity_id: loss.entity_id,
+        field: loss.field.clone(),
+    }
 }
 
 /// The stored cursor; the round-1 form `{"seq": N, "snapshot": ...}` becomes `legacy_seq: N`
@@ -261,6 +290,7 @@ fn settle_entity(tx: &Transaction<'_>, id: Uuid) -> Result<()> {
     Ok(())
 }
 
+/// Applies one entry; returns whether the record changed on this device (a listener hears of it).
 fn apply_entry(
     tx: &Transaction<'_>,
     schema: &Schema,
@@ -268,7 +298,7 @@ fn apply_entry(
     actor: automerge::ActorId,
     device_id: Uuid,
     now_ms: u64,
-) -> Result<()> {
+) -> Result<bool> {
     for loss in e.lww_losses.iter().filter(|l| l.loser_device == device_id) {
         lww::record_loss(tx, loss, now_ms)?;
     }
@@ -277,7 +307,7 @@ fn apply_entry(
         // this device no longer holds, restored from an older backup, comes with a later
         // snapshot or change). Loading the document would cost more than everything else here.
         entity::learn_relay_version(tx, e.entity_id, e.version)?;
-        return Ok(());
+        return Ok(false);
     }
     let existing = entity::load(tx, e.entity_id, actor.clone())?;
     if let Some(l) = &existing
@@ -316,15 +346,16 @@ fn apply_entry(
                 .load_incremental(&bytes.0)
                 .map_err(|err| PeerError::Corrupt(format!("snapshot of {}: {err}", e.entity_id)))?;
         }
-        FeedPayload::Own => return Ok(()), // handled above
+        FeedPayload::Own => return Ok(false), // handled above
     }
     if !heads_before.is_empty() && heads_before == doc.heads() && meta.space_id == e.space_id {
         // Nothing new (a snapshot or change this device already holds, such as its own
         // records after a pull from scratch): record the version, skip re-saving the document.
         entity::learn_relay_version(tx, e.entity_id, e.version)?;
-        return Ok(());
+        return Ok(false);
     }
     meta.relay_version = meta.relay_version.max(e.version);
     meta.space_id = e.space_id;
-    entity::store(tx, schema, &meta, &mut doc, now_ms)
+    entity::store(tx, schema, &meta, &mut doc, now_ms)?;
+    Ok(true)
 }

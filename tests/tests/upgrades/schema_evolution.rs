@@ -36,6 +36,21 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// A relay in `dir` serving the default schema to a clinic whose clinicians each have one
+/// device: `devices` are (device directory name, user).
+fn clinic<const N: usize>(dir: &Path, devices: [(&str, &str); N]) -> (PathBuf, Relay, [Peer; N]) {
+    let data = dir.join("relay");
+    let relay = Relay::start(&data, 0);
+    let users: Vec<(&str, &str)> = devices.iter().map(|(_, user)| (*user, "clinician")).collect();
+    relay.setup("clinic", &users);
+    let peers = devices.map(|(name, user)| {
+        let peer = Peer::init(&dir.join(name));
+        peer.enroll(&relay, user);
+        peer
+    });
+    (data, relay, peers)
+}
+
 /// `fieldsync-peer --schema FILE ARGS` on `peer`, which must succeed.
 fn with_schema(peer: &Peer, schema: &Path, args: &[&str]) -> String {
     let mut all = vec!["--schema", schema.to_str().unwrap()];
@@ -46,14 +61,8 @@ fn with_schema(peer: &Peer, schema: &Path, args: &[&str]) -> String {
 #[test]
 fn v1_devices_keep_syncing_through_a_compatible_upgrade_and_keep_the_fields_they_do_not_know() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("relay");
     let v2_file = write(dir.path(), "v2.toml", &v2());
-    let mut relay = Relay::start(&data, 0);
-    relay.setup("clinic", &[("dana", "clinician"), ("sam", "clinician")]);
-    let old = Peer::init(&dir.path().join("old"));
-    let new = Peer::init(&dir.path().join("new"));
-    old.enroll(&relay, "dana");
-    new.enroll(&relay, "sam");
+    let (data, mut relay, [old, new]) = clinic(dir.path(), [("old", "dana"), ("new", "sam")]);
     let patient = old.put("patient", r#"{"name": "Ada"}"#);
     old.ok(&["sync"]);
     // Offline, the v1 device queues a write while the relay is upgraded.
@@ -142,11 +151,7 @@ fn v1_devices_keep_syncing_through_a_compatible_upgrade_and_keep_the_fields_they
 #[test]
 fn a_breaking_schema_is_refused_at_serve_with_what_breaks_and_its_devices_are_told_why_when_allowed() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("relay");
-    let mut relay = Relay::start(&data, 0);
-    relay.setup("clinic", &[("dana", "clinician")]);
-    let old = Peer::init(&dir.path().join("old"));
-    old.enroll(&relay, "dana");
+    let (data, mut relay, [old]) = clinic(dir.path(), [("old", "dana")]);
     old.put("patient", r#"{"name": "Ada"}"#);
     old.ok(&["sync"]);
     relay.stop();
@@ -246,12 +251,8 @@ fn a_breaking_schema_is_refused_at_serve_with_what_breaks_and_its_devices_are_to
 #[test]
 fn a_device_on_a_newer_schema_waits_for_the_relay_and_drains_once_it_is_upgraded() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("relay");
     let v2_file = write(dir.path(), "v2.toml", &v2());
-    let mut relay = Relay::start(&data, 0);
-    relay.setup("clinic", &[("sam", "clinician")]);
-    let new = Peer::init(&dir.path().join("new"));
-    new.enroll(&relay, "sam");
+    let (data, mut relay, [new]) = clinic(dir.path(), [("new", "sam")]);
     let patient = with_schema(
         &new,
         &v2_file,
@@ -312,7 +313,6 @@ fn v2_with_migrations() -> String {
 #[test]
 fn a_rename_migration_keeps_every_value_across_devices_on_both_versions() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("relay");
     let v2_file = write(dir.path(), "v2.toml", &v2_with_migrations());
     let check = Relay::cli(&[
         "schema",
@@ -328,12 +328,7 @@ fn a_rename_migration_keeps_every_value_across_devices_on_both_versions() {
         "{report}"
     );
 
-    let mut relay = Relay::start(&data, 0);
-    relay.setup("clinic", &[("dana", "clinician"), ("sam", "clinician")]);
-    let old = Peer::init(&dir.path().join("old"));
-    let new = Peer::init(&dir.path().join("new"));
-    old.enroll(&relay, "dana");
-    new.enroll(&relay, "sam");
+    let (data, mut relay, [old, new]) = clinic(dir.path(), [("old", "dana"), ("new", "sam")]);
     let queued = old.put("patient", r#"{"name": "Ada", "phone": "111"}"#);
     let untouched = old.put("patient", r#"{"name": "Bo", "phone": "222"}"#);
     old.ok(&["sync"]);
@@ -410,7 +405,6 @@ fn a_rename_migration_keeps_every_value_across_devices_on_both_versions() {
 #[test]
 fn a_version_the_relay_skipped_is_refused_with_the_way_out_and_accepted_once_named() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("relay");
     let v2_file = write(dir.path(), "v2.toml", &v2());
     let v3 = v2().replacen("schema_version = 2", "schema_version = 3", 1).replacen(
         "fields.phone = { type = \"string\", max_length = 40 }",
@@ -418,10 +412,7 @@ fn a_version_the_relay_skipped_is_refused_with_the_way_out_and_accepted_once_nam
         1,
     );
     let v3_file = write(dir.path(), "v3.toml", &v3);
-    let mut relay = Relay::start(&data, 0);
-    relay.setup("clinic", &[("sam", "clinician")]);
-    let new = Peer::init(&dir.path().join("new"));
-    new.enroll(&relay, "sam");
+    let (data, mut relay, [new]) = clinic(dir.path(), [("new", "sam")]);
     // The app ships v2 while the relay still runs v1; the relay then goes straight to v3.
     with_schema(
         &new,

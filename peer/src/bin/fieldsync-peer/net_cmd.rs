@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use fieldsync_peer::Device;
 use fieldsync_peer::net::{self, NetError, SyncOptions, TlsOptions, WatchEvent};
 use fieldsync_peer::sync::{SyncMachine, SyncSummary};
+use fieldsync_peer::{Device, Notice};
 use fieldsync_schema::outln;
 use serde_json::json;
 
@@ -122,30 +122,61 @@ pub fn sync(mut dev: Device, watch: bool, tls: &TlsArgs, json: bool) -> Result<(
         };
     }
     let mut last = machine.summary();
-    let result = rt.block_on(net::watch(
-        &mut dev,
-        &mut machine,
-        &opts,
-        stop_signal(),
-        |event| match event {
-            WatchEvent::Connected => eprintln!("connected"),
-            WatchEvent::Progress(now) => {
-                eprintln!("{}", progress_line(&last, &now));
-                last = now;
-            }
-            WatchEvent::Disconnected { reason, retry_in_ms } => {
-                eprintln!(
-                    "disconnected: {reason}; reconnecting in {:.1}s",
-                    retry_in_ms as f64 / 1000.0
-                )
-            }
-            WatchEvent::Summary(_) => {}
-        },
-    ));
+    let mut drive = Announcing(net::Exclusive {
+        dev: &mut dev,
+        machine: &mut machine,
+    });
+    let result = rt.block_on(net::watch_with(&mut drive, &opts, stop_signal(), |event| match event {
+        WatchEvent::Connected => eprintln!("connected"),
+        WatchEvent::Progress(now) => {
+            eprintln!("{}", progress_line(&last, &now));
+            last = now;
+        }
+        WatchEvent::Disconnected { reason, retry_in_ms } => {
+            eprintln!(
+                "disconnected: {reason}; reconnecting in {:.1}s",
+                retry_in_ms as f64 / 1000.0
+            )
+        }
+        WatchEvent::Summary(_) => {}
+    }));
     match result {
         Ok(()) => print_summary(&dev, &machine.summary(), json),
         Err(NetError::Store(e)) => Err(e.into()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The watch's way to the device: after each step, one line per notice an app's listener would
+/// get (a record another device changed, a conflict, a rejection, an overridden value).
+struct Announcing<'a>(net::Exclusive<'a>);
+
+impl net::Drive for Announcing<'_> {
+    fn step<R>(&mut self, f: impl FnOnce(&mut Device, &mut SyncMachine) -> R) -> R {
+        let result = self.0.step(f);
+        for notice in self.0.dev.take_notices() {
+            eprintln!("{}", notice_line(&notice));
+        }
+        result
+    }
+}
+
+fn notice_line(notice: &Notice) -> String {
+    match notice {
+        Notice::Changed { entity_type, entity_id } => format!("changed: {entity_type} {entity_id}"),
+        Notice::Conflict { entity_type, entity_id } => {
+            format!("conflict: {entity_type} {entity_id} (see `fieldsync-peer conflicts`)")
+        }
+        Notice::Rejected { entity_type, entity_id } => {
+            format!("rejected: {entity_type} {entity_id} (see `fieldsync-peer conflicts`)")
+        }
+        Notice::LwwLoss {
+            entity_type,
+            entity_id,
+            field,
+        } => {
+            format!("overridden: {entity_type} {entity_id} {field} (see `fieldsync-peer conflicts --lww`)")
+        }
     }
 }
 

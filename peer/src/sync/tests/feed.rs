@@ -65,6 +65,13 @@ fn pulled_pages_apply_atomically_move_the_cursor_and_end_caught_up() {
         (json!("Ann"), SyncState::Synced, 1)
     );
     assert_eq!(ann.space_id, space());
+    // An app's listener hears of both records, once, after the page committed.
+    let changed = |id| crate::Notice::Changed {
+        entity_type: "patient".into(),
+        entity_id: id,
+    };
+    assert_eq!(f.dev.take_notices(), vec![changed(a), changed(b)]);
+    assert!(f.dev.take_notices().is_empty());
 
     // A page with one bad entry changes nothing, not even the good entry or the cursor.
     let (c, cc) = remote_patient("Cecilia");
@@ -78,6 +85,7 @@ fn pulled_pages_apply_atomically_move_the_cursor_and_end_caught_up() {
     };
     assert!(m.handle(&mut f.dev, SyncInput::Message(bad)).is_err());
     assert!(f.dev.get(c).unwrap().is_none());
+    assert!(f.dev.take_notices().is_empty(), "nothing committed, nothing heard");
     assert_eq!(f.dev.cursor().unwrap().seq(&space()), 2);
 
     // The HLC observed the remote stamp a day ahead: the next local write sorts after it.
