@@ -236,16 +236,6 @@ impl Device {
         })
     }
 
-    /// Opens the device in `dir` with the default schema, the system clock and a random number
-    /// generator seeded by the operating system: what an app wants. [`Device::open`] takes
-    /// both injected (tests, the simulator).
-    pub fn open_default(dir: &Path) -> Result<Device> {
-        use rand_core::SeedableRng;
-        let rng = rand_chacha::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
-            .map_err(|e| PeerError::Corrupt(format!("cannot seed the random number generator from the OS: {e}")))?;
-        Device::open(dir, Arc::new(fieldsync_schema::SystemTimeSource), Box::new(rng))
-    }
-
     /// What sync changed since the last call, oldest first (each notice once).
     pub fn take_notices(&mut self) -> Vec<Notice> {
         std::mem::take(&mut self.notices)

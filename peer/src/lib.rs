@@ -4,17 +4,17 @@
 //!   the signed outbox, identity and enrollment. Every write is local and durable at once.
 //! - [`conflict`]: conflict prompts and their resolution, refused edits (discard, addendum),
 //!   LWW losses and their undo.
-//! - [`Client`] (`app`): what an app holds — the device, its machine and the background sync
+//! - [`Client`] (`net::app`): what an app holds — the device, its machine and the background sync
 //!   task behind one cheap clone, with notifications ([`ClientEvent`]) after each commit.
 //! - [`sync::SyncMachine`]: the device half of the sync protocol. One door,
 //!   [`SyncMachine::handle`](sync::SyncMachine::handle): an input (connected, a relay message, a
 //!   tick, ...) in, client messages out. The network shell ([`net`]) and the simulator drive it.
 //!
 //! Outside [`net`], nothing here opens a socket, reads the clock or draws randomness of its own:
-//! time and randomness are injected at [`Device::open`]. Storage I/O (SQLite) is synchronous and
+//! time and randomness are injected at [`Device::open`] (`Device::open_default`, in `net::app`,
+//! injects the system's). Storage I/O (SQLite) is synchronous and
 //! happens inside the calls, so the machine is free of network and clock, not of I/O.
 
-pub mod app;
 pub mod backup;
 pub mod conflict;
 pub mod db;
@@ -28,7 +28,6 @@ mod rules;
 pub mod sync;
 pub mod write;
 
-pub use app::{Client, ClientEvent, Write};
 pub use conflict::{
     Author, ConflictRecord, DiscardReport, FieldConflict, FieldStatus, LwwLossRecord, RecordState, RejectedEdit,
     Resolution, Side, UNDO_WINDOW_MS,
@@ -36,6 +35,7 @@ pub use conflict::{
 pub use device::{BlockedOn, Device, DeviceRng, EnrolledAs, Enrollment, Notice, RetryReport, Status, SyncStatus};
 pub use entity::{Entity, FieldFilter, SyncState};
 pub use error::{PeerError, Result};
+pub use net::app::{Client, ClientEvent, Write};
 pub use outbox::{OutboxItem, OutboxState};
 pub use write::WriteReceipt;
 

@@ -4,6 +4,7 @@
 //! retry, what a reply means) is the machine's. Enrollment is the one exchange outside the
 //! machine: a single request and answer before the device has an identity at the relay.
 
+pub mod app;
 mod client;
 pub(crate) mod enroll;
 mod tls;

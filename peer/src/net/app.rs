@@ -17,10 +17,10 @@ use serde_json::{Map, Value};
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
+use super::{Drive, NetError, SyncOptions, WatchEvent, watch_with};
 use crate::device::{Device, Enrollment, Notice, Status};
 use crate::entity::{Entity, FieldFilter};
 use crate::error::{PeerError, Result};
-use crate::net::{Drive, NetError, SyncOptions, WatchEvent, watch_with};
 use crate::sync::{SyncMachine, SyncSummary};
 use crate::write::WriteReceipt;
 
@@ -216,6 +216,21 @@ impl Client {
     /// Pushes what is queued now instead of at the next tick (a no-op while disconnected).
     pub fn sync_now(&self) {
         self.shared.nudge.notify_one();
+    }
+}
+
+impl Device {
+    /// Opens the device in `dir` with the default schema, the system clock and a random number
+    /// generator seeded by the operating system: what an app wants. [`Device::open`] takes
+    /// both injected (tests, the simulator).
+    ///
+    /// (Here, in the shell, because the device library's core never reads the system clock or
+    /// the operating system's randomness: the architecture test checks it.)
+    pub fn open_default(dir: &std::path::Path) -> Result<Device> {
+        use rand_core::SeedableRng;
+        let rng = rand_chacha::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
+            .map_err(|e| PeerError::Corrupt(format!("cannot seed the random number generator from the OS: {e}")))?;
+        Device::open(dir, Arc::new(fieldsync_schema::SystemTimeSource), Box::new(rng))
     }
 }
 
