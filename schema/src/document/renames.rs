@@ -117,12 +117,46 @@ fields.status = { type = "enum", values = ["open", "closed"], required = true, d
         assert_eq!(doc.fields().get("label"), Some(&json!("Hip")));
         doc.write_fields(ty, &obj(json!({"title": null}))).unwrap();
         assert!(!doc.fields().contains_key("label"), "a removal reaches the old name");
-        doc.align_renamed(ty, &touched(&["title", "label"])).unwrap();
+        // The removal reached every name the record held: nothing is left to align.
+        assert!(!doc.align_renamed(ty, &touched(&["title", "label"])).unwrap());
         let f = doc.fields();
         assert!(
             !f.contains_key("title") && !f.contains_key("label") && !f.contains_key("name"),
             "{f:?}"
         );
+    }
+
+    #[test]
+    fn an_old_device_removing_the_old_name_removes_the_new_one() {
+        let schema = Schema::from_toml_str(V2).unwrap();
+        let ty = schema.entity_type("visit").unwrap();
+        let mut doc = old_write("Knee");
+        doc.align_renamed(ty, &touched(&["label"])).unwrap();
+        doc.automerge().delete(automerge::ROOT, "label").unwrap();
+        assert!(doc.align_renamed(ty, &touched(&["label"])).unwrap());
+        let f = doc.fields();
+        assert!(!f.contains_key("title") && !f.contains_key("name"), "{f:?}");
+    }
+
+    #[test]
+    fn a_null_under_an_old_name_counts_as_absent() {
+        // A raw null (no device library writes one) removes the other names instead of failing.
+        let schema = Schema::from_toml_str(V2).unwrap();
+        let ty = schema.entity_type("visit").unwrap();
+        let mut doc = old_write("Knee");
+        doc.align_renamed(ty, &touched(&["label"])).unwrap();
+        doc.automerge()
+            .put(automerge::ROOT, "label", automerge::ScalarValue::Null)
+            .unwrap();
+        assert!(doc.align_renamed(ty, &touched(&["label"])).unwrap());
+        assert!(!doc.fields().contains_key("title"));
+        // Where the other names hold nothing, there is nothing to remove.
+        let mut fresh = old_write("Knee");
+        fresh
+            .automerge()
+            .put(automerge::ROOT, "label", automerge::ScalarValue::Null)
+            .unwrap();
+        assert!(!fresh.align_renamed(ty, &touched(&["label"])).unwrap());
     }
 
     #[test]

@@ -285,6 +285,18 @@ fields.b = { type = "string", renamed_from = "old" }"#,
         let e = err(&text);
         assert!(e.contains("type `visit`") && e.contains(expected), "{expected}: {e}");
     }
+    let defaults = Schema::from_toml_str(&ty(
+        r#"fields.n = { type = "int", default = 3 }
+fields.x = { type = "float", default = 1.5 }
+fields.b = { type = "bool", default = true }"#,
+        "gated",
+    ))
+    .unwrap();
+    let view = defaults.entity_type("visit").unwrap().view(serde_json::Map::new());
+    assert_eq!(
+        serde_json::Value::Object(view),
+        serde_json::json!({"n": 3, "x": 1.5, "b": true})
+    );
     let ok = Schema::from_toml_str(&ty(
         r#"fields.title = { type = "string", renamed_from = ["label", "name"] }
 fields.status = { type = "enum", values = ["open", "closed"], required = true, default = "open" }"#,
