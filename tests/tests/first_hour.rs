@@ -376,5 +376,16 @@ fn an_app_holds_one_client_that_syncs_live_and_hears_another_devices_write() {
         // Stopped, the device still works offline and its writes wait for the next start.
         phone.write("patient").id(id).set("mrn", "M-3").save().unwrap();
         assert_eq!(phone.status().unwrap().state, SyncStatus::Offline);
+        // Dropping the last handle of a running client ends its sync task too.
+        let mut last = tablet.subscribe();
+        tablet.start().unwrap();
+        heard_on(&mut last, |e| matches!(e, ClientEvent::Connected)).await;
+        drop(tablet);
+        // Once the task ended nothing holds the device: the channel closes.
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            while !matches!(last.recv().await, Err(tokio::sync::broadcast::error::RecvError::Closed)) {}
+        })
+        .await;
+        assert!(closed.is_ok(), "the sync task ended and released the device");
     });
 }

@@ -47,10 +47,24 @@ pub enum ClientEvent {
     },
 }
 
-/// The device, its machine and the background sync task, shared by every clone.
+/// The device, its machine and the background sync task, shared by every clone. When the
+/// last clone is dropped, the sync task stops (writes not yet confirmed stay queued).
 #[derive(Clone)]
 pub struct Client {
     shared: Arc<Shared>,
+    /// Held by the handles only, not by the sync task (which holds `shared`): its drop is the
+    /// last handle going away.
+    _handles: Arc<LastHandle>,
+}
+
+struct LastHandle(Arc<Shared>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.0.task).take() {
+            let _ = task.stop.send(());
+        }
+    }
 }
 
 struct Shared {
@@ -89,19 +103,21 @@ impl Client {
             ..SyncOptions::default()
         };
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        Client {
-            shared: Arc::new(Shared {
-                core: Mutex::new(Core {
-                    device,
-                    machine: SyncMachine::default(),
-                    last_summary: None,
-                    last_status: None,
-                }),
-                events,
-                nudge: Notify::new(),
-                task: Mutex::new(None),
-                opts,
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                device,
+                machine: SyncMachine::default(),
+                last_summary: None,
+                last_status: None,
             }),
+            events,
+            nudge: Notify::new(),
+            task: Mutex::new(None),
+            opts,
+        });
+        Client {
+            _handles: Arc::new(LastHandle(shared.clone())),
+            shared,
         }
     }
 
@@ -203,8 +219,8 @@ impl Client {
         Ok(())
     }
 
-    /// Ends the sync task (a no-op when it is not running) and waits for it: when this returns,
-    /// nothing is in flight and the device is idle.
+    /// Ends the sync task (a no-op when it is not running) and waits for it to end. Writes the
+    /// relay has not confirmed stay queued, under the same ids, for the next `start`.
     pub async fn stop(&self) {
         let task = lock(&self.shared.task).take();
         if let Some(t) = task {
