@@ -3,9 +3,7 @@
 
 use fieldsync_relay::admin;
 use fieldsync_relay::core::{Input, Output};
-use fieldsync_schema::signing::enroll_signing_bytes;
-use fieldsync_schema::wire::PROTOCOL_VERSION;
-use fieldsync_schema::{Bytes, ClientMessage, RelayMessage, Role};
+use fieldsync_schema::{ClientMessage, RelayMessage, Role};
 
 use crate::clock::DeviceClock;
 use crate::device_side::SimDevice;
@@ -121,18 +119,7 @@ impl World {
             .dev
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("device {i} not up"))?;
-        let proof = dev
-            .key()
-            .sign(&enroll_signing_bytes(&token, &dev.device_id(), &dev.public_key()));
-        let msg = ClientMessage::Enroll {
-            protocol_version: PROTOCOL_VERSION,
-            token,
-            device_id: dev.device_id(),
-            public_key: Bytes(dev.public_key().to_vec()),
-            schema_hash: dev.schema().hash(),
-            schema_version: dev.schema().version(),
-            proof: Bytes(proof.to_vec()),
-        };
+        let msg = ClientMessage::enroll(dev.key(), &token, dev.device_id(), dev.schema());
         let conn = self.open_conn(i);
         let core = self
             .relay

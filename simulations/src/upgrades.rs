@@ -109,10 +109,10 @@ impl UpgradePlan {
     }
 }
 
-/// A field name of `ty` as the schema at `level` calls it: the name itself, or the newer name
-/// a rename gave it, or the older name a newer one replaced (`None`: that version has no such
-/// field).
-fn name_in(schema: &Schema, ty: &str, name: &str) -> Option<String> {
+/// A field name of `ty` as `schema` calls it: the name itself, or the newer name a rename gave
+/// it, or the older name a rename in `top` (the newest version) replaced (`None`: that version
+/// has no such field).
+fn name_in(top: &Schema, schema: &Schema, ty: &str, name: &str) -> Option<String> {
     let t = schema.entity_type(ty)?;
     if t.field(name).is_some() {
         return Some(name.to_string());
@@ -120,13 +120,8 @@ fn name_in(schema: &Schema, ty: &str, name: &str) -> Option<String> {
     if let Some(f) = t.renamed_field(name) {
         return Some(f.name.clone());
     }
-    // An older schema: the name the field had before its rename.
-    t.field(old_name_of(name)?).map(|f| f.name.clone())
-}
-
-/// The name a v3 field had before its rename (the ladder's one rename).
-fn old_name_of(name: &str) -> Option<&'static str> {
-    (name == "record_number").then_some("mrn")
+    let renamed = top.entity_type(ty)?.field(name)?;
+    renamed.renamed_from.iter().find(|old| t.field(old).is_some()).cloned()
 }
 
 impl World {
@@ -176,13 +171,16 @@ impl World {
     /// version calls them, and now and then a value only newer versions have.
     pub fn adapt_to_version(&mut self, i: usize, action: Action, n: u64) -> Action {
         let schema = self.schemas[self.devices[i].level].clone();
+        let Some(top) = self.schemas.last().cloned() else {
+            return action;
+        };
         let Action::Put { ty, id, fields } = action else {
             return action;
         };
         let rng: &mut ChaCha20Rng = &mut self.rng.upgrades;
         let mut out = Map::new();
         for (k, v) in fields.as_object().cloned().unwrap_or_default() {
-            if let Some(name) = name_in(&schema, ty, &k) {
+            if let Some(name) = name_in(&top, &schema, ty, &k) {
                 out.insert(name, v);
             }
         }
@@ -214,9 +212,12 @@ impl World {
             return;
         };
         for (k, v) in fields.as_object().into_iter().flatten() {
-            let Some(name) = name_in(&top, ty, k) else { continue };
+            let Some(name) = name_in(&top, &top, ty, k) else {
+                continue;
+            };
             if TRACKED.contains(&(ty, name.as_str())) {
-                self.stats.newer_field_writes += u64::from(name != "record_number");
+                let v1_knows = name_in(&top, &self.schemas[0], ty, &name).is_some();
+                self.stats.newer_field_writes += u64::from(!v1_knows);
                 self.oracle
                     .field_values
                     .entry((entity_id, name))
@@ -263,10 +264,14 @@ impl World {
                     *id,
                 ));
             }
-            if let Some(old) = old_name_of(field)
-                && let (Some(a), Some(b)) = (stored.get(old), stored.get(field.as_str()))
-                && a != b
-            {
+            let old_names = ty.field(field).map(|f| f.renamed_from.as_slice()).unwrap_or_default();
+            for old in old_names {
+                let (Some(a), Some(b)) = (stored.get(old), stored.get(field.as_str())) else {
+                    continue;
+                };
+                if a == b {
+                    continue;
+                }
                 problems.push((
                     "rename_diverged",
                     format!(
@@ -305,9 +310,13 @@ mod tests {
                 "{ty}.{field}"
             );
         }
-        assert_eq!(name_in(&ladder[0], "patient", "record_number").as_deref(), Some("mrn"));
-        assert_eq!(name_in(&ladder[2], "patient", "mrn").as_deref(), Some("record_number"));
-        assert_eq!(name_in(&ladder[0], "patient", "preferred_name"), None);
+        let top = &ladder[2];
+        assert_eq!(
+            name_in(top, &ladder[0], "patient", "record_number").as_deref(),
+            Some("mrn")
+        );
+        assert_eq!(name_in(top, top, "patient", "mrn").as_deref(), Some("record_number"));
+        assert_eq!(name_in(top, &ladder[0], "patient", "preferred_name"), None);
     }
 
     #[test]

@@ -51,6 +51,15 @@ fn clinic<const N: usize>(dir: &Path, devices: [(&str, &str); N]) -> (PathBuf, R
     (data, relay, peers)
 }
 
+/// Stops `relay` and starts it again on the same port and data directory with `args` (the
+/// operator deploying another schema).
+fn redeploy(mut relay: Relay, data: &Path, args: &[&str]) -> Relay {
+    relay.stop();
+    let port = relay.addr.port();
+    drop(relay);
+    Relay::start_with(data, port, args, &[("RUST_LOG", "warn")])
+}
+
 /// `fieldsync-peer --schema FILE ARGS` on `peer`, which must succeed.
 fn with_schema(peer: &Peer, schema: &Path, args: &[&str]) -> String {
     let mut all = vec!["--schema", schema.to_str().unwrap()];
@@ -62,19 +71,12 @@ fn with_schema(peer: &Peer, schema: &Path, args: &[&str]) -> String {
 fn v1_devices_keep_syncing_through_a_compatible_upgrade_and_keep_the_fields_they_do_not_know() {
     let dir = tempfile::tempdir().unwrap();
     let v2_file = write(dir.path(), "v2.toml", &v2());
-    let (data, mut relay, [old, new]) = clinic(dir.path(), [("old", "dana"), ("new", "sam")]);
+    let (data, relay, [old, new]) = clinic(dir.path(), [("old", "dana"), ("new", "sam")]);
     let patient = old.put("patient", r#"{"name": "Ada"}"#);
     old.ok(&["sync"]);
     // Offline, the v1 device queues a write while the relay is upgraded.
     old.ok(&["put", "patient", &patient, "--json", r#"{"mrn": "M-1"}"#]);
-    relay.stop();
-    let port = relay.addr.port();
-    let relay = Relay::start_with(
-        &data,
-        port,
-        &["--schema", v2_file.to_str().unwrap()],
-        &[("RUST_LOG", "warn")],
-    );
+    let relay = redeploy(relay, &data, &["--schema", v2_file.to_str().unwrap()]);
 
     // The v1 device connects to the v2 relay: its queued write drains.
     let synced = old.json(&["sync"]);
@@ -252,7 +254,7 @@ fn a_breaking_schema_is_refused_at_serve_with_what_breaks_and_its_devices_are_to
 fn a_device_on_a_newer_schema_waits_for_the_relay_and_drains_once_it_is_upgraded() {
     let dir = tempfile::tempdir().unwrap();
     let v2_file = write(dir.path(), "v2.toml", &v2());
-    let (data, mut relay, [new]) = clinic(dir.path(), [("new", "sam")]);
+    let (data, relay, [new]) = clinic(dir.path(), [("new", "sam")]);
     let patient = with_schema(
         &new,
         &v2_file,
@@ -280,14 +282,7 @@ fn a_device_on_a_newer_schema_waits_for_the_relay_and_drains_once_it_is_upgraded
     assert!(with_schema(&new, &v2_file, &["status"]).contains("waiting:   "));
 
     // The relay is upgraded: the device drains and is synced.
-    relay.stop();
-    let port = relay.addr.port();
-    let relay = Relay::start_with(
-        &data,
-        port,
-        &["--schema", v2_file.to_str().unwrap()],
-        &[("RUST_LOG", "warn")],
-    );
+    let relay = redeploy(relay, &data, &["--schema", v2_file.to_str().unwrap()]);
     args.push("--json");
     let synced: serde_json::Value = serde_json::from_str(&new.ok(&args)).unwrap();
     assert_eq!(synced["summary"]["applied"], json!(1), "{synced}");
@@ -328,21 +323,14 @@ fn a_rename_migration_keeps_every_value_across_devices_on_both_versions() {
         "{report}"
     );
 
-    let (data, mut relay, [old, new]) = clinic(dir.path(), [("old", "dana"), ("new", "sam")]);
+    let (data, relay, [old, new]) = clinic(dir.path(), [("old", "dana"), ("new", "sam")]);
     let queued = old.put("patient", r#"{"name": "Ada", "phone": "111"}"#);
     let untouched = old.put("patient", r#"{"name": "Bo", "phone": "222"}"#);
     old.ok(&["sync"]);
     new.ok(&["sync"]);
     // Queued on the v1 device, under the old name, before the relay moves to v2.
     old.ok(&["put", "patient", &queued, "--json", r#"{"phone": "333"}"#]);
-    relay.stop();
-    let port = relay.addr.port();
-    let relay = Relay::start_with(
-        &data,
-        port,
-        &["--schema", v2_file.to_str().unwrap()],
-        &[("RUST_LOG", "warn")],
-    );
+    let relay = redeploy(relay, &data, &["--schema", v2_file.to_str().unwrap()]);
 
     // The updated app reads records written before the rename under the new name, with the
     // default for the new field, and finds them by the new name.
@@ -412,7 +400,7 @@ fn a_version_the_relay_skipped_is_refused_with_the_way_out_and_accepted_once_nam
         1,
     );
     let v3_file = write(dir.path(), "v3.toml", &v3);
-    let (data, mut relay, [new]) = clinic(dir.path(), [("new", "sam")]);
+    let (data, relay, [new]) = clinic(dir.path(), [("new", "sam")]);
     // The app ships v2 while the relay still runs v1; the relay then goes straight to v3.
     with_schema(
         &new,
@@ -424,29 +412,19 @@ fn a_version_the_relay_skipped_is_refused_with_the_way_out_and_accepted_once_nam
             r#"{"name": "Ada", "preferred_name": "Addie"}"#,
         ],
     );
-    relay.stop();
-    let port = relay.addr.port();
-    let skipped = Relay::start_with(
-        &data,
-        port,
-        &["--schema", v3_file.to_str().unwrap()],
-        &[("RUST_LOG", "error")],
-    );
+    let skipped = redeploy(relay, &data, &["--schema", v3_file.to_str().unwrap()]);
     let out = new.run(&["--schema", v2_file.to_str().unwrap(), "sync"]);
     let said = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(said.contains("v2, ") && said.contains("--accept-schema"), "{said}");
-    drop(skipped);
-
-    let relay = Relay::start_with(
+    let relay = redeploy(
+        skipped,
         &data,
-        port,
         &[
             "--schema",
             v3_file.to_str().unwrap(),
             "--accept-schema",
             v2_file.to_str().unwrap(),
         ],
-        &[("RUST_LOG", "warn")],
     );
     let synced: serde_json::Value = serde_json::from_str(&with_schema(&new, &v2_file, &["sync", "--json"])).unwrap();
     assert_eq!(synced["summary"]["applied"], json!(1), "{synced}");
