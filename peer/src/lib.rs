@@ -35,7 +35,7 @@ pub use conflict::{
 pub use device::{BlockedOn, Device, DeviceRng, EnrolledAs, Enrollment, Notice, RetryReport, Status, SyncStatus};
 pub use entity::{Entity, FieldFilter, SyncState};
 pub use error::{PeerError, Result};
-pub use net::app::{Client, ClientEvent, Write};
+pub use net::app::{Client, ClientEvent, Write, os_rng};
 pub use outbox::{OutboxItem, OutboxState};
 pub use write::WriteReceipt;
 

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
 use super::{Drive, NetError, SyncOptions, WatchEvent, watch_with};
-use crate::device::{Device, Enrollment, Notice, Status};
+use crate::device::{Device, DeviceRng, Enrollment, Notice, Status};
 use crate::entity::{Entity, FieldFilter};
 use crate::error::{PeerError, Result};
 use crate::sync::{SyncMachine, SyncSummary};
@@ -233,6 +233,31 @@ impl Client {
     pub fn sync_now(&self) {
         self.shared.nudge.notify_one();
     }
+
+    /// Stops sync and hands the device back (to sign out, which consumes it). Refused, with
+    /// the client given back, while another handle of this client is alive.
+    pub async fn into_device(self) -> std::result::Result<Device, Client> {
+        self.stop().await;
+        let Client { shared, _handles } = self;
+        let last = match Arc::try_unwrap(_handles) {
+            Ok(last) => last,
+            Err(handles) => {
+                return Err(Client {
+                    shared,
+                    _handles: handles,
+                });
+            }
+        };
+        drop(last);
+        match Arc::try_unwrap(shared) {
+            Ok(shared) => Ok(shared.core.into_inner().unwrap_or_else(|p| p.into_inner()).device),
+            // Only a sync task could still hold it, and `stop` waited for it to end.
+            Err(shared) => Err(Client {
+                _handles: Arc::new(LastHandle(shared.clone())),
+                shared,
+            }),
+        }
+    }
 }
 
 impl Device {
@@ -243,11 +268,17 @@ impl Device {
     /// (Here, in the shell, because the device library's core never reads the system clock or
     /// the operating system's randomness: the architecture test checks it.)
     pub fn open_default(dir: &std::path::Path) -> Result<Device> {
-        use rand_core::SeedableRng;
-        let rng = rand_chacha::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
-            .map_err(|e| PeerError::Corrupt(format!("cannot seed the random number generator from the OS: {e}")))?;
-        Device::open(dir, Arc::new(fieldsync_schema::SystemTimeSource), Box::new(rng))
+        Device::open(dir, Arc::new(fieldsync_schema::SystemTimeSource), os_rng()?)
     }
+}
+
+/// The random number generator an app's device uses: ChaCha20 seeded by the operating system
+/// (for [`Device::open`] and [`Device::import`] outside tests).
+pub fn os_rng() -> Result<DeviceRng> {
+    use rand_core::SeedableRng;
+    let rng = rand_chacha::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
+        .map_err(|e| PeerError::Corrupt(format!("cannot seed the random number generator from the OS: {e}")))?;
+    Ok(Box::new(rng))
 }
 
 /// A write being put together: fields by name, then [`Write::save`].

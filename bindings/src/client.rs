@@ -1,0 +1,320 @@
+//! The object an app holds: one device directory, its sync task on a runtime this object
+//! owns (the app never sees tokio), and listeners. Every method is safe to call from any
+//! thread of the app's; none blocks on the network except `enroll`, `stop` and `sign_out`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use fieldsync_peer::{Client, Device};
+use fieldsync_schema::{Schema, SystemTimeSource};
+
+use crate::error::{FieldsyncError, Result};
+use crate::listener::{self, SyncListener};
+use crate::records::{
+    Conflict, DiscardReport, Entity, ExportReport, FieldFilter, LwwLoss, OutboxItem, RejectedEdit, Resolution,
+    RetryReport, SignOutReport, Status, WriteReceipt, parse_fields, parse_id,
+};
+
+#[derive(uniffi::Object)]
+pub struct FieldsyncClient {
+    dir: PathBuf,
+    runtime: tokio::runtime::Runtime,
+    /// `None` once closed or signed out.
+    client: Mutex<Option<Client>>,
+    /// Listener threads, joined when the client closes: no callback runs after `close`
+    /// returns (an interpreter shutting down must not be called into).
+    listeners: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl FieldsyncClient {
+    fn around(dir: PathBuf, device: Device) -> Result<Arc<Self>> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("fieldsync-sync")
+            .enable_all()
+            .build()
+            .map_err(|e| FieldsyncError::Storage {
+                message: format!("cannot start the sync runtime: {e}"),
+            })?;
+        Ok(Arc::new(FieldsyncClient {
+            dir,
+            runtime,
+            client: Mutex::new(Some(Client::new(device))),
+            listeners: Mutex::new(Vec::new()),
+        }))
+    }
+
+    fn client(&self) -> Result<Client> {
+        self.slot().clone().ok_or_else(|| FieldsyncError::NotAllowed {
+            message: format!("the client of {} is closed; open it again", self.dir.display()),
+        })
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Option<Client>> {
+        lock(&self.client)
+    }
+
+    /// After the last `Client` is gone its event channel closes: each listener delivers what
+    /// was already sent, then ends. Waits for that, except from inside a callback (a listener
+    /// thread cannot wait for itself; the others still end).
+    fn join_listeners(&self) {
+        let current = std::thread::current().id();
+        let threads: Vec<JoinHandle<()>> = lock(&self.listeners).drain(..).collect();
+        for thread in threads {
+            if thread.thread().id() != current {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// A write through the device, then a nudge so sync pushes it now.
+    fn write(
+        &self,
+        f: impl FnOnce(&mut Device) -> fieldsync_peer::Result<fieldsync_peer::WriteReceipt>,
+    ) -> Result<WriteReceipt> {
+        let client = self.client()?;
+        let receipt = client.with_device(f)?;
+        client.sync_now();
+        Ok(receipt.into())
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&mut Device) -> fieldsync_peer::Result<R>) -> Result<R> {
+        Ok(self.client()?.with_device(f)?)
+    }
+}
+
+#[uniffi::export]
+impl FieldsyncClient {
+    /// Opens the device in `dir`, creating it on first use (default schema, system clock,
+    /// OS-seeded randomness).
+    #[uniffi::constructor]
+    pub fn open(dir: String) -> Result<Arc<Self>> {
+        let dir = PathBuf::from(dir);
+        let device = Device::open_default(&dir)?;
+        FieldsyncClient::around(dir, device)
+    }
+
+    /// Restores a backup made by `export_backup` into `dir`, which must not hold a device.
+    #[uniffi::constructor]
+    pub fn import_backup(dir: String, file: String) -> Result<Arc<Self>> {
+        let dir = PathBuf::from(dir);
+        let device = Device::import(
+            &dir,
+            std::path::Path::new(&file),
+            Arc::new(SystemTimeSource),
+            fieldsync_peer::os_rng()?,
+            Arc::new(Schema::default_schema()),
+        )?;
+        FieldsyncClient::around(dir, device)
+    }
+
+    pub fn device_id(&self) -> Result<String> {
+        self.read(|d| Ok(d.device_id().to_string()))
+    }
+
+    /// Enrolls the device with a relay (`ws://` or `wss://`), with a single-use token from
+    /// its operator. Waits for the relay's answer.
+    pub fn enroll(&self, relay_url: String, token: String) -> Result<Status> {
+        let client = self.client()?;
+        self.runtime.block_on(client.enroll(&relay_url, &token))?;
+        Ok(client.status()?.into())
+    }
+
+    /// Creates a record (`entity_id` absent) or changes one; `fields_json` is a JSON object,
+    /// `null` removes an optional field. Durable locally at once; sync pushes it.
+    pub fn put(&self, entity_type: String, entity_id: Option<String>, fields_json: String) -> Result<WriteReceipt> {
+        let id = entity_id.as_deref().map(parse_id).transpose()?;
+        let fields = parse_fields(&fields_json)?;
+        self.write(|d| d.put(&entity_type, id, fields))
+    }
+
+    pub fn get(&self, entity_id: String) -> Result<Option<Entity>> {
+        let id = parse_id(&entity_id)?;
+        Ok(self.read(|d| d.get(id))?.map(Entity::from))
+    }
+
+    /// Records of one type whose fields equal every filter's value, in id order.
+    pub fn list(&self, entity_type: String, filters: Vec<FieldFilter>, include_deleted: bool) -> Result<Vec<Entity>> {
+        let filters = filters.iter().map(FieldFilter::to_peer).collect::<Result<Vec<_>>>()?;
+        let found = self.read(|d| d.list(&entity_type, &filters, include_deleted))?;
+        Ok(found.into_iter().map(Entity::from).collect())
+    }
+
+    pub fn delete(&self, entity_type: String, entity_id: String) -> Result<WriteReceipt> {
+        let id = parse_id(&entity_id)?;
+        self.write(|d| d.delete(&entity_type, id))
+    }
+
+    /// Replaces the text of a note (merged character by character with concurrent edits).
+    pub fn edit_note(&self, entity_id: String, text: String) -> Result<WriteReceipt> {
+        let id = parse_id(&entity_id)?;
+        self.write(|d| d.edit_note(id, &text))
+    }
+
+    /// Signs a note: from then on it never changes (an addendum adds to it).
+    pub fn sign_note(&self, entity_id: String) -> Result<WriteReceipt> {
+        let id = parse_id(&entity_id)?;
+        self.write(|d| d.sign_note(id))
+    }
+
+    pub fn lock(&self, entity_type: String, entity_id: String) -> Result<WriteReceipt> {
+        let id = parse_id(&entity_id)?;
+        self.write(|d| d.lock(&entity_type, id))
+    }
+
+    /// Adds `by` to a counter field (concurrent increments add up).
+    pub fn increment(&self, entity_type: String, entity_id: String, field: String, by: i64) -> Result<WriteReceipt> {
+        let id = parse_id(&entity_id)?;
+        self.write(|d| d.increment(&entity_type, id, &field, by))
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        Ok(self.client()?.status()?.into())
+    }
+
+    /// The outbox: unconfirmed changes (and, with `include_applied`, confirmed ones).
+    pub fn queue(&self, include_applied: bool) -> Result<Vec<OutboxItem>> {
+        Ok(self
+            .read(|d| d.queue(include_applied))?
+            .into_iter()
+            .map(OutboxItem::from)
+            .collect())
+    }
+
+    /// Makes backing-off items due now (one, or all when `mutation_id` is absent).
+    pub fn retry(&self, mutation_id: Option<String>) -> Result<RetryReport> {
+        let id = mutation_id.as_deref().map(parse_id).transpose()?;
+        let client = self.client()?;
+        let report = client.with_device(|d| d.retry(id))?;
+        client.sync_now();
+        Ok(report.into())
+    }
+
+    pub fn conflicts(&self) -> Result<Vec<Conflict>> {
+        Ok(self.read(|d| d.conflicts())?.into_iter().map(Conflict::from).collect())
+    }
+
+    pub fn resolve(&self, entity_id: String, resolution: Resolution) -> Result<WriteReceipt> {
+        let id = parse_id(&entity_id)?;
+        let resolution = resolution.to_peer()?;
+        self.write(|d| d.resolve(id, resolution))
+    }
+
+    pub fn rejections(&self) -> Result<Vec<RejectedEdit>> {
+        Ok(self
+            .read(|d| d.rejections())?
+            .into_iter()
+            .map(RejectedEdit::from)
+            .collect())
+    }
+
+    /// Drops a refused change (and those queued behind it for the same record).
+    pub fn discard_rejection(&self, entity_id: String) -> Result<DiscardReport> {
+        let id = parse_id(&entity_id)?;
+        let client = self.client()?;
+        let report = client.with_device(|d| d.discard_rejection(id))?;
+        client.sync_now();
+        Ok(report.into())
+    }
+
+    /// Turns a refused edit of a signed note into an addendum note.
+    pub fn make_addendum(&self, note_id: String) -> Result<WriteReceipt> {
+        let id = parse_id(&note_id)?;
+        self.write(|d| d.make_addendum(id))
+    }
+
+    pub fn lww_losses(&self) -> Result<Vec<LwwLoss>> {
+        Ok(self
+            .read(|d| d.lww_loss_records())?
+            .into_iter()
+            .map(LwwLoss::from)
+            .collect())
+    }
+
+    pub fn undo_lww_loss(&self, loss_id: u64) -> Result<WriteReceipt> {
+        self.write(|d| d.undo_lww_loss(loss_id))
+    }
+
+    /// Writes a consistent copy of the device (records, outbox, identity) to `file`.
+    pub fn export_backup(&self, file: String) -> Result<ExportReport> {
+        Ok(self.read(|d| d.export(std::path::Path::new(&file)))?.into())
+    }
+
+    /// Wipes the device: refused while changes are unsynced, unless exported after the last
+    /// write or `force`d. The client is closed after a sign-out, and stays usable after a
+    /// refusal.
+    pub fn sign_out(&self, force: bool) -> Result<SignOutReport> {
+        let mut slot = self.slot();
+        let client = slot.take().ok_or_else(|| FieldsyncError::NotAllowed {
+            message: "the client is closed".into(),
+        })?;
+        let device = match self.runtime.block_on(client.into_device()) {
+            Ok(device) => device,
+            Err(client) => {
+                *slot = Some(client);
+                return Err(FieldsyncError::NotAllowed {
+                    message: "another handle of this device is still in use".into(),
+                });
+            }
+        };
+        match device.sign_out(force) {
+            Ok(report) => {
+                drop(slot);
+                self.join_listeners();
+                Ok(report.into())
+            }
+            Err(refused) => {
+                *slot = Some(Client::new(Device::open_default(&self.dir)?));
+                Err(refused.into())
+            }
+        }
+    }
+
+    /// Calls `listener` for every event from now on, on a thread of its own; add listeners
+    /// before `start` to hear everything sync does.
+    pub fn add_listener(&self, listener: Arc<dyn SyncListener>) -> Result<()> {
+        let events = self.client()?.subscribe();
+        let thread = listener::spawn(events, listener).map_err(|e| FieldsyncError::Storage {
+            message: format!("cannot start a listener thread: {e}"),
+        })?;
+        lock(&self.listeners).push(thread);
+        Ok(())
+    }
+
+    /// Starts syncing in the background with the relay the device enrolled with: live both
+    /// ways, reconnecting with backoff.
+    pub fn start(&self) -> Result<()> {
+        let client = self.client()?;
+        let _inside = self.runtime.enter();
+        client.start()?;
+        Ok(())
+    }
+
+    /// Stops syncing and waits for the task to end; unconfirmed changes stay queued.
+    pub fn stop(&self) -> Result<()> {
+        let client = self.client()?;
+        self.runtime.block_on(client.stop());
+        Ok(())
+    }
+
+    /// Pushes what is queued now instead of at the next tick.
+    pub fn sync_now(&self) -> Result<()> {
+        self.client()?.sync_now();
+        Ok(())
+    }
+
+    /// Stops syncing and releases the device; returns once every listener has heard its last
+    /// event. Open the directory again with `open`. Call it before the app exits.
+    pub fn close(&self) {
+        let client = self.slot().take();
+        if let Some(client) = client {
+            self.runtime.block_on(client.stop());
+        }
+        self.join_listeners();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
