@@ -16,6 +16,7 @@
 //! SQLite ([`sqlite::SqliteBackend`]) is the embedded default: `DIR/relay.db` is the directory,
 //! `DIR/shards/shard-N.db` the shards.
 
+pub mod postgres;
 mod rows;
 pub mod sqlite;
 
@@ -30,6 +31,10 @@ pub enum StoreError {
     /// failed transaction was kept; it works again once there is space.
     #[error("the relay's disk is full ({0}); nothing of this write was kept, and writes resume once space is freed")]
     StorageFull(rusqlite::Error),
+    /// A PostgreSQL store's error (connection, statement, constraint), as text: the client's
+    /// error type is not `Clone` and carries nothing the callers branch on.
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("{0}")]

@@ -10,8 +10,12 @@ use std::sync::Arc;
 use fieldsync_relay::admin;
 use fieldsync_relay::audit::{self, VerifyReport};
 use fieldsync_relay::core::{ConnId, Input, Output, RelayConfig, RelayCore};
+use fieldsync_relay::store::postgres::PgBackend;
+use fieldsync_relay::store::postgres::throwaway::Throwaway;
 use fieldsync_relay::store::sqlite::SqliteBackend;
-use fieldsync_relay::store::{ArchiveRow, Backend, Counts, Directory, DocumentRow, ReceiptRow, SpaceRow, SpaceStore};
+use fieldsync_relay::store::{
+    ArchiveRow, Backend, Counts, Directory, DocumentRow, ReceiptRow, ShardCounts, SpaceRow, SpaceStore,
+};
 use fieldsync_schema::document::device_actor;
 use fieldsync_schema::testkit::{HandDevice, Versions};
 use fieldsync_schema::wire::MutationResult;
@@ -25,18 +29,22 @@ use uuid::Uuid;
 
 pub const T0: u64 = 1_795_000_000_000;
 
-pub struct TestRelay {
+/// A relay core on a store: SQLite in a temporary directory ([`TestRelay::new`]), or a
+/// throwaway PostgreSQL server ([`TestRelay::postgres`]).
+pub struct TestRelay<B: Backend = SqliteBackend> {
     pub dir: tempfile::TempDir,
-    pub backend: SqliteBackend,
-    pub core: RelayCore<SqliteBackend>,
+    pub backend: B,
+    pub core: RelayCore<B>,
     pub rng: ChaCha20Rng,
     pub now: u64,
     next_conn: ConnId,
+    /// The PostgreSQL server of a `postgres` relay, stopped when the relay is dropped.
+    pub server: Option<Arc<Throwaway>>,
 }
 
 pub use fieldsync_schema::testkit::obj;
 
-impl TestRelay {
+impl TestRelay<SqliteBackend> {
     pub fn new() -> Self {
         Self::with_config(RelayConfig::default())
     }
@@ -51,6 +59,7 @@ impl TestRelay {
             rng: ChaCha20Rng::seed_from_u64(99),
             now: T0,
             next_conn: 1,
+            server: None,
         }
     }
 
@@ -76,6 +85,53 @@ impl TestRelay {
         self.core = Self::open_core(dir, 2, RelayConfig::default());
     }
 
+    /// The shard file that holds a space's data.
+    pub fn shard_file(&self, space: Uuid) -> PathBuf {
+        let row = self.core.directory().space(space).unwrap().expect("space exists");
+        fieldsync_relay::store::sqlite::shard_path(self.dir.path(), row.shard)
+    }
+}
+
+impl TestRelay<PgBackend> {
+    /// A relay on a new throwaway PostgreSQL server (`None`, after a notice, where there is no
+    /// PostgreSQL and CI does not demand one).
+    pub fn postgres(test: &str) -> Option<Self> {
+        let server = Throwaway::start_or_skip(test)?;
+        let url = server.database("relay");
+        Some(Self::on_postgres(Arc::new(server), &url, 1))
+    }
+
+    /// Another relay process of the same cluster: its own core on the same database.
+    pub fn another_relay(&self, seed: u64) -> Self {
+        let server = self.server.clone().expect("a postgres relay");
+        let mut relay = Self::on_postgres(server, self.backend.url(), seed);
+        relay.now = self.now;
+        relay.next_conn = 1_000 * seed;
+        relay
+    }
+
+    fn on_postgres(server: Arc<Throwaway>, url: &str, seed: u64) -> Self {
+        let backend = PgBackend::open(url, Uuid::from_bytes([0xAA; 16]), 2).unwrap();
+        let core = RelayCore::new(
+            &backend,
+            Arc::new(Schema::default_schema()),
+            RelayConfig::default(),
+            Box::new(ChaCha20Rng::seed_from_u64(seed)),
+        )
+        .unwrap();
+        TestRelay {
+            dir: tempfile::tempdir().unwrap(),
+            backend,
+            core,
+            rng: ChaCha20Rng::seed_from_u64(99 + seed),
+            now: T0,
+            next_conn: 1,
+            server: Some(server),
+        }
+    }
+}
+
+impl<B: Backend> TestRelay<B> {
     pub fn space(&mut self, name: &str) -> Uuid {
         admin::add_space(self.core.directory_mut(), name, self.now, &mut self.rng)
             .unwrap()
@@ -205,9 +261,13 @@ impl TestRelay {
         }
     }
 
-    /// Everything the store holds, counted over all files.
+    /// Everything the store holds, counted over every shard.
     pub fn counts(&self) -> Counts {
-        self.backend.counts().unwrap()
+        let mut shards = ShardCounts::default();
+        for n in 0..self.backend.shard_count() {
+            shards += self.backend.open_shard(n).unwrap().counts().unwrap();
+        }
+        Counts::of(self.backend.open_directory().unwrap().counts().unwrap(), shards)
     }
 
     /// Every space's audit chain, recomputed.
@@ -241,12 +301,6 @@ impl TestRelay {
             .space_by_name(name)
             .unwrap()
             .expect("space exists")
-    }
-
-    /// The shard file that holds a space's data.
-    pub fn shard_file(&self, space: Uuid) -> PathBuf {
-        let row = self.core.directory().space(space).unwrap().expect("space exists");
-        fieldsync_relay::store::sqlite::shard_path(self.dir.path(), row.shard)
     }
 
     pub fn version_of(&self, entity: Uuid) -> u64 {

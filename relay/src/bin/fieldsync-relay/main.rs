@@ -212,7 +212,7 @@ fn error_kind(e: &anyhow::Error) -> &'static str {
                 StoreError::Conflict(_) => "conflict",
                 StoreError::Corrupt(_) => "corrupt",
                 StoreError::StorageFull(_) => "storage_full",
-                StoreError::Sqlite(_) | StoreError::Io(_) => "storage",
+                StoreError::Sqlite(_) | StoreError::Postgres(_) | StoreError::Io(_) => "storage",
             };
         }
         if cause.downcast_ref::<fieldsync_relay::server::ServerError>().is_some() {

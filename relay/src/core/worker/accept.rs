@@ -57,6 +57,16 @@ impl<S: SpaceStore> SpaceWorker<S> {
         if let Some(refusal) = sender_refusal(sender, m, prechecked) {
             return Ok(refusal);
         }
+        // The space's head first, inside the turn's transaction: on a store shared by several
+        // relays this locks the space until the commit, so the receipt and the document read
+        // below are the ones the last commit of any relay left (a retry that reached another
+        // relay meanwhile finds its receipt). Only a member's space: a stranger's mutation
+        // locks and creates nothing.
+        if sender.role_in(m.space_id).is_some() && !group.heads.contains_key(&m.space_id) {
+            let head = self.store.space_head(m.space_id)?;
+            group.read_heads.insert(m.space_id, head.clone());
+            group.heads.insert(m.space_id, head);
+        }
         // 3. Idempotency: a receipt answers only the envelope it was written for, and only
         //    with what the sender may still see.
         let existing_receipt = self.store.receipt(m.mutation_id)?;

@@ -129,6 +129,8 @@ pub(crate) struct Group {
     pub(crate) touched_docs: BTreeSet<u64>,
     /// Each space's head as this turn advanced it (read once inside the transaction).
     pub(crate) heads: BTreeMap<Uuid, SpaceHead>,
+    /// The heads as the turn first read them: only the ones that moved are written back.
+    pub(crate) read_heads: BTreeMap<Uuid, SpaceHead>,
 }
 
 impl<S: SpaceStore> SpaceWorker<S> {
@@ -270,7 +272,9 @@ impl<S: SpaceStore> SpaceWorker<S> {
             return Ok(());
         }
         for (space, head) in &group.heads {
-            self.store.set_space_head(*space, head)?;
+            if group.read_heads.get(space) != Some(head) {
+                self.store.set_space_head(*space, head)?;
+            }
         }
         if self.faults.ack_before_commit {
             // Deliberate defect: answers go out, then the work is thrown away.

@@ -1,0 +1,215 @@
+//! The PostgreSQL store (`--store postgres://USER@HOST/DB`): the directory and every space's
+//! data in one database, which several relay processes share (SPEC §13).
+//!
+//! Same traits, same tables as the SQLite store, with what several writers need: the writing
+//! transaction locks the space's head row (`SELECT ... FOR UPDATE`, the row created first for a
+//! new space), so mutations of one space serialize across relays and its feed never commits a
+//! sequence out of order; receipts are unique by mutation id whichever relay decided; access
+//! changes move a database sequence every relay reads. Shards stay as the assignment of spaces
+//! to apply workers; all of them are the one database.
+//!
+//! The client is `postgres` (the synchronous face of `tokio-postgres`, rust-postgres): the
+//! store traits are synchronous, called from the relay's worker and front threads, never from
+//! async code.
+
+mod columns;
+mod directory;
+mod shard;
+pub mod throwaway;
+
+use std::cell::RefCell;
+
+use postgres::{Client, NoTls};
+use uuid::Uuid;
+
+pub use directory::PgDirectory;
+pub use shard::PgShard;
+
+use super::{Backend, StoreError, StoreResult};
+
+const SCHEMA_SQL: &str = include_str!("schema.sql");
+/// The layout version this build creates and reads (`fs_meta.layout`).
+pub const LAYOUT: u64 = 1;
+/// An arbitrary key for the advisory lock that makes creating and migrating the tables one
+/// relay's job at a time when several start together.
+const MIGRATION_LOCK: i64 = 0x6669_656c_6473_796e;
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        StoreError::Postgres(e.to_string())
+    }
+}
+
+/// Whether a failed statement broke a unique constraint (a second insert of one key).
+pub(crate) fn is_unique_violation(e: &postgres::Error) -> bool {
+    e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+/// A relay store in one PostgreSQL database: creates and migrates its tables on open, and opens
+/// one connection per handle (the front, each worker, the admin tools).
+#[derive(Debug, Clone)]
+pub struct PgBackend {
+    url: String,
+    relay_id: Uuid,
+    shards: u32,
+}
+
+impl PgBackend {
+    /// Connects to `url`, creates the tables if the database has none (with `new_relay_id` and
+    /// `new_shards`; an existing store keeps its own), and checks the layout.
+    pub fn open(url: &str, new_relay_id: Uuid, new_shards: u32) -> StoreResult<Self> {
+        let mut client = connect(url)?;
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        tx.batch_execute(SCHEMA_SQL)?;
+        let layout = meta_u64(&mut tx, "layout")?;
+        match layout {
+            None => set_meta(&mut tx, "layout", &LAYOUT.to_be_bytes())?,
+            Some(LAYOUT) => {}
+            Some(other) => {
+                return Err(StoreError::Corrupt(format!(
+                    "the database holds layout {other}; this relay reads layout {LAYOUT}: use a relay of that version"
+                )));
+            }
+        }
+        tx.execute(
+            "INSERT INTO fs_meta(key, value) VALUES ('relay_id', $1) ON CONFLICT (key) DO NOTHING",
+            &[&new_relay_id.as_bytes().to_vec()],
+        )?;
+        tx.execute(
+            "INSERT INTO fs_meta(key, value) VALUES ('shards', $1) ON CONFLICT (key) DO NOTHING",
+            &[&u64::from(new_shards.max(1)).to_be_bytes().to_vec()],
+        )?;
+        let (relay_id, shards) = identity(&mut tx)?;
+        tx.commit()?;
+        Ok(PgBackend {
+            url: url.to_string(),
+            relay_id,
+            shards,
+        })
+    }
+
+    /// Opens a store that must exist already (admin tools, verify): an operator's typo in the
+    /// URL's database name must not create an empty relay.
+    pub fn open_existing(url: &str) -> StoreResult<Self> {
+        let mut client = connect(url)?;
+        let exists: bool = client
+            .query_one("SELECT to_regclass('fs_meta') IS NOT NULL", &[])?
+            .try_get(0)?;
+        if !exists {
+            return Err(StoreError::NotFound(format!(
+                "no relay store in the database at {}",
+                redact(url)
+            )));
+        }
+        Self::open(url, Uuid::nil(), 1)
+    }
+
+    pub fn relay_id(&self) -> Uuid {
+        self.relay_id
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Backend for PgBackend {
+    type Directory = PgDirectory;
+    type Shard = PgShard;
+
+    fn open_directory(&self) -> StoreResult<PgDirectory> {
+        Ok(PgDirectory::new(connect(&self.url)?, self.relay_id, self.shards))
+    }
+
+    fn open_shard(&self, shard: u32) -> StoreResult<PgShard> {
+        if shard >= self.shards {
+            return Err(StoreError::NotFound(format!(
+                "shard {shard} (the store has {})",
+                self.shards
+            )));
+        }
+        Ok(PgShard::new(connect(&self.url)?, shard))
+    }
+
+    fn shard_count(&self) -> u32 {
+        self.shards
+    }
+}
+
+/// A connection with the relay's settings: serializable reads are not needed (every write
+/// locks what it builds on), but a statement that waits for a lock gives up after a while
+/// instead of hanging a worker forever.
+pub(crate) fn connect(url: &str) -> StoreResult<Client> {
+    let mut client = Client::connect(url, NoTls)
+        .map_err(|e| StoreError::Postgres(format!("cannot connect to {}: {e}", redact(url))))?;
+    client.batch_execute("SET lock_timeout = '30s'; SET idle_in_transaction_session_timeout = '5min'")?;
+    Ok(client)
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn meta_u64(tx: &mut postgres::Transaction<'_>, key: &str) -> StoreResult<Option<u64>> {
+    let row = tx.query_opt("SELECT value FROM fs_meta WHERE key = $1", &[&key])?;
+    row.map(|r| {
+        let bytes: Vec<u8> = r.try_get(0)?;
+        let array: [u8; 8] = bytes
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("fs_meta.{key} is not a number")))?;
+        Ok(u64::from_be_bytes(array))
+    })
+    .transpose()
+}
+
+fn set_meta(tx: &mut postgres::Transaction<'_>, key: &str, value: &[u8]) -> StoreResult<()> {
+    tx.execute(
+        "INSERT INTO fs_meta(key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        &[&key, &value],
+    )?;
+    Ok(())
+}
+
+fn identity(tx: &mut postgres::Transaction<'_>) -> StoreResult<(Uuid, u32)> {
+    let id: Vec<u8> = tx
+        .query_one("SELECT value FROM fs_meta WHERE key = 'relay_id'", &[])?
+        .try_get(0)?;
+    let relay_id = Uuid::from_slice(&id).map_err(|e| StoreError::Corrupt(format!("relay id: {e}")))?;
+    let shards = meta_u64(tx, "shards")?.ok_or_else(|| StoreError::Corrupt("fs_meta has no shard count".into()))?;
+    Ok((relay_id, u32::try_from(shards).unwrap_or(u32::MAX).max(1)))
+}
+
+/// A connection the trait's `&self` reads can use (`postgres::Client` takes `&mut self`).
+pub(crate) struct Conn(RefCell<Client>);
+
+impl Conn {
+    fn new(client: Client) -> Self {
+        Conn(RefCell::new(client))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>) -> StoreResult<T> {
+        Ok(f(&mut self.0.borrow_mut())?)
+    }
+
+    fn try_with<T>(&self, f: impl FnOnce(&mut Client) -> StoreResult<T>) -> StoreResult<T> {
+        f(&mut self.0.borrow_mut())
+    }
+
+    fn batch(&self, sql: &str) -> StoreResult<()> {
+        self.with(|c| c.batch_execute(sql))
+    }
+}
+
+#[cfg(test)]
+mod tests;
