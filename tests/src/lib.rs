@@ -127,6 +127,26 @@ impl Relay {
         format!("{}://{}", self.scheme, self.addr)
     }
 
+    /// A relay of a cluster: `serve --store URL` on a shared PostgreSQL store (`data` holds
+    /// nothing of the store).
+    pub fn start_postgres(store: &str, data: &Path, port: u16) -> Relay {
+        Relay::start_with(data, port, &["--store", store], &[("RUST_LOG", "warn")])
+    }
+
+    /// The PostgreSQL store this relay serves, if it serves one.
+    pub fn store(&self) -> Option<&str> {
+        let at = self.extra.iter().position(|a| a == "--store")?;
+        self.extra.get(at + 1).map(String::as_str)
+    }
+
+    /// How the relay's CLI names this relay's store: `--store URL` or `--data DIR`.
+    pub fn store_args(&self) -> Vec<std::ffi::OsString> {
+        match self.store() {
+            Some(url) => vec!["--store".into(), url.into()],
+            None => vec!["--data".into(), self.data.clone().into_os_string()],
+        }
+    }
+
     /// Runs `fieldsync-relay ARGS` (any subcommand) to completion.
     pub fn cli(args: &[&str]) -> Output {
         Command::new(bin("fieldsync-relay"))
@@ -182,8 +202,8 @@ impl Relay {
     /// Runs `fieldsync-relay admin --data DIR --json ARGS` and parses its JSON output.
     pub fn admin(&self, args: &[&str]) -> Value {
         let out = Command::new(bin("fieldsync-relay"))
-            .args(["admin", "--data"])
-            .arg(&self.data)
+            .arg("admin")
+            .args(self.store_args())
             .arg("--json")
             .args(args)
             .output()

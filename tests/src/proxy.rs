@@ -11,6 +11,8 @@ use tokio::sync::watch;
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// Where new connections go ([`Proxy::retarget`]: a load balancer moving to another relay).
+    target: Arc<std::sync::Mutex<SocketAddr>>,
     cut: watch::Sender<u64>,
     generation: Arc<AtomicU64>,
     /// Bytes forwarded from device to relay so far.
@@ -27,10 +29,13 @@ impl Proxy {
         let upstream_bytes = Arc::new(AtomicU64::new(0));
         let cut_tx = cut.clone();
         let up = upstream_bytes.clone();
+        let target = Arc::new(std::sync::Mutex::new(target));
+        let current = target.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let cut_rx = cut_tx.subscribe();
                 let up = up.clone();
+                let target = *current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
@@ -41,6 +46,7 @@ impl Proxy {
         });
         Proxy {
             addr,
+            target,
             cut,
             generation,
             upstream_bytes,
@@ -49,6 +55,11 @@ impl Proxy {
 
     pub fn url(&self) -> String {
         format!("ws://{}", self.addr)
+    }
+
+    /// Sends new connections to `target` from now on (open ones stay where they are).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.target.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = target;
     }
 
     /// Drops every connection open right now (new ones are accepted as usual).

@@ -17,11 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 use super::worker_thread::WorkerPool;
 use crate::core::{CloseReason, ConnId, CoreStats, Front, Input, Output, Prechecked, WorkerReport};
-use crate::store::Directory;
-use crate::store::sqlite::{SqliteDirectory, SqliteShard};
-
-/// The front as the server runs it.
-pub(crate) type ServerFront = Front<SqliteDirectory, SqliteShard>;
+use crate::store::{Directory, SpaceStore};
 
 use super::outbound::{OutboundBudget, Unsent};
 use super::{APPLY_BACKLOG, MAX_GROUP};
@@ -107,7 +103,7 @@ pub(crate) struct Route {
 
 /// Logs the outcome of every mutation in a push result with the device, user and mutation
 /// ids: refusals at info (an operator wants to see them), the rest at debug.
-fn log_outcomes(core: &ServerFront, route: &mut Route, conn: ConnId, msg: &RelayMessage) {
+fn log_outcomes<D: Directory, S: SpaceStore>(core: &Front<D, S>, route: &mut Route, conn: ConnId, msg: &RelayMessage) {
     let RelayMessage::PushResult { results, .. } = msg else {
         return;
     };
@@ -136,8 +132,8 @@ fn log_outcomes(core: &ServerFront, route: &mut Route, conn: ConnId, msg: &Relay
 
 /// What the core thread keeps besides the core: where each connection's messages go, and the
 /// counts `/v1/status` shows.
-struct CoreThread {
-    core: ServerFront,
+struct CoreThread<D: Directory, S: SpaceStore> {
+    core: Front<D, S>,
     workers: WorkerPool,
     routes: HashMap<ConnId, Route>,
     status: Arc<Mutex<StatusSnapshot>>,
@@ -159,8 +155,8 @@ struct Turn {
     shutdown: bool,
 }
 
-pub(crate) fn run(
-    core: ServerFront,
+pub(crate) fn run<D: Directory, S: SpaceStore>(
+    core: Front<D, S>,
     workers: WorkerPool,
     mut rx: mpsc::Receiver<CoreInput>,
     mut reports: mpsc::UnboundedReceiver<WorkerReport>,
@@ -249,7 +245,7 @@ enum Wake {
     Gone,
 }
 
-impl CoreThread {
+impl<D: Directory, S: SpaceStore> CoreThread<D, S> {
     /// Adds `first` and everything else already waiting to `turn`: every report, and input up
     /// to a group's worth of messages.
     fn collect(

@@ -35,8 +35,10 @@ use tokio::sync::mpsc;
 
 use crate::backup::LOCK_FILE;
 use crate::config::{BackupSchedule, TlsFiles};
-use crate::core::{RelayConfig, RelayCore, SpaceWorker};
-use crate::store::sqlite::{SqliteBackend, SqliteShard};
+use crate::core::{Front, RelayConfig, RelayCore, SpaceWorker};
+use crate::store::Backend;
+use crate::store::postgres::{PgBackend, redact};
+use crate::store::sqlite::SqliteBackend;
 use metrics::Metrics;
 
 pub use core_thread::StatusSnapshot;
@@ -106,6 +108,10 @@ pub enum ServerError {
     AlreadyServed(PathBuf),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(
+        "scheduled backups copy a SQLite store's files; a PostgreSQL store is backed up by its operator          (pg_dump, base backups) and checked with `fieldsync-relay verify --store URL`"
+    )]
+    NoFileBackups,
 }
 
 pub struct ServeOptions {
@@ -134,15 +140,15 @@ pub struct ServeOptions {
 
 /// Which older schemas devices may connect with; refuses a breaking schema unless allowed,
 /// and records the current one as served only when it will be.
-fn accept_schemas(
-    backend: &SqliteBackend,
+fn accept_schemas<B: Backend>(
+    backend: &B,
     opts: &ServeOptions,
+    store: &str,
 ) -> Result<crate::schema_history::SchemaAcceptance, ServerError> {
     let (schema, allow_breaking) = (&opts.schema, opts.allow_breaking_schema);
     let also_known: Vec<&Schema> = opts.also_known_schemas.iter().collect();
-    use crate::store::Backend;
     let store_error = |source| ServerError::Store {
-        dir: "the data directory".into(),
+        dir: store.to_string(),
         source,
     };
     use crate::schema_history::{Adoption, adopt};
@@ -241,21 +247,80 @@ fn serve_lock(dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
 }
 
 /// A bound, not yet running relay. Binding first lets callers (tests, `serve`) learn the real
-/// address when they asked for port 0.
-pub struct Server {
+/// address when they asked for port 0. On SQLite ([`Server::bind`]) one relay owns its data
+/// directory; on PostgreSQL ([`Server::bind_postgres`]) several relays share the database.
+pub struct Server<B: Backend = SqliteBackend> {
     listener: TcpListener,
     addr: SocketAddr,
-    front: core_thread::ServerFront,
-    workers: Vec<SpaceWorker<SqliteShard>>,
+    front: Front<B::Directory, B::Shard>,
+    workers: Vec<SpaceWorker<B::Shard>>,
     worker_threads: usize,
     tls: Option<Arc<rustls::ServerConfig>>,
     backup: Option<BackupSchedule>,
     data_dir: PathBuf,
-    /// The exclusive lock on `DIR/relay.lock` for as long as the server lives ([`serve_lock`]).
-    _lock: std::fs::File,
+    /// The exclusive lock on `DIR/relay.lock` for as long as a SQLite relay lives
+    /// ([`serve_lock`]); none on PostgreSQL, whose relays share the store.
+    _lock: Option<std::fs::File>,
 }
 
-impl Server {
+impl Server<PgBackend> {
+    /// Binds the port, then opens (creating or migrating its tables if needed) the PostgreSQL
+    /// store at `url`, which other relays of the cluster may be serving too. `opts.data_dir`
+    /// holds nothing of the store here.
+    pub async fn bind_postgres(
+        opts: ServeOptions,
+        url: &str,
+        rng: Box<dyn Rng + Send>,
+        new_relay_id: uuid::Uuid,
+    ) -> Result<Self, ServerError> {
+        if opts.backup.is_some() {
+            return Err(ServerError::NoFileBackups);
+        }
+        let tls = opts.tls.as_ref().map(tls::server_config).transpose()?;
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: opts.listen,
+                source,
+            })?;
+        let addr = listener.local_addr()?;
+        let store = redact(url);
+        let store_error = |source| ServerError::Store {
+            dir: store.clone(),
+            source,
+        };
+        let url = url.to_string();
+        let shards = opts.shards;
+        // The client blocks; opening may wait on another relay creating the tables.
+        let backend = tokio::task::spawn_blocking(move || PgBackend::open(&url, new_relay_id, shards))
+            .await
+            .map_err(|_| ServerError::CoreStopped)?
+            .map_err(store_error)?;
+        let (front, workers, worker_threads, data_dir) = tokio::task::spawn_blocking(move || {
+            let store = redact(backend.url());
+            let mut config = opts.config.clone();
+            config.schemas = accept_schemas(&backend, &opts, &store)?;
+            let (front, workers) = RelayCore::parts(&backend, opts.schema, config, rng)
+                .map_err(|source| ServerError::Store { dir: store, source })?;
+            Ok::<_, ServerError>((front, workers, opts.workers, opts.data_dir))
+        })
+        .await
+        .map_err(|_| ServerError::CoreStopped)??;
+        Ok(Server {
+            listener,
+            addr,
+            front,
+            workers,
+            worker_threads,
+            tls,
+            backup: None,
+            data_dir,
+            _lock: None,
+        })
+    }
+}
+
+impl Server<SqliteBackend> {
     /// Takes the data directory for this process, binds the port, then opens (creating if
     /// needed) the database — in that order, so a second relay on the same directory, or a
     /// port already in use, is refused before anything is created or opened.
@@ -287,7 +352,7 @@ impl Server {
             check_store(&opts.data_dir)?;
         }
         let backend = SqliteBackend::open_with(&opts.data_dir, new_relay_id, opts.shards).map_err(store_error)?;
-        let schemas = accept_schemas(&backend, &opts)?;
+        let schemas = accept_schemas(&backend, &opts, &opts.data_dir.display().to_string())?;
         let mut config = opts.config;
         config.schemas = schemas;
         let (front, workers) = RelayCore::parts(&backend, opts.schema, config, rng).map_err(store_error)?;
@@ -300,10 +365,16 @@ impl Server {
             tls,
             backup: opts.backup,
             data_dir: opts.data_dir.clone(),
-            _lock: lock,
+            _lock: Some(lock),
         })
     }
+}
 
+impl<B: Backend> Server<B>
+where
+    B::Directory: Send + 'static,
+    B::Shard: Send + 'static,
+{
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }

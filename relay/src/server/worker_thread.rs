@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::metrics::Metrics;
 use crate::core::{Job, SpaceWorker, WorkerReport};
-use crate::store::sqlite::SqliteShard;
+use crate::store::SpaceStore;
 
 /// The worker threads, as the front thread sees them: where to send each shard's jobs.
 pub(crate) struct WorkerPool {
@@ -27,14 +27,14 @@ pub(crate) struct WorkerPool {
 
 impl WorkerPool {
     /// Starts `threads` threads (at least one) over `workers`, reporting to `front`.
-    pub(crate) fn start(
-        workers: Vec<SpaceWorker<SqliteShard>>,
+    pub(crate) fn start<S: SpaceStore + Send + 'static>(
+        workers: Vec<SpaceWorker<S>>,
         threads: usize,
         front: mpsc::UnboundedSender<WorkerReport>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let threads = threads.clamp(1, workers.len().max(1));
-        let mut owned: Vec<Vec<SpaceWorker<SqliteShard>>> = (0..threads).map(|_| Vec::new()).collect();
+        let mut owned: Vec<Vec<SpaceWorker<S>>> = (0..threads).map(|_| Vec::new()).collect();
         for w in workers {
             let t = w.shard() as usize % threads;
             owned[t].push(w);
@@ -90,8 +90,8 @@ impl WorkerPool {
     }
 }
 
-fn run(
-    mut workers: Vec<SpaceWorker<SqliteShard>>,
+fn run<S: SpaceStore>(
+    mut workers: Vec<SpaceWorker<S>>,
     rx: std_mpsc::Receiver<(u32, Job)>,
     front: mpsc::UnboundedSender<WorkerReport>,
     metrics: Arc<Metrics>,

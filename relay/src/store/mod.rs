@@ -186,6 +186,12 @@ pub trait SpaceStore {
     /// Every space this shard holds data of.
     fn spaces_held(&self) -> StoreResult<Vec<Uuid>>;
     fn counts(&self) -> StoreResult<ShardCounts>;
+
+    /// How long each commit took since the last call (the server's commit-latency metric;
+    /// never read by the core).
+    fn take_commit_times(&mut self) -> Vec<std::time::Duration> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

@@ -1,5 +1,6 @@
-//! `fieldsync-relay admin --data DIR ...`: spaces, users and roles, enrollment tokens, devices;
-//! the audit, conflict and statistics reports are in `admin_report`.
+//! `fieldsync-relay admin --data DIR ...` (or `--store postgres://...`): spaces, users and
+//! roles, enrollment tokens, devices; the audit, conflict and statistics reports are in
+//! `admin_report`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use fieldsync_relay::admin;
+use fieldsync_relay::store::postgres::{PgBackend, redact};
 use fieldsync_relay::store::sqlite::{DB_FILE, SqliteBackend, SqliteDirectory};
 use fieldsync_relay::store::{Backend, Directory};
 use fieldsync_schema::outln;
@@ -19,9 +21,12 @@ use crate::admin_report;
 
 #[derive(Args)]
 pub struct AdminArgs {
-    /// The relay's data directory.
-    #[arg(long)]
-    data: PathBuf,
+    /// The relay's data directory (its SQLite store).
+    #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+    data: Option<PathBuf>,
+    /// The relay's PostgreSQL store (`postgres://USER@HOST:PORT/DB`), shared by its relays.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -159,11 +164,62 @@ fn parse_role(role: &str) -> anyhow::Result<Role> {
 }
 
 pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
-    let (backend, mut store) = open(&args.data)?;
+    let json = args.json;
+    match (&args.store, &args.data) {
+        (Some(url), _) => {
+            let (backend, store) = open_postgres(url)?;
+            match args.command {
+                AdminCommand::Audit(admin_report::AuditCommand::Export { .. }) | AdminCommand::Conflicts(_) => bail!(
+                    "`audit export` and `conflicts` read a SQLite store's files; on PostgreSQL query the `audit` and \
+                     `conflict_archive` tables (psql), or run `audit verify` and `stats`"
+                ),
+                AdminCommand::Stats => {
+                    admin_report::counts_only(&backend, json)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                command => run_on(&backend, store, command, json),
+            }
+        }
+        (None, Some(data)) => {
+            let (backend, store) = open(data)?;
+            match args.command {
+                AdminCommand::Audit(cmd @ admin_report::AuditCommand::Export { .. }) => {
+                    admin_report::audit(&backend, cmd, json)
+                }
+                AdminCommand::Conflicts(args) => {
+                    admin_report::conflicts(&backend, args, json)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                AdminCommand::Stats => {
+                    admin_report::stats(&backend, json)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                command => run_on(&backend, store, command, json),
+            }
+        }
+        (None, None) => bail!("say which store: --data DIR (SQLite) or --store postgres://... (PostgreSQL)"),
+    }
+}
+
+/// The PostgreSQL store at `url` and a handle on its directory; never creates one.
+pub(crate) fn open_postgres(url: &str) -> anyhow::Result<(PgBackend, fieldsync_relay::store::postgres::PgDirectory)> {
+    let backend = PgBackend::open_existing(url).with_context(|| format!("cannot open the store at {}", redact(url)))?;
+    let directory = backend
+        .open_directory()
+        .with_context(|| format!("cannot open the store at {}", redact(url)))?;
+    Ok((backend, directory))
+}
+
+/// The commands every store answers the same way.
+fn run_on<B: Backend>(
+    backend: &B,
+    mut store: B::Directory,
+    command: AdminCommand,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let now = SystemTimeSource.now_ms();
     let mut rng = crate::os_rng()?;
-    let json = args.json;
-    match args.command {
+    match command {
         AdminCommand::Space(SpaceCommand::Add { name }) => {
             let s = admin::add_space(&mut store, &name, now, &mut rng)?;
             print(json, json!(s), format!("space {} created ({})", s.name, s.space_id))?;
@@ -255,18 +311,22 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
                 format!("device {device} revoked; its open connections close within a second"),
             )?;
         }
-        AdminCommand::Audit(cmd) => return admin_report::audit(&backend, cmd, json),
-        AdminCommand::Conflicts(args) => admin_report::conflicts(&backend, args, json)?,
-        AdminCommand::Stats => admin_report::stats(&backend, json)?,
+        AdminCommand::Audit(_) => return admin_report::audit_verify(backend, json),
+        AdminCommand::Conflicts(_) | AdminCommand::Stats => unreachable_report()?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn user_name(store: &SqliteDirectory, user_id: Uuid) -> anyhow::Result<String> {
+/// The store-specific reports are answered before `run_on`.
+fn unreachable_report() -> anyhow::Result<()> {
+    bail!("this report is answered per store")
+}
+
+fn user_name(store: &impl Directory, user_id: Uuid) -> anyhow::Result<String> {
     Ok(store.user(user_id)?.map(|u| u.name).unwrap_or_default())
 }
 
-fn token_list(store: &SqliteDirectory, now: u64, json: bool) -> anyhow::Result<()> {
+fn token_list(store: &impl Directory, now: u64, json: bool) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut lines = Vec::new();
     for t in store.tokens()? {
@@ -298,7 +358,7 @@ fn token_list(store: &SqliteDirectory, now: u64, json: bool) -> anyhow::Result<(
     Ok(())
 }
 
-fn device_list(store: &SqliteDirectory, json: bool) -> anyhow::Result<()> {
+fn device_list(store: &impl Directory, json: bool) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut lines = Vec::new();
     for d in store.devices()? {

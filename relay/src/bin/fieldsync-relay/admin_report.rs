@@ -8,7 +8,7 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 use fieldsync_relay::audit;
 use fieldsync_relay::store::sqlite::SqliteBackend;
-use fieldsync_relay::store::{Backend, Directory, SpaceRow};
+use fieldsync_relay::store::{Backend, Counts, Directory, ShardCounts, SpaceRow, SpaceStore};
 use fieldsync_schema::time_fmt::{parse_date, parse_ms, render_ms};
 use serde_json::json;
 use uuid::Uuid;
@@ -64,7 +64,7 @@ fn parse_since(s: &str) -> anyhow::Result<(Option<u64>, Option<u64>)> {
 }
 
 /// The spaces by id, for naming them in reports.
-fn space_names(backend: &SqliteBackend) -> anyhow::Result<BTreeMap<Uuid, SpaceRow>> {
+fn space_names<B: Backend>(backend: &B) -> anyhow::Result<BTreeMap<Uuid, SpaceRow>> {
     Ok(backend
         .open_directory()?
         .spaces()?
@@ -75,78 +75,83 @@ fn space_names(backend: &SqliteBackend) -> anyhow::Result<BTreeMap<Uuid, SpaceRo
 
 pub fn audit(backend: &SqliteBackend, cmd: AuditCommand, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
-        AuditCommand::Verify => {
-            let report = audit::verify(backend)?;
-            let names = space_names(backend)?;
-            let mut lines = Vec::new();
-            if report.ok() {
-                lines.push(format!(
-                    "audit chains OK: {} records verified in {} spaces",
-                    report.records,
-                    report.spaces.len()
-                ));
-            }
-            for (space, bad) in report.bad() {
-                let name = names.get(&space).map_or("round-1 global chain", |s| s.name.as_str());
-                lines.push(format!(
-                    "audit chain BROKEN in {name} ({space}) at record {} (mutation {}): {}",
-                    bad.audit_id, bad.mutation_id, bad.reason
-                ));
-            }
-            if let Some(old) = report.round_one.as_ref().filter(|c| c.first_bad.is_none()) {
-                lines.push(format!(
-                    "round-1 global chain kept from before the migration: {} records verified",
-                    old.records
-                ));
-            }
-            print(json, json!(report), lines.join("\n"))?;
-            Ok(if report.ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-        AuditCommand::Export { space, since } => {
-            let (after_seq, since_ms) = match since.as_deref() {
-                Some(s) => parse_since(s)?,
-                None => (None, None),
-            };
-            let spaces: Vec<SpaceRow> = match &space {
-                Some(name) => match backend.open_directory()?.space_by_name(name)? {
-                    Some(s) => vec![s],
-                    None => bail!("no space named `{name}` (see `admin space list`)"),
-                },
-                None => space_names(backend)?.into_values().collect(),
-            };
-            if after_seq.is_some() && space.is_none() {
-                bail!("--since with a sequence number needs --space: every space numbers its own feed");
-            }
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            let mut n = 0u64;
-            for s in spaces {
-                let shard = backend.open_shard(s.shard)?;
-                let mut after_id = 0;
-                loop {
-                    let page = shard.audit_page(after_id, Some(s.space_id), after_seq, since_ms, 1000)?;
-                    let Some(last) = page.last() else { break };
-                    after_id = last.audit_id;
-                    for row in &page {
-                        let mut value = serde_json::to_value(row)?;
-                        if let Some(obj) = value.as_object_mut() {
-                            obj.insert("server_ts".into(), json!(render_ms(row.server_ts_ms)));
-                            obj.insert("space".into(), json!(s.name));
-                        }
-                        writeln!(out, "{value}")?;
-                        n += 1;
-                    }
+        AuditCommand::Verify => audit_verify(backend, json),
+        AuditCommand::Export { space, since } => audit_export(backend, space, since),
+    }
+}
+
+/// `audit verify` on any store: every space's chain recomputed.
+pub fn audit_verify<B: Backend>(backend: &B, json: bool) -> anyhow::Result<ExitCode> {
+    let report = audit::verify(backend)?;
+    let names = space_names(backend)?;
+    let mut lines = Vec::new();
+    if report.ok() {
+        lines.push(format!(
+            "audit chains OK: {} records verified in {} spaces",
+            report.records,
+            report.spaces.len()
+        ));
+    }
+    for (space, bad) in report.bad() {
+        let name = names.get(&space).map_or("round-1 global chain", |s| s.name.as_str());
+        lines.push(format!(
+            "audit chain BROKEN in {name} ({space}) at record {} (mutation {}): {}",
+            bad.audit_id, bad.mutation_id, bad.reason
+        ));
+    }
+    if let Some(old) = report.round_one.as_ref().filter(|c| c.first_bad.is_none()) {
+        lines.push(format!(
+            "round-1 global chain kept from before the migration: {} records verified",
+            old.records
+        ));
+    }
+    print(json, json!(report), lines.join("\n"))?;
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn audit_export(backend: &SqliteBackend, space: Option<String>, since: Option<String>) -> anyhow::Result<ExitCode> {
+    let (after_seq, since_ms) = match since.as_deref() {
+        Some(s) => parse_since(s)?,
+        None => (None, None),
+    };
+    let spaces: Vec<SpaceRow> = match &space {
+        Some(name) => match backend.open_directory()?.space_by_name(name)? {
+            Some(s) => vec![s],
+            None => bail!("no space named `{name}` (see `admin space list`)"),
+        },
+        None => space_names(backend)?.into_values().collect(),
+    };
+    if after_seq.is_some() && space.is_none() {
+        bail!("--since with a sequence number needs --space: every space numbers its own feed");
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut n = 0u64;
+    for s in spaces {
+        let shard = backend.open_shard(s.shard)?;
+        let mut after_id = 0;
+        loop {
+            let page = shard.audit_page(after_id, Some(s.space_id), after_seq, since_ms, 1000)?;
+            let Some(last) = page.last() else { break };
+            after_id = last.audit_id;
+            for row in &page {
+                let mut value = serde_json::to_value(row)?;
+                if let Some(obj) = value.as_object_mut() {
+                    obj.insert("server_ts".into(), json!(render_ms(row.server_ts_ms)));
+                    obj.insert("space".into(), json!(s.name));
                 }
+                writeln!(out, "{value}")?;
+                n += 1;
             }
-            out.flush()?;
-            eprintln!("exported {n} audit records");
-            Ok(ExitCode::SUCCESS)
         }
     }
+    out.flush()?;
+    eprintln!("exported {n} audit records");
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn conflicts(backend: &SqliteBackend, args: ConflictArgs, json: bool) -> anyhow::Result<()> {
@@ -242,6 +247,35 @@ impl Names {
 
 fn file_size(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// `stats` on a store that is not files: what it holds, counted over every shard.
+pub fn counts_only<B: Backend>(backend: &B, json: bool) -> anyhow::Result<()> {
+    let mut shards = ShardCounts::default();
+    for n in 0..backend.shard_count() {
+        shards += backend.open_shard(n)?.counts()?;
+    }
+    let directory = backend.open_directory()?;
+    let c = Counts::of(directory.counts()?, shards);
+    let text = format!(
+        "relay {}\nspaces {}  users {}  devices {}\ndocuments {}  applied mutations {}  receipts {}\n\
+         audit records {}  archived losers {}",
+        directory.relay_id(),
+        c.spaces,
+        c.users,
+        c.devices,
+        c.documents,
+        c.feed,
+        c.receipts,
+        c.audit,
+        c.archive,
+    );
+    print(
+        json,
+        json!({"relay_id": directory.relay_id(), "counts": c, "shards": backend.shard_count()}),
+        text,
+    )?;
+    Ok(())
 }
 
 pub fn stats(backend: &SqliteBackend, json: bool) -> anyhow::Result<()> {

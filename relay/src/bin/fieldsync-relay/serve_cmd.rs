@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use fieldsync_relay::config::{ConfigFile, LogFormat};
 use fieldsync_relay::server::{ServeOptions, Server};
+use fieldsync_relay::store::Backend;
 use fieldsync_schema::{Schema, ids};
 
 #[derive(Args)]
@@ -19,6 +20,10 @@ pub struct ServeArgs {
     /// Data directory; created with its database on first start.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// A PostgreSQL store shared by several relays (`postgres://USER@HOST:PORT/DB`) instead of
+    /// the SQLite one in --data; its tables are created on first start.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// Address to listen on [default: 127.0.0.1:7070].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
@@ -71,6 +76,12 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let store = args.store.clone();
+    if let Some(url) = &store
+        && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    {
+        anyhow::bail!("--store takes a PostgreSQL URL (postgres://USER@HOST:PORT/DB), not `{url}`");
+    }
     let skip_start_check = args.skip_start_check;
     let allow_breaking_schema = args.allow_breaking_schema;
     let also_known_schemas = args
@@ -117,29 +128,51 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         opts.check_at_start = !skip_start_check;
         opts.allow_breaking_schema = allow_breaking_schema;
         opts.also_known_schemas = also_known_schemas;
-        let server = Server::bind(opts, Box::new(rng), new_relay_id).await?;
-        eprintln!(
-            "fieldsync relay {} listening on {}://{}/v1/sync (data: {}, schema v{} {}{})",
-            server.relay_id(),
-            server.scheme(),
-            server.local_addr(),
-            config.data.display(),
-            schema.version(),
-            &schema.hash().to_hex()[..12],
-            match &config.backup {
-                Some(b) => format!(
-                    ", backups every {} to {} keeping {}",
-                    humantime::format_duration(b.every),
-                    b.dir.display(),
-                    b.keep
-                ),
-                None => String::new(),
+        let backups = match &config.backup {
+            Some(b) => format!(
+                ", backups every {} to {} keeping {}",
+                humantime::format_duration(b.every),
+                b.dir.display(),
+                b.keep
+            ),
+            None => String::new(),
+        };
+        let version = format!("schema v{} {}", schema.version(), &schema.hash().to_hex()[..12]);
+        match store {
+            Some(url) => {
+                let server = Server::bind_postgres(opts, &url, Box::new(rng), new_relay_id).await?;
+                let store = format!("store: {}", fieldsync_relay::store::postgres::redact(&url));
+                serve(server, &store, &version).await
             }
-        );
-        server.run(shutdown_signal()).await?;
-        anyhow::Ok(())
+            None => {
+                let server = Server::bind(opts, Box::new(rng), new_relay_id).await?;
+                let store = format!("data: {}", config.data.display());
+                serve(server, &format!("{store}, {version}{backups}"), "").await
+            }
+        }
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Announces the bound relay (the line tests and operators wait for) and serves until a signal.
+async fn serve<B: Backend>(server: Server<B>, store: &str, version: &str) -> anyhow::Result<()>
+where
+    B::Directory: Send + 'static,
+    B::Shard: Send + 'static,
+{
+    let details = if version.is_empty() {
+        store.to_string()
+    } else {
+        format!("{store}, {version}")
+    };
+    eprintln!(
+        "fieldsync relay {} listening on {}://{}/v1/sync ({details})",
+        server.relay_id(),
+        server.scheme(),
+        server.local_addr(),
+    );
+    server.run(shutdown_signal()).await?;
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

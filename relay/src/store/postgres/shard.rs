@@ -38,11 +38,6 @@ impl PgShard {
         }
     }
 
-    /// The durations of the commits since the last call (the server's commit-latency metric).
-    pub fn take_commit_times(&mut self) -> Vec<Duration> {
-        std::mem::take(&mut self.commit_times)
-    }
-
     fn limit(limit: usize) -> i64 {
         i64::try_from(limit).unwrap_or(i64::MAX)
     }
@@ -435,6 +430,10 @@ impl SpaceStore for PgShard {
             )
         })?;
         rows(found, |r| col(r, 0))
+    }
+
+    fn take_commit_times(&mut self) -> Vec<Duration> {
+        std::mem::take(&mut self.commit_times)
     }
 
     fn counts(&self) -> StoreResult<ShardCounts> {

@@ -48,11 +48,6 @@ impl SqliteShard {
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
-
-    /// The durations of the commits since the last call (the server's commit-latency metric).
-    pub fn take_commit_times(&mut self) -> Vec<Duration> {
-        std::mem::take(&mut self.commit_times)
-    }
 }
 
 impl SpaceStore for SqliteShard {
@@ -407,6 +402,10 @@ impl SpaceStore for SqliteShard {
         )?;
         let rows = st.query_map([], |r| uuid_col(r, 0))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn take_commit_times(&mut self) -> Vec<Duration> {
+        std::mem::take(&mut self.commit_times)
     }
 
     fn counts(&self) -> StoreResult<ShardCounts> {
