@@ -50,10 +50,15 @@ fn relay_id(relay: &Relay) -> Value {
     serde_json::from_str::<Value>(&body).unwrap()["relay_id"].clone()
 }
 
+/// The drill on the cluster's store: `verify --store URL` (chains, cross-table checks,
+/// receipts) passes; returns its audit report.
 fn verify(relay: &Relay) -> Value {
-    let report = relay.admin(&["audit", "verify"]);
-    assert_eq!(report["spaces"][0]["first_bad"], Value::Null, "{report}");
-    report
+    let url = relay.store().expect("a cluster relay");
+    let out = Relay::cli(&["verify", "--store", url, "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success() && report["ok"] == json!(true), "{report}");
+    assert_eq!(relay.admin(&["audit", "verify"])["records"], report["audit"]["records"]);
+    report["audit"].clone()
 }
 
 async fn heard(events: &mut tokio::sync::broadcast::Receiver<ClientEvent>, id: uuid::Uuid) -> Duration {

@@ -5,6 +5,7 @@ mod admin_cmd;
 mod admin_report;
 mod backup_cmd;
 mod serve_cmd;
+mod verify_cmd;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -38,6 +39,9 @@ enum Command {
     /// The entity schema the relay serves.
     #[command(subcommand)]
     Schema(SchemaCommand),
+    /// Check a store (a restored PostgreSQL database, a copied data directory): audit chains,
+    /// cross-table counts, receipts; non-zero exit when anything is wrong.
+    Verify(verify_cmd::VerifyArgs),
 }
 
 #[derive(clap::Subcommand)]
@@ -99,6 +103,10 @@ fn main() -> std::process::ExitCode {
     let json_output = std::env::args().any(|a| a == "--json");
     let result = match cli.command {
         Command::Serve(args) => serve_cmd::run(args),
+        Command::Verify(args) => {
+            init_logging(LogFormat::Text, Some("warn"));
+            verify_cmd::run(args)
+        }
         Command::Admin(args) => {
             init_logging(LogFormat::Text, Some("warn"));
             admin_cmd::run(args)

@@ -93,8 +93,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
     };
+    // A relay on PostgreSQL keeps nothing in a data directory: none is asked for.
+    let data = match (&store, args.data) {
+        (Some(_), None) => Some(PathBuf::from(".")),
+        (_, data) => data,
+    };
     let flags = ConfigFile {
-        data: args.data,
+        data,
         listen: args.listen,
         schema: args.schema,
         tls_cert: args.tls_cert,

@@ -18,7 +18,7 @@ use crate::store::{
 };
 
 pub struct PgShard {
-    conn: Conn,
+    pub(super) conn: Conn,
     /// The shard this handle applies: one database holds every shard, so what is counted or
     /// listed per shard (counts, spaces held, the archive) is filtered to its spaces.
     shard: i32,

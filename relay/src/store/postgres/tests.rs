@@ -147,6 +147,33 @@ fn receipts_are_unique_by_mutation_id_and_counts_are_per_shard() {
         (receipt.device_id, receipt.envelope_hash, receipt.outcome)
     );
 
+    assert!(backend.consistency().unwrap().problems().is_empty());
+    // A feed row without its audit record and receipt is what a drill must catch.
+    backend
+        .open_shard(0)
+        .unwrap()
+        .conn
+        .batch(&format!(
+            "INSERT INTO documents(entity_id, space_id, entity_type, version, last_seq, created_ms, updated_ms)
+             VALUES ('{e}', '{s}', 'patient', 1, 1, 0, 0);
+             INSERT INTO feed(space_id, seq, doc_key, entity_type, entity_id, version, origin_device, origin_user,
+             mutation_id, hlc, changes, lww_losses)
+             SELECT '{s}', 1, doc_key, 'patient', '{e}', 1, '{e}', '{e}', '{e}', '0', '\\x', '\\x' FROM documents",
+            e = Uuid::from_u128(8),
+            s = clinic.space_id
+        ))
+        .unwrap();
+    let found = backend.consistency().unwrap();
+    assert_eq!(
+        (
+            found.feed_without_audit,
+            found.feed_without_receipt,
+            found.broken_sequences
+        ),
+        (1, 1, 1),
+        "{found:?}"
+    );
+
     let shard0 = backend.open_shard(0).unwrap().counts().unwrap();
     let shard1 = backend.open_shard(1).unwrap().counts().unwrap();
     assert_eq!(
