@@ -8,7 +8,7 @@
 mod common;
 
 use common::{TestDevice, TestRelay};
-use fieldsync_relay::core::Output;
+use fieldsync_relay::core::{Input, Output};
 use fieldsync_relay::store::postgres::PgBackend;
 use fieldsync_relay::store::{Backend, SpaceStore};
 use fieldsync_schema::{ClientMessage, Mutation, Outcome, RelayMessage, Role};
@@ -208,4 +208,68 @@ fn the_same_mutation_in_flight_on_two_relays_at_once_is_applied_once_and_replaye
     }
     assert_eq!(a.version_of(patient), 9);
     assert!(a.verify_audit().ok());
+}
+
+/// A store notification (what the server turns PostgreSQL's `NOTIFY` into) makes a relay look
+/// at once, without a tick: another relay's row reaches its live session, only the notified
+/// spaces are read, and an access change closes a revoked device's session.
+#[test]
+fn a_store_notification_fans_out_another_relays_rows_and_revocations_without_a_tick() {
+    let Some(mut a) = clinic("a_store_notification_fans_out") else {
+        return;
+    };
+    let mut b = a.another_relay(2);
+    let mut watcher = a.device("dana", 1);
+    let mut writer = a.device("cody", 2);
+    writer.conn = b.login(&writer);
+    assert!(
+        a.pull(&mut watcher).is_empty(),
+        "caught up: the watcher is live on relay A"
+    );
+    let space = a.space_row("clinic").space_id;
+
+    let (patient, create) = writer.create("patient", json!({"name": "Through relay B"}), b.now);
+    assert!(matches!(b.push_one(&mut writer, create), Outcome::Applied { .. }));
+    let live = |out: &[Output], conn: u64| -> Vec<Uuid> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send(c, RelayMessage::Live { entries, .. }) if *c == conn => Some(entries.clone()),
+                _ => None,
+            })
+            .flatten()
+            .map(|e| e.entity_id)
+            .collect()
+    };
+    let elsewhere = Input::StoreChanged {
+        spaces: Some(vec![Uuid::from_u128(1)]),
+        access: false,
+    };
+    assert!(
+        live(&a.core.handle([elsewhere], a.now), watcher.conn).is_empty(),
+        "another space was notified"
+    );
+    let here = Input::StoreChanged {
+        spaces: Some(vec![space]),
+        access: false,
+    };
+    assert_eq!(live(&a.core.handle([here.clone()], a.now), watcher.conn), [patient]);
+    assert!(
+        live(&a.core.handle([here], a.now), watcher.conn).is_empty(),
+        "each row once"
+    );
+
+    // The watcher is revoked through relay B's store handle; relay A hears of it by notification.
+    fieldsync_relay::admin::revoke_device(b.core.directory_mut(), watcher.device_id, b.now).unwrap();
+    let out = a.core.handle(
+        [Input::StoreChanged {
+            spaces: Some(Vec::new()),
+            access: true,
+        }],
+        a.now + 1,
+    );
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Close(c, _) if *c == watcher.conn)),
+        "the revoked device's session closes: {out:?}"
+    );
 }

@@ -52,6 +52,11 @@ pub enum Input {
     Closed(ConnId),
     /// Time passed: see [`Front::next_wakeup`].
     Tick,
+    /// Another writer of a shared store committed rows of `spaces` (`None`: any space, e.g.
+    /// after notifications may have been missed), and with `access`, memberships or
+    /// revocations changed: look now, as the tick would, instead of at the next tick. The
+    /// server sends it on PostgreSQL's notifications; the tick stays the safety net.
+    StoreChanged { spaces: Option<Vec<Uuid>>, access: bool },
 }
 
 impl Input {

@@ -40,6 +40,11 @@ pub(crate) enum CoreInput {
         permit: OwnedSemaphorePermit,
     },
     Closed(ConnId),
+    /// Other relays of the shared store committed or changed access (`server::notify`).
+    StoreChanged {
+        spaces: Option<Vec<uuid::Uuid>>,
+        access: bool,
+    },
     Shutdown,
 }
 
@@ -297,6 +302,9 @@ impl<D: Directory, S: SpaceStore> CoreThread<D, S> {
                 CoreInput::Closed(conn) => {
                     self.routes.remove(&conn);
                     turn.inputs.push(Input::Closed(conn));
+                }
+                CoreInput::StoreChanged { spaces, access } => {
+                    turn.inputs.push(Input::StoreChanged { spaces, access });
                 }
                 CoreInput::Shutdown => turn.shutdown = true,
             }

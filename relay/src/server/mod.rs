@@ -15,6 +15,7 @@ mod connection;
 mod core_thread;
 mod http;
 mod metrics;
+mod notify;
 mod outbound;
 mod scheduled;
 pub mod tls;
@@ -261,6 +262,8 @@ pub struct Server<B: Backend = SqliteBackend> {
     /// The exclusive lock on `DIR/relay.lock` for as long as a SQLite relay lives
     /// ([`serve_lock`]); none on PostgreSQL, whose relays share the store.
     _lock: Option<std::fs::File>,
+    /// The PostgreSQL store to listen on for other relays' commits (`notify`).
+    listen_to: Option<String>,
 }
 
 impl Server<PgBackend> {
@@ -289,6 +292,7 @@ impl Server<PgBackend> {
             dir: store.clone(),
             source,
         };
+        let url_for_listening = url.to_string();
         let url = url.to_string();
         let shards = opts.shards;
         // The client blocks; opening may wait on another relay creating the tables.
@@ -316,6 +320,7 @@ impl Server<PgBackend> {
             backup: None,
             data_dir,
             _lock: None,
+            listen_to: Some(url_for_listening),
         })
     }
 }
@@ -366,6 +371,7 @@ impl Server<SqliteBackend> {
             backup: opts.backup,
             data_dir: opts.data_dir.clone(),
             _lock: Some(lock),
+            listen_to: None,
         })
     }
 }
@@ -403,6 +409,12 @@ where
             .spawn(move || core_thread::run(front, pool, core_rx, report_rx, core_status))?;
         if let Some(schedule) = self.backup.clone() {
             tokio::spawn(scheduled::run(self.data_dir.clone(), schedule, metrics.clone()));
+        }
+        if let Some(url) = self.listen_to.clone() {
+            let core = core_tx.clone();
+            std::thread::Builder::new()
+                .name("relay-notifications".into())
+                .spawn(move || notify::listen(url, core))?;
         }
 
         let shared = Shared {

@@ -48,10 +48,16 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         self.deliver(&entries, out);
     }
 
-    /// On a tick: rows other writers committed in spaces with live sessions and no job with a
-    /// worker (whose rows come with its report, after its answer).
-    pub(super) fn fan_out_outside(&mut self, out: &mut Vec<Output>) {
-        let spaces: Vec<(Uuid, u64)> = self.fanned.iter().map(|(s, u)| (*s, *u)).collect();
+    /// On a tick or a store notification: rows other writers committed in spaces with live
+    /// sessions (of `only`, when given) and no job with a worker (whose rows come with its
+    /// report, after its answer).
+    pub(super) fn fan_out_outside(&mut self, only: Option<&std::collections::BTreeSet<Uuid>>, out: &mut Vec<Output>) {
+        let spaces: Vec<(Uuid, u64)> = self
+            .fanned
+            .iter()
+            .filter(|(s, _)| only.is_none_or(|only| only.contains(*s)))
+            .map(|(s, u)| (*s, *u))
+            .collect();
         let mut entries = Vec::new();
         for (space, upto) in spaces {
             if self.busy(space) || !self.has_live_session(space) {

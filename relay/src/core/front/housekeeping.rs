@@ -49,22 +49,37 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
     /// other writers of the store committed.
     pub(super) fn tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         self.housekeeping.last_tick_ms = now_ms;
-        let marker = match self.directory.outside_writes_marker() {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::error!(error = %e, "could not ask the store for outside writes");
-                None
-            }
-        };
-        let stale = now_ms.saturating_sub(self.housekeeping.last_check_ms) >= FULL_REFRESH_MS;
-        if marker.is_none() || marker != self.housekeeping.last_marker || stale {
-            self.close_revoked(now_ms, out);
-            self.refresh_memberships(out);
-            self.housekeeping.last_marker = marker;
-        }
+        self.look_outside(now_ms, true, None, out);
         self.expire_challenges(now_ms, out);
-        self.fan_out_outside(out);
         self.record_last_seen(now_ms);
+    }
+
+    /// What other writers of the store changed: access (revocations, memberships) when
+    /// `access` and the store's marker moved, and the rows they committed in `spaces` (`None`:
+    /// every space with live sessions).
+    pub(super) fn look_outside(
+        &mut self,
+        now_ms: u64,
+        access: bool,
+        spaces: Option<&std::collections::BTreeSet<uuid::Uuid>>,
+        out: &mut Vec<Output>,
+    ) {
+        if access {
+            let marker = match self.directory.outside_writes_marker() {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not ask the store for outside writes");
+                    None
+                }
+            };
+            let stale = now_ms.saturating_sub(self.housekeeping.last_check_ms) >= FULL_REFRESH_MS;
+            if marker.is_none() || marker != self.housekeeping.last_marker || stale {
+                self.close_revoked(now_ms, out);
+                self.refresh_memberships(out);
+                self.housekeeping.last_marker = marker;
+            }
+        }
+        self.fan_out_outside(spaces, out);
     }
 
     /// Writes the last-seen time of every device connected for a while (best-effort: a full

@@ -187,6 +187,10 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         let mut step = FrontStep::default();
         let mut turn = Turn::default();
         let mut tick = false;
+        let mut outside = OutsideWrites {
+            spaces: Some(std::collections::BTreeSet::new()),
+            ..OutsideWrites::default()
+        };
         for input in inputs {
             match input {
                 Input::Opened(conn) => {
@@ -209,11 +213,22 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                     }
                 }
                 Input::Tick => tick = true,
+                Input::StoreChanged { spaces, access } => {
+                    outside.access |= access;
+                    match (&mut outside.spaces, spaces) {
+                        (Some(all), Some(more)) => all.extend(more),
+                        (all, None) => *all = None,
+                        (None, Some(_)) => {}
+                    }
+                    outside.any = true;
+                }
             }
         }
         self.finish_turn(turn, now_ms, &mut step);
         if tick {
             self.tick(now_ms, &mut step.outputs);
+        } else if outside.any {
+            self.look_outside(now_ms, outside.access, outside.spaces.as_ref(), &mut step.outputs);
         }
         step
     }
@@ -573,4 +588,13 @@ fn storage_error(e: &StoreError) -> RelayMessage {
         code,
         message: format!("relay storage error ({e}); nothing was changed, try again"),
     }
+}
+
+/// What the turn's [`Input::StoreChanged`] asked for together.
+#[derive(Default)]
+struct OutsideWrites {
+    any: bool,
+    access: bool,
+    /// `None`: every space with live sessions.
+    spaces: Option<std::collections::BTreeSet<Uuid>>,
 }

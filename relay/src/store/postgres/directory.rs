@@ -32,7 +32,10 @@ impl PgDirectory {
     /// Moves the access marker every relay's front watches (in the writing transaction, so it
     /// moves exactly when the change commits).
     fn access_changed(&self) -> StoreResult<()> {
-        self.conn.with(|c| c.execute("SELECT nextval('access_changes')", &[]))?;
+        self.conn.with(|c| {
+            c.execute("SELECT nextval('access_changes')", &[])?;
+            c.execute("SELECT pg_notify($1, '')", &[&super::ACCESS_CHANNEL])
+        })?;
         Ok(())
     }
 

@@ -29,6 +29,10 @@ use super::sqlite::Consistency;
 use super::{Backend, StoreError, StoreResult};
 
 const SCHEMA_SQL: &str = include_str!("schema.sql");
+/// Notified with a space's id by every commit that advances the space (`server::notify`).
+pub const COMMIT_CHANNEL: &str = "fieldsync_commit";
+/// Notified by every membership change and revocation.
+pub const ACCESS_CHANNEL: &str = "fieldsync_access";
 /// The layout version this build creates and reads (`fs_meta.layout`).
 pub const LAYOUT: u64 = 1;
 /// An arbitrary key for the advisory lock that makes creating and migrating the tables one
@@ -184,7 +188,7 @@ impl Backend for PgBackend {
 /// A connection with the relay's settings: serializable reads are not needed (every write
 /// locks what it builds on), but a statement that waits for a lock gives up after a while
 /// instead of hanging a worker forever.
-pub(crate) fn connect(url: &str) -> StoreResult<Client> {
+pub fn connect(url: &str) -> StoreResult<Client> {
     let mut client = Client::connect(url, NoTls)
         .map_err(|e| StoreError::Postgres(format!("cannot connect to {}: {e}", redact(url))))?;
     client.batch_execute("SET lock_timeout = '30s'; SET idle_in_transaction_session_timeout = '5min'")?;

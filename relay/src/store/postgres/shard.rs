@@ -128,6 +128,11 @@ impl SpaceStore for PgShard {
                  ON CONFLICT (space_id) DO UPDATE SET seq = excluded.seq, audit_seq = excluded.audit_seq,
                  audit_hash = excluded.audit_hash",
                 &[&space_id, &i(head.seq), &i(head.audit_seq), &head.audit_hash],
+            )?;
+            // Delivered to every listening relay when (and only if) this transaction commits.
+            c.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&super::COMMIT_CHANNEL, &space_id.to_string()],
             )
         })?;
         Ok(())
