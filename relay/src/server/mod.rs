@@ -247,6 +247,19 @@ fn serve_lock(dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
     }
 }
 
+/// The TLS settings (certificate read and checked) and the bound port: what can fail before
+/// any store is touched.
+async fn listen(opts: &ServeOptions) -> Result<(Option<Arc<rustls::ServerConfig>>, TcpListener), ServerError> {
+    let tls = opts.tls.as_ref().map(tls::server_config).transpose()?;
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+    Ok((tls, listener))
+}
+
 /// A bound, not yet running relay. Binding first lets callers (tests, `serve`) learn the real
 /// address when they asked for port 0. On SQLite ([`Server::bind`]) one relay owns its data
 /// directory; on PostgreSQL ([`Server::bind_postgres`]) several relays share the database.
@@ -279,13 +292,7 @@ impl Server<PgBackend> {
         if opts.backup.is_some() {
             return Err(ServerError::NoFileBackups);
         }
-        let tls = opts.tls.as_ref().map(tls::server_config).transpose()?;
-        let listener = TcpListener::bind(opts.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: opts.listen,
-                source,
-            })?;
+        let (tls, listener) = listen(&opts).await?;
         let addr = listener.local_addr()?;
         let store = redact(url);
         let store_error = |source| ServerError::Store {
@@ -336,13 +343,7 @@ impl Server<SqliteBackend> {
     ) -> Result<Self, ServerError> {
         // What can fail without touching the data directory fails first: a port in use or a
         // bad certificate leaves no new directory behind.
-        let tls = opts.tls.as_ref().map(tls::server_config).transpose()?;
-        let listener = TcpListener::bind(opts.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: opts.listen,
-                source,
-            })?;
+        let (tls, listener) = listen(&opts).await?;
         std::fs::create_dir_all(&opts.data_dir)?;
         let lock = serve_lock(&opts.data_dir)?;
         let addr = listener.local_addr()?;

@@ -16,6 +16,7 @@
 //! SQLite ([`sqlite::SqliteBackend`]) is the embedded default: `DIR/relay.db` is the directory,
 //! `DIR/shards/shard-N.db` the shards.
 
+pub mod consistency;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
@@ -46,6 +47,17 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Appends the Automerge changes of a feed row (`FeedRow::changes`, CBOR) to `out`: a stored
+/// document is its snapshot followed by these.
+pub(crate) fn append_feed_changes(blob: &[u8], out: &mut Vec<u8>) -> StoreResult<()> {
+    let changes: Vec<fieldsync_schema::Bytes> =
+        ciborium::from_reader(blob).map_err(|e| StoreError::Corrupt(format!("feed changes: {e}")))?;
+    for c in changes {
+        out.extend_from_slice(&c.0);
+    }
+    Ok(())
+}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {

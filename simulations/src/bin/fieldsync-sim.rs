@@ -100,11 +100,16 @@ struct LoadArgs {
     /// Start a relay on a scratch directory (the default unless --relay is given).
     #[arg(long, conflicts_with = "relay")]
     spawn: bool,
-    /// Load a running relay at this address (needs --data, its data directory, to enroll).
-    #[arg(long, requires = "data")]
-    relay: Option<String>,
+    /// Load a running relay at this address (needs --data, its data directory, or --store,
+    /// its PostgreSQL store, to enroll).
     #[arg(long)]
+    relay: Option<String>,
+    #[arg(long, requires = "relay", conflicts_with = "store")]
     data: Option<PathBuf>,
+    /// The PostgreSQL store of the running relay (`serve --store URL`): several load processes,
+    /// each against another relay of the cluster, load one store together.
+    #[arg(long, value_name = "URL", requires = "relay")]
+    store: Option<String>,
     /// The running relay's process id, for CPU and memory figures.
     #[arg(long)]
     pid: Option<u32>,
@@ -206,8 +211,10 @@ fn load(args: LoadArgs) -> anyhow::Result<bool> {
         }
         None => (args.entities, args.updates),
     };
-    let relay = match (&args.relay, &args.data) {
-        (Some(url), Some(data)) => RelayProc::existing(url, data, args.pid),
+    let relay = match (&args.relay, &args.data, &args.store) {
+        (Some(url), Some(data), _) => RelayProc::existing(url, data, args.pid),
+        (Some(url), None, Some(store)) => RelayProc::existing_on_postgres(url, store, args.pid),
+        (Some(_), None, None) => anyhow::bail!("--relay needs --data DIR or --store URL to enroll devices"),
         _ => RelayProc::spawn_with(args.workers)?,
     };
     let opts = LoadOptions {

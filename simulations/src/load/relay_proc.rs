@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fieldsync_relay::admin;
-use fieldsync_relay::store::Backend;
+use fieldsync_relay::store::postgres::{PgBackend, redact};
 use fieldsync_relay::store::sqlite::SqliteBackend;
+use fieldsync_relay::store::{Backend, Directory};
 use fieldsync_schema::Role;
 use rand_chacha::ChaCha20Rng;
 
@@ -31,6 +32,8 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 pub struct RelayProc {
     pub url: String,
     pub data: PathBuf,
+    /// The PostgreSQL store of a relay of a cluster (then `data` is unused).
+    pub store: Option<String>,
     pub pid: Option<u32>,
     child: Option<Child>,
     _scratch: Option<tempfile::TempDir>,
@@ -91,6 +94,7 @@ impl RelayProc {
         Ok(RelayProc {
             url: format!("ws://{addr}"),
             data: data.to_path_buf(),
+            store: None,
             pid: Some(child.id()),
             child: Some(child),
             _scratch: None,
@@ -112,10 +116,18 @@ impl RelayProc {
         RelayProc {
             url: url.trim_end_matches('/').to_string(),
             data: data.to_path_buf(),
+            store: None,
             pid,
             child: None,
             _scratch: None,
         }
+    }
+
+    /// A relay of a cluster someone else runs, on the PostgreSQL store `store`.
+    pub fn existing_on_postgres(url: &str, store: &str, pid: Option<u32>) -> Self {
+        let mut relay = Self::existing(url, Path::new("."), pid);
+        relay.store = Some(store.to_string());
+        relay
     }
 
     /// Creates `spaces` spaces with one user each and returns an enrollment token per device,
@@ -127,9 +139,29 @@ impl RelayProc {
         now_ms: u64,
         rng: &mut ChaCha20Rng,
     ) -> anyhow::Result<Vec<String>> {
-        let mut store = SqliteBackend::open_current(&self.data)
-            .and_then(|b| b.open_directory())
-            .with_context(|| format!("opening the relay's data directory {}", self.data.display()))?;
+        match &self.store {
+            Some(url) => {
+                let store = PgBackend::open_existing(url)
+                    .and_then(|b| b.open_directory())
+                    .with_context(|| format!("opening the relay's store {}", redact(url)))?;
+                Self::tokens_in(store, spaces, devices, now_ms, rng)
+            }
+            None => {
+                let store = SqliteBackend::open_current(&self.data)
+                    .and_then(|b| b.open_directory())
+                    .with_context(|| format!("opening the relay's data directory {}", self.data.display()))?;
+                Self::tokens_in(store, spaces, devices, now_ms, rng)
+            }
+        }
+    }
+
+    fn tokens_in(
+        mut store: impl Directory,
+        spaces: usize,
+        devices: usize,
+        now_ms: u64,
+        rng: &mut ChaCha20Rng,
+    ) -> anyhow::Result<Vec<String>> {
         let run = fieldsync_schema::ids::new_uuid(rng).simple().to_string();
         let mut users = Vec::new();
         for s in 0..spaces {

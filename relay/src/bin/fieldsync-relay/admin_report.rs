@@ -257,25 +257,21 @@ pub fn counts_only<B: Backend>(backend: &B, json: bool) -> anyhow::Result<()> {
     }
     let directory = backend.open_directory()?;
     let c = Counts::of(directory.counts()?, shards);
-    let text = format!(
-        "relay {}\nspaces {}  users {}  devices {}\ndocuments {}  applied mutations {}  receipts {}\n\
-         audit records {}  archived losers {}",
-        directory.relay_id(),
-        c.spaces,
-        c.users,
-        c.devices,
-        c.documents,
-        c.feed,
-        c.receipts,
-        c.audit,
-        c.archive,
-    );
     print(
         json,
         json!({"relay_id": directory.relay_id(), "counts": c, "shards": backend.shard_count()}),
-        text,
+        counts_text(directory.relay_id(), &c),
     )?;
     Ok(())
+}
+
+/// What `stats` says of any store.
+fn counts_text(relay_id: Uuid, c: &Counts) -> String {
+    format!(
+        "relay {relay_id}\nspaces {}  users {}  devices {}\ndocuments {}  applied mutations {}  receipts {}\n\
+         audit records {}  archived losers {}",
+        c.spaces, c.users, c.devices, c.documents, c.feed, c.receipts, c.audit, c.archive,
+    )
 }
 
 pub fn stats(backend: &SqliteBackend, json: bool) -> anyhow::Result<()> {
@@ -287,20 +283,9 @@ pub fn stats(backend: &SqliteBackend, json: bool) -> anyhow::Result<()> {
         .map(|f| file_size(&f.with_file_name(format!("{}-wal", f.file_name().unwrap_or_default().to_string_lossy()))))
         .sum();
     let text = format!(
-        "relay {}\nspaces {}  users {}  devices {}\ndocuments {}  applied mutations {}  receipts {}\n\
-         audit records {}  archived losers {}\nstore {} bytes in {} files (+ {} bytes WAL)",
-        backend.relay_id(),
-        c.spaces,
-        c.users,
-        c.devices,
-        c.documents,
-        c.feed,
-        c.receipts,
-        c.audit,
-        c.archive,
-        db_bytes,
+        "{}\nstore {db_bytes} bytes in {} files (+ {wal_bytes} bytes WAL)",
+        counts_text(backend.relay_id(), &c),
         files.len(),
-        wal_bytes
     );
     print(
         json,

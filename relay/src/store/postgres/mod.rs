@@ -25,7 +25,7 @@ use uuid::Uuid;
 pub use directory::PgDirectory;
 pub use shard::PgShard;
 
-use super::sqlite::Consistency;
+use super::consistency::{Consistency, checks};
 use super::{Backend, StoreError, StoreResult};
 
 const SCHEMA_SQL: &str = include_str!("schema.sql");
@@ -128,30 +128,11 @@ impl PgBackend {
         let mut client = connect(&self.url)?;
         let mut count = |sql: &str| -> StoreResult<i64> { Ok(client.query_one(sql, &[])?.try_get(0)?) };
         Ok(Consistency {
-            feed_without_audit: count(
-                "SELECT COUNT(*) FROM feed f LEFT JOIN audit a
-                 ON a.space_id = f.space_id AND a.seq = f.seq AND a.mutation_id = f.mutation_id
-                 WHERE a.audit_id IS NULL",
-            )?
-            .max(0) as u64,
-            audit_without_feed: count(
-                "SELECT COUNT(*) FROM audit a LEFT JOIN feed f ON f.space_id = a.space_id AND f.seq = a.seq
-                 WHERE f.seq IS NULL",
-            )?
-            .max(0) as u64,
-            feed_without_receipt: count(
-                "SELECT COUNT(*) FROM feed f LEFT JOIN receipts r ON r.mutation_id = f.mutation_id
-                 WHERE r.mutation_id IS NULL",
-            )?
-            .max(0) as u64,
-            version_drift: count("SELECT COALESCE(SUM(version), 0)::BIGINT FROM documents")?
-                - count("SELECT COUNT(*) FROM feed")?,
-            broken_sequences: count(
-                "SELECT COUNT(*) FROM (SELECT f.space_id, COUNT(*) AS n, MAX(f.seq) AS top FROM feed f
-                 GROUP BY f.space_id) s LEFT JOIN space_heads h ON h.space_id = s.space_id
-                 WHERE s.n != s.top OR h.seq IS NULL OR h.seq != s.top",
-            )?
-            .max(0) as u64,
+            feed_without_audit: count(checks::FEED_WITHOUT_AUDIT)?.max(0) as u64,
+            audit_without_feed: count(checks::AUDIT_WITHOUT_FEED)?.max(0) as u64,
+            feed_without_receipt: count(checks::FEED_WITHOUT_RECEIPT)?.max(0) as u64,
+            version_drift: count(checks::VERSION_SUM)? - count(checks::FEED_ROWS)?,
+            broken_sequences: count(checks::BROKEN_SEQUENCES)?.max(0) as u64,
             // Data of a space the directory does not know: no relay would ever serve it.
             misplaced_spaces: count(
                 "SELECT COUNT(*) FROM (SELECT space_id FROM documents UNION SELECT space_id FROM feed) d

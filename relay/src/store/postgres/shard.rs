@@ -4,7 +4,6 @@
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-use fieldsync_schema::Bytes;
 use uuid::Uuid;
 
 use super::columns::{
@@ -41,15 +40,6 @@ impl PgShard {
     fn limit(limit: usize) -> i64 {
         i64::try_from(limit).unwrap_or(i64::MAX)
     }
-}
-
-fn changes_blob_concat(blob: &[u8], out: &mut Vec<u8>) -> StoreResult<()> {
-    let changes: Vec<Bytes> =
-        ciborium::from_reader(blob).map_err(|e| StoreError::Corrupt(format!("feed changes: {e}")))?;
-    for c in changes {
-        out.extend_from_slice(&c.0);
-    }
-    Ok(())
 }
 
 impl SpaceStore for PgShard {
@@ -165,7 +155,7 @@ impl SpaceStore for PgShard {
                 &[&i(doc_key), &snapshot_seq],
             )? {
                 let blob: Vec<u8> = col(&change, 0)?;
-                changes_blob_concat(&blob, &mut bytes)?;
+                crate::store::append_feed_changes(&blob, &mut bytes)?;
             }
             Ok(bytes)
         })

@@ -3,86 +3,14 @@
 //! checks of a restore drill. Read-only; outside the [`SpaceStore`](crate::store::SpaceStore) trait on purpose.
 
 use rusqlite::{params, params_from_iter};
-use serde::Serialize;
 use uuid::Uuid;
 
 use std::collections::BTreeMap;
 
 use super::columns::{AUDIT_COLS, archive_row, audit_row, i};
 use super::{SqliteBackend, SqliteShard};
+use crate::store::consistency::{Consistency, checks};
 use crate::store::{ArchiveRow, AuditRow, Backend, Counts, Directory, ShardCounts, SpaceStore, StoreResult};
-
-/// Cross-table checks that must hold in every relay database (SPEC §10, §11 invariants 4, 10).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Consistency {
-    /// Feed rows (applied mutations) without an audit record with the same seq and mutation.
-    pub feed_without_audit: u64,
-    /// Audit records that name no feed row.
-    pub audit_without_feed: u64,
-    /// Applied mutations without a receipt (a retry would be applied twice).
-    pub feed_without_receipt: u64,
-    /// Sum of document versions minus feed rows: each applied mutation adds exactly one of each.
-    pub version_drift: i64,
-    /// Spaces whose feed is not 1, 2, ..., n, or whose head disagrees with it.
-    pub broken_sequences: u64,
-    /// Spaces whose data sits in a shard the directory does not assign them to (their data
-    /// would be invisible to the relay).
-    pub misplaced_spaces: u64,
-}
-
-impl std::ops::AddAssign for Consistency {
-    fn add_assign(&mut self, o: Consistency) {
-        self.feed_without_audit += o.feed_without_audit;
-        self.audit_without_feed += o.audit_without_feed;
-        self.feed_without_receipt += o.feed_without_receipt;
-        self.version_drift += o.version_drift;
-        self.broken_sequences += o.broken_sequences;
-        self.misplaced_spaces += o.misplaced_spaces;
-    }
-}
-
-impl Consistency {
-    pub fn problems(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        if self.feed_without_audit > 0 {
-            p.push(format!(
-                "{} applied mutation(s) without an audit record",
-                self.feed_without_audit
-            ));
-        }
-        if self.audit_without_feed > 0 {
-            p.push(format!(
-                "{} audit record(s) without their feed row",
-                self.audit_without_feed
-            ));
-        }
-        if self.feed_without_receipt > 0 {
-            p.push(format!(
-                "{} applied mutation(s) without a receipt",
-                self.feed_without_receipt
-            ));
-        }
-        if self.version_drift != 0 {
-            p.push(format!(
-                "document versions and feed rows disagree by {}",
-                self.version_drift
-            ));
-        }
-        if self.broken_sequences > 0 {
-            p.push(format!(
-                "{} space feed(s) not numbered 1, 2, ... up to their head",
-                self.broken_sequences
-            ));
-        }
-        if self.misplaced_spaces > 0 {
-            p.push(format!(
-                "{} space(s) hold data in a shard the directory does not assign them to",
-                self.misplaced_spaces
-            ));
-        }
-        p
-    }
-}
 
 impl SqliteBackend {
     /// Everything the store holds, counted over the directory and every shard.
@@ -186,26 +114,11 @@ impl SqliteShard {
     pub fn consistency(&self) -> StoreResult<Consistency> {
         let count = |sql: &str| -> StoreResult<i64> { Ok(self.conn.query_row(sql, [], |r| r.get(0))?) };
         Ok(Consistency {
-            feed_without_audit: count(
-                "SELECT COUNT(*) FROM feed f LEFT JOIN audit a
-                 ON a.space_id = f.space_id AND a.seq = f.seq AND a.mutation_id = f.mutation_id
-                 WHERE a.audit_id IS NULL",
-            )? as u64,
-            audit_without_feed: count(
-                "SELECT COUNT(*) FROM audit a LEFT JOIN feed f ON f.space_id = a.space_id AND f.seq = a.seq
-                 WHERE f.seq IS NULL",
-            )? as u64,
-            feed_without_receipt: count(
-                "SELECT COUNT(*) FROM feed f LEFT JOIN receipts r ON r.mutation_id = f.mutation_id
-                 WHERE r.mutation_id IS NULL",
-            )? as u64,
-            version_drift: count("SELECT COALESCE(SUM(version), 0) FROM documents")?
-                - count("SELECT COUNT(*) FROM feed")?,
-            broken_sequences: count(
-                "SELECT COUNT(*) FROM (SELECT f.space_id, COUNT(*) AS n, MAX(f.seq) AS top FROM feed f
-                 GROUP BY f.space_id) s LEFT JOIN space_heads h ON h.space_id = s.space_id
-                 WHERE s.n != s.top OR h.seq IS NULL OR h.seq != s.top",
-            )? as u64,
+            feed_without_audit: count(checks::FEED_WITHOUT_AUDIT)?.max(0) as u64,
+            audit_without_feed: count(checks::AUDIT_WITHOUT_FEED)?.max(0) as u64,
+            feed_without_receipt: count(checks::FEED_WITHOUT_RECEIPT)?.max(0) as u64,
+            version_drift: count(checks::VERSION_SUM)? - count(checks::FEED_ROWS)?,
+            broken_sequences: count(checks::BROKEN_SEQUENCES)?.max(0) as u64,
             // Needs the directory: counted by `SqliteBackend::consistency`.
             misplaced_spaces: 0,
         })

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
+pub use super::consistency::Consistency;
 pub use directory::SqliteDirectory;
-pub use extra::Consistency;
 pub use shard::SqliteShard;
 
 use super::{Backend, StoreError, StoreResult};

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use fieldsync_schema::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
@@ -14,7 +13,7 @@ use super::connect;
 use crate::audit::GENESIS_HASH;
 use crate::store::{
     ArchiveRow, AuditRow, DocumentRow, DocumentUpdate, FeedRow, ReceiptRow, ShardCounts, SpaceHead, SpaceStore,
-    StoreError, StoreResult,
+    StoreResult,
 };
 
 const SCHEMA_SQL: &str = include_str!("../shard.sql");
@@ -23,15 +22,6 @@ pub struct SqliteShard {
     pub(super) conn: Connection,
     /// How long each `COMMIT` took since the server last asked (metrics; never read by the core).
     commit_times: Vec<Duration>,
-}
-
-fn changes_blob_concat(blob: &[u8], out: &mut Vec<u8>) -> StoreResult<()> {
-    let changes: Vec<Bytes> =
-        ciborium::from_reader(blob).map_err(|e| StoreError::Corrupt(format!("feed changes: {e}")))?;
-    for c in changes {
-        out.extend_from_slice(&c.0);
-    }
-    Ok(())
 }
 
 impl SqliteShard {
@@ -138,7 +128,7 @@ impl SpaceStore for SqliteShard {
         let mut rows = st.query(params![i(doc_key), snapshot_seq])?;
         while let Some(row) = rows.next()? {
             let blob: Vec<u8> = row.get(0)?;
-            changes_blob_concat(&blob, &mut bytes)?;
+            crate::store::append_feed_changes(&blob, &mut bytes)?;
         }
         Ok(bytes)
     }
