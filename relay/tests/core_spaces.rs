@@ -8,13 +8,17 @@ mod common;
 use common::{T0, TestDevice, TestRelay};
 use fieldsync_relay::admin;
 use fieldsync_relay::core::{Input, Output};
+use fieldsync_relay::store::Backend;
 use fieldsync_schema::{ClientMessage, FeedPayload, Mutation, Outcome, RelayMessage, Role};
 use serde_json::json;
 use uuid::Uuid;
 
 /// A clinic and a gym (in different shards) and dana, a clinician in both.
 fn two_spaces() -> (TestRelay, Uuid, Uuid) {
-    let mut r = TestRelay::new();
+    two_spaces_on(TestRelay::new())
+}
+
+fn two_spaces_on<B: Backend>(mut r: TestRelay<B>) -> (TestRelay<B>, Uuid, Uuid) {
     let clinic = r.space("clinic");
     let gym = r.space("gym");
     r.user("dana", "clinic", Role::Clinician);
@@ -87,7 +91,19 @@ fn a_batch_that_mixes_spaces_stops_at_the_first_change_of_space() {
 
 #[test]
 fn ids_are_relay_wide_across_shards() {
-    let (mut r, clinic, gym) = two_spaces();
+    ids_are_relay_wide(two_spaces());
+}
+
+/// On PostgreSQL, where every shard is one database and a worker looks only at its own.
+#[test]
+fn ids_are_relay_wide_on_postgres_too() {
+    let Some(r) = TestRelay::postgres("ids_are_relay_wide_on_postgres_too") else {
+        return;
+    };
+    ids_are_relay_wide(two_spaces_on(r));
+}
+
+fn ids_are_relay_wide<B: Backend>((mut r, clinic, gym): (TestRelay<B>, Uuid, Uuid)) {
     r.user("gus", "gym", Role::Clinician);
     let mut a = r.device("dana", 1);
     let mut g = r.device("gus", 2);

@@ -79,6 +79,13 @@ pub trait Backend {
     fn open_shard(&self, shard: u32) -> StoreResult<Self::Shard>;
     /// How many shards the data is spread over (fixed when the store was created).
     fn shard_count(&self) -> u32;
+
+    /// Whether every shard's handle reads the same tables (one database): then a shard's own
+    /// receipt and document lookups already see every space's, and a worker needs no handles
+    /// on the other shards to keep ids relay-wide.
+    fn shards_share_tables(&self) -> bool {
+        false
+    }
 }
 
 /// Who may do what. Written by enrollment, key rotation, `touch_device` and the admin tools.

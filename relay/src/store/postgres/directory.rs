@@ -64,7 +64,7 @@ impl PgDirectory {
         params: &[&(dyn postgres::types::ToSql + Sync)],
         taken: String,
     ) -> StoreResult<()> {
-        match self.conn.0.borrow_mut().execute(sql, params) {
+        match self.conn.raw(|c| c.execute(sql, params)) {
             Ok(_) => Ok(()),
             Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(taken)),
             Err(e) => Err(e.into()),

@@ -18,8 +18,10 @@ mod shard;
 pub mod throwaway;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 
-use postgres::{Client, NoTls};
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Row, Statement};
 use uuid::Uuid;
 
 pub use directory::PgDirectory;
@@ -164,6 +166,10 @@ impl Backend for PgBackend {
     fn shard_count(&self) -> u32 {
         self.shards
     }
+
+    fn shards_share_tables(&self) -> bool {
+        true
+    }
 }
 
 /// A connection with the relay's settings: serializable reads are not needed (every write
@@ -219,24 +225,88 @@ fn identity(tx: &mut postgres::Transaction<'_>) -> StoreResult<(Uuid, u32)> {
     Ok((relay_id, u32::try_from(shards).unwrap_or(u32::MAX).max(1)))
 }
 
-/// A connection the trait's `&self` reads can use (`postgres::Client` takes `&mut self`).
-pub(crate) struct Conn(RefCell<Client>);
+/// A connection the trait's `&self` reads can use (`postgres::Client` takes `&mut self`),
+/// with every statement prepared once: an unprepared query costs PostgreSQL a parse and the
+/// relay a round trip more, on every call.
+pub(crate) struct Conn {
+    client: RefCell<Client>,
+    statements: RefCell<HashMap<String, Statement>>,
+}
+
+/// The connection with its statement cache, as the store's closures see it: the query
+/// methods of `postgres::Client` taking SQL text, each statement prepared on first use.
+pub(crate) struct Prepared<'a> {
+    client: &'a mut Client,
+    statements: &'a mut HashMap<String, Statement>,
+}
+
+type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+
+impl Prepared<'_> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    pub(crate) fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query(&statement, params)
+    }
+
+    pub(crate) fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query_one(&statement, params)
+    }
+
+    pub(crate) fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query_opt(&statement, params)
+    }
+
+    pub(crate) fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.execute(&statement, params)
+    }
+}
 
 impl Conn {
     fn new(client: Client) -> Self {
-        Conn(RefCell::new(client))
+        Conn {
+            client: RefCell::new(client),
+            statements: RefCell::new(HashMap::new()),
+        }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>) -> StoreResult<T> {
-        Ok(f(&mut self.0.borrow_mut())?)
+    /// Runs `f` with the connection, its errors as the client gives them (to tell a unique
+    /// violation from the rest).
+    fn raw<T>(&self, f: impl FnOnce(&mut Prepared<'_>) -> Result<T, postgres::Error>) -> Result<T, postgres::Error> {
+        let mut client = self.client.borrow_mut();
+        let mut statements = self.statements.borrow_mut();
+        f(&mut Prepared {
+            client: &mut client,
+            statements: &mut statements,
+        })
     }
 
-    fn try_with<T>(&self, f: impl FnOnce(&mut Client) -> StoreResult<T>) -> StoreResult<T> {
-        f(&mut self.0.borrow_mut())
+    fn with<T>(&self, f: impl FnOnce(&mut Prepared<'_>) -> Result<T, postgres::Error>) -> StoreResult<T> {
+        Ok(self.raw(f)?)
+    }
+
+    fn try_with<T>(&self, f: impl FnOnce(&mut Prepared<'_>) -> StoreResult<T>) -> StoreResult<T> {
+        let mut client = self.client.borrow_mut();
+        let mut statements = self.statements.borrow_mut();
+        f(&mut Prepared {
+            client: &mut client,
+            statements: &mut statements,
+        })
     }
 
     fn batch(&self, sql: &str) -> StoreResult<()> {
-        self.with(|c| c.batch_execute(sql))
+        Ok(self.client.borrow_mut().batch_execute(sql)?)
     }
 }
 

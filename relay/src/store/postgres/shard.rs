@@ -311,19 +311,21 @@ impl SpaceStore for PgShard {
 
     fn put_receipt(&mut self, r: &ReceiptRow) -> StoreResult<()> {
         let envelope_hash = r.envelope_hash.map(|h| h.to_vec());
-        let result = self.conn.0.borrow_mut().execute(
-            "INSERT INTO receipts(mutation_id, device_id, entity_id, space_id, envelope_hash, outcome, created_ms)
+        let result = self.conn.raw(|c| {
+            c.execute(
+                "INSERT INTO receipts(mutation_id, device_id, entity_id, space_id, envelope_hash, outcome, created_ms)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[
-                &r.mutation_id,
-                &r.device_id,
-                &r.entity_id,
-                &r.space_id,
-                &envelope_hash,
-                &r.outcome,
-                &i(r.created_ms),
-            ],
-        );
+                &[
+                    &r.mutation_id,
+                    &r.device_id,
+                    &r.entity_id,
+                    &r.space_id,
+                    &envelope_hash,
+                    &r.outcome,
+                    &i(r.created_ms),
+                ],
+            )
+        });
         match result {
             Ok(_) => Ok(()),
             Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!(
