@@ -76,14 +76,10 @@ impl Throwaway {
                 .expect("run chown");
             assert!(status.success(), "cannot give the temporary directory to `nobody`");
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let server = Throwaway {
+        let mut server = Throwaway {
             dir,
             bin: bin.to_path_buf(),
-            port,
+            port: 0,
             run_as,
         };
         let data = server.data();
@@ -102,15 +98,36 @@ impl Throwaway {
                 "--no-sync",
             ],
         );
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-            server.dir.path().display()
-        );
         let log = server.dir.path().join("server.log").display().to_string();
-        server.run(
-            "pg_ctl",
-            &["-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start"],
-        );
+        // A free port now may be taken by another test's server before this one binds it:
+        // then try another.
+        for attempt in 1..=5 {
+            server.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let options = format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+                 -c full_page_writes=off",
+                server.port,
+                server.dir.path().display()
+            );
+            let started = server
+                .command("pg_ctl")
+                .args(["-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start"])
+                .output()
+                .expect("run pg_ctl");
+            if started.status.success() {
+                return server;
+            }
+            assert!(
+                attempt < 5,
+                "pg_ctl start failed: {}{}\n(server log: {})",
+                String::from_utf8_lossy(&started.stdout),
+                String::from_utf8_lossy(&started.stderr),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
         server
     }
 
@@ -118,17 +135,25 @@ impl Throwaway {
         self.dir.path().join("data").display().to_string()
     }
 
-    fn run(&self, program: &str, args: &[&str]) {
+    /// `program` of the server's binaries, as the user the server runs as.
+    fn command(&self, program: &str) -> Command {
         let path = self.bin.join(program);
-        let mut cmd = match self.run_as {
+        match self.run_as {
             Some(user) => {
                 let mut c = Command::new("runuser");
                 c.args(["-u", user, "--"]).arg(&path);
                 c
             }
             None => Command::new(&path),
-        };
-        let out = cmd.args(args).output().expect("run a PostgreSQL binary");
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = self
+            .command(program)
+            .args(args)
+            .output()
+            .expect("run a PostgreSQL binary");
         assert!(
             out.status.success(),
             "{program} failed: {}{}\n(server log: {})",
@@ -159,15 +184,9 @@ impl Throwaway {
 impl Drop for Throwaway {
     fn drop(&mut self) {
         let data = self.data();
-        let path = self.bin.join("pg_ctl");
-        let mut cmd = match self.run_as {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(&path);
-                c
-            }
-            None => Command::new(&path),
-        };
-        let _ = cmd.args(["-D", &data, "-m", "immediate", "-w", "stop"]).output();
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .output();
     }
 }
