@@ -519,6 +519,23 @@ mod tests {
     }
 
     #[test]
+    fn values_and_fields_cross_as_json_text_both_ways() {
+        assert_eq!(parse_value("4").unwrap(), serde_json::json!(4));
+        assert_eq!(parse_value(r#""Ada""#).unwrap(), serde_json::json!("Ada"));
+        assert!(matches!(parse_value("Ada"), Err(FieldsyncError::BadArgument { .. })));
+        let filter = FieldFilter {
+            field: "name".into(),
+            value_json: r#""Ada""#.into(),
+        };
+        assert_eq!(filter.to_peer().unwrap().value, serde_json::json!("Ada"));
+        assert_eq!(
+            json(&serde_json::json!({"name": "Ada", "n": 1})),
+            r#"{"n":1,"name":"Ada"}"#
+        );
+        assert_eq!(json(&serde_json::Value::Null), "null");
+    }
+
+    #[test]
     fn enum_values_cross_as_their_snake_case_names() {
         assert_eq!(name_of(&fieldsync_schema::MutationKind::Create), "create");
         assert_eq!(name_of(&peer::FieldStatus::Contested), "contested");
