@@ -294,9 +294,10 @@ impl<B: Backend> RelayCore<B> {
             let mut others = Vec::new();
             // One database: the worker's own lookups see every space (and each handle is a
             // connection of the database's to spare).
-            let elsewhere = (0..shards).filter(|k| *k != n && !backend.shards_share_tables());
-            for k in elsewhere {
-                others.push(backend.open_shard(k)?);
+            if !backend.shards_share_tables() {
+                for k in (0..shards).filter(|k| *k != n) {
+                    others.push(backend.open_shard(k)?);
+                }
             }
             workers.push(SpaceWorker::new(
                 n,

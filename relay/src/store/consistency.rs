@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use super::StoreResult;
+
 /// Cross-table checks that must hold in every relay database (SPEC §10, §11 invariants 4, 10).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Consistency {
@@ -33,6 +35,21 @@ impl std::ops::AddAssign for Consistency {
 }
 
 impl Consistency {
+    /// The checks every store answers with the same queries ([`checks`]), each counted by
+    /// `count`; `misplaced_spaces` is the store's own to fill in.
+    pub(crate) fn counted(mut count: impl FnMut(&str) -> StoreResult<i64>) -> StoreResult<Consistency> {
+        let version_drift = count(checks::VERSION_SUM)? - count(checks::FEED_ROWS)?;
+        let mut n = |sql: &str| count(sql).map(|v| v.max(0) as u64);
+        Ok(Consistency {
+            feed_without_audit: n(checks::FEED_WITHOUT_AUDIT)?,
+            audit_without_feed: n(checks::AUDIT_WITHOUT_FEED)?,
+            feed_without_receipt: n(checks::FEED_WITHOUT_RECEIPT)?,
+            version_drift,
+            broken_sequences: n(checks::BROKEN_SEQUENCES)?,
+            misplaced_spaces: 0,
+        })
+    }
+
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         if self.feed_without_audit > 0 {

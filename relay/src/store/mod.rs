@@ -253,6 +253,16 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Everything `backend` holds, counted over its directory and every shard.
+    pub fn of_store<B: Backend>(backend: &B) -> StoreResult<Counts> {
+        let directory = backend.open_directory()?.counts()?;
+        let mut shards = ShardCounts::default();
+        for n in 0..backend.shard_count() {
+            shards += backend.open_shard(n)?.counts()?;
+        }
+        Ok(Counts::of(directory, shards))
+    }
+
     pub fn of(directory: DirectoryCounts, shards: ShardCounts) -> Self {
         Counts {
             spaces: directory.spaces,

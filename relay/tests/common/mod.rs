@@ -13,9 +13,7 @@ use fieldsync_relay::core::{ConnId, Input, Output, RelayConfig, RelayCore};
 use fieldsync_relay::store::postgres::PgBackend;
 use fieldsync_relay::store::postgres::throwaway::Throwaway;
 use fieldsync_relay::store::sqlite::SqliteBackend;
-use fieldsync_relay::store::{
-    ArchiveRow, Backend, Counts, Directory, DocumentRow, ReceiptRow, ShardCounts, SpaceRow, SpaceStore,
-};
+use fieldsync_relay::store::{ArchiveRow, Backend, Counts, Directory, DocumentRow, ReceiptRow, SpaceRow, SpaceStore};
 use fieldsync_schema::document::device_actor;
 use fieldsync_schema::testkit::{HandDevice, Versions};
 use fieldsync_schema::wire::MutationResult;
@@ -263,11 +261,7 @@ impl<B: Backend> TestRelay<B> {
 
     /// Everything the store holds, counted over every shard.
     pub fn counts(&self) -> Counts {
-        let mut shards = ShardCounts::default();
-        for n in 0..self.backend.shard_count() {
-            shards += self.backend.open_shard(n).unwrap().counts().unwrap();
-        }
-        Counts::of(self.backend.open_directory().unwrap().counts().unwrap(), shards)
+        Counts::of_store(&self.backend).unwrap()
     }
 
     /// Every space's audit chain, recomputed.

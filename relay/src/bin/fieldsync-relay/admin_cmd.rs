@@ -168,34 +168,21 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
     match (&args.store, &args.data) {
         (Some(url), _) => {
             let (backend, store) = open_postgres(url)?;
-            match args.command {
-                AdminCommand::Audit(admin_report::AuditCommand::Export { .. }) | AdminCommand::Conflicts(_) => bail!(
+            run_on(&backend, store, args.command, json, |report| match report {
+                Report::Stats => admin_report::counts_only(&backend, json),
+                Report::Export { .. } | Report::Conflicts(_) => bail!(
                     "`audit export` and `conflicts` read a SQLite store's files; on PostgreSQL query the `audit` and \
                      `conflict_archive` tables (psql), or run `audit verify` and `stats`"
                 ),
-                AdminCommand::Stats => {
-                    admin_report::counts_only(&backend, json)?;
-                    Ok(ExitCode::SUCCESS)
-                }
-                command => run_on(&backend, store, command, json),
-            }
+            })
         }
         (None, Some(data)) => {
             let (backend, store) = open(data)?;
-            match args.command {
-                AdminCommand::Audit(cmd @ admin_report::AuditCommand::Export { .. }) => {
-                    admin_report::audit(&backend, cmd, json)
-                }
-                AdminCommand::Conflicts(args) => {
-                    admin_report::conflicts(&backend, args, json)?;
-                    Ok(ExitCode::SUCCESS)
-                }
-                AdminCommand::Stats => {
-                    admin_report::stats(&backend, json)?;
-                    Ok(ExitCode::SUCCESS)
-                }
-                command => run_on(&backend, store, command, json),
-            }
+            run_on(&backend, store, args.command, json, |report| match report {
+                Report::Stats => admin_report::stats(&backend, json),
+                Report::Export { space, since } => admin_report::audit_export(&backend, space, since),
+                Report::Conflicts(args) => admin_report::conflicts(&backend, args, json),
+            })
         }
         (None, None) => bail!("say which store: --data DIR (SQLite) or --store postgres://... (PostgreSQL)"),
     }
@@ -210,12 +197,23 @@ pub(crate) fn open_postgres(url: &str) -> anyhow::Result<(PgBackend, fieldsync_r
     Ok((backend, directory))
 }
 
-/// The commands every store answers the same way.
+/// The reports each store answers its own way (`run_on`'s `reports`).
+enum Report {
+    Stats,
+    Export {
+        space: Option<String>,
+        since: Option<String>,
+    },
+    Conflicts(admin_report::ConflictArgs),
+}
+
+/// The commands every store answers the same way; `reports` answers the rest.
 fn run_on<B: Backend>(
     backend: &B,
     mut store: B::Directory,
     command: AdminCommand,
     json: bool,
+    reports: impl FnOnce(Report) -> anyhow::Result<()>,
 ) -> anyhow::Result<ExitCode> {
     let now = SystemTimeSource.now_ms();
     let mut rng = crate::os_rng()?;
@@ -311,15 +309,14 @@ fn run_on<B: Backend>(
                 format!("device {device} revoked; its open connections close within a second"),
             )?;
         }
-        AdminCommand::Audit(_) => return admin_report::audit_verify(backend, json),
-        AdminCommand::Conflicts(_) | AdminCommand::Stats => unreachable_report()?,
+        AdminCommand::Audit(admin_report::AuditCommand::Verify) => return admin_report::audit_verify(backend, json),
+        AdminCommand::Audit(admin_report::AuditCommand::Export { space, since }) => {
+            reports(Report::Export { space, since })?
+        }
+        AdminCommand::Conflicts(args) => reports(Report::Conflicts(args))?,
+        AdminCommand::Stats => reports(Report::Stats)?,
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The store-specific reports are answered before `run_on`.
-fn unreachable_report() -> anyhow::Result<()> {
-    bail!("this report is answered per store")
 }
 
 fn user_name(store: &impl Directory, user_id: Uuid) -> anyhow::Result<String> {

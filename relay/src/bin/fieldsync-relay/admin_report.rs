@@ -8,7 +8,7 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 use fieldsync_relay::audit;
 use fieldsync_relay::store::sqlite::SqliteBackend;
-use fieldsync_relay::store::{Backend, Counts, Directory, ShardCounts, SpaceRow, SpaceStore};
+use fieldsync_relay::store::{Backend, Counts, Directory, SpaceRow};
 use fieldsync_schema::time_fmt::{parse_date, parse_ms, render_ms};
 use serde_json::json;
 use uuid::Uuid;
@@ -73,13 +73,6 @@ fn space_names<B: Backend>(backend: &B) -> anyhow::Result<BTreeMap<Uuid, SpaceRo
         .collect())
 }
 
-pub fn audit(backend: &SqliteBackend, cmd: AuditCommand, json: bool) -> anyhow::Result<ExitCode> {
-    match cmd {
-        AuditCommand::Verify => audit_verify(backend, json),
-        AuditCommand::Export { space, since } => audit_export(backend, space, since),
-    }
-}
-
 /// `audit verify` on any store: every space's chain recomputed.
 pub fn audit_verify<B: Backend>(backend: &B, json: bool) -> anyhow::Result<ExitCode> {
     let report = audit::verify(backend)?;
@@ -113,7 +106,8 @@ pub fn audit_verify<B: Backend>(backend: &B, json: bool) -> anyhow::Result<ExitC
     })
 }
 
-fn audit_export(backend: &SqliteBackend, space: Option<String>, since: Option<String>) -> anyhow::Result<ExitCode> {
+/// `audit export` (a SQLite store's operator query pages through its files).
+pub fn audit_export(backend: &SqliteBackend, space: Option<String>, since: Option<String>) -> anyhow::Result<()> {
     let (after_seq, since_ms) = match since.as_deref() {
         Some(s) => parse_since(s)?,
         None => (None, None),
@@ -151,7 +145,7 @@ fn audit_export(backend: &SqliteBackend, space: Option<String>, since: Option<St
     }
     out.flush()?;
     eprintln!("exported {n} audit records");
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 pub fn conflicts(backend: &SqliteBackend, args: ConflictArgs, json: bool) -> anyhow::Result<()> {
@@ -251,16 +245,12 @@ fn file_size(path: &std::path::Path) -> u64 {
 
 /// `stats` on a store that is not files: what it holds, counted over every shard.
 pub fn counts_only<B: Backend>(backend: &B, json: bool) -> anyhow::Result<()> {
-    let mut shards = ShardCounts::default();
-    for n in 0..backend.shard_count() {
-        shards += backend.open_shard(n)?.counts()?;
-    }
-    let directory = backend.open_directory()?;
-    let c = Counts::of(directory.counts()?, shards);
+    let c = Counts::of_store(backend)?;
+    let relay_id = backend.open_directory()?.relay_id();
     print(
         json,
-        json!({"relay_id": directory.relay_id(), "counts": c, "shards": backend.shard_count()}),
-        counts_text(directory.relay_id(), &c),
+        json!({"relay_id": relay_id, "counts": c, "shards": backend.shard_count()}),
+        counts_text(relay_id, &c),
     )?;
     Ok(())
 }

@@ -146,13 +146,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         match store {
             Some(url) => {
                 let server = Server::bind_postgres(opts, &url, Box::new(rng), new_relay_id).await?;
-                let store = format!("store: {}", fieldsync_relay::store::postgres::redact(&url));
-                serve(server, &store, &version).await
+                let store = fieldsync_relay::store::postgres::redact(&url);
+                serve(server, &format!("store: {store}, {version}")).await
             }
             None => {
                 let server = Server::bind(opts, Box::new(rng), new_relay_id).await?;
-                let store = format!("data: {}", config.data.display());
-                serve(server, &format!("{store}, {version}{backups}"), "").await
+                serve(server, &format!("data: {}, {version}{backups}", config.data.display())).await
             }
         }
     })?;
@@ -160,16 +159,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Announces the bound relay (the line tests and operators wait for) and serves until a signal.
-async fn serve<B: Backend>(server: Server<B>, store: &str, version: &str) -> anyhow::Result<()>
+async fn serve<B: Backend>(server: Server<B>, details: &str) -> anyhow::Result<()>
 where
     B::Directory: Send + 'static,
     B::Shard: Send + 'static,
 {
-    let details = if version.is_empty() {
-        store.to_string()
-    } else {
-        format!("{store}, {version}")
-    };
     eprintln!(
         "fieldsync relay {} listening on {}://{}/v1/sync ({details})",
         server.relay_id(),

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 use fieldsync_relay::audit;
-use fieldsync_relay::store::sqlite::Consistency;
-use fieldsync_relay::store::{Backend, Counts, Directory, ShardCounts, SpaceStore};
+use fieldsync_relay::store::consistency::Consistency;
+use fieldsync_relay::store::{Backend, Counts};
 use serde_json::json;
 
 use crate::admin_cmd::{open, open_postgres, print};
@@ -45,11 +45,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
 
 fn report<B: Backend>(backend: &B, consistency: Consistency, json: bool) -> anyhow::Result<ExitCode> {
     let chains = audit::verify(backend)?;
-    let mut shards = ShardCounts::default();
-    for n in 0..backend.shard_count() {
-        shards += backend.open_shard(n)?.counts()?;
-    }
-    let counts = Counts::of(backend.open_directory()?.counts()?, shards);
+    let counts = Counts::of_store(backend)?;
     let mut problems = consistency.problems();
     for (space, bad) in chains.bad() {
         problems.push(format!(

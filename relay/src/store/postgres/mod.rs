@@ -27,7 +27,7 @@ use uuid::Uuid;
 pub use directory::PgDirectory;
 pub use shard::PgShard;
 
-use super::consistency::{Consistency, checks};
+use super::consistency::Consistency;
 use super::{Backend, StoreError, StoreResult};
 
 const SCHEMA_SQL: &str = include_str!("schema.sql");
@@ -129,19 +129,14 @@ impl PgBackend {
     pub fn consistency(&self) -> StoreResult<Consistency> {
         let mut client = connect(&self.url)?;
         let mut count = |sql: &str| -> StoreResult<i64> { Ok(client.query_one(sql, &[])?.try_get(0)?) };
-        Ok(Consistency {
-            feed_without_audit: count(checks::FEED_WITHOUT_AUDIT)?.max(0) as u64,
-            audit_without_feed: count(checks::AUDIT_WITHOUT_FEED)?.max(0) as u64,
-            feed_without_receipt: count(checks::FEED_WITHOUT_RECEIPT)?.max(0) as u64,
-            version_drift: count(checks::VERSION_SUM)? - count(checks::FEED_ROWS)?,
-            broken_sequences: count(checks::BROKEN_SEQUENCES)?.max(0) as u64,
-            // Data of a space the directory does not know: no relay would ever serve it.
-            misplaced_spaces: count(
-                "SELECT COUNT(*) FROM (SELECT space_id FROM documents UNION SELECT space_id FROM feed) d
-                 WHERE d.space_id NOT IN (SELECT space_id FROM spaces)",
-            )?
-            .max(0) as u64,
-        })
+        let mut found = Consistency::counted(&mut count)?;
+        // Data of a space the directory does not know: no relay would ever serve it.
+        found.misplaced_spaces = count(
+            "SELECT COUNT(*) FROM (SELECT space_id FROM documents UNION SELECT space_id FROM feed) d
+             WHERE d.space_id NOT IN (SELECT space_id FROM spaces)",
+        )?
+        .max(0) as u64;
+        Ok(found)
     }
 }
 

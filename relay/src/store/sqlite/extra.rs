@@ -9,18 +9,13 @@ use std::collections::BTreeMap;
 
 use super::columns::{AUDIT_COLS, archive_row, audit_row, i};
 use super::{SqliteBackend, SqliteShard};
-use crate::store::consistency::{Consistency, checks};
-use crate::store::{ArchiveRow, AuditRow, Backend, Counts, Directory, ShardCounts, SpaceStore, StoreResult};
+use crate::store::consistency::Consistency;
+use crate::store::{ArchiveRow, AuditRow, Backend, Counts, Directory, SpaceStore, StoreResult};
 
 impl SqliteBackend {
     /// Everything the store holds, counted over the directory and every shard.
     pub fn counts(&self) -> StoreResult<Counts> {
-        let directory = self.open_directory()?.counts()?;
-        let mut shards = ShardCounts::default();
-        for n in 0..self.shard_count() {
-            shards += self.open_shard(n)?.counts()?;
-        }
-        Ok(Counts::of(directory, shards))
+        Counts::of_store(self)
     }
 
     /// The cross-table checks of every shard, and that each shard holds only spaces the
@@ -112,16 +107,8 @@ impl SqliteShard {
 
     /// The cross-table checks of a restore drill.
     pub fn consistency(&self) -> StoreResult<Consistency> {
-        let count = |sql: &str| -> StoreResult<i64> { Ok(self.conn.query_row(sql, [], |r| r.get(0))?) };
-        Ok(Consistency {
-            feed_without_audit: count(checks::FEED_WITHOUT_AUDIT)?.max(0) as u64,
-            audit_without_feed: count(checks::AUDIT_WITHOUT_FEED)?.max(0) as u64,
-            feed_without_receipt: count(checks::FEED_WITHOUT_RECEIPT)?.max(0) as u64,
-            version_drift: count(checks::VERSION_SUM)? - count(checks::FEED_ROWS)?,
-            broken_sequences: count(checks::BROKEN_SEQUENCES)?.max(0) as u64,
-            // Needs the directory: counted by `SqliteBackend::consistency`.
-            misplaced_spaces: 0,
-        })
+        // `misplaced_spaces` needs the directory: counted by `SqliteBackend::consistency`.
+        Consistency::counted(|sql| Ok(self.conn.query_row(sql, [], |r| r.get(0))?))
     }
 
     /// Whether a mutation was applied (it has a feed row); for drills and tests.
