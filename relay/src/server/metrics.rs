@@ -98,11 +98,39 @@ pub struct BackupStats {
     pub last_error: Option<String>,
 }
 
+/// The relay's store as `/metrics` shows it: which kind, and on PostgreSQL how the
+/// connections and the other relays' notifications fare.
+#[derive(Debug, Default)]
+pub struct StoreMetrics {
+    /// `sqlite` or `postgres` (empty until the server says).
+    pub kind: std::sync::OnceLock<&'static str>,
+    /// Store connections of the apply workers replaced after being lost.
+    pub reconnects: std::sync::atomic::AtomicU64,
+    /// Other relays' commits and access changes heard through `LISTEN`.
+    pub notifications: std::sync::atomic::AtomicU64,
+    /// Times the listening connection was (re)established (1 after a clean start).
+    pub listener_connects: std::sync::atomic::AtomicU64,
+    /// From the notifying statement on another relay to its arrival here (same clock on one
+    /// machine; across machines it includes their clocks' difference).
+    pub notification_lag: Mutex<Histogram>,
+}
+
+impl StoreMetrics {
+    pub fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn get(counter: &std::sync::atomic::AtomicU64) -> u64 {
+        counter.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Everything `/metrics` shows beyond the status snapshot. Shared by the core thread (timings)
 /// and the backup task.
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub timings: Mutex<Timings>,
+    pub store: StoreMetrics,
     pub backups: Mutex<BackupStats>,
     /// When the relay started (Unix ms), for `/v1/status` uptime and the start-time gauge.
     pub started_ms: u64,
@@ -117,6 +145,10 @@ impl Metrics {
                 apply: Histogram::new(),
             }),
             backups: Mutex::new(BackupStats::default()),
+            store: StoreMetrics {
+                notification_lag: Mutex::new(Histogram::new()),
+                ..StoreMetrics::default()
+            },
             started_ms: fieldsync_schema::TimeSource::now_ms(&fieldsync_schema::SystemTimeSource),
         }
     }
@@ -347,6 +379,7 @@ pub fn render(status: &StatusSnapshot, metrics: &Metrics) -> String {
             "Acceptance time per pushed mutation: (group time - commit time) / mutations in the group.",
         );
     }
+    render_store(&mut out, &metrics.store);
     let b = metrics.backup_stats();
     header(
         &mut out,
@@ -366,6 +399,48 @@ pub fn render(status: &StatusSnapshot, metrics: &Metrics) -> String {
         );
     }
     out
+}
+
+fn render_store(out: &mut String, store: &StoreMetrics) {
+    let Some(kind) = store.kind.get() else { return };
+    header(
+        out,
+        "fieldsync_store_info",
+        "gauge",
+        "The relay's store: sqlite or postgres.",
+    );
+    let _ = writeln!(out, "fieldsync_store_info{{kind=\"{kind}\"}} 1");
+    if *kind != "postgres" {
+        return;
+    }
+    single(
+        out,
+        "fieldsync_store_reconnects_total",
+        "counter",
+        "Apply workers' PostgreSQL connections replaced after being lost (the transaction on the lost one was rolled back).",
+        StoreMetrics::get(&store.reconnects),
+    );
+    single(
+        out,
+        "fieldsync_notifications_total",
+        "counter",
+        "Other relays' commits and access changes heard through LISTEN.",
+        StoreMetrics::get(&store.notifications),
+    );
+    single(
+        out,
+        "fieldsync_notification_connects_total",
+        "counter",
+        "Times the LISTEN connection was established; more than one means notifications were missed and caught up from the feed.",
+        StoreMetrics::get(&store.listener_connects),
+    );
+    if let Ok(lag) = store.notification_lag.lock() {
+        lag.render(
+            out,
+            "fieldsync_notification_lag_seconds",
+            "From another relay's notifying statement to its arrival here (includes the machines' clock difference).",
+        );
+    }
 }
 
 #[cfg(test)]

@@ -401,6 +401,10 @@ where
         let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
         let status = Arc::new(Mutex::new(StatusSnapshot::new(self.front.relay_id())));
         let metrics = Arc::new(Metrics::new());
+        let _ = metrics
+            .store
+            .kind
+            .set(if self.listen_to.is_some() { "postgres" } else { "sqlite" });
         let core_status = status.clone();
         let front = self.front;
         let (report_tx, report_rx) = mpsc::unbounded_channel();
@@ -413,9 +417,10 @@ where
         }
         if let Some(url) = self.listen_to.clone() {
             let core = core_tx.clone();
+            let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name("relay-notifications".into())
-                .spawn(move || notify::listen(url, core))?;
+                .spawn(move || notify::listen(url, core, &metrics))?;
         }
 
         let shared = Shared {

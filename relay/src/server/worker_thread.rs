@@ -120,6 +120,10 @@ fn run<S: SpaceStore>(
                 worker.store_mut().take_commit_times(),
                 pushed,
             );
+            let reconnects = worker.store_mut().take_reconnects();
+            if reconnects > 0 {
+                super::metrics::StoreMetrics::add(&metrics.store.reconnects, reconnects);
+            }
             if front.send(report).is_err() {
                 return;
             }

@@ -206,6 +206,11 @@ pub trait SpaceStore {
     fn spaces_held(&self) -> StoreResult<Vec<Uuid>>;
     fn counts(&self) -> StoreResult<ShardCounts>;
 
+    /// Lost connections to the store replaced since the last call (the server's metric; a
+    /// store of local files has none to lose).
+    fn take_reconnects(&mut self) -> u64 {
+        0
+    }
     /// How long each commit took since the last call (the server's commit-latency metric;
     /// never read by the core).
     fn take_commit_times(&mut self) -> Vec<std::time::Duration> {

@@ -15,15 +15,15 @@ use crate::store::{
 };
 
 pub struct PgDirectory {
-    conn: Conn,
+    pub(super) conn: Conn,
     relay_id: Uuid,
     shards: u32,
 }
 
 impl PgDirectory {
-    pub(super) fn new(client: postgres::Client, relay_id: Uuid, shards: u32) -> Self {
+    pub(super) fn new(client: postgres::Client, url: &str, relay_id: Uuid, shards: u32) -> Self {
         PgDirectory {
-            conn: Conn::new(client),
+            conn: Conn::new(client, url),
             relay_id,
             shards,
         }
@@ -82,15 +82,15 @@ impl Directory for PgDirectory {
     }
 
     fn begin(&mut self) -> StoreResult<()> {
-        self.conn.batch("BEGIN")
+        self.conn.begin("BEGIN")
     }
 
     fn commit(&mut self) -> StoreResult<()> {
-        self.conn.batch("COMMIT")
+        self.conn.finish("COMMIT")
     }
 
     fn rollback(&mut self) -> StoreResult<()> {
-        self.conn.batch("ROLLBACK")
+        self.conn.finish("ROLLBACK")
     }
 
     fn create_space(&mut self, space_id: Uuid, name: &str, now_ms: u64) -> StoreResult<SpaceRow> {

@@ -145,7 +145,12 @@ impl Backend for PgBackend {
     type Shard = PgShard;
 
     fn open_directory(&self) -> StoreResult<PgDirectory> {
-        Ok(PgDirectory::new(connect(&self.url)?, self.relay_id, self.shards))
+        Ok(PgDirectory::new(
+            connect(&self.url)?,
+            &self.url,
+            self.relay_id,
+            self.shards,
+        ))
     }
 
     fn open_shard(&self, shard: u32) -> StoreResult<PgShard> {
@@ -155,7 +160,7 @@ impl Backend for PgBackend {
                 self.shards
             )));
         }
-        Ok(PgShard::new(connect(&self.url)?, shard))
+        Ok(PgShard::new(connect(&self.url)?, &self.url, shard))
     }
 
     fn shard_count(&self) -> u32 {
@@ -223,9 +228,21 @@ fn identity(tx: &mut postgres::Transaction<'_>) -> StoreResult<(Uuid, u32)> {
 /// A connection the trait's `&self` reads can use (`postgres::Client` takes `&mut self`),
 /// with every statement prepared once: an unprepared query costs PostgreSQL a parse and the
 /// relay a round trip more, on every call.
+///
+/// A connection the server or the network dropped (a PostgreSQL restart or failover, an
+/// administrator's `pg_terminate_backend`) fails what was running on it — that transaction is
+/// gone, and its caller rolls back and answers "try later" — and is replaced by a new one
+/// before the next statement outside a transaction, so a relay that lost its store recovers by
+/// itself instead of failing every turn until it is restarted. Never inside a transaction:
+/// the statements after a lost `BEGIN` would each commit on their own.
 pub(crate) struct Conn {
+    url: String,
     client: RefCell<Client>,
     statements: RefCell<HashMap<String, Statement>>,
+    /// Between `BEGIN` and `COMMIT`/`ROLLBACK` (see [`Conn::begin`]).
+    in_transaction: std::cell::Cell<bool>,
+    /// Connections replaced so far (metrics, tests).
+    reconnects: std::cell::Cell<u64>,
 }
 
 /// The connection with its statement cache, as the store's closures see it: the query
@@ -269,16 +286,59 @@ impl Prepared<'_> {
 }
 
 impl Conn {
-    fn new(client: Client) -> Self {
+    fn new(client: Client, url: &str) -> Self {
         Conn {
+            url: url.to_string(),
             client: RefCell::new(client),
             statements: RefCell::new(HashMap::new()),
+            in_transaction: std::cell::Cell::new(false),
+            reconnects: std::cell::Cell::new(0),
         }
+    }
+
+    /// Replaces a closed connection (outside a transaction only); its prepared statements went
+    /// with it. A failed attempt leaves the closed one, and the next statement tries again.
+    fn revive(&self) -> StoreResult<()> {
+        if self.in_transaction.get() || !self.client.borrow().is_closed() {
+            return Ok(());
+        }
+        let fresh = connect(&self.url)?;
+        tracing::warn!(url = %redact(&self.url), "the PostgreSQL connection was lost; connected again");
+        *self.client.borrow_mut() = fresh;
+        self.statements.borrow_mut().clear();
+        self.reconnects.set(self.reconnects.get() + 1);
+        Ok(())
+    }
+
+    /// Starts a transaction with `sql` (`BEGIN ...`), on a new connection if the old one was
+    /// lost — also when that is only found out by this `BEGIN` failing: it had no effect, so
+    /// it is safe to send again.
+    fn begin(&self, sql: &str) -> StoreResult<()> {
+        self.revive()?;
+        if let Err(e) = self.batch(sql) {
+            if !self.client.borrow().is_closed() {
+                return Err(e);
+            }
+            self.revive()?;
+            self.batch(sql)?;
+        }
+        self.in_transaction.set(true);
+        Ok(())
+    }
+
+    /// Ends the transaction with `sql` (`COMMIT` or `ROLLBACK`). The transaction is over
+    /// whatever the answer: on a lost connection the server has already rolled it back.
+    fn finish(&self, sql: &str) -> StoreResult<()> {
+        self.in_transaction.set(false);
+        self.batch(sql)
     }
 
     /// Runs `f` with the connection, its errors as the client gives them (to tell a unique
     /// violation from the rest).
     fn raw<T>(&self, f: impl FnOnce(&mut Prepared<'_>) -> Result<T, postgres::Error>) -> Result<T, postgres::Error> {
+        if let Err(e) = self.revive() {
+            tracing::error!(error = %e, "cannot reconnect to PostgreSQL");
+        }
         let mut client = self.client.borrow_mut();
         let mut statements = self.statements.borrow_mut();
         f(&mut Prepared {
@@ -292,6 +352,7 @@ impl Conn {
     }
 
     fn try_with<T>(&self, f: impl FnOnce(&mut Prepared<'_>) -> StoreResult<T>) -> StoreResult<T> {
+        self.revive()?;
         let mut client = self.client.borrow_mut();
         let mut statements = self.statements.borrow_mut();
         f(&mut Prepared {

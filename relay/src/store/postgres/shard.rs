@@ -25,15 +25,18 @@ pub struct PgShard {
     writing: Cell<bool>,
     /// How long each `COMMIT` took since the server last asked (metrics; never read by the core).
     commit_times: Vec<Duration>,
+    /// Reconnects the server has been told of (metrics).
+    reconnects_reported: u64,
 }
 
 impl PgShard {
-    pub(super) fn new(client: postgres::Client, shard: u32) -> Self {
+    pub(super) fn new(client: postgres::Client, url: &str, shard: u32) -> Self {
         PgShard {
-            conn: Conn::new(client),
+            conn: Conn::new(client, url),
             shard: i32::try_from(shard).unwrap_or(i32::MAX),
             writing: Cell::new(false),
             commit_times: Vec::new(),
+            reconnects_reported: 0,
         }
     }
 
@@ -44,7 +47,7 @@ impl PgShard {
 
 impl SpaceStore for PgShard {
     fn begin(&mut self) -> StoreResult<()> {
-        self.conn.batch("BEGIN")?;
+        self.conn.begin("BEGIN")?;
         self.writing.set(true);
         Ok(())
     }
@@ -52,7 +55,7 @@ impl SpaceStore for PgShard {
     fn commit(&mut self) -> StoreResult<()> {
         let started = Instant::now();
         self.writing.set(false);
-        self.conn.batch("COMMIT")?;
+        self.conn.finish("COMMIT")?;
         if self.commit_times.len() < 1024 {
             self.commit_times.push(started.elapsed());
         }
@@ -61,16 +64,16 @@ impl SpaceStore for PgShard {
 
     fn rollback(&mut self) -> StoreResult<()> {
         self.writing.set(false);
-        self.conn.batch("ROLLBACK")
+        self.conn.finish("ROLLBACK")
     }
 
     fn begin_read(&mut self) -> StoreResult<()> {
         // One snapshot for the whole run of reads, as SQLite's read transaction gives.
-        self.conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self.conn.begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
     }
 
     fn end_read(&mut self) -> StoreResult<()> {
-        self.conn.batch("COMMIT")
+        self.conn.finish("COMMIT")
     }
 
     fn space_head(&self, space_id: Uuid) -> StoreResult<SpaceHead> {
@@ -119,9 +122,10 @@ impl SpaceStore for PgShard {
                  audit_hash = excluded.audit_hash",
                 &[&space_id, &i(head.seq), &i(head.audit_seq), &head.audit_hash],
             )?;
-            // Delivered to every listening relay when (and only if) this transaction commits.
+            // Delivered to every listening relay when (and only if) this transaction commits:
+            // the space, and the database's clock now (Unix ms) for the listeners' lag metric.
             c.execute(
-                "SELECT pg_notify($1, $2)",
+                "SELECT pg_notify($1, $2 || ' ' || floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)",
                 &[&super::COMMIT_CHANNEL, &space_id.to_string()],
             )
         })?;
@@ -427,6 +431,13 @@ impl SpaceStore for PgShard {
             )
         })?;
         rows(found, |r| col(r, 0))
+    }
+
+    fn take_reconnects(&mut self) -> u64 {
+        let total = self.conn.reconnects.get();
+        let new = total.saturating_sub(self.reconnects_reported);
+        self.reconnects_reported = total;
+        new
     }
 
     fn take_commit_times(&mut self) -> Vec<Duration> {

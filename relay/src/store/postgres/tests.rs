@@ -200,3 +200,73 @@ fn a_second_open_keeps_the_store_and_a_missing_one_is_not_created_by_admin_tools
     assert_eq!(PgBackend::open_existing(&url).unwrap().relay_id(), Uuid::from_u128(1));
     assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
 }
+
+/// Ends `conn`'s server process, as a PostgreSQL restart or an administrator would.
+fn terminate(backend: &PgBackend, conn: &Conn) {
+    let pid: i32 = conn
+        .with(|c| c.query_one("SELECT pg_backend_pid()", &[]))
+        .unwrap()
+        .get(0);
+    let mut admin = connect(backend.url()).unwrap();
+    admin.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+}
+
+#[test]
+fn a_lost_connection_fails_its_transaction_and_the_next_one_reconnects() {
+    let Some((_server, backend)) = store("a_lost_connection_reconnects") else {
+        return;
+    };
+    let mut dir = backend.open_directory().unwrap();
+    let clinic = dir.create_space(Uuid::from_u128(1), "clinic", 10).unwrap();
+    let mut shard = backend.open_shard(clinic.shard).unwrap();
+
+    // Lost between transactions: the next statement outside one runs on a new connection.
+    terminate(&backend, &shard.conn);
+    shard.begin().unwrap();
+    shard.set_space_head(clinic.space_id, &head(1)).unwrap();
+    shard.commit().unwrap();
+    assert_eq!(shard.conn.reconnects.get(), 1);
+
+    // Lost inside a transaction: what follows fails (never committed piecemeal on a new
+    // connection), the rollback ends it, and nothing of it was kept.
+    shard.begin().unwrap();
+    assert_eq!(shard.space_head(clinic.space_id).unwrap().seq, 1);
+    terminate(&backend, &shard.conn);
+    let lost = shard.set_space_head(clinic.space_id, &head(2));
+    assert!(lost.is_err(), "a write on the lost connection must fail: {lost:?}");
+    assert!(
+        shard
+            .put_receipt(&ReceiptRow {
+                mutation_id: Uuid::from_u128(5),
+                device_id: Uuid::from_u128(6),
+                entity_id: None,
+                space_id: Some(clinic.space_id),
+                envelope_hash: None,
+                outcome: vec![1],
+                created_ms: 9,
+            })
+            .is_err()
+    );
+    let _ = shard.rollback();
+    assert_eq!(
+        shard.conn.reconnects.get(),
+        1,
+        "no new connection inside the transaction"
+    );
+    assert!(shard.receipt(Uuid::from_u128(5)).unwrap().is_none());
+    assert_eq!(shard.conn.reconnects.get(), 2);
+    shard.begin().unwrap();
+    assert_eq!(
+        shard.space_head(clinic.space_id).unwrap().seq,
+        1,
+        "the lost write was not kept"
+    );
+    shard.rollback().unwrap();
+
+    // The directory's handle (the front's): the statement that finds the connection lost
+    // fails (it may have been a write: never sent twice), the next runs on a new one.
+    terminate(&backend, &dir.conn);
+    assert!(dir.space(clinic.space_id).is_err());
+    assert!(dir.space(clinic.space_id).unwrap().is_some());
+    assert_eq!(dir.conn.reconnects.get(), 1);
+}
