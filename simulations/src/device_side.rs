@@ -31,6 +31,8 @@ pub struct SimDevice {
     pub resolve_scheduled: bool,
     /// Which of the world's schemas its app runs (see [`crate::upgrades`]).
     pub level: usize,
+    /// The relay of its last connection (several relays: a new one means it failed over).
+    pub last_relay: Option<usize>,
 }
 
 impl SimDevice {
@@ -48,6 +50,7 @@ impl SimDevice {
             wake_at: None,
             resolve_scheduled: false,
             level: 0,
+            last_relay: None,
         }
     }
 
@@ -167,15 +170,19 @@ impl World {
 
     fn device_connect(&mut self, i: usize) {
         let now = self.now();
-        if !self.relay.is_up() {
+        let Some(r) = self.balance() else {
             let d = &mut self.devices[i];
             if let Some(dev) = d.dev.as_mut() {
                 let _ = d.machine.handle(dev, SyncInput::Disconnected);
             }
             self.trace.record(now, &format!("dev{i} connect refused"));
             return;
+        };
+        if self.devices[i].last_relay.is_some_and(|last| last != r) {
+            self.stats.relay_switches += 1;
         }
-        let conn = self.open_conn(i);
+        self.devices[i].last_relay = Some(r);
+        let conn = self.open_conn(i, r);
         self.trace.record(now, &format!("dev{i} connect conn{conn}"));
         let d = &mut self.devices[i];
         d.conn = Some(conn);

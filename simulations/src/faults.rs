@@ -95,13 +95,15 @@ impl World {
         }
     }
 
-    /// Ends every fault: the relay and all devices up, every network back.
+    /// Ends every fault: every relay and every device up, every network back.
     pub fn heal(&mut self) -> anyhow::Result<()> {
         self.healing = true;
         let now = self.now();
         self.trace.record(now, "heal");
-        if !self.relay.is_up() {
-            self.relay_boot()?;
+        for r in 0..self.relays.len() {
+            if !self.relays[r].is_up() {
+                self.relay_boot(r)?;
+            }
         }
         for i in 0..self.devices.len() {
             self.devices[i].net_down_until = 0;

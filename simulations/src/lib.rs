@@ -6,12 +6,14 @@
 //! the invariants of SPEC §11. The same options give the same trace hash.
 //!
 //! Modules: [`world`] (event loop), [`relay_side`] / [`device_side`] (the cores' shells),
+//! [`cluster`] (several relays on one store),
 //! [`scenario`] / [`workload`] / [`users`] (who does what), [`faults`], [`oracle`] and
 //! [`checks`] (invariants), [`upgrades`] (mixed schema versions), [`trace`], [`report`],
 //! [`options`], [`rng`], [`clock`].
 
 pub mod checks;
 pub mod clock;
+pub mod cluster;
 pub mod device_side;
 pub mod faults;
 pub mod load;
@@ -59,6 +61,11 @@ fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
 /// Runs one simulation. `trace` writes every event to a file; `progress` draws a bar.
 pub fn run(opts: SimOptions, trace: Option<&Path>, progress: bool) -> anyhow::Result<Report> {
     anyhow::ensure!(opts.devices >= 1, "at least one device is needed");
+    anyhow::ensure!(opts.relays >= 1, "at least one relay is needed");
+    anyhow::ensure!(
+        opts.bug != Some(InjectedBug::IgnoreOtherRelays) || opts.relays >= 2,
+        "the ignore_other_relays defect needs a cluster (--relays 2 or more)"
+    );
     let started = Instant::now();
     let dir = scratch_dir()?;
     let mut w = World::new(opts.clone(), dir.path().to_path_buf(), Trace::new(&opts, trace)?);
@@ -66,7 +73,10 @@ pub fn run(opts: SimOptions, trace: Option<&Path>, progress: bool) -> anyhow::Re
     w.arm_bugs();
     let start_ms = w.now();
     w.schedule_in(SECOND, Event::Workload);
-    w.schedule_in(30 * SECOND, Event::RelayTick);
+    for r in 0..w.relays.len() {
+        // Relays tick at their own moments, as separate processes do.
+        w.schedule_in(30 * SECOND + r as u64 * 7 * SECOND, Event::RelayTick(r));
+    }
     w.schedule_in(2 * HOUR, Event::Checkpoint);
     w.schedule_faults();
 
@@ -129,6 +139,7 @@ pub fn run(opts: SimOptions, trace: Option<&Path>, progress: bool) -> anyhow::Re
         devices: opts.devices,
         steps: opts.steps,
         faults: opts.faults.to_string(),
+        relays: opts.relays,
         bug: opts.bug.map(|b| format!("{b:?}")),
         shape: opts.shape.clone(),
         simulated_hours: sim_ms as f64 / HOUR as f64,
@@ -152,14 +163,16 @@ impl World {
             Event::ToRelay(conn, bytes) => self.on_to_relay(conn, bytes),
             Event::ToDevice(conn, bytes) => self.on_to_device(conn, bytes),
             Event::CloseAtDevice(conn, reason) => self.on_close_at_device(conn, &reason),
-            Event::RelayProcess => self.relay_process(),
-            Event::RelayTick => self.relay_tick(),
-            Event::WorkerRun(shard) => self.worker_run(shard),
-            Event::WorkerReport(id) => self.worker_report(id),
+            Event::RelayProcess(r) => self.relay_process(r),
+            Event::RelayTick(r) => self.relay_tick(r),
+            Event::WorkerRun(r, shard) => self.worker_run(r, shard),
+            Event::WorkerReport(r, id) => self.worker_report(r, id),
+            Event::StoreNotice(r, spaces) => self.relay_store_changed(r, spaces),
             Event::Fault(f) => self.inject(f),
-            Event::RelayRestart => {
-                if !self.relay.is_up() {
-                    self.relay_boot()?;
+            Event::RelayUpgrade(r) => self.relay_upgrade_one(r),
+            Event::RelayRestart(r) => {
+                if !self.relays[r].is_up() {
+                    self.relay_boot(r)?;
                     // Everything acknowledged before the crash must have survived it.
                     self.checkpoint();
                 }
@@ -179,8 +192,10 @@ impl World {
         Ok(())
     }
 
-    /// The relay is up and every device is connected, caught up and has nothing left to do.
+    /// Every relay is up and every device is connected, caught up and has nothing left to do.
     fn settled(&self) -> bool {
-        self.relay.is_up() && self.in_flight == 0 && (0..self.devices.len()).all(|i| self.device_settled(i))
+        self.relays.iter().all(|r| r.is_up())
+            && self.in_flight == 0
+            && (0..self.devices.len()).all(|i| self.device_settled(i))
     }
 }

@@ -118,6 +118,8 @@ pub enum InjectedBug {
     SkipVersionGate,
     AckBeforeCommit,
     IgnoreReceipts,
+    /// A relay of a cluster never reads what the others committed (needs `--relays` ≥ 2).
+    IgnoreOtherRelays,
 }
 
 impl FromStr for InjectedBug {
@@ -127,8 +129,9 @@ impl FromStr for InjectedBug {
             "skip_version_gate" => Ok(InjectedBug::SkipVersionGate),
             "ack_before_commit" => Ok(InjectedBug::AckBeforeCommit),
             "ignore_receipts" => Ok(InjectedBug::IgnoreReceipts),
+            "ignore_other_relays" => Ok(InjectedBug::IgnoreOtherRelays),
             other => Err(format!(
-                "unknown bug `{other}` (expected skip_version_gate, ack_before_commit or ignore_receipts)"
+                "unknown bug `{other}` (expected skip_version_gate, ack_before_commit, ignore_receipts or ignore_other_relays)"
             )),
         }
     }
@@ -173,6 +176,15 @@ pub struct SimOptions {
     /// older versions use (see [`crate::upgrades`]).
     #[serde(default)]
     pub upgrades: bool,
+    /// Relay processes sharing one store (SPEC §13): devices land on any running one, each
+    /// hears of the others' commits through notifications that can be late or lost, and a
+    /// crashed relay's devices fail over to the others (see [`crate::cluster`]).
+    #[serde(default = "one_relay")]
+    pub relays: usize,
+}
+
+fn one_relay() -> usize {
+    1
 }
 
 impl Default for SimOptions {
@@ -185,6 +197,7 @@ impl Default for SimOptions {
             bug: None,
             shape: Shape::default(),
             upgrades: false,
+            relays: 1,
         }
     }
 }
@@ -231,6 +244,13 @@ impl SimOptions {
         let burst = rng.between(0, 80) as f64 / 100.0;
         // Its own stream, so the draws above stay what they were before upgrades existed.
         let upgrades = stream(seed, "swarm/upgrades").chance(0.3);
+        // A cluster for about a third of the seeds, likewise on its own stream.
+        let mut cluster = stream(seed, "swarm/relays");
+        let relays = if cluster.chance(0.3) {
+            cluster.between(2, 3) as usize
+        } else {
+            1
+        };
         SimOptions {
             seed,
             devices,
@@ -243,6 +263,7 @@ impl SimOptions {
                 burst,
             },
             upgrades,
+            relays,
         }
     }
 }

@@ -23,6 +23,12 @@ pub struct Stats {
     pub relay_upgrades: u64,
     pub device_upgrades: u64,
     pub newer_field_writes: u64,
+    /// A cluster run: commits seen through another relay's notification, notifications lost
+    /// (the tick or a reconnect's catch-up found those rows), connections that landed on a
+    /// relay other than the one the device last used (failover, or the balancer's choice).
+    pub notices: u64,
+    pub notices_lost: u64,
+    pub relay_switches: u64,
 }
 
 impl Stats {
@@ -38,6 +44,7 @@ pub struct Report {
     pub devices: usize,
     pub steps: u64,
     pub faults: String,
+    pub relays: usize,
     pub bug: Option<String>,
     pub shape: crate::options::Shape,
     pub simulated_hours: f64,
@@ -62,9 +69,14 @@ impl Report {
         let mut s = String::new();
         let verdict = if self.ok() { "OK" } else { "VIOLATION" };
         s.push_str(&format!(
-            "fieldsync-sim seed {} — {verdict}\n  devices {}, steps {}, faults {}{}\n",
+            "fieldsync-sim seed {} — {verdict}\n  devices {}, {}steps {}, faults {}{}\n",
             self.seed,
             self.devices,
+            if self.relays > 1 {
+                format!("relays {} on one store, ", self.relays)
+            } else {
+                String::new()
+            },
             self.steps,
             self.faults,
             self.bug
@@ -94,6 +106,12 @@ impl Report {
             s.push_str(&format!(
                 "  schema upgrades: relay {}, devices {}; writes of fields only newer versions know {}\n",
                 self.stats.relay_upgrades, self.stats.device_upgrades, self.stats.newer_field_writes
+            ));
+        }
+        if self.relays > 1 {
+            s.push_str(&format!(
+                "  cluster: {} notifications delivered, {} lost; {} connections moved to another relay\n",
+                self.stats.notices, self.stats.notices_lost, self.stats.relay_switches
             ));
         }
         let faults: Vec<String> = self.stats.faults.iter().map(|(k, v)| format!("{k} {v}")).collect();

@@ -59,7 +59,7 @@ pub fn owner_of(device: usize) -> usize {
 }
 
 impl World {
-    /// Boots the relay, creates spaces and users, and enrolls every device.
+    /// Boots the relays, creates spaces and users, and enrolls every device.
     pub fn setup(&mut self) -> anyhow::Result<()> {
         if self.opts.upgrades {
             self.schemas = crate::upgrades::ladder()?;
@@ -74,13 +74,14 @@ impl World {
                 self.oracle.schema = (**top).clone();
             }
         }
-        self.relay_boot()?;
+        for r in 0..self.relays.len() {
+            self.relay_boot(r)?;
+        }
         let now = self.now();
         let mut admin_rng = stream(self.opts.seed, "admin");
         let mut space_ids = std::collections::BTreeMap::new();
         {
-            let core = self
-                .relay
+            let core = self.relays[0]
                 .core
                 .as_mut()
                 .ok_or_else(|| anyhow::anyhow!("relay not up"))?;
@@ -109,8 +110,9 @@ impl World {
     fn enroll(&mut self, i: usize, admin_rng: &mut rand_chacha::ChaCha20Rng) -> anyhow::Result<()> {
         let now = self.now();
         let user = &USERS[self.devices[i].user];
-        let core = self
-            .relay
+        // Each device enrolls through its own relay of the cluster; tokens live in the store.
+        let r = i % self.relays.len();
+        let core = self.relays[0]
             .core
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("relay not up"))?;
@@ -120,9 +122,8 @@ impl World {
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("device {i} not up"))?;
         let msg = ClientMessage::enroll(dev.key(), &token, dev.device_id(), dev.schema());
-        let conn = self.open_conn(i);
-        let core = self
-            .relay
+        let conn = self.open_conn(i, r);
+        let core = self.relays[r]
             .core
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("relay not up"))?;

@@ -139,17 +139,15 @@ impl World {
         }
     }
 
-    /// The operator deploys the next schema: the relay restarts on it.
+    /// The operator deploys the next schema: the relay restarts on it — with several, one
+    /// after the other (a rolling upgrade: for a while relays of two versions share the store).
     fn relay_upgrade(&mut self) {
-        let level = (self.relay.level + 1).min(self.schemas.len() - 1);
-        self.relay.level = level;
+        self.relay_level = (self.relay_level + 1).min(self.schemas.len() - 1);
         self.stats.relay_upgrades += 1;
-        let now = self.now();
-        self.trace
-            .record(now, &format!("relay upgrade to v{}", self.schemas[level].version()));
-        if self.relay_stop("relay upgraded") {
-            let delay = self.rng.upgrades.between(SECOND, 10 * MINUTE);
-            self.schedule_in(delay, Event::RelayRestart);
+        self.relay_upgrade_one(0);
+        for r in 1..self.relays.len() {
+            let delay = self.rng.upgrades.between(SECOND, 10 * MINUTE) * r as u64;
+            self.schedule_in(delay, Event::RelayUpgrade(r));
         }
     }
 

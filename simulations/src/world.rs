@@ -18,7 +18,7 @@ use crate::clock::{EPOCH_MS, MINUTE};
 use crate::device_side::SimDevice;
 use crate::options::{Fault, SimOptions};
 use crate::oracle::Oracle;
-use crate::relay_side::SimRelay;
+use crate::relay_side::{SharedStore, SimRelay};
 use crate::report::Stats;
 use crate::rng::stream;
 use crate::trace::Trace;
@@ -36,18 +36,24 @@ pub enum Event {
     ToDevice(ConnId, Vec<u8>),
     /// The connection's closing reaches the device (after everything sent before it).
     CloseAtDevice(ConnId, String),
-    /// The relay handles everything in its inbox as one group commit.
-    RelayProcess,
-    /// The relay's periodic tick (revocations, memberships, challenge expiry).
-    RelayTick,
-    /// A shard's worker takes the jobs waiting for it.
-    WorkerRun(u32),
-    /// A worker's report (by id) reaches the front.
-    WorkerReport(u64),
+    /// A relay handles everything in its inbox as one group commit.
+    RelayProcess(usize),
+    /// A relay's periodic tick (revocations, memberships, challenge expiry, other relays'
+    /// commits it was not told of).
+    RelayTick(usize),
+    /// A shard's worker of a relay takes the jobs waiting for it.
+    WorkerRun(usize, u32),
+    /// A worker's report (by id) reaches its relay's front.
+    WorkerReport(usize, u64),
+    /// Another relay's commit (of these spaces; `None`: anything, after a lost notification
+    /// connection came back) reaches a relay, as PostgreSQL's `NOTIFY` does in production.
+    StoreNotice(usize, Option<Vec<uuid::Uuid>>),
     /// Inject one fault of the given kind.
     Fault(Fault),
     /// A crashed relay or device comes back.
-    RelayRestart,
+    RelayRestart(usize),
+    /// A relay of a rolling upgrade restarts on the cluster's newest schema.
+    RelayUpgrade(usize),
     DeviceRestart(usize),
     /// A partitioned or offline device regains the network.
     NetworkBack(usize),
@@ -65,9 +71,10 @@ impl Event {
             Event::ToRelay(..)
                 | Event::ToDevice(..)
                 | Event::CloseAtDevice(..)
-                | Event::RelayProcess
+                | Event::RelayProcess(..)
                 | Event::WorkerRun(..)
                 | Event::WorkerReport(..)
+                | Event::StoreNotice(..)
         )
     }
 }
@@ -97,10 +104,12 @@ impl Ord for Scheduled {
     }
 }
 
-/// One open or recently closed connection between a device and the relay.
+/// One open or recently closed connection between a device and a relay.
 #[derive(Debug, Clone)]
 pub struct Conn {
     pub device: usize,
+    /// Which relay of the cluster the load balancer sent it to.
+    pub relay: usize,
     pub open: bool,
     /// Delivery times so far, per direction: TCP never reorders within a connection.
     pub last_to_relay: u64,
@@ -115,6 +124,9 @@ pub struct Streams {
     pub users: ChaCha20Rng,
     /// The upgrade workload's choices (unused when it is off, so other runs stay as they were).
     pub upgrades: ChaCha20Rng,
+    /// The cluster's: which relay a connection lands on, notifications between relays (unused
+    /// with one relay).
+    pub cluster: ChaCha20Rng,
 }
 
 /// Network parameters drawn per seed.
@@ -132,7 +144,11 @@ pub struct World {
     pub clock: WorldClock,
     queue: BinaryHeap<Scheduled>,
     next_seq: u64,
-    pub relay: SimRelay,
+    /// The relays, on one shared store (one unless `--relays`).
+    pub relays: Vec<SimRelay>,
+    pub store: SharedStore,
+    /// The schema level the operator has deployed (relays restart onto it one by one).
+    pub relay_level: usize,
     pub devices: Vec<SimDevice>,
     pub conns: BTreeMap<ConnId, Conn>,
     pub next_conn: ConnId,
@@ -169,7 +185,9 @@ impl World {
         };
         World {
             clock: WorldClock::new(EPOCH_MS),
-            relay: SimRelay::new(dir.join("relay")),
+            relays: (0..opts.relays.max(1)).map(SimRelay::new).collect(),
+            store: SharedStore::new(dir.join("relay")),
+            relay_level: 0,
             devices: Vec::new(),
             conns: BTreeMap::new(),
             next_conn: 1,
@@ -179,6 +197,7 @@ impl World {
                 faults: stream(seed, "faults"),
                 users: stream(seed, "users"),
                 upgrades: stream(seed, "upgrades"),
+                cluster: stream(seed, "cluster"),
             },
             net,
             oracle: Oracle::default(),

@@ -20,6 +20,7 @@ fn passes_with(seed: u64, devices: usize, steps: u64, upgrades: bool) {
             bug: None,
             shape: Default::default(),
             upgrades,
+            relays: 1,
         },
         Some(&trace),
         false,
@@ -55,6 +56,7 @@ fn swarm_seed_22280884056308508_an_answer_lost_in_a_relay_crash_is_acknowledged_
         // As it was found: before the upgrade workload existed (a swarm may now draw it).
         SimOptions {
             upgrades: false,
+            relays: 1,
             ..SimOptions::swarm(seed, fieldsync_simulations::SwarmBounds::CI)
         },
         None,
@@ -83,6 +85,31 @@ fn upgrades_seed_1_the_writer_of_an_old_field_name_receives_the_relays_copy() {
 fn swarm_seed_93_a_device_on_a_version_the_relay_skipped_is_accepted_once_named() {
     let report = run(
         SimOptions::swarm(93, fieldsync_simulations::SwarmBounds::CI),
+        None,
+        false,
+    )
+    .unwrap();
+    assert!(report.ok() && report.converged, "{}", report.render());
+    assert_eq!(report.stats.relay_upgrades, 2);
+}
+
+/// Three relays under the upgrade workload: one relay crashed before its turn in the rolling
+/// upgrade and came back on its old schema after another relay had adopted the newest, and
+/// was refused at start (a downgrade), ending the run. A relay now comes back on the schema
+/// the operator has deployed; the refusal itself is the relay's intended behaviour.
+#[test]
+fn cluster_upgrades_seed_7_a_relay_crashed_mid_rollout_comes_back_on_the_deployed_schema() {
+    let report = run(
+        SimOptions {
+            seed: 7,
+            devices: 8,
+            steps: 600,
+            faults: FaultSet::all(),
+            bug: None,
+            shape: Default::default(),
+            upgrades: true,
+            relays: 3,
+        },
         None,
         false,
     )

@@ -12,6 +12,7 @@ fn opts(seed: u64, steps: u64) -> SimOptions {
         bug: None,
         shape: Default::default(),
         upgrades: false,
+        relays: 1,
     }
 }
 
@@ -41,11 +42,16 @@ fn a_trace_file_replays_the_run() {
 /// Each deliberate relay defect is caught by a seed of the CI sweep (its fixed seeds 1..=8,
 /// with its options: 8 devices, 200 steps, every fault), reported with the invariant it breaks.
 fn caught(bug: InjectedBug, invariants: &[&str]) {
+    caught_with(bug, 1, invariants);
+}
+
+fn caught_with(bug: InjectedBug, relays: usize, invariants: &[&str]) {
     for seed in 1..=8 {
         let report = run(
             SimOptions {
                 bug: Some(bug),
                 devices: 8,
+                relays,
                 ..opts(seed, 200)
             },
             None,
@@ -79,10 +85,38 @@ fn applying_a_replayed_mutation_twice_is_caught() {
     caught(InjectedBug::IgnoreReceipts, &["at_most_once"]);
 }
 
+/// A relay of a cluster that never reads the other relays' commits: its devices miss them.
+#[test]
+fn a_relay_deaf_to_the_other_relays_is_caught() {
+    caught_with(InjectedBug::IgnoreOtherRelays, 3, &["convergence"]);
+}
+
+/// Three relays on one store, devices failing over between them, notifications late or lost:
+/// every invariant holds, the relays did hear of each other, and the run reproduces.
+#[test]
+fn a_cluster_of_three_relays_keeps_every_invariant_and_reproduces() {
+    let cluster = SimOptions {
+        relays: 3,
+        devices: 8,
+        ..opts(5, 240)
+    };
+    let a = run(cluster.clone(), None, false).unwrap();
+    assert!(a.ok() && a.converged, "{}", a.render());
+    assert!(a.stats.notices > 0 && a.stats.relay_switches > 0, "{:?}", a.stats);
+    assert!(
+        a.stats.faults.get("relay_crash").is_some_and(|n| *n > 0),
+        "{:?}",
+        a.stats
+    );
+    let b = run(cluster, None, false).unwrap();
+    assert_eq!(a.trace_hash, b.trace_hash);
+}
+
 #[test]
 fn the_upgrade_workload_moves_relay_and_devices_across_versions_and_reproduces() {
     let upgrading = SimOptions {
         upgrades: true,
+        relays: 1,
         devices: 8,
         ..opts(3, 240)
     };

@@ -53,6 +53,7 @@ fn the_sweep_with_every_fault_keeps_every_invariant() {
             bug: None,
             shape: Default::default(),
             upgrades: false,
+            relays: 1,
         };
         let report = run(opts, Some(&trace), false).unwrap();
         events += report.stats.events;

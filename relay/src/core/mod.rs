@@ -217,6 +217,9 @@ pub struct FaultSwitches {
     pub ignore_receipts: bool,
     /// Release outcomes without committing (the transaction is rolled back afterwards).
     pub ack_before_commit: bool,
+    /// Never look for rows other relays of a shared store committed (notifications and ticks
+    /// do nothing): devices on this relay miss what was written through another.
+    pub ignore_other_relays: bool,
 }
 
 /// Which of a push's mutations were found correctly signed, and with which key.
@@ -407,6 +410,7 @@ impl<B: Backend> RelayCore<B> {
         for w in &mut self.workers {
             w.set_fault_switches(faults);
         }
+        self.front.ignore_other_relays = faults.ignore_other_relays;
     }
 
     pub fn connection_counts(&self) -> (usize, usize) {

@@ -138,8 +138,8 @@ struct SimArgs {
     /// relay_crash,device_crash,skew.
     #[arg(long, default_value = "all")]
     faults: FaultSet,
-    /// Turn on a deliberate relay defect (skip_version_gate, ack_before_commit, ignore_receipts)
-    /// to see the simulator catch it.
+    /// Turn on a deliberate relay defect (skip_version_gate, ack_before_commit, ignore_receipts,
+    /// ignore_other_relays with --relays) to see the simulator catch it.
     #[arg(long)]
     bug: Option<InjectedBug>,
     /// Write every event to FILE (its first line holds the options, for --replay).
@@ -155,6 +155,12 @@ struct SimArgs {
     /// at random steps (a swarm draws it for about a third of its seeds; this forces it on).
     #[arg(long)]
     upgrades: bool,
+    /// Relay processes on one shared store (1–8): devices land on any running relay and fail
+    /// over when theirs crashes; relays hear of each other's commits through notifications that
+    /// can be late or lost. Default 1; a swarm draws 2–3 for about a third of its seeds unless
+    /// this is given.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=8))]
+    relays: Option<u8>,
     /// Swarm testing: each seed draws its own shape (2–24 devices, 100–1,500 steps, the fault
     /// set and rate, hot-record skew, bursts); --devices, --steps and --faults are ignored.
     #[arg(long)]
@@ -317,6 +323,7 @@ fn real_main() -> anyhow::Result<bool> {
         bug: cli.bug,
         shape: Default::default(),
         upgrades: cli.upgrades,
+        relays: cli.relays.map_or(1, usize::from),
     };
     let bounds = if cli.swarm_scale == "ci" {
         SwarmBounds::CI
@@ -329,6 +336,7 @@ fn real_main() -> anyhow::Result<bool> {
             SimOptions {
                 bug: cli.bug,
                 upgrades: cli.upgrades || drawn.upgrades,
+                relays: cli.relays.map_or(drawn.relays, usize::from),
                 ..drawn
             }
         } else {
@@ -362,7 +370,7 @@ fn real_main() -> anyhow::Result<bool> {
     for seed in range.clone() {
         let opts = shape_of(seed);
         let trace = std::env::temp_dir().join(format!("fieldsync-sim-{seed}.trace"));
-        let report = run(opts, Some(&trace), false)?;
+        let report = run(opts, Some(&trace), false).with_context(|| format!("seed {seed} could not run"))?;
         totals.0 += report.stats.events;
         totals.1 += report.simulated_hours;
         totals.2 += report.wall_seconds;
@@ -449,7 +457,9 @@ fn hunt(minutes: f64, shape_of: &(dyn Fn(u64) -> SimOptions + Sync)) -> anyhow::
                     while Instant::now() < deadline {
                         let seed = next.fetch_add(1, Ordering::Relaxed);
                         let trace = std::env::temp_dir().join(format!("fieldsync-sim-{seed}.trace"));
-                        let report = run(shape_of(seed), Some(&trace), false)?;
+                        let report = run(shape_of(seed), Some(&trace), false).with_context(|| {
+                            format!("seed {seed} could not run; rerun with: fieldsync-sim --swarm --seed {seed}")
+                        })?;
                         let Ok(mut t) = totals.lock() else { break };
                         t.0 += 1;
                         t.1 += report.stats.events;

@@ -15,7 +15,7 @@ use crate::world::World;
 impl World {
     pub(super) fn lww_problems(&self, docs: &mut BTreeMap<Uuid, RelayDoc>) -> (Vec<(Uuid, String)>, u64) {
         let mut checks = 0;
-        if self.relay.core().is_none() {
+        if !self.any_relay_up() {
             return (Vec::new(), 0);
         }
         let lww_types: BTreeSet<String> = self
@@ -29,7 +29,7 @@ impl World {
         type Row = (Uuid, String, u64, Uuid, Uuid, String, Vec<u8>);
         let mut rows: Vec<Row> = Vec::new();
         let mut archived: BTreeSet<(Uuid, String)> = BTreeSet::new();
-        for shard in &self.relay.readers {
+        for shard in &self.store.readers {
             let Ok(mut st) = shard.connection().prepare(
                 "SELECT entity_id, entity_type, version, origin_device, mutation_id, hlc, changes FROM feed
                  ORDER BY space_id, seq",

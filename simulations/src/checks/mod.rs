@@ -29,12 +29,12 @@ fn uuid_of(bytes: Vec<u8>) -> Uuid {
 }
 
 impl World {
-    /// A connection to each of the relay's shard files (empty while the relay is down).
+    /// A connection to each of the store's shard files (empty while every relay is down).
     fn relay_conns(&self) -> Vec<&Connection> {
-        if self.relay.core().is_none() {
+        if !self.any_relay_up() {
             return Vec::new();
         }
-        self.relay.readers.iter().map(|r| r.connection()).collect()
+        self.store.readers.iter().map(|r| r.connection()).collect()
     }
 
     pub(crate) fn fail(&mut self, invariant: &str, detail: String, entity: Option<Uuid>) {
@@ -44,7 +44,7 @@ impl World {
 
     /// Safety checks on the relay's files; cheap enough to run every few simulated hours.
     pub fn checkpoint(&mut self) {
-        if self.relay.core().is_none() {
+        if !self.any_relay_up() {
             return;
         }
         self.stats.checkpoints += 1;
@@ -57,10 +57,10 @@ impl World {
     fn check_durability(&mut self) {
         let applied: Vec<(Uuid, (u64, u64))> = self.oracle.applied.iter().map(|(k, v)| (*k, *v)).collect();
         let mut failures = Vec::new();
-        if self.relay.core().is_some() {
+        if self.any_relay_up() {
             for (mid, (version, seq)) in applied {
                 self.stats.invariant_checks += 1;
-                let stored = self.relay.readers.iter().find_map(|r| r.receipt(mid).ok().flatten());
+                let stored = self.store.readers.iter().find_map(|r| r.receipt(mid).ok().flatten());
                 let outcome: Option<Outcome> = stored.and_then(|r| ciborium::from_reader(r.outcome.as_slice()).ok());
                 match outcome {
                     Some(o) if o.applied() == Some((version, seq)) => {}
@@ -162,7 +162,7 @@ impl World {
             ));
         }
         // Each space's feed is 1, 2, ..., n up to its head, and lives in its own shard.
-        if let Some(backend) = &self.relay.backend {
+        if let Some(backend) = &self.store.backend {
             match backend.consistency() {
                 Ok(c) => {
                     for p in c.problems() {
@@ -179,7 +179,7 @@ impl World {
     fn check_sealed(&mut self) {
         let sealed: Vec<(Uuid, u64)> = self.oracle.sealed.iter().map(|(k, v)| (*k, *v)).collect();
         let mut problems = Vec::new();
-        if let Some(core) = self.relay.core() {
+        if let Some(core) = self.relays.iter().find_map(|r| r.core()) {
             for (entity, at) in sealed {
                 self.stats.invariant_checks += 1;
                 match core.document(entity).map(|d| d.map(|(row, _)| row)) {
@@ -223,10 +223,10 @@ impl World {
     /// Every relay document, loaded.
     pub fn relay_docs(&self) -> BTreeMap<Uuid, RelayDoc> {
         let mut out = BTreeMap::new();
-        if self.relay.core().is_none() {
+        if !self.any_relay_up() {
             return out;
         }
-        for shard in &self.relay.readers {
+        for shard in &self.store.readers {
             let Ok(mut st) = shard
                 .connection()
                 .prepare("SELECT entity_id FROM documents WHERE version > 0 ORDER BY doc_key")
@@ -301,10 +301,10 @@ impl World {
     }
 
     fn check_audit_chain(&mut self) {
-        if self.relay.core().is_none() {
+        if !self.any_relay_up() {
             return;
         }
-        let Some(backend) = &self.relay.backend else { return };
+        let Some(backend) = &self.store.backend else { return };
         let report = fieldsync_relay::audit::verify(backend);
         let feed = backend.counts().map(|c| c.feed).unwrap_or(0);
         let applied = self.oracle.applied.len() as u64;

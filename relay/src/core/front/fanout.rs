@@ -58,6 +58,9 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             .filter(|(s, _)| only.is_none_or(|only| only.contains(*s)))
             .map(|(s, u)| (*s, *u))
             .collect();
+        if self.ignore_other_relays {
+            return;
+        }
         let mut entries = Vec::new();
         for (space, upto) in spaces {
             if self.busy(space) || !self.has_live_session(space) {

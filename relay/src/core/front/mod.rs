@@ -111,6 +111,8 @@ pub struct Front<D: Directory, R: SpaceStore> {
     in_flight: BTreeMap<(ConnId, u64), Uuid>,
     /// How far each space's feed has been fanned out (see `fanout`).
     fanned: BTreeMap<Uuid, u64>,
+    /// A deliberate defect for the simulator ([`crate::core::FaultSwitches`]).
+    pub(crate) ignore_other_relays: bool,
 }
 
 impl<D: Directory, R: SpaceStore> Front<D, R> {
@@ -135,6 +137,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             shard_of: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             fanned: BTreeMap::new(),
+            ignore_other_relays: false,
         }
     }
 
