@@ -173,6 +173,18 @@ impl FieldsyncClient {
         Ok(self.client()?.status()?.into())
     }
 
+    /// The relays this device syncs with, in the order it tries them.
+    pub fn relays(&self) -> Result<Vec<String>> {
+        self.read(|d| Ok(d.relay_urls()))
+    }
+
+    /// Replaces them with relays of the cluster the device enrolled with (after enrolling): the
+    /// first one's refusal is final, the others are tried in order when it cannot be reached.
+    /// Sync uses the new list from its next connection.
+    pub fn set_relays(&self, urls: Vec<String>) -> Result<()> {
+        self.read(|d| d.set_relays(&urls))
+    }
+
     /// The outbox: unconfirmed changes (and, with `include_applied`, confirmed ones).
     pub fn queue(&self, include_applied: bool) -> Result<Vec<OutboxItem>> {
         Ok(self

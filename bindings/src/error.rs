@@ -72,7 +72,9 @@ impl From<PeerError> for FieldsyncError {
             PeerError::UnknownType { .. } | PeerError::NotFound { .. } | PeerError::NoSuchMutation(_) => {
                 FieldsyncError::NotFound { message }
             }
-            PeerError::WrongType { .. } | PeerError::AlreadyExists { .. } => FieldsyncError::BadArgument { message },
+            PeerError::WrongType { .. } | PeerError::AlreadyExists { .. } | PeerError::BadRelayAddress(_) => {
+                FieldsyncError::BadArgument { message }
+            }
             PeerError::NotAllowed(_) | PeerError::SignOutRefused(_) => FieldsyncError::NotAllowed { message },
             PeerError::Resolution(_) => FieldsyncError::Resolution { message },
             PeerError::StorageFull(_) => FieldsyncError::StorageFull { message },

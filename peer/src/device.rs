@@ -29,7 +29,14 @@ pub type DeviceRng = Box<dyn rand_core::CryptoRng + Send>;
 /// What the device knows about its enrollment (the store half of the enrollment handshake).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enrollment {
+    /// The relay enrolled with, or the first of the list the app set ([`Device::set_relays`]):
+    /// its refusal of the device is final.
     pub relay_url: String,
+    /// More relays of the same cluster to fail over to, in order. A refusal from one of these
+    /// before it has named its cluster (an address of another relay by mistake) only means
+    /// "not here": the device tries the next, and is not marked refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_relays: Vec<String>,
     pub relay_id: Uuid,
     pub user: UserInfo,
     /// Where writes go unless the caller names another of the user's spaces.
@@ -270,6 +277,50 @@ impl Device {
         self.enrollment.as_ref()
     }
 
+    /// The relays this device syncs with, in the order it tries them: the one whose refusal
+    /// is final first, then the others of its cluster (empty before enrollment).
+    pub fn relay_urls(&self) -> Vec<String> {
+        self.enrollment.as_ref().map_or_else(Vec::new, |e| {
+            std::iter::once(e.relay_url.clone())
+                .chain(e.other_relays.iter().cloned())
+                .collect()
+        })
+    }
+
+    /// Sets the relays of the device's cluster, in order (the app's configuration: several
+    /// relays of one cluster, or one load balancer's address). The first becomes the relay
+    /// whose refusal is final. Every address is checked before anything is stored; duplicates
+    /// are dropped. The cluster stays the one enrolled with: a relay of another answers with
+    /// another identity and is never synced with.
+    pub fn set_relays(&mut self, urls: &[String]) -> Result<()> {
+        let Some(enrollment) = self.enrollment.as_ref() else {
+            return Err(PeerError::NotAllowed(
+                "this device is not enrolled; enroll with one relay first".into(),
+            ));
+        };
+        let mut list: Vec<String> = Vec::new();
+        for url in urls {
+            let url = url.trim().trim_end_matches('/').to_string();
+            if crate::net::endpoint(&url).is_err() {
+                return Err(PeerError::BadRelayAddress(url));
+            }
+            if !list.contains(&url) {
+                list.push(url);
+            }
+        }
+        let Some((first, others)) = list.split_first() else {
+            return Err(PeerError::NotAllowed(
+                "a device needs at least one relay address".into(),
+            ));
+        };
+        let mut updated = enrollment.clone();
+        updated.relay_url = first.clone();
+        updated.other_relays = others.to_vec();
+        db::meta_set_json(&self.conn, keys::ENROLLMENT, &updated)?;
+        self.enrollment = Some(updated);
+        Ok(())
+    }
+
     pub fn now_ms(&self) -> u64 {
         self.time.now_ms()
     }
@@ -318,6 +369,7 @@ impl Device {
         }
         let enrollment = Enrollment {
             relay_url: relay_url.to_string(),
+            other_relays: Vec::new(),
             relay_id,
             user,
             default_space,

@@ -43,6 +43,9 @@ pub enum PeerError {
     },
     #[error("not allowed: {0}")]
     NotAllowed(String),
+    /// Not a relay address (`ws://host:port` or `wss://host[:port]`, optionally with a path).
+    #[error("`{0}` is not a relay address (expected ws://host:port or wss://host)")]
+    BadRelayAddress(String),
     #[error("the stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("document: {0}")]

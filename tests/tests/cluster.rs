@@ -2,7 +2,8 @@
 //! server the test starts: one cluster identity, devices on different relays converging and
 //! hearing each other's writes live, one `Applied` and one conflict prompt for a gated record
 //! edited through two relays, a relay killed mid-push whose device fails over through its load
-//! balancer without losing or repeating anything, and a relay that missed writes catching up.
+//! balancer without losing or repeating anything, a device holding the cluster's addresses
+//! failing over by itself, and a relay that missed writes catching up.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::Ordering;
@@ -59,6 +60,15 @@ fn verify(relay: &Relay) -> Value {
     assert!(out.status.success() && report["ok"] == json!(true), "{report}");
     assert_eq!(relay.admin(&["audit", "verify"])["records"], report["audit"]["records"]);
     report["audit"].clone()
+}
+
+/// A sample of the relay's `/metrics` (0 when absent).
+fn metric(relay: &Relay, sample: &str) -> u64 {
+    let (code, text) = http_get(relay.addr, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
 
 async fn heard(events: &mut tokio::sync::broadcast::Receiver<ClientEvent>, id: uuid::Uuid) -> Duration {
@@ -120,6 +130,13 @@ fn devices_on_two_relays_share_one_identity_converge_and_hear_each_others_writes
         (stats["counts"]["feed"].clone(), stats["counts"]["receipts"].clone()),
         (json!(2), json!(2))
     );
+    // Each relay's /metrics shows its store and what it heard of the other's commit.
+    assert_eq!(metric(&b, "fieldsync_store_info{kind=\"postgres\"}"), 1);
+    assert!(
+        metric(&b, "fieldsync_notifications_total") >= 1,
+        "relay B heard relay A's commit"
+    );
+    assert!(metric(&b, "fieldsync_notification_lag_seconds_count") >= 1);
     verify(&b);
 }
 
@@ -242,4 +259,60 @@ fn a_relay_that_was_down_while_others_wrote_serves_everything_after_its_restart(
             "{id} missing on the phone"
         );
     }
+}
+
+/// The device holds the cluster's addresses itself (no load balancer): when its relay dies it
+/// moves on by itself, in one-shot sync and while watching, and an address of another relay
+/// listed by mistake (it does not know the device) neither takes the device nor marks it
+/// refused.
+#[test]
+fn a_device_holding_the_clusters_addresses_fails_over_by_itself_and_skips_a_stranger() {
+    let Some(c) = Cluster::new("a_device_holding_the_clusters_addresses") else {
+        return;
+    };
+    let mut a = c.relay("a");
+    let b = c.relay("b");
+    let stranger = Relay::start(&c.path("stranger"), 0);
+    a.setup("clinic", &[("dana", "clinician"), ("cody", "clinician")]);
+    let tablet = c.peer("tablet");
+    tablet.enroll(&a, "dana");
+    let list = format!("{},{},{}", a.url(), stranger.url(), b.url());
+    let relays = tablet.json(&["relays", "--set", &list]);
+    assert_eq!(relays["relays"].as_array().map(Vec::len), Some(3), "{relays}");
+    let bad = tablet.fails(&["relays", "--set", "http://nowhere:1"]);
+    assert!(bad.contains("not a relay address"), "{bad}");
+    tablet.put("patient", r#"{"name": "Ada"}"#);
+    tablet.ok(&["sync"]);
+
+    // A phone watching through the same list, connected to relay A when it dies.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let phone = Client::open(&c.path("phone")).unwrap();
+    runtime.block_on(phone.enroll(&a.url(), &a.token("cody"))).unwrap();
+    phone.set_relays(&[a.url(), stranger.url(), b.url()]).unwrap();
+    let mut phone_heard = phone.subscribe();
+    runtime.block_on(async {
+        phone.start().unwrap();
+        while !matches!(phone_heard.recv().await, Ok(ClientEvent::Connected)) {}
+    });
+
+    a.kill();
+    // One-shot: A cannot be reached, the stranger refuses, B takes the write.
+    let grace = tablet.put("patient", r#"{"name": "Grace"}"#);
+    tablet.ok(&["sync"]);
+    let status = tablet.status();
+    assert_eq!(status["unsynced"], json!(0), "{status}");
+    assert!(status["auth_failure"].is_null(), "{status}");
+    assert_eq!(status["state"], json!("synced"), "{status}");
+    // Watching: the phone finds B on its own and hears the write made through it.
+    let grace = uuid::Uuid::parse_str(&grace).unwrap();
+    let took = runtime.block_on(heard(&mut phone_heard, grace));
+    eprintln!("the watching device failed over and heard the write {took:?} after the other's sync");
+    // Both devices did try the stranger on the way (it refused them as unknown devices).
+    let refused = metric(&stranger, "fieldsync_auth_failures_total{reason=\"unknown_device\"}");
+    assert!(refused >= 2, "the stranger refused {refused} times");
+    assert!(phone.status().unwrap().auth_failure.is_none());
+    assert_eq!(phone.relays().len(), 3);
+    runtime.block_on(phone.stop());
+    assert_eq!(b.admin(&["stats"])["counts"]["feed"], json!(2));
+    verify(&b);
 }

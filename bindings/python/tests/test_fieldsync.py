@@ -239,6 +239,10 @@ class TwoDevicesOnOneRelay(unittest.TestCase):
         self.relay.stop()
         queued = tablet.put("patient", None, json.dumps({"name": "Written offline"})).entity_id
         self.assertGreaterEqual(tablet.status().unsynced, 1)
+        # A second address of the cluster to fail over to (nothing listens there: it is skipped).
+        tablet.set_relays([self.relay.url, "ws://127.0.0.1:9"])
+        with self.assertRaises(FieldsyncError.BadArgument):
+            tablet.set_relays(["http://not-a-relay"])
         tablet.close()
         with self.assertRaises(FieldsyncError.NotAllowed):
             tablet.status()
@@ -246,6 +250,7 @@ class TwoDevicesOnOneRelay(unittest.TestCase):
         self.clients.append(tablet)
         self.assertEqual(json.loads(tablet.get(queued).fields_json)["name"], "Written offline")
         self.assertEqual(tablet.status().enrolled.user_name, "dana")
+        self.assertEqual(tablet.relays()[1:], ["ws://127.0.0.1:9"], "the list survives the restart")
         tablet.start()
 
         self.relay = Relay(self.relay.data, self.relay.port)

@@ -137,6 +137,17 @@ impl Client {
         self.read(|d| d.status())
     }
 
+    /// The relays the device syncs with, in the order it tries them.
+    pub fn relays(&self) -> Vec<String> {
+        self.read(|d| d.relay_urls())
+    }
+
+    /// Sets the relays of the device's cluster ([`Device::set_relays`]); the sync task uses
+    /// the new list from its next connection.
+    pub fn set_relays(&self, urls: &[String]) -> Result<()> {
+        self.shared.step(false, |dev, _| dev.set_relays(urls))
+    }
+
     pub fn get(&self, id: Uuid) -> Result<Option<Entity>> {
         self.read(|d| d.get(id))
     }

@@ -93,7 +93,8 @@ pub enum WatchEvent {
 }
 
 /// One round: connect, push everything, pull until caught up, close. The summary says what
-/// moved; an error leaves everything queued for the next attempt (same mutation ids).
+/// moved; an error leaves everything queued for the next attempt (same mutation ids). With
+/// several relays ([`Device::set_relays`]) it tries them in order until one takes the device.
 pub async fn sync_once(
     dev: &mut Device,
     machine: &mut SyncMachine,
@@ -104,25 +105,49 @@ pub async fn sync_once(
 
 /// [`sync_once`] through any [`Drive`].
 pub async fn sync_round(drive: &mut impl Drive, opts: &SyncOptions) -> Result<SyncSummary, NetError> {
-    let url = relay_url(drive)?;
-    let mut socket = match connect(&url, &opts.tls).await {
-        Ok(s) => s,
-        Err(e) => {
-            drive.step(|d, m| m.handle(d, SyncInput::Disconnected))?;
-            return Err(e);
+    let urls = relay_urls(drive)?;
+    let mut result = Err(NetError::NotEnrolled);
+    for (n, url) in urls.iter().enumerate() {
+        drive.step(|_, m| m.set_on_other_relay(n > 0));
+        result = match connect(url, &opts.tls).await {
+            Ok(mut socket) => {
+                let mut never = std::pin::pin!(std::future::pending::<()>());
+                let result = session(drive, &mut socket, opts, true, &mut never, &mut |_| {}).await;
+                if result.is_ok() {
+                    close(&mut socket).await;
+                }
+                result
+            }
+            Err(e) => Err(e),
+        };
+        let reached = drive.step(|_, m| m.phase());
+        drive.step(|d, m| m.handle(d, SyncInput::Disconnected))?;
+        if !try_next_relay(&result, reached) {
+            break;
         }
-    };
-    let mut never = std::pin::pin!(std::future::pending::<()>());
-    let result = session(drive, &mut socket, opts, true, &mut never, &mut |_| {}).await;
-    if result.is_ok() {
-        close(&mut socket).await;
     }
-    drive.step(|d, m| m.handle(d, SyncInput::Disconnected))?;
     result
 }
 
-fn relay_url(drive: &mut impl Drive) -> Result<String, NetError> {
-    drive.step(|d, _| d.enrollment().map(|e| e.relay_url.clone()).ok_or(NetError::NotEnrolled))
+/// The device's relays in the order it tries them.
+fn relay_urls(drive: &mut impl Drive) -> Result<Vec<String>, NetError> {
+    let urls = drive.step(|d, _| d.relay_urls());
+    if urls.is_empty() {
+        return Err(NetError::NotEnrolled);
+    }
+    Ok(urls)
+}
+
+/// Whether a connection's end sends the device on to its next relay: it could not be reached,
+/// or it failed before taking the device (refused as a relay of another cluster, wrong
+/// identity, handshake cut). Not after a session that got going (a reset: the same relay is
+/// tried again first), nor after a final refusal or a local error.
+fn try_next_relay(result: &Result<SyncSummary, NetError>, phase_at_end: Phase) -> bool {
+    match result {
+        Ok(_) => false,
+        Err(NetError::Store(_) | NetError::Tls(_) | NetError::NotEnrolled) => false,
+        Err(_) => !matches!(phase_at_end, Phase::Ready | Phase::AuthFailed),
+    }
 }
 
 /// Stays connected until `stop` resolves: live changes both ways, reconnecting with
@@ -144,9 +169,14 @@ pub async fn watch_with<F: Future<Output = ()>>(
     stop: F,
     mut on_event: impl FnMut(WatchEvent),
 ) -> Result<(), NetError> {
-    let url = relay_url(drive)?;
+    let mut next = 0usize;
     let mut stop = std::pin::pin!(stop);
     loop {
+        // Read every round: the app may change the list while watching.
+        let urls = relay_urls(drive)?;
+        let at = next % urls.len();
+        let url = &urls[at];
+        drive.step(|_, m| m.set_on_other_relay(at > 0));
         if drive.step(|_, m| m.phase()) == Phase::AuthFailed {
             let reason = drive
                 .step(|d, _| d.status())?
@@ -163,7 +193,7 @@ pub async fn watch_with<F: Future<Output = ()>>(
             }
         }
         let outcome = tokio::select! {
-            c = connect(&url, &opts.tls) => c,
+            c = connect(url, &opts.tls) => c,
             _ = &mut stop => return Ok(()),
         };
         let result = match outcome {
@@ -178,7 +208,14 @@ pub async fn watch_with<F: Future<Output = ()>>(
             }
             Err(e) => Err(e),
         };
+        let reached = drive.step(|_, m| m.phase());
         drive.step(|d, m| m.handle(d, SyncInput::Disconnected))?;
+        if try_next_relay(&result, reached) {
+            next = at + 1;
+        } else if result.is_err() && reached == Phase::Ready {
+            // It had the device: after a reset, the same relay first.
+            next = at;
+        }
         match result {
             Ok(summary) => {
                 on_event(WatchEvent::Summary(summary));

@@ -141,6 +141,9 @@ pub struct SyncMachine {
     conflicts: u64,
     rejected: u64,
     pulled: u64,
+    /// Connected to one of the device's other relays (not its first): a refusal before the
+    /// relay named its cluster is not final (see [`crate::device::Enrollment::other_relays`]).
+    on_other_relay: bool,
 }
 
 impl Default for SyncMachine {
@@ -188,6 +191,7 @@ impl SyncMachine {
             conflicts: 0,
             rejected: 0,
             pulled: 0,
+            on_other_relay: false,
         }
     }
 
@@ -231,6 +235,12 @@ impl SyncMachine {
             SyncInput::Tick => self.on_tick(dev, now_ms),
             SyncInput::LocalWrite => self.pump(dev, now_ms),
         }
+    }
+
+    /// The shell says which relay the next connection goes to: the device's first (`false`) or
+    /// one of its others (`true`).
+    pub fn set_on_other_relay(&mut self, other: bool) {
+        self.on_other_relay = other;
     }
 
     /// When a [`SyncInput::Tick`] next has something to do (reconnect, a timeout, a due retry).
@@ -375,6 +385,15 @@ impl SyncMachine {
                     return Err(SyncError::AuthFailed {
                         reason: reason.as_str(),
                         message,
+                    });
+                }
+                if self.on_other_relay && self.phase == Phase::AwaitingChallenge {
+                    // One of the other addresses refused before naming its cluster: maybe a
+                    // relay of another cluster listed by mistake. Not a verdict on the device;
+                    // the shell tries the next address, the first relay's answer is final.
+                    return Err(SyncError::AuthFailed {
+                        reason: reason.as_str(),
+                        message: format!("{message} (an address other than the device's first relay; trying the next)"),
                     });
                 }
                 if reason == AuthFailure::NonceExpired {

@@ -117,6 +117,7 @@ fn queue_ids(f: &Fixture) -> Vec<Uuid> {
 use fieldsync_schema::TimeSource;
 
 mod feed;
+mod relays;
 mod retries;
 
 #[test]

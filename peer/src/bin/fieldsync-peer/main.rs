@@ -180,6 +180,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The relays this device syncs with, in the order it tries them; with --set, replaces
+    /// them (relays of the cluster it enrolled with, e.g. ws://a:7070,ws://b:7070). The first
+    /// one's refusal is final; the others are tried when it cannot be reached.
+    Relays {
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        set: Option<Vec<String>>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Syncs with the relay: pushes every queued change, pulls until caught up, prints a summary.
     Sync {
         /// Stay connected: live changes both ways, reconnecting with backoff, until Ctrl-C.
@@ -257,6 +266,7 @@ fn error_kind(e: &anyhow::Error) -> &'static str {
                 PeerError::Refused { .. } | PeerError::NotAllowed(_) | PeerError::SignOutRefused(_) => "refused",
                 PeerError::NotFound { .. } | PeerError::NoSuchMutation(_) => "not_found",
                 PeerError::UnknownType { .. } | PeerError::WrongType { .. } => "unknown_type",
+                PeerError::BadRelayAddress(_) => "invalid",
                 PeerError::AlreadyExists { .. } => "already_exists",
                 PeerError::Resolution(_) => "resolution",
                 PeerError::StorageFull(_) => "storage_full",
@@ -440,6 +450,21 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Enroll { relay, token, json } => {
             net_cmd::enroll(open_existing(&dir, schema)?, &relay, &token, &tls, json)
+        }
+        Command::Relays { set, json } => {
+            let mut dev = open_existing(&dir, schema)?;
+            if let Some(urls) = set {
+                dev.set_relays(&urls)?;
+            }
+            let urls = dev.relay_urls();
+            if json {
+                outln!("{}", serde_json::json!({ "relays": urls }))?;
+            } else if urls.is_empty() {
+                outln!("not enrolled: no relay yet")?;
+            } else {
+                outln!("{}", urls.join("\n"))?;
+            }
+            Ok(())
         }
         Command::Sync { watch, json } => net_cmd::sync(open_existing(&dir, schema)?, watch, &tls, json),
         Command::Conflicts { lww, json } => conflict_cmd::conflicts(&open_existing(&dir, schema)?, lww, json),
