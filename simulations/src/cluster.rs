@@ -58,6 +58,32 @@ impl World {
         }
     }
 
+    /// A running relay loses its store connection for a while (`store_loss`): its workers'
+    /// turns fail and are answered "try later", its reads fail, until the link is back.
+    pub fn store_loss(&mut self) {
+        let up = self.relays_up();
+        let Some(&r) = self.rng.faults.pick(&up) else { return };
+        let down_for = self.rng.faults.between(SECOND, 3 * crate::clock::MINUTE);
+        self.stats.count_fault(crate::options::Fault::StoreLoss);
+        let now = self.now();
+        self.trace.record(
+            now,
+            &format!("{} loses its store for {down_for} ms", self.relay_name(r)),
+        );
+        self.relays[r].link.set_lost(true);
+        self.schedule_in(down_for, Event::StoreBack(r));
+    }
+
+    /// The relay's store connection is back (a new one, as the production store reconnects).
+    pub fn store_back(&mut self, r: usize) {
+        if self.relays[r].link.is_lost() {
+            let now = self.now();
+            self.trace
+                .record(now, &format!("{} has its store back", self.relay_name(r)));
+            self.relays[r].link.set_lost(false);
+        }
+    }
+
     /// Every relay of a rolling upgrade after the first restarts onto `relay_level` at its own
     /// moment; the first goes now (with one relay, exactly the single relay's upgrade).
     pub fn relay_upgrade_one(&mut self, r: usize) {

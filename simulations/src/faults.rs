@@ -28,6 +28,8 @@ impl World {
             Fault::RelayCrash => (2 * HOUR, 18 * HOUR),
             Fault::DeviceCrash => (HOUR, 12 * HOUR),
             Fault::Skew => (3 * HOUR, 24 * HOUR),
+            Fault::StoreLoss if self.relays.len() > 1 => (HOUR, 8 * HOUR),
+            Fault::StoreLoss => return None,
         };
         // A swarm shape fires faults more or less often than usual.
         let rate = self.opts.shape.fault_rate;
@@ -65,6 +67,7 @@ impl World {
                 self.take_offline(i, duration);
             }
             Fault::RelayCrash => self.relay_crash(),
+            Fault::StoreLoss => self.store_loss(),
             Fault::DeviceCrash => {
                 let alive: Vec<usize> = (0..self.devices.len())
                     .filter(|i| self.devices[*i].dev.is_some())
@@ -100,6 +103,9 @@ impl World {
         self.healing = true;
         let now = self.now();
         self.trace.record(now, "heal");
+        for relay in &self.relays {
+            relay.link.set_lost(false);
+        }
         for r in 0..self.relays.len() {
             if !self.relays[r].is_up() {
                 self.relay_boot(r)?;

@@ -24,6 +24,7 @@ pub mod report;
 pub mod rng;
 pub mod scenario;
 pub mod soak;
+pub mod store_loss;
 pub mod synth;
 pub mod trace;
 pub mod upgrades;
@@ -170,6 +171,7 @@ impl World {
             Event::StoreNotice(r, spaces) => self.relay_store_changed(r, spaces),
             Event::Fault(f) => self.inject(f),
             Event::RelayUpgrade(r) => self.relay_upgrade_one(r),
+            Event::StoreBack(r) => self.store_back(r),
             Event::RelayRestart(r) => {
                 if !self.relays[r].is_up() {
                     self.relay_boot(r)?;

@@ -27,9 +27,28 @@ pub enum Fault {
     DeviceCrash,
     /// Device clocks skewed by hours to days, with jumps backwards.
     Skew,
+    /// A relay of a cluster loses its store connection for a while (only with `--relays` ≥ 2;
+    /// see [`crate::store_loss`]).
+    StoreLoss,
 }
 
 impl Fault {
+    /// Every kind, the cluster's last (a one-relay run never draws for it, so adding it kept
+    /// every such run what it was).
+    pub const EVERY: [Fault; 9] = [
+        Fault::Latency,
+        Fault::Reset,
+        Fault::LostAck,
+        Fault::Partition,
+        Fault::Offline,
+        Fault::RelayCrash,
+        Fault::DeviceCrash,
+        Fault::Skew,
+        Fault::StoreLoss,
+    ];
+
+    /// The kinds a swarm seed draws one by one (the cluster's is drawn apart, on its own
+    /// stream, so every swarm seed keeps its shape).
     pub const ALL: [Fault; 8] = [
         Fault::Latency,
         Fault::Reset,
@@ -51,6 +70,7 @@ impl Fault {
             Fault::RelayCrash => "relay_crash",
             Fault::DeviceCrash => "device_crash",
             Fault::Skew => "skew",
+            Fault::StoreLoss => "store_loss",
         }
     }
 }
@@ -67,7 +87,7 @@ pub struct FaultSet(pub BTreeSet<Fault>);
 
 impl FaultSet {
     pub fn all() -> Self {
-        FaultSet(Fault::ALL.into_iter().collect())
+        FaultSet(Fault::EVERY.into_iter().collect())
     }
     pub fn none() -> Self {
         FaultSet(BTreeSet::new())
@@ -88,8 +108,8 @@ impl FromStr for FaultSet {
         let mut set = BTreeSet::new();
         for part in s.split(',') {
             let part = part.trim().replace('-', "_");
-            let f = Fault::ALL.into_iter().find(|f| f.as_str() == part).ok_or_else(|| {
-                let names: Vec<&str> = Fault::ALL.iter().map(|f| f.as_str()).collect();
+            let f = Fault::EVERY.into_iter().find(|f| f.as_str() == part).ok_or_else(|| {
+                let names: Vec<&str> = Fault::EVERY.iter().map(|f| f.as_str()).collect();
                 format!(
                     "unknown fault `{part}` (expected all, none or some of: {})",
                     names.join(", ")
@@ -251,6 +271,9 @@ impl SimOptions {
         } else {
             1
         };
+        if relays > 1 && cluster.chance(0.6) {
+            faults.insert(Fault::StoreLoss);
+        }
         SimOptions {
             seed,
             devices,

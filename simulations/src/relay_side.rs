@@ -22,12 +22,15 @@ use uuid::Uuid;
 use crate::clock::{MINUTE, SECOND};
 use crate::options::{Fault, InjectedBug};
 use crate::rng::{Draw, stream};
+use crate::store_loss::{LossyBackend, StoreLink};
 use crate::world::{Event, World};
 
 pub struct SimRelay {
     /// Its place in the cluster (0 when there is one relay).
     pub index: usize,
-    pub core: Option<RelayCore<SqliteBackend>>,
+    pub core: Option<RelayCore<LossyBackend>>,
+    /// Its connection to the store (the `store_loss` fault cuts it); a new one at each boot.
+    pub link: StoreLink,
     pub boots: u64,
     /// Which of the world's schemas it serves (see [`crate::upgrades`]).
     pub level: usize,
@@ -67,6 +70,7 @@ impl SimRelay {
         SimRelay {
             index,
             core: None,
+            link: StoreLink::default(),
             boots: 0,
             level: 0,
             inbox: Vec::new(),
@@ -93,7 +97,7 @@ impl SimRelay {
         self.core.is_some()
     }
 
-    pub fn core(&self) -> Option<&RelayCore<SqliteBackend>> {
+    pub fn core(&self) -> Option<&RelayCore<LossyBackend>> {
         self.core.as_ref()
     }
 }
@@ -125,7 +129,12 @@ impl World {
         self.relays[r].boots += 1;
         let mut rng = stream(self.opts.seed, &format!("{name}/boot{boot}"));
         let new_id = fieldsync_schema::ids::new_uuid(&mut rng);
-        let backend = SqliteBackend::open(&self.store.dir, new_id)?;
+        let files = SqliteBackend::open(&self.store.dir, new_id)?;
+        let link = StoreLink::default();
+        let backend = LossyBackend {
+            inner: files.clone(),
+            link: link.clone(),
+        };
         // A relay that comes back while a rolling upgrade is under way comes back on what the
         // operator deployed: on its older schema it would be refused at start, since the store
         // already serves a newer one (a downgrade; the hunt found this with `--upgrades`).
@@ -157,13 +166,14 @@ impl World {
         let mut core = RelayCore::new(&backend, schema, config, Box::new(rng))?;
         core.set_fault_switches(self.fault_switches());
         if self.store.backend.is_none() {
-            self.store.readers = (0..backend.shard_count())
-                .map(|n| backend.open_shard(n))
+            self.store.readers = (0..files.shard_count())
+                .map(|n| files.open_shard(n))
                 .collect::<Result<_, _>>()?;
-            self.store.backend = Some(backend);
+            self.store.backend = Some(files);
         }
         let relay = &mut self.relays[r];
         relay.core = Some(core);
+        relay.link = link;
         relay.timing = stream(self.opts.seed, &format!("{name}/timing{boot}"));
         self.trace.record(now, &format!("{name} boot {boot}"));
         Ok(())

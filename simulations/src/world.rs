@@ -54,6 +54,8 @@ pub enum Event {
     RelayRestart(usize),
     /// A relay of a rolling upgrade restarts on the cluster's newest schema.
     RelayUpgrade(usize),
+    /// A relay's lost store connection is back.
+    StoreBack(usize),
     DeviceRestart(usize),
     /// A partitioned or offline device regains the network.
     NetworkBack(usize),

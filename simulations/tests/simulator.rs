@@ -91,8 +91,9 @@ fn a_relay_deaf_to_the_other_relays_is_caught() {
     caught_with(InjectedBug::IgnoreOtherRelays, 3, &["convergence"]);
 }
 
-/// Three relays on one store, devices failing over between them, notifications late or lost:
-/// every invariant holds, the relays did hear of each other, and the run reproduces.
+/// Three relays on one store, devices failing over between them, notifications late or lost,
+/// relays losing their store for a while: every invariant holds, the relays did hear of each
+/// other, and the run reproduces.
 #[test]
 fn a_cluster_of_three_relays_keeps_every_invariant_and_reproduces() {
     let cluster = SimOptions {
@@ -103,11 +104,13 @@ fn a_cluster_of_three_relays_keeps_every_invariant_and_reproduces() {
     let a = run(cluster.clone(), None, false).unwrap();
     assert!(a.ok() && a.converged, "{}", a.render());
     assert!(a.stats.notices > 0 && a.stats.relay_switches > 0, "{:?}", a.stats);
-    assert!(
-        a.stats.faults.get("relay_crash").is_some_and(|n| *n > 0),
-        "{:?}",
-        a.stats
-    );
+    for fault in ["relay_crash", "store_loss"] {
+        assert!(
+            a.stats.faults.get(fault).is_some_and(|n| *n > 0),
+            "{fault}: {:?}",
+            a.stats
+        );
+    }
     let b = run(cluster, None, false).unwrap();
     assert_eq!(a.trace_hash, b.trace_hash);
 }

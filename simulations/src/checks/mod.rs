@@ -179,10 +179,17 @@ impl World {
     fn check_sealed(&mut self) {
         let sealed: Vec<(Uuid, u64)> = self.oracle.sealed.iter().map(|(k, v)| (*k, *v)).collect();
         let mut problems = Vec::new();
-        if let Some(core) = self.relays.iter().find_map(|r| r.core()) {
+        if self.any_relay_up() {
             for (entity, at) in sealed {
                 self.stats.invariant_checks += 1;
-                match core.document(entity).map(|d| d.map(|(row, _)| row)) {
+                // The store's own handles: a relay's may be cut off (`store_loss`).
+                let found = self
+                    .store
+                    .readers
+                    .iter()
+                    .map(|r| r.document(entity))
+                    .find(|d| !matches!(d, Ok(None)));
+                match found.unwrap_or(Ok(None)) {
                     Ok(Some(d)) if d.version == at && (d.signed || d.locked) => {}
                     Ok(Some(d)) => {
                         problems.push((entity, format!("sealed at version {at}, now version {}", d.version)))
