@@ -210,11 +210,9 @@ pub async fn watch_with<F: Future<Output = ()>>(
         };
         let reached = drive.step(|_, m| m.phase());
         drive.step(|d, m| m.handle(d, SyncInput::Disconnected))?;
+        // Otherwise the same relay first again (it had the device: a reset, most likely).
         if try_next_relay(&result, reached) {
             next = at + 1;
-        } else if result.is_err() && reached == Phase::Ready {
-            // It had the device: after a reset, the same relay first.
-            next = at;
         }
         match result {
             Ok(summary) => {
