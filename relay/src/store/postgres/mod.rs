@@ -327,7 +327,9 @@ impl Conn {
     }
 
     /// Ends the transaction with `sql` (`COMMIT` or `ROLLBACK`). The transaction is over
-    /// whatever the answer: on a lost connection the server has already rolled it back.
+    /// whatever the answer: on a lost connection the server has rolled it back — or, when only
+    /// the answer to `COMMIT` was lost, committed it; the worker then answers "try later" and
+    /// the device's retry is answered from the receipt the commit stored.
     fn finish(&self, sql: &str) -> StoreResult<()> {
         self.in_transaction.set(false);
         self.batch(sql)
