@@ -33,20 +33,6 @@ pub enum Fault {
 }
 
 impl Fault {
-    /// Every kind, the cluster's last (a one-relay run never draws for it, so adding it kept
-    /// every such run what it was).
-    pub const EVERY: [Fault; 9] = [
-        Fault::Latency,
-        Fault::Reset,
-        Fault::LostAck,
-        Fault::Partition,
-        Fault::Offline,
-        Fault::RelayCrash,
-        Fault::DeviceCrash,
-        Fault::Skew,
-        Fault::StoreLoss,
-    ];
-
     /// The kinds a swarm seed draws one by one (the cluster's is drawn apart, on its own
     /// stream, so every swarm seed keeps its shape).
     pub const ALL: [Fault; 8] = [
@@ -59,6 +45,12 @@ impl Fault {
         Fault::DeviceCrash,
         Fault::Skew,
     ];
+
+    /// Every kind: [`Fault::ALL`] and the cluster's last (a one-relay run never draws for it,
+    /// so adding it kept every such run what it was).
+    pub fn every() -> impl Iterator<Item = Fault> {
+        Fault::ALL.into_iter().chain([Fault::StoreLoss])
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -87,7 +79,7 @@ pub struct FaultSet(pub BTreeSet<Fault>);
 
 impl FaultSet {
     pub fn all() -> Self {
-        FaultSet(Fault::EVERY.into_iter().collect())
+        FaultSet(Fault::every().collect())
     }
     pub fn none() -> Self {
         FaultSet(BTreeSet::new())
@@ -108,8 +100,8 @@ impl FromStr for FaultSet {
         let mut set = BTreeSet::new();
         for part in s.split(',') {
             let part = part.trim().replace('-', "_");
-            let f = Fault::EVERY.into_iter().find(|f| f.as_str() == part).ok_or_else(|| {
-                let names: Vec<&str> = Fault::EVERY.iter().map(|f| f.as_str()).collect();
+            let f = Fault::every().find(|f| f.as_str() == part).ok_or_else(|| {
+                let names: Vec<&str> = Fault::every().map(Fault::as_str).collect();
                 format!(
                     "unknown fault `{part}` (expected all, none or some of: {})",
                     names.join(", ")

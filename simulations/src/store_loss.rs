@@ -102,27 +102,39 @@ macro_rules! through_link {
     };
 }
 
-/// Transactions on a lost link: none starts; one under way fails to commit and is rolled back
-/// underneath (as the database does when the connection drops), whatever the caller asks.
+/// The trait's `begin`, `commit` and `rollback` on a lost link: no transaction starts; one
+/// under way fails to commit and is rolled back underneath (as the database does when the
+/// connection drops), whatever the caller asks.
 macro_rules! transactions {
     () => {
-        fn start(&mut self) -> StoreResult<()> {
+        fn begin(&mut self) -> StoreResult<()> {
             self.link.check()?;
             self.inner.begin()?;
             self.in_tx = true;
             Ok(())
         }
 
-        fn finish(&mut self, commit: bool) -> StoreResult<()> {
+        fn commit(&mut self) -> StoreResult<()> {
+            self.end_transaction()?;
+            self.inner.commit()
+        }
+
+        fn rollback(&mut self) -> StoreResult<()> {
+            self.end_transaction()?;
+            self.inner.rollback()
+        }
+    };
+}
+
+/// Ends the handle's transaction on a lost link: rolled back underneath, and the caller told.
+macro_rules! end_transaction {
+    () => {
+        fn end_transaction(&mut self) -> StoreResult<()> {
             if std::mem::take(&mut self.in_tx) && self.link.is_lost() {
                 self.inner.rollback()?;
                 return Err(lost());
             }
-            if commit {
-                self.inner.commit()
-            } else {
-                self.inner.rollback()
-            }
+            Ok(())
         }
     };
 }
@@ -132,11 +144,11 @@ fn lost() -> StoreError {
 }
 
 impl LossyDirectory {
-    transactions!();
+    end_transaction!();
 }
 
 impl LossyShard {
-    transactions!();
+    end_transaction!();
 }
 
 impl Directory for LossyDirectory {
@@ -148,17 +160,7 @@ impl Directory for LossyDirectory {
         self.inner.shard_count()
     }
 
-    fn begin(&mut self) -> StoreResult<()> {
-        self.start()
-    }
-
-    fn commit(&mut self) -> StoreResult<()> {
-        self.finish(true)
-    }
-
-    fn rollback(&mut self) -> StoreResult<()> {
-        self.finish(false)
-    }
+    transactions!();
 
     through_link! {
         mut fn create_space(space_id: Uuid, name: &str, now_ms: u64) -> SpaceRow;
@@ -196,17 +198,7 @@ impl Directory for LossyDirectory {
 }
 
 impl SpaceStore for LossyShard {
-    fn begin(&mut self) -> StoreResult<()> {
-        self.start()
-    }
-
-    fn commit(&mut self) -> StoreResult<()> {
-        self.finish(true)
-    }
-
-    fn rollback(&mut self) -> StoreResult<()> {
-        self.finish(false)
-    }
+    transactions!();
 
     fn begin_read(&mut self) -> StoreResult<()> {
         self.link.check()?;
