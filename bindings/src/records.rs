@@ -180,6 +180,8 @@ pub struct Status {
     pub schema_version: u64,
     pub relay_schema_version: Option<u64>,
     pub relay_behind: Option<String>,
+    pub possible_duplicates: u64,
+    pub superseded_requests: u64,
 }
 
 impl From<peer::Status> for Status {
@@ -217,6 +219,8 @@ impl From<peer::Status> for Status {
             schema_version: s.schema_version,
             relay_schema_version: s.relay_schema_version,
             relay_behind: s.relay_behind,
+            possible_duplicates: s.possible_duplicates,
+            superseded_requests: s.superseded_requests,
         }
     }
 }

@@ -125,6 +125,11 @@ pub struct Status {
     pub relay_schema_version: Option<u64>,
     /// Why the relay cannot take this device's changes yet (it serves an older schema).
     pub relay_behind: Option<String>,
+    /// Records the relay flagged as possible duplicates, not yet merged or dismissed (SPEC §17;
+    /// [`Device::possible_duplicates`] lists them).
+    pub possible_duplicates: u64,
+    /// Requests a service marked superseded ([`Device::superseded_requests`]).
+    pub superseded_requests: u64,
 }
 
 /// What `retry` did.
@@ -584,6 +589,24 @@ impl Device {
             schema_version: self.schema.version(),
             relay_schema_version: db::meta_get_u64(&self.conn, keys::RELAY_SCHEMA_VERSION)?,
             relay_behind,
+            possible_duplicates: entity::count_with_field(
+                &self.conn,
+                &self.types_where(|t| t.duplicates.is_some()),
+                fieldsync_schema::registry::DUPLICATE_OF,
+            )?,
+            superseded_requests: entity::count_with_field(
+                &self.conn,
+                &self.types_where(|t| t.request_for.is_some()),
+                fieldsync_schema::registry::SUPERSEDED_AT,
+            )?,
         })
+    }
+
+    fn types_where(&self, keep: impl Fn(&fieldsync_schema::EntityType) -> bool) -> Vec<&str> {
+        self.schema
+            .types()
+            .filter(|t| keep(t))
+            .map(|t| t.name.as_str())
+            .collect()
     }
 }

@@ -380,3 +380,20 @@ pub(crate) fn count(conn: &Connection) -> Result<u64> {
     let n: i64 = conn.query_row("SELECT COUNT(*) FROM entities", [], |r| r.get(0))?;
     Ok(u64_of(n))
 }
+
+/// Live records of the given types whose `field` holds a value: the status's counts of flagged
+/// duplicates and superseded requests, without reading every record.
+pub(crate) fn count_with_field(conn: &Connection, types: &[&str], field: &str) -> Result<u64> {
+    let mut total = 0;
+    let path = format!("$.{field}");
+    for ty in types {
+        let n: i64 = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM entities WHERE entity_type = ?1 AND deleted = 0
+                 AND json_extract(fields, ?2) IS NOT NULL",
+            )?
+            .query_row(rusqlite::params![ty, path], |r| r.get(0))?;
+        total += u64_of(n);
+    }
+    Ok(total)
+}

@@ -15,6 +15,7 @@
 //! injects the system's). Storage I/O (SQLite) is synchronous and
 //! happens inside the calls, so the machine is free of network and clock, not of I/O.
 
+pub mod authority;
 pub mod backup;
 pub mod conflict;
 pub mod db;
@@ -28,6 +29,7 @@ mod rules;
 pub mod sync;
 pub mod write;
 
+pub use authority::{MergeReport, PossibleDuplicate, SupersededRequest};
 pub use conflict::{
     Author, ConflictRecord, DiscardReport, FieldConflict, FieldStatus, LwwLossRecord, RecordState, RejectedEdit,
     Resolution, Side, UNDO_WINDOW_MS,

@@ -18,17 +18,25 @@ use crate::error::{PeerError, Result};
 pub(crate) enum Op {
     Put(Map<String, Value>),
     Delete,
-    Text { field: String, text: String },
+    /// The delete that merges a possible duplicate into its survivor (SPEC §17).
+    MergeInto(Uuid),
+    Text {
+        field: String,
+        text: String,
+    },
     Sign,
     Lock,
-    Increment { field: String, by: i64 },
+    Increment {
+        field: String,
+        by: i64,
+    },
 }
 
 pub(crate) fn kind_of(op: &Op, create: bool) -> MutationKind {
     match op {
         Op::Put(_) if create => MutationKind::Create,
         Op::Put(_) | Op::Text { .. } => MutationKind::Update,
-        Op::Delete => MutationKind::Delete,
+        Op::Delete | Op::MergeInto(_) => MutationKind::Delete,
         Op::Sign => MutationKind::Sign,
         Op::Lock => MutationKind::Lock,
         Op::Increment { .. } => MutationKind::Increment,

@@ -334,6 +334,10 @@ mod tests {
                 "journal_entry",
                 json!({"date": "2026-11-22", "pain_level": 4, "body": "Stiff morning."}),
             ),
+            (
+                "plan_change_request",
+                json!({"plan_id": "018f0000-0000-7000-8000-000000000001", "move_to": "2026-11-24", "reason": "Travel"}),
+            ),
         ]
     }
 

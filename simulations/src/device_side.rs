@@ -267,7 +267,7 @@ impl World {
             .as_ref()
             .and_then(|d| d.status().ok())
             .is_some_and(|s| s.blocked.is_some());
-        if blocked && !self.devices[i].resolve_scheduled {
+        if (blocked || self.has_open_duplicates(i)) && !self.devices[i].resolve_scheduled {
             self.devices[i].resolve_scheduled = true;
             let delay = if self.healing {
                 self.rng.users.between(SECOND, 60 * SECOND)
@@ -312,5 +312,6 @@ impl World {
                 .status()
                 .map(|st| st.unsynced == 0 && st.blocked.is_none())
                 .unwrap_or(false)
+            && !self.has_open_duplicates(i)
     }
 }

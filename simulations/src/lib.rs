@@ -29,6 +29,7 @@ pub mod synth;
 pub mod trace;
 pub mod upgrades;
 pub mod users;
+pub mod wearables;
 pub mod workload;
 pub mod world;
 

@@ -132,6 +132,9 @@ pub enum InjectedBug {
     IgnoreReceipts,
     /// A relay of a cluster never reads what the others committed (needs `--relays` ≥ 2).
     IgnoreOtherRelays,
+    /// A service's write over a person's concurrent provisional value is not settled (needs
+    /// `--wearables`).
+    SkipAuthoritySettle,
 }
 
 impl FromStr for InjectedBug {
@@ -142,8 +145,10 @@ impl FromStr for InjectedBug {
             "ack_before_commit" => Ok(InjectedBug::AckBeforeCommit),
             "ignore_receipts" => Ok(InjectedBug::IgnoreReceipts),
             "ignore_other_relays" => Ok(InjectedBug::IgnoreOtherRelays),
+            "skip_authority_settle" => Ok(InjectedBug::SkipAuthoritySettle),
             other => Err(format!(
-                "unknown bug `{other}` (expected skip_version_gate, ack_before_commit, ignore_receipts or ignore_other_relays)"
+                "unknown bug `{other}` (expected skip_version_gate, ack_before_commit, ignore_receipts, \
+                 ignore_other_relays or skip_authority_settle)"
             )),
         }
     }
@@ -193,6 +198,11 @@ pub struct SimOptions {
     /// crashed relay's devices fail over to the others (see [`crate::cluster`]).
     #[serde(default = "one_relay")]
     pub relays: usize,
+    /// The field-authority workload (SPEC §17): the gym's service imports watch data into
+    /// workouts people are editing and imports runs people also log by hand; people merge or
+    /// dismiss the duplicates the relay flags (see [`crate::wearables`]).
+    #[serde(default)]
+    pub wearables: bool,
 }
 
 fn one_relay() -> usize {
@@ -210,6 +220,7 @@ impl Default for SimOptions {
             shape: Shape::default(),
             upgrades: false,
             relays: 1,
+            wearables: false,
         }
     }
 }
@@ -266,6 +277,8 @@ impl SimOptions {
         if relays > 1 && cluster.chance(0.6) {
             faults.insert(Fault::StoreLoss);
         }
+        // The field-authority workload for 40 % of the seeds, on its own stream too.
+        let wearables = stream(seed, "swarm/wearables").chance(0.4);
         SimOptions {
             seed,
             devices,
@@ -279,6 +292,7 @@ impl SimOptions {
             },
             upgrades,
             relays,
+            wearables,
         }
     }
 }

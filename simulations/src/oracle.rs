@@ -4,9 +4,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use fieldsync_schema::document::{RootOps, parse_change};
+use fieldsync_schema::registry::merges_without_prompt;
 use fieldsync_schema::{ClientMessage, Mutation, MutationKind, Outcome, Policy, RelayMessage, Schema};
 use uuid::Uuid;
 
+use crate::scenario::USERS;
 use crate::world::World;
 
 /// A broken invariant: what, where, and when.
@@ -50,6 +53,9 @@ pub struct Oracle {
     pub field_values: BTreeMap<(Uuid, String), Vec<(serde_json::Value, Uuid)>>,
     /// Entities a user resolved a conflict or rejection on (a resolution may drop a value).
     pub resolved: BTreeSet<Uuid>,
+    /// The device and the fields of each applied version of a record, by (entity, version):
+    /// what a stale write on a type with field authority merged with.
+    pub touched: BTreeMap<(Uuid, u64), (usize, BTreeSet<String>)>,
 }
 
 impl Default for Oracle {
@@ -66,6 +72,7 @@ impl Default for Oracle {
             rejections: 0,
             field_values: BTreeMap::new(),
             resolved: BTreeSet::new(),
+            touched: BTreeMap::new(),
         }
     }
 }
@@ -132,18 +139,66 @@ impl World {
         }
     }
 
-    fn check_gate_and_seal(&mut self, _device: usize, mutation_id: Uuid, version: u64) {
+    fn check_gate_and_seal(&mut self, device: usize, mutation_id: Uuid, version: u64) {
         let Some(m) = self.oracle.envelopes.get(&mutation_id).cloned() else {
             return;
         };
         let policy = self.oracle.schema.entity_type(&m.entity_type).map(|t| t.policy);
         let entity = Some(m.entity_id.to_string());
-        // Invariant 6: a gated write is applied only on the version it was built on.
-        if policy == Some(Policy::Gated) && m.kind != MutationKind::Create && m.base_version != Some(version - 1) {
+        let touched = m
+            .changes
+            .iter()
+            .map(|b| parse_change(b.as_ref()))
+            .collect::<Result<Vec<_>, _>>()
+            .ok()
+            .and_then(|changes| RootOps::of(&changes).ok())
+            .map(|ops| ops.touched())
+            .unwrap_or_default();
+        self.oracle
+            .touched
+            .insert((m.entity_id, version), (device, touched.clone()));
+        // Invariant 6: a gated write is applied only on the version it was built on — or, on
+        // a type with field authority, on a stale base whose unseen versions it merges with
+        // without a prompt (SPEC §17), judged here from the versions' own envelopes.
+        let stale = m.base_version != Some(version - 1);
+        let merges = || {
+            let ty = self.oracle.schema.entity_type(&m.entity_type)?;
+            let base = m.base_version?;
+            let mut concurrent = BTreeSet::new();
+            for v in base + 1..version {
+                // The device's own earlier write (its answer lost, say) is history it built on.
+                let (by, fields) = self.oracle.touched.get(&(m.entity_id, v))?;
+                if *by != device {
+                    concurrent.extend(fields.iter().cloned());
+                }
+            }
+            let role = USERS[self.devices.get(device)?.user].role;
+            let merges = merges_without_prompt(ty, role, &touched, &concurrent);
+            Some((
+                merges,
+                format!(" (a {role} write of {touched:?} over versions that wrote {concurrent:?})"),
+            ))
+        };
+        // (A version the oracle never saw applied, its answer lost with a relay, cannot be judged.)
+        let authority = self
+            .oracle
+            .schema
+            .entity_type(&m.entity_type)
+            .is_some_and(|t| t.has_authority());
+        let judged = if authority {
+            merges()
+        } else {
+            Some((false, String::new()))
+        };
+        if policy == Some(Policy::Gated)
+            && m.kind != MutationKind::Create
+            && stale
+            && let Some((false, why)) = judged
+        {
             let v = self.violation(
                 "gate",
                 format!(
-                    "{} {} applied as version {version} but built on {:?}",
+                    "{} {} applied as version {version} but built on {:?}{why}",
                     m.kind, m.mutation_id, m.base_version
                 ),
                 entity.clone(),

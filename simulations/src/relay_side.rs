@@ -201,6 +201,10 @@ impl World {
                 ignore_other_relays: true,
                 ..FaultSwitches::default()
             },
+            Some(InjectedBug::SkipAuthoritySettle) => FaultSwitches {
+                skip_authority_settle: true,
+                ..FaultSwitches::default()
+            },
             None => FaultSwitches::default(),
         }
     }

@@ -29,6 +29,11 @@ pub struct Stats {
     pub notices: u64,
     pub notices_lost: u64,
     pub relay_switches: u64,
+    /// The field-authority workload: the service's imports of watch data, and the possible
+    /// duplicates people merged or dismissed.
+    pub imports: u64,
+    pub duplicates_merged: u64,
+    pub duplicates_dismissed: u64,
 }
 
 impl Stats {

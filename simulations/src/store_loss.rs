@@ -230,6 +230,8 @@ impl SpaceStore for LossyShard {
         ref fn seq_at_legacy(space_id: Uuid, legacy_seq: u64) -> u64;
         ref fn receipt(mutation_id: Uuid) -> Option<ReceiptRow>;
         mut fn put_receipt(row: &ReceiptRow) -> ();
+        mut fn put_duplicate_key(row: &DuplicateKeyRow) -> ();
+        ref fn duplicate_candidates(space_id: Uuid, entity_type: &str, key: &str, from_ms: i64, to_ms: i64) -> Vec<Uuid>;
         mut fn append_audit(row: &AuditRow) -> u64;
         ref fn audit_after(space_id: Uuid, after: u64, limit: usize) -> Vec<AuditRow>;
         mut fn archive(row: &ArchiveRow) -> u64;

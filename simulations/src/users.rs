@@ -147,6 +147,9 @@ impl World {
                 });
             }
         }
+        if self.opts.wearables {
+            self.settle_duplicates(i);
+        }
         let d = &mut self.devices[i];
         if d.conn.is_some()
             && let Some(dev) = d.dev.as_mut()

@@ -367,7 +367,17 @@ impl World {
         let d = &mut self.devices[i];
         let device_now = d.device_now();
         let Some(dev) = d.dev.as_mut() else { return };
-        let action = if space == "clinic" {
+        let wearable = if self.opts.wearables && space == "gym" {
+            crate::wearables::action(&mut self.rng.wearables, dev, role, n, device_now)
+        } else {
+            None
+        };
+        if wearable.is_some() && role == Role::Service {
+            self.stats.imports += 1;
+        }
+        let action = if wearable.is_some() {
+            wearable
+        } else if space == "clinic" {
             clinic_action(&mut self.rng.workload, hot_skew, dev, role, n, device_now)
         } else {
             gym_action(&mut self.rng.workload, hot_skew, dev, name, role, n, device_now)

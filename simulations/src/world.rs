@@ -129,6 +129,8 @@ pub struct Streams {
     /// The cluster's: which relay a connection lands on, notifications between relays (unused
     /// with one relay).
     pub cluster: ChaCha20Rng,
+    /// The field-authority workload's choices (unused when it is off).
+    pub wearables: ChaCha20Rng,
 }
 
 /// Network parameters drawn per seed.
@@ -200,6 +202,7 @@ impl World {
                 users: stream(seed, "users"),
                 upgrades: stream(seed, "upgrades"),
                 cluster: stream(seed, "cluster"),
+                wearables: stream(seed, "wearables"),
             },
             net,
             oracle: Oracle::default(),

@@ -21,6 +21,7 @@ fn passes_with(seed: u64, devices: usize, steps: u64, upgrades: bool) {
             shape: Default::default(),
             upgrades,
             relays: 1,
+            wearables: false,
         },
         Some(&trace),
         false,
@@ -57,6 +58,7 @@ fn swarm_seed_22280884056308508_an_answer_lost_in_a_relay_crash_is_acknowledged_
         SimOptions {
             upgrades: false,
             relays: 1,
+            wearables: false,
             ..SimOptions::swarm(seed, fieldsync_simulations::SwarmBounds::CI)
         },
         None,
@@ -109,6 +111,7 @@ fn cluster_upgrades_seed_7_a_relay_crashed_mid_rollout_comes_back_on_the_deploye
             shape: Default::default(),
             upgrades: true,
             relays: 3,
+            wearables: false,
         },
         None,
         false,

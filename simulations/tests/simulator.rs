@@ -13,6 +13,7 @@ fn opts(seed: u64, steps: u64) -> SimOptions {
         shape: Default::default(),
         upgrades: false,
         relays: 1,
+        wearables: false,
     }
 }
 
@@ -52,6 +53,7 @@ fn caught_with(bug: InjectedBug, relays: usize, invariants: &[&str]) {
                 bug: Some(bug),
                 devices: 8,
                 relays,
+                wearables: false,
                 ..opts(seed, 200)
             },
             None,
@@ -98,6 +100,7 @@ fn a_relay_deaf_to_the_other_relays_is_caught() {
 fn a_cluster_of_three_relays_keeps_every_invariant_and_reproduces() {
     let cluster = SimOptions {
         relays: 3,
+        wearables: false,
         devices: 8,
         ..opts(5, 240)
     };
@@ -120,6 +123,7 @@ fn the_upgrade_workload_moves_relay_and_devices_across_versions_and_reproduces()
     let upgrading = SimOptions {
         upgrades: true,
         relays: 1,
+        wearables: false,
         devices: 8,
         ..opts(3, 240)
     };

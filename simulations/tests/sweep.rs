@@ -54,6 +54,7 @@ fn the_sweep_with_every_fault_keeps_every_invariant() {
             shape: Default::default(),
             upgrades: false,
             relays: 1,
+            wearables: false,
         };
         let report = run(opts, Some(&trace), false).unwrap();
         events += report.stats.events;

@@ -17,9 +17,10 @@
 //! carries everything once more.
 
 use fieldsync_schema::document::META_DELETED;
+use fieldsync_schema::registry::{DUPLICATE_OF, MERGED_INTO, put_refusal};
 use fieldsync_schema::validate::{FieldError, Rule, ValidationErrors};
 use fieldsync_schema::wire::MAX_MUTATION_CHANGE_BYTES;
-use fieldsync_schema::{ConflictReason, EntityDoc, EntityType, FieldKind, MutationKind};
+use fieldsync_schema::{ConflictReason, EntityDoc, EntityType, FieldKind, MutationKind, Role};
 use rusqlite::{Connection, TransactionBehavior};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -119,7 +120,8 @@ impl Device {
         } else {
             (loaded.doc, own.changes.iter().map(|c| c.raw_bytes().to_vec()).collect())
         };
-        apply_target(ty, &mut doc, &target)?;
+        let role = w.enrollment.and_then(|e| e.role_in(loaded.meta.space_id));
+        apply_target(ty, role, &mut doc, &target)?;
         let change = doc.commit_always(now)?;
         let mut changes: Vec<Vec<u8>> = carried;
         changes.push(change.raw_bytes().to_vec());
@@ -256,12 +258,21 @@ fn validate_target(
 }
 
 /// Writes the target into the document: every field either holds or should hold, and the
-/// tombstone when it differs or is contested.
-fn apply_target(ty: &EntityType, doc: &mut EntityDoc, target: &Target) -> Result<()> {
+/// tombstone when it differs or is contested. A field `role` may not write (another side's,
+/// SPEC §17, or the relay's duplicate flag) keeps the value it holds: a resolution decides
+/// between what its writer may write, and the relay would refuse the rest.
+fn apply_target(ty: &EntityType, role: Option<Role>, doc: &mut EntityDoc, target: &Target) -> Result<()> {
     let current = doc.fields();
     let mut patch = Map::new();
     for key in current.keys().chain(target.fields.keys()) {
         if key.starts_with('_') || ty.field(key).is_none() || is_counter(ty, key) {
+            continue;
+        }
+        let clears_flag = (key == DUPLICATE_OF || key == MERGED_INTO) && !target.fields.contains_key(key);
+        if let Some(role) = role
+            && !clears_flag
+            && put_refusal(ty, role, key).is_some()
+        {
             continue;
         }
         patch.insert(key.clone(), target.fields.get(key).cloned().unwrap_or(Value::Null));

@@ -516,7 +516,7 @@ fn a_resolution_keeps_fields_this_devices_schema_does_not_know() {
     f.dev.update("workout", id, obj(json!({"notes": "mine"}))).unwrap();
     let theirs = their_change(&base, |d| {
         use automerge::transaction::Transactable;
-        d.automerge().put(automerge::ROOT, "feeling", "strong").unwrap();
+        d.automerge().put(automerge::ROOT, "cadence", "strong").unwrap();
     });
     push(&mut f, |b| {
         vec![conflict(&b[0], 2, theirs.clone(), ConflictReason::StaleBase)]
@@ -535,11 +535,11 @@ fn a_resolution_keeps_fields_this_devices_schema_does_not_know() {
         .map(|c| (c.field.as_str(), c.from_newer_version))
         .collect();
     assert!(
-        shown.contains(&("feeling", true)) && shown.contains(&("notes", false)),
+        shown.contains(&("cadence", true)) && shown.contains(&("notes", false)),
         "{shown:?}"
     );
     f.dev.resolve(id, Resolution::KeepMine).unwrap();
     let fields = f.dev.get(id).unwrap().unwrap().fields;
-    assert_eq!(fields["feeling"], json!("strong"), "{fields:?}");
+    assert_eq!(fields["cadence"], json!("strong"), "{fields:?}");
     assert_eq!(fields["notes"], json!("mine"));
 }

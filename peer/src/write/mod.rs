@@ -6,6 +6,7 @@
 //! success is on disk (`synchronous=FULL`) before the call returns.
 
 use fieldsync_schema::document::{NoteSignature, content_hash};
+use fieldsync_schema::registry::MERGED_INTO;
 use fieldsync_schema::wire::MAX_MUTATION_CHANGE_BYTES;
 use fieldsync_schema::{EntityDoc, EntityType, FieldKind, Mutation, MutationKind, ValidationErrors, ids, signing};
 use rusqlite::{Transaction, TransactionBehavior};
@@ -240,6 +241,15 @@ impl Writer<'_> {
                 change_hash: None,
             });
         };
+        if let Some(role) = self.enrollment.and_then(|e| e.role_in(meta.space_id)) {
+            // Field authority (SPEC §17), judged on what the change really touches.
+            let ops = fieldsync_schema::document::RootOps::of(std::slice::from_ref(&change))?;
+            if let Some(reason) =
+                fieldsync_schema::registry::ownership_refusal(ty, role, &ops, kind == MutationKind::Delete)
+            {
+                return Err(PeerError::refused(&meta.entity_type, meta.entity_id, reason));
+            }
+        }
         let change_hash = change.hash().to_string();
         if matches!(meta.sync_state, SyncState::Synced | SyncState::Pending) {
             meta.sync_state = SyncState::Pending;
@@ -278,6 +288,20 @@ fn apply_op(
             doc.write_fields(ty, &patch)?;
         }
         Op::Delete => doc.set_deleted(true)?,
+        Op::MergeInto(survivor) => {
+            let mut patch = Map::new();
+            patch.insert(MERGED_INTO.into(), Value::String(survivor.to_string()));
+            if survivor == meta.entity_id {
+                return Err(PeerError::refused(
+                    &meta.entity_type,
+                    meta.entity_id,
+                    "a record cannot be merged into itself",
+                ));
+            }
+            rules::validate_patch(tx, ty, meta, &viewed, &patch, false)?;
+            doc.write_fields(ty, &patch)?;
+            doc.set_deleted(true)?;
+        }
         Op::Text { field, text } => {
             match ty.field(&field).map(|f| &f.kind) {
                 Some(FieldKind::Text { .. }) => {}

@@ -220,6 +220,9 @@ pub struct FaultSwitches {
     /// Never look for rows other relays of a shared store committed (notifications and ticks
     /// do nothing): devices on this relay miss what was written through another.
     pub ignore_other_relays: bool,
+    /// Leave a service's write over a concurrent provisional value to Automerge's tie-break
+    /// (SPEC §17): the owner's value may lose to the person's it was meant to replace.
+    pub skip_authority_settle: bool,
 }
 
 /// Which of a push's mutations were found correctly signed, and with which key.

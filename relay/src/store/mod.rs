@@ -195,6 +195,19 @@ pub trait SpaceStore {
     fn seq_at_legacy(&self, space_id: Uuid, legacy_seq: u64) -> StoreResult<u64>;
 
     // --- receipts, audit, archive
+    /// Records (or, with `key = None`, forgets) a record's possible-duplicate key (SPEC §17):
+    /// the values of its type's `same` fields and its `near` time.
+    fn put_duplicate_key(&mut self, row: &DuplicateKeyRow) -> StoreResult<()>;
+    /// Live records of `entity_type` in `space_id` with the same key and a time within
+    /// `from_ms..=to_ms`, oldest first.
+    fn duplicate_candidates(
+        &self,
+        space_id: Uuid,
+        entity_type: &str,
+        key: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<Uuid>>;
     fn receipt(&self, mutation_id: Uuid) -> StoreResult<Option<ReceiptRow>>;
     fn put_receipt(&mut self, row: &ReceiptRow) -> StoreResult<()>;
     fn append_audit(&mut self, row: &AuditRow) -> StoreResult<u64>;

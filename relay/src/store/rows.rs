@@ -231,3 +231,14 @@ pub struct ServedSchema {
     /// Set once a schema that breaks this one was served on purpose.
     pub retired_ms: Option<u64>,
 }
+
+/// A record's entry in the possible-duplicate index (SPEC §17). `key: None` removes it (the
+/// record was deleted, or no longer has every field of its key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateKeyRow {
+    pub entity_id: Uuid,
+    pub space_id: Uuid,
+    pub entity_type: String,
+    pub key: Option<String>,
+    pub at_ms: i64,
+}

@@ -119,3 +119,15 @@ CREATE TABLE IF NOT EXISTS conflict_archive (
     created_ms      INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS archive_entity ON conflict_archive(entity_id);
+
+-- The possible-duplicate index (SPEC §17): one row per live record of a type that declares
+-- `duplicates`, by its key (the `same` fields' values, as JSON) and its `near` time in ms. The
+-- relay looks here when a new record is applied, instead of reading every record of the space.
+CREATE TABLE IF NOT EXISTS duplicate_keys (
+    entity_id   BLOB PRIMARY KEY,
+    space_id    BLOB NOT NULL,
+    entity_type TEXT NOT NULL,
+    dup_key     TEXT NOT NULL,
+    at_ms       INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS duplicate_keys_find ON duplicate_keys(space_id, entity_type, dup_key, at_ms);

@@ -283,6 +283,18 @@ impl<B: Backend> TestRelay<B> {
         rows
     }
 
+    /// Every audit record of every space, in each space's chain order.
+    pub fn audit_rows(&self) -> Vec<fieldsync_relay::store::AuditRow> {
+        let mut rows = Vec::new();
+        for n in 0..self.backend.shard_count() {
+            let shard = self.backend.open_shard(n).unwrap();
+            for space in shard.spaces_held().unwrap() {
+                rows.extend(shard.audit_after(space, 0, 100_000).unwrap());
+            }
+        }
+        rows
+    }
+
     /// A mutation's receipt, wherever its space's shard is.
     pub fn receipt(&self, mutation_id: Uuid) -> Option<ReceiptRow> {
         (0..self.backend.shard_count()).find_map(|n| self.backend.open_shard(n).unwrap().receipt(mutation_id).unwrap())

@@ -16,12 +16,18 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use toml::Table;
 
+mod authority;
 pub mod compat;
 mod describe;
 mod parse;
 #[cfg(test)]
 mod tests;
 
+pub use authority::{
+    Authority, DUPLICATE_OF, DuplicateKey, MERGED_INTO, SUPERSEDED_AT, SUPERSEDED_BY_VERSION, SUPERSEDED_FIELDS,
+    SUPERSEDED_NOTICE, duplicate_key, is_service_record, merged_fields, merges_without_prompt, ownership_refusal,
+    put_refusal,
+};
 use parse::{check_cross_references, parse_type};
 
 /// The default domain schema, embedded so that a binary works without any file next to it.
@@ -222,6 +228,14 @@ pub struct Field {
     /// is added without touching records written before it existed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default: Option<serde_json::Value>,
+    /// The class of writer that owns the field (SPEC §17); `None` when not declared. Left out of
+    /// the hash when absent, like every later addition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<Authority>,
+    /// A service-owned field people may write too: their value stands until the service writes
+    /// it (a manual log's distance until the watch's import arrives).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub provisional: bool,
     #[serde(skip)]
     pub description: Option<String>,
 }
@@ -239,11 +253,34 @@ pub struct EntityType {
     /// Roles that may sign (only for `signable` types).
     pub sign_roles: BTreeSet<Role>,
     pub fields: BTreeMap<String, Field>,
+    /// How possible duplicates are recognised (SPEC §17); the relay flags them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<DuplicateKey>,
+    /// A user's request against records of this (server-owned) type, which the service may
+    /// mark superseded (e.g. a reschedule against a plan).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_for: Option<String>,
     #[serde(skip)]
     pub description: Option<String>,
 }
 
 impl EntityType {
+    /// Whether any field declares an owner; only then does [`EntityType::owner_of`] divide the
+    /// fields between people and services.
+    pub fn has_authority(&self) -> bool {
+        self.fields.values().any(|f| f.authority.is_some())
+    }
+
+    /// Who owns a field: its declared authority, `user` for an undeclared field of a type that
+    /// declares any, `shared` in a type that declares none (everything gated, as before §17).
+    pub fn owner_of(&self, field: &str) -> Authority {
+        match self.field(field).and_then(|f| f.authority) {
+            Some(a) => a,
+            None if self.has_authority() => Authority::User,
+            None => Authority::Shared,
+        }
+    }
+
     pub fn field(&self, name: &str) -> Option<&Field> {
         self.fields.get(name)
     }

@@ -5,7 +5,10 @@ use std::str::FromStr;
 
 use toml::{Table, Value};
 
-use super::{EntityType, FIELD_TYPES, Field, FieldKind, Policy, Role, SchemaError, invalid, join_names};
+use super::{
+    Authority, DUPLICATE_OF, DuplicateKey, EntityType, FIELD_TYPES, Field, FieldKind, MERGED_INTO, Policy, Role,
+    SUPERSEDED_AT, SUPERSEDED_BY_VERSION, SUPERSEDED_NOTICE, SchemaError, invalid, join_names,
+};
 
 fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
@@ -32,8 +35,12 @@ pub(super) fn parse_type(name: &str, def: &Value) -> Result<EntityType, SchemaEr
     let mut sign_roles = BTreeSet::new();
     let mut fields = BTreeMap::new();
     let mut description = None;
+    let mut duplicates = None;
+    let mut request_for = None;
     for (key, value) in table {
         match key.as_str() {
+            "duplicates" => duplicates = Some(parse_duplicate_key(value, &loc)?),
+            "request_for" => request_for = Some(as_string(value, &loc, "request_for")?),
             "policy" => {
                 let s = value
                     .as_str()
@@ -57,7 +64,8 @@ pub(super) fn parse_type(name: &str, def: &Value) -> Result<EntityType, SchemaEr
                 return Err(invalid(
                     &loc,
                     format!(
-                        "unknown key `{other}` (expected policy, lockable, signable, write, sign, description, fields)"
+                        "unknown key `{other}` (expected policy, lockable, signable, write, sign, description, fields, \
+                         duplicates, request_for)"
                     ),
                 ));
             }
@@ -134,7 +142,7 @@ pub(super) fn parse_type(name: &str, def: &Value) -> Result<EntityType, SchemaEr
             ));
         }
     }
-    Ok(EntityType {
+    let ty = EntityType {
         name: name.to_string(),
         policy,
         lockable,
@@ -142,8 +150,123 @@ pub(super) fn parse_type(name: &str, def: &Value) -> Result<EntityType, SchemaEr
         write_roles,
         sign_roles,
         fields,
+        duplicates,
+        request_for,
         description,
-    })
+    };
+    check_authority(&ty, &loc)?;
+    Ok(ty)
+}
+
+/// Field authority, duplicate keys and requests only make sense together with the fields and
+/// policy they rely on; say which is missing rather than fail on the first write.
+fn check_authority(ty: &EntityType, loc: &str) -> Result<(), SchemaError> {
+    let needs_gated = ty.has_authority() || ty.duplicates.is_some() || ty.request_for.is_some();
+    if needs_gated && ty.policy != Policy::Gated {
+        return Err(invalid(
+            loc,
+            "field `authority`, `duplicates` and `request_for` are for `gated` types (other policies merge without prompts already)",
+        ));
+    }
+    let service_owned = ty.fields.values().any(|f| f.authority == Some(Authority::Service));
+    if service_owned && !ty.write_roles.contains(&Role::Service) {
+        return Err(invalid(
+            loc,
+            "a type with service-owned fields needs `service` among its `write` roles",
+        ));
+    }
+    let field_is = |name: &str, what: &str, ok: &dyn Fn(&Field) -> bool| -> Result<(), SchemaError> {
+        match ty.fields.get(name) {
+            Some(f) if ok(f) => Ok(()),
+            _ => Err(invalid(loc, format!("needs a field `{name}`: {what}"))),
+        }
+    };
+    if let Some(key) = &ty.duplicates {
+        for name in key.same.iter().chain([&key.near]) {
+            let Some(f) = ty.fields.get(name) else {
+                return Err(invalid(
+                    loc,
+                    format!("`duplicates` names `{name}`, which is not a field of `{}`", ty.name),
+                ));
+            };
+            if matches!(f.kind, FieldKind::Text { .. } | FieldKind::Counter { .. }) {
+                return Err(invalid(
+                    loc,
+                    format!("`duplicates` cannot compare the {} field `{name}`", f.kind.type_name()),
+                ));
+            }
+        }
+        if !matches!(
+            ty.fields.get(&key.near).map(|f| &f.kind),
+            Some(FieldKind::Timestamp | FieldKind::Date)
+        ) {
+            return Err(invalid(
+                loc,
+                format!("`duplicates.near` (`{}`) must be a timestamp or date field", key.near),
+            ));
+        }
+        let self_ref = |f: &Field| matches!(&f.kind, FieldKind::Ref { to } if *to == ty.name) && !f.required;
+        let what = format!("an optional `ref` to `{}` (with `duplicates`)", ty.name);
+        field_is(DUPLICATE_OF, &what, &self_ref)?;
+        field_is(MERGED_INTO, &what, &self_ref)?;
+    }
+    if ty.request_for.is_some() {
+        let service = |kind: fn(&FieldKind) -> bool| {
+            move |f: &Field| kind(&f.kind) && f.authority == Some(Authority::Service) && !f.required
+        };
+        field_is(
+            SUPERSEDED_AT,
+            "an optional timestamp with authority = \"service\" (with `request_for`)",
+            &service(|k| matches!(k, FieldKind::Timestamp)),
+        )?;
+        field_is(
+            SUPERSEDED_BY_VERSION,
+            "an optional int with authority = \"service\" (with `request_for`)",
+            &service(|k| matches!(k, FieldKind::Int { .. })),
+        )?;
+        field_is(
+            SUPERSEDED_NOTICE,
+            "an optional string with authority = \"service\" (with `request_for`)",
+            &service(|k| matches!(k, FieldKind::String { .. })),
+        )?;
+    }
+    Ok(())
+}
+
+/// `{ same = ["activity_type"], near = "started_at", within_minutes = 10 }`.
+fn parse_duplicate_key(value: &Value, loc: &str) -> Result<DuplicateKey, SchemaError> {
+    let what = "`duplicates` must be a table { same = [fields], near = \"field\", within_minutes = N }";
+    let t = value.as_table().ok_or_else(|| invalid(loc, what))?;
+    let mut same = Vec::new();
+    let mut near = None;
+    let mut within = None;
+    for (key, v) in t {
+        match key.as_str() {
+            "same" => {
+                for item in v.as_array().ok_or_else(|| invalid(loc, what))? {
+                    same.push(item.as_str().ok_or_else(|| invalid(loc, what))?.to_string());
+                }
+            }
+            "near" => near = Some(v.as_str().ok_or_else(|| invalid(loc, what))?.to_string()),
+            "within_minutes" => {
+                within = Some(
+                    v.as_integer()
+                        .and_then(|i| u32::try_from(i).ok())
+                        .filter(|i| (1..=7 * 24 * 60).contains(i))
+                        .ok_or_else(|| invalid(loc, "`duplicates.within_minutes` must be 1 to 10080 (a week)"))?,
+                )
+            }
+            other => return Err(invalid(loc, format!("unknown key `{other}` in `duplicates` ({what})"))),
+        }
+    }
+    match (near, within) {
+        (Some(near), Some(within_minutes)) => Ok(DuplicateKey {
+            same,
+            near,
+            within_minutes,
+        }),
+        _ => Err(invalid(loc, what)),
+    }
 }
 
 fn parse_field(type_name: &str, name: &str, def: &Value) -> Result<Field, SchemaError> {
@@ -184,9 +307,21 @@ fn parse_field(type_name: &str, name: &str, def: &Value) -> Result<Field, Schema
     let mut description = None;
     let mut renamed_from = Vec::new();
     let mut default = None;
+    let mut authority = None;
+    let mut provisional = false;
     for (key, value) in table {
         match key.as_str() {
             "type" => {}
+            "authority" => {
+                let s = as_string(value, &loc, "authority")?;
+                authority = Some(Authority::parse(&s).ok_or_else(|| {
+                    invalid(
+                        &loc,
+                        format!("unknown authority `{s}` (expected `user`, `service` or `shared`)"),
+                    )
+                })?);
+            }
+            "provisional" => provisional = as_bool(value, &loc, "provisional")?,
             "renamed_from" => renamed_from = parse_old_names(value, &loc)?,
             "default" => default = Some(toml_to_json(value, &loc)?),
             "required" => required = as_bool(value, &loc, "required")?,
@@ -277,6 +412,12 @@ fn parse_field(type_name: &str, name: &str, def: &Value) -> Result<Field, Schema
             "counters start at zero; a `default` is not valid for them",
         ));
     }
+    if provisional && authority != Some(Authority::Service) {
+        return Err(invalid(
+            &loc,
+            "`provisional` is for service-owned fields (authority = \"service\"): people's value stands until the service writes",
+        ));
+    }
     let field = Field {
         name: name.to_string(),
         kind,
@@ -284,6 +425,8 @@ fn parse_field(type_name: &str, name: &str, def: &Value) -> Result<Field, Schema
         required_unless,
         renamed_from,
         default,
+        authority,
+        provisional,
         description,
     };
     if let Some(value) = &field.default {
@@ -344,6 +487,14 @@ fn toml_to_json(value: &Value, loc: &str) -> Result<serde_json::Value, SchemaErr
 
 pub(super) fn check_cross_references(types: &BTreeMap<String, EntityType>) -> Result<(), SchemaError> {
     for t in types.values() {
+        if let Some(target) = &t.request_for
+            && !types.contains_key(target)
+        {
+            return Err(invalid(
+                format!("type `{}`", t.name),
+                format!("`request_for` names unknown type `{target}`"),
+            ));
+        }
         for (f, to) in t.ref_fields() {
             if !types.contains_key(to) {
                 return Err(invalid(

@@ -23,6 +23,7 @@ fn default_schema_has_every_type_the_references_name_with_spec_policies() {
         ("vocab", Policy::ServerOwned),
         ("plan", Policy::ServerOwned),
         ("role", Policy::ServerOwned),
+        ("plan_change_request", Policy::Gated),
     ];
     for (name, policy) in expect {
         let t = s.entity_type(name).unwrap_or_else(|| panic!("missing type {name}"));

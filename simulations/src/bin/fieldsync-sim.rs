@@ -139,7 +139,8 @@ struct SimArgs {
     #[arg(long, default_value = "all")]
     faults: FaultSet,
     /// Turn on a deliberate relay defect (skip_version_gate, ack_before_commit, ignore_receipts,
-    /// ignore_other_relays with --relays) to see the simulator catch it.
+    /// ignore_other_relays with --relays, skip_authority_settle with --wearables) to see the
+    /// simulator catch it.
     #[arg(long)]
     bug: Option<InjectedBug>,
     /// Write every event to FILE (its first line holds the options, for --replay).
@@ -155,6 +156,11 @@ struct SimArgs {
     /// at random steps (a swarm draws it for about a third of its seeds; this forces it on).
     #[arg(long)]
     upgrades: bool,
+    /// The field-authority workload (SPEC §17): a service imports watch data into workouts
+    /// people edit and imports runs people also log by hand; people merge or dismiss the
+    /// duplicates the relay flags (a swarm draws it for 40 % of its seeds; this forces it on).
+    #[arg(long)]
+    wearables: bool,
     /// Relay processes on one shared store (1–8): devices land on any running relay and fail
     /// over when theirs crashes; relays hear of each other's commits through notifications that
     /// can be late or lost. Default 1; a swarm draws 2–3 for about a third of its seeds unless
@@ -324,6 +330,7 @@ fn real_main() -> anyhow::Result<bool> {
         shape: Default::default(),
         upgrades: cli.upgrades,
         relays: cli.relays.map_or(1, usize::from),
+        wearables: cli.wearables,
     };
     let bounds = if cli.swarm_scale == "ci" {
         SwarmBounds::CI
@@ -336,6 +343,7 @@ fn real_main() -> anyhow::Result<bool> {
             SimOptions {
                 bug: cli.bug,
                 upgrades: cli.upgrades || drawn.upgrades,
+                wearables: cli.wearables || drawn.wearables,
                 relays: cli.relays.map_or(drawn.relays, usize::from),
                 ..drawn
             }
@@ -401,10 +409,11 @@ fn real_main() -> anyhow::Result<bool> {
                     format!("--swarm --swarm-scale {} ", cli.swarm_scale)
                 } else {
                     format!(
-                        "--devices {} --steps {} {}",
+                        "--devices {} --steps {} {}{}",
                         cli.devices,
                         cli.steps,
-                        if cli.upgrades { "--upgrades " } else { "" }
+                        if cli.upgrades { "--upgrades " } else { "" },
+                        if cli.wearables { "--wearables " } else { "" }
                     )
                 },
                 trace.display()

@@ -305,6 +305,9 @@ impl World {
         if self.opts.upgrades {
             self.check_no_field_lost(&mut docs);
         }
+        if self.opts.wearables {
+            self.check_authority(&mut docs);
+        }
     }
 
     fn check_audit_chain(&mut self) {
@@ -366,12 +369,14 @@ impl World {
                             problems.push((
                                 "convergence",
                                 format!(
-                                    "dev{i} has {} {:?} (deleted {}), the relay {:?} (deleted {})",
+                                    "dev{i} has {} {:?} (deleted {}, version {}), the relay {:?} (deleted {}, version {})",
                                     rd.entity_type,
                                     Value::Object(e.fields),
                                     e.deleted,
+                                    e.relay_version,
                                     Value::Object(relay_fields),
-                                    rd.doc.is_deleted()
+                                    rd.doc.is_deleted(),
+                                    rd.version
                                 ),
                                 *id,
                             ));

@@ -3,6 +3,7 @@
 //! The only place that constructs the production clock and an OS-seeded RNG; everything else
 //! takes them injected.
 
+mod authority_cmd;
 mod conflict_cmd;
 mod net_cmd;
 mod output;
@@ -186,6 +187,35 @@ enum Command {
     Relays {
         #[arg(long, value_delimiter = ',', num_args = 1..)]
         set: Option<Vec<String>>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Records the relay flagged as possible duplicates; --merge ID combines a flagged record
+    /// with its match by field authority (the other becomes a tombstone naming the survivor),
+    /// --dismiss ID keeps both.
+    Duplicates {
+        #[arg(long, value_parser = fieldsync_schema::cli::parse_uuid, conflicts_with = "dismiss")]
+        merge: Option<Uuid>,
+        #[arg(long, value_parser = fieldsync_schema::cli::parse_uuid)]
+        dismiss: Option<Uuid>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Requests (e.g. plan_change_request) a service marked superseded, with its notice.
+    Superseded {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Marks a request superseded by a new version of what it asked to change (a service's write).
+    Supersede {
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
+        id: Uuid,
+        /// The version that superseded it (e.g. the new plan_version).
+        #[arg(long)]
+        version: i64,
+        /// What the user is told.
+        #[arg(long)]
+        notice: String,
         #[arg(long)]
         json: bool,
     },
@@ -450,6 +480,19 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Enroll { relay, token, json } => {
             net_cmd::enroll(open_existing(&dir, schema)?, &relay, &token, &tls, json)
+        }
+        Command::Duplicates { merge, dismiss, json } => {
+            authority_cmd::duplicates(&mut open_existing(&dir, schema)?, merge, dismiss, json)
+        }
+        Command::Superseded { json } => authority_cmd::superseded(&open_existing(&dir, schema)?, json),
+        Command::Supersede {
+            id,
+            version,
+            notice,
+            json,
+        } => {
+            let mut dev = open_existing(&dir, schema)?;
+            output::receipt(&dev.supersede_request(id, version, &notice)?, "superseded", json)
         }
         Command::Relays { set, json } => {
             let mut dev = open_existing(&dir, schema)?;

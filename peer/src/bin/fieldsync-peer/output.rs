@@ -8,7 +8,7 @@ use fieldsync_schema::time_fmt::render_ms;
 use serde::Serialize;
 use serde_json::json;
 
-fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
+pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
     outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
@@ -115,6 +115,18 @@ pub fn status(s: &Status, json: bool) -> Result<()> {
     outln!("oldest:    {}", when(s.oldest_pending_ms))?;
     outln!("last sync: {}", when(s.last_sync_ms))?;
     outln!("entities:  {}", s.entities)?;
+    if s.possible_duplicates > 0 {
+        outln!(
+            "duplicates: {} possible (fieldsync-peer duplicates)",
+            s.possible_duplicates
+        )?;
+    }
+    if s.superseded_requests > 0 {
+        outln!(
+            "superseded: {} request(s) (fieldsync-peer superseded)",
+            s.superseded_requests
+        )?;
+    }
     match s.relay_schema_version {
         Some(relay) if relay != s.schema_version => {
             outln!("schema:    v{} (the relay serves v{relay})", s.schema_version)?

@@ -236,13 +236,17 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
 }
 
 /// Whether the relay may add changes of its own to a mutation of `entity_type`, which the
-/// origin device then still needs: the settlement of a last-writer-wins type, and the copy of a
-/// renamed field to its other names. (A type whose rename was later dropped from the schema
+/// origin device then still needs: the settlement of a last-writer-wins type, the copy of a
+/// renamed field to its other names, the settlement of a field-authority merge and the flag on
+/// a possible duplicate (SPEC §17). (A type whose rename was later dropped from the schema
 /// keeps its old rows: their origins received those changes when they were new.)
 pub(crate) fn relay_may_add_changes(schema: &fieldsync_schema::Schema, entity_type: &str) -> bool {
-    schema
-        .entity_type(entity_type)
-        .is_some_and(|t| t.policy == Policy::Lww || t.fields.values().any(|f| !f.renamed_from.is_empty()))
+    schema.entity_type(entity_type).is_some_and(|t| {
+        t.policy == Policy::Lww
+            || t.has_authority()
+            || t.duplicates.is_some()
+            || t.fields.values().any(|f| !f.renamed_from.is_empty())
+    })
 }
 
 /// A stored feed row as `device` receives it. `relay_writes`: see [`relay_may_add_changes`];

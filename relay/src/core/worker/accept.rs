@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::{Change, ChangeHash};
 use fieldsync_schema::document::{RootOps, device_actor, parse_change, relay_actor};
+use fieldsync_schema::registry::{MERGED_INTO, merges_without_prompt, ownership_refusal};
 use fieldsync_schema::signing::envelope_hash;
 use fieldsync_schema::wire::MAX_MUTATION_CHANGE_BYTES;
 use fieldsync_schema::{
@@ -244,6 +245,9 @@ impl<S: SpaceStore> SpaceWorker<S> {
             return Ok(outcome);
         }
         let base_deps: Vec<ChangeHash> = changes.first().map(|c| c.deps().to_vec()).unwrap_or_default();
+        // Fields this write settles over concurrent values (a service overriding a provisional
+        // value written meanwhile).
+        let mut overrides = BTreeSet::new();
         if let Some(r) = &row {
             // 6. Delete versus edit is a conflict (LWW types decide it by clock instead).
             if r.deleted && !matches!(m.kind, MutationKind::Resolve | MutationKind::Delete) && ty.policy != Policy::Lww
@@ -264,6 +268,20 @@ impl<S: SpaceStore> SpaceWorker<S> {
                     Some(ConflictReason::StaleBase)
                 }
                 _ => None,
+            };
+            // Field authority (SPEC §17): a write touching only its writer's fields merges with
+            // unseen versions that touched only the other side's, without a prompt.
+            let gate = match gate {
+                Some(ConflictReason::StaleBase) if ty.has_authority() && m.kind == MutationKind::Update => {
+                    match self.authority_merge(ty, role, &mut doc, &changes, &base_deps) {
+                        Some(over) => {
+                            overrides = over;
+                            None
+                        }
+                        None => gate,
+                    }
+                }
+                other => other,
             };
             if let Some(reason) = gate {
                 let deps = if reason == ConflictReason::AlreadyExists {
@@ -299,6 +317,10 @@ impl<S: SpaceStore> SpaceWorker<S> {
             self.put_back(&row, doc);
             return Ok(Outcome::Invalid { errors });
         }
+        if let Some(reason) = ownership_refusal(ty, role, &ops, m.kind == MutationKind::Delete) {
+            self.put_back(&row, doc);
+            return Ok(forbidden(reason));
+        }
         // 9. Apply, settle LWW, validate the merged result. From here on a rejection must drop
         //    the cached copy: the document in memory already holds the changes.
         let applied = self.apply_and_validate(
@@ -310,6 +332,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
             &changes,
             &ops,
             (&before, before_deleted),
+            &overrides,
             now_ms,
         );
         let Validated {
@@ -342,6 +365,26 @@ impl<S: SpaceStore> SpaceWorker<S> {
             now_ms,
             group,
         })
+    }
+
+    /// Whether a stale update merges by field authority; if so, the fields it settles over
+    /// concurrent values. `None`: gated as usual (a conflict).
+    fn authority_merge(
+        &self,
+        ty: &EntityType,
+        role: Role,
+        doc: &mut EntityDoc,
+        changes: &[Change],
+        base_deps: &[ChangeHash],
+    ) -> Option<BTreeSet<String>> {
+        let touched = RootOps::of(changes).ok()?.touched();
+        let known: Vec<ChangeHash> = base_deps.iter().copied().filter(|h| doc.has_change(h)).collect();
+        if known.len() != base_deps.len() {
+            return None; // built on changes the relay never had: let the gate answer
+        }
+        let concurrent = RootOps::of(&doc.changes_since(&known)).ok()?.touched();
+        merges_without_prompt(ty, role, &touched, &concurrent)
+            .then(|| touched.intersection(&concurrent).cloned().collect())
     }
 
     fn put_back(&mut self, row: &Option<DocumentRow>, doc: EntityDoc) {
@@ -426,12 +469,25 @@ impl<S: SpaceStore> SpaceWorker<S> {
         changes: &[Change],
         ops: &RootOps,
         (before, before_deleted): (&Map<String, Value>, bool),
+        overrides: &BTreeSet<String>,
         now_ms: u64,
     ) -> Result<Validated, ApplyError> {
         doc.apply(changes.to_vec())
             .map_err(|e| ApplyError::Rejected(invalid("changes", format!("cannot apply: {e}"))))?;
         let mut extra = Vec::new();
         let mut plan = None;
+        if !overrides.is_empty() && !self.faults.skip_authority_settle {
+            // The owner's value stands over a concurrent provisional one, whichever Automerge's
+            // own tie-break would show.
+            let mine = doc.fields_at(&own_heads(changes));
+            let targets: BTreeMap<String, Value> = overrides
+                .iter()
+                .map(|k| (k.clone(), mine.get(k).cloned().unwrap_or(Value::Null)))
+                .collect();
+            if let Some(change) = settle(ty, doc, &targets, now_ms).map_err(ApplyError::Rejected)? {
+                extra.push(change);
+            }
+        }
         if ty.policy == Policy::Lww {
             let heads = own_heads(changes);
             let mine = doc.fields_at(&heads);
@@ -512,6 +568,15 @@ impl<S: SpaceStore> SpaceWorker<S> {
                     "a delete must set the tombstone",
                 ));
             }
+            MutationKind::Delete
+                if after.get(MERGED_INTO).and_then(Value::as_str) == Some(&m.entity_id.to_string()) =>
+            {
+                errors.push(FieldError::new(
+                    MERGED_INTO,
+                    Rule::Ref,
+                    "a record cannot be merged into itself",
+                ));
+            }
             MutationKind::Lock if !doc.is_locked() => {
                 errors.push(FieldError::new(
                     "locked",
@@ -527,6 +592,9 @@ impl<S: SpaceStore> SpaceWorker<S> {
         if !errors.is_empty() {
             return Err(ApplyError::Rejected(Outcome::Invalid { errors }));
         }
+        let mut after = after;
+        self.index_duplicates(ty, m, doc, &mut after, &mut extra, now_ms)
+            .map_err(ApplyError::Store)?;
         Ok(Validated {
             extra_changes: extra,
             lww_plan: plan,

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 
 use automerge::ObjType;
 use fieldsync_schema::document::{META_DELETED, META_SIGNATURE, META_TYPE, NoteSignature, RootOps, content_hash};
+use fieldsync_schema::registry::MERGED_INTO;
 use fieldsync_schema::signing::{self, note_signature_bytes};
 use fieldsync_schema::{EntityType, FieldError, FieldKind, Mutation, MutationKind, Outcome, Policy, Rule};
 use serde_json::{Map, Value};
@@ -128,6 +129,8 @@ pub(crate) fn structural_errors(
             .collect()
     };
     let extra = match kind {
+        // A merge's delete names the survivor (SPEC §17).
+        MutationKind::Delete if ty.duplicates.is_some() => only(&[META_DELETED, MERGED_INTO]),
         MutationKind::Delete => only(&[META_DELETED]),
         MutationKind::Sign => only(&[META_SIGNATURE]),
         MutationKind::Lock => only(&["locked"]),

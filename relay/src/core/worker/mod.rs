@@ -14,6 +14,7 @@
 mod accept;
 mod archive;
 pub(crate) mod checks;
+mod duplicates;
 mod lww;
 mod write;
 

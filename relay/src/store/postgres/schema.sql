@@ -167,3 +167,13 @@ CREATE TABLE IF NOT EXISTS conflict_archive (
     created_ms      BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS archive_entity ON conflict_archive(entity_id);
+
+-- The possible-duplicate index (SPEC §17); see shard.sql.
+CREATE TABLE IF NOT EXISTS duplicate_keys (
+    entity_id   UUID PRIMARY KEY,
+    space_id    UUID NOT NULL,
+    entity_type TEXT NOT NULL,
+    dup_key     TEXT NOT NULL,
+    at_ms       BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS duplicate_keys_find ON duplicate_keys(space_id, entity_type, dup_key, at_ms);

@@ -12,8 +12,8 @@ use super::columns::{
 use super::{Conn, is_unique_violation};
 use crate::audit::GENESIS_HASH;
 use crate::store::{
-    ArchiveRow, AuditRow, DocumentRow, DocumentUpdate, FeedRow, ReceiptRow, ShardCounts, SpaceHead, SpaceStore,
-    StoreError, StoreResult,
+    ArchiveRow, AuditRow, DocumentRow, DocumentUpdate, DuplicateKeyRow, FeedRow, ReceiptRow, ShardCounts, SpaceHead,
+    SpaceStore, StoreError, StoreResult,
 };
 
 pub struct PgShard {
@@ -311,6 +311,37 @@ impl SpaceStore for PgShard {
                 created_ms: u64_col(&r, 6)?,
             }))
         })
+    }
+
+    fn put_duplicate_key(&mut self, r: &DuplicateKeyRow) -> StoreResult<()> {
+        self.conn.with(|c| match &r.key {
+            Some(key) => c.execute(
+                "INSERT INTO duplicate_keys(entity_id, space_id, entity_type, dup_key, at_ms)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT(entity_id) DO UPDATE SET dup_key = excluded.dup_key, at_ms = excluded.at_ms",
+                &[&r.entity_id, &r.space_id, &r.entity_type, key, &r.at_ms],
+            ),
+            None => c.execute("DELETE FROM duplicate_keys WHERE entity_id = $1", &[&r.entity_id]),
+        })?;
+        Ok(())
+    }
+
+    fn duplicate_candidates(
+        &self,
+        space_id: Uuid,
+        entity_type: &str,
+        key: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<Uuid>> {
+        let found = self.conn.with(|c| {
+            c.query(
+                "SELECT entity_id FROM duplicate_keys WHERE space_id = $1 AND entity_type = $2 AND dup_key = $3
+                 AND at_ms BETWEEN $4 AND $5 ORDER BY at_ms, entity_id LIMIT 16",
+                &[&space_id, &entity_type, &key, &from_ms, &to_ms],
+            )
+        })?;
+        Ok(found.iter().map(|row| row.get::<_, Uuid>(0)).collect())
     }
 
     fn put_receipt(&mut self, r: &ReceiptRow) -> StoreResult<()> {

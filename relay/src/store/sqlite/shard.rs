@@ -12,8 +12,8 @@ use super::columns::{
 use super::connect;
 use crate::audit::GENESIS_HASH;
 use crate::store::{
-    ArchiveRow, AuditRow, DocumentRow, DocumentUpdate, FeedRow, ReceiptRow, ShardCounts, SpaceHead, SpaceStore,
-    StoreResult,
+    ArchiveRow, AuditRow, DocumentRow, DocumentUpdate, DuplicateKeyRow, FeedRow, ReceiptRow, ShardCounts, SpaceHead,
+    SpaceStore, StoreResult,
 };
 
 const SCHEMA_SQL: &str = include_str!("../shard.sql");
@@ -287,6 +287,44 @@ impl SpaceStore for SqliteShard {
                 })
             })
             .optional()?)
+    }
+
+    fn put_duplicate_key(&mut self, r: &DuplicateKeyRow) -> StoreResult<()> {
+        let id = r.entity_id.as_bytes().to_vec();
+        match &r.key {
+            Some(key) => self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO duplicate_keys(entity_id, space_id, entity_type, dup_key, at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(entity_id) DO UPDATE SET dup_key = excluded.dup_key, at_ms = excluded.at_ms",
+                )?
+                .execute(params![id, r.space_id.as_bytes().to_vec(), r.entity_type, key, r.at_ms])?,
+            None => self
+                .conn
+                .prepare_cached("DELETE FROM duplicate_keys WHERE entity_id = ?1")?
+                .execute(params![id])?,
+        };
+        Ok(())
+    }
+
+    fn duplicate_candidates(
+        &self,
+        space_id: Uuid,
+        entity_type: &str,
+        key: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<Uuid>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT entity_id FROM duplicate_keys WHERE space_id = ?1 AND entity_type = ?2 AND dup_key = ?3
+             AND at_ms BETWEEN ?4 AND ?5 ORDER BY at_ms, entity_id LIMIT 16",
+        )?;
+        let rows = st.query_map(
+            params![space_id.as_bytes().to_vec(), entity_type, key, from_ms, to_ms],
+            |r| uuid_col(r, 0),
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn put_receipt(&mut self, r: &ReceiptRow) -> StoreResult<()> {

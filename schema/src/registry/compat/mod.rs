@@ -187,14 +187,55 @@ fn compare_types(changes: &mut Changes, old: &EntityType, new: &EntityType) {
                 ),
                 None => changes.compatible(&location, "new optional field"),
             },
-            (Some(o), Some(n)) => compare_fields(changes, &location, o, n),
+            (Some(o), Some(n)) => {
+                compare_fields(changes, &location, o, n);
+                compare_owners(changes, &location, old, new, o, n);
+            }
             (None, None) => {}
+        }
+    }
+    if old.duplicates != new.duplicates {
+        changes.compatible(at, "duplicate key changed (the relay flags new records by the new key)");
+    }
+    if old.request_for != new.request_for {
+        changes.compatible(at, "request_for changed");
+    }
+}
+
+/// A change of owner is breaking only when a role that could write the type before loses the
+/// right to write the field (a device on the old version still writes it and is refused):
+/// passing to `shared`, or to the one class that wrote the type anyway, only narrows who merges
+/// without a prompt. A provisional field made strict refuses people's writes.
+fn compare_owners(changes: &mut Changes, at: &str, old_ty: &EntityType, new_ty: &EntityType, old: &Field, new: &Field) {
+    use crate::registry::Authority;
+    let (was, is) = (old_ty.owner_of(&old.name), new_ty.owner_of(&new.name));
+    let may_write = |class: Authority, owner: Authority, provisional: bool| {
+        owner == Authority::Shared || owner == class || (owner == Authority::Service && provisional)
+    };
+    let loses = |owner: Authority, provisional: bool| {
+        old_ty
+            .write_roles
+            .iter()
+            .filter_map(|r| Authority::of_role(*r))
+            .any(|class| may_write(class, was, old.provisional) && !may_write(class, owner, provisional))
+    };
+    if was != is || old.provisional != new.provisional {
+        let words = if was == is {
+            format!("provisional {} → {}", old.provisional, new.provisional)
+        } else {
+            format!("authority {was} → {is}")
+        };
+        if loses(is, new.provisional) {
+            changes.breaking(
+                at,
+                format!("{words} (devices on the old version may write a field they no longer own)"),
+            );
+        } else {
+            changes.compatible(at, words);
         }
     }
 }
 
-/// The new field an old field was renamed to, when the new schema declares it so and the new
-/// name is really new (not a field the old schema already had).
 fn renamed_target<'a>(old: &EntityType, new: &'a EntityType, old_name: &str) -> Option<&'a Field> {
     new.renamed_field(old_name)
         .filter(|f| !old.fields.contains_key(&f.name))
