@@ -43,6 +43,13 @@ pub enum SyncEvent {
         entity_id: String,
         field: String,
     },
+    /// The relay flagged a record this device created as possibly the same as `duplicate_of`:
+    /// the user merges or keeps both.
+    PossibleDuplicate {
+        entity_type: String,
+        entity_id: String,
+        duplicate_of: String,
+    },
     Connected,
     /// The connection dropped; sync reconnects by itself after `retry_in_ms`.
     Disconnected {
@@ -107,6 +114,15 @@ impl From<ClientEvent> for SyncEvent {
                 entity_type,
                 entity_id: entity_id.to_string(),
                 field,
+            },
+            ClientEvent::Notice(Notice::PossibleDuplicate {
+                entity_type,
+                entity_id,
+                duplicate_of,
+            }) => SyncEvent::PossibleDuplicate {
+                entity_type,
+                entity_id: entity_id.to_string(),
+                duplicate_of: duplicate_of.to_string(),
             },
             ClientEvent::Connected => SyncEvent::Connected,
             ClientEvent::Disconnected { reason, retry_in_ms } => SyncEvent::Disconnected { reason, retry_in_ms },

@@ -92,6 +92,7 @@ impl Device {
     /// survivor (the service's record when one of the two is, so its measured values stay the
     /// service's; else the older record) takes the other's values by field authority, and the
     /// other becomes a tombstone naming the survivor in `merged_into`. Both histories stay.
+    /// Refused while the other record holds a field this app's schema version does not know.
     pub fn merge_duplicate(&mut self, flagged_id: Uuid) -> Result<MergeReport> {
         let flagged_entity = self.live(flagged_id)?;
         let other_id = flagged(&flagged_entity)
@@ -114,6 +115,20 @@ impl Device {
         } else {
             (other_entity, flagged_entity)
         };
+        // A field a newer schema version added would be dropped: the merge could not carry it.
+        if let Some(key) = merged
+            .fields
+            .iter()
+            .find(|(k, v)| !v.is_null() && ty.field(k).is_none())
+            .map(|(k, _)| k)
+        {
+            return Err(PeerError::NotAllowed(format!(
+                "{} holds `{key}`, which this app's schema (version {}) does not know, so a merge \
+                 would lose it; update the app to merge, or keep both",
+                merged.entity_id,
+                self.schema().version()
+            )));
+        }
         let survivor_is_service = is_service_record(&ty, &survivor.fields);
         let took = merged_fields(&ty, &survivor.fields, &merged.fields, survivor_is_service);
         let mut patch = took.clone();

@@ -171,6 +171,13 @@ pub enum Notice {
         entity_id: Uuid,
         field: String,
     },
+    /// The relay flagged a record this device created as possibly the same as another
+    /// (SPEC §17): [`Device::possible_duplicates`] lists it to merge or dismiss.
+    PossibleDuplicate {
+        entity_type: String,
+        entity_id: Uuid,
+        duplicate_of: Uuid,
+    },
 }
 
 impl std::fmt::Debug for Device {
@@ -589,10 +596,9 @@ impl Device {
             schema_version: self.schema.version(),
             relay_schema_version: db::meta_get_u64(&self.conn, keys::RELAY_SCHEMA_VERSION)?,
             relay_behind,
-            possible_duplicates: entity::count_with_field(
+            possible_duplicates: entity::count_open_duplicates(
                 &self.conn,
                 &self.types_where(|t| t.duplicates.is_some()),
-                fieldsync_schema::registry::DUPLICATE_OF,
             )?,
             superseded_requests: entity::count_with_field(
                 &self.conn,

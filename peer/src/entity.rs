@@ -397,3 +397,23 @@ pub(crate) fn count_with_field(conn: &Connection, types: &[&str], field: &str) -
     }
     Ok(total)
 }
+
+/// Live records of the given types flagged as possible duplicates of another live record of
+/// their type: the status's count, the same records [`crate::Device::possible_duplicates`]
+/// lists (a flag whose other record was deleted or merged since leaves nothing to decide).
+pub(crate) fn count_open_duplicates(conn: &Connection, types: &[&str]) -> Result<u64> {
+    let mut total = 0;
+    let path = format!("$.{}", fieldsync_schema::registry::DUPLICATE_OF);
+    for ty in types {
+        let n: i64 = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM entities e JOIN entities o
+                   ON o.entity_id = json_extract(e.fields, ?2)
+                  AND o.entity_type = e.entity_type AND o.deleted = 0
+                 WHERE e.entity_type = ?1 AND e.deleted = 0",
+            )?
+            .query_row(rusqlite::params![ty, path], |r| r.get(0))?;
+        total += u64_of(n);
+    }
+    Ok(total)
+}

@@ -243,8 +243,21 @@ fn a_new_record_matching_a_live_one_is_flagged_and_a_merge_or_dismissal_settles_
         json!({"name": "Morning Run", "activity_type": "run", "started_at": RUN, "avg_hr": 150, "source": "garmin"}),
         T0 + 1,
     );
-    assert_eq!(applied_version(&r.push_one(&mut svc, m)), 1);
+    let m_id = m.mutation_id;
+    let outcome = r.push_one(&mut svc, m.clone());
+    assert!(
+        matches!(outcome, Outcome::Applied { version: 1, duplicate_of: Some(d), .. } if d == manual),
+        "the outcome names the match: {outcome:?}"
+    );
     assert_eq!(r.fields_of(watch)["duplicate_of"], json!(manual.to_string()), "flagged");
+    // A retry is answered from the receipt with the same detail.
+    match r.push_one(&mut svc, m) {
+        Outcome::AlreadyApplied { original } => assert!(
+            matches!(*original, Outcome::Applied { duplicate_of: Some(d), .. } if d == manual),
+            "{original:?}"
+        ),
+        other => panic!("retry of {m_id}: {other:?}"),
+    }
     assert!(
         !r.fields_of(manual).contains_key("duplicate_of"),
         "the older record is left alone"
@@ -256,7 +269,18 @@ fn a_new_record_matching_a_live_one_is_flagged_and_a_merge_or_dismissal_settles_
             json!({"name": "x", "activity_type": kind, "started_at": at}),
             T0 + 2 + i as u64,
         );
-        assert_eq!(applied_version(&r.push_one(&mut phone, m)), 1);
+        let outcome = r.push_one(&mut phone, m);
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Applied {
+                    version: 1,
+                    duplicate_of: None,
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
         assert!(!r.fields_of(other).contains_key("duplicate_of"), "{kind} at {at}");
     }
     // The merge: the watch's record takes the manual RPE, the manual log becomes a tombstone.

@@ -165,6 +165,10 @@ pub enum Outcome {
         /// current value stayed the winner's.
         #[serde(default)]
         lww_lost: Vec<LwwLoss>,
+        /// A new record the relay flagged as possibly the same as this older live one (SPEC
+        /// §17); the flag is also in the record's `duplicate_of`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duplicate_of: Option<Uuid>,
     },
     /// A retry of a mutation the relay already applied; carries the original answer.
     AlreadyApplied {
@@ -335,6 +339,7 @@ mod tests {
         let applied = Outcome::Applied {
             version: 1,
             seq: 9,
+            duplicate_of: None,
             lww_lost: vec![],
         };
         assert_eq!(applied.disposition(), Disposition::Done);

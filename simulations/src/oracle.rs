@@ -35,6 +35,21 @@ pub struct WriteRecord {
     pub counter: Vec<(String, i64)>,
 }
 
+impl WriteRecord {
+    /// The record of a write the device made, or `None` when it queued nothing (no mutation).
+    pub fn of(device: usize, r: &fieldsync_peer::WriteReceipt, counter: Vec<(String, i64)>) -> Option<WriteRecord> {
+        Some(WriteRecord {
+            device,
+            entity_id: r.entity_id,
+            entity_type: r.entity_type.clone(),
+            kind: r.kind,
+            mutation_id: r.mutation_id?,
+            change_hash: r.change_hash.clone()?,
+            counter,
+        })
+    }
+}
+
 pub struct Oracle {
     pub schema: Schema,
     /// Every envelope a device pushed, by mutation id (the latest signed form).

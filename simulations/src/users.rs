@@ -135,17 +135,7 @@ impl World {
                     r.entity_type, r.entity_id, r.mutation_id
                 ),
             );
-            if let (Some(mid), Some(hash)) = (r.mutation_id, r.change_hash.clone()) {
-                self.oracle.writes.push(WriteRecord {
-                    device: i,
-                    entity_id: r.entity_id,
-                    entity_type: r.entity_type.clone(),
-                    kind: r.kind,
-                    mutation_id: mid,
-                    change_hash: hash,
-                    counter: Vec::new(),
-                });
-            }
+            self.oracle.writes.extend(WriteRecord::of(i, &r, Vec::new()));
         }
         if self.opts.wearables {
             self.settle_duplicates(i);

@@ -35,10 +35,22 @@ fn stamp(ms: u64) -> String {
     format!("{}Z", &s[..19])
 }
 
+/// The device's live workouts, the most recently touched first.
 fn workouts(dev: &Device) -> Vec<Uuid> {
-    dev.list("workout", &[], false)
-        .map(|v| v.into_iter().map(|e| e.entity_id).collect())
-        .unwrap_or_default()
+    let mut all = dev.list("workout", &[], false).unwrap_or_default();
+    all.sort_by_key(|e| std::cmp::Reverse(e.updated_at_ms));
+    all.into_iter().map(|e| e.entity_id).collect()
+}
+
+/// A workout to write to: most often one of the few touched last (the run that just ended,
+/// which the watch and the person both write about — the race field authority settles).
+fn pick_workout(rng: &mut ChaCha20Rng, existing: &[Uuid]) -> Option<Uuid> {
+    let recent = &existing[..existing.len().min(3)];
+    if rng.chance(0.6) {
+        rng.pick(recent).copied()
+    } else {
+        rng.pick(existing).copied()
+    }
 }
 
 /// What the watch measured.
@@ -62,11 +74,11 @@ pub fn action(rng: &mut ChaCha20Rng, dev: &Device, role: Role, n: u64, now: u64)
     let started = stamp(now.saturating_sub(rng.between(0, 12) * MINUTE));
     if role == Role::Service {
         let mut fields = measured(rng);
-        return Some(match rng.pick(&existing) {
+        return Some(match pick_workout(rng, &existing) {
             // The watch synced a workout a person started in the app.
             Some(id) if rng.chance(0.45) => Action::Put {
                 ty: "workout",
-                id: Some(*id),
+                id: Some(id),
                 fields: Value::Object(fields),
             },
             // A run the watch recorded; the person may log it by hand too.
@@ -93,13 +105,13 @@ pub fn action(rng: &mut ChaCha20Rng, dev: &Device, role: Role, n: u64, now: u64)
         },
         4..=7 => Action::Put {
             ty: "workout",
-            id: Some(*rng.pick(&existing)?),
+            id: Some(pick_workout(rng, &existing)?),
             fields: json!({"rpe": rng.between(1, 10), "feeling": feeling, "notes": format!("How it felt {n}")}),
         },
         // A person's provisional correction: it stands until the watch's value arrives.
         _ => Action::Put {
             ty: "workout",
-            id: Some(*rng.pick(&existing)?),
+            id: Some(pick_workout(rng, &existing)?),
             fields: json!({"distance_m": rng.between(1_000, 21_000) as f64, "duration_min": rng.between(15, 120)}),
         },
     })
@@ -150,17 +162,7 @@ impl World {
             self.trace.record(now, &format!("dev{i} user: {note}"));
         }
         for r in written {
-            if let (Some(mid), Some(hash)) = (r.mutation_id, r.change_hash.clone()) {
-                self.oracle.writes.push(WriteRecord {
-                    device: i,
-                    entity_id: r.entity_id,
-                    entity_type: r.entity_type.clone(),
-                    kind: r.kind,
-                    mutation_id: mid,
-                    change_hash: hash,
-                    counter: Vec::new(),
-                });
-            }
+            self.oracle.writes.extend(WriteRecord::of(i, &r, Vec::new()));
         }
     }
 

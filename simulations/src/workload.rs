@@ -407,17 +407,9 @@ impl World {
                 {
                     self.track_field_values(r.entity_id, &r.entity_type, &action, mid);
                 }
-                if let (Some(mid), Some(hash)) = (r.mutation_id, r.change_hash.clone()) {
-                    self.oracle.writes.push(WriteRecord {
-                        device: i,
-                        entity_id: r.entity_id,
-                        entity_type: r.entity_type.clone(),
-                        kind: r.kind,
-                        mutation_id: mid,
-                        change_hash: hash,
-                        counter: counter_effect(&action, r.kind),
-                    });
-                }
+                self.oracle
+                    .writes
+                    .extend(WriteRecord::of(i, &r, counter_effect(&action, r.kind)));
                 let d = &mut self.devices[i];
                 if d.conn.is_some()
                     && let Some(dev) = d.dev.as_mut()

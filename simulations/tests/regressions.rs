@@ -120,3 +120,31 @@ fn cluster_upgrades_seed_7_a_relay_crashed_mid_rollout_comes_back_on_the_deploye
     assert!(report.ok() && report.converged, "{}", report.render());
     assert_eq!(report.stats.relay_upgrades, 2);
 }
+
+/// A swarm shape with the upgrade and wearables workloads: a person on an app still on schema
+/// v1 merged a duplicate workout that another device had given a `location` (a v2 field); the
+/// merge copied only the fields v1 knows, so the survivor lost the location. A merge is now
+/// refused while the other record holds a field the app's schema does not know.
+#[test]
+fn swarm_seed_39669558945314164_a_merge_on_an_older_schema_loses_no_newer_field() {
+    let options = SimOptions::swarm(39669558945314164, fieldsync_simulations::SwarmBounds::CI);
+    assert!(options.wearables && options.upgrades, "the shape it was found in");
+    let report = run(options, None, false).unwrap();
+    assert!(report.ok() && report.converged, "{}", report.render());
+    assert!(report.stats.duplicates_merged > 0);
+}
+
+/// A hunt-scale swarm shape with the wearables workload: a flagged workout whose match was
+/// merged away meanwhile stayed counted in `status` as a possible duplicate while the list
+/// (rightly) showed nothing to decide, so the device never looked settled. The count is now
+/// the list's: flags whose other record is still live.
+#[test]
+fn swarm_seed_1796523903038_a_flag_whose_match_was_merged_away_is_not_counted() {
+    let report = run(
+        SimOptions::swarm(1796523903038, fieldsync_simulations::SwarmBounds::HUNT),
+        None,
+        false,
+    )
+    .unwrap();
+    assert!(report.ok() && report.converged, "{}", report.render());
+}

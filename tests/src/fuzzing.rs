@@ -412,6 +412,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                     outcome: Outcome::Applied {
                         version: 1,
                         seq: 1,
+                        duplicate_of: None,
                         lww_lost: Vec::new(),
                     },
                 }],

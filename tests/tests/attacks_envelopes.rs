@@ -356,6 +356,7 @@ fn replayed_and_tampered_envelopes_are_refused_and_never_applied_twice() {
             original: Box::new(Outcome::Applied {
                 version,
                 seq,
+                duplicate_of: None,
                 lww_lost: Vec::new(),
             }),
         };

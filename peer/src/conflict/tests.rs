@@ -31,6 +31,7 @@ pub(super) fn applied(id: Uuid, version: u64) -> MutationResult {
         outcome: Outcome::Applied {
             version,
             seq: version,
+            duplicate_of: None,
             lww_lost: vec![],
         },
     }

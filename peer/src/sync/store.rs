@@ -77,17 +77,25 @@ impl Device {
                     let (version, _) = r.outcome.applied().unwrap_or((0, 0));
                     outbox::mark_applied(&tx, r.mutation_id, &r.outcome, version)?;
                     entity::learn_relay_version(&tx, item.entity_id, version)?;
-                    let losses = match &r.outcome {
-                        Outcome::Applied { lww_lost, .. } => lww_lost.as_slice(),
-                        Outcome::AlreadyApplied { original } => match original.as_ref() {
-                            Outcome::Applied { lww_lost, .. } => lww_lost.as_slice(),
-                            _ => &[],
-                        },
-                        _ => &[],
+                    let applied = match &r.outcome {
+                        Outcome::AlreadyApplied { original } => original.as_ref(),
+                        other => other,
                     };
-                    for loss in losses {
-                        lww::record_loss(&tx, loss, now_ms)?;
-                        notices.push(loss_notice(loss));
+                    if let Outcome::Applied {
+                        lww_lost, duplicate_of, ..
+                    } = applied
+                    {
+                        for loss in lww_lost {
+                            lww::record_loss(&tx, loss, now_ms)?;
+                            notices.push(loss_notice(loss));
+                        }
+                        if let Some(other) = duplicate_of {
+                            notices.push(Notice::PossibleDuplicate {
+                                entity_type: item.entity_type.clone(),
+                                entity_id: item.entity_id,
+                                duplicate_of: *other,
+                            });
+                        }
                     }
                     settle_entity(&tx, item.entity_id)?;
                     tally.applied += 1;

@@ -58,6 +58,7 @@ fn applied(id: Uuid, version: u64) -> MutationResult {
         outcome: Outcome::Applied {
             version,
             seq: version,
+            duplicate_of: None,
             lww_lost: vec![],
         },
     }
@@ -541,6 +542,7 @@ fn lww_values_lost_on_arrival_are_listed_on_this_device() {
             original: Box::new(Outcome::Applied {
                 version: 4,
                 seq: 9,
+                duplicate_of: None,
                 lww_lost: vec![loss.clone()],
             }),
         },
@@ -550,4 +552,43 @@ fn lww_values_lost_on_arrival_are_listed_on_this_device() {
     let e = f.dev.get(s.entity_id).unwrap().unwrap();
     assert_eq!((e.relay_version, e.sync_state), (4, SyncState::Synced));
     assert_eq!(f.dev.outbox_item(ids[0]).unwrap().unwrap().applied_version, Some(4));
+}
+
+/// The relay's answer names the older record a new one may duplicate: the app hears of it as
+/// a notice, also when the answer comes from a receipt (a retry).
+#[test]
+fn an_applied_answer_naming_a_possible_duplicate_becomes_a_notice() {
+    let mut f = enrolled(41);
+    let p = f.patient("logged twice");
+    let ids = queue_ids(&f);
+    let mut m = SyncMachine::default();
+    let (batch, sent) = push_of(&connect(&mut m, &mut f, 10));
+    assert_eq!(sent, ids);
+    let flagged = Outcome::Applied {
+        version: 1,
+        seq: 1,
+        lww_lost: vec![],
+        duplicate_of: Some(OTHER),
+    };
+    let _ = f.dev.take_notices();
+    m.handle(
+        &mut f.dev,
+        SyncInput::Message(RelayMessage::PushResult {
+            batch_id: batch,
+            results: vec![MutationResult {
+                mutation_id: sent[0],
+                outcome: Outcome::AlreadyApplied {
+                    original: Box::new(flagged),
+                },
+            }],
+        }),
+    )
+    .unwrap();
+    let notices = f.dev.take_notices();
+    assert!(
+        notices.iter().any(|n| matches!(n,
+            crate::Notice::PossibleDuplicate { entity_type, entity_id, duplicate_of }
+                if entity_type == "patient" && *entity_id == p && *duplicate_of == OTHER)),
+        "{notices:?}"
+    );
 }

@@ -242,3 +242,164 @@ pub fn duplicate_key(ty: &EntityType, fields: &Map<String, Value>) -> Option<(St
     };
     Some((Value::Array(same).to_string(), at_ms))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Schema;
+    use serde_json::json;
+
+    fn workout() -> EntityType {
+        Schema::default_schema().entity_type("workout").cloned().unwrap()
+    }
+
+    fn keys(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn puts(names: &[&str]) -> RootOps {
+        RootOps {
+            puts: keys(names),
+            ..RootOps::default()
+        }
+    }
+
+    #[test]
+    fn each_side_writes_its_own_fields_and_a_provisional_one() {
+        let ty = workout();
+        assert_eq!(put_refusal(&ty, Role::Patient, "rpe"), None);
+        assert_eq!(put_refusal(&ty, Role::Service, "avg_hr"), None);
+        assert_eq!(put_refusal(&ty, Role::Service, "name"), None, "shared");
+        assert_eq!(put_refusal(&ty, Role::Patient, "distance_m"), None, "provisional");
+        let refused = put_refusal(&ty, Role::Patient, "avg_hr").unwrap();
+        assert!(refused.contains("owned by the service"), "{refused}");
+        assert!(put_refusal(&ty, Role::Service, "feeling").is_some());
+        assert_eq!(
+            put_refusal(&ty, Role::Admin, "avg_hr"),
+            None,
+            "an operator corrects any field"
+        );
+    }
+
+    #[test]
+    fn the_duplicate_bookkeeping_is_never_put_by_a_device() {
+        let ty = workout();
+        for role in [Role::Admin, Role::Service, Role::Patient] {
+            assert!(put_refusal(&ty, role, DUPLICATE_OF).is_some());
+            assert!(put_refusal(&ty, role, MERGED_INTO).is_some());
+        }
+    }
+
+    #[test]
+    fn clearing_the_flag_or_merging_by_delete_is_allowed_but_a_put_hidden_in_a_delete_is_not() {
+        let ty = workout();
+        let clear = RootOps {
+            deletes: keys(&[DUPLICATE_OF]),
+            ..RootOps::default()
+        };
+        assert_eq!(ownership_refusal(&ty, Role::Patient, &clear, false), None);
+        assert_eq!(ownership_refusal(&ty, Role::Patient, &puts(&[MERGED_INTO]), true), None);
+        assert!(ownership_refusal(&ty, Role::Patient, &puts(&[MERGED_INTO]), false).is_some());
+        // A change set that both deletes and puts the flag (carried changes of a resolution)
+        // still puts it.
+        let both = RootOps {
+            puts: keys(&[DUPLICATE_OF]),
+            deletes: keys(&[DUPLICATE_OF]),
+            ..RootOps::default()
+        };
+        assert!(ownership_refusal(&ty, Role::Patient, &both, true).is_some());
+        assert!(ownership_refusal(&ty, Role::Patient, &puts(&["rpe", "avg_hr"]), false).is_some());
+        assert_eq!(
+            ownership_refusal(&ty, Role::Service, &puts(&["avg_hr", "name"]), false),
+            None
+        );
+    }
+
+    #[test]
+    fn disjoint_owners_merge_and_overlapping_or_shared_fields_prompt() {
+        let ty = workout();
+        let merges = |role, touched: &[&str], concurrent: &[&str]| {
+            merges_without_prompt(&ty, role, &keys(touched), &keys(concurrent))
+        };
+        assert!(merges(Role::Patient, &["rpe", "notes"], &["avg_hr", "distance_m"]));
+        assert!(merges(Role::Service, &["avg_hr"], &["feeling"]));
+        // The service's value overrides a person's provisional one.
+        assert!(merges(Role::Service, &["distance_m"], &["distance_m"]));
+        assert!(!merges(Role::Patient, &["rpe"], &["rpe"]), "the same user field twice");
+        assert!(
+            !merges(Role::Patient, &["distance_m"], &["avg_hr"]),
+            "not the writer's own field"
+        );
+        assert!(!merges(Role::Patient, &["rpe"], &["name"]), "shared fields stay gated");
+        assert!(
+            !merges(Role::Patient, &["rpe"], &["_deleted"]),
+            "a delete is never merged past"
+        );
+        assert!(
+            !merges(Role::Admin, &["rpe"], &["avg_hr"]),
+            "an operator's writes are gated"
+        );
+        // A dismissal agrees with anything.
+        assert!(merges(Role::Patient, &[DUPLICATE_OF], &["name", DUPLICATE_OF]));
+        assert!(merges(Role::Patient, &["rpe"], &[DUPLICATE_OF]));
+        // A type without authority keeps gated semantics.
+        let plan = Schema::default_schema().entity_type("progression").cloned().unwrap();
+        assert!(!merges_without_prompt(
+            &plan,
+            Role::Patient,
+            &keys(&["target_reps"]),
+            &keys(&["effective_date"])
+        ));
+    }
+
+    #[test]
+    fn a_merge_takes_measurements_from_the_watch_and_feelings_from_the_manual_log() {
+        let ty = workout();
+        let watch = json!({"name": "Watch run", "activity_type": "run", "distance_m": 5012.5, "avg_hr": 150,
+            "duplicate_of": "00000000-0000-0000-0000-000000000001"});
+        let manual = json!({"name": "Morning run", "activity_type": "run", "distance_m": 5000.0, "rpe": 7.0,
+            "feeling": "good"});
+        let (watch, manual) = (watch.as_object().unwrap(), manual.as_object().unwrap());
+        assert!(is_service_record(&ty, watch));
+        assert!(
+            !is_service_record(&ty, manual),
+            "a provisional distance makes no service record"
+        );
+        let onto_watch = merged_fields(&ty, watch, manual, true);
+        assert_eq!(
+            onto_watch,
+            json!({"rpe": 7.0, "feeling": "good"}).as_object().unwrap().clone()
+        );
+        let onto_manual = merged_fields(&ty, manual, watch, false);
+        assert_eq!(
+            onto_manual,
+            json!({"distance_m": 5012.5, "avg_hr": 150})
+                .as_object()
+                .unwrap()
+                .clone(),
+            "the survivor's shared name stays; the flag is not copied"
+        );
+    }
+
+    #[test]
+    fn a_duplicate_key_compares_same_fields_and_a_time() {
+        let ty = workout();
+        let at = |s: &str| {
+            json!({"activity_type": "run", "started_at": s})
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        let (k1, t1) = duplicate_key(&ty, &at("2026-03-01T07:00:00Z")).unwrap();
+        let (k2, t2) = duplicate_key(&ty, &at("2026-03-01T07:09:00Z")).unwrap();
+        assert_eq!(k1, k2);
+        assert_eq!(t2 - t1, 9 * 60 * 1000);
+        let no_type = json!({"started_at": "2026-03-01T07:00:00Z"})
+            .as_object()
+            .unwrap()
+            .clone();
+        assert_eq!(duplicate_key(&ty, &no_type), None);
+        let plan = Schema::default_schema().entity_type("progression").cloned().unwrap();
+        assert_eq!(duplicate_key(&plan, &at("2026-03-01T07:00:00Z")), None);
+    }
+}

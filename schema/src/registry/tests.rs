@@ -310,3 +310,70 @@ fields.status = { type = "enum", values = ["open", "closed"], required = true, d
     assert_eq!(visit.renamed_field("name").map(|f| f.name.as_str()), Some("title"));
     assert!(!Schema::default_schema().has_migrations());
 }
+
+#[test]
+fn field_authority_parses_and_names_what_is_missing() {
+    let ok = Schema::from_toml_str(
+        r#"
+        [types.run]
+        policy = "gated"
+        write = ["patient", "service"]
+        duplicates = { same = ["kind"], near = "at", within_minutes = 5 }
+        fields.kind = { type = "string", authority = "shared" }
+        fields.at = { type = "timestamp", authority = "shared" }
+        fields.hr = { type = "int", authority = "service" }
+        fields.km = { type = "float", authority = "service", provisional = true }
+        fields.feel = { type = "string" }
+        fields.duplicate_of = { type = "ref", to = "run" }
+        fields.merged_into = { type = "ref", to = "run" }
+        "#,
+    )
+    .unwrap();
+    let run = ok.entity_type("run").unwrap();
+    assert!(run.has_authority());
+    assert_eq!(run.owner_of("hr"), Authority::Service);
+    assert_eq!(
+        run.owner_of("feel"),
+        Authority::User,
+        "people own what is not annotated"
+    );
+    assert!(run.field("km").unwrap().provisional);
+    assert_eq!(run.duplicates.as_ref().unwrap().within_minutes, 5);
+
+    let base = |policy: &str, write: &str, extra: &str| {
+        format!(
+            "[types.run]\npolicy = \"{policy}\"\nwrite = [{write}]\nfields.at = {{ type = \"timestamp\" }}\n\
+             fields.hr = {{ type = \"int\", authority = \"service\" }}\n{extra}"
+        )
+    };
+    let e = err(&base("lww", "\"patient\", \"service\"", ""));
+    assert!(e.contains("type `run`") && e.contains("for `gated` types"), "{e}");
+    let e = err(&base("gated", "\"patient\"", ""));
+    assert!(e.contains("needs `service` among its `write` roles"), "{e}");
+    let e = err(&base(
+        "gated",
+        "\"service\"",
+        "fields.x = { type = \"int\", authority = \"machine\" }\n",
+    ));
+    assert!(e.contains("field `x`") && e.contains("machine"), "{e}");
+    let dup = "duplicates = { same = [\"hr\"], near = \"hr\", within_minutes = 5 }\n";
+    let e = err(&base("gated", "\"service\"", dup));
+    assert!(
+        e.contains("`duplicates.near` (`hr`) must be a timestamp or date field"),
+        "{e}"
+    );
+    let dup = "duplicates = { same = [\"kind\"], near = \"at\", within_minutes = 5 }\n";
+    let e = err(&base("gated", "\"service\"", dup));
+    assert!(e.contains("`duplicates` names `kind`"), "{e}");
+    let dup = "duplicates = { same = [\"hr\"], near = \"at\", within_minutes = 5 }\n";
+    let e = err(&base("gated", "\"service\"", dup));
+    assert!(e.contains("needs a field `duplicate_of`"), "{e}");
+    let e = err(&base("gated", "\"service\"", "request_for = \"plan\"\n"));
+    assert!(e.contains("needs a field `superseded_at`"), "{e}");
+    let superseded = "request_for = \"plan\"\n\
+        fields.superseded_at = { type = \"timestamp\", authority = \"service\" }\n\
+        fields.superseded_by_version = { type = \"int\", authority = \"service\" }\n\
+        fields.superseded_notice = { type = \"string\", authority = \"service\" }\n";
+    let e = err(&base("gated", "\"service\"", superseded));
+    assert!(e.contains("`request_for` names unknown type `plan`"), "{e}");
+}

@@ -413,7 +413,9 @@ fn bytes_size(b: &[Bytes]) -> usize {
 
 fn outcome_size(o: &Outcome) -> usize {
     64 + match o {
-        Outcome::Applied { lww_lost, .. } => lww_lost.iter().map(loss_size).sum(),
+        Outcome::Applied {
+            lww_lost, duplicate_of, ..
+        } => lww_lost.iter().map(loss_size).sum::<usize>() + duplicate_of.map_or(0, |_| 64),
         Outcome::AlreadyApplied { original } => outcome_size(original),
         Outcome::Conflict {
             server_changes,

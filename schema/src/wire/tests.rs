@@ -124,12 +124,14 @@ fn every_relay_message() -> Vec<RelayMessage> {
         Outcome::Applied {
             version: 2,
             seq: 10,
+            duplicate_of: None,
             lww_lost: vec![loss()],
         },
         Outcome::AlreadyApplied {
             original: Box::new(Outcome::Applied {
                 version: 2,
                 seq: 10,
+                duplicate_of: None,
                 lww_lost: vec![],
             }),
         },

@@ -177,6 +177,13 @@ fn notice_line(notice: &Notice) -> String {
         } => {
             format!("overridden: {entity_type} {entity_id} {field} (see `fieldsync-peer conflicts --lww`)")
         }
+        Notice::PossibleDuplicate {
+            entity_type,
+            entity_id,
+            duplicate_of,
+        } => {
+            format!("possible duplicate: {entity_type} {entity_id} of {duplicate_of} (see `fieldsync-peer duplicates`)")
+        }
     }
 }
 

@@ -195,6 +195,7 @@ fn an_lww_loss_is_undone_by_a_new_write_within_24_hours_and_refused_after() {
             outcome: Outcome::Applied {
                 version: 3,
                 seq: 3,
+                duplicate_of: None,
                 lww_lost: vec![
                     loss("units", json!("kg"), json!("st")),
                     loss("notifications", json!(true), json!(false)),

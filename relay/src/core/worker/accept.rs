@@ -13,6 +13,7 @@ use fieldsync_schema::{
     Rule,
 };
 use serde_json::{Map, Value};
+use uuid::Uuid;
 
 use super::checks::{kind_errors, ref_errors, sender_refusal, signature_errors, structural_errors};
 use super::lww::{self, LwwInput};
@@ -130,18 +131,24 @@ impl<S: SpaceStore> SpaceWorker<S> {
         let stored: Outcome = ciborium::from_reader(receipt.outcome.as_slice())
             .map_err(|e| StoreError::Corrupt(format!("receipt {}: {e}", m.mutation_id)))?;
         Ok(match stored {
-            Outcome::Applied { version, seq, lww_lost } => Outcome::AlreadyApplied {
-                original: Box::new(Outcome::Applied {
-                    version,
-                    seq,
-                    // Loss records carry the winner's value: only for a current member.
-                    lww_lost: if member && binding == ReceiptMatch::Exact {
-                        lww_lost
-                    } else {
-                        Vec::new()
-                    },
-                }),
-            },
+            Outcome::Applied {
+                version,
+                seq,
+                lww_lost,
+                duplicate_of,
+            } => {
+                // Loss records carry the winner's value, a flag names another record: only for
+                // a current member, and only for the envelope the receipt was written for.
+                let disclose = member && binding == ReceiptMatch::Exact;
+                Outcome::AlreadyApplied {
+                    original: Box::new(Outcome::Applied {
+                        version,
+                        seq,
+                        lww_lost: if disclose { lww_lost } else { Vec::new() },
+                        duplicate_of: duplicate_of.filter(|_| disclose),
+                    }),
+                }
+            }
             Outcome::AlreadyApplied { .. } => stored,
             Outcome::Conflict { .. } if !member => forbidden("the user is not a member of this space"),
             Outcome::Conflict {
@@ -339,6 +346,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
             extra_changes,
             lww_plan,
             after,
+            duplicate_of,
         } = match applied {
             Ok(ok) => ok,
             Err(ApplyError::Rejected(outcome)) => {
@@ -362,6 +370,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
             before_signed,
             before_heads: &before_heads,
             after,
+            duplicate_of,
             now_ms,
             group,
         })
@@ -593,9 +602,11 @@ impl<S: SpaceStore> SpaceWorker<S> {
             return Err(ApplyError::Rejected(Outcome::Invalid { errors }));
         }
         let mut after = after;
-        self.index_duplicates(ty, m, doc, &mut after, &mut extra, now_ms)
+        let duplicate_of = self
+            .index_duplicates(ty, m, doc, &mut after, &mut extra, now_ms)
             .map_err(ApplyError::Store)?;
         Ok(Validated {
+            duplicate_of,
             extra_changes: extra,
             lww_plan: plan,
             after,
@@ -615,6 +626,8 @@ struct Validated {
     lww_plan: Option<lww::LwwPlan>,
     /// The entity's fields after the mutation.
     after: Map<String, Value>,
+    /// The older record a new one was flagged as possibly duplicating.
+    duplicate_of: Option<Uuid>,
 }
 
 /// What the writer built on: the dependencies of its changes outside the mutation itself.

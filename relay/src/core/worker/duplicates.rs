@@ -8,13 +8,15 @@ use automerge::Change;
 use fieldsync_schema::registry::{DUPLICATE_OF, duplicate_key};
 use fieldsync_schema::{EntityDoc, EntityType, Mutation, MutationKind};
 use serde_json::{Map, Value};
+use uuid::Uuid;
 
 use super::SpaceWorker;
 use crate::store::{DuplicateKeyRow, SpaceStore, StoreError};
 
 impl<S: SpaceStore> SpaceWorker<S> {
     /// Keeps the index current for the record `m` wrote and flags a new record that matches
-    /// an older live one. `after` and `extra` receive the flag when one is written.
+    /// an older live one. `after` and `extra` receive the flag when one is written; the
+    /// flagged record's match is returned (for the `Applied` outcome).
     pub(super) fn index_duplicates(
         &mut self,
         ty: &EntityType,
@@ -23,10 +25,11 @@ impl<S: SpaceStore> SpaceWorker<S> {
         after: &mut Map<String, Value>,
         extra: &mut Vec<Change>,
         now_ms: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Uuid>, StoreError> {
         let Some(window) = ty.duplicates.as_ref().map(|d| i64::from(d.within_minutes) * 60_000) else {
-            return Ok(());
+            return Ok(None);
         };
+        let mut flagged = None;
         let key = if doc.is_deleted() {
             None
         } else {
@@ -47,6 +50,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
                     extra.push(change);
                 }
                 after.extend(flag);
+                flagged = Some(other);
                 tracing::debug!(entity = %m.entity_id, %other, "possible duplicate flagged");
             }
         }
@@ -56,6 +60,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
             entity_type: ty.name.clone(),
             at_ms: key.as_ref().map_or(0, |k| k.1),
             key: key.map(|k| k.0),
-        })
+        })?;
+        Ok(flagged)
     }
 }

@@ -6,6 +6,7 @@ use automerge::{Change, ChangeHash};
 use fieldsync_schema::wire::FeedPayload;
 use fieldsync_schema::{EntityDoc, FeedEntry, Mutation, MutationKind, Origin, Outcome, Policy};
 use serde_json::{Map, Value};
+use uuid::Uuid;
 
 use super::accept::{cbor, to_bytes};
 use super::archive;
@@ -29,6 +30,8 @@ pub(super) struct WriteApplied<'a> {
     pub(super) before_heads: &'a [ChangeHash],
     /// The fields after the mutation, as validated.
     pub(super) after: Map<String, Value>,
+    /// The older record a new one was flagged as possibly duplicating (SPEC §17).
+    pub(super) duplicate_of: Option<Uuid>,
     pub(super) now_ms: u64,
     pub(super) group: &'a mut Group,
 }
@@ -47,6 +50,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
             before_signed,
             before_heads,
             after,
+            duplicate_of,
             now_ms,
             group,
         } = w;
@@ -194,6 +198,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
             version,
             seq,
             lww_lost: lost,
+            duplicate_of,
         })
     }
 }

@@ -302,6 +302,11 @@ impl Conn {
         if self.in_transaction.get() || !self.client.borrow().is_closed() {
             return Ok(());
         }
+        self.reconnect()
+    }
+
+    /// Replaces the connection unconditionally (it is known to be gone).
+    fn reconnect(&self) -> StoreResult<()> {
         let fresh = connect(&self.url)?;
         tracing::warn!(url = %redact(&self.url), "the PostgreSQL connection was lost; connected again");
         *self.client.borrow_mut() = fresh;
@@ -315,11 +320,12 @@ impl Conn {
     /// it is safe to send again.
     fn begin(&self, sql: &str) -> StoreResult<()> {
         self.revive()?;
-        if let Err(e) = self.batch(sql) {
-            if !self.client.borrow().is_closed() {
-                return Err(e);
+        let first = self.client.borrow_mut().batch_execute(sql);
+        if let Err(e) = first {
+            if !connection_lost(&e) && !self.client.borrow().is_closed() {
+                return Err(e.into());
             }
-            self.revive()?;
+            self.reconnect()?;
             self.batch(sql)?;
         }
         self.in_transaction.set(true);
@@ -366,6 +372,14 @@ impl Conn {
     fn batch(&self, sql: &str) -> StoreResult<()> {
         Ok(self.client.borrow_mut().batch_execute(sql)?)
     }
+}
+
+/// Whether `e` says the server's end of the connection is gone: closed, or ended by the
+/// server (`57P01` admin shutdown — `pg_terminate_backend` or a restart — `57P02` crash
+/// shutdown, `57P03` cannot connect now). The client may not have marked itself closed yet
+/// when the server's last message was such an error.
+fn connection_lost(e: &postgres::Error) -> bool {
+    e.is_closed() || e.code().is_some_and(|c| c.code().starts_with("57P"))
 }
 
 #[cfg(test)]
