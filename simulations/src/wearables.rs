@@ -8,7 +8,7 @@
 //! wrote a field the other owns; no workout holds concurrent values of a field (the service's
 //! write over a person's provisional value was settled); every flagged duplicate was merged or
 //! dismissed; a merged-away record's values are all in its survivor (unless a person resolved
-//! a conflict on the survivor since: the choice they made may drop a value).
+//! a conflict on either since: the choice they made may drop a value).
 
 use std::collections::BTreeMap;
 
@@ -279,8 +279,10 @@ impl World {
                     _ => break,
                 }
             }
-            if self.oracle.resolved.contains(&survivor) {
-                continue; // a person resolved a conflict on the survivor: their choice may drop a value
+            if self.oracle.resolved.contains(&survivor) || self.oracle.resolved.contains(id) {
+                // A person resolved a conflict on the survivor, or an edit that met the merge's
+                // tombstone (delete versus edit): the choice they made may drop a value.
+                continue;
             }
             let Some((false, kept)) = snapshot.get(&survivor) else {
                 problems.push((

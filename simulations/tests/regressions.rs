@@ -148,3 +148,19 @@ fn swarm_seed_1796523903038_a_flag_whose_match_was_merged_away_is_not_counted() 
     .unwrap();
     assert!(report.ok() && report.converged, "{}", report.render());
 }
+
+/// A hunt-scale swarm shape with the wearables workload: a person's offline edit of a workout
+/// met the tombstone of a merge made meanwhile on another device (delete versus edit), and
+/// they resolved it on the tombstone; the no-value-lost check blamed the merge for the value
+/// the person's resolution kept there. It now exempts a resolution on either record, as it
+/// did one on the survivor.
+#[test]
+fn swarm_seed_1796528839074_an_edit_resolved_on_a_merged_away_record_is_the_persons_choice() {
+    let report = run(
+        SimOptions::swarm(1796528839074, fieldsync_simulations::SwarmBounds::HUNT),
+        None,
+        false,
+    )
+    .unwrap();
+    assert!(report.ok() && report.converged, "{}", report.render());
+}
