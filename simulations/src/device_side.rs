@@ -262,12 +262,12 @@ impl World {
 
     /// After a write or an answer: if the device is now blocked, its user will look at it.
     pub fn after_device_activity(&mut self, i: usize) {
-        let blocked = self.devices[i]
+        let needs_user = self.devices[i]
             .dev
             .as_ref()
             .and_then(|d| d.status().ok())
-            .is_some_and(|s| s.blocked.is_some());
-        if (blocked || self.has_open_duplicates(i)) && !self.devices[i].resolve_scheduled {
+            .is_some_and(|s| s.blocked.is_some() || self.has_open_duplicates(i, &s));
+        if needs_user && !self.devices[i].resolve_scheduled {
             self.devices[i].resolve_scheduled = true;
             let delay = if self.healing {
                 self.rng.users.between(SECOND, 60 * SECOND)
@@ -310,8 +310,7 @@ impl World {
             && s.idle
             && dev
                 .status()
-                .map(|st| st.unsynced == 0 && st.blocked.is_none())
+                .map(|st| st.unsynced == 0 && st.blocked.is_none() && !self.has_open_duplicates(i, &st))
                 .unwrap_or(false)
-            && !self.has_open_duplicates(i)
     }
 }

@@ -68,8 +68,8 @@ pub struct Oracle {
     pub field_values: BTreeMap<(Uuid, String), Vec<(serde_json::Value, Uuid)>>,
     /// Entities a user resolved a conflict or rejection on (a resolution may drop a value).
     pub resolved: BTreeSet<Uuid>,
-    /// The device and the fields of each applied version of a record, by (entity, version):
-    /// what a stale write on a type with field authority merged with.
+    /// The device and the fields of each applied version of a record of a type with field
+    /// authority, by (entity, version): what a stale write on it merged with.
     pub touched: BTreeMap<(Uuid, u64), (usize, BTreeSet<String>)>,
 }
 
@@ -160,18 +160,29 @@ impl World {
         };
         let policy = self.oracle.schema.entity_type(&m.entity_type).map(|t| t.policy);
         let entity = Some(m.entity_id.to_string());
-        let touched = m
-            .changes
-            .iter()
-            .map(|b| parse_change(b.as_ref()))
-            .collect::<Result<Vec<_>, _>>()
-            .ok()
-            .and_then(|changes| RootOps::of(&changes).ok())
-            .map(|ops| ops.touched())
-            .unwrap_or_default();
-        self.oracle
-            .touched
-            .insert((m.entity_id, version), (device, touched.clone()));
+        // Only types with field authority are judged by what their versions touched.
+        let authority = self
+            .oracle
+            .schema
+            .entity_type(&m.entity_type)
+            .is_some_and(|t| t.has_authority());
+        let touched = if authority {
+            let touched = m
+                .changes
+                .iter()
+                .map(|b| parse_change(b.as_ref()))
+                .collect::<Result<Vec<_>, _>>()
+                .ok()
+                .and_then(|changes| RootOps::of(&changes).ok())
+                .map(|ops| ops.touched())
+                .unwrap_or_default();
+            self.oracle
+                .touched
+                .insert((m.entity_id, version), (device, touched.clone()));
+            touched
+        } else {
+            BTreeSet::new()
+        };
         // Invariant 6: a gated write is applied only on the version it was built on — or, on
         // a type with field authority, on a stale base whose unseen versions it merges with
         // without a prompt (SPEC §17), judged here from the versions' own envelopes.
@@ -195,11 +206,6 @@ impl World {
             ))
         };
         // (A version the oracle never saw applied, its answer lost with a relay, cannot be judged.)
-        let authority = self
-            .oracle
-            .schema
-            .entity_type(&m.entity_type)
-            .is_some_and(|t| t.has_authority());
         let judged = if authority {
             merges()
         } else {

@@ -166,15 +166,10 @@ impl World {
         }
     }
 
-    /// Whether device `i` belongs to a person with possible duplicates to settle.
-    pub(crate) fn has_open_duplicates(&self, i: usize) -> bool {
-        self.opts.wearables
-            && USERS[self.devices[i].user].role != Role::Service
-            && self.devices[i]
-                .dev
-                .as_ref()
-                .and_then(|d| d.status().ok())
-                .is_some_and(|s| s.possible_duplicates > 0)
+    /// Whether device `i`, whose status is `status`, belongs to a person with possible
+    /// duplicates to settle.
+    pub(crate) fn has_open_duplicates(&self, i: usize, status: &fieldsync_peer::Status) -> bool {
+        self.opts.wearables && USERS[self.devices[i].user].role != Role::Service && status.possible_duplicates > 0
     }
 
     /// The workload's invariants, on the relay's documents after healing and draining.
@@ -206,10 +201,7 @@ impl World {
                 for key in ops.puts.iter().chain(ops.makes.keys()) {
                     let Some(field) = ty.field(key) else { continue };
                     let owner = ty.owner_of(key);
-                    let allowed = owner == Authority::Shared
-                        || owner == class
-                        || (owner == Authority::Service && field.provisional)
-                        || (key == MERGED_INTO);
+                    let allowed = class.may_write(owner, field.provisional) || key == MERGED_INTO;
                     if !allowed || key == DUPLICATE_OF {
                         problems.push((
                             "authority",

@@ -52,6 +52,12 @@ impl Authority {
             Role::Clinician | Role::Assistant | Role::Patient => Some(Authority::User),
         }
     }
+
+    /// Whether a writer of this class may put a field `owner` owns: a shared field, its own,
+    /// or a service field that is `provisional` (a person's value until the service writes).
+    pub fn may_write(self, owner: Authority, provisional: bool) -> bool {
+        owner == Authority::Shared || owner == self || (owner == Authority::Service && provisional)
+    }
 }
 
 impl std::fmt::Display for Authority {
@@ -100,15 +106,13 @@ pub fn put_refusal(ty: &EntityType, role: Role, key: &str) -> Option<String> {
     }
     let class = Authority::of_role(role)?; // admin corrects any field
     let field = ty.field(key)?;
-    match ty.owner_of(&field.name) {
-        Authority::Shared => None,
-        owner if owner == class => None,
-        Authority::Service if field.provisional => None,
-        owner => Some(format!(
+    let owner = ty.owner_of(&field.name);
+    (!class.may_write(owner, field.provisional)).then(|| {
+        format!(
             "`{key}` of `{}` is owned by the {owner} (authority = \"{owner}\"); role `{role}` may not write it",
             ty.name
-        )),
-    }
+        )
+    })
 }
 
 /// Why a write whose changes do `ops` may not be accepted from `role` (the device refuses it

@@ -209,15 +209,12 @@ fn compare_types(changes: &mut Changes, old: &EntityType, new: &EntityType) {
 fn compare_owners(changes: &mut Changes, at: &str, old_ty: &EntityType, new_ty: &EntityType, old: &Field, new: &Field) {
     use crate::registry::Authority;
     let (was, is) = (old_ty.owner_of(&old.name), new_ty.owner_of(&new.name));
-    let may_write = |class: Authority, owner: Authority, provisional: bool| {
-        owner == Authority::Shared || owner == class || (owner == Authority::Service && provisional)
-    };
     let loses = |owner: Authority, provisional: bool| {
         old_ty
             .write_roles
             .iter()
             .filter_map(|r| Authority::of_role(*r))
-            .any(|class| may_write(class, was, old.provisional) && !may_write(class, owner, provisional))
+            .any(|class| class.may_write(was, old.provisional) && !class.may_write(owner, provisional))
     };
     if was != is || old.provisional != new.provisional {
         let words = if was == is {
