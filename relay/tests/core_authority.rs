@@ -308,3 +308,36 @@ fn a_new_record_matching_a_live_one_is_flagged_and_a_merge_or_dismissal_settles_
     assert_eq!(applied_version(&r.push_one(&mut phone, m)), 1);
     assert_eq!(r.fields_of(third)["duplicate_of"], json!(watch.to_string()));
 }
+
+/// The version gate does not take the envelope's word for what a write was built on: a change
+/// made on an older version, sent under the current base (a device's refused edit left in its
+/// document and carried by its next write, or a client lying about its base), would leave a
+/// field with two concurrent values for Automerge's tie-break to pick. It is a conflict.
+#[test]
+fn a_change_made_on_an_older_version_under_the_current_base_is_a_conflict() {
+    let mut r = clinic();
+    let mut phone = r.device("pat", 1);
+    let mut tablet = r.device("pat", 3);
+    let mut svc = r.device("svc", 2);
+    let w = workout(&mut r, &mut phone, &mut svc);
+    r.pull(&mut tablet);
+    let a = phone.update("workout", w, json!({"notes": "from the phone"}), T0 + 1);
+    assert_eq!(applied_version(&r.push_one(&mut phone, a)), 2);
+    // The tablet edits on version 1, then claims version 2 for the same change.
+    let stale = tablet.update("workout", w, json!({"notes": "from the tablet"}), T0 + 2);
+    tablet.set_version(w, 2);
+    let forged = tablet.envelope("workout", w, MutationKind::Update, stale.changes.clone(), T0 + 3);
+    assert_eq!(forged.base_version, Some(2));
+    let outcome = r.push_one(&mut tablet, forged);
+    assert!(
+        is_conflict(&outcome),
+        "built on version 1 whatever it claims: {outcome:?}"
+    );
+    assert_eq!(r.version_of(w), 2);
+    assert_eq!(r.fields_of(w)["notes"], json!("from the phone"));
+    // A write on what the tablet really saw, touching another field, is applied as before.
+    let mut fresh = r.device("pat", 4);
+    r.pull(&mut fresh);
+    let rpe = fresh.update("workout", w, json!({"rpe": 7.0}), T0 + 4);
+    assert_eq!(applied_version(&r.push_one(&mut fresh, rpe)), 3);
+}

@@ -76,6 +76,12 @@ impl MutationKind {
         }
     }
 
+    /// Whether this kind may name the record a merged-away record went into (`merged_into`):
+    /// the delete that merges it, or a resolution carrying such a delete made offline.
+    pub fn may_merge(self) -> bool {
+        matches!(self, MutationKind::Delete | MutationKind::Resolve)
+    }
+
     /// Stable one-byte code used in the signing bytes.
     pub fn code(self) -> u8 {
         match self {

@@ -211,10 +211,11 @@ impl World {
                     }
                 }
             }
-            // Every merge decided whose value stands: no field left holding concurrent values.
+            // Every merge decided whose value stands: no field left holding differing concurrent
+            // values (two devices merging one record into the same survivor agree).
             let heads = rd.doc.heads();
             for field in ty.fields.keys() {
-                if rd.doc.has_concurrent_values(field) {
+                if rd.doc.has_differing_values(field) {
                     problems.push((
                         "authority",
                         format!(

@@ -164,3 +164,19 @@ fn swarm_seed_1796528839074_an_edit_resolved_on_a_merged_away_record_is_the_pers
     .unwrap();
     assert!(report.ok() && report.converged, "{}", report.render());
 }
+
+/// Two devices of one person: the first's offline edit of a workout met a conflict, its
+/// keep-theirs answer was refused (it carried the offline merge's `merged_into` on a
+/// resolution) and the person discarded the refusal; the edit's change stayed in the device's
+/// document, and its next write, on the current base, carried it to the relay, which applied
+/// it: `notes` and `duration_min` ended with two concurrent values, left to Automerge's
+/// tie-break. The relay now treats a write that leaves a gated field with differing concurrent
+/// values as stale (a conflict, whatever base it claims), and a resolution may carry the
+/// offline merge's `merged_into`.
+#[test]
+fn swarm_seed_30598176174131571_a_write_carrying_an_unseen_change_is_a_conflict() {
+    let options = SimOptions::swarm(30598176174131571, fieldsync_simulations::SwarmBounds::CI);
+    assert!(options.wearables, "the shape it was found in");
+    let report = run(options, None, false).unwrap();
+    assert!(report.ok() && report.converged, "{}", report.render());
+}

@@ -244,9 +244,7 @@ impl Writer<'_> {
         if let Some(role) = self.enrollment.and_then(|e| e.role_in(meta.space_id)) {
             // Field authority (SPEC §17), judged on what the change really touches.
             let ops = fieldsync_schema::document::RootOps::of(std::slice::from_ref(&change))?;
-            if let Some(reason) =
-                fieldsync_schema::registry::ownership_refusal(ty, role, &ops, kind == MutationKind::Delete)
-            {
+            if let Some(reason) = fieldsync_schema::registry::ownership_refusal(ty, role, &ops, kind.may_merge()) {
                 return Err(PeerError::refused(&meta.entity_type, meta.entity_id, reason));
             }
         }

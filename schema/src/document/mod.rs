@@ -501,6 +501,20 @@ impl EntityDoc {
         self.doc.get_all(ROOT, key).map(|v| v.len() > 1).unwrap_or(false)
     }
 
+    /// Whether a root key holds concurrent values that differ: two writes of the same value
+    /// (two devices merging one record into the same survivor) are no disagreement.
+    pub fn has_differing_values(&mut self, key: &str) -> bool {
+        if !self.has_concurrent_values(key) {
+            return false;
+        }
+        let heads = self.heads();
+        let values = self.values_at(key, &heads);
+        values
+            .iter()
+            .skip(1)
+            .any(|(v, _)| Some(v) != values.first().map(|(first, _)| first))
+    }
+
     /// Replaces a text field's content by editing the existing text object in place (a minimal
     /// splice), so an edit made concurrently elsewhere in the text survives the merge.
     pub fn set_text(&mut self, field: &str, new_text: &str) -> Result<(), DocError> {

@@ -136,6 +136,26 @@ fn rewriting_the_shown_value_of_a_concurrently_written_field_supersedes_both() {
 }
 
 #[test]
+fn only_concurrent_values_that_differ_are_a_disagreement() {
+    let schema = Schema::default_schema();
+    let p = schema.entity_type("patient").unwrap();
+    let mut a = EntityDoc::new(device_actor(dev(1)));
+    a.init_type("patient").unwrap();
+    a.write_fields(p, &obj(json!({"name": "Ada", "mrn": "M-1"}))).unwrap();
+    a.commit(1).unwrap();
+    let mut b = EntityDoc::load(&a.save(), device_actor(dev(2))).unwrap();
+    a.write_fields(p, &obj(json!({"name": "Same", "mrn": "M-2"}))).unwrap();
+    let ca = a.commit(2).unwrap();
+    b.write_fields(p, &obj(json!({"name": "Same", "mrn": "M-3"}))).unwrap();
+    b.commit(2).unwrap();
+    assert!(!b.has_differing_values("mrn"), "one value is no disagreement");
+    b.apply(vec![ca]).unwrap();
+    assert!(b.has_concurrent_values("name"));
+    assert!(!b.has_differing_values("name"), "both wrote the same value");
+    assert!(b.has_differing_values("mrn"));
+}
+
+#[test]
 fn values_at_names_the_writer_of_each_concurrent_value_and_commit_always_commits() {
     let schema = Schema::default_schema();
     let p = schema.entity_type("patient").unwrap();

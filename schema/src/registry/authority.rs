@@ -118,8 +118,10 @@ pub fn put_refusal(ty: &EntityType, role: Role, key: &str) -> Option<String> {
 /// Why a write whose changes do `ops` may not be accepted from `role` (the device refuses it
 /// locally, the relay answers `Forbidden` with this text). Judged on every key the changes
 /// touch: clearing `duplicate_of` or `merged_into` is the one write of a field nobody may put,
-/// and a delete may name the record it was merged into.
-pub fn ownership_refusal(ty: &EntityType, role: Role, ops: &RootOps, is_delete: bool) -> Option<String> {
+/// and a write that `may_merge` (a delete, or a resolution carrying a delete made offline) may
+/// name the record it was merged into; the relay refuses a resolution that leaves a live record
+/// naming one.
+pub fn ownership_refusal(ty: &EntityType, role: Role, ops: &RootOps, may_merge: bool) -> Option<String> {
     let has_duplicates = ty.duplicates.is_some();
     for key in ops.touched() {
         let cleared_only = ops.deletes.contains(&key)
@@ -132,7 +134,7 @@ pub fn ownership_refusal(ty: &EntityType, role: Role, ops: &RootOps, is_delete: 
         if has_duplicates && (key == DUPLICATE_OF || key == MERGED_INTO) && cleared_only {
             continue;
         }
-        if has_duplicates && key == MERGED_INTO && is_delete {
+        if has_duplicates && key == MERGED_INTO && may_merge {
             continue; // whoever may delete the record may merge it
         }
         if let Some(reason) = put_refusal(ty, role, &key) {

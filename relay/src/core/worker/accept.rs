@@ -324,7 +324,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
             self.put_back(&row, doc);
             return Ok(Outcome::Invalid { errors });
         }
-        if let Some(reason) = ownership_refusal(ty, role, &ops, m.kind == MutationKind::Delete) {
+        if let Some(reason) = ownership_refusal(ty, role, &ops, m.kind.may_merge()) {
             self.put_back(&row, doc);
             return Ok(forbidden(reason));
         }
@@ -354,6 +354,16 @@ impl<S: SpaceStore> SpaceWorker<S> {
                     self.docs.invalidate(r.doc_key);
                 }
                 return Ok(outcome);
+            }
+            Err(ApplyError::BuiltOnUnseen) => {
+                let Some(r) = &row else {
+                    return Ok(invalid("changes", "a new record cannot be built on unseen versions"));
+                };
+                self.docs.invalidate(r.doc_key);
+                let mut doc = self.load_doc(r)?;
+                let c = self.conflict(&mut doc, r, &base_deps, m.base_version, ConflictReason::StaleBase)?;
+                self.put_back(&row, doc);
+                return Ok(c);
             }
             Err(ApplyError::Store(e)) => return Err(e),
         };
@@ -481,6 +491,17 @@ impl<S: SpaceStore> SpaceWorker<S> {
         overrides: &BTreeSet<String>,
         now_ms: u64,
     ) -> Result<Validated, ApplyError> {
+        // A gated record holds one value per field: keys already holding different ones (from
+        // before this rule) are left as they are, any other must not gain one below.
+        // A resolution is judged by the gate alone: it is the person's answer on top of both
+        // sides, and it puts only the values that differ from what the record shows.
+        let gated = ty.policy == Policy::Gated && row.is_some() && m.kind != MutationKind::Resolve;
+        let touched = ops.touched();
+        let split_before: BTreeSet<&String> = if gated {
+            touched.iter().filter(|k| doc.has_differing_values(k)).collect()
+        } else {
+            BTreeSet::new()
+        };
         doc.apply(changes.to_vec())
             .map_err(|e| ApplyError::Rejected(invalid("changes", format!("cannot apply: {e}"))))?;
         let mut extra = Vec::new();
@@ -496,6 +517,17 @@ impl<S: SpaceStore> SpaceWorker<S> {
             if let Some(change) = settle(ty, doc, &targets, now_ms).map_err(ApplyError::Rejected)? {
                 extra.push(change);
             }
+        }
+        // The version gate trusts the envelope's base; the changes themselves must agree. A
+        // write that leaves a field with differing concurrent values carries changes made without seeing
+        // what the relay holds (a device's refused edit still in its document, or a client
+        // claiming a base it never had): that is a stale write, whatever its base says.
+        if gated
+            && touched
+                .iter()
+                .any(|k| !split_before.contains(k) && doc.has_differing_values(k))
+        {
+            return Err(ApplyError::BuiltOnUnseen);
         }
         if ty.policy == Policy::Lww {
             let heads = own_heads(changes);
@@ -586,6 +618,13 @@ impl<S: SpaceStore> SpaceWorker<S> {
                     "a record cannot be merged into itself",
                 ));
             }
+            MutationKind::Resolve if !doc.is_deleted() && after.get(MERGED_INTO).is_some_and(|v| !v.is_null()) => {
+                errors.push(FieldError::new(
+                    MERGED_INTO,
+                    Rule::Ref,
+                    "only a merged (deleted) record names the record it was merged into",
+                ));
+            }
             MutationKind::Lock if !doc.is_locked() => {
                 errors.push(FieldError::new(
                     "locked",
@@ -616,6 +655,8 @@ impl<S: SpaceStore> SpaceWorker<S> {
 
 enum ApplyError {
     Rejected(Outcome),
+    /// The changes were made concurrently with versions the relay holds: a conflict.
+    BuiltOnUnseen,
     Store(StoreError),
 }
 
