@@ -522,10 +522,11 @@ impl<S: SpaceStore> SpaceWorker<S> {
         // write that leaves a field with differing concurrent values carries changes made without seeing
         // what the relay holds (a device's refused edit still in its document, or a client
         // claiming a base it never had): that is a stale write, whatever its base says.
+        // The fields an authority merge settles are the settle's to answer for (above).
         if gated
             && touched
                 .iter()
-                .any(|k| !split_before.contains(k) && doc.has_differing_values(k))
+                .any(|k| !split_before.contains(k) && !overrides.contains(k) && doc.has_differing_values(k))
         {
             return Err(ApplyError::BuiltOnUnseen);
         }
