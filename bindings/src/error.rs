@@ -75,7 +75,9 @@ impl From<PeerError> for FieldsyncError {
             PeerError::WrongType { .. } | PeerError::AlreadyExists { .. } | PeerError::BadRelayAddress(_) => {
                 FieldsyncError::BadArgument { message }
             }
-            PeerError::NotAllowed(_) | PeerError::SignOutRefused(_) => FieldsyncError::NotAllowed { message },
+            PeerError::NotAllowed(_) | PeerError::SignOutRefused(_) | PeerError::Wiped { .. } => {
+                FieldsyncError::NotAllowed { message }
+            }
             PeerError::Resolution(_) => FieldsyncError::Resolution { message },
             PeerError::StorageFull(_) => FieldsyncError::StorageFull { message },
             PeerError::Db(_)

@@ -182,6 +182,10 @@ pub struct Status {
     pub relay_behind: Option<String>,
     pub possible_duplicates: u64,
     pub superseded_requests: u64,
+    /// The relay had this device's data erased (a remote wipe): when (device time, ms), and
+    /// how many unsynced changes went with it. Writes are refused from then on.
+    pub wiped_at_ms: Option<u64>,
+    pub wipe_discarded: Option<u64>,
 }
 
 impl From<peer::Status> for Status {
@@ -221,6 +225,8 @@ impl From<peer::Status> for Status {
             relay_behind: s.relay_behind,
             possible_duplicates: s.possible_duplicates,
             superseded_requests: s.superseded_requests,
+            wiped_at_ms: s.wiped.map(|w| w.wiped_at_ms),
+            wipe_discarded: s.wiped.map(|w| w.discarded),
         }
     }
 }

@@ -223,6 +223,8 @@ pub mod keys {
     pub const SCHEMA_HASH: &str = "schema_hash";
     pub const RELAY_SCHEMA_VERSION: &str = "relay_schema_version";
     pub const RELAY_BEHIND: &str = "relay_behind";
+    /// A remote wipe's record ([`crate::wipe::WipeRecord`]): the data is gone, writes refused.
+    pub const WIPED: &str = "wiped";
 }
 
 #[cfg(test)]

@@ -130,6 +130,8 @@ pub struct Status {
     pub possible_duplicates: u64,
     /// Requests a service marked superseded ([`Device::superseded_requests`]).
     pub superseded_requests: u64,
+    /// The relay had this device's data erased (a remote wipe): when, and what was discarded.
+    pub wiped: Option<crate::wipe::WipeRecord>,
 }
 
 /// What `retry` did.
@@ -605,6 +607,7 @@ impl Device {
                 &self.types_where(|t| t.request_for.is_some()),
                 fieldsync_schema::registry::SUPERSEDED_AT,
             )?,
+            wiped: self.wiped()?,
         })
     }
 

@@ -59,6 +59,12 @@ pub enum PeerError {
     /// A conflict, rejection or LWW loss cannot be resolved as asked; says what can be done.
     #[error("{0}")]
     Resolution(String),
+    /// The relay ordered this device's data erased (a remote wipe, SPEC §16): it holds nothing
+    /// and takes no writes.
+    #[error(
+        "this device's data was erased at its relay's request ({discarded} unsynced changes discarded): it takes no more writes; to use it again, give the app a new data directory and enroll it with a new token"
+    )]
+    Wiped { at_ms: u64, discarded: u64 },
 }
 
 pub type Result<T, E = PeerError> = std::result::Result<T, E>;

@@ -27,6 +27,7 @@ pub mod net;
 pub mod outbox;
 mod rules;
 pub mod sync;
+pub mod wipe;
 pub mod write;
 
 pub use authority::{MergeReport, PossibleDuplicate, SupersededRequest};
@@ -39,6 +40,7 @@ pub use entity::{Entity, FieldFilter, SyncState};
 pub use error::{PeerError, Result};
 pub use net::app::{Client, ClientEvent, Write, os_rng};
 pub use outbox::{OutboxItem, OutboxState};
+pub use wipe::WipeRecord;
 pub use write::WriteReceipt;
 
 #[cfg(test)]

@@ -164,6 +164,57 @@ pub fn revoke_device(store: &mut dyn Directory, device_id: Uuid, now_ms: u64) ->
     Ok(())
 }
 
+/// What [`revoke_and_wipe`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WipeRequest {
+    /// The device was active: revoked now, and told to erase its data at its next contact.
+    RevokedWithWipe,
+    /// The device was already revoked (a tablet reported lost after it was cut off): its
+    /// data is erased at its next contact.
+    WipeAdded,
+}
+
+/// Revokes a device (if it is not already) and has it erase its local data at its next
+/// contact: it still proves its key, is told to wipe, and reports what it discarded (SPEC §16).
+/// Both in one directory transaction, so a wipe is never asked of an active device.
+pub fn revoke_and_wipe(store: &mut dyn Directory, device_id: Uuid, now_ms: u64) -> StoreResult<WipeRequest> {
+    store.begin()?;
+    let result = revoke_and_wipe_in_tx(store, device_id, now_ms);
+    match result {
+        Ok(_) => store.commit()?,
+        Err(_) => store.rollback()?,
+    }
+    result
+}
+
+fn revoke_and_wipe_in_tx(store: &mut dyn Directory, device_id: Uuid, now_ms: u64) -> StoreResult<WipeRequest> {
+    let Some(device) = store.device(device_id)? else {
+        return Err(StoreError::NotFound(format!("no device {device_id}")));
+    };
+    if let Some(t) = device.wiped_ms {
+        return Err(StoreError::Conflict(format!(
+            "device {device_id} already erased its data (reported at {t} ms)"
+        )));
+    }
+    if device.wipe_requested_ms.is_some() {
+        return Err(StoreError::Conflict(format!(
+            "a wipe of device {device_id} is already pending: it happens at the device's next contact"
+        )));
+    }
+    let done = if device.revoked_ms.is_none() {
+        store.revoke_device(device_id, now_ms)?;
+        WipeRequest::RevokedWithWipe
+    } else {
+        WipeRequest::WipeAdded
+    };
+    if !store.request_wipe(device_id, now_ms)? {
+        return Err(StoreError::Conflict(format!(
+            "device {device_id} changed while the wipe was asked for; try again"
+        )));
+    }
+    Ok(done)
+}
+
 /// Changes the role of an existing member of a space (use [`add_user`] to add one).
 pub fn change_role(store: &mut dyn Directory, user_name: &str, space_name: &str, role: Role) -> StoreResult<Role> {
     let (user, space) = user_and_space(store, user_name, space_name)?;

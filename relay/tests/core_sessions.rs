@@ -578,3 +578,86 @@ fn a_long_session_keeps_the_device_last_seen_time_current() {
     relay.core.handle([Input::Tick], relay.now);
     assert_eq!(seen(&relay), relay.now, "refreshed a minute into the session");
 }
+
+/// Logs `dev` in on a new connection up to the relay's answer to its proven key.
+fn answer_to_proof(r: &mut TestRelay, dev: &common::TestDevice) -> (u64, Vec<Output>) {
+    let c = r.connect();
+    let out = r.send(c, dev.hello());
+    let Output::Send(_, RelayMessage::Challenge { relay_id, nonce }) = &out[0] else {
+        panic!("expected a challenge, got {out:?}")
+    };
+    let (relay_id, nonce) = (*relay_id, nonce.clone());
+    (c, r.send(c, dev.auth(relay_id, &nonce.0)))
+}
+
+/// A device revoked with a wipe still answers the challenge (only the device may report the
+/// wipe done), is told to erase its data and nothing else, and its report is recorded before
+/// it is refused; afterwards it is refused as any revoked device.
+#[test]
+fn a_device_revoked_with_a_wipe_is_told_to_wipe_once_it_proves_its_key_and_its_report_is_recorded() {
+    let mut r = clinic();
+    let dev = r.device("dana", 1);
+    let bystander = r.device("dana", 2);
+    // A session nobody told to wipe cannot report a wipe.
+    let out = r.send(bystander.conn, ClientMessage::Wiped { discarded: 1 });
+    assert!(closed(&out), "{out:?}");
+
+    let asked = admin::revoke_and_wipe(r.core.directory_mut(), dev.device_id, r.now).unwrap();
+    assert_eq!(asked, admin::WipeRequest::RevokedWithWipe);
+    // The open session is told at the next tick, not refused.
+    let out = r.core.handle([Input::Tick], r.now + 500);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Send(c, RelayMessage::Wipe) if *c == dev.conn)),
+        "{out:?}"
+    );
+    assert_eq!(auth_failure(&out), None);
+
+    // Someone with the device id but not its key learns nothing of the wipe.
+    let c = r.connect();
+    let out = r.send(c, dev.hello());
+    let Output::Send(_, RelayMessage::Challenge { relay_id, .. }) = &out[0] else {
+        panic!("{out:?}")
+    };
+    let out = r.send(c, dev.auth(*relay_id, &[0u8; 32]));
+    assert_eq!(auth_failure(&out), Some(AuthFailure::BadSignature));
+    assert!(!out.iter().any(|o| matches!(o, Output::Send(_, RelayMessage::Wipe))));
+
+    // The device itself: told to wipe, never welcomed, and it may not pull.
+    let (c, out) = answer_to_proof(&mut r, &dev);
+    assert!(matches!(&out[..], [Output::Send(_, RelayMessage::Wipe)]), "{out:?}");
+    let row = r.core.directory_mut().device(dev.device_id).unwrap().unwrap();
+    assert_eq!((row.wiped_ms, row.wipe_discarded), (None, None), "{row:?}");
+    let out = r.send(c, ClientMessage::Wiped { discarded: 3 });
+    assert_eq!(auth_failure(&out), Some(AuthFailure::Revoked));
+    assert!(closed(&out));
+    let row = r.core.directory_mut().device(dev.device_id).unwrap().unwrap();
+    assert!(row.wiped_ms.is_some(), "{row:?}");
+    assert_eq!(row.wipe_discarded, Some(3));
+
+    // Done: refused at the door like any revoked device, and no second wipe is asked.
+    let c = r.connect();
+    let out = r.send(c, dev.hello());
+    assert_eq!(auth_failure(&out), Some(AuthFailure::Revoked));
+    assert!(admin::revoke_and_wipe(r.core.directory_mut(), dev.device_id, r.now).is_err());
+
+    // A device revoked earlier without a wipe gets one added: it is let through again.
+    let lost = r.device("dana", 3);
+    admin::revoke_device(r.core.directory_mut(), lost.device_id, r.now).unwrap();
+    let c = r.connect();
+    assert_eq!(auth_failure(&r.send(c, lost.hello())), Some(AuthFailure::Revoked));
+    let asked = admin::revoke_and_wipe(r.core.directory_mut(), lost.device_id, r.now).unwrap();
+    assert_eq!(asked, admin::WipeRequest::WipeAdded);
+    let (c, out) = answer_to_proof(&mut r, &lost);
+    assert!(matches!(&out[..], [Output::Send(_, RelayMessage::Wipe)]), "{out:?}");
+    let out = r.send(
+        c,
+        ClientMessage::Pull {
+            cursor: PullCursor::default(),
+            max_entries: 10,
+        },
+    );
+    assert!(closed(&out), "a device being wiped pulled: {out:?}");
+    let row = r.core.directory_mut().device(lost.device_id).unwrap().unwrap();
+    assert!(row.wipe_pending(), "{row:?}");
+}

@@ -185,6 +185,8 @@ impl Directory for LossyDirectory {
         ref fn device(device_id: Uuid) -> Option<DeviceRow>;
         ref fn devices() -> Vec<DeviceRow>;
         mut fn revoke_device(device_id: Uuid, now_ms: u64) -> bool;
+        mut fn request_wipe(device_id: Uuid, now_ms: u64) -> bool;
+        mut fn record_wipe(device_id: Uuid, now_ms: u64, discarded: u64) -> bool;
         mut fn set_device_key(device_id: Uuid, public_key: &[u8]) -> ();
         mut fn touch_device(device_id: Uuid, now_ms: u64) -> ();
         ref fn revoked_since(since_ms: u64) -> Vec<(Uuid, u64)>;

@@ -456,3 +456,116 @@ fn admin_commands_cover_users_tokens_devices_audit_conflicts_and_stats() {
     let text = Relay::cli(&["admin", "--data", p(&relay.data), "stats"]);
     assert!(stdout_of(&text).contains("audit records 3"), "{}", stdout_of(&text));
 }
+
+/// Every byte of a device's files (database, WAL, shared memory) searched for `needle`.
+fn device_files_contain(dir: &Path, needle: &str) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|e| {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap();
+        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+    })
+}
+
+/// A lost tablet (SPEC §16): the operator revokes it with a wipe; at its next contact the
+/// device erases its records — synced and unsynced — and reports what it discarded; the
+/// relay's device list shows the wipe; no record's text is left in the device's files; the
+/// device takes no writes, and a second contact is refused as any revoked device.
+#[test]
+fn a_device_revoked_with_a_wipe_erases_its_data_at_its_next_contact_and_the_relay_records_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"), 0);
+    relay.setup("clinic", &[("dana", "clinician")]);
+    let tablet = Peer::init(&dir.path().join("tablet"));
+    tablet.enroll(&relay, "dana");
+    tablet.put("patient", r#"{"name": "Quillon Verbatimsky", "mrn": "MRN-SYNCED-1"}"#);
+    tablet.ok(&["sync"]);
+    // Two changes the relay never sees.
+    tablet.put("patient", r#"{"name": "Ottoline Unsyncedworth"}"#);
+    tablet.put("patient", r#"{"name": "Perpetua Offlineham"}"#);
+    assert_eq!(tablet.status()["unsynced"], json!(2));
+    let device_id = tablet.status()["device_id"].as_str().unwrap().to_string();
+    assert!(device_files_contain(&tablet.data, "Quillon Verbatimsky"));
+
+    let asked = relay.admin(&["device", "revoke", &device_id, "--wipe"]);
+    assert_eq!(asked["wipe"], json!("pending"));
+    let listed = relay.admin(&["device", "list"]);
+    assert!(listed[0]["wipe_requested_at"].is_string(), "{listed}");
+    assert!(listed[0]["wiped_at"].is_null(), "{listed}");
+
+    let refused = tablet.fails(&["sync"]);
+    assert!(refused.contains("erased its local data"), "{refused}");
+    let status = tablet.status();
+    assert_eq!(status["entities"], json!(0), "{status}");
+    assert_eq!(status["unsynced"], json!(0), "{status}");
+    assert_eq!(status["wiped"]["discarded"], json!(2), "{status}");
+    for needle in [
+        "Quillon Verbatimsky",
+        "MRN-SYNCED-1",
+        "Ottoline Unsyncedworth",
+        "Perpetua Offlineham",
+    ] {
+        assert!(
+            !device_files_contain(&tablet.data, needle),
+            "`{needle}` is still in the device's files"
+        );
+    }
+    let write = tablet.fails(&["put", "patient", "--json", r#"{"name": "After"}"#]);
+    assert!(write.contains("erased at its relay's request"), "{write}");
+
+    let listed = relay.admin(&["device", "list"]);
+    assert!(listed[0]["wiped_at"].is_string(), "{listed}");
+    assert_eq!(listed[0]["wipe_discarded"], json!(2), "{listed}");
+    // The relay's copy is untouched: the synced record is still there for the clinic.
+    let stats = relay.admin(&["stats"]);
+    assert_eq!(stats["counts"]["documents"], json!(1), "{stats}");
+
+    let again = tablet.fails(&["sync"]);
+    assert!(again.contains("revoked") && !again.contains("erased"), "{again}");
+    assert_eq!(tablet.status()["wiped"]["discarded"], json!(2));
+}
+
+/// A device watching live when it is revoked with a wipe is told at once (within the relay's
+/// revocation tick), erases its data while connected, and its watch ends with the refusal.
+#[test]
+fn a_watching_device_revoked_with_a_wipe_erases_its_data_without_reconnecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"), 0);
+    relay.setup("clinic", &[("dana", "clinician")]);
+    let token = relay.token("dana");
+    let url = relay.url();
+    let dev_dir = dir.path().join("dev");
+    let mut dev = open_device(&dev_dir, 6);
+    runtime().block_on(net::enroll(&mut dev, &url, &token)).unwrap();
+    dev.put(
+        "patient",
+        None,
+        serde_json::from_value(json!({"name": "Quillon Verbatimsky"})).unwrap(),
+    )
+    .unwrap();
+    let device_id = dev.device_id();
+    let watcher = std::thread::spawn(move || {
+        let mut machine = SyncMachine::default();
+        let result = runtime().block_on(async {
+            let stop = tokio::time::sleep(Duration::from_secs(30));
+            net::watch(&mut dev, &mut machine, &quiet(), stop, |_| {}).await
+        });
+        (result, dev)
+    });
+    let authenticated = || {
+        let (_, body) = http_get(relay.addr, "/v1/status");
+        serde_json::from_str::<Value>(&body).unwrap()["authenticated"].clone()
+    };
+    assert!(eventually(Duration::from_secs(10), || authenticated() == json!(1)));
+    assert!(eventually(Duration::from_secs(10), || {
+        relay.admin(&["stats"])["counts"]["documents"] == json!(1)
+    }));
+
+    relay.admin(&["device", "revoke", &device_id.to_string(), "--wipe"]);
+    let (result, dev) = watcher.join().unwrap();
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("erased its local data"), "{err}");
+    let status = dev.status().unwrap();
+    assert_eq!((status.entities, status.wiped.map(|w| w.discarded)), (0, Some(0)));
+    assert!(!device_files_contain(&dev_dir, "Quillon Verbatimsky"));
+    let listed = relay.admin(&["device", "list"]);
+    assert_eq!(listed[0]["wipe_discarded"], json!(0), "{listed}");
+}

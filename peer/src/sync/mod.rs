@@ -61,6 +61,9 @@ pub enum Phase {
     Ready,
     /// The relay refused this device; no reconnecting until the user acts (re-enroll).
     AuthFailed,
+    /// The relay ordered this device's data erased (it was revoked with a wipe): done, and
+    /// reported; the relay's refusal follows.
+    Wiping,
 }
 
 impl Phase {
@@ -71,6 +74,7 @@ impl Phase {
             Phase::AwaitingWelcome => "awaiting_welcome",
             Phase::Ready => "ready",
             Phase::AuthFailed => "auth_failed",
+            Phase::Wiping => "wiping",
         }
     }
 }
@@ -248,7 +252,7 @@ impl SyncMachine {
         match self.phase {
             Phase::Disconnected => self.reconnect_at,
             Phase::AuthFailed => None,
-            Phase::AwaitingChallenge | Phase::AwaitingWelcome => None,
+            Phase::AwaitingChallenge | Phase::AwaitingWelcome | Phase::Wiping => None,
             Phase::Ready => {
                 let timeout = self.config.request_timeout_ms;
                 [
@@ -372,8 +376,20 @@ impl SyncMachine {
                 dev.observe_relay_time(server_time_ms, now_ms)?;
                 self.pump(dev, now_ms)
             }
+            (Phase::AwaitingWelcome | Phase::Ready, RelayMessage::Wipe) => {
+                // Only after this device answered the challenge of the relay it is enrolled
+                // with: the relay proved nothing to the device but its id (and TLS).
+                let record = dev.wipe()?;
+                self.phase = Phase::Wiping;
+                self.batch = None;
+                self.pull_sent_at = None;
+                self.caught_up = false;
+                Ok(vec![ClientMessage::Wiped {
+                    discarded: record.discarded,
+                }])
+            }
             (
-                Phase::AwaitingChallenge | Phase::AwaitingWelcome | Phase::Ready,
+                Phase::AwaitingChallenge | Phase::AwaitingWelcome | Phase::Ready | Phase::Wiping,
                 RelayMessage::AuthFailed { reason, message },
             ) => {
                 let text = format!("{}: {message}", reason.as_str());

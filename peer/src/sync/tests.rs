@@ -592,3 +592,68 @@ fn an_applied_answer_naming_a_possible_duplicate_becomes_a_notice() {
         "{notices:?}"
     );
 }
+
+/// The relay's order to wipe (sent only after the device proved its key): the device erases
+/// everything, reports how many unsynced changes went with it, sends nothing else, takes no
+/// more writes; asked again on a later connection (its first report lost), it reports the
+/// same count without erasing anything more.
+#[test]
+fn a_wipe_order_erases_the_device_and_reports_the_unsynced_changes_it_discarded() {
+    let mut f = enrolled(19);
+    let kept = f.patient("Zelda Quixotic");
+    f.patient("Ygritte Marrow");
+    let mut m = SyncMachine::default();
+    let challenge = || RelayMessage::Challenge {
+        relay_id: relay_id(),
+        nonce: Bytes(vec![7; 32]),
+    };
+    m.handle(&mut f.dev, SyncInput::Connected).unwrap();
+    m.handle(&mut f.dev, SyncInput::Message(challenge())).unwrap();
+    let out = m.handle(&mut f.dev, SyncInput::Message(RelayMessage::Wipe)).unwrap();
+    assert_eq!(out, vec![ClientMessage::Wiped { discarded: 2 }]);
+    assert_eq!(m.phase(), Phase::Wiping);
+    f.time.set(T0 + 3_600_000);
+    assert!(m.handle(&mut f.dev, SyncInput::Tick).unwrap().is_empty());
+    assert!(m.handle(&mut f.dev, SyncInput::LocalWrite).unwrap().is_empty());
+
+    let s = f.dev.status().unwrap();
+    assert_eq!((s.entities, s.unsynced), (0, 0));
+    assert_eq!(s.wiped.map(|w| w.discarded), Some(2));
+    assert!(f.dev.get(kept).unwrap().is_none());
+    let refused = f.dev.put("patient", None, obj(json!({"name": "after"}))).unwrap_err();
+    assert!(matches!(refused, PeerError::Wiped { discarded: 2, .. }), "{refused}");
+
+    let err = m
+        .handle(
+            &mut f.dev,
+            SyncInput::Message(RelayMessage::AuthFailed {
+                reason: AuthFailure::Revoked,
+                message: "device was revoked and has erased its local data".into(),
+            }),
+        )
+        .unwrap_err();
+    assert!(matches!(err, SyncError::AuthFailed { reason: "revoked", .. }), "{err}");
+    assert_eq!(m.phase(), Phase::AuthFailed);
+
+    let mut f = f.reopen(2);
+    let mut m = SyncMachine::default();
+    m.handle(&mut f.dev, SyncInput::Connected).unwrap();
+    m.handle(&mut f.dev, SyncInput::Message(challenge())).unwrap();
+    let out = m.handle(&mut f.dev, SyncInput::Message(RelayMessage::Wipe)).unwrap();
+    assert_eq!(out, vec![ClientMessage::Wiped { discarded: 2 }]);
+}
+
+/// A wipe order before the device answered the challenge is a protocol error, not a wipe.
+#[test]
+fn a_wipe_order_before_the_challenge_is_answered_erases_nothing() {
+    let mut f = enrolled(20);
+    f.patient("Zelda Quixotic");
+    let mut m = SyncMachine::default();
+    m.handle(&mut f.dev, SyncInput::Connected).unwrap();
+    let err = m
+        .handle(&mut f.dev, SyncInput::Message(RelayMessage::Wipe))
+        .unwrap_err();
+    assert!(matches!(err, SyncError::Unexpected { got: "wipe", .. }), "{err}");
+    let s = f.dev.status().unwrap();
+    assert_eq!((s.entities, s.unsynced, s.wiped), (1, 1, None));
+}

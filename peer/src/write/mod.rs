@@ -182,6 +182,7 @@ impl Writer<'_> {
         may_create: bool,
         now: u64,
     ) -> Result<WriteReceipt> {
+        crate::wipe::refuse_if_wiped(tx)?;
         let schema = self.schema;
         let ty = schema
             .entity_type(entity_type)

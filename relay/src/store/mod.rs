@@ -127,6 +127,11 @@ pub trait Directory {
     fn device(&self, device_id: Uuid) -> StoreResult<Option<DeviceRow>>;
     fn devices(&self) -> StoreResult<Vec<DeviceRow>>;
     fn revoke_device(&mut self, device_id: Uuid, now_ms: u64) -> StoreResult<bool>;
+    /// Asks for a revoked device's local data to be erased at its next contact; `false` when
+    /// there is no such revoked device or a wipe was already asked for.
+    fn request_wipe(&mut self, device_id: Uuid, now_ms: u64) -> StoreResult<bool>;
+    /// Records the device's report that it erased its data; `false` when no wipe was pending.
+    fn record_wipe(&mut self, device_id: Uuid, now_ms: u64, discarded: u64) -> StoreResult<bool>;
     fn set_device_key(&mut self, device_id: Uuid, public_key: &[u8]) -> StoreResult<()>;
     fn touch_device(&mut self, device_id: Uuid, now_ms: u64) -> StoreResult<()>;
 

@@ -38,6 +38,21 @@ pub struct DeviceRow {
     pub last_seen_ms: Option<u64>,
     /// A name for people ("Dana's iPad"), set by the operator.
     pub label: Option<String>,
+    /// When the operator asked for the device's local data to be erased at its next contact
+    /// (`admin device revoke --wipe`).
+    pub wipe_requested_ms: Option<u64>,
+    /// When the device reported that it erased its data, and how many unsynced changes it
+    /// discarded doing so.
+    pub wiped_ms: Option<u64>,
+    pub wipe_discarded: Option<u64>,
+}
+
+impl DeviceRow {
+    /// Revoked with a wipe the device has not yet reported done: it is let through the
+    /// challenge only to be told to erase its data.
+    pub fn wipe_pending(&self) -> bool {
+        self.revoked_ms.is_some() && self.wipe_requested_ms.is_some() && self.wiped_ms.is_none()
+    }
 }
 
 mod hex_bytes {

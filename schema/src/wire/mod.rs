@@ -236,6 +236,11 @@ pub enum ClientMessage {
     Ping {
         nonce: u64,
     },
+    /// Answers [`RelayMessage::Wipe`]: the device erased its local data, discarding
+    /// `discarded` changes it had not synced (the relay records both in its directory).
+    Wiped {
+        discarded: u64,
+    },
 }
 
 /// Messages from the relay to a device.
@@ -292,6 +297,10 @@ pub enum RelayMessage {
         user: UserInfo,
     },
     KeyRotated,
+    /// The device was revoked with a wipe (`admin device revoke --wipe`) and has just proven its
+    /// key: it erases its local data and answers [`ClientMessage::Wiped`]. Sent only after the
+    /// challenge is answered, so nobody but the device can make the relay record a wipe.
+    Wipe,
     Pong {
         nonce: u64,
     },
@@ -387,6 +396,7 @@ impl ClientMessage {
             ClientMessage::Pull { .. } => "pull",
             ClientMessage::RotateKey { .. } => "rotate_key",
             ClientMessage::Ping { .. } => "ping",
+            ClientMessage::Wiped { .. } => "wiped",
         }
     }
 }
@@ -457,7 +467,7 @@ impl RelayMessage {
                 entries.iter().map(entry_size).sum()
             }
             RelayMessage::Challenge { nonce, .. } => nonce.0.len(),
-            RelayMessage::KeyRotated | RelayMessage::Pong { .. } => 0,
+            RelayMessage::KeyRotated | RelayMessage::Wipe | RelayMessage::Pong { .. } => 0,
         };
         128 + body
     }
@@ -480,6 +490,7 @@ impl RelayMessage {
             RelayMessage::Live { .. } => "live",
             RelayMessage::UserChanged { .. } => "user_changed",
             RelayMessage::KeyRotated => "key_rotated",
+            RelayMessage::Wipe => "wipe",
             RelayMessage::Pong { .. } => "pong",
             RelayMessage::Error { .. } => "error",
         }

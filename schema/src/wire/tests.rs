@@ -107,6 +107,7 @@ fn every_client_message() -> Vec<ClientMessage> {
             signature: Bytes(vec![9; 64]),
         },
         ClientMessage::Ping { nonce: 77 },
+        ClientMessage::Wiped { discarded: 3 },
     ]
 }
 
@@ -233,6 +234,7 @@ fn every_relay_message() -> Vec<RelayMessage> {
         },
         RelayMessage::UserChanged { user: user.clone() },
         RelayMessage::KeyRotated,
+        RelayMessage::Wipe,
         RelayMessage::Pong { nonce: 1 },
         RelayMessage::Error {
             code: ErrorCode::Malformed,

@@ -300,6 +300,7 @@ fn error_kind(e: &anyhow::Error) -> &'static str {
                 PeerError::AlreadyExists { .. } => "already_exists",
                 PeerError::Resolution(_) => "resolution",
                 PeerError::StorageFull(_) => "storage_full",
+                PeerError::Wiped { .. } => "wiped",
                 PeerError::Corrupt(_) | PeerError::Doc(_) => "corrupt",
                 PeerError::Db(_) | PeerError::Io { .. } | PeerError::Backup(_) | PeerError::Schema(_) => "storage",
             };

@@ -108,6 +108,13 @@ pub fn status(s: &Status, json: bool) -> Result<()> {
     if let Some(a) = &s.auth_failure {
         outln!("auth:      {a}")?;
     }
+    if let Some(w) = &s.wiped {
+        outln!(
+            "wiped:     {} at the relay's request ({} unsynced changes discarded); this device takes no writes",
+            render_ms(w.wiped_at_ms),
+            w.discarded
+        )?;
+    }
     if let Some(w) = &s.relay_behind {
         outln!("waiting:   {w}")?;
     }

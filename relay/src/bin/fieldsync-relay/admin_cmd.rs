@@ -121,6 +121,11 @@ enum DeviceCommand {
     Revoke {
         #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
         device: Uuid,
+        /// Also erase the device's local data at its next contact (a lost or stolen device);
+        /// it reports how many unsynced changes it discarded, shown in `device list`. Works on
+        /// an already revoked device too.
+        #[arg(long)]
+        wipe: bool,
     },
     /// Name a device for people ("Dana's iPad"), shown in `device list`.
     Label {
@@ -301,12 +306,28 @@ fn run_on<B: Backend>(
                 format!("device {device} is now \"{}\"", label.trim()),
             )?;
         }
-        AdminCommand::Device(DeviceCommand::Revoke { device }) => {
+        AdminCommand::Device(DeviceCommand::Revoke { device, wipe: false }) => {
             admin::revoke_device(&mut store, device, now)?;
             print(
                 json,
                 json!({"device_id": device, "revoked": true}),
                 format!("device {device} revoked; its open connections close within a second"),
+            )?;
+        }
+        AdminCommand::Device(DeviceCommand::Revoke { device, wipe: true }) => {
+            let done = admin::revoke_and_wipe(&mut store, device, now)?;
+            let text = match done {
+                admin::WipeRequest::RevokedWithWipe => format!(
+                    "device {device} revoked; it erases its local data at its next contact (`device list` shows when it did)"
+                ),
+                admin::WipeRequest::WipeAdded => format!(
+                    "device {device} was already revoked; it erases its local data at its next contact (`device list` shows when it did)"
+                ),
+            };
+            print(
+                json,
+                json!({"device_id": device, "revoked": true, "wipe": "pending"}),
+                text,
             )?;
         }
         AdminCommand::Audit(admin_report::AuditCommand::Verify) => return admin_report::audit_verify(backend, json),
@@ -360,9 +381,15 @@ fn device_list(store: &impl Directory, json: bool) -> anyhow::Result<()> {
     let mut lines = Vec::new();
     for d in store.devices()? {
         let user = user_name(store, d.user_id)?;
-        let state = match d.revoked_ms {
-            Some(t) => format!("revoked {}", render_ms(t)),
-            None => "active".to_string(),
+        let state = match (d.revoked_ms, d.wipe_requested_ms, d.wiped_ms) {
+            (_, _, Some(w)) => format!(
+                "wiped {} ({} unsynced changes discarded)",
+                render_ms(w),
+                d.wipe_discarded.unwrap_or(0)
+            ),
+            (Some(t), Some(_), None) => format!("revoked {}, wipe pending", render_ms(t)),
+            (Some(t), None, _) => format!("revoked {}", render_ms(t)),
+            (None, ..) => "active".to_string(),
         };
         let seen = d.last_seen_ms.map(render_ms).unwrap_or_else(|| "never".into());
         let label = d.label.as_deref().map(|l| format!("  \"{l}\"")).unwrap_or_default();
@@ -382,6 +409,9 @@ fn device_list(store: &impl Directory, json: bool) -> anyhow::Result<()> {
             "enrolled_at": render_ms(d.enrolled_ms),
             "last_seen_at": d.last_seen_ms.map(render_ms),
             "revoked_at": d.revoked_ms.map(render_ms),
+            "wipe_requested_at": d.wipe_requested_ms.map(render_ms),
+            "wiped_at": d.wiped_ms.map(render_ms),
+            "wipe_discarded": d.wipe_discarded,
         }));
     }
     print(json, json!(rows), lines_or(lines, "no devices"))?;

@@ -133,23 +133,43 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         };
         self.housekeeping.last_check_ms = now_ms;
         let revoked: BTreeSet<Uuid> = revoked.into_iter().map(|(d, _)| d).collect();
-        let victims: Vec<ConnId> = self
+        // Revoked with a wipe: a session (its key already proven) is told to wipe at once; a
+        // pending challenge is left to `on_auth`, which tells it after the proof.
+        let mut to_wipe = BTreeSet::new();
+        for device_id in &revoked {
+            match self.directory.device(*device_id) {
+                Ok(Some(d)) if d.wipe_pending() => {
+                    to_wipe.insert(*device_id);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, device_id = %device_id, "cannot read a revoked device"),
+            }
+        }
+        let victims: Vec<(ConnId, Option<Uuid>)> = self
             .conns
             .iter()
             .filter_map(|(id, st)| match st {
-                ConnState::Ready(s) if revoked.contains(&s.device_id) => Some(*id),
-                ConnState::Challenged { device_id, .. } if revoked.contains(device_id) => Some(*id),
+                ConnState::Ready(s) if to_wipe.contains(&s.device_id) => Some((*id, Some(s.device_id))),
+                ConnState::Ready(s) if revoked.contains(&s.device_id) => Some((*id, None)),
+                ConnState::Challenged { device_id, .. }
+                    if revoked.contains(device_id) && !to_wipe.contains(device_id) =>
+                {
+                    Some((*id, None))
+                }
                 _ => None,
             })
             .collect();
-        for conn in victims {
-            self.refuse(
-                conn,
-                AuthFailure::Revoked,
-                "this device was revoked",
-                "device revoked",
-                out,
-            );
+        for (conn, wipe) in victims {
+            match wipe {
+                Some(device_id) => self.order_wipe(conn, device_id, out),
+                None => self.refuse(
+                    conn,
+                    AuthFailure::Revoked,
+                    "this device was revoked",
+                    "device revoked",
+                    out,
+                ),
+            }
         }
     }
 

@@ -36,6 +36,11 @@ pub(crate) enum ConnState {
         issued_ms: u64,
     },
     Ready(Box<Session>),
+    /// The device proved its key but was revoked with a wipe: it was told to erase its data,
+    /// and only its `Wiped` report is taken.
+    Wiping {
+        device_id: Uuid,
+    },
     /// A close was requested; further input is ignored.
     Closing,
 }
@@ -349,6 +354,14 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             ClientMessage::Ping { nonce } => {
                 out.push(Output::Send(conn, RelayMessage::Pong { nonce }));
                 Ok(())
+            }
+            ClientMessage::Wiped { discarded } => {
+                if !matches!(self.conns.get(&conn), Some(ConnState::Wiping { .. })) {
+                    self.protocol_close(conn, "wiped without a wipe", out);
+                    return Ok(());
+                }
+                self.ensure_tx(turn)?;
+                self.on_wiped(conn, discarded, now_ms, turn)
             }
             ClientMessage::Push { batch_id, mutations } => {
                 self.on_push(conn, batch_id, mutations, prechecked, now_ms, step);

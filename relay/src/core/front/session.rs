@@ -132,7 +132,8 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                     out,
                 );
             }
-            Some(d) if d.revoked_ms.is_some() => {
+            // A device to be wiped is let through the challenge: only it may report the wipe.
+            Some(d) if d.revoked_ms.is_some() && !d.wipe_pending() => {
                 self.auth_failed(
                     conn,
                     AuthFailure::Revoked,
@@ -198,7 +199,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             );
             return Ok(());
         };
-        if device.revoked_ms.is_some() {
+        if device.revoked_ms.is_some() && !device.wipe_pending() {
             self.auth_failed(
                 conn,
                 AuthFailure::Revoked,
@@ -230,6 +231,10 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 "the challenge signature does not verify".into(),
                 out,
             );
+            return Ok(());
+        }
+        if device.wipe_pending() {
+            self.order_wipe(conn, device_id, out);
             return Ok(());
         }
         let Some(user) = self.directory.user(device.user_id)? else {
@@ -430,6 +435,43 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         }
         tracing::info!(conn, device_id = %device_id, "device key rotated");
         turn.replies.push((conn, RelayMessage::KeyRotated));
+        Ok(())
+    }
+
+    /// Tells a device that proved its key, and was revoked with a wipe, to erase its data. Its
+    /// session is over: nothing but its report is taken from it.
+    pub(super) fn order_wipe(&mut self, conn: ConnId, device_id: Uuid, out: &mut Vec<Output>) {
+        tracing::warn!(conn, device_id = %device_id, "revoked device told to erase its local data");
+        self.conns.insert(conn, ConnState::Wiping { device_id });
+        out.push(Output::Send(conn, RelayMessage::Wipe));
+    }
+
+    /// The device reports its wipe: recorded in the directory (when, and how many unsynced
+    /// changes it discarded), then it is refused as any revoked device, after the commit.
+    pub(super) fn on_wiped(
+        &mut self,
+        conn: ConnId,
+        discarded: u64,
+        now_ms: u64,
+        turn: &mut Turn,
+    ) -> Result<(), StoreError> {
+        let Some(ConnState::Wiping { device_id }) = self.conns.get(&conn) else {
+            return Ok(());
+        };
+        let device_id = *device_id;
+        // `false`: another relay of the cluster recorded this device's earlier report.
+        if self.directory.record_wipe(device_id, now_ms, discarded)? {
+            tracing::warn!(conn, device_id = %device_id, discarded, "revoked device erased its local data");
+        }
+        turn.replies.push((
+            conn,
+            RelayMessage::AuthFailed {
+                reason: AuthFailure::Revoked,
+                message: format!("device {device_id} was revoked and has erased its local data"),
+            },
+        ));
+        turn.closes
+            .push((conn, CloseReason::policy(AuthFailure::Revoked.as_str())));
         Ok(())
     }
 }

@@ -293,6 +293,25 @@ impl Directory for PgDirectory {
         Ok(n > 0)
     }
 
+    fn request_wipe(&mut self, device_id: Uuid, now_ms: u64) -> StoreResult<bool> {
+        let n = self.execute(
+            "UPDATE devices SET wipe_requested_ms = $2
+             WHERE device_id = $1 AND revoked_ms IS NOT NULL AND wipe_requested_ms IS NULL",
+            &[&device_id, &i(now_ms)],
+        )?;
+        self.access_changed()?;
+        Ok(n > 0)
+    }
+
+    fn record_wipe(&mut self, device_id: Uuid, now_ms: u64, discarded: u64) -> StoreResult<bool> {
+        let n = self.execute(
+            "UPDATE devices SET wiped_ms = $2, wipe_discarded = $3
+             WHERE device_id = $1 AND wipe_requested_ms IS NOT NULL AND wiped_ms IS NULL",
+            &[&device_id, &i(now_ms), &i(discarded)],
+        )?;
+        Ok(n > 0)
+    }
+
     fn set_device_key(&mut self, device_id: Uuid, public_key: &[u8]) -> StoreResult<()> {
         self.execute(
             "UPDATE devices SET public_key = $2 WHERE device_id = $1",

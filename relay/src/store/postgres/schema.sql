@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen_ms BIGINT,
     label        TEXT
 );
+-- Remote wipe (`admin device revoke --wipe`): asked for, done as the device reported it.
+ALTER TABLE devices ADD COLUMN IF NOT EXISTS wipe_requested_ms BIGINT;
+ALTER TABLE devices ADD COLUMN IF NOT EXISTS wiped_ms BIGINT;
+ALTER TABLE devices ADD COLUMN IF NOT EXISTS wipe_discarded BIGINT;
 CREATE INDEX IF NOT EXISTS devices_revoked ON devices(revoked_ms) WHERE revoked_ms IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS served_schemas (

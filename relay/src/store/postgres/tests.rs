@@ -77,6 +77,23 @@ fn the_directory_keeps_names_unique_tokens_single_use_and_moves_the_access_marke
     );
     assert_eq!(other.revoked_since(30).unwrap(), [(Uuid::from_u128(99), 30)]);
     assert_eq!(other.counts().unwrap().devices, 1);
+
+    // A remote wipe: asked once, recorded once, read back by another relay.
+    assert!(
+        !dir.record_wipe(Uuid::from_u128(99), 31, 2).unwrap(),
+        "no wipe was asked"
+    );
+    assert!(dir.request_wipe(Uuid::from_u128(99), 32).unwrap());
+    assert!(!dir.request_wipe(Uuid::from_u128(99), 33).unwrap(), "already asked");
+    assert!(other.device(Uuid::from_u128(99)).unwrap().unwrap().wipe_pending());
+    assert!(dir.record_wipe(Uuid::from_u128(99), 34, 2).unwrap());
+    assert!(!dir.record_wipe(Uuid::from_u128(99), 35, 5).unwrap(), "recorded once");
+    let row = other.device(Uuid::from_u128(99)).unwrap().unwrap();
+    assert_eq!(
+        (row.wipe_requested_ms, row.wiped_ms, row.wipe_discarded),
+        (Some(32), Some(34), Some(2))
+    );
+    assert!(!row.wipe_pending());
 }
 
 #[test]

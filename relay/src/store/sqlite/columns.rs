@@ -156,7 +156,7 @@ pub(super) fn audit_row(row: &Row<'_>) -> rusqlite::Result<AuditRow> {
     })
 }
 
-pub(super) const DEVICE_COLS: &str = "device_id, user_id, public_key, enrolled_ms, revoked_ms, last_seen_ms, label";
+pub(super) const DEVICE_COLS: &str = "device_id, user_id, public_key, enrolled_ms, revoked_ms, last_seen_ms, label, wipe_requested_ms, wiped_ms, wipe_discarded";
 
 pub(super) fn device_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
     Ok(DeviceRow {
@@ -167,6 +167,9 @@ pub(super) fn device_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
         revoked_ms: opt_u64_col(row, 4)?,
         last_seen_ms: opt_u64_col(row, 5)?,
         label: row.get(6)?,
+        wipe_requested_ms: opt_u64_col(row, 7)?,
+        wiped_ms: opt_u64_col(row, 8)?,
+        wipe_discarded: opt_u64_col(row, 9)?,
     })
 }
 

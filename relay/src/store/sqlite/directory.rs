@@ -47,14 +47,20 @@ impl SqliteDirectory {
     pub(super) fn create_tables(conn: &Connection) -> StoreResult<()> {
         conn.execute_batch(SCHEMA_SQL)?;
         // Columns added after a store was created: nullable, so adding them changes no row.
-        for (table, column) in [("tokens", "label"), ("devices", "label")] {
+        for (table, column, kind) in [
+            ("tokens", "label", "TEXT"),
+            ("devices", "label", "TEXT"),
+            ("devices", "wipe_requested_ms", "INTEGER"),
+            ("devices", "wiped_ms", "INTEGER"),
+            ("devices", "wipe_discarded", "INTEGER"),
+        ] {
             let present: i64 = conn.query_row(
                 &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
                 [column],
                 |r| r.get(0),
             )?;
             if present == 0 {
-                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))?;
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
             }
         }
         Ok(())
@@ -325,6 +331,25 @@ impl Directory for SqliteDirectory {
         let n = self.conn.execute(
             "UPDATE devices SET revoked_ms = ?2 WHERE device_id = ?1 AND revoked_ms IS NULL",
             params![device_id.as_bytes().to_vec(), i(now_ms)],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn request_wipe(&mut self, device_id: Uuid, now_ms: u64) -> StoreResult<bool> {
+        self.access_writes += 1;
+        let n = self.conn.execute(
+            "UPDATE devices SET wipe_requested_ms = ?2
+             WHERE device_id = ?1 AND revoked_ms IS NOT NULL AND wipe_requested_ms IS NULL",
+            params![device_id.as_bytes().to_vec(), i(now_ms)],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn record_wipe(&mut self, device_id: Uuid, now_ms: u64, discarded: u64) -> StoreResult<bool> {
+        let n = self.conn.execute(
+            "UPDATE devices SET wiped_ms = ?2, wipe_discarded = ?3
+             WHERE device_id = ?1 AND wipe_requested_ms IS NOT NULL AND wiped_ms IS NULL",
+            params![device_id.as_bytes().to_vec(), i(now_ms), i(discarded)],
         )?;
         Ok(n > 0)
     }
