@@ -183,6 +183,16 @@ pub fn meta_delete(conn: &Connection, key: &str) -> Result<()> {
     Ok(())
 }
 
+/// Deletes every `meta` entry but `keep` (a remote wipe keeps the device's identity).
+pub fn meta_retain(conn: &Connection, keep: &[&str]) -> Result<()> {
+    let placeholders = vec!["?"; keep.len()].join(", ");
+    conn.execute(
+        &format!("DELETE FROM meta WHERE key NOT IN ({placeholders})"),
+        rusqlite::params_from_iter(keep),
+    )?;
+    Ok(())
+}
+
 pub fn meta_get_json<T: DeserializeOwned>(conn: &Connection, key: &str) -> Result<Option<T>> {
     match meta_get(conn, key)? {
         None => Ok(None),

@@ -381,6 +381,12 @@ pub(crate) fn count(conn: &Connection) -> Result<u64> {
     Ok(u64_of(n))
 }
 
+/// Deletes every record (a remote wipe, `crate::wipe`); what refers to them goes first.
+pub(crate) fn erase_all(conn: &Connection) -> Result<()> {
+    conn.execute("DELETE FROM entities", [])?;
+    Ok(())
+}
+
 /// Live records of the given types whose `field` holds a value: the status's counts of flagged
 /// duplicates and superseded requests, without reading every record.
 pub(crate) fn count_with_field(conn: &Connection, types: &[&str], field: &str) -> Result<u64> {

@@ -282,6 +282,12 @@ pub(crate) fn unsynced(conn: &Connection) -> Result<(u64, Option<u64>)> {
     ))
 }
 
+/// Deletes every queued and past change (a remote wipe, `crate::wipe`).
+pub(crate) fn erase_all(conn: &Connection) -> Result<()> {
+    conn.execute("DELETE FROM outbox", [])?;
+    Ok(())
+}
+
 pub(crate) fn pending_count(conn: &Connection) -> Result<u64> {
     let n: i64 = conn.query_row("SELECT COUNT(*) FROM outbox WHERE state = 'pending'", [], |r| r.get(0))?;
     Ok(u64::try_from(n).unwrap_or(0))

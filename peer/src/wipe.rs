@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::db::{self, keys};
 use crate::device::Device;
-use crate::error::{PeerError, Result};
-use crate::outbox;
+use crate::error::{PeerError, Result, io_err};
+use crate::{conflict, entity, outbox};
 
 /// What a remote wipe erased, kept in the emptied database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,30 +36,37 @@ const KEPT_META: [&str; 6] = [
     keys::HLC,
 ];
 
-/// Every table holding records or what was done to them, children first (foreign keys).
-const DATA_TABLES: [&str; 5] = ["rejected_edits", "conflicts", "lww_losses", "outbox", "entities"];
-
 impl Device {
     /// Erases every record, queued change, conflict and sync position, and returns what was
     /// discarded. A second call (the relay asks again because the first report was lost) erases
     /// nothing more and returns the first record.
     pub fn wipe(&mut self) -> Result<WipeRecord> {
-        if let Some(done) = self.wiped()? {
-            return Ok(done);
-        }
+        let record = match self.wiped()? {
+            Some(done) => done,
+            None => self.erase()?,
+        };
+        // Also after an earlier wipe whose scrub failed (another process held the file).
+        self.scrub()?;
+        Ok(record)
+    }
+
+    /// The wipe this device went through, if any.
+    pub fn wiped(&self) -> Result<Option<WipeRecord>> {
+        db::meta_get_json(&self.conn, keys::WIPED)
+    }
+
+    /// Deletes the data in one transaction and records the wipe.
+    fn erase(&mut self) -> Result<WipeRecord> {
         let now = self.now_ms();
         // Freed pages are zeroed, not left for a file reader to find.
         self.conn.pragma_update(None, "secure_delete", "ON")?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let (discarded, _) = outbox::unsynced(&tx)?;
-        for table in DATA_TABLES {
-            tx.execute(&format!("DELETE FROM {table}"), [])?;
-        }
-        let placeholders = vec!["?"; KEPT_META.len()].join(", ");
-        tx.execute(
-            &format!("DELETE FROM meta WHERE key NOT IN ({placeholders})"),
-            rusqlite::params_from_iter(KEPT_META),
-        )?;
+        // Children first (foreign keys): what was done to records, the outbox, the records.
+        conflict::erase_all(&tx)?;
+        outbox::erase_all(&tx)?;
+        entity::erase_all(&tx)?;
+        db::meta_retain(&tx, &KEPT_META)?;
         // The relay's address stays (a lost report is made again); the spaces the user could
         // see do not.
         let enrollment = self.enrollment.clone().map(|mut e| {
@@ -77,16 +84,27 @@ impl Device {
         tx.commit()?;
         self.enrollment = enrollment;
         self.notices.clear();
-        self.conn.execute_batch("VACUUM")?;
-        // Copies the rebuilt file back and empties the WAL, which held the deleted rows' last
-        // versions. A reader in another process may hold it back; the next write finishes it.
-        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(record)
     }
 
-    /// The wipe this device went through, if any.
-    pub fn wiped(&self) -> Result<Option<WipeRecord>> {
-        db::meta_get_json(&self.conn, keys::WIPED)
+    /// Leaves nothing of the deleted rows in the files: the database rebuilt, the WAL (which
+    /// held their last versions) copied back and emptied.
+    fn scrub(&mut self) -> Result<()> {
+        self.conn.execute_batch("VACUUM")?;
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy != 0 {
+            // A reader in another process holds the WAL: the wipe is reported again (and the
+            // scrub retried) at the next contact rather than called done.
+            return Err(io_err(
+                &self.dir.join(db::DB_FILE),
+                std::io::Error::other(
+                    "the wipe could not empty the write-ahead log: another process holds the database open",
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -183,6 +183,12 @@ fn open_conflict_rows(conn: &Connection, entity: Option<Uuid>) -> Result<Vec<Ope
     Ok(out)
 }
 
+/// Deletes every conflict, rejected edit and LWW loss (a remote wipe, `crate::wipe`).
+pub(crate) fn erase_all(conn: &Connection) -> Result<()> {
+    conn.execute_batch("DELETE FROM conflicts; DELETE FROM rejected_edits; DELETE FROM lww_losses;")?;
+    Ok(())
+}
+
 pub(crate) fn open_conflict(conn: &Connection, entity_id: Uuid) -> Result<Option<OpenConflict>> {
     Ok(open_conflict_rows(conn, Some(entity_id))?.pop())
 }
