@@ -193,7 +193,8 @@ fn revoke_and_wipe_in_tx(store: &mut dyn Directory, device_id: Uuid, now_ms: u64
     };
     if let Some(t) = device.wiped_ms {
         return Err(StoreError::Conflict(format!(
-            "device {device_id} already erased its data (reported at {t} ms)"
+            "device {device_id} already erased its data (reported {})",
+            fieldsync_schema::time_fmt::render_ms(t)
         )));
     }
     if device.wipe_requested_ms.is_some() {

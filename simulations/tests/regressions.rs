@@ -180,3 +180,16 @@ fn swarm_seed_30598176174131571_a_write_carrying_an_unseen_change_is_a_conflict(
     let report = run(options, None, false).unwrap();
     assert!(report.ok() && report.converged, "{}", report.render());
 }
+
+/// Found by CI's commit-derived swarm sweep: two devices merged the same flagged workout offline
+/// into two different survivors. One merge applied; the other came back as a conflict, and the
+/// person kept their own merge — but the resolution left `merged_into` alone (a device never
+/// puts it outside a merging delete), so the tombstone held both survivors as concurrent values
+/// for Automerge's tie-break. A resolution that keeps a tombstone now writes its `merged_into`.
+#[test]
+fn swarm_seed_9972495080727367_a_resolution_between_two_merges_says_which_stands() {
+    let options = SimOptions::swarm(9972495080727367, fieldsync_simulations::SwarmBounds::CI);
+    assert!(options.wearables, "the shape it was found in");
+    let report = run(options, None, false).unwrap();
+    assert!(report.ok() && report.converged, "{}", report.render());
+}

@@ -269,8 +269,14 @@ fn apply_target(ty: &EntityType, role: Option<Role>, doc: &mut EntityDoc, target
             continue;
         }
         let clears_flag = (key == DUPLICATE_OF || key == MERGED_INTO) && !target.fields.contains_key(key);
+        // Two merges of one record into different survivors (made offline on two devices):
+        // the resolution says which stands, as the delete that merged it did (the relay takes
+        // `merged_into` from a resolution only on a tombstone). Left alone, the two values
+        // would stay concurrent and Automerge's tie-break would pick.
+        let settles_merge = key == MERGED_INTO && target.deleted;
         if let Some(role) = role
             && !clears_flag
+            && !settles_merge
             && put_refusal(ty, role, key).is_some()
         {
             continue;
