@@ -49,12 +49,8 @@ fn unknown_and_revoked_devices_and_bad_signatures_are_refused() {
     assert!(closed(&out));
 
     // A wrong signature on the challenge.
-    let c = r.connect();
-    let out = r.send(c, dev.hello());
-    let Output::Send(_, RelayMessage::Challenge { relay_id, .. }) = &out[0] else {
-        panic!("{out:?}")
-    };
-    let out = r.send(c, dev.auth(*relay_id, &[0u8; 32]));
+    let (c, relay_id, _) = challenged(&mut r, &dev);
+    let out = r.send(c, dev.auth(relay_id, &[0u8; 32]));
     assert_eq!(auth_failure(&out), Some(AuthFailure::BadSignature));
 
     // Revocation closes open sessions at the next tick and refuses new ones.
@@ -579,15 +575,20 @@ fn a_long_session_keeps_the_device_last_seen_time_current() {
     assert_eq!(seen(&relay), relay.now, "refreshed a minute into the session");
 }
 
-/// Logs `dev` in on a new connection up to the relay's answer to its proven key.
-fn answer_to_proof(r: &mut TestRelay, dev: &common::TestDevice) -> (u64, Vec<Output>) {
+/// Opens a connection for `dev` and says hello: the connection, the relay id and the nonce.
+fn challenged(r: &mut TestRelay, dev: &common::TestDevice) -> (u64, uuid::Uuid, Vec<u8>) {
     let c = r.connect();
     let out = r.send(c, dev.hello());
     let Output::Send(_, RelayMessage::Challenge { relay_id, nonce }) = &out[0] else {
         panic!("expected a challenge, got {out:?}")
     };
-    let (relay_id, nonce) = (*relay_id, nonce.clone());
-    (c, r.send(c, dev.auth(relay_id, &nonce.0)))
+    (c, *relay_id, nonce.0.clone())
+}
+
+/// Logs `dev` in on a new connection up to the relay's answer to its proven key.
+fn answer_to_proof(r: &mut TestRelay, dev: &common::TestDevice) -> (u64, Vec<Output>) {
+    let (c, relay_id, nonce) = challenged(r, dev);
+    (c, r.send(c, dev.auth(relay_id, &nonce)))
 }
 
 /// A device revoked with a wipe still answers the challenge (only the device may report the
@@ -614,12 +615,8 @@ fn a_device_revoked_with_a_wipe_is_told_to_wipe_once_it_proves_its_key_and_its_r
     assert_eq!(auth_failure(&out), None);
 
     // Someone with the device id but not its key learns nothing of the wipe.
-    let c = r.connect();
-    let out = r.send(c, dev.hello());
-    let Output::Send(_, RelayMessage::Challenge { relay_id, .. }) = &out[0] else {
-        panic!("{out:?}")
-    };
-    let out = r.send(c, dev.auth(*relay_id, &[0u8; 32]));
+    let (c, relay_id, _) = challenged(&mut r, &dev);
+    let out = r.send(c, dev.auth(relay_id, &[0u8; 32]));
     assert_eq!(auth_failure(&out), Some(AuthFailure::BadSignature));
     assert!(!out.iter().any(|o| matches!(o, Output::Send(_, RelayMessage::Wipe))));
 

@@ -286,6 +286,12 @@ fn metrics_move_as_traffic_flows() {
     assert_eq!(http_get(relay.addr, "/healthz"), (200, "ok\n".to_string()));
 }
 
+/// The relay's count of authenticated sessions (`/v1/status`).
+fn authenticated_sessions(relay: &Relay) -> Value {
+    let (_, body) = http_get(relay.addr, "/v1/status");
+    serde_json::from_str::<Value>(&body).unwrap()["authenticated"].clone()
+}
+
 #[test]
 fn a_revoked_device_is_disconnected_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
@@ -319,10 +325,7 @@ fn a_revoked_device_is_disconnected_within_a_second() {
     });
     let (_, first) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(first, "connected");
-    let authenticated = || {
-        let (_, body) = http_get(relay.addr, "/v1/status");
-        serde_json::from_str::<Value>(&body).unwrap()["authenticated"].clone()
-    };
+    let authenticated = || authenticated_sessions(&relay);
     assert!(eventually(Duration::from_secs(10), || authenticated() == json!(1)));
 
     let revoke = relay.admin(&["device", "revoke", &device_id.to_string()]);
@@ -550,10 +553,7 @@ fn a_watching_device_revoked_with_a_wipe_erases_its_data_without_reconnecting() 
         });
         (result, dev)
     });
-    let authenticated = || {
-        let (_, body) = http_get(relay.addr, "/v1/status");
-        serde_json::from_str::<Value>(&body).unwrap()["authenticated"].clone()
-    };
+    let authenticated = || authenticated_sessions(&relay);
     assert!(eventually(Duration::from_secs(10), || authenticated() == json!(1)));
     assert!(eventually(Duration::from_secs(10), || {
         relay.admin(&["stats"])["counts"]["documents"] == json!(1)

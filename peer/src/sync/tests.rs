@@ -32,8 +32,8 @@ fn welcome(max_batch: u32) -> RelayMessage {
     }
 }
 
-/// Runs the handshake and returns what the machine sends after `Welcome`.
-fn connect(m: &mut SyncMachine, f: &mut Fixture, max_batch: u32) -> Vec<ClientMessage> {
+/// Connects and answers the relay's challenge: the machine then awaits `Welcome`.
+fn answer_challenge(m: &mut SyncMachine, f: &mut Fixture) {
     let hello = m.handle(&mut f.dev, SyncInput::Connected).unwrap();
     assert!(matches!(hello[..], [ClientMessage::Hello { .. }]));
     let challenge = RelayMessage::Challenge {
@@ -42,6 +42,11 @@ fn connect(m: &mut SyncMachine, f: &mut Fixture, max_batch: u32) -> Vec<ClientMe
     };
     let auth = m.handle(&mut f.dev, SyncInput::Message(challenge)).unwrap();
     assert!(matches!(auth[..], [ClientMessage::Auth { .. }]));
+}
+
+/// Runs the handshake and returns what the machine sends after `Welcome`.
+fn connect(m: &mut SyncMachine, f: &mut Fixture, max_batch: u32) -> Vec<ClientMessage> {
+    answer_challenge(m, f);
     m.handle(&mut f.dev, SyncInput::Message(welcome(max_batch))).unwrap()
 }
 
@@ -603,12 +608,7 @@ fn a_wipe_order_erases_the_device_and_reports_the_unsynced_changes_it_discarded(
     let kept = f.patient("Zelda Quixotic");
     f.patient("Ygritte Marrow");
     let mut m = SyncMachine::default();
-    let challenge = || RelayMessage::Challenge {
-        relay_id: relay_id(),
-        nonce: Bytes(vec![7; 32]),
-    };
-    m.handle(&mut f.dev, SyncInput::Connected).unwrap();
-    m.handle(&mut f.dev, SyncInput::Message(challenge())).unwrap();
+    answer_challenge(&mut m, &mut f);
     let out = m.handle(&mut f.dev, SyncInput::Message(RelayMessage::Wipe)).unwrap();
     assert_eq!(out, vec![ClientMessage::Wiped { discarded: 2 }]);
     assert_eq!(m.phase(), Phase::Wiping);
@@ -637,8 +637,7 @@ fn a_wipe_order_erases_the_device_and_reports_the_unsynced_changes_it_discarded(
 
     let mut f = f.reopen(2);
     let mut m = SyncMachine::default();
-    m.handle(&mut f.dev, SyncInput::Connected).unwrap();
-    m.handle(&mut f.dev, SyncInput::Message(challenge())).unwrap();
+    answer_challenge(&mut m, &mut f);
     let out = m.handle(&mut f.dev, SyncInput::Message(RelayMessage::Wipe)).unwrap();
     assert_eq!(out, vec![ClientMessage::Wiped { discarded: 2 }]);
 }
