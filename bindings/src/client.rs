@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use fieldsync_peer::{Client, Device};
+use fieldsync_peer::{Client, DatabaseKey, Device};
 use fieldsync_schema::{Schema, SystemTimeSource};
 
 use crate::error::{FieldsyncError, Result};
@@ -19,6 +19,9 @@ use crate::records::{
 #[derive(uniffi::Object)]
 pub struct FieldsyncClient {
     dir: PathBuf,
+    /// The database's at-rest key (`None`: plaintext), to open the device again after a
+    /// refused sign-out; `rekey` replaces it.
+    db_key: Mutex<Option<DatabaseKey>>,
     runtime: tokio::runtime::Runtime,
     /// `None` once closed or signed out.
     client: Mutex<Option<Client>>,
@@ -28,7 +31,7 @@ pub struct FieldsyncClient {
 }
 
 impl FieldsyncClient {
-    fn around(dir: PathBuf, device: Device) -> Result<Arc<Self>> {
+    fn around(dir: PathBuf, device: Device, db_key: Option<DatabaseKey>) -> Result<Arc<Self>> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("fieldsync-sync")
@@ -39,6 +42,7 @@ impl FieldsyncClient {
             })?;
         Ok(Arc::new(FieldsyncClient {
             dir,
+            db_key: Mutex::new(db_key),
             runtime,
             client: Mutex::new(Some(Client::new(device))),
             listeners: Mutex::new(Vec::new()),
@@ -92,21 +96,44 @@ impl FieldsyncClient {
     pub fn open(dir: String) -> Result<Arc<Self>> {
         let dir = PathBuf::from(dir);
         let device = Device::open_default(&dir)?;
-        FieldsyncClient::around(dir, device)
+        FieldsyncClient::around(dir, device, None)
+    }
+
+    /// Opens the device in `dir` encrypted at rest with `key_hex` (64 hex digits: 32 random
+    /// bytes the app keeps in the platform keystore); a new device is created encrypted. A
+    /// wrong key, or a plaintext device, is a `Key` error and opens nothing.
+    #[uniffi::constructor]
+    pub fn open_encrypted(dir: String, key_hex: String) -> Result<Arc<Self>> {
+        let dir = PathBuf::from(dir);
+        let key = parse_key(&key_hex)?;
+        let device = open_device(&dir, Some(key.clone()))?;
+        FieldsyncClient::around(dir, device, Some(key))
     }
 
     /// Restores a backup made by `export_backup` into `dir`, which must not hold a device.
-    #[uniffi::constructor]
-    pub fn import_backup(dir: String, file: String) -> Result<Arc<Self>> {
+    /// A backup of an encrypted device needs its key (`key_hex`), and stays encrypted.
+    #[uniffi::constructor(default(key_hex = None))]
+    pub fn import_backup(dir: String, file: String, key_hex: Option<String>) -> Result<Arc<Self>> {
         let dir = PathBuf::from(dir);
-        let device = Device::import(
+        let key = key_hex.as_deref().map(parse_key).transpose()?;
+        let device = Device::import_keyed(
             &dir,
             std::path::Path::new(&file),
             Arc::new(SystemTimeSource),
             fieldsync_peer::os_rng()?,
             Arc::new(Schema::default_schema()),
+            key.clone(),
         )?;
-        FieldsyncClient::around(dir, device)
+        FieldsyncClient::around(dir, device, key)
+    }
+
+    /// Encrypts a plaintext device with `new_key_hex`, or moves an encrypted one to it. Open
+    /// it with the new key from then on.
+    pub fn rekey(&self, new_key_hex: String) -> Result<()> {
+        let key = parse_key(&new_key_hex)?;
+        self.read(|d| d.rekey(key.clone()))?;
+        *lock(&self.db_key) = Some(key);
+        Ok(())
     }
 
     pub fn device_id(&self) -> Result<String> {
@@ -277,7 +304,8 @@ impl FieldsyncClient {
                 Ok(report.into())
             }
             Err(refused) => {
-                *slot = Some(Client::new(Device::open_default(&self.dir)?));
+                let key = lock(&self.db_key).clone();
+                *slot = Some(Client::new(open_device(&self.dir, key)?));
                 Err(refused.into())
             }
         }
@@ -329,4 +357,19 @@ impl FieldsyncClient {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Opens `dir` as an app does (default schema, system clock, OS-seeded randomness).
+fn open_device(dir: &std::path::Path, key: Option<DatabaseKey>) -> Result<Device> {
+    Ok(Device::open_keyed(
+        dir,
+        Arc::new(SystemTimeSource),
+        fieldsync_peer::os_rng()?,
+        Arc::new(Schema::default_schema()),
+        key,
+    )?)
+}
+
+fn parse_key(hex: &str) -> Result<DatabaseKey> {
+    DatabaseKey::from_hex(hex).map_err(|e| FieldsyncError::Key { message: e.to_string() })
 }

@@ -47,6 +47,10 @@ pub enum FieldsyncError {
     /// The store failed (database, file, corrupt data, backup).
     #[error("{message}")]
     Storage { message: String },
+    /// The database key is missing, wrong or malformed (encryption at rest): nothing was
+    /// opened or changed.
+    #[error("{message}")]
+    Key { message: String },
 }
 
 pub type Result<T, E = FieldsyncError> = std::result::Result<T, E>;
@@ -80,6 +84,7 @@ impl From<PeerError> for FieldsyncError {
             }
             PeerError::Resolution(_) => FieldsyncError::Resolution { message },
             PeerError::StorageFull(_) => FieldsyncError::StorageFull { message },
+            PeerError::Key(_) => FieldsyncError::Key { message },
             PeerError::Db(_)
             | PeerError::Io { .. }
             | PeerError::Schema(_)

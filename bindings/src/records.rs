@@ -186,6 +186,8 @@ pub struct Status {
     /// how many unsynced changes went with it. Writes are refused from then on.
     pub wiped_at_ms: Option<u64>,
     pub wipe_discarded: Option<u64>,
+    /// Whether the database is encrypted at rest (`open_encrypted`).
+    pub encrypted: bool,
 }
 
 impl From<peer::Status> for Status {
@@ -227,6 +229,7 @@ impl From<peer::Status> for Status {
             superseded_requests: s.superseded_requests,
             wiped_at_ms: s.wiped.map(|w| w.wiped_at_ms),
             wipe_discarded: s.wiped.map(|w| w.discarded),
+            encrypted: s.encrypted,
         }
     }
 }

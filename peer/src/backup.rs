@@ -1,6 +1,7 @@
 //! Export, import and sign-out.
 //!
-//! An export is a consistent single-file copy of the whole database (`VACUUM INTO`), written
+//! An export is a consistent single-file copy of the whole database (`VACUUM INTO`; an
+//! encrypted device's export is encrypted with the same key), written
 //! next to its destination and renamed into place, so a crash never leaves a half backup under
 //! the final name. Import adopts such a file into an empty dir only after SQLite's integrity
 //! check and a check that it is a device database. Sign-out wipes the device and is refused
@@ -10,8 +11,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fieldsync_schema::sqlite_key::{self, DatabaseKey, KeyError};
 use fieldsync_schema::{Schema, TimeSource};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::OpenFlags;
 use serde::Serialize;
 
 use crate::db::{self, keys};
@@ -106,6 +108,19 @@ impl Device {
         rng: DeviceRng,
         schema: Arc<Schema>,
     ) -> Result<Device> {
+        Device::import_keyed(dir, file, time, rng, schema, None)
+    }
+
+    /// Restores a backup made by an encrypted device (an export is encrypted with the
+    /// device's key): the same key opens it, and the imported device stays encrypted with it.
+    pub fn import_keyed(
+        dir: &Path,
+        file: &Path,
+        time: Arc<dyn TimeSource>,
+        rng: DeviceRng,
+        schema: Arc<Schema>,
+        db_key: Option<DatabaseKey>,
+    ) -> Result<Device> {
         if Device::exists(dir) {
             return Err(PeerError::Backup(format!(
                 "{} already holds a device; import only into a new, empty data dir",
@@ -115,14 +130,14 @@ impl Device {
         if !file.is_file() {
             return Err(PeerError::Backup(format!("{} is not a file", file.display())));
         }
-        check_backup(file)?;
+        check_backup(file, db_key.as_ref())?;
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let target = dir.join(db::DB_FILE);
         let tmp = dir.join(format!("{}.importing", db::DB_FILE));
         std::fs::copy(file, &tmp).map_err(|e| io_err(&tmp, e))?;
         sync_file(&tmp)?;
         std::fs::rename(&tmp, &target).map_err(|e| io_err(&target, e))?;
-        Device::open_with_schema(dir, time, rng, schema)
+        Device::open_keyed(dir, time, rng, schema, db_key)
     }
 
     /// Wipes this device. Refused while anything is unsynced, unless exported after the last
@@ -165,9 +180,11 @@ impl Device {
 }
 
 /// Opens a candidate backup read-only and checks it before anything is copied.
-fn check_backup(file: &Path) -> Result<()> {
-    let conn = Connection::open_with_flags(file, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| PeerError::Backup(format!("{} is not a readable database: {e}", file.display())))?;
+fn check_backup(file: &Path, db_key: Option<&DatabaseKey>) -> Result<()> {
+    let conn = sqlite_key::open(file, OpenFlags::SQLITE_OPEN_READ_ONLY, db_key).map_err(|e| match e {
+        KeyError::Sqlite(e) => PeerError::Backup(format!("{} is not a readable database: {e}", file.display())),
+        other => PeerError::Key(other.to_string()),
+    })?;
     db::check_integrity(&conn).map_err(|e| PeerError::Backup(format!("{}: {e}", file.display())))?;
     let has_identity = db::meta_get(&conn, keys::DEVICE_ID)
         .ok()

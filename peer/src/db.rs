@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use fieldsync_schema::sqlite_file::FileProblem;
+use fieldsync_schema::sqlite_key::{self, DatabaseKey};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -119,9 +120,11 @@ ALTER TABLE lww_losses ADD COLUMN undo_mutation TEXT;
 "#;
 
 /// Opens (creating if needed) the database file with the settings every connection needs, and
-/// brings an older layout up to date in one transaction.
-pub fn open(path: &Path) -> Result<Connection> {
-    let mut conn = Connection::open(path)?;
+/// brings an older layout up to date in one transaction. With `key` the file is encrypted at
+/// rest (a new file is created encrypted); a wrong or missing key is an error, never a new,
+/// empty database.
+pub fn open(path: &Path, key: Option<&DatabaseKey>) -> Result<Connection> {
+    let mut conn = sqlite_key::open_rw(path, key)?;
     configure(&conn)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
@@ -245,7 +248,7 @@ mod tests {
     fn open_sets_wal_full_and_foreign_keys_and_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(DB_FILE);
-        let conn = open(&path).unwrap();
+        let conn = open(&path, None).unwrap();
         let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         let fk: i64 = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
@@ -253,7 +256,7 @@ mod tests {
         meta_set(&conn, "k", "v1").unwrap();
         meta_set(&conn, "k", "v2").unwrap();
         drop(conn);
-        let conn = open(&path).unwrap();
+        let conn = open(&path, None).unwrap();
         assert_eq!(meta_get(&conn, "k").unwrap().as_deref(), Some("v2"));
         assert!(check_integrity(&conn).is_ok());
     }
@@ -340,7 +343,7 @@ CREATE TABLE IF NOT EXISTS lww_losses (
             )
             .unwrap();
         }
-        let conn = open(&path).unwrap();
+        let conn = open(&path, None).unwrap();
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         let (position, superseded_by): (Option<i64>, Option<String>) = conn
@@ -361,17 +364,17 @@ CREATE TABLE IF NOT EXISTS lww_losses (
         assert_eq!(n, 0);
         drop(conn);
         // Opening again is a no-op.
-        open(&path).unwrap();
+        open(&path, None).unwrap();
     }
 
     #[test]
     fn a_file_from_a_newer_layout_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(DB_FILE);
-        let conn = open(&path).unwrap();
+        let conn = open(&path, None).unwrap();
         conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         drop(conn);
-        let err = open(&path).unwrap_err().to_string();
+        let err = open(&path, None).unwrap_err().to_string();
         assert!(err.contains("newer"), "{err}");
     }
 

@@ -1,5 +1,8 @@
 //! `Device`: one device's store, identity and enrollment.
 //!
+//! Its database may be encrypted at rest with a key the app supplies ([`Device::open_keyed`];
+//! `at_rest.rs` changes the key).
+//!
 //! A device works before it is enrolled and without any network: its identity (a UUID and an
 //! ed25519 key) is created from the injected RNG on first open and kept in the database, and
 //! every timestamp comes from the injected clock, so a simulation seed reproduces a device bit
@@ -10,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fieldsync_schema::document::device_actor;
+use fieldsync_schema::sqlite_key::DatabaseKey;
 use fieldsync_schema::wire::UserInfo;
 use fieldsync_schema::{DeviceKey, FieldKind, HlcClock, Role, Schema, TimeSource, ids};
 use rusqlite::{Connection, TransactionBehavior};
@@ -132,6 +136,8 @@ pub struct Status {
     pub superseded_requests: u64,
     /// The relay had this device's data erased (a remote wipe): when, and what was discarded.
     pub wiped: Option<crate::wipe::WipeRecord>,
+    /// Whether the database is encrypted at rest ([`Device::open_keyed`]).
+    pub encrypted: bool,
 }
 
 /// What `retry` did.
@@ -145,6 +151,8 @@ pub struct RetryReport {
 pub struct Device {
     pub(crate) conn: Connection,
     pub(crate) dir: PathBuf,
+    /// The key the database is encrypted with at rest (`None`: a plaintext file).
+    pub(crate) db_key: Option<DatabaseKey>,
     pub(crate) schema: Arc<Schema>,
     pub(crate) time: Arc<dyn TimeSource>,
     pub(crate) rng: DeviceRng,
@@ -203,11 +211,24 @@ impl Device {
     pub fn open_with_schema(
         dir: &Path,
         time: Arc<dyn TimeSource>,
-        mut rng: DeviceRng,
+        rng: DeviceRng,
         schema: Arc<Schema>,
     ) -> Result<Device> {
+        Device::open_keyed(dir, time, rng, schema, None)
+    }
+
+    /// Opens a device whose database is encrypted at rest with `key` (from the platform
+    /// keystore); a new device is created encrypted. A wrong key, or none for an encrypted
+    /// device, is [`PeerError::Key`] and opens nothing. `None` is [`Device::open_with_schema`].
+    pub fn open_keyed(
+        dir: &Path,
+        time: Arc<dyn TimeSource>,
+        mut rng: DeviceRng,
+        schema: Arc<Schema>,
+        db_key: Option<DatabaseKey>,
+    ) -> Result<Device> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let mut conn = db::open(&dir.join(db::DB_FILE))?;
+        let mut conn = db::open(&dir.join(db::DB_FILE), db_key.as_ref())?;
         let now = time.now_ms();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let (device_id, key) = match (
@@ -245,6 +266,7 @@ impl Device {
         Ok(Device {
             conn,
             dir: dir.to_path_buf(),
+            db_key,
             schema,
             time,
             rng,
@@ -608,6 +630,7 @@ impl Device {
                 fieldsync_schema::registry::SUPERSEDED_AT,
             )?,
             wiped: self.wiped()?,
+            encrypted: self.is_encrypted(),
         })
     }
 

@@ -54,6 +54,10 @@ pub enum PeerError {
     NoSuchMutation(Uuid),
     #[error("{0}")]
     Backup(String),
+    /// The database key is missing, wrong, malformed, or given for a file that is not
+    /// encrypted (encryption at rest): nothing was opened or changed.
+    #[error("{0}")]
+    Key(String),
     #[error("sign-out refused: {0}")]
     SignOutRefused(String),
     /// A conflict, rejection or LWW loss cannot be resolved as asked; says what can be done.
@@ -75,6 +79,15 @@ impl From<rusqlite::Error> for PeerError {
             PeerError::StorageFull(e)
         } else {
             PeerError::Db(e)
+        }
+    }
+}
+
+impl From<fieldsync_schema::sqlite_key::KeyError> for PeerError {
+    fn from(e: fieldsync_schema::sqlite_key::KeyError) -> Self {
+        match e {
+            fieldsync_schema::sqlite_key::KeyError::Sqlite(e) => e.into(),
+            other => PeerError::Key(other.to_string()),
         }
     }
 }

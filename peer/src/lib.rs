@@ -15,6 +15,7 @@
 //! injects the system's). Storage I/O (SQLite) is synchronous and
 //! happens inside the calls, so the machine is free of network and clock, not of I/O.
 
+pub mod at_rest;
 pub mod authority;
 pub mod backup;
 pub mod conflict;
@@ -30,6 +31,7 @@ pub mod sync;
 pub mod wipe;
 pub mod write;
 
+pub use at_rest::RekeyReport;
 pub use authority::{MergeReport, PossibleDuplicate, SupersededRequest};
 pub use conflict::{
     Author, ConflictRecord, DiscardReport, FieldConflict, FieldStatus, LwwLossRecord, RecordState, RejectedEdit,
@@ -38,6 +40,7 @@ pub use conflict::{
 pub use device::{BlockedOn, Device, DeviceRng, EnrolledAs, Enrollment, Notice, RetryReport, Status, SyncStatus};
 pub use entity::{Entity, FieldFilter, SyncState};
 pub use error::{PeerError, Result};
+pub use fieldsync_schema::sqlite_key::DatabaseKey;
 pub use net::app::{Client, ClientEvent, Write, os_rng};
 pub use outbox::{OutboxItem, OutboxState};
 pub use wipe::WipeRecord;

@@ -138,6 +138,7 @@ fn schema_and_protocol_mismatches_are_named() {
             device_id: dev.device_id,
             schema_hash: SchemaHash([0; 32]),
             schema_version: 1,
+            compression: false,
         },
     );
     assert_eq!(auth_failure(&out), Some(AuthFailure::SchemaMismatch));
@@ -149,6 +150,7 @@ fn schema_and_protocol_mismatches_are_named() {
             device_id: dev.device_id,
             schema_hash: Schema::default_schema().hash(),
             schema_version: 1,
+            compression: false,
         },
     );
     assert_eq!(auth_failure(&out), Some(AuthFailure::UnsupportedProtocol));

@@ -11,6 +11,7 @@
 //! - [`ids`]: ids drawn from an injected randomness source.
 //! - [`cli`]: what the command lines share (quiet exit on a closed pipe).
 //! - `sqlite_file` (feature `sqlite`): the integrity check every fieldsync SQLite file passes.
+//! - `sqlite_key` (feature `sqlite`): the key that encrypts a SQLite file at rest.
 //! - `testkit` (feature `testkit`): a device built by hand, for tests and the load generator.
 
 pub mod cli;
@@ -22,6 +23,8 @@ pub mod registry;
 pub mod signing;
 #[cfg(feature = "sqlite")]
 pub mod sqlite_file;
+#[cfg(feature = "sqlite")]
+pub mod sqlite_key;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod time_fmt;

@@ -338,6 +338,7 @@ pub fn peer_machine(data: &[u8]) {
             server_time_ms: T0,
             max_batch: 256,
             schema_version: 1,
+            compression: true,
         },
     ];
     for msg in handshake.into_iter().chain(messages) {

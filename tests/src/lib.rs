@@ -201,11 +201,13 @@ impl Relay {
 
     /// Runs `fieldsync-relay admin --data DIR --json ARGS` and parses its JSON output.
     pub fn admin(&self, args: &[&str]) -> Value {
+        // With the relay's environment: an encrypted store's key travels with it.
         let out = Command::new(bin("fieldsync-relay"))
             .arg("admin")
             .args(self.store_args())
             .arg("--json")
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run admin");
         assert!(

@@ -267,6 +267,7 @@ fn authentication_refuses_wrong_keys_replayed_answers_and_challenges_of_another_
             device_id: victim.device_id,
             schema_hash: fieldsync_tests::attacker::schema_hash(),
             schema_version: 1,
+            compression: false,
         };
         assert_eq!(refused(&relay, other_protocol).await, AuthFailure::UnsupportedProtocol);
         let other_schema = ClientMessage::Hello {
@@ -274,6 +275,7 @@ fn authentication_refuses_wrong_keys_replayed_answers_and_challenges_of_another_
             device_id: victim.device_id,
             schema_hash: SchemaHash([1; 32]),
             schema_version: 1,
+            compression: false,
         };
         assert_eq!(refused(&relay, other_schema).await, AuthFailure::SchemaMismatch);
 

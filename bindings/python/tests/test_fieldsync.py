@@ -278,6 +278,36 @@ class TwoDevicesOnOneRelay(unittest.TestCase):
         self.assertEqual(json.loads(restored.get(note_patient).fields_json)["name"], "Kept")
         self.assertEqual([i.state for i in restored.queue(False)], ["pending"])
 
+    def test_an_encrypted_device_opens_only_with_its_key(self):
+        key, other = "3f" * 32, "a1" * 32
+        path = os.path.join(self.tmp, "encrypted")
+        tablet = FieldsyncClient.open_encrypted(path, key)
+        patient = tablet.put("patient", None, json.dumps({"name": "Quentin Marchetti"})).entity_id
+        self.assertTrue(tablet.status().encrypted)
+        backup = os.path.join(self.tmp, "encrypted.backup")
+        tablet.export_backup(backup)
+        tablet.close()
+        for name in os.listdir(path):
+            with open(os.path.join(path, name), "rb") as f:
+                self.assertNotIn(b"Marchetti", f.read(), name)
+        with self.assertRaises(FieldsyncError.Key):
+            FieldsyncClient.open_encrypted(path, other)
+        with self.assertRaises(FieldsyncError.Key):
+            FieldsyncClient.open(path)
+        with self.assertRaises(FieldsyncError.Key):
+            FieldsyncClient.open_encrypted(path, "not hex")
+
+        reopened = FieldsyncClient.open_encrypted(path, key)
+        reopened.rekey(other)
+        self.assertEqual(json.loads(reopened.get(patient).fields_json)["name"], "Quentin Marchetti")
+        reopened.close()
+        self.clients.append(FieldsyncClient.open_encrypted(path, other))
+        with self.assertRaises(FieldsyncError.Key):
+            FieldsyncClient.import_backup(os.path.join(self.tmp, "restored"), backup)
+        restored = FieldsyncClient.import_backup(os.path.join(self.tmp, "restored"), backup, key)
+        self.clients.append(restored)
+        self.assertEqual(json.loads(restored.get(patient).fields_json)["name"], "Quentin Marchetti")
+
 
 if __name__ == "__main__":
     unittest.main()

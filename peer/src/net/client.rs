@@ -2,11 +2,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fieldsync_schema::ClientMessage;
 
-use super::{NetError, Socket, TlsOptions, close, connect, receive, send, send_all};
+use super::{NetError, Socket, TlsOptions, TrafficMeter, close, connect, receive, send, send_all};
 use crate::deadline::Deadline;
 use crate::device::Device;
 use crate::sync::{Phase, SyncInput, SyncMachine, SyncSummary};
@@ -29,6 +30,10 @@ pub struct SyncOptions {
     /// the retry is further away (the relay's disk is full, it is overloaded) the round ends
     /// and they stay queued for the next sync.
     pub retry_patience: Duration,
+    /// Offer the relay compressed frames (on by default; off only to measure what it saves).
+    pub compression: bool,
+    /// Bytes over the wire, summed over every connection made with these options.
+    pub traffic: Arc<TrafficMeter>,
 }
 
 impl SyncOptions {
@@ -49,6 +54,8 @@ impl Default for SyncOptions {
             ping_every: Duration::from_secs(30),
             tls: TlsOptions::default(),
             retry_patience: Duration::from_secs(5),
+            compression: true,
+            traffic: Arc::new(TrafficMeter::default()),
         }
     }
 }
@@ -116,6 +123,7 @@ pub async fn sync_round(drive: &mut impl Drive, opts: &SyncOptions) -> Result<Sy
                 if result.is_ok() {
                     close(&mut socket).await;
                 }
+                opts.traffic.add(socket.traffic);
                 result
             }
             Err(e) => Err(e),
@@ -204,6 +212,7 @@ pub async fn watch_with<F: Future<Output = ()>>(
                 if r.is_ok() {
                     close(&mut socket).await;
                 }
+                opts.traffic.add(socket.traffic);
                 r
             }
             Err(e) => Err(e),
@@ -250,6 +259,7 @@ async fn session<F: Future<Output = ()>>(
     let mut reported = start;
     let queued = drive.step(|d, _| d.status())?.unsynced;
     let mut bar = Progress::new(queued, opts);
+    socket.offer_compression = opts.compression;
     send_all(socket, drive.step(|d, m| m.handle(d, SyncInput::Connected))?).await?;
     let mut last_traffic = tokio::time::Instant::now();
     loop {

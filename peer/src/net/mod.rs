@@ -64,7 +64,48 @@ impl NetError {
     }
 }
 
-pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// One connection to a relay: the WebSocket, whether frames may go compressed, and what
+/// crossed it.
+pub(crate) struct Socket {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The relay said in `Welcome` that it reads compressed frames; until then, and with an
+    /// older relay, every frame goes as it is.
+    compress: bool,
+    /// Offer compression in `Hello` (off only to measure what it saves).
+    offer_compression: bool,
+    pub(crate) traffic: Traffic,
+}
+
+/// Bytes of frames (WebSocket payloads) over one connection, each way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+}
+
+/// A running total of [`Traffic`] over every connection of a [`SyncOptions`] (clones share
+/// it): what a benchmark or an app's data-usage screen reads.
+#[derive(Debug, Default)]
+pub struct TrafficMeter {
+    sent_bytes: std::sync::atomic::AtomicU64,
+    received_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl TrafficMeter {
+    pub fn total(&self) -> Traffic {
+        use std::sync::atomic::Ordering::Relaxed;
+        Traffic {
+            sent_bytes: self.sent_bytes.load(Relaxed),
+            received_bytes: self.received_bytes.load(Relaxed),
+        }
+    }
+
+    pub(crate) fn add(&self, t: Traffic) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.sent_bytes.fetch_add(t.sent_bytes, Relaxed);
+        self.received_bytes.fetch_add(t.received_bytes, Relaxed);
+    }
+}
 
 /// The sync endpoint for a relay address: `ws://host:port` gets `/v1/sync` appended.
 pub fn endpoint(relay_url: &str) -> Result<String, NetError> {
@@ -91,7 +132,12 @@ pub(crate) async fn connect(relay_url: &str, tls: &TlsOptions) -> Result<Socket,
     config.max_frame_size = Some(MAX_MESSAGE_BYTES);
     let attempt = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(config), false, Some(connector));
     match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-        Ok(Ok((socket, _))) => Ok(socket),
+        Ok(Ok((ws, _))) => Ok(Socket {
+            ws,
+            compress: false,
+            offer_compression: true,
+            traffic: Traffic::default(),
+        }),
         Ok(Err(e)) => Err(NetError::Unreachable {
             url,
             reason: e.to_string(),
@@ -104,8 +150,21 @@ pub(crate) async fn connect(relay_url: &str, tls: &TlsOptions) -> Result<Socket,
 }
 
 pub(crate) async fn send(socket: &mut Socket, msg: &ClientMessage) -> Result<(), NetError> {
+    let frame = match msg {
+        ClientMessage::Hello { .. } if !socket.offer_compression => {
+            let mut plain = msg.clone();
+            if let ClientMessage::Hello { compression, .. } = &mut plain {
+                *compression = false;
+            }
+            plain.encode()
+        }
+        _ if socket.compress => msg.encode_compressed(),
+        _ => msg.encode(),
+    };
+    socket.traffic.sent_bytes += frame.len() as u64;
     socket
-        .send(Message::Binary(msg.encode().into()))
+        .ws
+        .send(Message::Binary(frame.into()))
         .await
         .map_err(|e| NetError::ConnectionLost(e.to_string()))
 }
@@ -120,10 +179,17 @@ pub(crate) async fn send_all(socket: &mut Socket, msgs: Vec<ClientMessage>) -> R
 /// The next relay message, or why there is none.
 pub(crate) async fn receive(socket: &mut Socket) -> Result<RelayMessage, NetError> {
     loop {
-        match socket.next().await {
+        match socket.ws.next().await {
             None => return Err(NetError::ConnectionLost("the relay hung up".into())),
             Some(Err(e)) => return Err(NetError::ConnectionLost(e.to_string())),
-            Some(Ok(Message::Binary(bytes))) => return Ok(RelayMessage::decode(&bytes)?),
+            Some(Ok(Message::Binary(bytes))) => {
+                socket.traffic.received_bytes += bytes.len() as u64;
+                let msg = RelayMessage::decode(&bytes)?;
+                if let RelayMessage::Welcome { compression, .. } = &msg {
+                    socket.compress = *compression && socket.offer_compression;
+                }
+                return Ok(msg);
+            }
             Some(Ok(Message::Close(frame))) => {
                 let reason = frame
                     .map(|f| format!("{} ({})", f.reason, u16::from(f.code)))
@@ -140,12 +206,13 @@ pub(crate) async fn receive(socket: &mut Socket) -> Result<RelayMessage, NetErro
 
 pub(crate) async fn close(socket: &mut Socket) {
     let _ = socket
+        .ws
         .send(Message::Close(Some(tungstenite::protocol::CloseFrame {
             code: tungstenite::protocol::frame::coding::CloseCode::Normal,
             reason: "sync done".into(),
         })))
         .await;
-    let _ = socket.close(None).await;
+    let _ = socket.ws.close(None).await;
 }
 
 #[cfg(test)]

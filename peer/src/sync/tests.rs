@@ -29,6 +29,7 @@ fn welcome(max_batch: u32) -> RelayMessage {
         server_time_ms: T0,
         max_batch,
         schema_version: 1,
+        compression: true,
     }
 }
 
@@ -138,6 +139,7 @@ fn the_handshake_signs_the_challenge_with_the_device_key() {
             device_id: f.dev.device_id(),
             schema_hash: Schema::default_schema().hash(),
             schema_version: 1,
+            compression: true,
         }]
     );
     let nonce = vec![3u8; 32];

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use fieldsync_schema::sqlite_file::FileProblem;
-use rusqlite::{Connection, OpenFlags};
+use fieldsync_schema::sqlite_key::DatabaseKey;
+use rusqlite::OpenFlags;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -107,11 +108,16 @@ impl DrillReport {
 /// Restores the backup at `from` (a backup directory, or a round-1 backup file) into a scratch
 /// directory and verifies it. Never touches `from` itself.
 pub fn restore_drill(from: &Path) -> DrillReport {
+    restore_drill_keyed(from, None)
+}
+
+/// [`restore_drill`] of a backup of a store encrypted at rest with `key`.
+pub fn restore_drill_keyed(from: &Path, key: Option<&DatabaseKey>) -> DrillReport {
     let started = Instant::now();
     let mut report = DrillReport::pending(from);
     let scratch = tempfile::Builder::new().prefix("fieldsync-restore-drill-").tempdir();
     let result = match &scratch {
-        Ok(scratch) => drill_into(from, scratch.path(), &mut report),
+        Ok(scratch) => drill_into(from, scratch.path(), &mut report, key),
         Err(e) => Err(format!("cannot create a scratch directory: {e}")),
     };
     match result {
@@ -124,16 +130,22 @@ pub fn restore_drill(from: &Path) -> DrillReport {
 
 /// Copies the backup into `scratch` and runs every check there; the drill of [`restore`]
 /// (super::restore) keeps the scratch copy to adopt it.
-pub(super) fn drill_into(from: &Path, scratch: &Path, report: &mut DrillReport) -> Result<(), String> {
-    let files = copy_backup(from, scratch, report)?;
+pub(super) fn drill_into(
+    from: &Path,
+    scratch: &Path,
+    report: &mut DrillReport,
+    key: Option<&DatabaseKey>,
+) -> Result<(), String> {
+    let files = copy_backup(from, scratch, report, key)?;
     // 1. Every file is a sound SQLite database with the tables of its kind.
     for (file, tables) in &files {
-        check_file(&scratch.join(file), tables, report).map_err(|e| format!("{}: {e}", file.display()))?;
+        check_file(&scratch.join(file), tables, report, key).map_err(|e| format!("{}: {e}", file.display()))?;
     }
     report.integrity = vec!["ok".into()];
     // 2. It opens as a relay store (migrating a round-1 file), 3. every chain verifies,
     // 4. the counts agree with the chains and the tables with each other.
-    let backend = SqliteBackend::open_existing(scratch).map_err(|e| format!("does not open as a relay store: {e}"))?;
+    let backend = SqliteBackend::open_existing_keyed(scratch, key.cloned())
+        .map_err(|e| format!("does not open as a relay store: {e}"))?;
     report.relay_id = Some(backend.relay_id());
     let chains = audit::verify(&backend).map_err(|e| format!("audit chain unreadable: {e}"))?;
     report.audit = Some(chains.clone());
@@ -168,6 +180,7 @@ fn copy_backup(
     from: &Path,
     scratch: &Path,
     report: &mut DrillReport,
+    key: Option<&DatabaseKey>,
 ) -> Result<Vec<(PathBuf, &'static [&'static str])>, String> {
     let meta = std::fs::metadata(from).map_err(|e| format!("cannot read the backup: {e}"))?;
     let copy = |src: &Path, rel: &Path, report: &mut DrillReport| -> Result<(), String> {
@@ -186,7 +199,7 @@ fn copy_backup(
     if !db.is_file() {
         return Err(format!("not a relay backup: no {DB_FILE} in the directory"));
     }
-    let shards = recorded_shards(&db).map_err(|e| format!("{DB_FILE}: not a relay directory database: {e}"))?;
+    let shards = recorded_shards(&db, key).map_err(|e| format!("{DB_FILE}: not a relay directory database: {e}"))?;
     if shards == 0 {
         return Err(format!(
             "{DB_FILE}: not a relay directory database: it records no shards"
@@ -210,8 +223,8 @@ fn copy_backup(
     Ok(files)
 }
 
-fn check_file(path: &Path, tables: &[&str], report: &mut DrillReport) -> Result<(), String> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+fn check_file(path: &Path, tables: &[&str], report: &mut DrillReport, key: Option<&DatabaseKey>) -> Result<(), String> {
+    let conn = super::open_keyed(path, OpenFlags::SQLITE_OPEN_READ_WRITE, key)
         .map_err(|e| format!("cannot open as SQLite: {e}"))?;
     match fieldsync_schema::sqlite_file::check(&conn, tables) {
         Ok(()) => Ok(()),

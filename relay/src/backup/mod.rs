@@ -24,12 +24,13 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use fieldsync_schema::sqlite_key::{self, DatabaseKey};
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 
-pub use drill::{DrillReport, restore_drill};
-pub use restore::{RestoreReport, restore};
+pub use drill::{DrillReport, restore_drill, restore_drill_keyed};
+pub use restore::{RestoreReport, restore, restore_keyed};
 pub use schedule::{SCHEDULED_PREFIX, ScheduledBackup, prune, scheduled_backup, scheduled_backups};
 
 use crate::store::StoreError;
@@ -60,6 +61,11 @@ pub enum BackupError {
     DrillFailed(String),
     #[error("the backup did not finish within {0:?}: the database stayed locked")]
     Timeout(Duration),
+}
+
+/// Opens one of a store's (or a backup's) files with its at-rest key.
+pub(crate) fn open_keyed(path: &Path, flags: OpenFlags, key: Option<&DatabaseKey>) -> Result<Connection, BackupError> {
+    Ok(sqlite_key::open(path, flags, key).map_err(StoreError::from)?)
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BackupError {
@@ -106,8 +112,12 @@ fn parent_of(path: &Path) -> PathBuf {
 
 /// The shard count a store's directory file records (0 for a round-1 file, which has no
 /// shards), read without changing the file.
-fn recorded_shards(db: &Path) -> Result<u32, BackupError> {
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+fn recorded_shards(db: &Path, key: Option<&DatabaseKey>) -> Result<u32, BackupError> {
+    let conn = open_keyed(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        key,
+    )?;
     conn.busy_timeout(Duration::from_secs(10))?;
     let shards: Option<i64> = conn
         .query_row("SELECT value FROM meta WHERE key = 'shards'", [], |r| r.get(0))
@@ -126,6 +136,17 @@ fn layout_files(shards: u32) -> Vec<PathBuf> {
 /// Copies the store of the data directory `data_dir` into the backup directory `to` with
 /// SQLite's online backup API; the relay may be serving.
 pub fn backup_store(data_dir: &Path, to: &Path, overwrite: bool) -> Result<BackupInfo, BackupError> {
+    backup_store_keyed(data_dir, to, overwrite, None)
+}
+
+/// [`backup_store`] of a store encrypted at rest with `key`: the backup's files are encrypted
+/// with the same key.
+pub fn backup_store_keyed(
+    data_dir: &Path,
+    to: &Path,
+    overwrite: bool,
+    key: Option<&DatabaseKey>,
+) -> Result<BackupInfo, BackupError> {
     let started = Instant::now();
     let db = data_dir.join(DB_FILE);
     if !db.is_file() {
@@ -142,7 +163,7 @@ pub fn backup_store(data_dir: &Path, to: &Path, overwrite: bool) -> Result<Backu
         .unwrap_or_default();
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let written = copy_store(data_dir, &db, &tmp).and_then(|files| {
+    let written = copy_store(data_dir, &db, &tmp, key).and_then(|files| {
         if to.exists() {
             // Only with `overwrite`: the old backup goes once the new one is complete.
             if to.is_dir() {
@@ -176,15 +197,15 @@ pub fn backup_store(data_dir: &Path, to: &Path, overwrite: bool) -> Result<Backu
 }
 
 /// Writes every file of the store into `tmp`: the shards first, the directory last.
-fn copy_store(data_dir: &Path, db: &Path, tmp: &Path) -> Result<Vec<PathBuf>, BackupError> {
+fn copy_store(data_dir: &Path, db: &Path, tmp: &Path, key: Option<&DatabaseKey>) -> Result<Vec<PathBuf>, BackupError> {
     std::fs::create_dir_all(tmp.join(SHARDS_DIR)).map_err(io("cannot create directory", tmp))?;
-    let files = layout_files(recorded_shards(db)?);
+    let files = layout_files(recorded_shards(db, key)?);
     for file in files.iter().rev() {
         let (from, into) = (data_dir.join(file), tmp.join(file));
         if !from.is_file() {
             return Err(BackupError::NoDatabase(from));
         }
-        copy_online(&from, &into)?;
+        copy_online(&from, &into, key)?;
         sync_file(&into)?;
     }
     sync_dir(&tmp.join(SHARDS_DIR))?;
@@ -193,14 +214,16 @@ fn copy_store(data_dir: &Path, db: &Path, tmp: &Path) -> Result<Vec<PathBuf>, Ba
 }
 
 /// Copies one SQLite file while its writer may be committing.
-fn copy_online(from: &Path, into: &Path) -> Result<(), BackupError> {
+fn copy_online(from: &Path, into: &Path, key: Option<&DatabaseKey>) -> Result<(), BackupError> {
     // A connection of its own, never the relay's: it only reads.
-    let src = Connection::open_with_flags(
+    let src = open_keyed(
         from,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        key,
     )?;
     src.busy_timeout(Duration::from_secs(10))?;
-    let mut dst = Connection::open(into)?;
+    // The copy is keyed like its source: SQLCipher copies pages between files of one key.
+    let mut dst = open_keyed(into, OpenFlags::default(), key)?;
     let limit = Duration::from_secs(60);
     let deadline = Instant::now() + limit;
     {

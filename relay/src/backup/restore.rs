@@ -9,7 +9,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rusqlite::Connection;
+use fieldsync_schema::sqlite_key::DatabaseKey;
+use rusqlite::OpenFlags;
 use serde::Serialize;
 
 use super::drill::{DrillReport, drill_into};
@@ -39,6 +40,17 @@ fn store_entries(dir: &Path) -> Vec<PathBuf> {
 
 /// Makes the backup at `from` the store of `data_dir`, after a restore drill.
 pub fn restore(from: &Path, data_dir: &Path, force: bool, now_ms: u64) -> Result<RestoreReport, BackupError> {
+    restore_keyed(from, data_dir, force, now_ms, None)
+}
+
+/// [`restore`] of a backup encrypted at rest with `key` (the restored store keeps it).
+pub fn restore_keyed(
+    from: &Path,
+    data_dir: &Path,
+    force: bool,
+    now_ms: u64,
+    key: Option<&DatabaseKey>,
+) -> Result<RestoreReport, BackupError> {
     std::fs::create_dir_all(data_dir).map_err(io("cannot create", data_dir))?;
     let lock_path = data_dir.join(LOCK_FILE);
     let lock = File::options()
@@ -57,26 +69,32 @@ pub fn restore(from: &Path, data_dir: &Path, force: bool, now_ms: u64) -> Result
     let scratch = data_dir.join(format!(".restoring-{stamp}"));
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).map_err(io("cannot create", &scratch))?;
-    let result = drill_and_adopt(from, data_dir, &scratch, &stamp);
+    let result = drill_and_adopt(from, data_dir, &scratch, &stamp, key);
     let _ = std::fs::remove_dir_all(&scratch);
     drop(lock);
     result
 }
 
-fn drill_and_adopt(from: &Path, data_dir: &Path, scratch: &Path, stamp: &str) -> Result<RestoreReport, BackupError> {
+fn drill_and_adopt(
+    from: &Path,
+    data_dir: &Path,
+    scratch: &Path,
+    stamp: &str,
+    key: Option<&DatabaseKey>,
+) -> Result<RestoreReport, BackupError> {
     let started = Instant::now();
     let mut drill = DrillReport::pending(from);
-    let outcome = drill_into(from, scratch, &mut drill);
+    let outcome = drill_into(from, scratch, &mut drill, key);
     drill.duration_ms = started.elapsed().as_millis() as u64;
     if let Err(reason) = outcome {
         drill.failure = Some(reason);
         return Err(BackupError::DrillFailed(drill.verdict()));
     }
     drill.ok = true;
-    let shards = SqliteBackend::open_existing(scratch)?.files();
+    let shards = SqliteBackend::open_existing_keyed(scratch, key.cloned())?.files();
     // Self-contained files (no WAL beside them) so that a rename moves everything.
     for file in &shards {
-        let conn = Connection::open(file)?;
+        let conn = super::open_keyed(file, OpenFlags::default(), key)?;
         let _: String = conn.query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))?;
     }
 
@@ -98,7 +116,7 @@ fn drill_and_adopt(from: &Path, data_dir: &Path, scratch: &Path, stamp: &str) ->
         sync_dir(data_dir)?;
     }
     // The adopted store must open and carry the chains the drill verified.
-    let backend = SqliteBackend::open_existing(data_dir)?;
+    let backend = SqliteBackend::open_existing_keyed(data_dir, key.cloned())?;
     let chains = audit::verify(&backend)?;
     let expected = drill.audit.as_ref().map_or(0, |a| a.records);
     if !chains.ok() || chains.records != expected {

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{BackupError, BackupInfo, DrillReport, backup_store, file_stamp, io, restore_drill};
+use fieldsync_schema::sqlite_key::DatabaseKey;
+
+use super::{BackupError, BackupInfo, DrillReport, backup_store_keyed, file_stamp, io, restore_drill_keyed};
 use crate::store::sqlite::DB_FILE;
 
 /// Scheduled backups are directories named `relay-<UTC timestamp>`.
@@ -24,10 +26,16 @@ pub struct ScheduledBackup {
 
 /// Backs up the store of `data_dir` into `DIR/relay-<stamp>/`, drills it, and keeps the newest
 /// `keep` verified backups.
-pub fn scheduled_backup(data_dir: &Path, dir: &Path, keep: usize, now_ms: u64) -> Result<ScheduledBackup, BackupError> {
+pub fn scheduled_backup(
+    data_dir: &Path,
+    dir: &Path,
+    keep: usize,
+    now_ms: u64,
+    key: Option<&DatabaseKey>,
+) -> Result<ScheduledBackup, BackupError> {
     let target = dir.join(format!("{SCHEDULED_PREFIX}{}", file_stamp(now_ms)));
-    let backup = backup_store(data_dir, &target, false)?;
-    let drill = restore_drill(&target);
+    let backup = backup_store_keyed(data_dir, &target, false, key)?;
+    let drill = restore_drill_keyed(&target, key);
     if !drill.ok {
         let failed = dir.join(format!("{SCHEDULED_PREFIX}{}{FAILED_SUFFIX}", file_stamp(now_ms)));
         let _ = std::fs::rename(&target, &failed);

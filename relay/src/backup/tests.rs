@@ -197,7 +197,7 @@ fn scheduled_backups_are_verified_and_pruned() {
     let (dir, data) = relay_dir();
     let backups = dir.path().join("backups");
     for ms in [10_000u64, 20_000, 30_000] {
-        let b = scheduled_backup(&data, &backups, 2, ms).unwrap();
+        let b = scheduled_backup(&data, &backups, 2, ms, None).unwrap();
         assert!(b.drill.ok);
     }
     let left = scheduled_backups(&backups).unwrap();

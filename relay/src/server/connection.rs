@@ -132,6 +132,8 @@ async fn serve(socket: WebSocket, shared: Shared) {
     let (mut sink, mut stream) = socket.split();
     let mut verifier: Option<Verifier> = None;
     let mut in_flight = InFlight::default();
+    // Whether the device said in `Hello` that it reads compressed frames (wire::compress).
+    let mut compress = false;
     let closing: Option<CloseReason> = loop {
         tokio::select! {
             // A cut connection is cut, even when its queue went away at the same moment.
@@ -143,6 +145,9 @@ async fn serve(socket: WebSocket, shared: Shared) {
                 Ok(None) | Ok(Some(Ok(Message::Close(_)))) => break None,
                 Ok(Some(Ok(Message::Binary(bytes)))) => match ClientMessage::decode(&bytes) {
                     Ok(msg) => {
+                        if let ClientMessage::Hello { compression, .. } = &msg {
+                            compress = *compression;
+                        }
                         if let Err(reason) = in_flight.admit(&msg) {
                             tracing::info!(conn, %reason, "request limit exceeded; closing the connection");
                             let error = RelayMessage::Error { code: ErrorCode::LimitExceeded, message: reason.clone() };
@@ -181,7 +186,7 @@ async fn serve(socket: WebSocket, shared: Shared) {
             outgoing = rx.recv() => match outgoing {
                 Some(Outbound::Message { msg, size }) => {
                     in_flight.answered(&msg);
-                    let frame = msg.encode();
+                    let frame = if compress { msg.encode_compressed() } else { msg.encode() };
                     drop(msg);
                     // A device that stops reading blocks this write: the cut and a deadline
                     // must still end the connection, or its queue is pinned for ever.

@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use axum::routing::get;
 use fieldsync_schema::Schema;
+use fieldsync_schema::sqlite_key::DatabaseKey;
 use rand_core::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -137,6 +138,9 @@ pub struct ServeOptions {
     /// Schema versions devices may run that this relay never served (`--accept-schema`): an
     /// app released while the relay ran an older version. Weighed like served ones.
     pub also_known_schemas: Vec<Schema>,
+    /// The key a SQLite store's files are encrypted with at rest (`--db-key-file`); scheduled
+    /// backups are encrypted with it too. `None`: plaintext files.
+    pub db_key: Option<DatabaseKey>,
 }
 
 /// Which older schemas devices may connect with; refuses a breaking schema unless allowed,
@@ -186,6 +190,7 @@ impl ServeOptions {
             check_at_start: true,
             allow_breaking_schema: false,
             also_known_schemas: Vec::new(),
+            db_key: None,
         }
     }
 }
@@ -209,8 +214,8 @@ impl Shared {
 
 /// Refuses to serve a store with a damaged file, naming the file, what SQLite found, and the
 /// restore command.
-fn check_store(dir: &std::path::Path) -> Result<(), ServerError> {
-    let damaged = crate::store::sqlite::health::quick_check(dir).map_err(|source| ServerError::Store {
+fn check_store(dir: &std::path::Path, key: Option<&DatabaseKey>) -> Result<(), ServerError> {
+    let damaged = crate::store::sqlite::health::quick_check_keyed(dir, key).map_err(|source| ServerError::Store {
         dir: dir.display().to_string(),
         source,
     })?;
@@ -272,6 +277,8 @@ pub struct Server<B: Backend = SqliteBackend> {
     tls: Option<Arc<rustls::ServerConfig>>,
     backup: Option<BackupSchedule>,
     data_dir: PathBuf,
+    /// The SQLite store's at-rest key, for scheduled backups.
+    db_key: Option<DatabaseKey>,
     /// The exclusive lock on `DIR/relay.lock` for as long as a SQLite relay lives
     /// ([`serve_lock`]); none on PostgreSQL, whose relays share the store.
     _lock: Option<std::fs::File>,
@@ -326,6 +333,7 @@ impl Server<PgBackend> {
             tls,
             backup: None,
             data_dir,
+            db_key: None,
             _lock: None,
             listen_to: Some(url_for_listening),
         })
@@ -355,9 +363,10 @@ impl Server<SqliteBackend> {
             source,
         };
         if opts.check_at_start {
-            check_store(&opts.data_dir)?;
+            check_store(&opts.data_dir, opts.db_key.as_ref())?;
         }
-        let backend = SqliteBackend::open_with(&opts.data_dir, new_relay_id, opts.shards).map_err(store_error)?;
+        let backend = SqliteBackend::open_keyed(&opts.data_dir, new_relay_id, opts.shards, opts.db_key.clone())
+            .map_err(store_error)?;
         let schemas = accept_schemas(&backend, &opts, &opts.data_dir.display().to_string())?;
         let mut config = opts.config;
         config.schemas = schemas;
@@ -371,6 +380,7 @@ impl Server<SqliteBackend> {
             tls,
             backup: opts.backup,
             data_dir: opts.data_dir.clone(),
+            db_key: opts.db_key.clone(),
             _lock: Some(lock),
             listen_to: None,
         })
@@ -413,7 +423,12 @@ where
             .name("relay-front".into())
             .spawn(move || core_thread::run(front, pool, core_rx, report_rx, core_status))?;
         if let Some(schedule) = self.backup.clone() {
-            tokio::spawn(scheduled::run(self.data_dir.clone(), schedule, metrics.clone()));
+            tokio::spawn(scheduled::run(
+                self.data_dir.clone(),
+                schedule,
+                self.db_key.clone(),
+                metrics.clone(),
+            ));
         }
         if let Some(url) = self.listen_to.clone() {
             let core = core_tx.clone();

@@ -6,13 +6,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use fieldsync_schema::sqlite_key::DatabaseKey;
 use fieldsync_schema::{SystemTimeSource, TimeSource};
 
 use super::metrics::Metrics;
 use crate::backup::{self, BackupError, ScheduledBackup};
 use crate::config::BackupSchedule;
 
-pub(crate) async fn run(data_dir: PathBuf, schedule: BackupSchedule, metrics: Arc<Metrics>) {
+pub(crate) async fn run(data_dir: PathBuf, schedule: BackupSchedule, key: Option<DatabaseKey>, metrics: Arc<Metrics>) {
     tracing::info!(
         dir = %schedule.dir.display(),
         every = %humantime::format_duration(schedule.every),
@@ -23,10 +24,11 @@ pub(crate) async fn run(data_dir: PathBuf, schedule: BackupSchedule, metrics: Ar
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let (data_dir, dir, keep) = (data_dir.clone(), schedule.dir.clone(), schedule.keep);
+        let (data_dir, dir, keep, key) = (data_dir.clone(), schedule.dir.clone(), schedule.keep, key.clone());
         let started = SystemTimeSource.now_ms();
         let result =
-            tokio::task::spawn_blocking(move || backup::scheduled_backup(&data_dir, &dir, keep, started)).await;
+            tokio::task::spawn_blocking(move || backup::scheduled_backup(&data_dir, &dir, keep, started, key.as_ref()))
+                .await;
         let result = match result {
             Ok(r) => r,
             Err(e) => Err(BackupError::DrillFailed(format!("the backup task failed: {e}"))),

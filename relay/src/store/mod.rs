@@ -44,6 +44,18 @@ pub enum StoreError {
     NotFound(String),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The store's at-rest key is missing, wrong or malformed: nothing was opened or changed.
+    #[error("{0}")]
+    Key(String),
+}
+
+impl From<fieldsync_schema::sqlite_key::KeyError> for StoreError {
+    fn from(e: fieldsync_schema::sqlite_key::KeyError) -> Self {
+        match e {
+            fieldsync_schema::sqlite_key::KeyError::Sqlite(e) => e.into(),
+            other => StoreError::Key(other.to_string()),
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

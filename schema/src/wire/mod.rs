@@ -1,6 +1,7 @@
 //! The sync protocol's messages (SPEC §7) and their CBOR framing.
 //!
-//! Each WebSocket binary frame holds one CBOR array `[protocol_version, message]`, so every
+//! Each WebSocket binary frame holds one CBOR array `[protocol_version, message]` (or that
+//! array compressed, between peers that both read compressed frames: [`compress`]), so every
 //! frame, not only the first, says which protocol it speaks, and a relay can refuse a device
 //! from the future with a clear reason instead of a parse error. Decoding takes bytes from the
 //! network: it bounds the input size before parsing, never panics, and never allocates more
@@ -10,6 +11,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+pub mod compress;
 
 use crate::envelope::{Bytes, LwwLoss, Mutation, Origin, Outcome};
 use crate::registry::{Role, SchemaHash};
@@ -200,6 +203,9 @@ pub enum ClientMessage {
         /// device on a newer version to wait for its upgrade. Absent from older devices: 0.
         #[serde(default)]
         schema_version: u64,
+        /// The device reads compressed frames ([`compress`]). Absent from older devices.
+        #[serde(default)]
+        compression: bool,
     },
     /// Registers this device's key with a single-use enrollment token.
     Enroll {
@@ -260,6 +266,10 @@ pub enum RelayMessage {
         /// compatible versions). Absent from relays before schema versions: 0.
         #[serde(default)]
         schema_version: u64,
+        /// The relay reads compressed frames ([`compress`]): the device may send them.
+        /// Absent from older relays.
+        #[serde(default)]
+        compression: bool,
     },
     AuthFailed {
         reason: AuthFailure,
@@ -333,6 +343,8 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(WireError::TooLarge(bytes.len()));
     }
+    let inflated = compress::inflate(bytes)?;
+    let bytes: &[u8] = &inflated;
     match ciborium::de::from_reader_with_recursion_limit::<(u16, T), _>(bytes, MAX_NESTING) {
         Ok((PROTOCOL_VERSION, msg)) => Ok(msg),
         Ok((v, _)) => Err(WireError::UnsupportedVersion(v)),
@@ -358,6 +370,7 @@ impl ClientMessage {
             device_id,
             schema_hash: schema.hash(),
             schema_version: schema.version(),
+            compression: true,
         }
     }
 
@@ -384,6 +397,11 @@ impl ClientMessage {
     pub fn encode(&self) -> Vec<u8> {
         encode(self)
     }
+    /// [`ClientMessage::encode`], compressed when that pays (for a relay that reads it).
+    pub fn encode_compressed(&self) -> Vec<u8> {
+        compress::compress(encode(self))
+    }
+    /// Either form of frame.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         decode(bytes)
     }
@@ -475,6 +493,11 @@ impl RelayMessage {
     pub fn encode(&self) -> Vec<u8> {
         encode(self)
     }
+    /// [`RelayMessage::encode`], compressed when that pays (for a device that reads it).
+    pub fn encode_compressed(&self) -> Vec<u8> {
+        compress::compress(encode(self))
+    }
+    /// Either form of frame.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         decode(bytes)
     }

@@ -58,6 +58,7 @@ fn every_client_message() -> Vec<ClientMessage> {
             device_id: id(1),
             schema_hash: Schema::default_schema().hash(),
             schema_version: 1,
+            compression: false,
         },
         ClientMessage::Enroll {
             protocol_version: PROTOCOL_VERSION,
@@ -185,6 +186,7 @@ fn every_relay_message() -> Vec<RelayMessage> {
             server_time_ms: 5,
             max_batch: 256,
             schema_version: 1,
+            compression: true,
         },
         RelayMessage::AuthFailed {
             reason: AuthFailure::Revoked,

@@ -69,6 +69,10 @@ struct CatchupArgs {
     entities: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The devices do not offer compressed frames (what an older device gets): to measure
+    /// what compression saves.
+    #[arg(long)]
+    no_compression: bool,
 }
 
 #[derive(clap::Args)]
@@ -304,7 +308,13 @@ fn real_main() -> anyhow::Result<bool> {
         Some(Command::Load(args)) => return load(args),
         Some(Command::Catchup(args)) => {
             let relay = fieldsync_simulations::load::relay_proc::RelayProc::spawn()?;
-            let report = fieldsync_simulations::load::catchup::run(&relay, args.queued, args.entities, args.seed)?;
+            let report = fieldsync_simulations::load::catchup::run(
+                &relay,
+                args.queued,
+                args.entities,
+                args.seed,
+                !args.no_compression,
+            )?;
             outln!("{}", serde_json::to_string_pretty(&report)?)?;
             return Ok(true);
         }

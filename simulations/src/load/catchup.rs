@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use fieldsync_peer::net::{self, SyncOptions};
+use fieldsync_peer::net::{self, SyncOptions, Traffic};
 use fieldsync_peer::sync::SyncMachine;
 use fieldsync_peer::{Device, DeviceRng};
 use fieldsync_schema::{SystemTimeSource, TimeSource};
@@ -19,14 +19,35 @@ use crate::synth::SynthDevice;
 
 #[derive(Debug, Serialize)]
 pub struct CatchupReport {
+    /// Whether the devices offered compressed frames (`--no-compression` turns it off).
+    pub compression: bool,
     pub queued: u64,
     /// From connecting to the last acknowledgement (and the pull that follows), seconds.
     pub drain_seconds: f64,
     pub drained_per_s: f64,
+    /// Frame bytes of the drain, device to relay and back.
+    pub drain_traffic: Traffic,
+    /// CPU of the drain in microseconds: this process (the device) and the relay process.
+    pub drain_device_cpu_us: u64,
+    pub drain_relay_cpu_us: Option<u64>,
     pub fresh_entities: u64,
     /// A new device's first sync: compacted documents for every entity, seconds.
     pub fresh_pull_seconds: f64,
     pub fresh_entities_per_s: f64,
+    /// Frame bytes of the new device's first sync.
+    pub fresh_traffic: Traffic,
+    pub fresh_device_cpu_us: u64,
+    pub fresh_relay_cpu_us: Option<u64>,
+}
+
+/// CPU spent by this process and the relay's since `from`.
+fn cpu_since(relay: &RelayProc, from: (u64, Option<u64>)) -> (u64, Option<u64>) {
+    let own = super::own_cpu_us().saturating_sub(from.0);
+    let relay_cpu = match (from.1, relay.cpu_us()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    (own, relay_cpu)
 }
 
 fn device(dir: &std::path::Path, seed: u64) -> anyhow::Result<Device> {
@@ -34,7 +55,17 @@ fn device(dir: &std::path::Path, seed: u64) -> anyhow::Result<Device> {
     Ok(Device::open(dir, Arc::new(SystemTimeSource), rng)?)
 }
 
-pub fn run(relay: &RelayProc, queued: usize, fresh_entities: usize, seed: u64) -> anyhow::Result<CatchupReport> {
+pub fn run(
+    relay: &RelayProc,
+    queued: usize,
+    fresh_entities: usize,
+    seed: u64,
+    compression: bool,
+) -> anyhow::Result<CatchupReport> {
+    let options = || SyncOptions {
+        compression,
+        ..SyncOptions::quiet()
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -57,9 +88,12 @@ pub fn run(relay: &RelayProc, queued: usize, fresh_entities: usize, seed: u64) -
         back.put("patient", None, f)?;
     }
     let t = Instant::now();
+    let cpu0 = (super::own_cpu_us(), relay.cpu_us());
     let mut machine = SyncMachine::default();
-    rt.block_on(net::sync_once(&mut back, &mut machine, &SyncOptions::quiet()))?;
+    let drain_opts = options();
+    rt.block_on(net::sync_once(&mut back, &mut machine, &drain_opts))?;
     let drain = t.elapsed().as_secs_f64();
+    let (drain_device_cpu_us, drain_relay_cpu_us) = cpu_since(relay, cpu0);
     anyhow::ensure!(back.status()?.unsynced == 0, "the queue did not drain");
 
     // Fill the relay up to `fresh_entities` with synthetic devices, then a new device pulls it all.
@@ -71,8 +105,13 @@ pub fn run(relay: &RelayProc, queued: usize, fresh_entities: usize, seed: u64) -
         for (p, token) in tokens[2..].iter().enumerate() {
             let mut d = SynthDevice::new(seed, 10_000 + p as u64);
             session::enroll(&relay.url, &mut d, token).await?;
-            let fields: Map<String, Value> = json!({"name": "Patient"}).as_object().cloned().unwrap_or_default();
-            let muts: Vec<_> = (0..per).filter_map(|_| d.create("patient", &fields, now)).collect();
+            let muts: Vec<_> = (0..per)
+                .filter_map(|i| {
+                    let name = format!("Patient {p}-{i}");
+                    let fields: Map<String, Value> = json!({ "name": name }).as_object().cloned().unwrap_or_default();
+                    d.create("patient", &fields, now)
+                })
+                .collect();
             let batches: Vec<Batch> = muts
                 .chunks(128)
                 .enumerate()
@@ -105,16 +144,26 @@ pub fn run(relay: &RelayProc, queued: usize, fresh_entities: usize, seed: u64) -
     let mut fresh = device(&scratch.path().join("fresh"), seed + 1)?;
     rt.block_on(net::enroll(&mut fresh, &relay.url, &tokens[1]))?;
     let t = Instant::now();
+    let cpu0 = (super::own_cpu_us(), relay.cpu_us());
     let mut machine = SyncMachine::default();
-    rt.block_on(net::sync_once(&mut fresh, &mut machine, &SyncOptions::quiet()))?;
+    let fresh_opts = options();
+    rt.block_on(net::sync_once(&mut fresh, &mut machine, &fresh_opts))?;
     let pull = t.elapsed().as_secs_f64();
+    let (fresh_device_cpu_us, fresh_relay_cpu_us) = cpu_since(relay, cpu0);
     let got = fresh.status()?.entities;
     Ok(CatchupReport {
+        compression,
         queued: queued as u64,
         drain_seconds: drain,
         drained_per_s: queued as f64 / drain.max(1e-9),
+        drain_traffic: drain_opts.traffic.total(),
+        drain_device_cpu_us,
+        drain_relay_cpu_us,
         fresh_entities: got,
         fresh_pull_seconds: pull,
         fresh_entities_per_s: got as f64 / pull.max(1e-9),
+        fresh_traffic: fresh_opts.traffic.total(),
+        fresh_device_cpu_us,
+        fresh_relay_cpu_us,
     })
 }

@@ -94,7 +94,7 @@ pub struct LoadReport {
     pub errors: BTreeMap<String, u64>,
 }
 
-fn own_cpu_us() -> u64 {
+pub(crate) fn own_cpu_us() -> u64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let t = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);

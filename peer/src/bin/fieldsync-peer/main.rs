@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use fieldsync_peer::{Device, DeviceRng, FieldFilter};
+use fieldsync_peer::{DatabaseKey, Device, DeviceRng, FieldFilter};
 use fieldsync_schema::outln;
 use fieldsync_schema::{Schema, SystemTimeSource, TimeSource};
 use rand_core::SeedableRng;
@@ -35,6 +35,11 @@ struct Cli {
     /// Validate against this schema file instead of the built-in default.
     #[arg(long, value_name = "FILE", global = true)]
     schema: Option<PathBuf>,
+    /// The key the device's database is encrypted with at rest: a file holding 64 hex digits
+    /// (`openssl rand -hex 32`). Or set FIELDSYNC_DB_KEY to the hex digits. A new device is
+    /// created encrypted; an encrypted one does not open without its key.
+    #[arg(long, value_name = "FILE", global = true)]
+    db_key_file: Option<PathBuf>,
     #[command(flatten)]
     tls: net_cmd::TlsArgs,
     #[command(subcommand)]
@@ -161,6 +166,15 @@ enum Command {
     /// Restores a backup into a data dir that holds no device yet.
     Import {
         file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Encrypts the device's database with a new key (a plaintext device), or moves an
+    /// encrypted one (opened with --db-key-file) to the new key.
+    Rekey {
+        /// A file holding the new key (64 hex digits).
+        #[arg(long, value_name = "FILE")]
+        new_key_file: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -302,8 +316,12 @@ fn error_kind(e: &anyhow::Error) -> &'static str {
                 PeerError::StorageFull(_) => "storage_full",
                 PeerError::Wiped { .. } => "wiped",
                 PeerError::Corrupt(_) | PeerError::Doc(_) => "corrupt",
+                PeerError::Key(_) => "key",
                 PeerError::Db(_) | PeerError::Io { .. } | PeerError::Backup(_) | PeerError::Schema(_) => "storage",
             };
+        }
+        if cause.is::<fieldsync_schema::sqlite_key::KeyError>() {
+            return "key";
         }
         if let Some(n) = cause.downcast_ref::<fieldsync_peer::net::NetError>() {
             return if n.is_retryable() { "network" } else { "relay_refused" };
@@ -326,7 +344,18 @@ fn load_schema(path: Option<&Path>) -> Result<Arc<Schema>> {
     Ok(Arc::new(Schema::load(path)?))
 }
 
-fn open_existing(dir: &Path, schema: Arc<Schema>) -> Result<Device> {
+/// The at-rest key: `--db-key-file`, else `FIELDSYNC_DB_KEY`, else none (a plaintext device).
+fn db_key(file: Option<&Path>) -> Result<Option<DatabaseKey>> {
+    if let Some(file) = file {
+        return Ok(Some(DatabaseKey::from_file(file)?));
+    }
+    match std::env::var("FIELDSYNC_DB_KEY") {
+        Ok(hex) if !hex.trim().is_empty() => Ok(Some(DatabaseKey::from_hex(&hex).context("FIELDSYNC_DB_KEY")?)),
+        _ => Ok(None),
+    }
+}
+
+fn open_existing(dir: &Path, schema: Arc<Schema>, key: Option<&DatabaseKey>) -> Result<Device> {
     if !Device::exists(dir) {
         bail!(
             "no device in {}; run `fieldsync-peer --data {} init` first (or `import` a backup)",
@@ -334,7 +363,13 @@ fn open_existing(dir: &Path, schema: Arc<Schema>) -> Result<Device> {
             dir.display()
         );
     }
-    Ok(Device::open_with_schema(dir, clock(), production_rng()?, schema)?)
+    Ok(Device::open_keyed(
+        dir,
+        clock(),
+        production_rng()?,
+        schema,
+        key.cloned(),
+    )?)
 }
 
 fn parse_fields(json: &str) -> Result<Map<String, Value>> {
@@ -392,10 +427,12 @@ fn run(cli: Cli) -> Result<()> {
         .clone()
         .ok_or_else(|| anyhow!("--data DIR is required (the device's data directory)"))?;
     let tls = cli.tls;
+    let key = db_key(cli.db_key_file.as_deref())?;
+    let key = key.as_ref();
     match cli.command {
         Command::Init { json } => {
             let existed = Device::exists(&dir);
-            let dev = Device::open_with_schema(&dir, clock(), production_rng()?, schema)?;
+            let dev = Device::open_keyed(&dir, clock(), production_rng()?, schema, key.cloned())?;
             output::init(&dev, existed, json)
         }
         Command::Put {
@@ -404,7 +441,7 @@ fn run(cli: Cli) -> Result<()> {
             fields,
             space,
         } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             let space = space.map(|s| resolve_space(&dev, &s)).transpose()?;
             let r = dev.put_in_space(space, &entity_type, id, parse_fields(&fields)?)?;
             outln!("{}", r.entity_id)?;
@@ -416,7 +453,7 @@ fn run(cli: Cli) -> Result<()> {
             save,
             json,
         } => {
-            let dev = open_existing(&dir, schema)?;
+            let dev = open_existing(&dir, schema, key)?;
             let e = dev.get_typed(&entity_type, id)?;
             if let Some(file) = save {
                 let bytes = dev.document_bytes(id)?;
@@ -430,24 +467,24 @@ fn run(cli: Cli) -> Result<()> {
             deleted,
             json,
         } => {
-            let dev = open_existing(&dir, schema)?;
+            let dev = open_existing(&dir, schema, key)?;
             let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>>>()?;
             output::list(&dev.list(&entity_type, &filters, deleted)?, json)
         }
         Command::Delete { entity_type, id, json } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             output::receipt(&dev.delete(&entity_type, id)?, "deleted", json)
         }
         Command::NoteEdit { id, text, json } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             output::receipt(&dev.edit_note(id, &text)?, "edited", json)
         }
         Command::Sign { id, json } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             output::receipt(&dev.sign_note(id)?, "signed", json)
         }
         Command::Lock { entity_type, id, json } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             output::receipt(&dev.lock(&entity_type, id)?, "locked", json)
         }
         Command::Incr {
@@ -457,46 +494,51 @@ fn run(cli: Cli) -> Result<()> {
             by,
             json,
         } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             output::receipt(&dev.increment(&entity_type, id, &field, by)?, "incremented", json)
         }
         Command::Schema { entity_type, json } => print_schema(&schema, entity_type.as_deref(), json),
-        Command::Status { json } => output::status(&open_existing(&dir, schema)?.status()?, json),
-        Command::Queue { all, json } => output::queue(&open_existing(&dir, schema)?.queue(all)?, json),
+        Command::Status { json } => output::status(&open_existing(&dir, schema, key)?.status()?, json),
+        Command::Queue { all, json } => output::queue(&open_existing(&dir, schema, key)?.queue(all)?, json),
         Command::Retry { mutation_id, json } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             output::retry(&dev.retry(mutation_id)?, json)
         }
         Command::Export { file, json } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             output::export(&dev.export(&file)?, json)
         }
         Command::Import { file, json } => {
-            let dev = Device::import(&dir, &file, clock(), production_rng()?, schema)?;
+            let dev = Device::import_keyed(&dir, &file, clock(), production_rng()?, schema, key.cloned())?;
             output::import(&dev, json)
         }
+        Command::Rekey { new_key_file, json } => {
+            let new = DatabaseKey::from_file(&new_key_file)?;
+            let mut dev = open_existing(&dir, schema, key)?;
+            output::rekey(&dev.rekey(new)?, json)
+        }
         Command::SignOut { force, json } => {
-            let dev = open_existing(&dir, schema)?;
+            let dev = open_existing(&dir, schema, key)?;
             output::sign_out(&dev.sign_out(force)?, json)
         }
         Command::Enroll { relay, token, json } => {
-            net_cmd::enroll(open_existing(&dir, schema)?, &relay, &token, &tls, json)
+            net_cmd::enroll(open_existing(&dir, schema, key)?, &relay, &token, &tls, json)
         }
         Command::Duplicates { merge, dismiss, json } => {
-            authority_cmd::duplicates(&mut open_existing(&dir, schema)?, merge, dismiss, json)
+            authority_cmd::duplicates(&mut open_existing(&dir, schema, key)?, merge, dismiss, json)
         }
-        Command::Superseded { json } => authority_cmd::superseded(&open_existing(&dir, schema)?, json),
+        Command::Superseded { json } => authority_cmd::superseded(&open_existing(&dir, schema, key)?, json),
         Command::Supersede {
             id,
             version,
             notice,
             json,
         } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             output::receipt(&dev.supersede_request(id, version, &notice)?, "superseded", json)
         }
         Command::Relays { set, json } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             if let Some(urls) = set {
                 dev.set_relays(&urls)?;
             }
@@ -510,8 +552,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Sync { watch, json } => net_cmd::sync(open_existing(&dir, schema)?, watch, &tls, json),
-        Command::Conflicts { lww, json } => conflict_cmd::conflicts(&open_existing(&dir, schema)?, lww, json),
+        Command::Sync { watch, json } => net_cmd::sync(open_existing(&dir, schema, key)?, watch, &tls, json),
+        Command::Conflicts { lww, json } => conflict_cmd::conflicts(&open_existing(&dir, schema, key)?, lww, json),
         Command::Resolve {
             entity_type,
             id,
@@ -520,7 +562,7 @@ fn run(cli: Cli) -> Result<()> {
             discard,
             addendum,
         } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             let action = match (keep, merged) {
                 (Some(k), _) => conflict_cmd::Action::Keep(k),
                 (None, Some(m)) => conflict_cmd::Action::Merged(m),
@@ -530,9 +572,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             conflict_cmd::resolve(&mut dev, &entity_type, id, action)
         }
-        Command::Undo { loss_id, json } => conflict_cmd::undo(&mut open_existing(&dir, schema)?, loss_id, json),
+        Command::Undo { loss_id, json } => conflict_cmd::undo(&mut open_existing(&dir, schema, key)?, loss_id, json),
         Command::Burst { count } => {
-            let mut dev = open_existing(&dir, schema)?;
+            let mut dev = open_existing(&dir, schema, key)?;
             let stdout = std::io::stdout();
             for i in 0..count {
                 let mut fields = Map::new();

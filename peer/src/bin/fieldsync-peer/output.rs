@@ -122,6 +122,7 @@ pub fn status(s: &Status, json: bool) -> Result<()> {
     outln!("oldest:    {}", when(s.oldest_pending_ms))?;
     outln!("last sync: {}", when(s.last_sync_ms))?;
     outln!("entities:  {}", s.entities)?;
+    outln!("at rest:   {}", if s.encrypted { "encrypted" } else { "not encrypted" })?;
     if s.possible_duplicates > 0 {
         outln!(
             "duplicates: {} possible (fieldsync-peer duplicates)",
@@ -176,6 +177,22 @@ pub fn retry(r: &RetryReport, json: bool) -> Result<()> {
         return print_json(r);
     }
     outln!("{}", r.message)?;
+    Ok(())
+}
+
+pub fn rekey(r: &fieldsync_peer::RekeyReport, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    let what = if r.was_encrypted {
+        "moved to the new key"
+    } else {
+        "encrypted"
+    };
+    outln!(
+        "device database {what} ({} bytes); open it with the new key from now on",
+        r.bytes
+    )?;
     Ok(())
 }
 

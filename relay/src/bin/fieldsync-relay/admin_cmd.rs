@@ -145,7 +145,8 @@ pub(crate) fn open(data: &std::path::Path) -> anyhow::Result<(SqliteBackend, Sql
             data.display()
         );
     }
-    let backend = SqliteBackend::open_current(data).with_context(|| format!("cannot open {}", data.display()))?;
+    let backend = SqliteBackend::open_current_keyed(data, crate::db_key().cloned())
+        .with_context(|| format!("cannot open {}", data.display()))?;
     let directory = backend
         .open_directory()
         .with_context(|| format!("cannot open {}", data.display()))?;

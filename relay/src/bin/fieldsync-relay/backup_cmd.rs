@@ -52,8 +52,9 @@ pub struct RestoreArgs {
 }
 
 pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
-    let info = backup::backup_store(&args.data, &args.to, args.force)?;
-    let drill = args.verify.then(|| backup::restore_drill(&args.to));
+    let key = crate::db_key();
+    let info = backup::backup_store_keyed(&args.data, &args.to, args.force, key)?;
+    let drill = args.verify.then(|| backup::restore_drill_keyed(&args.to, key));
     if args.json {
         outln!("{}", json!({ "backup": info, "drill": drill }))?;
     } else {
@@ -75,7 +76,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn drill(args: DrillArgs) -> anyhow::Result<ExitCode> {
-    let report = backup::restore_drill(&args.from);
+    let report = backup::restore_drill_keyed(&args.from, crate::db_key());
     if args.json {
         outln!("{}", json!({ "verdict": report.verdict(), "report": report }))?;
     } else {
@@ -89,7 +90,13 @@ pub fn drill(args: DrillArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let report = backup::restore(&args.from, &args.data, args.force, SystemTimeSource.now_ms())?;
+    let report = backup::restore_keyed(
+        &args.from,
+        &args.data,
+        args.force,
+        SystemTimeSource.now_ms(),
+        crate::db_key(),
+    )?;
     if args.json {
         outln!("{}", json!(report))?;
     } else {

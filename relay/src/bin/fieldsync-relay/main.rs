@@ -10,6 +10,7 @@ mod verify_cmd;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fieldsync_relay::config::LogFormat;
+use fieldsync_schema::sqlite_key::DatabaseKey;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -20,8 +21,32 @@ use rand_chacha::ChaCha20Rng;
     about = "The fieldsync relay: the authoritative copy of every record"
 )]
 struct Cli {
+    /// The key a SQLite store's files are encrypted with at rest: a file holding 64 hex digits
+    /// (`openssl rand -hex 32`); or set FIELDSYNC_RELAY_DB_KEY to the digits. A new store is
+    /// created encrypted; an encrypted one opens only with it (serve, admin, backup, restore,
+    /// verify). Backups are encrypted with the same key.
+    #[arg(long, value_name = "FILE", global = true)]
+    db_key_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The store's at-rest key for this run (read once, at start).
+static DB_KEY: std::sync::OnceLock<Option<DatabaseKey>> = std::sync::OnceLock::new();
+
+/// The at-rest key given on the command line or in the environment (`None`: plaintext files).
+pub(crate) fn db_key() -> Option<&'static DatabaseKey> {
+    DB_KEY.get().and_then(Option::as_ref)
+}
+
+fn read_db_key(file: Option<&std::path::Path>) -> anyhow::Result<Option<DatabaseKey>> {
+    if let Some(file) = file {
+        return Ok(Some(DatabaseKey::from_file(file)?));
+    }
+    match std::env::var("FIELDSYNC_RELAY_DB_KEY") {
+        Ok(hex) if !hex.trim().is_empty() => Ok(Some(DatabaseKey::from_hex(&hex).context("FIELDSYNC_RELAY_DB_KEY")?)),
+        _ => Ok(None),
+    }
 }
 
 #[derive(Subcommand)]
@@ -101,7 +126,24 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Every `--json` of the relay's commands is a switch asking for JSON output.
     let json_output = std::env::args().any(|a| a == "--json");
-    let result = match cli.command {
+    let result = read_db_key(cli.db_key_file.as_deref()).and_then(|key| {
+        let _ = DB_KEY.set(key);
+        run(cli.command)
+    });
+    match result {
+        Ok(code) => code,
+        // The reader (`| head -1`) had what it wanted.
+        Err(e) if fieldsync_schema::cli::is_closed_pipe(e.as_ref()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            fieldsync_schema::cli::report_error(&format!("{e:#}"), error_kind(&e), json_output);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command (after the at-rest key was read).
+fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    match command {
         Command::Serve(args) => serve_cmd::run(args),
         Command::Verify(args) => {
             init_logging(LogFormat::Text, Some("warn"));
@@ -130,15 +172,6 @@ fn main() -> std::process::ExitCode {
         }) => show_schema(entity_type.as_deref(), schema.as_deref(), json),
         Command::Schema(SchemaCommand::Check { old, new, json }) => check_schema(&old, &new, json),
         Command::Schema(SchemaCommand::History { data, json }) => schema_history(&data, json),
-    };
-    match result {
-        Ok(code) => code,
-        // The reader (`| head -1`) had what it wanted.
-        Err(e) if fieldsync_schema::cli::is_closed_pipe(e.as_ref()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            fieldsync_schema::cli::report_error(&format!("{e:#}"), error_kind(&e), json_output);
-            std::process::ExitCode::FAILURE
-        }
     }
 }
 
@@ -220,6 +253,7 @@ fn error_kind(e: &anyhow::Error) -> &'static str {
                 StoreError::Conflict(_) => "conflict",
                 StoreError::Corrupt(_) => "corrupt",
                 StoreError::StorageFull(_) => "storage_full",
+                StoreError::Key(_) => "key",
                 StoreError::Sqlite(_) | StoreError::Postgres(_) | StoreError::Io(_) => "storage",
             };
         }

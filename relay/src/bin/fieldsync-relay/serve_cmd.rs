@@ -133,6 +133,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         opts.check_at_start = !skip_start_check;
         opts.allow_breaking_schema = allow_breaking_schema;
         opts.also_known_schemas = also_known_schemas;
+        opts.db_key = crate::db_key().cloned();
         let backups = match &config.backup {
             Some(b) => format!(
                 ", backups every {} to {} keeping {}",

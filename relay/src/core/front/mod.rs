@@ -315,6 +315,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 device_id,
                 schema_hash,
                 schema_version,
+                ..
             } => self.on_hello(
                 conn,
                 protocol_version,

@@ -273,6 +273,8 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 server_time_ms: now_ms,
                 max_batch: self.config.max_batch as u32,
                 schema_version: self.schema.version(),
+                // This relay reads compressed frames (the connection decodes both forms).
+                compression: true,
             },
         ));
         Ok(())

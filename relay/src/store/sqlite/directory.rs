@@ -2,6 +2,7 @@
 //! enrollment tokens, devices.
 
 use fieldsync_schema::Role;
+use fieldsync_schema::sqlite_key::DatabaseKey;
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
@@ -28,8 +29,8 @@ pub struct SqliteDirectory {
 
 impl SqliteDirectory {
     /// Opens the directory of a prepared store (see `SqliteBackend::open`).
-    pub(super) fn open(path: &std::path::Path) -> StoreResult<Self> {
-        let conn = connect(path)?;
+    pub(super) fn open(path: &std::path::Path, key: Option<&DatabaseKey>) -> StoreResult<Self> {
+        let conn = connect(path, key)?;
         Self::create_tables(&conn)?;
         let id: Vec<u8> = conn.query_row("SELECT value FROM meta WHERE key = 'relay_id'", [], |r| r.get(0))?;
         let relay_id = Uuid::from_slice(&id).map_err(|e| StoreError::Corrupt(format!("relay id: {e}")))?;

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use fieldsync_schema::sqlite_file::{self, Depth, FileProblem};
+use fieldsync_schema::sqlite_key::{self, DatabaseKey, KeyError};
 use rusqlite::{Connection, OpenFlags};
 
 use super::{DB_FILE, SHARDS_DIR};
@@ -43,15 +44,32 @@ fn present_files(dir: &Path) -> StoreResult<Vec<PathBuf>> {
 /// restoring a backup over it would not help and must not be suggested. Opens read-write, like
 /// the relay will, so a WAL left by a killed relay is recovered first rather than reported.
 pub fn quick_check(dir: &Path) -> StoreResult<Vec<Damage>> {
+    quick_check_keyed(dir, None)
+}
+
+/// [`quick_check`] of a store encrypted at rest with `key`. A missing key for an encrypted
+/// store, or a key that does not open its directory file, is an error, never damage: restoring
+/// a backup would not help.
+pub fn quick_check_keyed(dir: &Path, key: Option<&DatabaseKey>) -> StoreResult<Vec<Damage>> {
+    let directory = dir.join(DB_FILE);
+    if key.is_none() && sqlite_key::is_plaintext(&directory)? == Some(false) {
+        return Err(KeyError::KeyNeeded(directory.display().to_string()).into());
+    }
     let mut damaged = Vec::new();
     for file in present_files(dir)? {
         let conn = Connection::open_with_flags(
             &file,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
+        if let Some(key) = key {
+            key.apply(&conn)?;
+        }
         // The header and schema: damage if they are not a database, an error if unreadable.
         if let Err(e) = conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)) {
             match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) if key.is_some() && file == directory => {
+                    return Err(KeyError::WrongKey(file.display().to_string()).into());
+                }
                 Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
                     damaged.push(Damage {
                         file,

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use fieldsync_schema::sqlite_key::DatabaseKey;
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
@@ -45,6 +46,7 @@ pub(super) fn prepare(
     new_relay_id: Uuid,
     new_shards: u32,
     migrate: Migrate,
+    key: Option<&DatabaseKey>,
 ) -> StoreResult<(Uuid, u32)> {
     SqliteDirectory::create_tables(conn)?;
     conn.execute(
@@ -69,7 +71,7 @@ pub(super) fn prepare(
                     dir.display()
                 )));
             }
-            migrate_round_one(conn, dir, new_shards)?
+            migrate_round_one(conn, dir, new_shards, key)?
         }
         _ => {
             // A new store. Shard files without a directory are someone's data (a half-finished
@@ -91,7 +93,7 @@ pub(super) fn prepare(
     }
     let shards = meta_u64(conn, "shards")?.unwrap_or(u64::from(new_shards)) as u32;
     for n in 0..shards {
-        SqliteShard::open(&shard_path(dir, n))?;
+        SqliteShard::open(&shard_path(dir, n), key)?;
     }
     Ok((relay_id, shards))
 }
@@ -117,7 +119,7 @@ fn stray_shard_file(dir: &Path) -> StoreResult<Option<std::path::PathBuf>> {
 /// `documents`; with foreign keys on, dropping `documents` first fails).
 const ROUND_ONE_DATA: [&str; 4] = ["feed", "receipts", "conflict_archive", "documents"];
 
-fn migrate_round_one(conn: &Connection, dir: &Path, shards: u32) -> StoreResult<()> {
+fn migrate_round_one(conn: &Connection, dir: &Path, shards: u32, key: Option<&DatabaseKey>) -> StoreResult<()> {
     tracing::info!(dir = %dir.display(), shards, "migrating a round-1 relay store to per-space order");
     bind_receipts(conn)?;
     let chain = verify_round_one_chain(conn)?;
@@ -150,7 +152,7 @@ fn migrate_round_one(conn: &Connection, dir: &Path, shards: u32) -> StoreResult<
     let db = dir.join(super::DB_FILE);
     for n in 0..shards {
         let mine: Vec<Uuid> = shard_of.iter().filter(|(_, s)| **s == n).map(|(id, _)| *id).collect();
-        let mut shard = SqliteShard::open(&shard_path(dir, n))?;
+        let mut shard = SqliteShard::open(&shard_path(dir, n), key)?;
         copy_into_shard(&mut shard, &db, &mine, n == 0)?;
     }
     conn.execute_batch("BEGIN IMMEDIATE")?;

@@ -14,6 +14,7 @@ mod shard;
 
 use std::path::{Path, PathBuf};
 
+use fieldsync_schema::sqlite_key::{self, DatabaseKey};
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
@@ -48,9 +49,10 @@ pub fn store_files(dir: &Path, shards: u32) -> Vec<PathBuf> {
 }
 
 /// Opens a SQLite file with the relay's settings (WAL, `synchronous=FULL`, a busy timeout, a
-/// prepared-statement cache that holds every statement the store uses).
-pub(crate) fn connect(path: &Path) -> StoreResult<Connection> {
-    let conn = Connection::open(path)?;
+/// prepared-statement cache that holds every statement the store uses), encrypted at rest with
+/// `key` if given (a wrong or missing key is [`StoreError::Key`], never a new empty file).
+pub(crate) fn connect(path: &Path, key: Option<&DatabaseKey>) -> StoreResult<Connection> {
+    let conn = sqlite_key::open_rw(path, key)?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Corrupt(format!(
@@ -96,6 +98,8 @@ pub struct SqliteBackend {
     dir: PathBuf,
     relay_id: Uuid,
     shards: u32,
+    /// The key every file of the store is encrypted with at rest (`None`: plaintext files).
+    key: Option<DatabaseKey>,
 }
 
 impl SqliteBackend {
@@ -108,22 +112,38 @@ impl SqliteBackend {
 
     /// [`SqliteBackend::open`], with the number of shards a new store is created with.
     pub fn open_with(dir: &Path, new_relay_id: Uuid, new_shards: u32) -> StoreResult<Self> {
-        Self::open_inner(dir, new_relay_id, new_shards, Migrate::Yes)
+        Self::open_inner(dir, new_relay_id, new_shards, Migrate::Yes, None)
+    }
+
+    /// [`SqliteBackend::open_with`] for a store encrypted at rest with `key` (a new store is
+    /// created encrypted; `None` is a plaintext store).
+    pub fn open_keyed(dir: &Path, new_relay_id: Uuid, new_shards: u32, key: Option<DatabaseKey>) -> StoreResult<Self> {
+        Self::open_inner(dir, new_relay_id, new_shards, Migrate::Yes, key)
     }
 
     /// Opens an existing store, migrating a round-1 one (restore drills and restores, on their
     /// own copies). Refuses a directory without one: an operator's typo must not create an
     /// empty relay.
     pub fn open_existing(dir: &Path) -> StoreResult<Self> {
+        Self::open_existing_keyed(dir, None)
+    }
+
+    /// [`SqliteBackend::open_existing`] for a store encrypted with `key`.
+    pub fn open_existing_keyed(dir: &Path, key: Option<DatabaseKey>) -> StoreResult<Self> {
         Self::require_store(dir)?;
-        Self::open_inner(dir, Uuid::nil(), DEFAULT_SHARDS, Migrate::Yes)
+        Self::open_inner(dir, Uuid::nil(), DEFAULT_SHARDS, Migrate::Yes, key)
     }
 
     /// Opens an existing store that is already in this build's layout (the admin tools: they
     /// run beside a serving relay, so they never migrate a store that relay may be writing).
     pub fn open_current(dir: &Path) -> StoreResult<Self> {
+        Self::open_current_keyed(dir, None)
+    }
+
+    /// [`SqliteBackend::open_current`] for a store encrypted with `key`.
+    pub fn open_current_keyed(dir: &Path, key: Option<DatabaseKey>) -> StoreResult<Self> {
         Self::require_store(dir)?;
-        Self::open_inner(dir, Uuid::nil(), DEFAULT_SHARDS, Migrate::No)
+        Self::open_inner(dir, Uuid::nil(), DEFAULT_SHARDS, Migrate::No, key)
     }
 
     fn require_store(dir: &Path) -> StoreResult<()> {
@@ -134,15 +154,27 @@ impl SqliteBackend {
         }
     }
 
-    fn open_inner(dir: &Path, new_relay_id: Uuid, new_shards: u32, migrate: Migrate) -> StoreResult<Self> {
+    fn open_inner(
+        dir: &Path,
+        new_relay_id: Uuid,
+        new_shards: u32,
+        migrate: Migrate,
+        key: Option<DatabaseKey>,
+    ) -> StoreResult<Self> {
         std::fs::create_dir_all(dir.join(SHARDS_DIR))?;
-        let conn = connect(&dir.join(DB_FILE))?;
-        let (relay_id, shards) = migrate::prepare(&conn, dir, new_relay_id, new_shards.max(1), migrate)?;
+        let conn = connect(&dir.join(DB_FILE), key.as_ref())?;
+        let (relay_id, shards) = migrate::prepare(&conn, dir, new_relay_id, new_shards.max(1), migrate, key.as_ref())?;
         Ok(SqliteBackend {
             dir: dir.to_path_buf(),
             relay_id,
             shards,
+            key,
         })
+    }
+
+    /// The key the store's files are encrypted with, if any.
+    pub fn key(&self) -> Option<&DatabaseKey> {
+        self.key.as_ref()
     }
 
     pub fn dir(&self) -> &Path {
@@ -164,7 +196,7 @@ impl Backend for SqliteBackend {
     type Shard = SqliteShard;
 
     fn open_directory(&self) -> StoreResult<SqliteDirectory> {
-        SqliteDirectory::open(&self.dir.join(DB_FILE))
+        SqliteDirectory::open(&self.dir.join(DB_FILE), self.key.as_ref())
     }
 
     fn open_shard(&self, shard: u32) -> StoreResult<SqliteShard> {
@@ -174,7 +206,7 @@ impl Backend for SqliteBackend {
                 self.shards
             )));
         }
-        SqliteShard::open(&shard_path(&self.dir, shard))
+        SqliteShard::open(&shard_path(&self.dir, shard), self.key.as_ref())
     }
 
     fn shard_count(&self) -> u32 {

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use fieldsync_schema::sqlite_key::DatabaseKey;
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
@@ -25,8 +26,8 @@ pub struct SqliteShard {
 }
 
 impl SqliteShard {
-    pub(super) fn open(path: &std::path::Path) -> StoreResult<Self> {
-        let conn = connect(path)?;
+    pub(super) fn open(path: &std::path::Path, key: Option<&DatabaseKey>) -> StoreResult<Self> {
+        let conn = connect(path, key)?;
         conn.execute_batch(SCHEMA_SQL)?;
         Ok(SqliteShard {
             conn,
