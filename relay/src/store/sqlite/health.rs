@@ -52,11 +52,20 @@ pub fn quick_check(dir: &Path) -> StoreResult<Vec<Damage>> {
 /// a backup would not help.
 pub fn quick_check_keyed(dir: &Path, key: Option<&DatabaseKey>) -> StoreResult<Vec<Damage>> {
     let directory = dir.join(DB_FILE);
-    if key.is_none() && sqlite_key::is_plaintext(&directory)? == Some(false) {
-        return Err(KeyError::KeyNeeded(directory.display().to_string()).into());
+    let files = present_files(dir)?;
+    // Without a key, a store none of whose files is plaintext SQLite is an encrypted one (one
+    // unreadable file among plaintext ones is damage).
+    if key.is_none() && !files.is_empty() {
+        let mut plaintext = false;
+        for file in &files {
+            plaintext |= sqlite_key::is_plaintext(file)? != Some(false);
+        }
+        if !plaintext {
+            return Err(KeyError::KeyNeeded(directory.display().to_string()).into());
+        }
     }
     let mut damaged = Vec::new();
-    for file in present_files(dir)? {
+    for file in files {
         let conn = Connection::open_with_flags(
             &file,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -130,5 +139,19 @@ mod tests {
         let damaged = quick_check(dir.path()).unwrap();
         assert_eq!(damaged.len(), 1);
         assert!(damaged[0].problem.to_string().contains("not a database"), "{damaged:?}");
+    }
+
+    #[test]
+    fn an_encrypted_store_is_checked_with_its_key_and_without_it_is_not_called_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DatabaseKey::from_bytes([9; 32]);
+        drop(SqliteBackend::open_keyed(dir.path(), uuid::Uuid::from_bytes([1; 16]), 2, Some(key.clone())).unwrap());
+        assert_eq!(quick_check_keyed(dir.path(), Some(&key)).unwrap(), vec![]);
+        let missing = quick_check(dir.path()).unwrap_err().to_string();
+        assert!(missing.contains("is encrypted"), "{missing}");
+        let wrong = quick_check_keyed(dir.path(), Some(&DatabaseKey::from_bytes([8; 32])))
+            .unwrap_err()
+            .to_string();
+        assert!(wrong.contains("does not open"), "{wrong}");
     }
 }
