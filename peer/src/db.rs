@@ -238,6 +238,9 @@ pub mod keys {
     pub const RELAY_BEHIND: &str = "relay_behind";
     /// A remote wipe's record ([`crate::wipe::WipeRecord`]): the data is gone, writes refused.
     pub const WIPED: &str = "wiped";
+    /// The revoked device whose unconfirmed changes this identity took over
+    /// ([`crate::new_identity`]).
+    pub const REPLACED_DEVICE: &str = "replaced_device";
 }
 
 #[cfg(test)]

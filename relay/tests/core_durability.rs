@@ -156,6 +156,7 @@ fn a_space_worker_refuses_a_replay_to_a_sender_without_a_role_on_its_own() {
             space_id: stale.space_id,
             role: None,
             verifier: fieldsync_schema::signing::Verifier::new(&tablet.key.public_key()).unwrap(),
+            replaces: None,
         },
         mutations: vec![stale],
         prechecked: None,

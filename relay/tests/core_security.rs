@@ -225,6 +225,7 @@ fn enroll_with(relay: &mut TestRelay, public_key: [u8; 32], proof: [u8; 64], dev
             schema_hash: Schema::default_schema().hash(),
             schema_version: 1,
             proof: Bytes(proof.to_vec()),
+            replaces: None,
         },
     )
 }
@@ -314,6 +315,7 @@ fn an_enrollment_proof_malleated_to_s_plus_l_is_refused() {
             schema_hash: Schema::default_schema().hash(),
             schema_version: 1,
             proof: Bytes(proof.to_vec()),
+            replaces: None,
         },
     );
     assert_eq!(auth_failure(&out), Some(AuthFailure::BadSignature), "{out:?}");

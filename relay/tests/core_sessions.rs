@@ -175,6 +175,7 @@ fn enrollment_tokens_are_single_use_and_expire() {
                 key.sign(&enroll_signing_bytes(token, &device_id, &key.public_key()))
                     .to_vec(),
             ),
+            replaces: None,
         }
     };
     let c = r.connect();

@@ -16,6 +16,7 @@ pub const MUTATION_TAG: &[u8] = b"fieldsync/mutation/v1\0";
 pub const CONNECT_TAG: &[u8] = b"fieldsync/connect/v1\0";
 pub const ENROLL_TAG: &[u8] = b"fieldsync/enroll/v1\0";
 pub const ROTATE_TAG: &[u8] = b"fieldsync/rotate-key/v1\0";
+pub const REPLACE_TAG: &[u8] = b"fieldsync/replace-device/v1\0";
 pub const NOTE_SIGNATURE_TAG: &[u8] = b"fieldsync/note-signature/v1\0";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,6 +123,17 @@ pub fn enroll_signing_bytes(token: &str, device_id: &Uuid, public_key: &[u8; 32]
         .bytes(token.as_bytes())
         .uuid(device_id)
         .bytes(public_key)
+        .finish()
+}
+
+/// The bytes a revoked device's old key signs to hand its unsynced work to the new identity it
+/// enrolls with the token (issue 19): only the holder of the old key can move its outbox.
+pub fn replace_signing_bytes(token: &str, old_device_id: &Uuid, new_device_id: &Uuid, new_key: &[u8; 32]) -> Vec<u8> {
+    Canon::new(REPLACE_TAG)
+        .bytes(token.as_bytes())
+        .uuid(old_device_id)
+        .uuid(new_device_id)
+        .bytes(new_key)
         .finish()
 }
 

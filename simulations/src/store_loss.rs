@@ -187,6 +187,8 @@ impl Directory for LossyDirectory {
         mut fn revoke_device(device_id: Uuid, now_ms: u64) -> bool;
         mut fn request_wipe(device_id: Uuid, now_ms: u64) -> bool;
         mut fn record_wipe(device_id: Uuid, now_ms: u64, discarded: u64) -> bool;
+        mut fn set_device_replaces(device_id: Uuid, replaces: Uuid) -> ();
+        ref fn replaced_by(device_id: Uuid) -> Option<Uuid>;
         mut fn set_device_key(device_id: Uuid, public_key: &[u8]) -> ();
         mut fn touch_device(device_id: Uuid, now_ms: u64) -> ();
         ref fn revoked_since(since_ms: u64) -> Vec<(Uuid, u64)>;

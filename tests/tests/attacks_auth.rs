@@ -71,6 +71,7 @@ fn raw_enroll(token: &str, device_id: Uuid, public_key: Vec<u8>, proof: Vec<u8>)
         schema_hash: fieldsync_tests::attacker::schema_hash(),
         schema_version: 1,
         proof: Bytes(proof),
+        replaces: None,
     }
 }
 

@@ -161,7 +161,8 @@ fn connections_cut_repeatedly_never_roll_back_a_local_edit_and_retries_reuse_ids
         let before = proxy.upstream_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let cutter = {
             let bytes = proxy.upstream_bytes.clone();
-            let trigger = before + 20_000 + (rounds as u64 * 79_193) % 200_000;
+            // Compressed frames (the default): the 1,500 pushes are about 190 KB upstream.
+            let trigger = before + 5_000 + (rounds as u64 * 19_793) % 50_000;
             let p = &proxy;
             async move {
                 while bytes.load(std::sync::atomic::Ordering::Relaxed) < trigger {

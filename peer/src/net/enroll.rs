@@ -24,6 +24,35 @@ pub async fn enroll_with_tls(
     complete(dev, relay_url, reply)
 }
 
+/// A revoked device enrolls a fresh identity with a new token from its operator and hands it
+/// every unconfirmed change ([`crate::new_identity`]), at the relay it was enrolled with.
+pub async fn enroll_new_identity(
+    dev: &mut Device,
+    token: &str,
+    tls: &TlsOptions,
+) -> Result<crate::IdentityReport, NetError> {
+    let relay_url = dev
+        .enrollment()
+        .map(|e| e.relay_url.clone())
+        .ok_or(NetError::NotEnrolled)?;
+    let pending = dev.new_identity_request(token)?;
+    match exchange(&relay_url, &pending.request, tls).await? {
+        RelayMessage::Enrolled { relay_id, user } => Ok(dev.adopt_identity(pending, relay_id, user)?),
+        RelayMessage::AuthFailed { reason, message } => Err(NetError::EnrollRefused {
+            reason: reason.as_str(),
+            message,
+        }),
+        RelayMessage::Error { message, .. } => Err(NetError::EnrollRefused {
+            reason: "error",
+            message,
+        }),
+        other => Err(NetError::ConnectionLost(format!(
+            "unexpected `{}` during enrollment",
+            other.name()
+        ))),
+    }
+}
+
 /// The network half of enrollment: the request out, the relay's answer back. Needs no device,
 /// so a caller sharing one (an app's [`crate::Client`]) holds no lock while it waits.
 pub(crate) async fn exchange(

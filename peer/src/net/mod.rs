@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use client::{Drive, Exclusive, SyncOptions, WatchEvent, sync_once, sync_round, watch, watch_with};
-pub use enroll::{enroll, enroll_with_tls};
+pub use enroll::{enroll, enroll_new_identity, enroll_with_tls};
 pub use tls::TlsOptions;
 
 use crate::error::PeerError;

@@ -144,6 +144,10 @@ pub trait Directory {
     fn request_wipe(&mut self, device_id: Uuid, now_ms: u64) -> StoreResult<bool>;
     /// Records the device's report that it erased its data; `false` when no wipe was pending.
     fn record_wipe(&mut self, device_id: Uuid, now_ms: u64, discarded: u64) -> StoreResult<bool>;
+    /// Records that `device_id` is the new identity of the revoked device `replaces`.
+    fn set_device_replaces(&mut self, device_id: Uuid, replaces: Uuid) -> StoreResult<()>;
+    /// The device that took over from `device_id`, if one did.
+    fn replaced_by(&self, device_id: Uuid) -> StoreResult<Option<Uuid>>;
     fn set_device_key(&mut self, device_id: Uuid, public_key: &[u8]) -> StoreResult<()>;
     fn touch_device(&mut self, device_id: Uuid, now_ms: u64) -> StoreResult<()>;
 

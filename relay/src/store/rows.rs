@@ -45,6 +45,9 @@ pub struct DeviceRow {
     /// discarded doing so.
     pub wiped_ms: Option<u64>,
     pub wipe_discarded: Option<u64>,
+    /// The revoked device whose unsynced changes this one carries (`enroll --new-identity`):
+    /// changes authored by that device's actor are accepted from this one.
+    pub replaces: Option<Uuid>,
 }
 
 impl DeviceRow {

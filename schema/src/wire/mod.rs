@@ -190,6 +190,14 @@ pub enum ErrorCode {
     Internal,
 }
 
+/// The revoked device a new identity takes over from, with the old key's consent: a signature
+/// over [`crate::signing::replace_signing_bytes`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replacement {
+    pub device_id: Uuid,
+    pub signature: Bytes,
+}
+
 /// Messages from a device to the relay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -220,6 +228,10 @@ pub enum ClientMessage {
         schema_version: u64,
         /// Signature over [`crate::signing::enroll_signing_bytes`].
         proof: Bytes,
+        /// A revoked device enrolling a fresh identity to carry its unsynced changes
+        /// (`enroll --new-identity`). Absent from ordinary enrollments and older devices.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replaces: Option<Box<Replacement>>,
     },
     /// Answers the challenge: signature over [`crate::signing::connect_signing_bytes`].
     Auth {
@@ -391,6 +403,7 @@ impl ClientMessage {
             schema_hash: schema.hash(),
             schema_version: schema.version(),
             proof: Bytes(key.enrollment_proof(token, &device_id).to_vec()),
+            replaces: None,
         }
     }
 

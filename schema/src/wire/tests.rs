@@ -68,6 +68,7 @@ fn every_client_message() -> Vec<ClientMessage> {
             schema_hash: Schema::default_schema().hash(),
             schema_version: 1,
             proof: Bytes(vec![6; 64]),
+            replaces: None,
         },
         ClientMessage::Auth {
             signature: Bytes(vec![7; 64]),

@@ -187,11 +187,16 @@ enum Command {
     },
     /// Registers this device with a relay, using a single-use token from the relay operator.
     Enroll {
-        /// The relay's address, e.g. ws://127.0.0.1:7070.
-        #[arg(long)]
-        relay: String,
+        /// The relay's address, e.g. ws://127.0.0.1:7070 (with --new-identity: the relay the
+        /// device is enrolled with).
+        #[arg(long, required_unless_present = "new_identity")]
+        relay: Option<String>,
         #[arg(long)]
         token: String,
+        /// A revoked device: enroll a fresh identity (the operator's new token) that takes over
+        /// every change the relay has not confirmed, re-signed, same mutation ids.
+        #[arg(long, conflicts_with = "relay")]
+        new_identity: bool,
         #[arg(long)]
         json: bool,
     },
@@ -344,6 +349,16 @@ fn load_schema(path: Option<&Path>) -> Result<Arc<Schema>> {
     Ok(Arc::new(Schema::load(path)?))
 }
 
+/// A write on a revoked device is kept, but cannot sync: say so, and what brings it back.
+fn warn_if_revoked(dev: &Device) {
+    if dev.is_revoked().unwrap_or(false) {
+        eprintln!(
+            "warning: this device is revoked: the change is kept here but cannot sync; with a new token from \
+             the relay's operator, `enroll --new-identity --token TOKEN` moves every unsynced change to a new identity"
+        );
+    }
+}
+
 /// The at-rest key: `--db-key-file`, else `FIELDSYNC_DB_KEY`, else none (a plaintext device).
 fn db_key(file: Option<&Path>) -> Result<Option<DatabaseKey>> {
     if let Some(file) = file {
@@ -444,6 +459,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut dev = open_existing(&dir, schema, key)?;
             let space = space.map(|s| resolve_space(&dev, &s)).transpose()?;
             let r = dev.put_in_space(space, &entity_type, id, parse_fields(&fields)?)?;
+            warn_if_revoked(&dev);
             outln!("{}", r.entity_id)?;
             Ok(())
         }
@@ -473,19 +489,27 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Delete { entity_type, id, json } => {
             let mut dev = open_existing(&dir, schema, key)?;
-            output::receipt(&dev.delete(&entity_type, id)?, "deleted", json)
+            let receipt = dev.delete(&entity_type, id)?;
+            warn_if_revoked(&dev);
+            output::receipt(&receipt, "deleted", json)
         }
         Command::NoteEdit { id, text, json } => {
             let mut dev = open_existing(&dir, schema, key)?;
-            output::receipt(&dev.edit_note(id, &text)?, "edited", json)
+            let receipt = dev.edit_note(id, &text)?;
+            warn_if_revoked(&dev);
+            output::receipt(&receipt, "edited", json)
         }
         Command::Sign { id, json } => {
             let mut dev = open_existing(&dir, schema, key)?;
-            output::receipt(&dev.sign_note(id)?, "signed", json)
+            let receipt = dev.sign_note(id)?;
+            warn_if_revoked(&dev);
+            output::receipt(&receipt, "signed", json)
         }
         Command::Lock { entity_type, id, json } => {
             let mut dev = open_existing(&dir, schema, key)?;
-            output::receipt(&dev.lock(&entity_type, id)?, "locked", json)
+            let receipt = dev.lock(&entity_type, id)?;
+            warn_if_revoked(&dev);
+            output::receipt(&receipt, "locked", json)
         }
         Command::Incr {
             entity_type,
@@ -495,7 +519,9 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let mut dev = open_existing(&dir, schema, key)?;
-            output::receipt(&dev.increment(&entity_type, id, &field, by)?, "incremented", json)
+            let receipt = dev.increment(&entity_type, id, &field, by)?;
+            warn_if_revoked(&dev);
+            output::receipt(&receipt, "incremented", json)
         }
         Command::Schema { entity_type, json } => print_schema(&schema, entity_type.as_deref(), json),
         Command::Status { json } => output::status(&open_existing(&dir, schema, key)?.status()?, json),
@@ -521,8 +547,17 @@ fn run(cli: Cli) -> Result<()> {
             let dev = open_existing(&dir, schema, key)?;
             output::sign_out(&dev.sign_out(force)?, json)
         }
-        Command::Enroll { relay, token, json } => {
-            net_cmd::enroll(open_existing(&dir, schema, key)?, &relay, &token, &tls, json)
+        Command::Enroll {
+            relay,
+            token,
+            new_identity,
+            json,
+        } => {
+            let dev = open_existing(&dir, schema, key)?;
+            match relay {
+                Some(relay) if !new_identity => net_cmd::enroll(dev, &relay, &token, &tls, json),
+                _ => net_cmd::enroll_new_identity(dev, &token, &tls, json),
+            }
         }
         Command::Duplicates { merge, dismiss, json } => {
             authority_cmd::duplicates(&mut open_existing(&dir, schema, key)?, merge, dismiss, json)

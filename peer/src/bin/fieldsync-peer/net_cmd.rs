@@ -33,6 +33,21 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+pub fn enroll_new_identity(mut dev: Device, token: &str, tls: &TlsArgs, json: bool) -> Result<()> {
+    let report = runtime()?.block_on(net::enroll_new_identity(&mut dev, token, &tls.options()))?;
+    if json {
+        outln!("{}", json!(report))?;
+    } else {
+        outln!(
+            "this device is now {} (it replaces revoked {}); {} unsynced change(s) carried over, `sync` sends them",
+            report.new_device_id,
+            report.old_device_id,
+            report.carried
+        )?;
+    }
+    Ok(())
+}
+
 pub fn enroll(mut dev: Device, relay: &str, token: &str, tls: &TlsArgs, json: bool) -> Result<()> {
     let e = runtime()?.block_on(net::enroll_with_tls(&mut dev, relay, token, &tls.options()))?;
     if json {

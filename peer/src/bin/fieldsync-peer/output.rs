@@ -107,6 +107,12 @@ pub fn status(s: &Status, json: bool) -> Result<()> {
     }
     if let Some(a) = &s.auth_failure {
         outln!("auth:      {a}")?;
+        if a.starts_with("revoked") && s.wiped.is_none() {
+            outln!(
+                "           local changes are kept but cannot sync; with a new token from the operator, \
+                 `enroll --new-identity --token TOKEN` carries them to a new identity"
+            )?;
+        }
     }
     if let Some(w) = &s.wiped {
         outln!(

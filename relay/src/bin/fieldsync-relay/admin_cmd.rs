@@ -394,8 +394,12 @@ fn device_list(store: &impl Directory, json: bool) -> anyhow::Result<()> {
         };
         let seen = d.last_seen_ms.map(render_ms).unwrap_or_else(|| "never".into());
         let label = d.label.as_deref().map(|l| format!("  \"{l}\"")).unwrap_or_default();
+        let replaces = d
+            .replaces
+            .map(|old| format!("  (new identity of revoked {old})"))
+            .unwrap_or_default();
         lines.push(format!(
-            "{}{label}  {}  enrolled {}  last seen {}  {}",
+            "{}{label}  {}  enrolled {}  last seen {}  {}{replaces}",
             d.device_id,
             user,
             render_ms(d.enrolled_ms),
@@ -413,6 +417,7 @@ fn device_list(store: &impl Directory, json: bool) -> anyhow::Result<()> {
             "wipe_requested_at": d.wipe_requested_ms.map(render_ms),
             "wiped_at": d.wiped_ms.map(render_ms),
             "wipe_discarded": d.wipe_discarded,
+            "replaces": d.replaces,
         }));
     }
     print(json, json!(rows), lines_or(lines, "no devices"))?;

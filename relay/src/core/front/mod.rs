@@ -53,6 +53,8 @@ pub(crate) struct Session {
     /// The key, parsed once for the session (parsing costs as much as a verification).
     pub verifier: fieldsync_schema::signing::Verifier,
     pub spaces: BTreeMap<Uuid, Role>,
+    /// The revoked device this one took over from (its changes arrive from this one).
+    pub replaces: Option<Uuid>,
     /// Set once the device caught up: for each space, the position after which live entries
     /// are pushed to it.
     pub live: Option<BTreeMap<Uuid, u64>>,
@@ -333,6 +335,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 schema_hash,
                 schema_version,
                 proof,
+                replaces,
             } => {
                 self.ensure_tx(turn)?;
                 let request = session::EnrollRequest {
@@ -342,6 +345,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                     public_key: &public_key.0,
                     schema: (schema_hash, schema_version),
                     proof: &proof.0,
+                    replaces: replaces.as_deref(),
                 };
                 self.on_enroll(conn, request, now_ms, turn, out)
             }
@@ -443,6 +447,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             space_id: first_space,
             role: s.spaces.get(&first_space).copied(),
             verifier: s.verifier.clone(),
+            replaces: s.replaces,
         };
         let cut = mutations
             .iter()

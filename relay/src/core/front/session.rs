@@ -21,6 +21,8 @@ pub(crate) struct EnrollRequest<'a> {
     /// The device's schema hash and version.
     pub schema: (SchemaHash, u64),
     pub proof: &'a [u8],
+    /// The revoked device this enrollment takes over from (`enroll --new-identity`).
+    pub replaces: Option<&'a fieldsync_schema::wire::Replacement>,
 }
 
 /// What a device is told about its user: name and the spaces it may see, with its roles.
@@ -259,6 +261,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 public_key: public_key.to_vec(),
                 verifier,
                 spaces,
+                replaces: device.replaces,
                 live: None,
                 tokens: self.config.rate_burst,
                 tokens_at_ms: now_ms,
@@ -356,8 +359,20 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         let Some(user) = self.directory.user(token.user_id)? else {
             return Err(StoreError::Corrupt("enrollment token for a missing user".into()));
         };
+        if let Some(replacement) = req.replaces
+            && let Err(refusal) = self.replacement_refusal(replacement, &req, &public_key, user.user_id)?
+        {
+            self.auth_failed(conn, refusal.0, refusal.1, out);
+            return Ok(());
+        }
         self.directory
             .register_device(req.device_id, user.user_id, &public_key, now_ms)?;
+        if let Some(replacement) = req.replaces {
+            self.directory
+                .set_device_replaces(req.device_id, replacement.device_id)?;
+            tracing::info!(conn, device_id = %req.device_id, replaces = %replacement.device_id,
+                "a revoked device enrolled a new identity to carry its unsynced changes");
+        }
         self.directory.use_token(&hash, req.device_id, now_ms)?;
         if let Some(label) = &token.label {
             self.directory.set_device_label(req.device_id, label)?;
@@ -374,6 +389,48 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         ));
         turn.closes.push((conn, CloseReason::normal("enrolled")));
         Ok(())
+    }
+
+    /// Why a new identity may not take over from `replacement.device_id`, if it may not: the
+    /// old device must exist, belong to the token's user, be revoked, never have been ordered
+    /// to wipe (its data is meant to be gone), not have been taken over already, and its key
+    /// must have signed this hand-over.
+    fn replacement_refusal(
+        &self,
+        replacement: &fieldsync_schema::wire::Replacement,
+        req: &EnrollRequest<'_>,
+        new_key: &[u8; 32],
+        user_id: Uuid,
+    ) -> Result<Result<(), (AuthFailure, String)>, StoreError> {
+        let old_id = replacement.device_id;
+        let refuse = |message: String| Ok(Err((AuthFailure::Revoked, message)));
+        let Some(old) = self.directory.device(old_id)?.filter(|d| d.user_id == user_id) else {
+            return refuse(format!("device {old_id} is not a device of this token's user"));
+        };
+        if old.revoked_ms.is_none() {
+            return refuse(format!(
+                "device {old_id} is not revoked: it syncs its own changes (a new identity is only for a revoked device)"
+            ));
+        }
+        if old.wipe_requested_ms.is_some() {
+            return refuse(format!(
+                "device {old_id} was ordered to erase its data: its changes are not carried to a new identity"
+            ));
+        }
+        if let Some(successor) = self.directory.replaced_by(old_id)? {
+            return refuse(format!("device {old_id} was already taken over by device {successor}"));
+        }
+        let Ok(old_key) = <[u8; 32]>::try_from(old.public_key.as_slice()) else {
+            return Err(StoreError::Corrupt(format!("device {old_id} has a malformed key")));
+        };
+        let message = signing::replace_signing_bytes(req.token.trim(), &old_id, &req.device_id, new_key);
+        if signing::verify(&old_key, &message, &replacement.signature.0).is_err() {
+            return Ok(Err((
+                AuthFailure::BadSignature,
+                format!("the hand-over is not signed by device {old_id}'s key"),
+            )));
+        }
+        Ok(Ok(()))
     }
 
     pub(super) fn on_rotate_key(

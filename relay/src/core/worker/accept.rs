@@ -118,10 +118,20 @@ impl<S: SpaceStore> SpaceWorker<S> {
     /// a different envelope under a known id is refused, and a user who left the space gets
     /// no document changes and no LWW values.
     fn replay(&mut self, sender: &Sender, receipt: &ReceiptRow, m: &Mutation) -> Result<Outcome, StoreError> {
-        if receipt.device_id != m.device_id {
+        // A change the revoked device pushed before it was cut off, its answer lost, repeated
+        // by the new identity carrying it: the envelope differs in who signed it, so it is
+        // answered as an unbound receipt (the outcome, nothing the first answer disclosed).
+        let carried = receipt.device_id != m.device_id && sender.speaks_for(receipt.device_id);
+        if receipt.device_id != m.device_id && !carried {
             return Ok(forbidden("this mutation id was already used by another device"));
         }
-        let binding = receipt.answers(m);
+        let binding = if !carried {
+            receipt.answers(m)
+        } else if receipt.entity_id == Some(m.entity_id) && receipt.space_id == Some(m.space_id) {
+            ReceiptMatch::Unbound
+        } else {
+            ReceiptMatch::Different
+        };
         if binding == ReceiptMatch::Different {
             return Ok(forbidden(
                 "this mutation id was already used for a different change; nothing was applied",
@@ -239,7 +249,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
             }
         }
         // Changes must be well formed before anything reads them.
-        let changes = match self.parse_changes(m) {
+        let changes = match self.parse_changes(sender, m) {
             Ok(c) => c,
             Err(outcome) => return Ok(outcome),
         };
@@ -412,7 +422,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
         }
     }
 
-    fn parse_changes(&self, m: &Mutation) -> Result<Vec<Change>, Outcome> {
+    fn parse_changes(&self, sender: &Sender, m: &Mutation) -> Result<Vec<Change>, Outcome> {
         if m.changes.is_empty() {
             return Err(invalid("changes", "a mutation must carry at least one change"));
         }
@@ -424,10 +434,15 @@ impl<S: SpaceStore> SpaceWorker<S> {
             ));
         }
         let actor = device_actor(m.device_id);
+        // A new identity of a revoked device carries changes that device authored offline.
+        let predecessor = sender
+            .replaces
+            .filter(|_| sender.device_id == m.device_id)
+            .map(device_actor);
         let mut out = Vec::with_capacity(m.changes.len());
         for (i, bytes) in m.changes.iter().enumerate() {
             let change = parse_change(&bytes.0).map_err(|e| invalid("changes", format!("change {i}: {e}")))?;
-            if change.actor_id() != &actor {
+            if change.actor_id() != &actor && predecessor.as_ref() != Some(change.actor_id()) {
                 return Err(Outcome::Forbidden {
                     reason: format!("change {i} was not authored by the sending device"),
                 });

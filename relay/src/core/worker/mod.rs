@@ -41,6 +41,16 @@ pub struct Sender {
     pub role: Option<Role>,
     /// The device's current key, parsed.
     pub verifier: Verifier,
+    /// The revoked device this one took over from (`enroll --new-identity`): the changes it
+    /// carries were authored by that device, and that device's receipts answer its repeats.
+    pub replaces: Option<Uuid>,
+}
+
+impl Sender {
+    /// Whether `device` is this sender or the device it took over from.
+    pub fn speaks_for(&self, device: Uuid) -> bool {
+        device == self.device_id || Some(device) == self.replaces
+    }
 }
 
 impl Sender {

@@ -19,7 +19,7 @@ pub(super) const FEED_COLS: &str = "seq, doc_key, space_id, entity_type, entity_
 pub(super) const AUDIT_COLS: &str = "audit_id, audit_seq, seq, mutation_id, actor_id, device_id, space_id, \
                                      entity_type, entity_id, kind, version, before_json, after_json, client_ts, \
                                      server_ts_ms, prev_hash, hash";
-pub(super) const DEVICE_COLS: &str = "device_id, user_id, public_key, enrolled_ms, revoked_ms, last_seen_ms, label, wipe_requested_ms, wiped_ms, wipe_discarded";
+pub(super) const DEVICE_COLS: &str = "device_id, user_id, public_key, enrolled_ms, revoked_ms, last_seen_ms, label, wipe_requested_ms, wiped_ms, wipe_discarded, replaces";
 pub(super) const TOKEN_COLS: &str = "token_hash, user_id, created_ms, expires_ms, used_ms, used_by, label";
 pub(super) const ARCHIVE_COLS: &str = "archive_id, kind, space_id, entity_type, entity_id, field, losing_json, \
                                        winning_json, loser_device, loser_mutation, winner_device, winner_mutation, \
@@ -144,6 +144,7 @@ pub(super) fn device_row(r: &Row) -> StoreResult<DeviceRow> {
         wipe_requested_ms: opt_u64_col(r, 7)?,
         wiped_ms: opt_u64_col(r, 8)?,
         wipe_discarded: opt_u64_col(r, 9)?,
+        replaces: col(r, 10)?,
     })
 }
 

@@ -312,6 +312,22 @@ impl Directory for PgDirectory {
         Ok(n > 0)
     }
 
+    fn set_device_replaces(&mut self, device_id: Uuid, replaces: Uuid) -> StoreResult<()> {
+        self.execute(
+            "UPDATE devices SET replaces = $2 WHERE device_id = $1",
+            &[&device_id, &replaces],
+        )?;
+        Ok(())
+    }
+
+    fn replaced_by(&self, device_id: Uuid) -> StoreResult<Option<Uuid>> {
+        self.one(
+            "SELECT device_id FROM devices WHERE replaces = $1",
+            &[&device_id],
+            |r| col(r, 0),
+        )
+    }
+
     fn set_device_key(&mut self, device_id: Uuid, public_key: &[u8]) -> StoreResult<()> {
         self.execute(
             "UPDATE devices SET public_key = $2 WHERE device_id = $1",

@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS devices (
 ALTER TABLE devices ADD COLUMN IF NOT EXISTS wipe_requested_ms BIGINT;
 ALTER TABLE devices ADD COLUMN IF NOT EXISTS wiped_ms BIGINT;
 ALTER TABLE devices ADD COLUMN IF NOT EXISTS wipe_discarded BIGINT;
+-- A revoked device's new identity (`enroll --new-identity`): the device it took over from.
+ALTER TABLE devices ADD COLUMN IF NOT EXISTS replaces UUID;
 CREATE INDEX IF NOT EXISTS devices_revoked ON devices(revoked_ms) WHERE revoked_ms IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS served_schemas (

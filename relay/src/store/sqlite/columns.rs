@@ -156,7 +156,7 @@ pub(super) fn audit_row(row: &Row<'_>) -> rusqlite::Result<AuditRow> {
     })
 }
 
-pub(super) const DEVICE_COLS: &str = "device_id, user_id, public_key, enrolled_ms, revoked_ms, last_seen_ms, label, wipe_requested_ms, wiped_ms, wipe_discarded";
+pub(super) const DEVICE_COLS: &str = "device_id, user_id, public_key, enrolled_ms, revoked_ms, last_seen_ms, label, wipe_requested_ms, wiped_ms, wipe_discarded, replaces";
 
 pub(super) fn device_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
     Ok(DeviceRow {
@@ -170,6 +170,7 @@ pub(super) fn device_row(row: &Row<'_>) -> rusqlite::Result<DeviceRow> {
         wipe_requested_ms: opt_u64_col(row, 7)?,
         wiped_ms: opt_u64_col(row, 8)?,
         wipe_discarded: opt_u64_col(row, 9)?,
+        replaces: opt_uuid_col(row, 10)?,
     })
 }
 

@@ -54,6 +54,7 @@ impl SqliteDirectory {
             ("devices", "wipe_requested_ms", "INTEGER"),
             ("devices", "wiped_ms", "INTEGER"),
             ("devices", "wipe_discarded", "INTEGER"),
+            ("devices", "replaces", "BLOB"),
         ] {
             let present: i64 = conn.query_row(
                 &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
@@ -353,6 +354,28 @@ impl Directory for SqliteDirectory {
             params![device_id.as_bytes().to_vec(), i(now_ms), i(discarded)],
         )?;
         Ok(n > 0)
+    }
+
+    fn set_device_replaces(&mut self, device_id: Uuid, replaces: Uuid) -> StoreResult<()> {
+        self.conn.execute(
+            "UPDATE devices SET replaces = ?2 WHERE device_id = ?1",
+            params![device_id.as_bytes().to_vec(), replaces.as_bytes().to_vec()],
+        )?;
+        Ok(())
+    }
+
+    fn replaced_by(&self, device_id: Uuid) -> StoreResult<Option<Uuid>> {
+        let found: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT device_id FROM devices WHERE replaces = ?1",
+                [device_id.as_bytes().to_vec()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        found
+            .map(|b| Uuid::from_slice(&b).map_err(|e| StoreError::Corrupt(format!("device id: {e}"))))
+            .transpose()
     }
 
     fn set_device_key(&mut self, device_id: Uuid, public_key: &[u8]) -> StoreResult<()> {
