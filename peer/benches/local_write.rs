@@ -1,7 +1,7 @@
 //! Local write latency and open time of a device holding many entities.
 //!
 //! `cargo bench -p fieldsync-peer --bench local_write` (50,000 entities; override with
-//! `FIELDSYNC_BENCH_ENTITIES=N`). Real files in a temp dir, WAL with `synchronous=FULL`: every
+//! `FIELDSYNC_BENCH_ENTITIES=N`; `FIELDSYNC_BENCH_ENCRYPTED=1` encrypts the database at rest). Real files in a temp dir, WAL with `synchronous=FULL`: every
 //! measured write is a durable commit, as in production.
 
 use std::sync::Arc;
@@ -17,10 +17,15 @@ use uuid::Uuid;
 use fieldsync_schema::testkit::obj;
 
 fn open(dir: &std::path::Path, seed: u64) -> Device {
-    match Device::open(
+    let key = std::env::var("FIELDSYNC_BENCH_ENCRYPTED")
+        .is_ok_and(|v| v == "1")
+        .then(|| fieldsync_peer::DatabaseKey::from_bytes([0x5e; 32]));
+    match Device::open_keyed(
         dir,
         Arc::new(SystemTimeSource),
         Box::new(ChaCha20Rng::seed_from_u64(seed)),
+        Arc::new(fieldsync_schema::Schema::default_schema()),
+        key,
     ) {
         Ok(d) => d,
         Err(e) => panic!("open: {e}"),
