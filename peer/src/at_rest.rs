@@ -76,11 +76,19 @@ impl Device {
                 "another process has this device open: close it, then encrypt the device again".into(),
             ));
         }
-        std::fs::rename(&staged, &path).map_err(|e| io_err(&path, e))?;
+        if let Err(e) = std::fs::rename(&staged, &path) {
+            // The plaintext file is untouched: this handle goes on with it.
+            let _ = std::fs::remove_file(&staged);
+            self.conn = db::open(&path, None)?;
+            return Err(io_err(&path, e));
+        }
         if let Ok(d) = std::fs::File::open(&self.dir) {
             // Makes the rename durable; not every platform can fsync a directory.
             let _ = d.sync_all();
         }
+        // From here the file on disk is the encrypted one; if it cannot be opened now, this
+        // handle is left on an empty in-memory database that holds no tables, so every call
+        // fails until the device is opened again with the new key.
         self.conn = db::open(&path, Some(new))?;
         Ok(())
     }

@@ -156,6 +156,10 @@ pub fn configure(conn: &Connection) -> Result<()> {
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // 16 MiB of page cache (SQLite's default is 2 MiB): an encrypted page is decrypted and its
+    // HMAC checked at every read from the file, so a list over thousands of records that did
+    // not fit the cache cost 4-6x its plaintext time (README, "Encryption at rest").
+    conn.pragma_update(None, "cache_size", -16384)?;
     Ok(())
 }
 

@@ -408,21 +408,17 @@ pub(crate) fn make_due(conn: &Connection, mutation_id: Option<Uuid>) -> Result<u
 /// Envelopes the relay has not confirmed (pending and blocked), oldest first: what a new
 /// identity re-signs ([`crate::new_identity`]).
 pub(crate) fn unconfirmed(conn: &Connection) -> Result<Vec<(u64, Mutation)>> {
-    let mut stmt =
-        conn.prepare("SELECT seq, envelope FROM outbox WHERE state IN ('pending', 'blocked') ORDER BY seq")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
-    let mut out = Vec::new();
-    for r in rows {
-        let (seq, env) = r?;
-        out.push((u64::try_from(seq).unwrap_or(0), decode(&env)?));
-    }
-    Ok(out)
+    envelopes_where(conn, "state IN ('pending', 'blocked')")
 }
 
 /// Never-sent envelopes, oldest first (enrollment adopts them into the user's space).
 pub(crate) fn unsent(conn: &Connection) -> Result<Vec<(u64, Mutation)>> {
-    let mut stmt =
-        conn.prepare("SELECT seq, envelope FROM outbox WHERE state = 'pending' AND attempts = 0 ORDER BY seq")?;
+    envelopes_where(conn, "state = 'pending' AND attempts = 0")
+}
+
+/// `(seq, envelope)` of the items matching `filter` (a fixed condition of this module), by seq.
+fn envelopes_where(conn: &Connection, filter: &str) -> Result<Vec<(u64, Mutation)>> {
+    let mut stmt = conn.prepare(&format!("SELECT seq, envelope FROM outbox WHERE {filter} ORDER BY seq"))?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
     let mut out = Vec::new();
     for r in rows {

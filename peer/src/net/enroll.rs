@@ -38,18 +38,7 @@ pub async fn enroll_new_identity(
     let pending = dev.new_identity_request(token)?;
     match exchange(&relay_url, &pending.request, tls).await? {
         RelayMessage::Enrolled { relay_id, user } => Ok(dev.adopt_identity(pending, relay_id, user)?),
-        RelayMessage::AuthFailed { reason, message } => Err(NetError::EnrollRefused {
-            reason: reason.as_str(),
-            message,
-        }),
-        RelayMessage::Error { message, .. } => Err(NetError::EnrollRefused {
-            reason: "error",
-            message,
-        }),
-        other => Err(NetError::ConnectionLost(format!(
-            "unexpected `{}` during enrollment",
-            other.name()
-        ))),
+        other => Err(refusal(other)),
     }
 }
 
@@ -84,17 +73,21 @@ pub(crate) fn complete(dev: &mut Device, relay_url: &str, reply: RelayMessage) -
             dev.enroll_complete(relay_url.trim(), relay_id, user, default_space)?;
             dev.enrollment().cloned().ok_or(NetError::NotEnrolled)
         }
-        RelayMessage::AuthFailed { reason, message } => Err(NetError::EnrollRefused {
+        other => Err(refusal(other)),
+    }
+}
+
+/// What an answer other than `Enrolled` means: the relay's refusal, or a confused relay.
+fn refusal(reply: RelayMessage) -> NetError {
+    match reply {
+        RelayMessage::AuthFailed { reason, message } => NetError::EnrollRefused {
             reason: reason.as_str(),
             message,
-        }),
-        RelayMessage::Error { message, .. } => Err(NetError::EnrollRefused {
+        },
+        RelayMessage::Error { message, .. } => NetError::EnrollRefused {
             reason: "error",
             message,
-        }),
-        other => Err(NetError::ConnectionLost(format!(
-            "unexpected `{}` during enrollment",
-            other.name()
-        ))),
+        },
+        other => NetError::ConnectionLost(format!("unexpected `{}` during enrollment", other.name())),
     }
 }
