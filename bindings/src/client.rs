@@ -212,6 +212,17 @@ impl FieldsyncClient {
         self.read(|d| d.set_relays(&urls))
     }
 
+    /// The entity types this device holds (selective sync); absent: every type.
+    pub fn synced_types(&self) -> Result<Option<Vec<String>>> {
+        self.read(|d| d.synced_types())
+    }
+
+    /// Holds only `types` from the next connection on (absent: every type again); the relay
+    /// sends nothing of another type. Adding a type pulls its records at the next sync.
+    pub fn set_synced_types(&self, types: Option<Vec<String>>) -> Result<()> {
+        self.read(|d| d.set_synced_types(types).map(|_| ()))
+    }
+
     /// The outbox: unconfirmed changes (and, with `include_applied`, confirmed ones).
     pub fn queue(&self, include_applied: bool) -> Result<Vec<OutboxItem>> {
         Ok(self

@@ -245,6 +245,8 @@ pub mod keys {
     /// The revoked device whose unconfirmed changes this identity took over
     /// ([`crate::new_identity`]).
     pub const REPLACED_DEVICE: &str = "replaced_device";
+    /// The entity types this device holds ([`crate::selective`]); absent: every type.
+    pub const SYNCED_TYPES: &str = "synced_types";
 }
 
 #[cfg(test)]

@@ -138,6 +138,8 @@ pub struct Status {
     pub wiped: Option<crate::wipe::WipeRecord>,
     /// Whether the database is encrypted at rest ([`Device::open_keyed`]).
     pub encrypted: bool,
+    /// The entity types this device holds (selective sync); `None`: every type.
+    pub synced_types: Option<Vec<String>>,
 }
 
 /// What `retry` did.
@@ -631,6 +633,7 @@ impl Device {
             )?,
             wiped: self.wiped()?,
             encrypted: self.is_encrypted(),
+            synced_types: self.synced_types()?,
         })
     }
 

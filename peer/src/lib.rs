@@ -28,6 +28,7 @@ pub mod net;
 pub mod new_identity;
 pub mod outbox;
 mod rules;
+pub mod selective;
 pub mod sync;
 pub mod wipe;
 pub mod write;
@@ -45,6 +46,7 @@ pub use fieldsync_schema::sqlite_key::DatabaseKey;
 pub use net::app::{Client, ClientEvent, Write, os_rng};
 pub use new_identity::IdentityReport;
 pub use outbox::{OutboxItem, OutboxState};
+pub use selective::TypesReport;
 pub use wipe::WipeRecord;
 pub use write::WriteReceipt;
 

@@ -139,6 +139,7 @@ fn schema_and_protocol_mismatches_are_named() {
             schema_hash: SchemaHash([0; 32]),
             schema_version: 1,
             compression: false,
+            types: None,
         },
     );
     assert_eq!(auth_failure(&out), Some(AuthFailure::SchemaMismatch));
@@ -151,6 +152,7 @@ fn schema_and_protocol_mismatches_are_named() {
             schema_hash: Schema::default_schema().hash(),
             schema_version: 1,
             compression: false,
+            types: None,
         },
     );
     assert_eq!(auth_failure(&out), Some(AuthFailure::UnsupportedProtocol));

@@ -231,6 +231,9 @@ impl HandDevice {
 
     /// Applies a feed entry from the relay to the local documents and versions.
     pub fn apply_entry(&mut self, e: &FeedEntry) -> Result<(), HandError> {
+        if matches!(e.payload, FeedPayload::NotSelected) {
+            return Ok(());
+        }
         let actor = device_actor(self.device_id);
         match &e.payload {
             FeedPayload::Changes(changes) => {
@@ -250,7 +253,7 @@ impl HandDevice {
                     }
                 }
             }
-            FeedPayload::Own => {}
+            FeedPayload::Own | FeedPayload::NotSelected => {}
         }
         self.types.insert(e.entity_id, e.entity_type.clone());
         let v = self.versions.entry(e.entity_id).or_insert(0);

@@ -67,6 +67,7 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
         schema_hash: i.schema_hash,
         schema_version: 1,
         compression: false,
+        types: None,
     };
     let connect = connect_signing_bytes(PROTOCOL_VERSION, &i.relay, &i.nonce, &i.device, &public);
     let auth = ClientMessage::Auth {

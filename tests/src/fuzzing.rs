@@ -237,7 +237,7 @@ impl RelayUnderTest {
                         FeedPayload::Changes(changes) => by_gym(changes),
                         FeedPayload::Snapshot(bytes) => EntityDoc::load(&bytes.0, device_actor(Uuid::nil()))
                             .is_ok_and(|mut d| d.all_changes().iter().any(|c| c.actor_id() == &gym_actor)),
-                        FeedPayload::Own => false,
+                        FeedPayload::Own | FeedPayload::NotSelected => false,
                     }
             }),
             RelayMessage::PushResult { results, .. } => results.iter().any(|r| match &r.outcome {

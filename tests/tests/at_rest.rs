@@ -1,6 +1,6 @@
 //! What a device holds on its disk and on the wire (issue 19): the device database encrypted
 //! at rest with the app's key, over the real `fieldsync-peer` and `fieldsync-relay` binaries;
-//! frames compressed between a device and a relay that both read them.
+//! frames compressed between a device and a relay that both read them; the types a device holds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -339,4 +339,77 @@ fn a_catch_up_with_compression_moves_a_fraction_of_the_bytes() {
         compressed.received_bytes * 2 < plain.received_bytes,
         "catch-up of 600 patients: {compressed:?} compressed, {plain:?} plain"
     );
+}
+
+/// Selective sync: a tablet that holds only patients and sessions never receives a journal
+/// entry — not in its first pull, not live while it watches — and gets them once it holds
+/// every type again, without enrolling again.
+#[test]
+fn a_device_holding_some_types_never_receives_another_and_can_widen_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"), 0);
+    relay.setup("clinic", &[("dana", "clinician")]);
+    let phone = Peer::init(&dir.path().join("phone"));
+    phone.enroll(&relay, "dana");
+    let patient = phone.put("patient", r#"{"name": "Selma Ortega"}"#);
+    phone.put("journal_entry", r#"{"date": "2026-12-01", "body": "JOURNAL-BEFORE"}"#);
+    phone.ok(&["sync"]);
+
+    let tablet = Peer::init(&dir.path().join("tablet"));
+    tablet.ok(&[
+        "enroll",
+        "--relay",
+        &relay.url(),
+        "--token",
+        &relay.token("dana"),
+        "--types",
+        "patient,session",
+    ]);
+    assert_eq!(tablet.status()["synced_types"], json!(["patient", "session"]));
+    tablet.ok(&["sync"]);
+    assert_eq!(tablet.get("patient", &patient)["fields"]["name"], json!("Selma Ortega"));
+    assert_eq!(tablet.json(&["list", "journal_entry"]), json!([]));
+
+    // Live: the tablet watches while the phone writes one of each.
+    let mut watch = std::process::Command::new(fieldsync_tests::bin("fieldsync-peer"))
+        .arg("--data")
+        .arg(&tablet.data)
+        .args(["sync", "--watch", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    phone.put("journal_entry", r#"{"date": "2026-12-02", "body": "JOURNAL-LIVE"}"#);
+    let live_patient = phone.put("patient", r#"{"name": "Lívia Prado"}"#);
+    phone.ok(&["sync"]);
+    let arrived = fieldsync_tests::eventually(std::time::Duration::from_secs(15), || {
+        tablet
+            .run(&["get", "patient", &live_patient, "--json"])
+            .status
+            .success()
+    });
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(arrived, "the live patient never reached the tablet");
+    assert_eq!(tablet.json(&["list", "journal_entry"]), json!([]));
+    assert!(
+        !plaintext_in(&tablet.data, "JOURNAL-"),
+        "a journal entry reached the tablet's files"
+    );
+
+    // Every type again: the next sync brings the journal entries, no new enrollment.
+    let widened = tablet.json(&["types", "--all"]);
+    assert_eq!(widened["pull_again"], json!(true), "{widened}");
+    tablet.ok(&["sync"]);
+    let bodies: Vec<Value> = tablet
+        .json(&["list", "journal_entry"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["fields"]["body"].clone())
+        .collect();
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    let unknown = tablet.fails(&["types", "--set", "patinet"]);
+    assert!(unknown.contains("unknown entity type"), "{unknown}");
 }

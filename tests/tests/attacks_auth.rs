@@ -269,6 +269,7 @@ fn authentication_refuses_wrong_keys_replayed_answers_and_challenges_of_another_
             schema_hash: fieldsync_tests::attacker::schema_hash(),
             schema_version: 1,
             compression: false,
+            types: None,
         };
         assert_eq!(refused(&relay, other_protocol).await, AuthFailure::UnsupportedProtocol);
         let other_schema = ClientMessage::Hello {
@@ -277,6 +278,7 @@ fn authentication_refuses_wrong_keys_replayed_answers_and_challenges_of_another_
             schema_hash: SchemaHash([1; 32]),
             schema_version: 1,
             compression: false,
+            types: None,
         };
         assert_eq!(refused(&relay, other_schema).await, AuthFailure::SchemaMismatch);
 

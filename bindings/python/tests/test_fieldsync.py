@@ -298,6 +298,12 @@ class TwoDevicesOnOneRelay(unittest.TestCase):
             FieldsyncClient.open_encrypted(path, "not hex")
 
         reopened = FieldsyncClient.open_encrypted(path, key)
+        self.assertIsNone(reopened.synced_types())
+        reopened.set_synced_types(["patient", "session"])
+        self.assertEqual(reopened.synced_types(), ["patient", "session"])
+        with self.assertRaises(FieldsyncError.NotFound):
+            reopened.set_synced_types(["patinet"])
+        reopened.set_synced_types(None)
         reopened.rekey(other)
         self.assertEqual(json.loads(reopened.get(patient).fields_json)["name"], "Quentin Marchetti")
         reopened.close()

@@ -275,7 +275,12 @@ impl SyncMachine {
         self.caught_up = false;
         self.was_idle = false;
         dev.set_link(true, false);
-        vec![ClientMessage::hello(dev.device_id(), dev.schema())]
+        let mut hello = ClientMessage::hello(dev.device_id(), dev.schema());
+        if let ClientMessage::Hello { types, .. } = &mut hello {
+            // Unreadable, the choice falls back to every type: more arrives, nothing is lost.
+            *types = dev.synced_types().ok().flatten();
+        }
+        vec![hello]
     }
 
     /// The connection is gone. The in-flight batch stays pending with the same ids; the next

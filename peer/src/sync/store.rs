@@ -283,7 +283,10 @@ fn contiguous(entries: &[FeedEntry], cursor: &mut PullCursor) -> (Vec<FeedEntry>
             fitted = false;
         } else if e.seq == position.seq + 1 {
             position.seq = e.seq;
-            next.push(e.clone());
+            // A type this device does not hold: only its place in the feed (selective sync).
+            if !matches!(e.payload, FeedPayload::NotSelected) {
+                next.push(e.clone());
+            }
         }
     }
     (next, fitted)
@@ -309,6 +312,9 @@ fn apply_entry(
 ) -> Result<bool> {
     for loss in e.lww_losses.iter().filter(|l| l.loser_device == device_id) {
         lww::record_loss(tx, loss, now_ms)?;
+    }
+    if matches!(e.payload, FeedPayload::NotSelected) {
+        return Ok(false);
     }
     if matches!(e.payload, FeedPayload::Own) {
         // This device's own change: nothing to merge, only the relay version to learn (a record
@@ -354,7 +360,7 @@ fn apply_entry(
                 .load_incremental(&bytes.0)
                 .map_err(|err| PeerError::Corrupt(format!("snapshot of {}: {err}", e.entity_id)))?;
         }
-        FeedPayload::Own => return Ok(false), // handled above
+        FeedPayload::Own | FeedPayload::NotSelected => return Ok(false), // handled above
     }
     if !heads_before.is_empty() && heads_before == doc.heads() && meta.space_id == e.space_id {
         // Nothing new (a snapshot or change this device already holds, such as its own
@@ -366,4 +372,52 @@ fn apply_entry(
     meta.space_id = e.space_id;
     entity::store(tx, schema, &meta, &mut doc, now_ms)?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use fieldsync_schema::{FeedEntry, FeedPayload, PullCursor};
+    use uuid::Uuid;
+
+    use super::contiguous;
+
+    fn entry(space: Uuid, seq: u64, payload: FeedPayload) -> FeedEntry {
+        FeedEntry {
+            seq,
+            space_id: space,
+            entity_type: if payload == FeedPayload::NotSelected {
+                String::new()
+            } else {
+                "patient".into()
+            },
+            entity_id: if payload == FeedPayload::NotSelected {
+                Uuid::nil()
+            } else {
+                Uuid::from_u128(seq.into())
+            },
+            version: seq,
+            payload,
+            origin: None,
+            lww_losses: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_entry_of_a_type_not_held_moves_the_position_and_is_not_applied() {
+        let space = Uuid::from_u128(7);
+        let mut cursor = PullCursor::at(space, 4);
+        let entries = [
+            entry(space, 5, FeedPayload::NotSelected),
+            entry(space, 6, FeedPayload::Changes(Vec::new())),
+        ];
+        let (next, fitted) = contiguous(&entries, &mut cursor);
+        assert!(fitted, "no gap: the skipped entry still counts as the next one");
+        assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![6]);
+        assert_eq!(cursor.seq(&space), 6);
+        // Without its place the next entry would be a gap, waiting for a pull.
+        let mut cursor = PullCursor::at(space, 4);
+        let (next, fitted) = contiguous(&entries[1..], &mut cursor);
+        assert!(!fitted && next.is_empty());
+        assert_eq!(cursor.seq(&space), 4);
+    }
 }

@@ -140,6 +140,7 @@ fn the_handshake_signs_the_challenge_with_the_device_key() {
             schema_hash: Schema::default_schema().hash(),
             schema_version: 1,
             compression: true,
+            types: None,
         }]
     );
     let nonce = vec![3u8; 32];

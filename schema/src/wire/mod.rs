@@ -106,6 +106,10 @@ pub enum FeedPayload {
     Snapshot(Bytes),
     /// Left out because the receiving device made this change itself.
     Own,
+    /// Left out because the receiving device does not hold this entry's type (selective sync,
+    /// `Hello.types`): only its place in the space's feed, so live delivery stays contiguous.
+    /// The entry's type and id are blank. Sent only to devices that selected types.
+    NotSelected,
 }
 
 /// One applied mutation, or one compacted document, as a device receives it.
@@ -214,6 +218,10 @@ pub enum ClientMessage {
         /// The device reads compressed frames ([`compress`]). Absent from older devices.
         #[serde(default)]
         compression: bool,
+        /// The entity types the device holds (selective sync); absent: every type. The relay
+        /// sends nothing of another type, in pull pages or live.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        types: Option<Vec<String>>,
     },
     /// Registers this device's key with a single-use enrollment token.
     Enroll {
@@ -383,6 +391,7 @@ impl ClientMessage {
             schema_hash: schema.hash(),
             schema_version: schema.version(),
             compression: true,
+            types: None,
         }
     }
 
@@ -476,7 +485,7 @@ pub fn entry_size(e: &FeedEntry) -> usize {
     let payload = match &e.payload {
         FeedPayload::Changes(c) => bytes_size(c),
         FeedPayload::Snapshot(b) => b.0.len() + 9,
-        FeedPayload::Own => 0,
+        FeedPayload::Own | FeedPayload::NotSelected => 0,
     };
     320 + e.entity_type.len() + payload + e.lww_losses.iter().map(loss_size).sum::<usize>()
 }

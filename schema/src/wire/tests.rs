@@ -59,6 +59,7 @@ fn every_client_message() -> Vec<ClientMessage> {
             schema_hash: Schema::default_schema().hash(),
             schema_version: 1,
             compression: false,
+            types: None,
         },
         ClientMessage::Enroll {
             protocol_version: PROTOCOL_VERSION,

@@ -197,6 +197,9 @@ enum Command {
         /// every change the relay has not confirmed, re-signed, same mutation ids.
         #[arg(long, conflicts_with = "relay")]
         new_identity: bool,
+        /// Hold only these entity types (selective sync; `types` changes it later).
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        types: Option<Vec<String>>,
         #[arg(long)]
         json: bool,
     },
@@ -206,6 +209,17 @@ enum Command {
     Relays {
         #[arg(long, value_delimiter = ',', num_args = 1..)]
         set: Option<Vec<String>>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The entity types this device holds (selective sync): the relay sends nothing of another
+    /// type. --set a,b holds only those from the next sync on (adding a type pulls its
+    /// records); --all holds every type again.
+    Types {
+        #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "all")]
+        set: Option<Vec<String>>,
+        #[arg(long)]
+        all: bool,
         #[arg(long)]
         json: bool,
     },
@@ -551,9 +565,14 @@ fn run(cli: Cli) -> Result<()> {
             relay,
             token,
             new_identity,
+            types,
             json,
         } => {
-            let dev = open_existing(&dir, schema, key)?;
+            let mut dev = open_existing(&dir, schema, key)?;
+            if types.is_some() {
+                // Chosen before the first sync, so nothing of another type is ever pulled.
+                dev.set_synced_types(types)?;
+            }
             match relay {
                 Some(relay) if !new_identity => net_cmd::enroll(dev, &relay, &token, &tls, json),
                 _ => net_cmd::enroll_new_identity(dev, &token, &tls, json),
@@ -571,6 +590,30 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let mut dev = open_existing(&dir, schema, key)?;
             output::receipt(&dev.supersede_request(id, version, &notice)?, "superseded", json)
+        }
+        Command::Types { set, all, json } => {
+            let mut dev = open_existing(&dir, schema, key)?;
+            let report = match (set, all) {
+                (Some(types), _) => Some(dev.set_synced_types(Some(types))?),
+                (None, true) => Some(dev.set_synced_types(None)?),
+                (None, false) => None,
+            };
+            let types = dev.synced_types()?;
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::json!({ "types": types, "pull_again": report.is_some_and(|r| r.pull_again) })
+                )?;
+            } else {
+                match &types {
+                    Some(t) => outln!("holds: {}", t.join(", "))?,
+                    None => outln!("holds: every type")?,
+                }
+                if report.is_some_and(|r| r.pull_again) {
+                    outln!("the next sync pulls the added types' records")?;
+                }
+            }
+            Ok(())
         }
         Command::Relays { set, json } => {
             let mut dev = open_existing(&dir, schema, key)?;

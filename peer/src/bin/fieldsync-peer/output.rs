@@ -129,6 +129,9 @@ pub fn status(s: &Status, json: bool) -> Result<()> {
     outln!("last sync: {}", when(s.last_sync_ms))?;
     outln!("entities:  {}", s.entities)?;
     outln!("at rest:   {}", if s.encrypted { "encrypted" } else { "not encrypted" })?;
+    if let Some(types) = &s.synced_types {
+        outln!("holds:     {} (selective sync)", types.join(", "))?;
+    }
     if s.possible_duplicates > 0 {
         outln!(
             "duplicates: {} possible (fieldsync-peer duplicates)",

@@ -169,7 +169,12 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 if a.entry.seq <= *position {
                     continue;
                 }
-                let entry = a.entry_for(s.device_id);
+                // A type the device does not hold: only the entry's place, so its live run stays
+                // contiguous (selective sync).
+                let entry = match &s.types {
+                    Some(types) if !types.contains(&a.entry.entity_type) => not_selected(&a.entry),
+                    _ => a.entry_for(s.device_id),
+                };
                 let entry_size = fieldsync_schema::wire::entry_size(&entry);
                 if !batch.is_empty() && size + entry_size > budget {
                     self.stats.live_entries_sent += batch.len() as u64;
@@ -190,5 +195,20 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 out.push(Output::Send(*conn, RelayMessage::Live { entries: batch }));
             }
         }
+    }
+}
+
+/// What a device that does not hold `entry`'s type is sent in its place: the space and the
+/// position, nothing of the record.
+fn not_selected(entry: &FeedEntry) -> FeedEntry {
+    FeedEntry {
+        seq: entry.seq,
+        space_id: entry.space_id,
+        entity_type: String::new(),
+        entity_id: Uuid::nil(),
+        version: 0,
+        payload: fieldsync_schema::FeedPayload::NotSelected,
+        origin: None,
+        lww_losses: Vec::new(),
     }
 }

@@ -11,7 +11,7 @@ mod housekeeping;
 mod pull;
 mod session;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use fieldsync_schema::wire::{ErrorCode, MutationResult};
@@ -34,6 +34,8 @@ pub(crate) enum ConnState {
         device_id: Uuid,
         nonce: Vec<u8>,
         issued_ms: u64,
+        /// The types the device said it holds (`None`: all).
+        types: Option<BTreeSet<String>>,
     },
     Ready(Box<Session>),
     /// The device proved its key but was revoked with a wipe: it was told to erase its data,
@@ -55,6 +57,9 @@ pub(crate) struct Session {
     pub spaces: BTreeMap<Uuid, Role>,
     /// The revoked device this one took over from (its changes arrive from this one).
     pub replaces: Option<Uuid>,
+    /// The entity types the device holds (selective sync; `None`: all): pull pages and live
+    /// delivery carry nothing of another type.
+    pub types: Option<BTreeSet<String>>,
     /// Set once the device caught up: for each space, the position after which live entries
     /// are pushed to it.
     pub live: Option<BTreeMap<Uuid, u64>>,
@@ -317,12 +322,16 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 device_id,
                 schema_hash,
                 schema_version,
+                types,
                 ..
             } => self.on_hello(
                 conn,
-                protocol_version,
-                device_id,
-                (schema_hash, schema_version),
+                session::HelloRequest {
+                    protocol_version,
+                    device_id,
+                    schema: (schema_hash, schema_version),
+                    types: types.map(|t| t.into_iter().collect()),
+                },
                 now_ms,
                 out,
             ),

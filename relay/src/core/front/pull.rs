@@ -17,6 +17,20 @@ use super::{ConnState, Front};
 use crate::core::{ConnId, Output};
 use crate::store::{Directory, FeedRow, SpaceStore, StoreError};
 
+/// Who a page is for: the device (its own changes are left out) and the types it holds.
+#[derive(Clone, Copy)]
+struct PageReader<'a> {
+    device_id: Uuid,
+    types: Option<&'a BTreeSet<String>>,
+}
+
+impl PageReader<'_> {
+    /// Whether the device holds records of `entity_type` (selective sync).
+    fn holds(&self, entity_type: &str) -> bool {
+        self.types.is_none_or(|t| t.contains(entity_type))
+    }
+}
+
 /// A page being filled.
 struct Page {
     entries: Vec<FeedEntry>,
@@ -50,6 +64,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             return Ok(());
         };
         let device_id = s.device_id;
+        let types = s.types.clone();
         let spaces: Vec<Uuid> = s.spaces.keys().copied().collect();
         let mut shards = BTreeMap::new();
         for space in &spaces {
@@ -72,7 +87,11 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             }
         }
         if result.is_ok() {
-            result = self.pull_page(conn, device_id, &spaces, &shards, cursor, max_entries, out);
+            let who = PageReader {
+                device_id,
+                types: types.as_ref(),
+            };
+            result = self.pull_page(conn, who, &spaces, &shards, cursor, max_entries, out);
         }
         for shard in opened {
             if let Some(r) = self.readers.get_mut(shard as usize)
@@ -89,7 +108,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
     fn pull_page(
         &mut self,
         conn: ConnId,
-        device_id: Uuid,
+        who: PageReader<'_>,
         spaces: &[Uuid],
         shards: &BTreeMap<Uuid, u32>,
         cursor: PullCursor,
@@ -128,7 +147,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 caught_up = false;
                 break;
             }
-            let (position, exhausted) = self.fill_from_space(*shard, *space, position, device_id, &mut page)?;
+            let (position, exhausted) = self.fill_from_space(*shard, *space, position, who, &mut page)?;
             next.spaces.insert(*space, position);
             if !exhausted {
                 caught_up = false;
@@ -161,7 +180,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         shard: u32,
         space: Uuid,
         mut position: SpaceCursor,
-        device_id: Uuid,
+        who: PageReader<'_>,
         page: &mut Page,
     ) -> Result<(SpaceCursor, bool), StoreError> {
         let reader = &self.readers[shard as usize];
@@ -183,9 +202,12 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             let mut taken = 0;
             let mut last_key = snap.after_key;
             for d in docs {
-                let bytes = reader.document_bytes(d.doc_key)?;
                 last_key = d.doc_key;
                 taken += 1;
+                if !who.holds(&d.entity_type) {
+                    continue;
+                }
+                let bytes = reader.document_bytes(d.doc_key)?;
                 page.push(FeedEntry {
                     seq: d.last_seq,
                     space_id: d.space_id,
@@ -223,10 +245,13 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         let got = rows.len();
         let mut taken = 0;
         for row in rows {
-            let relay_writes = relay_may_add_changes(&self.schema, &row.entity_type);
             position.seq = row.seq;
             taken += 1;
-            page.push(feed_entry(row, device_id, relay_writes)?);
+            if !who.holds(&row.entity_type) {
+                continue;
+            }
+            let relay_writes = relay_may_add_changes(&self.schema, &row.entity_type);
+            page.push(feed_entry(row, who.device_id, relay_writes)?);
             if page.full() {
                 break;
             }

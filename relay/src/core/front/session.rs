@@ -1,7 +1,7 @@
 //! Connecting and enrolling (SPEC §4, §7): `Hello` → `Challenge` → `Auth` → `Welcome`, and the
 //! one-shot `Enroll` that registers a device key with a single-use token.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use fieldsync_schema::signing::{self, connect_signing_bytes, enroll_signing_bytes, rotate_signing_bytes};
 use fieldsync_schema::wire::{AuthFailure, PROTOCOL_VERSION, SpaceGrant, UserInfo};
@@ -12,6 +12,15 @@ use uuid::Uuid;
 use super::{ConnState, Front, Session, Turn};
 use crate::core::{CloseReason, ConnId, Output};
 use crate::store::{Directory, MembershipRow, SpaceStore, StoreError, UserRow};
+
+/// What a device's `Hello` asks for.
+pub(crate) struct HelloRequest {
+    pub protocol_version: u16,
+    pub device_id: Uuid,
+    /// The device's schema hash and version.
+    pub schema: (SchemaHash, u64),
+    pub types: Option<BTreeSet<String>>,
+}
 
 pub(crate) struct EnrollRequest<'a> {
     pub protocol_version: u16,
@@ -112,12 +121,16 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
     pub(super) fn on_hello(
         &mut self,
         conn: ConnId,
-        protocol_version: u16,
-        device_id: Uuid,
-        schema: (SchemaHash, u64),
+        hello: HelloRequest,
         now_ms: u64,
         out: &mut Vec<Output>,
     ) -> Result<(), StoreError> {
+        let HelloRequest {
+            protocol_version,
+            device_id,
+            schema,
+            types,
+        } = hello;
         if !matches!(self.conns.get(&conn), Some(ConnState::Fresh)) {
             self.protocol_close(conn, "hello sent twice", out);
             return Ok(());
@@ -151,6 +164,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                         device_id,
                         nonce: nonce.clone(),
                         issued_ms: now_ms,
+                        types,
                     },
                 );
                 out.push(Output::Send(
@@ -177,6 +191,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             device_id,
             nonce,
             issued_ms,
+            types,
         }) = self.conns.insert(conn, ConnState::Fresh)
         else {
             self.protocol_close(conn, "auth without a challenge", out);
@@ -262,6 +277,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 verifier,
                 spaces,
                 replaces: device.replaces,
+                types,
                 live: None,
                 tokens: self.config.rate_burst,
                 tokens_at_ms: now_ms,
