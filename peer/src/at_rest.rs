@@ -137,7 +137,7 @@ mod tests {
     use uuid::Uuid;
 
     use crate::Device;
-    use crate::testutil::{T0, obj};
+    use crate::testutil::{T0, dir_holds_text, obj};
 
     fn key(byte: u8) -> DatabaseKey {
         DatabaseKey::from_bytes([byte; 32])
@@ -174,14 +174,6 @@ mod tests {
         dev.get(id).unwrap().unwrap().fields["name"].clone()
     }
 
-    /// Whether any file of the device's directory holds `needle` in plain bytes.
-    fn any_file_holds(dir: &Path, needle: &str) -> bool {
-        std::fs::read_dir(dir).unwrap().any(|entry| {
-            let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
-            bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
-        })
-    }
-
     #[test]
     fn an_encrypted_device_holds_no_record_text_and_opens_only_with_its_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -189,7 +181,7 @@ mod tests {
         assert!(dev.is_encrypted());
         let id = patient(&mut dev, None, "Zelda Quartermain");
         drop(dev);
-        assert!(!any_file_holds(dir.path(), "Quartermain"));
+        assert!(!dir_holds_text(dir.path(), "Quartermain"));
         let wrong = open(dir.path(), Some(key(4))).unwrap_err().to_string();
         assert!(wrong.contains("does not open"), "{wrong}");
         let missing = open(dir.path(), None).unwrap_err().to_string();
@@ -210,7 +202,7 @@ mod tests {
         patient(&mut dev, Some(id), "Yusuf Brightwater-Lee");
         let twin = patient(&mut dev, None, "Yara Brightwater");
         drop(dev);
-        assert!(!any_file_holds(dir.path(), "Brightwater"));
+        assert!(!dir_holds_text(dir.path(), "Brightwater"));
         let plain = open(dir.path(), None).unwrap_err().to_string();
         assert!(plain.contains("is encrypted"), "{plain}");
 

@@ -81,3 +81,12 @@ impl Fixture {
             .unwrap()
     }
 }
+
+/// Whether any file of a device directory (database, WAL, shared memory) holds `needle` in
+/// plain bytes.
+pub fn dir_holds_text(dir: &Path, needle: &str) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|e| {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap_or_default();
+        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+    })
+}

@@ -122,16 +122,8 @@ pub(crate) fn refuse_if_wiped(conn: &rusqlite::Connection) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use crate::testutil::{Fixture, enroll, obj};
+    use crate::testutil::{Fixture, dir_holds_text, enroll, obj};
     use fieldsync_schema::Role;
-
-    /// Every byte of the device's files (database, WAL, shared memory).
-    fn files_contain(dir: &std::path::Path, needle: &str) -> bool {
-        std::fs::read_dir(dir).unwrap().any(|e| {
-            let bytes = std::fs::read(e.unwrap().path()).unwrap();
-            bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
-        })
-    }
 
     #[test]
     fn a_wipe_leaves_no_record_text_in_the_devices_files_and_keeps_the_identity() {
@@ -143,7 +135,7 @@ mod tests {
             .unwrap();
         let device_id = f.dev.device_id();
         assert!(
-            files_contain(f.dir.path(), "Quillon Verbatimsky"),
+            dir_holds_text(f.dir.path(), "Quillon Verbatimsky"),
             "the check must see plaintext"
         );
 
@@ -154,7 +146,7 @@ mod tests {
         );
         for needle in ["Quillon Verbatimsky", "XYLO-4471-TENDON"] {
             assert!(
-                !files_contain(f.dir.path(), needle),
+                !dir_holds_text(f.dir.path(), needle),
                 "`{needle}` left in the device's files"
             );
         }

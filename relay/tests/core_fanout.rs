@@ -5,11 +5,11 @@
 
 mod common;
 
-use common::{T0, TestDevice, TestRelay};
+use common::{T0, TestDevice, TestRelay, live_entries};
 use fieldsync_relay::core::{ConnId, Input, Output, RelayCore};
 use fieldsync_relay::store::sqlite::SqliteBackend;
 use fieldsync_schema::wire::SpaceCursor;
-use fieldsync_schema::{ClientMessage, FeedEntry, RelayMessage, Role};
+use fieldsync_schema::{ClientMessage, RelayMessage, Role};
 use serde_json::json;
 
 /// Logs `dev` in on `core` (another relay than the one it enrolled through).
@@ -24,16 +24,6 @@ fn login_on(core: &mut RelayCore<SqliteBackend>, conn: ConnId, dev: &TestDevice,
         matches!(&out[0], Output::Send(_, RelayMessage::Welcome { .. })),
         "{out:?}"
     );
-}
-
-fn live_entries(out: &[Output], conn: ConnId) -> Vec<FeedEntry> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::Send(c, RelayMessage::Live { entries, .. }) if *c == conn => Some(entries.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect()
 }
 
 fn push_on(core: &mut RelayCore<SqliteBackend>, conn: ConnId, m: fieldsync_schema::Mutation, now: u64) -> Vec<Output> {

@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::{TestDevice, TestRelay};
+use common::{TestDevice, TestRelay, live_entries};
 use fieldsync_relay::core::{ConnId, Output};
-use fieldsync_schema::{ClientMessage, FeedEntry, FeedPayload, RelayMessage, Role};
+use fieldsync_schema::{ClientMessage, FeedEntry, FeedPayload, Mutation, RelayMessage, Role};
 use serde_json::json;
 
 fn clinic() -> TestRelay {
@@ -36,14 +36,24 @@ fn login_holding(r: &mut TestRelay, dev: &mut TestDevice, types: &[&str]) {
     dev.conn = conn;
 }
 
-fn live_entries(out: &[Output], conn: ConnId) -> Vec<FeedEntry> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::Send(c, RelayMessage::Live { entries, .. }) if *c == conn => Some(entries.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect()
+/// `m` pushed by `from` as batch `batch_id`; the one live entry `listener` hears of it.
+fn pushed_and_heard(
+    r: &mut TestRelay,
+    from: &TestDevice,
+    batch_id: u64,
+    m: Mutation,
+    listener: ConnId,
+) -> Vec<FeedEntry> {
+    let out = r.send(
+        from.conn,
+        ClientMessage::Push {
+            batch_id,
+            mutations: vec![m],
+        },
+    );
+    let live = live_entries(&out, listener);
+    assert_eq!(live.len(), 1, "{out:?}");
+    live
 }
 
 #[test]
@@ -76,15 +86,7 @@ fn a_device_holding_some_types_gets_nothing_of_another_in_pages_or_live() {
     // Live: the tablet caught up; a journal entry arrives as a bare place, a patient whole.
     r.pull(&mut tablet);
     let m = phone.update("journal_entry", journal, json!({"body": "live and private"}), r.now);
-    let out = r.send(
-        phone.conn,
-        ClientMessage::Push {
-            batch_id: 90,
-            mutations: vec![m],
-        },
-    );
-    let live = live_entries(&out, tablet.conn);
-    assert_eq!(live.len(), 1, "{out:?}");
+    let live = pushed_and_heard(&mut r, &phone, 90, m, tablet.conn);
     assert_eq!(live[0].payload, FeedPayload::NotSelected);
     assert_eq!(
         (live[0].entity_type.as_str(), live[0].entity_id),
@@ -92,15 +94,7 @@ fn a_device_holding_some_types_gets_nothing_of_another_in_pages_or_live() {
     );
     assert!(live[0].origin.is_none() && live[0].lww_losses.is_empty());
     let m = phone.update("patient", patient, json!({"mrn": "M-2"}), r.now);
-    let out = r.send(
-        phone.conn,
-        ClientMessage::Push {
-            batch_id: 91,
-            mutations: vec![m],
-        },
-    );
-    let live = live_entries(&out, tablet.conn);
-    assert_eq!(live.len(), 1, "{out:?}");
+    let live = pushed_and_heard(&mut r, &phone, 91, m, tablet.conn);
     assert_eq!((live[0].entity_id, live[0].entity_type.as_str()), (patient, "patient"));
     assert!(matches!(live[0].payload, FeedPayload::Changes(_)));
 }

@@ -389,3 +389,23 @@ pub fn metric(exposition: &str, sample: &str) -> Option<f64> {
         rest.strip_prefix(' ')?.trim().parse().ok()
     })
 }
+
+/// Whether `needle` stands in plain bytes in `path` (a file) or in any file directly inside it
+/// (a directory: a device's database, WAL and shared memory): what `strings FILE | grep` finds.
+/// A file that vanished while the directory was read (a `-shm` removed on close) holds nothing.
+pub fn plaintext_in(path: &Path, needle: &str) -> bool {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        std::fs::read_dir(path)
+            .expect("read the directory")
+            .map(|e| e.expect("a directory entry").path())
+            .filter(|p| p.is_file())
+            .collect()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    files.iter().any(|f| match std::fs::read(f) {
+        Ok(bytes) => bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => panic!("read {}: {e}", f.display()),
+    })
+}

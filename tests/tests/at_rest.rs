@@ -7,7 +7,7 @@ use std::path::Path;
 
 use fieldsync_peer::net;
 use fieldsync_peer::sync::SyncMachine;
-use fieldsync_tests::{Peer, Relay, open_device, quiet, runtime};
+use fieldsync_tests::{Peer, Relay, open_device, plaintext_in, quiet, runtime};
 use serde_json::{Value, json};
 
 const KEY: &str = "5e1c0ffee5e1c0ffee5e1c0ffee5e1c0ffee5e1c0ffee5e1c0ffee5e1c0ffee5";
@@ -21,20 +21,6 @@ fn key_file(dir: &Path, name: &str, hex: &str) -> std::path::PathBuf {
     let file = dir.join(name);
     std::fs::write(&file, format!("{hex}\n")).unwrap();
     file
-}
-
-/// Whether `needle` appears in plain bytes in `path` (a file) or any file directly in it (a
-/// directory): what `strings FILE | grep` would find.
-fn plaintext_in(path: &Path, needle: &str) -> bool {
-    let files: Vec<std::path::PathBuf> = if path.is_dir() {
-        std::fs::read_dir(path).unwrap().map(|e| e.unwrap().path()).collect()
-    } else {
-        vec![path.to_path_buf()]
-    };
-    files.iter().any(|f| {
-        let bytes = std::fs::read(f).unwrap_or_default();
-        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
-    })
 }
 
 fn error_kind(peer: &Peer, args: &[&str]) -> Value {

@@ -13,7 +13,9 @@ use fieldsync_peer::net::{self, WatchEvent};
 use fieldsync_peer::sync::SyncMachine;
 use fieldsync_relay::store::Backend;
 use fieldsync_relay::store::sqlite::SqliteBackend;
-use fieldsync_tests::{Peer, Relay, eventually, http_get, metric, open_device, quiet, runtime, stdout_of};
+use fieldsync_tests::{
+    Peer, Relay, eventually, http_get, metric, open_device, plaintext_in, quiet, runtime, stdout_of,
+};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -460,14 +462,6 @@ fn admin_commands_cover_users_tokens_devices_audit_conflicts_and_stats() {
     assert!(stdout_of(&text).contains("audit records 3"), "{}", stdout_of(&text));
 }
 
-/// Every byte of a device's files (database, WAL, shared memory) searched for `needle`.
-fn device_files_contain(dir: &Path, needle: &str) -> bool {
-    std::fs::read_dir(dir).unwrap().any(|e| {
-        let bytes = std::fs::read(e.unwrap().path()).unwrap();
-        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
-    })
-}
-
 /// A lost tablet (SPEC §16): the operator revokes it with a wipe; at its next contact the
 /// device erases its records — synced and unsynced — and reports what it discarded; the
 /// relay's device list shows the wipe; no record's text is left in the device's files; the
@@ -486,7 +480,7 @@ fn a_device_revoked_with_a_wipe_erases_its_data_at_its_next_contact_and_the_rela
     tablet.put("patient", r#"{"name": "Perpetua Offlineham"}"#);
     assert_eq!(tablet.status()["unsynced"], json!(2));
     let device_id = tablet.status()["device_id"].as_str().unwrap().to_string();
-    assert!(device_files_contain(&tablet.data, "Quillon Verbatimsky"));
+    assert!(plaintext_in(&tablet.data, "Quillon Verbatimsky"));
 
     let asked = relay.admin(&["device", "revoke", &device_id, "--wipe"]);
     assert_eq!(asked["wipe"], json!("pending"));
@@ -507,7 +501,7 @@ fn a_device_revoked_with_a_wipe_erases_its_data_at_its_next_contact_and_the_rela
         "Perpetua Offlineham",
     ] {
         assert!(
-            !device_files_contain(&tablet.data, needle),
+            !plaintext_in(&tablet.data, needle),
             "`{needle}` is still in the device's files"
         );
     }
@@ -565,7 +559,7 @@ fn a_watching_device_revoked_with_a_wipe_erases_its_data_without_reconnecting() 
     assert!(err.contains("erased its local data"), "{err}");
     let status = dev.status().unwrap();
     assert_eq!((status.entities, status.wiped.map(|w| w.discarded)), (0, Some(0)));
-    assert!(!device_files_contain(&dev_dir, "Quillon Verbatimsky"));
+    assert!(!plaintext_in(&dev_dir, "Quillon Verbatimsky"));
     let listed = relay.admin(&["device", "list"]);
     assert_eq!(listed[0]["wipe_discarded"], json!(0), "{listed}");
 }

@@ -461,3 +461,16 @@ pub fn settings_on_two_devices(fields: Value) -> (TestRelay, TestDevice, TestDev
     r.pull(&mut phone);
     (r, phone, tablet, s)
 }
+
+/// The live entries `out` sends to `conn`, in order.
+pub fn live_entries(out: &[Output], conn: ConnId) -> Vec<fieldsync_schema::FeedEntry> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send(c, fieldsync_schema::RelayMessage::Live { entries, .. }) if *c == conn => {
+                Some(entries.clone())
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
