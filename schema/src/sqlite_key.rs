@@ -122,9 +122,38 @@ pub fn is_plaintext(path: &Path) -> std::io::Result<Option<bool>> {
     })
 }
 
+/// Waits until SQLCipher has finished initialising the process's SQLite; call it before opening
+/// any connection.
+///
+/// SQLite marks itself initialised *before* it runs SQLCipher's extra initialisation, outside
+/// its mutexes, so a thread opening its first connection while another thread initialises can
+/// get a connection without SQLCipher's additions — `sqlcipher_export`, which encrypting a
+/// plaintext device needs, was missing on such a connection in CI. Once a fresh connection
+/// knows `sqlcipher_export`, the extra initialisation is over and every later connection has it.
+pub fn ready() {
+    static READY: std::sync::Once = std::sync::Once::new();
+    READY.call_once(|| {
+        for _ in 0..10_000 {
+            let known = Connection::open_in_memory().and_then(|conn| {
+                conn.query_row(
+                    "SELECT COUNT(*) FROM pragma_function_list WHERE name = 'sqlcipher_export'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            });
+            match known {
+                Ok(0) => std::thread::yield_now(),
+                // Known, or SQLite cannot even open memory: either way, waiting will not help.
+                _ => return,
+            }
+        }
+    });
+}
+
 /// Opens `path` with `flags`, keyed with `key` if given, and proves the key by reading the
 /// schema: a wrong key, a missing key and a key for a plaintext file are each their own error.
 pub fn open(path: &Path, flags: OpenFlags, key: Option<&DatabaseKey>) -> Result<Connection, KeyError> {
+    ready();
     let name = path.display().to_string();
     let plaintext = is_plaintext(path).map_err(|e| KeyError::File {
         path: name.clone(),

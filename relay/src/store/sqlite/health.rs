@@ -65,6 +65,7 @@ pub fn quick_check_keyed(dir: &Path, key: Option<&DatabaseKey>) -> StoreResult<V
         }
     }
     let mut damaged = Vec::new();
+    sqlite_key::ready();
     for file in files {
         let conn = Connection::open_with_flags(
             &file,
