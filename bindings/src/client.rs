@@ -223,6 +223,40 @@ impl FieldsyncClient {
         self.read(|d| d.set_synced_types(types).map(|_| ()))
     }
 
+    /// Tells the device whether it is on a metered link (from the platform's network monitor):
+    /// while it is, reference data (`priority = "low"` types) waits; leaving it brings what
+    /// waited at the next sync.
+    pub fn set_metered(&self, metered: bool) -> Result<()> {
+        self.read(|d| d.set_metered(metered))
+    }
+
+    /// Whether the device syncs by windows (SPEC §16).
+    pub fn windowed(&self) -> Result<bool> {
+        self.read(|d| d.windowed())
+    }
+
+    /// Syncs by windows from the next connection on: a space's first download holds only
+    /// records dated inside their type's window plus what they reference. Off: the next sync
+    /// downloads everything.
+    pub fn set_windowed(&self, on: bool) -> Result<()> {
+        self.read(|d| d.set_windowed(on))
+    }
+
+    /// Asks for a record the device does not hold (outside its window, or evicted); returns
+    /// whether it is held already. Otherwise it is fetched with what it references at the next
+    /// sync (works offline).
+    pub fn fetch(&self, entity_type: String, id: String) -> Result<bool> {
+        let id = parse_id(&id)?;
+        self.read(|d| d.fetch(&entity_type, id).map(|s| s == fieldsync_peer::FetchState::Held))
+    }
+
+    /// Removes records that left their window and are synced and settled (never one with
+    /// unsynced changes, a conflict or a rejection, or referenced by a held record); returns
+    /// how many.
+    pub fn evict(&self) -> Result<u64> {
+        self.read(|d| d.evict().map(|r| r.evicted))
+    }
+
     /// The outbox: unconfirmed changes (and, with `include_applied`, confirmed ones).
     pub fn queue(&self, include_applied: bool) -> Result<Vec<OutboxItem>> {
         Ok(self

@@ -188,6 +188,14 @@ pub struct Status {
     pub wipe_discarded: Option<u64>,
     /// Whether the database is encrypted at rest (`open_encrypted`).
     pub encrypted: bool,
+    /// Whether the device syncs by windows (`set_windowed`), and how many records wait to be
+    /// fetched at the next sync.
+    pub windowed: bool,
+    pub fetch_queued: u64,
+    /// The app said the device is on a metered link (`set_metered`); the types whose records
+    /// wait for another.
+    pub metered: bool,
+    pub deferred_types: Vec<String>,
 }
 
 impl From<peer::Status> for Status {
@@ -230,6 +238,10 @@ impl From<peer::Status> for Status {
             wiped_at_ms: s.wiped.map(|w| w.wiped_at_ms),
             wipe_discarded: s.wiped.map(|w| w.discarded),
             encrypted: s.encrypted,
+            windowed: s.windowed,
+            fetch_queued: s.fetch_queued,
+            metered: s.metered,
+            deferred_types: s.deferred_types,
         }
     }
 }

@@ -247,6 +247,14 @@ pub mod keys {
     pub const REPLACED_DEVICE: &str = "replaced_device";
     /// The entity types this device holds ([`crate::selective`]); absent: every type.
     pub const SYNCED_TYPES: &str = "synced_types";
+    /// The device syncs by windows (SPEC §16); absent: it downloads everything.
+    pub const WINDOWED: &str = "windowed";
+    /// Records to fetch whole at the next connection (JSON list of ids, oldest first).
+    pub const FETCH_QUEUE: &str = "fetch_queue";
+    /// Evict automatically after a sync once the device holds more records than this.
+    pub const EVICT_ABOVE: &str = "evict_above";
+    /// The device is on a metered link ([`crate::selective`]): reference data waits.
+    pub const METERED: &str = "metered";
 }
 
 #[cfg(test)]

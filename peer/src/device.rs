@@ -140,6 +140,13 @@ pub struct Status {
     pub encrypted: bool,
     /// The entity types this device holds (selective sync); `None`: every type.
     pub synced_types: Option<Vec<String>>,
+    /// The device syncs by windows ([`crate::windows`]).
+    pub windowed: bool,
+    /// Records waiting to be fetched at the next sync.
+    pub fetch_queued: u64,
+    /// The app said the device is on a metered link; the types that wait for another.
+    pub metered: bool,
+    pub deferred_types: Vec<String>,
 }
 
 /// What `retry` did.
@@ -634,6 +641,10 @@ impl Device {
             wiped: self.wiped()?,
             encrypted: self.is_encrypted(),
             synced_types: self.synced_types()?,
+            windowed: self.windowed()?,
+            fetch_queued: self.fetch_queue()?.len() as u64,
+            metered: self.metered()?,
+            deferred_types: self.deferred_types()?,
         })
     }
 

@@ -4,6 +4,7 @@
 //! Only one document is ever loaded at a time, so opening and listing a device with many
 //! thousands of entities costs the same as with ten.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
@@ -382,6 +383,47 @@ pub(crate) fn count(conn: &Connection) -> Result<u64> {
 }
 
 /// Deletes every record (a remote wipe, `crate::wipe`); what refers to them goes first.
+/// The synced records of `entity_type`, with their stored fields (eviction's candidates).
+pub(crate) fn synced_of_type(conn: &Connection, entity_type: &str) -> Result<Vec<(Uuid, Map<String, Value>)>> {
+    let mut stmt =
+        conn.prepare("SELECT entity_id, fields FROM entities WHERE entity_type = ?1 AND sync_state = 'synced'")?;
+    let rows = stmt
+        .query_map([entity_type], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|(id, fields)| {
+            let fields =
+                serde_json::from_str(&fields).map_err(|e| PeerError::Corrupt(format!("fields of {id}: {e}")))?;
+            Ok((parse_uuid(&id)?, fields))
+        })
+        .collect()
+}
+
+/// Every id a held record's `ref` field names (what eviction must keep).
+pub(crate) fn referenced_ids(conn: &Connection, schema: &Schema) -> Result<BTreeSet<Uuid>> {
+    let mut ids = BTreeSet::new();
+    for ty in schema.types() {
+        for (field, _) in ty.ref_fields() {
+            let path = format!("$.\"{}\"", field.name);
+            let mut stmt = conn.prepare(
+                "SELECT json_extract(fields, ?2) FROM entities \
+                 WHERE entity_type = ?1 AND json_extract(fields, ?2) IS NOT NULL",
+            )?;
+            let named = stmt
+                .query_map(params![ty.name, path], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            ids.extend(named.iter().filter_map(|s| Uuid::parse_str(s).ok()));
+        }
+    }
+    Ok(ids)
+}
+
+/// Removes one record from the device (eviction: the relay holds it).
+pub(crate) fn erase(conn: &Connection, id: Uuid) -> Result<()> {
+    conn.execute("DELETE FROM entities WHERE entity_id = ?1", [id.to_string()])?;
+    Ok(())
+}
+
 pub(crate) fn erase_all(conn: &Connection) -> Result<()> {
     conn.execute("DELETE FROM entities", [])?;
     Ok(())

@@ -30,6 +30,7 @@ pub mod outbox;
 mod rules;
 pub mod selective;
 pub mod sync;
+pub mod windows;
 pub mod wipe;
 pub mod write;
 
@@ -47,6 +48,7 @@ pub use net::app::{Client, ClientEvent, Write, os_rng};
 pub use new_identity::IdentityReport;
 pub use outbox::{OutboxItem, OutboxState};
 pub use selective::TypesReport;
+pub use windows::{EvictReport, FetchState};
 pub use wipe::WipeRecord;
 pub use write::WriteReceipt;
 

@@ -283,6 +283,16 @@ pub(crate) fn unsynced(conn: &Connection) -> Result<(u64, Option<u64>)> {
 }
 
 /// Deletes every queued and past change (a remote wipe, `crate::wipe`).
+/// Drops the confirmed (applied or superseded) items of one record: its eviction. The caller
+/// checked that nothing of it is unconfirmed.
+pub(crate) fn forget_confirmed_for(conn: &Connection, entity_id: Uuid) -> Result<()> {
+    conn.execute(
+        "DELETE FROM outbox WHERE entity_id = ?1 AND state IN ('applied', 'superseded')",
+        [entity_id.to_string()],
+    )?;
+    Ok(())
+}
+
 pub(crate) fn erase_all(conn: &Connection) -> Result<()> {
     conn.execute("DELETE FROM outbox", [])?;
     Ok(())

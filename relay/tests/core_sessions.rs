@@ -140,6 +140,9 @@ fn schema_and_protocol_mismatches_are_named() {
             schema_version: 1,
             compression: false,
             types: None,
+            windowed: false,
+            priority: false,
+            metered: false,
         },
     );
     assert_eq!(auth_failure(&out), Some(AuthFailure::SchemaMismatch));
@@ -153,6 +156,9 @@ fn schema_and_protocol_mismatches_are_named() {
             schema_version: 1,
             compression: false,
             types: None,
+            windowed: false,
+            priority: false,
+            metered: false,
         },
     );
     assert_eq!(auth_failure(&out), Some(AuthFailure::UnsupportedProtocol));

@@ -37,7 +37,7 @@ pub use envelope::{
 };
 pub use hlc::{Hlc, HlcClock};
 pub use registry::compat::{self, CompatReport, SchemaChange, Verdict};
-pub use registry::{EntityType, Field, FieldKind, Policy, Role, Schema, SchemaError, SchemaHash};
+pub use registry::{EntityType, Field, FieldKind, Policy, Role, Schema, SchemaError, SchemaHash, SyncWindow};
 pub use signing::DeviceKey;
 pub use time_fmt::{ManualTime, SystemTimeSource, TimeSource};
 pub use validate::{FieldError, Rule, ValidationErrors};

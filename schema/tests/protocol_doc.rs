@@ -68,6 +68,9 @@ fn computed() -> Vec<(&'static str, Vec<u8>)> {
         schema_version: 1,
         compression: false,
         types: None,
+        windowed: false,
+        priority: false,
+        metered: false,
     };
     let connect = connect_signing_bytes(PROTOCOL_VERSION, &i.relay, &i.nonce, &i.device, &public);
     let auth = ClientMessage::Auth {

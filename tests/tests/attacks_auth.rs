@@ -270,6 +270,9 @@ fn authentication_refuses_wrong_keys_replayed_answers_and_challenges_of_another_
             schema_version: 1,
             compression: false,
             types: None,
+            windowed: false,
+            priority: false,
+            metered: false,
         };
         assert_eq!(refused(&relay, other_protocol).await, AuthFailure::UnsupportedProtocol);
         let other_schema = ClientMessage::Hello {
@@ -279,6 +282,9 @@ fn authentication_refuses_wrong_keys_replayed_answers_and_challenges_of_another_
             schema_version: 1,
             compression: false,
             types: None,
+            windowed: false,
+            priority: false,
+            metered: false,
         };
         assert_eq!(refused(&relay, other_schema).await, AuthFailure::SchemaMismatch);
 

@@ -134,7 +134,16 @@ fn a_member_of_another_space_never_receives_anything_of_it() {
         }
         for &upto_seq in &huge {
             for &after_key in &huge {
-                cursors.push(both(0, Some(SnapshotCursor { upto_seq, after_key })));
+                for low_pass in [false, true] {
+                    cursors.push(both(
+                        0,
+                        Some(SnapshotCursor {
+                            upto_seq,
+                            after_key,
+                            low_pass,
+                        }),
+                    ));
+                }
             }
         }
         cursors.push(both(
@@ -142,6 +151,7 @@ fn a_member_of_another_space_never_receives_anything_of_it() {
             Some(SnapshotCursor {
                 upto_seq: 1,
                 after_key: 0,
+                low_pass: false,
             }),
         ));
         let mut seen_own = false;

@@ -314,6 +314,27 @@ class TwoDevicesOnOneRelay(unittest.TestCase):
         self.clients.append(restored)
         self.assertEqual(json.loads(restored.get(patient).fields_json)["name"], "Quentin Marchetti")
 
+    def test_a_device_syncs_by_windows_and_queues_fetches_offline(self):
+        watch = FieldsyncClient.open(os.path.join(self.tmp, "watch"))
+        self.clients.append(watch)
+        self.assertFalse(watch.windowed())
+        with self.assertRaises(FieldsyncError.NotAllowed):
+            watch.evict()
+        watch.set_windowed(True)
+        self.assertTrue(watch.status().windowed)
+        entry = watch.put("journal_entry", None, json.dumps({"date": "2026-12-01", "body": "ok"})).entity_id
+        self.assertTrue(watch.fetch("journal_entry", entry), "held already")
+        elsewhere = "0b0e5e1c-0000-4000-8000-000000000001"
+        self.assertFalse(watch.fetch("journal_entry", elsewhere))
+        self.assertEqual(watch.status().fetch_queued, 1)
+        with self.assertRaises(FieldsyncError.NotFound):
+            watch.fetch("jornal_entry", elsewhere)
+        self.assertEqual(watch.evict(), 0, "nothing synced left its window")
+        watch.set_metered(True)
+        self.assertEqual(watch.status().deferred_types, ["exercise", "vocab"])
+        watch.set_metered(False)
+        self.assertEqual(watch.status().deferred_types, [])
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -12,7 +12,7 @@
 mod backoff;
 mod store;
 
-use fieldsync_schema::wire::{AuthFailure, ErrorCode, MAX_BATCH};
+use fieldsync_schema::wire::{AuthFailure, ErrorCode, MAX_BATCH, MAX_FETCH};
 use fieldsync_schema::{ClientMessage, RelayMessage};
 use serde::Serialize;
 use uuid::Uuid;
@@ -132,6 +132,8 @@ pub struct SyncMachine {
     next_batch_id: u64,
     batch: Option<Batch>,
     pull_sent_at: Option<u64>,
+    /// When the fetch in flight was sent (one at a time, after the pull caught up).
+    fetch_sent_at: Option<u64>,
     caught_up: bool,
     reconnect_failures: u32,
     reconnect_at: Option<Deadline>,
@@ -184,6 +186,7 @@ impl SyncMachine {
             next_batch_id: 1,
             batch: None,
             pull_sent_at: None,
+            fetch_sent_at: None,
             caught_up: false,
             reconnect_failures: 0,
             reconnect_at: None,
@@ -216,7 +219,13 @@ impl SyncMachine {
             idle: self.was_idle,
             retry_at: self
                 .outbox_due_at
-                .filter(|_| self.caught_up && self.batch.is_none() && self.pull_sent_at.is_none() && !self.was_idle)
+                .filter(|_| {
+                    self.caught_up
+                        && self.batch.is_none()
+                        && self.pull_sent_at.is_none()
+                        && self.fetch_sent_at.is_none()
+                        && !self.was_idle
+                })
                 .map(Deadline::ms),
         }
     }
@@ -258,6 +267,7 @@ impl SyncMachine {
                 [
                     self.batch.as_ref().map(|b| Deadline::after(b.sent_at, timeout)),
                     self.pull_sent_at.map(|t| Deadline::after(t, timeout)),
+                    self.fetch_sent_at.map(|t| Deadline::after(t, timeout)),
                     self.outbox_due_at.filter(|_| self.batch.is_none()),
                 ]
                 .into_iter()
@@ -272,6 +282,7 @@ impl SyncMachine {
         self.phase = Phase::AwaitingChallenge;
         self.batch = None;
         self.pull_sent_at = None;
+        self.fetch_sent_at = None;
         self.caught_up = false;
         self.was_idle = false;
         dev.set_link(true, false);
@@ -279,6 +290,11 @@ impl SyncMachine {
         if let ClientMessage::Hello { types, .. } = &mut hello {
             // Unreadable, the choice falls back to every type: more arrives, nothing is lost.
             *types = dev.synced_types().ok().flatten();
+        }
+        if let ClientMessage::Hello { windowed, metered, .. } = &mut hello {
+            // Unreadable, the device downloads everything: more arrives, nothing is lost.
+            *windowed = dev.windowed().unwrap_or(false);
+            *metered = dev.metered().unwrap_or(false);
         }
         vec![hello]
     }
@@ -288,6 +304,7 @@ impl SyncMachine {
     fn on_disconnected(&mut self, dev: &mut Device, now_ms: u64) {
         self.batch = None;
         self.pull_sent_at = None;
+        self.fetch_sent_at = None;
         self.caught_up = false;
         self.was_idle = false;
         dev.set_link(false, false);
@@ -330,7 +347,10 @@ impl SyncMachine {
         }
         let timeout = self.config.request_timeout_ms;
         let late = |t: u64| now_ms >= t.saturating_add(timeout);
-        if self.batch.as_ref().is_some_and(|b| late(b.sent_at)) || self.pull_sent_at.is_some_and(late) {
+        if self.batch.as_ref().is_some_and(|b| late(b.sent_at))
+            || self.pull_sent_at.is_some_and(late)
+            || self.fetch_sent_at.is_some_and(late)
+        {
             return Err(SyncError::Timeout);
         }
         self.pump(dev, now_ms)
@@ -388,6 +408,7 @@ impl SyncMachine {
                 self.phase = Phase::Wiping;
                 self.batch = None;
                 self.pull_sent_at = None;
+                self.fetch_sent_at = None;
                 self.caught_up = false;
                 Ok(vec![ClientMessage::Wiped {
                     discarded: record.discarded,
@@ -485,6 +506,18 @@ impl SyncMachine {
                 self.caught_up = caught_up;
                 self.pump(dev, now_ms)
             }
+            (Phase::Ready, RelayMessage::Fetched { entries, unknown, .. }) => {
+                if self.fetch_sent_at.take().is_none() {
+                    return Err(SyncError::Unexpected {
+                        got: "fetched",
+                        phase: "no fetch was in flight",
+                    });
+                }
+                // Ids the relay left for later stay queued and go in the next fetch.
+                dev.apply_fetched(&entries, &unknown, now_ms)?;
+                self.pulled += entries.len() as u64;
+                self.pump(dev, now_ms)
+            }
             (Phase::Ready, RelayMessage::Live { entries }) => {
                 if !dev.apply_live(&entries, now_ms)? {
                     // A gap in a space's run: pull from the cursor to fill it.
@@ -551,6 +584,14 @@ impl SyncMachine {
                 max_entries: self.config.pull_page,
             });
         }
+        // Records asked for by id, once the pull caught up (they may have come with it).
+        if self.caught_up && self.batch.is_none() && self.pull_sent_at.is_none() && self.fetch_sent_at.is_none() {
+            let ids = dev.fetch_batch(MAX_FETCH)?;
+            if !ids.is_empty() {
+                self.fetch_sent_at = Some(now_ms);
+                out.push(ClientMessage::Fetch { ids });
+            }
+        }
         self.outbox_due_at = if self.batch.is_none() {
             dev.next_due()?.map(Deadline::at).filter(|t| !t.is_due(now_ms))
         } else {
@@ -559,6 +600,7 @@ impl SyncMachine {
         let idle = self.caught_up
             && self.batch.is_none()
             && self.pull_sent_at.is_none()
+            && self.fetch_sent_at.is_none()
             && (dev.pending_count()? == 0 || dev.is_halted()?);
         if idle && !self.was_idle {
             dev.record_sync_complete(now_ms)?;

@@ -14,7 +14,7 @@ use crate::db::{self, keys};
 use crate::device::{Device, Notice};
 use crate::entity::{self, EntityMeta, SyncState};
 use crate::error::{PeerError, Result};
-use crate::outbox;
+use crate::{outbox, windows};
 
 /// What one `PushResult` did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -167,6 +167,18 @@ impl Device {
         Ok(fitted)
     }
 
+    /// Applies the answer to a fetch: the records it brought (whole), in one transaction; every
+    /// id it answered leaves the queue, and what the records reference joins it.
+    pub(crate) fn apply_fetched(&mut self, entries: &[FeedEntry], unknown: &[Uuid], now_ms: u64) -> Result<()> {
+        let (actor, device_id) = (self.actor(), self.device_id);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        windows::unqueue_fetch(&tx, &windows::answered(entries, unknown))?;
+        let notices = apply_entries(&tx, &self.schema, &mut self.hlc, actor, device_id, entries, now_ms)?;
+        tx.commit()?;
+        self.notices.extend(notices);
+        Ok(())
+    }
+
     /// Folds the relay's clock into the HLC (so local stamps follow what the relay has seen).
     pub(crate) fn observe_relay_time(&mut self, server_time_ms: u64, now_ms: u64) -> Result<()> {
         let remote = Hlc {
@@ -199,8 +211,11 @@ impl Device {
         }
     }
 
+    /// Records a completed sync; a windowed device over its eviction bound evicts then.
     pub(crate) fn record_sync_complete(&mut self, now_ms: u64) -> Result<()> {
-        db::meta_set(&self.conn, keys::LAST_SYNC, &now_ms.to_string())
+        db::meta_set(&self.conn, keys::LAST_SYNC, &now_ms.to_string())?;
+        self.evict_if_over_bound()?;
+        Ok(())
     }
 
     pub(crate) fn set_link(&mut self, online: bool, caught_up: bool) {
@@ -221,6 +236,7 @@ fn apply_entries(
     now_ms: u64,
 ) -> Result<Vec<Notice>> {
     crate::write::fold_stored_hlc(hlc, tx)?;
+    let windowed = windows::windowed(tx)?;
     let mut notices = Vec::new();
     for e in entries {
         notices.extend(
@@ -229,7 +245,7 @@ fn apply_entries(
                 .filter(|l| l.loser_device == device_id)
                 .map(loss_notice),
         );
-        if apply_entry(tx, schema, e, actor.clone(), device_id, now_ms)? {
+        if apply_entry(tx, schema, e, actor.clone(), device_id, windowed, now_ms)? {
             notices.push(Notice::Changed {
                 entity_type: e.entity_type.clone(),
                 entity_id: e.entity_id,
@@ -302,12 +318,16 @@ fn settle_entity(tx: &Transaction<'_>, id: Uuid) -> Result<()> {
 }
 
 /// Applies one entry; returns whether the record changed on this device (a listener hears of it).
+/// On a device that syncs by windows, a change to a record it does not hold is skipped (it
+/// builds on changes the device never got: the record comes whole when fetched), and the
+/// references of every record stored are fetched if not held.
 fn apply_entry(
     tx: &Transaction<'_>,
     schema: &Schema,
     e: &FeedEntry,
     actor: automerge::ActorId,
     device_id: Uuid,
+    windowed: bool,
     now_ms: u64,
 ) -> Result<bool> {
     for loss in e.lww_losses.iter().filter(|l| l.loser_device == device_id) {
@@ -353,6 +373,9 @@ fn apply_entry(
                 .map(|b| parse_change(&b.0))
                 .collect::<Result<Vec<_>, _>>()?;
             doc.apply(changes)?;
+            if windowed && heads_before.is_empty() && !doc.missing_deps().is_empty() {
+                return Ok(false);
+            }
         }
         FeedPayload::Snapshot(bytes) => {
             // Merge, never replace: local changes the relay has not seen yet must survive.
@@ -371,6 +394,10 @@ fn apply_entry(
     meta.relay_version = meta.relay_version.max(e.version);
     meta.space_id = e.space_id;
     entity::store(tx, schema, &meta, &mut doc, now_ms)?;
+    if windowed {
+        let fields = entity::viewed(schema, &meta.entity_type, doc.fields());
+        windows::queue_fetch(tx, windows::missing_references(tx, schema, &meta.entity_type, &fields)?)?;
+    }
     Ok(true)
 }
 

@@ -141,6 +141,9 @@ fn the_handshake_signs_the_challenge_with_the_device_key() {
             schema_version: 1,
             compression: true,
             types: None,
+            windowed: false,
+            priority: true,
+            metered: false,
         }]
     );
     let nonce = vec![3u8; 32];
@@ -658,4 +661,53 @@ fn a_wipe_order_before_the_challenge_is_answered_erases_nothing() {
     assert!(matches!(err, SyncError::Unexpected { got: "wipe", .. }), "{err}");
     let s = f.dev.status().unwrap();
     assert_eq!((s.entities, s.unsynced, s.wiped), (1, 1, None));
+}
+
+/// A queued fetch goes out once the pull caught up, one at a time; its answer is applied,
+/// answered ids leave the queue, ids left for later go in the next fetch, and only then is
+/// the sync idle. A `fetched` nobody asked for is an error.
+#[test]
+fn a_queued_fetch_goes_out_after_the_pull_and_the_sync_is_idle_once_answered() {
+    let mut f = enrolled(21);
+    let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+    for id in [a, b, c] {
+        f.dev.fetch("patient", id).unwrap();
+    }
+    let mut m = SyncMachine::default();
+    let sent = connect(&mut m, &mut f, 10);
+    assert!(
+        matches!(sent[..], [ClientMessage::Pull { .. }]),
+        "the pull first: {sent:?}"
+    );
+    let page = RelayMessage::Changes {
+        entries: vec![],
+        next: PullCursor::default(),
+        caught_up: true,
+    };
+    let sent = m.handle(&mut f.dev, SyncInput::Message(page)).unwrap();
+    assert_eq!(sent, vec![ClientMessage::Fetch { ids: vec![a, b, c] }]);
+    assert!(!m.summary().idle);
+    let answer = RelayMessage::Fetched {
+        entries: vec![],
+        unknown: vec![a, b],
+        later: vec![c],
+    };
+    let sent = m.handle(&mut f.dev, SyncInput::Message(answer)).unwrap();
+    assert_eq!(sent, vec![ClientMessage::Fetch { ids: vec![c] }]);
+    let answer = RelayMessage::Fetched {
+        entries: vec![],
+        unknown: vec![c],
+        later: vec![],
+    };
+    assert!(
+        m.handle(&mut f.dev, SyncInput::Message(answer.clone()))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(m.summary().idle);
+    assert!(f.dev.fetch_queue().unwrap().is_empty());
+    assert!(
+        m.handle(&mut f.dev, SyncInput::Message(answer)).is_err(),
+        "no fetch in flight"
+    );
 }

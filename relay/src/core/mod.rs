@@ -183,6 +183,8 @@ pub struct CoreStats {
     pub enrollments: u64,
     pub live_entries_sent: u64,
     pub pull_pages: u64,
+    /// Fetch requests answered (SPEC §16).
+    pub fetches: u64,
 }
 
 impl CoreStats {
@@ -204,6 +206,7 @@ impl CoreStats {
         self.enrollments += other.enrollments;
         self.live_entries_sent += other.live_entries_sent;
         self.pull_pages += other.pull_pages;
+        self.fetches += other.fetches;
     }
 }
 

@@ -9,7 +9,9 @@ use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use fieldsync_schema::signing::Verifier;
-use fieldsync_schema::wire::{ErrorCode, MAX_PINGS_IN_FLIGHT, MAX_PULLS_IN_FLIGHT, MAX_PUSHES_IN_FLIGHT};
+use fieldsync_schema::wire::{
+    ErrorCode, MAX_FETCHES_IN_FLIGHT, MAX_PINGS_IN_FLIGHT, MAX_PULLS_IN_FLIGHT, MAX_PUSHES_IN_FLIGHT,
+};
 use fieldsync_schema::{ClientMessage, RelayMessage};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
@@ -76,6 +78,7 @@ struct InFlight {
     pulls: usize,
     pushes: usize,
     pings: usize,
+    fetches: usize,
 }
 
 impl InFlight {
@@ -85,6 +88,7 @@ impl InFlight {
             ClientMessage::Pull { .. } => (&mut self.pulls, MAX_PULLS_IN_FLIGHT, "pulls"),
             ClientMessage::Push { .. } => (&mut self.pushes, MAX_PUSHES_IN_FLIGHT, "pushes"),
             ClientMessage::Ping { .. } => (&mut self.pings, MAX_PINGS_IN_FLIGHT, "pings"),
+            ClientMessage::Fetch { .. } => (&mut self.fetches, MAX_FETCHES_IN_FLIGHT, "fetches"),
             _ => return Ok(()),
         };
         if *count >= limit {
@@ -97,11 +101,17 @@ impl InFlight {
     fn answered(&mut self, msg: &RelayMessage) {
         let count = match msg {
             RelayMessage::Changes { .. } => &mut self.pulls,
-            // The only error answering a request without closing is a failed pull page.
+            RelayMessage::Fetched { .. } => &mut self.fetches,
+            // The only errors answering a request without closing are a failed pull page and a
+            // failed fetch: either frees a place (a pull's first).
             RelayMessage::Error {
                 code: ErrorCode::Internal,
                 ..
-            } => &mut self.pulls,
+            } if self.pulls > 0 => &mut self.pulls,
+            RelayMessage::Error {
+                code: ErrorCode::Internal,
+                ..
+            } => &mut self.fetches,
             RelayMessage::PushResult { .. } | RelayMessage::PushDeferred { .. } => &mut self.pushes,
             RelayMessage::Pong { .. } => &mut self.pings,
             _ => return,

@@ -343,6 +343,13 @@ pub fn render(status: &StatusSnapshot, metrics: &Metrics) -> String {
     );
     single(
         &mut out,
+        "fieldsync_fetches_total",
+        "counter",
+        "Fetch requests answered (records asked for by id).",
+        s.fetches,
+    );
+    single(
+        &mut out,
         "fieldsync_send_queue_messages",
         "gauge",
         "Messages waiting in all per-connection send queues.",

@@ -93,6 +93,8 @@ pub struct DocumentRow {
     pub locked: bool,
     /// LWW per-field stamps (JSON of `BTreeMap<String, LwwStamp>`); empty for other policies.
     pub lww_stamps: String,
+    /// See [`DocumentUpdate::window_day`].
+    pub window_day: Option<i64>,
 }
 
 /// Who last won an LWW field, and at which relay version.
@@ -117,6 +119,10 @@ pub struct DocumentUpdate {
     pub signed: bool,
     pub locked: bool,
     pub lww_stamps: String,
+    /// The day (since 1970-01-01, UTC) the record's sync-window field names, when its type has
+    /// a window and the record a date (SPEC §16); `None` also for documents written before
+    /// the column existed (a windowed pull then reads the document itself).
+    pub window_day: Option<i64>,
 }
 
 /// One applied mutation in a space's change feed.

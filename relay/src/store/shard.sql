@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS documents (
     signed       INTEGER NOT NULL DEFAULT 0,
     locked       INTEGER NOT NULL DEFAULT 0,
     lww_stamps   TEXT NOT NULL DEFAULT '',
+    -- The day its type's sync-window field names (SPEC §16); NULL: undated, no window, or
+    -- written before the column existed.
+    window_day   INTEGER,
     snapshot     BLOB NOT NULL DEFAULT x'',
     snapshot_seq INTEGER NOT NULL DEFAULT 0,
     created_ms   INTEGER NOT NULL,

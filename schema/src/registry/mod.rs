@@ -22,6 +22,7 @@ mod describe;
 mod parse;
 #[cfg(test)]
 mod tests;
+mod window;
 
 pub use authority::{
     Authority, DUPLICATE_OF, DuplicateKey, MERGED_INTO, SUPERSEDED_AT, SUPERSEDED_BY_VERSION, SUPERSEDED_FIELDS,
@@ -29,6 +30,7 @@ pub use authority::{
     put_refusal,
 };
 use parse::{check_cross_references, parse_type};
+pub use window::SyncWindow;
 
 /// The default domain schema, embedded so that a binary works without any file next to it.
 pub const DEFAULT_SCHEMA_TOML: &str = include_str!("../../entities.toml");
@@ -260,6 +262,15 @@ pub struct EntityType {
     /// mark superseded (e.g. a reschedule against a plan).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_for: Option<String>,
+    /// Which records a device that syncs by windows downloads first (SPEC §16). Not hashed:
+    /// see [`SyncWindow`].
+    #[serde(skip)]
+    pub window: Option<SyncWindow>,
+    /// Reference data (`priority = "low"`, e.g. an exercise library): a new device's snapshot
+    /// brings it after every other type, and a device on a metered link defers it (SPEC §16).
+    /// Not hashed, like the window: it orders delivery, not what a record holds.
+    #[serde(skip)]
+    pub low_priority: bool,
     #[serde(skip)]
     pub description: Option<String>,
 }

@@ -37,8 +37,18 @@ pub(super) fn parse_type(name: &str, def: &Value) -> Result<EntityType, SchemaEr
     let mut description = None;
     let mut duplicates = None;
     let mut request_for = None;
+    let mut window = None;
+    let mut low_priority = false;
     for (key, value) in table {
         match key.as_str() {
+            "priority" => {
+                low_priority = match value.as_str() {
+                    Some("low") => true,
+                    Some("normal") => false,
+                    _ => return Err(invalid(&loc, "`priority` must be \"normal\" or \"low\"")),
+                }
+            }
+            "window" => window = Some(value),
             "duplicates" => duplicates = Some(parse_duplicate_key(value, &loc)?),
             "request_for" => request_for = Some(as_string(value, &loc, "request_for")?),
             "policy" => {
@@ -65,7 +75,7 @@ pub(super) fn parse_type(name: &str, def: &Value) -> Result<EntityType, SchemaEr
                     &loc,
                     format!(
                         "unknown key `{other}` (expected policy, lockable, signable, write, sign, description, fields, \
-                         duplicates, request_for)"
+                         duplicates, request_for, window, priority)"
                     ),
                 ));
             }
@@ -142,6 +152,9 @@ pub(super) fn parse_type(name: &str, def: &Value) -> Result<EntityType, SchemaEr
             ));
         }
     }
+    let window = window
+        .map(|w| super::window::parse_window(w, &fields, &loc))
+        .transpose()?;
     let ty = EntityType {
         name: name.to_string(),
         policy,
@@ -152,6 +165,8 @@ pub(super) fn parse_type(name: &str, def: &Value) -> Result<EntityType, SchemaEr
         fields,
         duplicates,
         request_for,
+        window,
+        low_priority,
         description,
     };
     check_authority(&ty, &loc)?;

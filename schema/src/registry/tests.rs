@@ -377,3 +377,37 @@ fn field_authority_parses_and_names_what_is_missing() {
     let e = err(&base("gated", "\"service\"", superseded));
     assert!(e.contains("`request_for` names unknown type `plan`"), "{e}");
 }
+
+#[test]
+fn windows_and_priorities_are_checked_and_left_out_of_the_hash() {
+    let base = r#"
+        [types.log]
+        policy = "lww"
+        write = ["admin"]
+        fields.day = { type = "date" }
+        fields.note = { type = "string" }
+    "#;
+    let plain = Schema::from_toml_str(base).unwrap();
+    let with = Schema::from_toml_str(&format!(
+        "{base}\nwindow = {{ field = \"day\", days_back = 30 }}\npriority = \"low\"\n"
+    ))
+    .unwrap();
+    let log = with.entity_type("log").unwrap();
+    assert_eq!(
+        log.window.as_ref().map(|w| (w.field.as_str(), w.days_back)),
+        Some(("day", Some(30)))
+    );
+    assert!(log.low_priority);
+    assert_eq!(plain.hash(), with.hash(), "delivery is not part of the hash");
+
+    let e = err(&format!("{base}\nwindow = {{ field = \"note\", days_back = 30 }}\n"));
+    assert!(e.contains("must be a date or timestamp field"), "{e}");
+    let e = err(&format!("{base}\nwindow = {{ field = \"gone\", days_back = 30 }}\n"));
+    assert!(e.contains("not a field"), "{e}");
+    let e = err(&format!("{base}\nwindow = {{ field = \"day\" }}\n"));
+    assert!(e.contains("days_back"), "{e}");
+    let e = err(&format!("{base}\nwindow = {{ field = \"day\", days_back = -1 }}\n"));
+    assert!(e.contains("0 to"), "{e}");
+    let e = err(&format!("{base}\npriority = \"urgent\"\n"));
+    assert!(e.contains("`priority`"), "{e}");
+}

@@ -32,6 +32,9 @@ pub const MAX_MUTATION_CHANGE_BYTES: usize = 1024 * 1024;
 pub const MAX_PULLS_IN_FLIGHT: usize = 2;
 pub const MAX_PUSHES_IN_FLIGHT: usize = 2;
 pub const MAX_PINGS_IN_FLIGHT: usize = 8;
+pub const MAX_FETCHES_IN_FLIGHT: usize = 2;
+/// Ids per [`ClientMessage::Fetch`].
+pub const MAX_FETCH: usize = 64;
 /// CBOR nesting the decoder follows before giving up (our messages nest a handful deep; JSON
 /// values inside LWW losses a little more).
 const MAX_NESTING: usize = 64;
@@ -95,6 +98,10 @@ pub struct SnapshotCursor {
     pub upto_seq: u64,
     /// The last document key delivered.
     pub after_key: u64,
+    /// The second walk over the documents, for low-priority types (reference data), which a
+    /// device that asked for `priority` order gets after every other type. Absent: the first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub low_pass: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,6 +229,18 @@ pub enum ClientMessage {
         /// sends nothing of another type, in pull pages or live.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         types: Option<Vec<String>>,
+        /// The device syncs by windows (SPEC §16): a space's first download leaves out records
+        /// of a windowed type dated outside the relay's schema's window. Absent: everything.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        windowed: bool,
+        /// The device takes snapshot pages in priority order: every other type first, then the
+        /// low-priority ones (`SnapshotCursor::low_pass`). Absent: one walk in key order.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        priority: bool,
+        /// The device is on a metered link: the relay sends nothing of a low-priority type
+        /// (as if it did not hold those types) until a connection without it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        metered: bool,
     },
     /// Registers this device's key with a single-use enrollment token.
     Enroll {
@@ -252,6 +271,11 @@ pub enum ClientMessage {
     Pull {
         cursor: PullCursor,
         max_entries: u32,
+    },
+    /// Asks for records by id, whole (a record a window left out, or one evicted): answered by
+    /// [`RelayMessage::Fetched`]. At most [`MAX_FETCH`] ids.
+    Fetch {
+        ids: Vec<Uuid>,
     },
     /// Replaces the device key; `signature` is by the old key over
     /// [`crate::signing::rotate_signing_bytes`].
@@ -314,6 +338,14 @@ pub enum RelayMessage {
         entries: Vec<FeedEntry>,
         next: PullCursor,
         caught_up: bool,
+    },
+    /// Answers [`ClientMessage::Fetch`]: each record found in the user's spaces as its compacted
+    /// document, in `entries`; the ids not found there (or not the user's to see: the answer
+    /// is the same) in `unknown`; ids left for another request (the page was full) in `later`.
+    Fetched {
+        entries: Vec<FeedEntry>,
+        unknown: Vec<Uuid>,
+        later: Vec<Uuid>,
     },
     /// Entries applied after the device caught up, pushed as they commit, in each space's seq
     /// order. A device advances a space's position only by exactly one per entry; an entry
@@ -392,6 +424,9 @@ impl ClientMessage {
             schema_version: schema.version(),
             compression: true,
             types: None,
+            windowed: false,
+            priority: true,
+            metered: false,
         }
     }
 
@@ -437,6 +472,7 @@ impl ClientMessage {
             ClientMessage::RotateKey { .. } => "rotate_key",
             ClientMessage::Ping { .. } => "ping",
             ClientMessage::Wiped { .. } => "wiped",
+            ClientMessage::Fetch { .. } => "fetch",
         }
     }
 }
@@ -506,6 +542,11 @@ impl RelayMessage {
             RelayMessage::Changes { entries, .. } | RelayMessage::Live { entries, .. } => {
                 entries.iter().map(entry_size).sum()
             }
+            RelayMessage::Fetched {
+                entries,
+                unknown,
+                later,
+            } => entries.iter().map(entry_size).sum::<usize>() + 17 * (unknown.len() + later.len()),
             RelayMessage::Challenge { nonce, .. } => nonce.0.len(),
             RelayMessage::KeyRotated | RelayMessage::Wipe | RelayMessage::Pong { .. } => 0,
         };
@@ -532,6 +573,7 @@ impl RelayMessage {
             RelayMessage::PushResult { .. } => "push_result",
             RelayMessage::PushDeferred { .. } => "push_deferred",
             RelayMessage::Changes { .. } => "changes",
+            RelayMessage::Fetched { .. } => "fetched",
             RelayMessage::Live { .. } => "live",
             RelayMessage::UserChanged { .. } => "user_changed",
             RelayMessage::KeyRotated => "key_rotated",

@@ -60,6 +60,9 @@ fn every_client_message() -> Vec<ClientMessage> {
             schema_version: 1,
             compression: false,
             types: None,
+            windowed: false,
+            priority: false,
+            metered: false,
         },
         ClientMessage::Enroll {
             protocol_version: PROTOCOL_VERSION,
@@ -94,6 +97,7 @@ fn every_client_message() -> Vec<ClientMessage> {
                             snapshot: Some(SnapshotCursor {
                                 upto_seq: 99,
                                 after_key: 5,
+                                low_pass: true,
                             }),
                         },
                     ),

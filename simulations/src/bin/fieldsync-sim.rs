@@ -73,6 +73,13 @@ struct CatchupArgs {
     /// what compression saves.
     #[arg(long)]
     no_compression: bool,
+    /// The relay's records are journal entries dated over this many days back (e.g. 730),
+    /// instead of patients: the data sync windows apply to.
+    #[arg(long, value_name = "DAYS")]
+    dated: Option<u32>,
+    /// The new device syncs by windows (journal entries: the last 90 days).
+    #[arg(long)]
+    windowed: bool,
 }
 
 #[derive(clap::Args)]
@@ -311,7 +318,11 @@ fn real_main() -> anyhow::Result<bool> {
             let report = fieldsync_simulations::load::catchup::run(
                 &relay,
                 args.queued,
-                args.entities,
+                fieldsync_simulations::load::catchup::FreshDevice {
+                    entities: args.entities,
+                    dated_days: args.dated,
+                    windowed: args.windowed,
+                },
                 args.seed,
                 !args.no_compression,
             )?;

@@ -30,6 +30,12 @@ pub struct CatchupReport {
     /// CPU of the drain in microseconds: this process (the device) and the relay process.
     pub drain_device_cpu_us: u64,
     pub drain_relay_cpu_us: Option<u64>,
+    /// The relay's records are journal entries dated over this many days back (`--dated`);
+    /// absent: patients, which no window applies to.
+    pub dated_days: Option<u32>,
+    /// The new device syncs by windows (`--windowed`): entries older than 90 days stay out.
+    pub windowed: bool,
+    /// Entities the new device holds after its first sync.
     pub fresh_entities: u64,
     /// A new device's first sync: compacted documents for every entity, seconds.
     pub fresh_pull_seconds: f64,
@@ -55,13 +61,25 @@ fn device(dir: &std::path::Path, seed: u64) -> anyhow::Result<Device> {
     Ok(Device::open(dir, Arc::new(SystemTimeSource), rng)?)
 }
 
+/// What the new device finds on the relay, and how it syncs.
+#[derive(Debug, Clone, Copy)]
+pub struct FreshDevice {
+    /// Entities on the relay when it pulls.
+    pub entities: usize,
+    /// Journal entries dated over this many days back instead of patients.
+    pub dated_days: Option<u32>,
+    /// It syncs by windows.
+    pub windowed: bool,
+}
+
 pub fn run(
     relay: &RelayProc,
     queued: usize,
-    fresh_entities: usize,
+    fresh_device: FreshDevice,
     seed: u64,
     compression: bool,
 ) -> anyhow::Result<CatchupReport> {
+    let fresh_entities = fresh_device.entities;
     let options = || SyncOptions {
         compression,
         ..SyncOptions::quiet()
@@ -106,10 +124,23 @@ pub fn run(
             let mut d = SynthDevice::new(seed, 10_000 + p as u64);
             session::enroll(&relay.url, &mut d, token).await?;
             let muts: Vec<_> = (0..per)
-                .filter_map(|i| {
-                    let name = format!("Patient {p}-{i}");
-                    let fields: Map<String, Value> = json!({ "name": name }).as_object().cloned().unwrap_or_default();
-                    d.create("patient", &fields, now)
+                .filter_map(|i| match fresh_device.dated_days {
+                    None => {
+                        let name = format!("Patient {p}-{i}");
+                        let fields: Map<String, Value> =
+                            json!({ "name": name }).as_object().cloned().unwrap_or_default();
+                        d.create("patient", &fields, now)
+                    }
+                    Some(days) => {
+                        let back = (p * per + i) as u64 % u64::from(days.max(1));
+                        let date = &fieldsync_schema::time_fmt::render_ms(now.saturating_sub(back * 86_400_000))[..10];
+                        let fields: Map<String, Value> =
+                            json!({ "date": date, "pain_level": i % 10, "body": format!("Entry {p}-{i}: knee felt better after the long run") })
+                                .as_object()
+                                .cloned()
+                                .unwrap_or_default();
+                        d.create("journal_entry", &fields, now)
+                    }
                 })
                 .collect();
             let batches: Vec<Batch> = muts
@@ -142,6 +173,9 @@ pub fn run(
         anyhow::Ok(())
     })?;
     let mut fresh = device(&scratch.path().join("fresh"), seed + 1)?;
+    if fresh_device.windowed {
+        fresh.set_windowed(true)?;
+    }
     rt.block_on(net::enroll(&mut fresh, &relay.url, &tokens[1]))?;
     let t = Instant::now();
     let cpu0 = (super::own_cpu_us(), relay.cpu_us());
@@ -159,6 +193,8 @@ pub fn run(
         drain_traffic: drain_opts.traffic.total(),
         drain_device_cpu_us,
         drain_relay_cpu_us,
+        dated_days: fresh_device.dated_days,
+        windowed: fresh_device.windowed,
         fresh_entities: got,
         fresh_pull_seconds: pull,
         fresh_entities_per_s: got as f64 / pull.max(1e-9),

@@ -7,6 +7,7 @@ mod authority_cmd;
 mod conflict_cmd;
 mod net_cmd;
 mod output;
+mod windows_cmd;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -200,6 +201,52 @@ enum Command {
         /// Hold only these entity types (selective sync; `types` changes it later).
         #[arg(long, value_delimiter = ',', num_args = 1..)]
         types: Option<Vec<String>>,
+        /// Sync by windows from the first download on (`windows` changes it later).
+        #[arg(long)]
+        windows: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sync windows: with --on, the first download of a space holds only records dated inside
+    /// their type's window (the schema's `window`) plus what they reference; older ones come
+    /// with `fetch`. --off downloads everything again at the next sync.
+    Windows {
+        #[arg(long, conflicts_with = "off")]
+        on: bool,
+        #[arg(long)]
+        off: bool,
+        /// Evict automatically after each sync once the device holds more than N records.
+        #[arg(long, value_name = "N", conflicts_with_all = ["off", "no_auto_evict"])]
+        evict_above: Option<u64>,
+        /// Evict only when asked (`evict`).
+        #[arg(long)]
+        no_auto_evict: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Whether the device is on a metered link: --on defers reference data (types the schema
+    /// marks `priority = "low"`) until --off, whose next sync brings what waited.
+    Metered {
+        #[arg(long, conflicts_with = "off")]
+        on: bool,
+        #[arg(long)]
+        off: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Brings a record this device does not hold (outside its window, or evicted) and what it
+    /// references; offline, it is queued and fetched at the next sync.
+    Fetch {
+        entity_type: String,
+        #[arg(value_parser = fieldsync_schema::cli::parse_uuid)]
+        id: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes records that left their window and are synced, with no conflict or rejection on
+    /// record and no held record referencing them (a device that syncs by windows); `fetch`
+    /// brings one back.
+    Evict {
         #[arg(long)]
         json: bool,
     },
@@ -566,12 +613,16 @@ fn run(cli: Cli) -> Result<()> {
             token,
             new_identity,
             types,
+            windows,
             json,
         } => {
             let mut dev = open_existing(&dir, schema, key)?;
             if types.is_some() {
                 // Chosen before the first sync, so nothing of another type is ever pulled.
                 dev.set_synced_types(types)?;
+            }
+            if windows {
+                dev.set_windowed(true)?;
             }
             match relay {
                 Some(relay) if !new_identity => net_cmd::enroll(dev, &relay, &token, &tls, json),
@@ -615,6 +666,44 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Windows {
+            on,
+            off,
+            evict_above,
+            no_auto_evict,
+            json,
+        } => {
+            let mut dev = open_existing(&dir, schema, key)?;
+            if on || off {
+                dev.set_windowed(on)?;
+            }
+            if evict_above.is_some() || no_auto_evict {
+                dev.set_eviction_bound(evict_above)?;
+            }
+            windows_cmd::windows(&dev, off, json)
+        }
+        Command::Metered { on, off, json } => {
+            let mut dev = open_existing(&dir, schema, key)?;
+            if on || off {
+                dev.set_metered(on)?;
+            }
+            let deferred = dev.deferred_types()?;
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::json!({ "metered": dev.metered()?, "deferred_types": deferred })
+                )?;
+            } else if dev.metered()? {
+                outln!("metered: {} wait for an unmetered link", deferred.join(", "))?;
+            } else {
+                outln!("not metered: every type syncs")?;
+            }
+            Ok(())
+        }
+        Command::Fetch { entity_type, id, json } => {
+            windows_cmd::fetch(open_existing(&dir, schema, key)?, &entity_type, id, &tls, json)
+        }
+        Command::Evict { json } => windows_cmd::evict(&mut open_existing(&dir, schema, key)?, json),
         Command::Relays { set, json } => {
             let mut dev = open_existing(&dir, schema, key)?;
             if let Some(urls) = set {

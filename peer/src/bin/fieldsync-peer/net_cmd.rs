@@ -114,6 +114,17 @@ fn print_summary(dev: &Device, s: &SyncSummary, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// One sync without progress lines (a command that needs the relay for a moment, e.g. `fetch`).
+pub fn sync_quietly(dev: &mut Device, tls: &TlsArgs) -> Result<SyncSummary> {
+    let mut machine = SyncMachine::default();
+    let opts = SyncOptions {
+        progress: false,
+        tls: tls.options(),
+        ..SyncOptions::default()
+    };
+    Ok(runtime()?.block_on(net::sync_once(dev, &mut machine, &opts))?)
+}
+
 pub fn sync(mut dev: Device, watch: bool, tls: &TlsArgs, json: bool) -> Result<()> {
     let mut machine = SyncMachine::default();
     let opts = SyncOptions {

@@ -132,6 +132,15 @@ pub fn status(s: &Status, json: bool) -> Result<()> {
     if let Some(types) = &s.synced_types {
         outln!("holds:     {} (selective sync)", types.join(", "))?;
     }
+    if s.windowed {
+        outln!("windows:   on ({} record(s) wait to be fetched)", s.fetch_queued)?;
+    }
+    if s.metered {
+        outln!(
+            "metered:   deferring {} until an unmetered link",
+            s.deferred_types.join(", ")
+        )?;
+    }
     if s.possible_duplicates > 0 {
         outln!(
             "duplicates: {} possible (fieldsync-peer duplicates)",

@@ -157,6 +157,8 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             return;
         }
         let budget = self.config.pull_page_bytes;
+        let schema = self.schema.clone();
+        let low_priority = |t: &str| schema.entity_type(t).is_some_and(|t| t.low_priority);
         for (conn, state) in self.conns.iter_mut() {
             let ConnState::Ready(s) = state else { continue };
             let Some(live) = &mut s.live else { continue };
@@ -169,10 +171,12 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 if a.entry.seq <= *position {
                     continue;
                 }
-                // A type the device does not hold: only the entry's place, so its live run stays
-                // contiguous (selective sync).
+                // A type the device does not hold, or reference data on a metered link: only the
+                // entry's place, so its live run stays contiguous (selective sync, SPEC §16).
+                let deferred = s.metered && low_priority(&a.entry.entity_type);
                 let entry = match &s.types {
                     Some(types) if !types.contains(&a.entry.entity_type) => not_selected(&a.entry),
+                    _ if deferred => not_selected(&a.entry),
                     _ => a.entry_for(s.device_id),
                 };
                 let entry_size = fieldsync_schema::wire::entry_size(&entry);

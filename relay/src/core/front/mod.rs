@@ -7,6 +7,7 @@
 //! replies are released only after it commits.
 
 mod fanout;
+mod fetch;
 mod housekeeping;
 mod pull;
 mod session;
@@ -36,6 +37,11 @@ pub(crate) enum ConnState {
         issued_ms: u64,
         /// The types the device said it holds (`None`: all).
         types: Option<BTreeSet<String>>,
+        /// The device syncs by windows.
+        windowed: bool,
+        /// Delivery order and link (see [`Session::priority_order`], [`Session::metered`]).
+        priority_order: bool,
+        metered: bool,
     },
     Ready(Box<Session>),
     /// The device proved its key but was revoked with a wipe: it was told to erase its data,
@@ -60,6 +66,14 @@ pub(crate) struct Session {
     /// The entity types the device holds (selective sync; `None`: all): pull pages and live
     /// delivery carry nothing of another type.
     pub types: Option<BTreeSet<String>>,
+    /// The device syncs by windows (SPEC §16): a space's first download leaves out records
+    /// dated outside their type's window; the device fetches what it needs of them.
+    pub windowed: bool,
+    /// The device takes a snapshot's reference data (`priority = "low"`) after every other
+    /// type: two walks over the documents.
+    pub priority_order: bool,
+    /// The device is on a metered link: nothing of a low-priority type, in pages or live.
+    pub metered: bool,
     /// Set once the device caught up: for each space, the position after which live entries
     /// are pushed to it.
     pub live: Option<BTreeMap<Uuid, u64>>,
@@ -103,6 +117,7 @@ pub(crate) struct Turn {
     /// Connections to close after the replies (enrollment completed).
     pub(crate) closes: Vec<(ConnId, CloseReason)>,
     pulls: Vec<(ConnId, PullCursor, u32)>,
+    fetches: Vec<(ConnId, Vec<Uuid>)>,
 }
 
 pub struct Front<D: Directory, R: SpaceStore> {
@@ -323,6 +338,9 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 schema_hash,
                 schema_version,
                 types,
+                windowed,
+                priority,
+                metered,
                 ..
             } => self.on_hello(
                 conn,
@@ -331,6 +349,9 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                     device_id,
                     schema: (schema_hash, schema_version),
                     types: types.map(|t| t.into_iter().collect()),
+                    windowed,
+                    priority_order: priority,
+                    metered,
                 },
                 now_ms,
                 out,
@@ -387,6 +408,14 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                     return Ok(());
                 }
                 turn.pulls.push((conn, cursor, max_entries));
+                Ok(())
+            }
+            ClientMessage::Fetch { ids } => {
+                if !matches!(self.conns.get(&conn), Some(ConnState::Ready(_))) {
+                    self.protocol_close(conn, "fetch before authentication", out);
+                    return Ok(());
+                }
+                turn.fetches.push((conn, ids));
                 Ok(())
             }
         }
@@ -583,6 +612,18 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                     RelayMessage::Error {
                         code: ErrorCode::Internal,
                         message: "relay storage error while reading changes; try again".into(),
+                    },
+                ));
+            }
+        }
+        for (conn, ids) in turn.fetches {
+            if let Err(e) = self.on_fetch(conn, ids, &mut step.outputs) {
+                tracing::error!(error = %e, "fetch failed");
+                step.outputs.push(Output::Send(
+                    conn,
+                    RelayMessage::Error {
+                        code: ErrorCode::Internal,
+                        message: "relay storage error while reading records; try again".into(),
                     },
                 ));
             }

@@ -8,7 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use fieldsync_schema::document::{device_actor, parse_change};
+use fieldsync_schema::EntityDoc;
+use fieldsync_schema::document::{device_actor, parse_change, relay_actor};
 use fieldsync_schema::wire::{FeedPayload, SnapshotCursor, SpaceCursor, entry_size};
 use fieldsync_schema::{Bytes, FeedEntry, LwwLoss, Origin, Policy, PullCursor, RelayMessage};
 use uuid::Uuid;
@@ -17,11 +18,16 @@ use super::{ConnState, Front};
 use crate::core::{ConnId, Output};
 use crate::store::{Directory, FeedRow, SpaceStore, StoreError};
 
-/// Who a page is for: the device (its own changes are left out) and the types it holds.
+/// Who a page is for: the device (its own changes are left out), the types it holds, for a
+/// device that syncs by windows the time its windows are placed around, and whether it takes
+/// reference data last (`priority_order`) or not at all for now (`metered`).
 #[derive(Clone, Copy)]
-struct PageReader<'a> {
+pub(super) struct PageReader<'a> {
     device_id: Uuid,
     types: Option<&'a BTreeSet<String>>,
+    windowed_at_ms: Option<u64>,
+    priority_order: bool,
+    metered: bool,
 }
 
 impl PageReader<'_> {
@@ -57,7 +63,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         conn: ConnId,
         cursor: PullCursor,
         max_entries: u32,
-        _now_ms: u64,
+        now_ms: u64,
         out: &mut Vec<Output>,
     ) -> Result<(), StoreError> {
         let Some(ConnState::Ready(s)) = self.conns.get(&conn) else {
@@ -65,6 +71,8 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         };
         let device_id = s.device_id;
         let types = s.types.clone();
+        let windowed_at_ms = s.windowed.then_some(now_ms);
+        let (priority_order, metered) = (s.priority_order, s.metered);
         let spaces: Vec<Uuid> = s.spaces.keys().copied().collect();
         let mut shards = BTreeMap::new();
         for space in &spaces {
@@ -90,6 +98,9 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             let who = PageReader {
                 device_id,
                 types: types.as_ref(),
+                windowed_at_ms,
+                priority_order,
+                metered,
             };
             result = self.pull_page(conn, who, &spaces, &shards, cursor, max_entries, out);
         }
@@ -193,9 +204,13 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             position.snapshot = Some(SnapshotCursor {
                 upto_seq: upto,
                 after_key: 0,
+                low_pass: false,
             });
         }
-        if let Some(snap) = position.snapshot {
+        while let Some(snap) = position.snapshot {
+            if page.full() {
+                return Ok((position, false));
+            }
             let want = page.room;
             let docs = reader.documents_after(space, snap.after_key, want)?;
             let got = docs.len();
@@ -204,10 +219,26 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             for d in docs {
                 last_key = d.doc_key;
                 taken += 1;
-                if !who.holds(&d.entity_type) {
+                if !self.sends(who, &d.entity_type) {
+                    continue;
+                }
+                // In priority order, the first walk leaves reference data for the second.
+                if who.priority_order && self.is_low_priority(&d.entity_type) != snap.low_pass {
+                    continue;
+                }
+                if let Some(now_ms) = who.windowed_at_ms
+                    && let Some(day) = d.window_day
+                    && !self.in_window_day(&d.entity_type, day, now_ms)
+                {
                     continue;
                 }
                 let bytes = reader.document_bytes(d.doc_key)?;
+                if let Some(now_ms) = who.windowed_at_ms
+                    && d.window_day.is_none()
+                    && !self.in_window(&d.entity_type, &bytes, now_ms)
+                {
+                    continue;
+                }
                 page.push(FeedEntry {
                     seq: d.last_seq,
                     space_id: d.space_id,
@@ -225,20 +256,29 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             // Done when every document there was fitted; otherwise the next page goes on.
             if !(taken == got && got < want) {
                 position.snapshot = Some(SnapshotCursor {
-                    upto_seq: snap.upto_seq,
                     after_key: last_key,
+                    ..snap
                 });
                 return Ok((position, false));
             }
-            // A document saved after `upto_seq` also comes again through the feed; applying a
-            // change twice is a no-op.
-            position = SpaceCursor {
-                seq: snap.upto_seq,
-                snapshot: None,
-            };
-            if page.full() {
-                return Ok((position, false));
+            if who.priority_order && !snap.low_pass && !who.metered {
+                // The second walk: the low-priority types (a metered device defers them).
+                position.snapshot = Some(SnapshotCursor {
+                    upto_seq: snap.upto_seq,
+                    after_key: 0,
+                    low_pass: true,
+                });
+            } else {
+                // A document saved after `upto_seq` also comes again through the feed; applying
+                // a change twice is a no-op.
+                position = SpaceCursor {
+                    seq: snap.upto_seq,
+                    snapshot: None,
+                };
             }
+        }
+        if page.full() {
+            return Ok((position, false));
         }
         let want = page.room;
         let rows = reader.feed_range(space, position.seq, u64::MAX, want)?;
@@ -247,7 +287,7 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         for row in rows {
             position.seq = row.seq;
             taken += 1;
-            if !who.holds(&row.entity_type) {
+            if !self.sends(who, &row.entity_type) {
                 continue;
             }
             let relay_writes = relay_may_add_changes(&self.schema, &row.entity_type);
@@ -257,6 +297,42 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             }
         }
         Ok((position, taken == got && got < want))
+    }
+}
+
+impl<D: Directory, R: SpaceStore> Front<D, R> {
+    /// Whether records of `entity_type` go to this reader at all: a type it holds (selective
+    /// sync), and not reference data while it is on a metered link.
+    fn sends(&self, who: PageReader<'_>, entity_type: &str) -> bool {
+        who.holds(entity_type) && !(who.metered && self.is_low_priority(entity_type))
+    }
+
+    /// Reference data (`priority = "low"` in the schema).
+    pub(super) fn is_low_priority(&self, entity_type: &str) -> bool {
+        self.schema.entity_type(entity_type).is_some_and(|t| t.low_priority)
+    }
+
+    /// Whether a document of `entity_type` the store dated at `day` lies inside its type's
+    /// sync window at `now_ms` (always, for a type without one).
+    fn in_window_day(&self, entity_type: &str, day: i64, now_ms: u64) -> bool {
+        self.schema
+            .entity_type(entity_type)
+            .and_then(|t| t.window.as_ref())
+            .is_none_or(|w| w.contains_day(day, now_ms))
+    }
+
+    /// The same for a document the store has no day for (undated, or written before days were
+    /// kept): read from the document itself. A document that does not decode is sent: the
+    /// window leaves out only what it can date.
+    fn in_window(&self, entity_type: &str, bytes: &[u8], now_ms: u64) -> bool {
+        let Some(ty) = self.schema.entity_type(entity_type) else {
+            return true;
+        };
+        let Some(window) = &ty.window else { return true };
+        match EntityDoc::load(bytes, relay_actor(self.relay_id)) {
+            Ok(doc) => window.contains(&ty.view(doc.fields()), now_ms),
+            Err(_) => true,
+        }
     }
 }
 

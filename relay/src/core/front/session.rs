@@ -20,6 +20,9 @@ pub(crate) struct HelloRequest {
     /// The device's schema hash and version.
     pub schema: (SchemaHash, u64),
     pub types: Option<BTreeSet<String>>,
+    pub windowed: bool,
+    pub priority_order: bool,
+    pub metered: bool,
 }
 
 pub(crate) struct EnrollRequest<'a> {
@@ -130,6 +133,9 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             device_id,
             schema,
             types,
+            windowed,
+            priority_order,
+            metered,
         } = hello;
         if !matches!(self.conns.get(&conn), Some(ConnState::Fresh)) {
             self.protocol_close(conn, "hello sent twice", out);
@@ -165,6 +171,9 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                         nonce: nonce.clone(),
                         issued_ms: now_ms,
                         types,
+                        windowed,
+                        priority_order,
+                        metered,
                     },
                 );
                 out.push(Output::Send(
@@ -192,6 +201,9 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
             nonce,
             issued_ms,
             types,
+            windowed,
+            priority_order,
+            metered,
         }) = self.conns.insert(conn, ConnState::Fresh)
         else {
             self.protocol_close(conn, "auth without a challenge", out);
@@ -278,6 +290,9 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 spaces,
                 replaces: device.replaces,
                 types,
+                windowed,
+                priority_order,
+                metered,
                 live: None,
                 tokens: self.config.rate_burst,
                 tokens_at_ms: now_ms,

@@ -61,6 +61,12 @@ impl<S: SpaceStore> SpaceWorker<S> {
                 .insert_document(m.entity_id, m.space_id, &m.entity_type, now_ms)?,
         };
         let version = row.map_or(0, |r| r.version) + 1;
+        // Where a sync window places the record, kept beside it for windowed pulls (SPEC §16).
+        let window_day = self
+            .schema
+            .entity_type(&m.entity_type)
+            .and_then(|t| t.window.as_ref())
+            .and_then(|w| w.day_of_record(&after));
         let mut all_changes = to_bytes(changes);
         let relay_changes = to_bytes(&extra_changes);
         all_changes.extend(relay_changes.iter().cloned());
@@ -105,6 +111,7 @@ impl<S: SpaceStore> SpaceWorker<S> {
                 signed: doc.is_signed(),
                 locked: doc.is_locked(),
                 lww_stamps: stamps,
+                window_day,
             },
             seq,
             now_ms,

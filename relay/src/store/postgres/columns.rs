@@ -13,7 +13,7 @@ use crate::store::{
 pub(super) const SPACE_COLS: &str = "space_id, name, created_ms, shard";
 pub(super) const USER_COLS: &str = "user_id, name, created_ms";
 pub(super) const DOC_COLS: &str =
-    "doc_key, entity_id, space_id, entity_type, version, last_seq, deleted, signed, locked, lww_stamps";
+    "doc_key, entity_id, space_id, entity_type, version, last_seq, deleted, signed, locked, lww_stamps, window_day";
 pub(super) const FEED_COLS: &str = "seq, doc_key, space_id, entity_type, entity_id, version, origin_device, \
                                     origin_user, mutation_id, hlc, changes, lww_losses";
 pub(super) const AUDIT_COLS: &str = "audit_id, audit_seq, seq, mutation_id, actor_id, device_id, space_id, \
@@ -90,6 +90,7 @@ pub(super) fn doc_row(r: &Row) -> StoreResult<DocumentRow> {
         signed: col(r, 7)?,
         locked: col(r, 8)?,
         lww_stamps: col(r, 9)?,
+        window_day: col(r, 10)?,
     })
 }
 

@@ -96,6 +96,9 @@ CREATE TABLE IF NOT EXISTS documents (
     updated_ms   BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS documents_space ON documents(space_id, doc_key);
+-- The day its type's sync-window field names (SPEC §16); NULL: undated, no window, or written
+-- before the column existed.
+ALTER TABLE documents ADD COLUMN IF NOT EXISTS window_day BIGINT;
 
 CREATE TABLE IF NOT EXISTS feed (
     space_id      UUID NOT NULL,

@@ -180,7 +180,7 @@ impl SpaceStore for PgShard {
         self.conn.with(|c| {
             c.execute(
                 "UPDATE documents SET version = $2, last_seq = $3, deleted = $4, signed = $5, locked = $6,
-                 lww_stamps = $7, updated_ms = $8 WHERE doc_key = $1",
+                 lww_stamps = $7, updated_ms = $8, window_day = $9 WHERE doc_key = $1",
                 &[
                     &i(doc_key),
                     &i(u.version),
@@ -190,6 +190,7 @@ impl SpaceStore for PgShard {
                     &u.locked,
                     &u.lww_stamps,
                     &i(now_ms),
+                    &u.window_day,
                 ],
             )
         })?;

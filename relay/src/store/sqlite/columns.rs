@@ -93,7 +93,7 @@ pub(super) fn i(v: u64) -> i64 {
 }
 
 pub(super) const DOC_COLS: &str =
-    "doc_key, entity_id, space_id, entity_type, version, last_seq, deleted, signed, locked, lww_stamps";
+    "doc_key, entity_id, space_id, entity_type, version, last_seq, deleted, signed, locked, lww_stamps, window_day";
 
 pub(super) fn doc_row(row: &Row<'_>) -> rusqlite::Result<DocumentRow> {
     Ok(DocumentRow {
@@ -107,6 +107,7 @@ pub(super) fn doc_row(row: &Row<'_>) -> rusqlite::Result<DocumentRow> {
         signed: row.get(7)?,
         locked: row.get(8)?,
         lww_stamps: row.get(9)?,
+        window_day: row.get(10)?,
     })
 }
 

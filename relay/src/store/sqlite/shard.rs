@@ -29,6 +29,15 @@ impl SqliteShard {
     pub(super) fn open(path: &std::path::Path, key: Option<&DatabaseKey>) -> StoreResult<Self> {
         let conn = connect(path, key)?;
         conn.execute_batch(SCHEMA_SQL)?;
+        // Added after stores were created: nullable, so adding it changes no row.
+        let present: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('documents') WHERE name = 'window_day'",
+            [],
+            |r| r.get(0),
+        )?;
+        if present == 0 {
+            conn.execute_batch("ALTER TABLE documents ADD COLUMN window_day INTEGER")?;
+        }
         Ok(SqliteShard {
             conn,
             commit_times: Vec::new(),
@@ -153,7 +162,7 @@ impl SpaceStore for SqliteShard {
         self.conn
             .prepare_cached(
                 "UPDATE documents SET version = ?2, last_seq = ?3, deleted = ?4, signed = ?5, locked = ?6,
-                 lww_stamps = ?7, updated_ms = ?8 WHERE doc_key = ?1",
+                 lww_stamps = ?7, updated_ms = ?8, window_day = ?9 WHERE doc_key = ?1",
             )?
             .execute(params![
                 i(doc_key),
@@ -163,7 +172,8 @@ impl SpaceStore for SqliteShard {
                 u.signed,
                 u.locked,
                 u.lww_stamps,
-                i(now_ms)
+                i(now_ms),
+                u.window_day
             ])?;
         Ok(())
     }
