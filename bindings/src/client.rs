@@ -86,6 +86,15 @@ impl FieldsyncClient {
     fn read<R>(&self, f: impl FnOnce(&mut Device) -> fieldsync_peer::Result<R>) -> Result<R> {
         Ok(self.client()?.with_device(f)?)
     }
+
+    /// A change to what sync does (a fetch queued, what the device holds), then a nudge so the
+    /// sync task acts on it now (a delivery change reconnects, a fetch goes out).
+    fn steer<R>(&self, f: impl FnOnce(&mut Device) -> fieldsync_peer::Result<R>) -> Result<R> {
+        let client = self.client()?;
+        let answer = client.with_device(f)?;
+        client.sync_now();
+        Ok(answer)
+    }
 }
 
 #[uniffi::export]
@@ -220,14 +229,14 @@ impl FieldsyncClient {
     /// Holds only `types` from the next connection on (absent: every type again); the relay
     /// sends nothing of another type. Adding a type pulls its records at the next sync.
     pub fn set_synced_types(&self, types: Option<Vec<String>>) -> Result<()> {
-        self.read(|d| d.set_synced_types(types).map(|_| ()))
+        self.steer(|d| d.set_synced_types(types).map(|_| ()))
     }
 
     /// Tells the device whether it is on a metered link (from the platform's network monitor):
     /// while it is, reference data (`priority = "low"` types) waits; leaving it brings what
     /// waited at the next sync.
     pub fn set_metered(&self, metered: bool) -> Result<()> {
-        self.read(|d| d.set_metered(metered))
+        self.steer(|d| d.set_metered(metered))
     }
 
     /// Whether the device syncs by windows (SPEC §16).
@@ -239,7 +248,7 @@ impl FieldsyncClient {
     /// records dated inside their type's window plus what they reference. Off: the next sync
     /// downloads everything.
     pub fn set_windowed(&self, on: bool) -> Result<()> {
-        self.read(|d| d.set_windowed(on))
+        self.steer(|d| d.set_windowed(on))
     }
 
     /// Asks for a record the device does not hold (outside its window, or evicted); returns
@@ -247,7 +256,7 @@ impl FieldsyncClient {
     /// sync (works offline).
     pub fn fetch(&self, entity_type: String, id: String) -> Result<bool> {
         let id = parse_id(&id)?;
-        self.read(|d| d.fetch(&entity_type, id).map(|s| s == fieldsync_peer::FetchState::Held))
+        self.steer(|d| d.fetch(&entity_type, id).map(|s| s == fieldsync_peer::FetchState::Held))
     }
 
     /// Removes records that left their window and are synced and settled (never one with

@@ -255,6 +255,8 @@ pub mod keys {
     pub const EVICT_ABOVE: &str = "evict_above";
     /// The device is on a metered link ([`crate::selective`]): reference data waits.
     pub const METERED: &str = "metered";
+    /// The last relay said it walks snapshots in priority order ([`crate::sync`]).
+    pub const PRIORITY_WALK: &str = "priority_walk";
 }
 
 #[cfg(test)]

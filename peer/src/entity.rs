@@ -382,19 +382,32 @@ pub(crate) fn count(conn: &Connection) -> Result<u64> {
     Ok(u64_of(n))
 }
 
-/// Deletes every record (a remote wipe, `crate::wipe`); what refers to them goes first.
-/// The synced records of `entity_type`, with their stored fields (eviction's candidates).
-pub(crate) fn synced_of_type(conn: &Connection, entity_type: &str) -> Result<Vec<(Uuid, Map<String, Value>)>> {
-    let mut stmt =
-        conn.prepare("SELECT entity_id, fields FROM entities WHERE entity_type = ?1 AND sync_state = 'synced'")?;
+/// A synced record eviction may remove: its stored fields and when this device last stored it.
+pub(crate) struct Settled {
+    pub id: Uuid,
+    pub fields: Map<String, Value>,
+    pub stored_ms: u64,
+}
+
+/// The synced records of `entity_type` (eviction's candidates).
+pub(crate) fn synced_of_type(conn: &Connection, entity_type: &str) -> Result<Vec<Settled>> {
+    let mut stmt = conn.prepare(
+        "SELECT entity_id, fields, updated_at_ms FROM entities WHERE entity_type = ?1 AND sync_state = 'synced'",
+    )?;
     let rows = stmt
-        .query_map([entity_type], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .query_map([entity_type], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter()
-        .map(|(id, fields)| {
+        .map(|(id, fields, stored)| {
             let fields =
                 serde_json::from_str(&fields).map_err(|e| PeerError::Corrupt(format!("fields of {id}: {e}")))?;
-            Ok((parse_uuid(&id)?, fields))
+            Ok(Settled {
+                id: parse_uuid(&id)?,
+                fields,
+                stored_ms: u64_of(stored),
+            })
         })
         .collect()
 }
@@ -424,6 +437,7 @@ pub(crate) fn erase(conn: &Connection, id: Uuid) -> Result<()> {
     Ok(())
 }
 
+/// Deletes every record (a remote wipe, `crate::wipe`); what refers to them goes first.
 pub(crate) fn erase_all(conn: &Connection) -> Result<()> {
     conn.execute("DELETE FROM entities", [])?;
     Ok(())

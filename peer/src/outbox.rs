@@ -282,7 +282,6 @@ pub(crate) fn unsynced(conn: &Connection) -> Result<(u64, Option<u64>)> {
     ))
 }
 
-/// Deletes every queued and past change (a remote wipe, `crate::wipe`).
 /// Drops the confirmed (applied or superseded) items of one record: its eviction. The caller
 /// checked that nothing of it is unconfirmed.
 pub(crate) fn forget_confirmed_for(conn: &Connection, entity_id: Uuid) -> Result<()> {
@@ -293,6 +292,7 @@ pub(crate) fn forget_confirmed_for(conn: &Connection, entity_id: Uuid) -> Result
     Ok(())
 }
 
+/// Deletes every queued and past change (a remote wipe, `crate::wipe`).
 pub(crate) fn erase_all(conn: &Connection) -> Result<()> {
     conn.execute("DELETE FROM outbox", [])?;
     Ok(())

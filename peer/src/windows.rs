@@ -26,6 +26,9 @@ use crate::device::Device;
 use crate::error::{PeerError, Result};
 use crate::{conflict, entity, outbox};
 
+/// Automatic eviction leaves records stored on this device within this long (a day).
+const RECENTLY_STORED_MS: u64 = 24 * 60 * 60 * 1000;
+
 /// What [`Device::fetch`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -78,6 +81,15 @@ impl Device {
     pub fn fetch(&mut self, entity_type: &str, id: Uuid) -> Result<FetchState> {
         if self.schema.entity_type(entity_type).is_none() {
             return Err(PeerError::unknown_type(&self.schema, entity_type));
+        }
+        if self
+            .synced_types()?
+            .is_some_and(|held| !held.iter().any(|t| t == entity_type))
+        {
+            // Its later changes would never arrive (selective sync): it would go stale here.
+            return Err(PeerError::NotAllowed(format!(
+                "this device does not hold `{entity_type}` records (`types --set`)"
+            )));
         }
         if let Some(held) = entity::get(&self.conn, id)? {
             if held.entity_type != entity_type {
@@ -151,7 +163,8 @@ impl Device {
         if !self.windowed()? || entity::count(&self.conn)? <= bound {
             return Ok(None);
         }
-        self.evict().map(Some)
+        let recent = self.now_ms().saturating_sub(RECENTLY_STORED_MS);
+        self.evict_stored_before(recent).map(Some)
     }
 
     /// Removes records outside their window that are synced and settled and that no held record
@@ -159,6 +172,13 @@ impl Device {
     /// ones goes too). Only on a device that syncs by windows: another device would receive
     /// changes to the evicted records that it could no longer apply.
     pub fn evict(&mut self) -> Result<EvictReport> {
+        self.evict_stored_before(u64::MAX)
+    }
+
+    /// [`Device::evict`], leaving records stored here at `stored_before_ms` or later (automatic
+    /// eviction keeps what just arrived — a record fetched a moment ago is what the user is
+    /// looking at).
+    fn evict_stored_before(&mut self, stored_before_ms: u64) -> Result<EvictReport> {
         if !self.windowed()? {
             return Err(PeerError::NotAllowed(
                 "only a device that syncs by windows evicts (`windows --on`)".into(),
@@ -173,8 +193,8 @@ impl Device {
             let referenced = entity::referenced_ids(&tx, &schema)?;
             for ty in schema.types() {
                 let Some(window) = &ty.window else { continue };
-                for (id, fields) in entity::synced_of_type(&tx, &ty.name)? {
-                    if window.contains(&fields, now_ms) {
+                for entity::Settled { id, fields, stored_ms } in entity::synced_of_type(&tx, &ty.name)? {
+                    if window.contains(&fields, now_ms) || stored_ms >= stored_before_ms {
                         continue;
                     }
                     if outbox::unconfirmed_for(&tx, id)? > 0 || conflict::has_history(&tx, id)? {
@@ -245,8 +265,13 @@ pub(crate) fn missing_references(
     let Some(ty) = schema.entity_type(entity_type) else {
         return Ok(Vec::new());
     };
+    let held_types: Option<Vec<String>> = db::meta_get_json(conn, keys::SYNCED_TYPES)?;
     let mut missing = Vec::new();
-    for (field, _) in ty.ref_fields() {
+    for (field, to) in ty.ref_fields() {
+        // A type the device does not hold: its records would go stale here (selective sync).
+        if held_types.as_ref().is_some_and(|held| !held.iter().any(|t| t == to)) {
+            continue;
+        }
         let Some(id) = fields
             .get(&field.name)
             .and_then(Value::as_str)
@@ -273,7 +298,7 @@ pub(crate) fn answered(entries: &[FeedEntry], unknown: &[Uuid]) -> BTreeSet<Uuid
 
 #[cfg(test)]
 mod tests {
-    use fieldsync_schema::{FeedPayload, PullCursor, Role};
+    use fieldsync_schema::{FeedPayload, PullCursor, Role, TimeSource};
     use serde_json::json;
 
     use super::*;
@@ -296,13 +321,15 @@ mod tests {
         all
     }
 
+    /// A feed entry at `seq` carrying the record's first version: every change its writer made
+    /// (a later version, only its own changes, is `later`).
     fn entry(seq: u64, entity_type: &str, id: Uuid, changes: Vec<fieldsync_schema::Bytes>) -> FeedEntry {
         FeedEntry {
             seq,
             space_id: space(),
             entity_type: entity_type.into(),
             entity_id: id,
-            version: seq,
+            version: 1,
             payload: FeedPayload::Changes(changes),
             origin: None,
             lww_losses: Vec::new(),
@@ -322,7 +349,10 @@ mod tests {
 
         let mut reader = enrolled(2);
         reader.dev.set_windowed(true).unwrap();
-        let update_only = entry(1, "patient", patient, changes[1..].to_vec());
+        let update_only = FeedEntry {
+            version: 2,
+            ..entry(1, "patient", patient, changes[1..].to_vec())
+        };
         reader
             .dev
             .apply_feed(&[update_only], PullCursor::at(space(), 1), T0)
@@ -381,6 +411,65 @@ mod tests {
         assert_eq!(f.dev.fetch("patient", elsewhere).unwrap(), FetchState::Queued);
         assert_eq!(f.dev.fetch("patient", elsewhere).unwrap(), FetchState::Queued);
         assert_eq!(f.dev.fetch_queue().unwrap(), vec![elsewhere], "queued once");
+    }
+
+    #[test]
+    fn eviction_at_a_bound_leaves_what_arrived_within_a_day_and_settled_history_decides() {
+        let mut writer = enrolled(1);
+        let old = writer
+            .dev
+            .put("journal_entry", None, obj(json!({"date": "2024-01-02", "body": "old"})))
+            .unwrap()
+            .entity_id;
+        let mut reader = enrolled(2);
+        reader.dev.set_windowed(true).unwrap();
+        reader.dev.set_eviction_bound(Some(0)).unwrap();
+        let e = entry(1, "journal_entry", old, changes_of(&writer, old));
+        reader.dev.apply_feed(&[e], PullCursor::at(space(), 1), T0).unwrap();
+        let kept = reader.dev.evict_if_over_bound().unwrap().unwrap();
+        assert_eq!(
+            kept.evicted, 0,
+            "fetched or pulled a moment ago: the user may be looking at it"
+        );
+        reader.time.advance(25 * 60 * 60 * 1000);
+        assert_eq!(reader.dev.evict_if_over_bound().unwrap().unwrap().evicted, 1);
+        assert!(reader.dev.get(old).unwrap().is_none());
+
+        // Asked for, eviction takes what arrived just now too.
+        let e = entry(2, "journal_entry", old, changes_of(&writer, old));
+        reader
+            .dev
+            .apply_feed(&[e], PullCursor::at(space(), 2), reader.time.now_ms())
+            .unwrap();
+        assert_eq!(reader.dev.evict().unwrap().evicted, 1);
+    }
+
+    #[test]
+    fn a_device_holding_some_types_neither_fetches_nor_follows_references_to_others() {
+        let mut writer = enrolled(1);
+        let patient = writer.patient("Ada Brandt");
+        let session = writer
+            .dev
+            .put(
+                "session",
+                None,
+                obj(json!({"patient_id": patient.to_string(), "started_at": "2026-11-20T09:00:00Z"})),
+            )
+            .unwrap()
+            .entity_id;
+        let mut reader = enrolled(2);
+        reader.dev.set_windowed(true).unwrap();
+        reader.dev.set_synced_types(Some(vec!["session".into()])).unwrap();
+        let e = entry(1, "session", session, changes_of(&writer, session));
+        reader.dev.apply_feed(&[e], PullCursor::at(space(), 1), T0).unwrap();
+        assert!(
+            reader.dev.fetch_queue().unwrap().is_empty(),
+            "its later changes would never come"
+        );
+        assert!(matches!(
+            reader.dev.fetch("patient", patient),
+            Err(PeerError::NotAllowed(_))
+        ));
     }
 
     const MAX: usize = 64;

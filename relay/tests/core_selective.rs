@@ -6,8 +6,8 @@
 mod common;
 
 use common::{TestDevice, TestRelay, live_entries};
-use fieldsync_relay::core::{ConnId, Output};
-use fieldsync_schema::{ClientMessage, FeedEntry, FeedPayload, Mutation, RelayMessage, Role};
+use fieldsync_relay::core::ConnId;
+use fieldsync_schema::{ClientMessage, FeedEntry, FeedPayload, Mutation, Role};
 use serde_json::json;
 
 fn clinic() -> TestRelay {
@@ -19,21 +19,11 @@ fn clinic() -> TestRelay {
 
 /// Logs `dev` in again, holding only `types`.
 fn login_holding(r: &mut TestRelay, dev: &mut TestDevice, types: &[&str]) {
-    let conn = r.connect();
-    let mut hello = dev.hello();
-    if let ClientMessage::Hello { types: held, .. } = &mut hello {
-        *held = Some(types.iter().map(|t| t.to_string()).collect());
-    }
-    let out = r.send(conn, hello);
-    let Some(Output::Send(_, RelayMessage::Challenge { relay_id, nonce })) = out.first() else {
-        panic!("expected a challenge, got {out:?}")
-    };
-    let out = r.send(conn, dev.auth(*relay_id, &nonce.0.clone()));
-    assert!(
-        matches!(&out[0], Output::Send(_, RelayMessage::Welcome { .. })),
-        "{out:?}"
-    );
-    dev.conn = conn;
+    dev.conn = r.login_with(dev, |hello| {
+        if let ClientMessage::Hello { types: held, .. } = hello {
+            *held = Some(types.iter().map(|t| t.to_string()).collect());
+        }
+    });
 }
 
 /// `m` pushed by `from` as batch `batch_id`; the one live entry `listener` hears of it.

@@ -29,21 +29,11 @@ fn two_spaces() -> TestRelay {
 
 /// Logs `dev` in again, syncing by windows.
 fn login_windowed(r: &mut TestRelay, dev: &mut TestDevice) {
-    let conn = r.connect();
-    let mut hello = dev.hello();
-    if let ClientMessage::Hello { windowed, .. } = &mut hello {
-        *windowed = true;
-    }
-    let out = r.send(conn, hello);
-    let Some(Output::Send(_, RelayMessage::Challenge { relay_id, nonce })) = out.first() else {
-        panic!("expected a challenge, got {out:?}")
-    };
-    let out = r.send(conn, dev.auth(*relay_id, &nonce.0.clone()));
-    assert!(
-        matches!(&out[0], Output::Send(_, RelayMessage::Welcome { .. })),
-        "{out:?}"
-    );
-    dev.conn = conn;
+    dev.conn = r.login_with(dev, |hello| {
+        if let ClientMessage::Hello { windowed, .. } = hello {
+            *windowed = true;
+        }
+    });
 }
 
 fn fetch(r: &mut TestRelay, dev: &TestDevice, ids: Vec<Uuid>) -> (Vec<Uuid>, Vec<Uuid>, Vec<FeedPayload>) {
@@ -175,26 +165,16 @@ fn fetch_is_for_authenticated_devices_and_bounded() {
 
 /// Logs `dev` in again with `Hello`'s delivery fields set.
 fn login_with(r: &mut TestRelay, dev: &mut TestDevice, priority: bool, metered: bool) {
-    let conn = r.connect();
-    let mut hello = dev.hello();
-    if let ClientMessage::Hello {
-        priority: p,
-        metered: m,
-        ..
-    } = &mut hello
-    {
-        (*p, *m) = (priority, metered);
-    }
-    let out = r.send(conn, hello);
-    let Some(Output::Send(_, RelayMessage::Challenge { relay_id, nonce })) = out.first() else {
-        panic!("expected a challenge, got {out:?}")
-    };
-    let out = r.send(conn, dev.auth(*relay_id, &nonce.0.clone()));
-    assert!(
-        matches!(&out[0], Output::Send(_, RelayMessage::Welcome { .. })),
-        "{out:?}"
-    );
-    dev.conn = conn;
+    dev.conn = r.login_with(dev, |hello| {
+        if let ClientMessage::Hello {
+            priority: p,
+            metered: m,
+            ..
+        } = hello
+        {
+            (*p, *m) = (priority, metered);
+        }
+    });
 }
 
 fn types_of(entries: &[fieldsync_schema::FeedEntry]) -> Vec<&str> {

@@ -339,6 +339,8 @@ pub fn peer_machine(data: &[u8]) {
             max_batch: 256,
             schema_version: 1,
             compression: true,
+            fetch: true,
+            priority: true,
         },
     ];
     for msg in handshake.into_iter().chain(messages) {

@@ -13,8 +13,12 @@ use fieldsync_peer::net;
 use fieldsync_peer::sync::SyncMachine;
 use fieldsync_peer::{Device, FetchState};
 use fieldsync_schema::time_fmt::render_ms;
+use fieldsync_schema::{ManualTime, SystemTimeSource, TimeSource};
 use fieldsync_tests::{Peer, Relay, open_device, quiet, runtime};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
 use serde_json::{Map, Value, json};
+use std::sync::Arc;
 use uuid::Uuid;
 
 const DAY_MS: u64 = 86_400_000;
@@ -219,9 +223,18 @@ fn a_windowed_device_holds_its_window_and_what_it_references_fetches_the_rest_an
     );
     drop(dev);
 
-    // Eviction at a bound: after the next sync, what left its window and is settled goes.
+    // Eviction at a bound: after a sync, what left its window, is settled and arrived more than
+    // a day ago goes (the library, with the watch's clock two days on).
     watch.ok(&["windows", "--evict-above", "10"]);
     watch.ok(&["sync"]);
+    assert!(
+        holds(&watch, "workout", data.workouts[&50]),
+        "fetched today: kept for now"
+    );
+    let later = ManualTime::new(SystemTimeSource.now_ms() + 2 * DAY_MS);
+    let mut dev = Device::open(&watch.data, Arc::new(later), Box::new(ChaCha20Rng::seed_from_u64(9))).unwrap();
+    sync(&mut dev);
+    drop(dev);
     assert!(!holds(&watch, "workout", data.workouts[&50]));
     assert!(
         !holds(&watch, "journal_entry", data.journal[&400]),

@@ -183,18 +183,20 @@ fn open_conflict_rows(conn: &Connection, entity: Option<Uuid>) -> Result<Vec<Ope
     Ok(out)
 }
 
-/// Deletes every conflict, rejected edit and LWW loss (a remote wipe, `crate::wipe`).
-/// Whether a conflict or a rejection, open or resolved, is on record for the entity: such a
-/// record is never evicted (its history stays next to it).
+/// Whether a conflict, a rejection or a lost last-writer-wins value (which the user may still
+/// undo), open or resolved, is on record for the entity: such a record is never evicted (its
+/// history stays next to it).
 pub(crate) fn has_history(conn: &Connection, entity_id: Uuid) -> Result<bool> {
     Ok(conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM conflicts WHERE entity_id = ?1) \
-             OR EXISTS (SELECT 1 FROM rejected_edits WHERE entity_id = ?1)",
+             OR EXISTS (SELECT 1 FROM rejected_edits WHERE entity_id = ?1) \
+             OR EXISTS (SELECT 1 FROM lww_losses WHERE entity_id = ?1)",
         [entity_id.to_string()],
         |r| r.get(0),
     )?)
 }
 
+/// Deletes every conflict, rejected edit and LWW loss (a remote wipe, `crate::wipe`).
 pub(crate) fn erase_all(conn: &Connection) -> Result<()> {
     conn.execute_batch("DELETE FROM conflicts; DELETE FROM rejected_edits; DELETE FROM lww_losses;")?;
     Ok(())

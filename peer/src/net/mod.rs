@@ -58,7 +58,7 @@ impl NetError {
     pub fn is_retryable(&self) -> bool {
         match self {
             NetError::Unreachable { .. } | NetError::ConnectionLost(_) | NetError::Closed(_) => true,
-            NetError::Sync(e) => matches!(e, SyncError::Timeout),
+            NetError::Sync(e) => matches!(e, SyncError::Timeout | SyncError::DeliveryChanged),
             _ => false,
         }
     }

@@ -111,6 +111,8 @@ pub enum SyncError {
     WrongBatch { expected: Option<u64>, got: u64 },
     #[error("timed out waiting for the relay")]
     Timeout,
+    #[error("what the device asks the relay to send changed (types, windows, metered link): reconnecting")]
+    DeliveryChanged,
     #[error("authentication failed ({reason}): {message}")]
     AuthFailed { reason: &'static str, message: String },
     #[error(transparent)]
@@ -134,6 +136,11 @@ pub struct SyncMachine {
     pull_sent_at: Option<u64>,
     /// When the fetch in flight was sent (one at a time, after the pull caught up).
     fetch_sent_at: Option<u64>,
+    /// The relay answers fetches (its `Welcome` said so).
+    relay_fetches: bool,
+    /// What this connection's `Hello` asked to be sent: if the app changes it meanwhile, the
+    /// machine reconnects so the relay hears the new choice.
+    sent_delivery: Option<store::Delivery>,
     caught_up: bool,
     reconnect_failures: u32,
     reconnect_at: Option<Deadline>,
@@ -187,6 +194,8 @@ impl SyncMachine {
             batch: None,
             pull_sent_at: None,
             fetch_sent_at: None,
+            relay_fetches: false,
+            sent_delivery: None,
             caught_up: false,
             reconnect_failures: 0,
             reconnect_at: None,
@@ -238,6 +247,18 @@ impl SyncMachine {
     /// The one door: applies `input` to the machine and the device; returns what to send.
     pub fn handle(&mut self, dev: &mut Device, input: SyncInput) -> Out {
         let now_ms = dev.now_ms();
+        if matches!(input, SyncInput::Message(_) | SyncInput::Tick | SyncInput::LocalWrite)
+            && matches!(
+                self.phase,
+                Phase::AwaitingChallenge | Phase::AwaitingWelcome | Phase::Ready
+            )
+            && let Some(sent) = &self.sent_delivery
+            && *sent != dev.delivery()?
+        {
+            // Before anything of this connection is applied: a page filtered by the old choice
+            // would move the cursor past what the new one wants.
+            return Err(SyncError::DeliveryChanged);
+        }
         match input {
             SyncInput::Connected => Ok(self.on_connected(dev)),
             SyncInput::Disconnected => {
@@ -283,19 +304,30 @@ impl SyncMachine {
         self.batch = None;
         self.pull_sent_at = None;
         self.fetch_sent_at = None;
+        self.relay_fetches = false;
         self.caught_up = false;
         self.was_idle = false;
         dev.set_link(true, false);
+        // Unreadable, the choice falls back to every type and no filter: more arrives, nothing
+        // is lost (and a readable one later differs, which reconnects).
+        let delivery = dev.delivery().unwrap_or(store::Delivery {
+            types: None,
+            windowed: false,
+            metered: false,
+        });
         let mut hello = ClientMessage::hello(dev.device_id(), dev.schema());
-        if let ClientMessage::Hello { types, .. } = &mut hello {
-            // Unreadable, the choice falls back to every type: more arrives, nothing is lost.
-            *types = dev.synced_types().ok().flatten();
+        if let ClientMessage::Hello {
+            types,
+            windowed,
+            metered,
+            ..
+        } = &mut hello
+        {
+            *types = delivery.types.clone();
+            *windowed = delivery.windowed;
+            *metered = delivery.metered;
         }
-        if let ClientMessage::Hello { windowed, metered, .. } = &mut hello {
-            // Unreadable, the device downloads everything: more arrives, nothing is lost.
-            *windowed = dev.windowed().unwrap_or(false);
-            *metered = dev.metered().unwrap_or(false);
-        }
+        self.sent_delivery = Some(delivery);
         vec![hello]
     }
 
@@ -386,10 +418,14 @@ impl SyncMachine {
                     server_time_ms,
                     max_batch,
                     schema_version,
+                    fetch,
+                    priority,
                     ..
                 },
             ) => {
                 self.phase = Phase::Ready;
+                self.relay_fetches = fetch;
+                dev.note_relay_priority(priority)?;
                 self.max_batch = usize::try_from(max_batch).unwrap_or(MAX_BATCH).clamp(1, MAX_BATCH);
                 self.reconnect_failures = 0;
                 self.reconnect_at = None;
@@ -585,7 +621,12 @@ impl SyncMachine {
             });
         }
         // Records asked for by id, once the pull caught up (they may have come with it).
-        if self.caught_up && self.batch.is_none() && self.pull_sent_at.is_none() && self.fetch_sent_at.is_none() {
+        if self.relay_fetches
+            && self.caught_up
+            && self.batch.is_none()
+            && self.pull_sent_at.is_none()
+            && self.fetch_sent_at.is_none()
+        {
             let ids = dev.fetch_batch(MAX_FETCH)?;
             if !ids.is_empty() {
                 self.fetch_sent_at = Some(now_ms);

@@ -179,6 +179,36 @@ impl Device {
         Ok(())
     }
 
+    /// What this device asks the relay to send it (its `Hello`'s delivery fields), as stored.
+    pub(crate) fn delivery(&self) -> Result<Delivery> {
+        Ok(Delivery {
+            types: self.synced_types()?,
+            windowed: self.windowed()?,
+            metered: self.metered()?,
+        })
+    }
+
+    /// The relay said whether it walks snapshots in priority order. An unfinished snapshot
+    /// from one that did, continued on one that does not, would miss the reference data the
+    /// first walk skipped: such a space's snapshot starts again (what is held merges as no-ops).
+    pub(crate) fn note_relay_priority(&mut self, priority: bool) -> Result<()> {
+        let was = db::meta_get(&self.conn, keys::PRIORITY_WALK)?.is_some();
+        if priority == was {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        if priority {
+            db::meta_set(&tx, keys::PRIORITY_WALK, "1")?;
+        } else {
+            db::meta_delete(&tx, keys::PRIORITY_WALK)?;
+            let mut cursor = stored_cursor(&tx)?;
+            cursor.spaces.retain(|_, position| position.snapshot.is_none());
+            db::meta_set_json(&tx, keys::CURSOR, &cursor)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Folds the relay's clock into the HLC (so local stamps follow what the relay has seen).
     pub(crate) fn observe_relay_time(&mut self, server_time_ms: u64, now_ms: u64) -> Result<()> {
         let remote = Hlc {
@@ -214,7 +244,9 @@ impl Device {
     /// Records a completed sync; a windowed device over its eviction bound evicts then.
     pub(crate) fn record_sync_complete(&mut self, now_ms: u64) -> Result<()> {
         db::meta_set(&self.conn, keys::LAST_SYNC, &now_ms.to_string())?;
-        self.evict_if_over_bound()?;
+        // Housekeeping, not part of the sync: if it fails, the records stay and the sync stands
+        // (`evict` run by hand reports the error).
+        let _ = self.evict_if_over_bound();
         Ok(())
     }
 
@@ -222,6 +254,14 @@ impl Device {
         self.link.online = online;
         self.link.caught_up = caught_up;
     }
+}
+
+/// The delivery fields of a `Hello`: which types, whether by windows, whether on a metered link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Delivery {
+    pub types: Option<Vec<String>>,
+    pub windowed: bool,
+    pub metered: bool,
 }
 
 /// Applies feed entries in `tx`, folding their origins' clocks into the device's HLC; returns
@@ -373,7 +413,10 @@ fn apply_entry(
                 .map(|b| parse_change(&b.0))
                 .collect::<Result<Vec<_>, _>>()?;
             doc.apply(changes)?;
-            if windowed && heads_before.is_empty() && !doc.missing_deps().is_empty() {
+            // Not held: only a record's first version can start it here (a later one builds on
+            // changes the device never got, even where, like a concurrent create of the same
+            // id, nothing says so).
+            if windowed && heads_before.is_empty() && (e.version > 1 || !doc.missing_deps().is_empty()) {
                 return Ok(false);
             }
         }

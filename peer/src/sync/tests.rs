@@ -30,6 +30,8 @@ fn welcome(max_batch: u32) -> RelayMessage {
         max_batch,
         schema_version: 1,
         compression: true,
+        fetch: true,
+        priority: true,
     }
 }
 
@@ -709,5 +711,99 @@ fn a_queued_fetch_goes_out_after_the_pull_and_the_sync_is_idle_once_answered() {
     assert!(
         m.handle(&mut f.dev, SyncInput::Message(answer)).is_err(),
         "no fetch in flight"
+    );
+}
+
+/// An older relay (no `fetch` in its `Welcome`) is never sent a fetch (it would close the
+/// connection as malformed): the queue waits, and the sync still ends idle.
+#[test]
+fn a_relay_that_does_not_fetch_gets_no_fetch_and_the_queue_waits() {
+    let mut f = enrolled(22);
+    f.dev.fetch("patient", Uuid::from_u128(1)).unwrap();
+    let mut m = SyncMachine::default();
+    answer_challenge(&mut m, &mut f);
+    let mut old = welcome(10);
+    if let RelayMessage::Welcome { fetch, priority, .. } = &mut old {
+        (*fetch, *priority) = (false, false);
+    }
+    m.handle(&mut f.dev, SyncInput::Message(old)).unwrap();
+    let page = RelayMessage::Changes {
+        entries: vec![],
+        next: PullCursor::default(),
+        caught_up: true,
+    };
+    assert!(m.handle(&mut f.dev, SyncInput::Message(page)).unwrap().is_empty());
+    assert!(m.summary().idle);
+    assert_eq!(f.dev.fetch_queue().unwrap().len(), 1);
+}
+
+/// A snapshot begun on a relay that walks reference data last is started again on one that
+/// does not (it would resume past reference data the first walk skipped); a finished space's
+/// position stays.
+#[test]
+fn an_unfinished_priority_snapshot_starts_again_on_a_relay_without_priority() {
+    let mut f = enrolled(23);
+    let mut m = SyncMachine::default();
+    connect(&mut m, &mut f, 10);
+    let (done, midway) = (Uuid::from_u128(1), Uuid::from_u128(2));
+    let mut cursor = PullCursor::at(done, 40);
+    cursor.spaces.insert(
+        midway,
+        fieldsync_schema::wire::SpaceCursor {
+            seq: 0,
+            snapshot: Some(fieldsync_schema::wire::SnapshotCursor {
+                upto_seq: 90,
+                after_key: 17,
+                low_pass: false,
+            }),
+        },
+    );
+    let page = RelayMessage::Changes {
+        entries: vec![],
+        next: cursor,
+        caught_up: false,
+    };
+    m.handle(&mut f.dev, SyncInput::Message(page)).unwrap();
+    m.handle(&mut f.dev, SyncInput::Disconnected).unwrap();
+    answer_challenge(&mut m, &mut f);
+    let mut old = welcome(10);
+    if let RelayMessage::Welcome { priority, .. } = &mut old {
+        *priority = false;
+    }
+    let sent = m.handle(&mut f.dev, SyncInput::Message(old)).unwrap();
+    let [ClientMessage::Pull { cursor, .. }] = &sent[..] else {
+        panic!("expected a pull, got {sent:?}")
+    };
+    assert_eq!(cursor.seq(&done), 40);
+    assert!(!cursor.spaces.contains_key(&midway), "{cursor:?}");
+}
+
+/// The app changes what the device holds while connected: the machine reconnects before it
+/// applies anything more, so no page filtered by the old choice moves the cursor.
+#[test]
+fn a_delivery_change_while_connected_reconnects_before_applying_more() {
+    let mut f = enrolled(24);
+    let mut m = SyncMachine::default();
+    connect(&mut m, &mut f, 10);
+    f.dev.set_metered(true).unwrap();
+    let page = RelayMessage::Changes {
+        entries: vec![],
+        next: PullCursor::at(space(), 5),
+        caught_up: true,
+    };
+    assert!(matches!(
+        m.handle(&mut f.dev, SyncInput::Message(page)),
+        Err(SyncError::DeliveryChanged)
+    ));
+    assert_eq!(
+        f.dev.cursor().unwrap(),
+        PullCursor::default(),
+        "the page was not applied"
+    );
+    m.handle(&mut f.dev, SyncInput::Disconnected).unwrap();
+    let hello = m.handle(&mut f.dev, SyncInput::Connected).unwrap();
+    assert!(
+        matches!(hello[..], [ClientMessage::Hello { metered: true, .. }]),
+        "{hello:?}"
     );
 }

@@ -179,8 +179,16 @@ impl<B: Backend> TestRelay<B> {
 
     /// Runs the handshake for an enrolled device; returns the authenticated connection.
     pub fn login(&mut self, dev: &TestDevice) -> ConnId {
+        self.login_with(dev, |_| {})
+    }
+
+    /// [`TestRelay::login`] with the device's `Hello` changed by `edit` (the types it holds,
+    /// windows, priority order, a metered link).
+    pub fn login_with(&mut self, dev: &TestDevice, edit: impl FnOnce(&mut ClientMessage)) -> ConnId {
         let conn = self.connect();
-        let out = self.send(conn, dev.hello());
+        let mut hello = dev.hello();
+        edit(&mut hello);
+        let out = self.send(conn, hello);
         let (relay_id, nonce) = match &out[0] {
             Output::Send(_, RelayMessage::Challenge { relay_id, nonce }) => (*relay_id, nonce.clone()),
             other => panic!("expected a challenge, got {other:?}"),

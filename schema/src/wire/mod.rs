@@ -314,6 +314,15 @@ pub enum RelayMessage {
         /// Absent from older relays.
         #[serde(default)]
         compression: bool,
+        /// The relay answers [`ClientMessage::Fetch`]; a device sends none to an older relay
+        /// (it would close the connection as malformed) and keeps its queue for a newer one.
+        #[serde(default)]
+        fetch: bool,
+        /// The relay walks snapshots in priority order when asked (`Hello.priority`). A device
+        /// whose unfinished snapshot came from such a relay starts it again on one that does
+        /// not: that relay would not know the cursor skipped reference data.
+        #[serde(default)]
+        priority: bool,
     },
     AuthFailed {
         reason: AuthFailure,

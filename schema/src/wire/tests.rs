@@ -193,6 +193,8 @@ fn every_relay_message() -> Vec<RelayMessage> {
             max_batch: 256,
             schema_version: 1,
             compression: true,
+            fetch: true,
+            priority: false,
         },
         RelayMessage::AuthFailed {
             reason: AuthFailure::Revoked,

@@ -29,31 +29,10 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         let spaces: BTreeSet<Uuid> = s.spaces.keys().copied().collect();
         // Every shard holding one of the user's spaces, each read in one transaction.
         let shards: BTreeSet<u32> = spaces.iter().filter_map(|space| self.shard(*space)).collect();
-        let mut opened = Vec::new();
-        let mut result = Ok(());
-        for shard in &shards {
-            match self.readers.get_mut(*shard as usize).map(|r| r.begin_read()) {
-                Some(Ok(())) => opened.push(*shard),
-                Some(Err(e)) => {
-                    result = Err(e);
-                    break;
-                }
-                None => {}
-            }
-        }
-        let answer = match result {
-            Ok(()) => self.fetch_documents(&ids, &spaces, &opened),
-            Err(e) => Err(e),
-        };
-        for shard in opened {
-            if let Some(r) = self.readers.get_mut(shard as usize)
-                && let Err(e) = r.end_read()
-            {
-                tracing::warn!(error = %e, "ending a fetch's read failed");
-            }
-        }
+        let answer =
+            self.in_read_transactions(&shards, |front, opened| front.fetch_documents(&ids, &spaces, opened))?;
         self.stats.fetches += 1;
-        out.push(Output::Send(conn, answer?));
+        out.push(Output::Send(conn, answer));
         Ok(())
     }
 

@@ -82,37 +82,49 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
         }
         // One read transaction per shard the page may touch.
         let touched: BTreeSet<u32> = shards.values().copied().collect();
+        let who = PageReader {
+            device_id,
+            types: types.as_ref(),
+            windowed_at_ms,
+            priority_order,
+            metered,
+        };
+        self.in_read_transactions(&touched, |front, _| {
+            front.pull_page(conn, who, &spaces, &shards, cursor, max_entries, out)
+        })
+    }
+
+    /// Runs `read` inside one read transaction on each of `shards` (each one consistent view
+    /// while the workers commit in between), given the shards it opened.
+    pub(super) fn in_read_transactions<T>(
+        &mut self,
+        shards: &BTreeSet<u32>,
+        read: impl FnOnce(&mut Self, &[u32]) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut opened = Vec::new();
-        let mut result = Ok(());
-        for shard in &touched {
+        let mut began = Ok(());
+        for shard in shards {
             match self.readers.get_mut(*shard as usize).map(|r| r.begin_read()) {
                 Some(Ok(())) => opened.push(*shard),
                 Some(Err(e)) => {
-                    result = Err(e);
+                    began = Err(e);
                     break;
                 }
                 None => {}
             }
         }
-        if result.is_ok() {
-            let who = PageReader {
-                device_id,
-                types: types.as_ref(),
-                windowed_at_ms,
-                priority_order,
-                metered,
-            };
-            result = self.pull_page(conn, who, &spaces, &shards, cursor, max_entries, out);
-        }
+        let answer = began.and_then(|()| read(self, &opened));
+        let mut ended = Ok(());
         for shard in opened {
             if let Some(r) = self.readers.get_mut(shard as usize)
                 && let Err(e) = r.end_read()
-                && result.is_ok()
+                && ended.is_ok()
             {
-                result = Err(e);
+                ended = Err(e);
             }
         }
-        result
+        let answer = answer?;
+        ended.map(|()| answer)
     }
 
     #[allow(clippy::too_many_arguments)]

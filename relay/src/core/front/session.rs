@@ -309,6 +309,8 @@ impl<D: Directory, R: SpaceStore> Front<D, R> {
                 schema_version: self.schema.version(),
                 // This relay reads compressed frames (the connection decodes both forms).
                 compression: true,
+                fetch: true,
+                priority: true,
             },
         ));
         Ok(())
