@@ -525,6 +525,10 @@ fn outcome_size(o: &Outcome) -> usize {
     }
 }
 
+fn user_size(user: &UserInfo) -> usize {
+    user.name.len() + user.spaces.iter().map(|s| 64 + s.name.len()).sum::<usize>()
+}
+
 /// Upper-bound estimate of an entry's encoded size.
 pub fn entry_size(e: &FeedEntry) -> usize {
     let payload = match &e.payload {
@@ -540,11 +544,9 @@ impl RelayMessage {
     /// account for what it holds per connection without encoding twice.
     pub fn size_hint(&self) -> usize {
         let body = match self {
-            RelayMessage::Welcome { user, .. }
-            | RelayMessage::Enrolled { user, .. }
-            | RelayMessage::UserChanged { user } => {
-                user.name.len() + user.spaces.iter().map(|s| 64 + s.name.len()).sum::<usize>()
-            }
+            // Welcome's flags and numbers besides the user: names, values and map overhead.
+            RelayMessage::Welcome { user, .. } => 128 + user_size(user),
+            RelayMessage::Enrolled { user, .. } | RelayMessage::UserChanged { user } => user_size(user),
             RelayMessage::AuthFailed { message, .. } | RelayMessage::Error { message, .. } => message.len(),
             RelayMessage::PushDeferred { reason, .. } => reason.len(),
             RelayMessage::PushResult { results, .. } => results.iter().map(|r| 24 + outcome_size(&r.outcome)).sum(),

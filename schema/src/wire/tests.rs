@@ -87,6 +87,9 @@ fn every_client_message() -> Vec<ClientMessage> {
                 },
             ],
         },
+        ClientMessage::Fetch {
+            ids: vec![id(2), id(3)],
+        },
         ClientMessage::Pull {
             cursor: PullCursor {
                 spaces: [
@@ -241,6 +244,11 @@ fn every_relay_message() -> Vec<RelayMessage> {
         },
         RelayMessage::Live {
             entries: vec![entry(FeedPayload::Own)],
+        },
+        RelayMessage::Fetched {
+            entries: vec![entry(FeedPayload::Snapshot(Bytes(vec![7; 40])))],
+            unknown: vec![id(2), id(3)],
+            later: vec![id(4)],
         },
         RelayMessage::UserChanged { user: user.clone() },
         RelayMessage::KeyRotated,
